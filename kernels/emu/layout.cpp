@@ -1,0 +1,48 @@
+// Sizes and offsets of the kernel parameter structs as the C++ compiler lays them out
+// (nvcc lays out device structs exactly as the host compiler does). A test in
+// src/ops/params.rs compares them with the #[repr(C)] mirrors.
+#include <cstddef>
+
+#include "emu.h"
+#include "../params.h"
+
+struct PkFieldLayout {
+  const char* strct;
+  const char* field;
+  size_t offset;
+  size_t size;
+  size_t struct_size;
+};
+
+#define PK_F(S, f) {#S, #f, offsetof(S, f), sizeof(((S*)nullptr)->f), sizeof(S)},
+
+static const PkFieldLayout kLayout[] = {
+    PK_F(PkNormSegment, weights) PK_F(PkNormSegment, k) PK_F(PkNormSegment, filter_len)
+    PK_F(PkNormSegment, out_offset) PK_F(PkNormSegment, pad0)
+
+    PK_F(PkFilterNormsParams, segments) PK_F(PkFilterNormsParams, scores) PK_F(PkFilterNormsParams, num_segments)
+    PK_F(PkFilterNormsParams, total_filters) PK_F(PkFilterNormsParams, norm) PK_F(PkFilterNormsParams, pad0)
+
+    PK_F(PkGroupSumsParams, scores) PK_F(PkGroupSumsParams, dst_offset) PK_F(PkGroupSumsParams, width)
+    PK_F(PkGroupSumsParams, member_start) PK_F(PkGroupSumsParams, member_offset)
+    PK_F(PkGroupSumsParams, num_groups) PK_F(PkGroupSumsParams, max_width)
+
+    PK_F(PkTopkSegment, offset) PK_F(PkTopkSegment, width) PK_F(PkTopkSegment, n) PK_F(PkTopkSegment, keep_offset)
+
+    PK_F(PkTopkParams, scores) PK_F(PkTopkParams, segments) PK_F(PkTopkParams, keep)
+    PK_F(PkTopkParams, num_segments) PK_F(PkTopkParams, pad0)
+
+    PK_F(PkGatherJob, src) PK_F(PkGatherJob, dst) PK_F(PkGatherJob, rows) PK_F(PkGatherJob, cols)
+    PK_F(PkGatherJob, n_rows) PK_F(PkGatherJob, mid) PK_F(PkGatherJob, n_cols)
+    PK_F(PkGatherJob, src_cols)
+
+    PK_F(PkGatherParams, jobs) PK_F(PkGatherParams, num_jobs) PK_F(PkGatherParams, pad0)
+
+    PK_F(PkSelftestParams, a) PK_F(PkSelftestParams, b) PK_F(PkSelftestParams, c) PK_F(PkSelftestParams, m)
+    PK_F(PkSelftestParams, n) PK_F(PkSelftestParams, k) PK_F(PkSelftestParams, mode)
+};
+
+extern "C" const PkFieldLayout* pk_emu_param_layout(size_t* n) {
+  *n = sizeof(kLayout) / sizeof(kLayout[0]);
+  return kLayout;
+}

@@ -1,0 +1,794 @@
+// The runtime of the host emulation of CUDA (see emu.h): fibers and their scheduler,
+// the pool of host threads that runs blocks, device memory with guard pages and poison,
+// and the C API that src/gpu/emu.rs calls.
+#include "emu.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdarg>
+#include <cstdlib>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace pk_emu {
+
+thread_local FiberHead* tls_fiber = nullptr;
+thread_local uint3 tls_block_idx = {0, 0, 0};
+thread_local dim3 tls_block_dim;
+thread_local dim3 tls_grid_dim;
+thread_local unsigned char* tls_dyn_smem = nullptr;
+
+Registrar::Registrar(Module* m, const char* name, void (*entry)(const void*), size_t param_size) {
+  if (m->count >= kMaxKernelsPerModule) {
+    std::fprintf(stderr, "pk-emu: too many kernels in one module (at %s)\n", name);
+    std::abort();
+  }
+  m->kernels[m->count++] = Kernel{name, entry, param_size};
+}
+
+// ---------------------------------------------------------------- contexts
+#if defined(__x86_64__)
+extern "C" void pk_emu_switch(void** save_sp, void* new_sp);
+extern "C" void pk_emu_fiber_start();
+// Saves the callee-saved registers, MXCSR and the x87 control word of the running
+// context on its stack, stores its stack pointer, and resumes the other context.
+asm(R"(
+    .text
+    .globl pk_emu_switch
+    .hidden pk_emu_switch
+    .type pk_emu_switch,@function
+pk_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size pk_emu_switch,.-pk_emu_switch
+
+    .globl pk_emu_fiber_start
+    .hidden pk_emu_fiber_start
+    .type pk_emu_fiber_start,@function
+pk_emu_fiber_start:
+    movq %r12, %rdi
+    callq *%r13
+    ud2
+    .size pk_emu_fiber_start,.-pk_emu_fiber_start
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+static void ctx_init(Context* c, unsigned char* stack_lo, size_t size, void (*fn)(void*), void* arg) {
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack_lo) + size) & ~uintptr_t(15);
+  uint64_t* sp = reinterpret_cast<uint64_t*>(top - 80);
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  std::memset(sp, 0, 80);
+  std::memcpy(sp, &mxcsr, 4);
+  std::memcpy(reinterpret_cast<unsigned char*>(sp) + 4, &fpucw, 2);
+  sp[3] = reinterpret_cast<uint64_t>(fn);   // r13
+  sp[4] = reinterpret_cast<uint64_t>(arg);  // r12
+  sp[7] = reinterpret_cast<uint64_t>(&pk_emu_fiber_start);
+  c->sp = sp;
+}
+static inline void ctx_switch(Context* from, Context* to) { pk_emu_switch(&from->sp, to->sp); }
+#else
+#include <ucontext.h>
+struct Context {
+  ucontext_t uc;
+};
+static void ucontext_entry(unsigned hi, unsigned lo, unsigned fhi, unsigned flo) {
+  void* arg = reinterpret_cast<void*>((uintptr_t(hi) << 32) | lo);
+  auto fn = reinterpret_cast<void (*)(void*)>((uintptr_t(fhi) << 32) | flo);
+  fn(arg);
+  std::abort();
+}
+static void ctx_init(Context* c, unsigned char* stack_lo, size_t size, void (*fn)(void*), void* arg) {
+  getcontext(&c->uc);
+  c->uc.uc_stack.ss_sp = stack_lo;
+  c->uc.uc_stack.ss_size = size;
+  c->uc.uc_link = nullptr;
+  uintptr_t a = reinterpret_cast<uintptr_t>(arg), f = reinterpret_cast<uintptr_t>(fn);
+  makecontext(&c->uc, reinterpret_cast<void (*)()>(&ucontext_entry), 4, unsigned(a >> 32), unsigned(a),
+              unsigned(f >> 32), unsigned(f));
+}
+static inline void ctx_switch(Context* from, Context* to) { swapcontext(&from->uc, &to->uc); }
+#endif
+
+// ---------------------------------------------------------------- memory
+static size_t page_size() {
+  static size_t p = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  return p;
+}
+static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+constexpr size_t kCanaryBefore = 64;
+constexpr unsigned char kCanary = 0xA5;
+constexpr unsigned char kPoison = 0xFF;
+
+struct Alloc {
+  unsigned char* map;
+  size_t map_len;
+  unsigned char* data;
+  size_t bytes;
+  size_t padded;  // bytes rounded up to 16: data + padded is the guard page
+};
+static std::mutex g_alloc_mtx;
+static std::map<uintptr_t, Alloc>* g_allocs = new std::map<uintptr_t, Alloc>();  // keyed by data
+
+static bool canaries_intact(const Alloc& a) {
+  for (size_t i = 0; i < kCanaryBefore; ++i)
+    if (a.data[-(ptrdiff_t)kCanaryBefore + (ptrdiff_t)i] != kCanary) return false;
+  for (size_t i = a.bytes; i < a.padded; ++i)
+    if (a.data[i] != kCanary) return false;
+  return true;
+}
+
+// ---------------------------------------------------------------- fibers and blocks
+enum class St : uint8_t { Runnable, BlockBarrier, WarpBarrier, Done };
+enum class WaitKind : uint8_t { SyncWarp, Exchange };
+
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  unsigned bytes;
+  unsigned src_bytes;
+  unsigned group;
+};
+
+struct Fiber : FiberHead {
+  Context ctx;
+  St state = St::Done;
+  WaitKind kind = WaitKind::SyncWarp;
+  unsigned wait_mask = 0;
+  const char* file = "";
+  int line = 0;
+  std::vector<PendingCopy> copies;
+  unsigned committed = 0;
+};
+
+struct Launch {
+  void (*entry)(const void*) = nullptr;
+  alignas(16) unsigned char params[4096];
+  const char* name = "";
+  dim3 grid, block;
+  size_t dyn_smem = 0;
+  int order = 0;  // 0 forward, 1 reverse, 2 shuffled
+  uint64_t seed = 0;
+  uint64_t total = 0;
+  std::atomic<uint64_t> next{0};
+  std::atomic<uint64_t> completed{0};
+  std::atomic<bool> failed{false};
+  std::mutex mtx;
+  std::condition_variable cv;
+  std::string error;
+};
+
+struct Stack {
+  unsigned char* map;  // guard page, then the usable stack
+  size_t len;
+};
+
+static size_t fiber_stack_bytes() {
+  static size_t s = [] {
+    size_t kb = 256;
+    if (const char* e = std::getenv("PK_EMU_STACK_KB")) kb = std::strtoul(e, nullptr, 10);
+    if (kb < 16) kb = 16;
+    return round_up(kb * 1024, page_size());
+  }();
+  return s;
+}
+
+struct Worker {
+  Context sched;
+  std::vector<Stack> stacks;
+  std::vector<Fiber> fibers;
+  std::vector<unsigned char> slots;  // per warp: 32 lanes x 64 bytes of warp_exchange data
+  unsigned char* smem_map = nullptr;  // dynamic shared memory, ending at a guard page
+  size_t smem_len = 0;
+  Launch* launch = nullptr;
+  bool failed = false;
+  std::string error;
+  Fiber* current = nullptr;
+  unsigned nthreads = 0;
+  std::mt19937_64 rng;
+};
+static thread_local Worker* tls_worker = nullptr;
+
+static std::string fmt(const char* f, ...) {
+  char buf[2048];
+  va_list ap;
+  va_start(ap, f);
+  std::vsnprintf(buf, sizeof buf, f, ap);
+  va_end(ap);
+  return buf;
+}
+
+static std::string where(const Worker& w, const Fiber* f) {
+  std::string s = fmt("kernel %s, block (%u,%u,%u)", w.launch ? w.launch->name : "?", tls_block_idx.x,
+                      tls_block_idx.y, tls_block_idx.z);
+  if (f) s += fmt(", thread (%u,%u,%u)", f->tid.x, f->tid.y, f->tid.z);
+  return s;
+}
+
+static void fail(Worker& w, const std::string& msg) {
+  if (!w.failed) {
+    w.failed = true;
+    w.error = msg;
+  }
+}
+
+static Fiber* cur() {
+  Worker* w = tls_worker;
+  if (!w || !w->current) {
+    std::fprintf(stderr, "pk-emu: a device function was called outside a kernel\n");
+    std::abort();
+  }
+  return w->current;
+}
+
+static void yield_to_scheduler(Fiber* f) { ctx_switch(&f->ctx, &tls_worker->sched); }
+
+static void perform(const PendingCopy& c) {
+  if (c.src_bytes) std::memcpy(c.dst, c.src, c.src_bytes);
+  if (c.src_bytes < c.bytes) std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
+}
+
+static void fiber_main(void* arg) {
+  Fiber* f = static_cast<Fiber*>(arg);
+  Worker* w = tls_worker;
+  w->launch->entry(w->launch->params);
+  for (const PendingCopy& c : f->copies) perform(c);  // the kernel's end waits for its copies
+  f->copies.clear();
+  f->state = St::Done;
+  yield_to_scheduler(f);
+  std::abort();  // a finished fiber is never resumed
+}
+
+[[noreturn]] static void fiber_fail(const std::string& msg) {
+  Fiber* f = cur();
+  fail(*tls_worker, msg);
+  f->state = St::Done;
+  yield_to_scheduler(f);
+  std::abort();
+}
+
+void trap(const char* what, const char* file, int line) {
+  Fiber* f = cur();
+  fiber_fail(fmt("%s at %s:%d (%s)", what, file, line, where(*tls_worker, f).c_str()));
+}
+
+void syncthreads(const char* file, int line) {
+  Fiber* f = cur();
+  f->file = file;
+  f->line = line;
+  f->state = St::BlockBarrier;
+  yield_to_scheduler(f);
+}
+
+static void warp_wait(Fiber* f, unsigned mask, WaitKind kind, const char* file, int line) {
+  if (!((mask >> f->lane) & 1u))
+    fiber_fail(fmt("warp-synchronous operation with a mask (0x%08x) that excludes the calling lane %u at %s:%d (%s)",
+                   mask, f->lane, file, line, where(*tls_worker, f).c_str()));
+  f->wait_mask = mask;
+  f->kind = kind;
+  f->file = file;
+  f->line = line;
+  f->state = St::WarpBarrier;
+  yield_to_scheduler(f);
+}
+
+void syncwarp(unsigned mask, const char* file, int line) { warp_wait(cur(), mask, WaitKind::SyncWarp, file, line); }
+
+void warp_exchange(unsigned mask, const void* mine, unsigned bytes, void* all, const char* file, int line) {
+  Fiber* f = cur();
+  Worker& w = *tls_worker;
+  if (bytes > 64) fiber_fail("pk-emu: warp_exchange of more than 64 bytes");
+  unsigned char* base = w.slots.data() + (size_t)f->warp * 32 * 64;
+  std::memcpy(base + f->lane * 64, mine, bytes);
+  warp_wait(f, mask, WaitKind::Exchange, file, line);
+  auto* out = static_cast<unsigned char*>(all);
+  for (unsigned i = 0; i < 32; ++i) {
+    if ((mask >> i) & 1u)
+      std::memcpy(out + i * bytes, base + i * 64, bytes);
+    else
+      std::memset(out + i * bytes, 0, bytes);
+  }
+  // Second phase: nobody overwrites its slot before every lane has read it.
+  warp_wait(f, mask, WaitKind::Exchange, file, line);
+}
+
+void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
+  Fiber* f = cur();
+  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % bytes != 0)
+    fiber_fail(fmt("misaligned cp.async of %u bytes (dst %p, src %p) (%s)", bytes, dst, src,
+                   where(*tls_worker, f).c_str()));
+  if (src_bytes > bytes) fiber_fail("cp.async with src_bytes > bytes");
+  f->copies.push_back(PendingCopy{dst, src, bytes, src_bytes, f->committed});
+}
+void cp_async_commit() { cur()->committed++; }
+void cp_async_wait(int keep) {
+  Fiber* f = cur();
+  const unsigned limit = f->committed > (unsigned)keep ? f->committed - (unsigned)keep : 0;
+  size_t kept = 0;
+  for (size_t i = 0; i < f->copies.size(); ++i) {
+    if (f->copies[i].group < limit)
+      perform(f->copies[i]);
+    else
+      f->copies[kept++] = f->copies[i];
+  }
+  f->copies.resize(kept);
+}
+
+static const char* state_name(St s) {
+  switch (s) {
+    case St::Runnable:
+      return "running";
+    case St::BlockBarrier:
+      return "at __syncthreads";
+    case St::WarpBarrier:
+      return "at a warp-synchronous operation";
+    case St::Done:
+      return "exited";
+  }
+  return "?";
+}
+
+// Releases the lanes of every warp-synchronous operation that all its lanes have
+// reached. Returns true if any lane was released.
+static bool resolve_warps(Worker& w) {
+  bool released = false;
+  const unsigned n = w.nthreads;
+  for (unsigned base = 0; base < n; base += 32) {
+    for (unsigned l = 0; l < 32 && base + l < n; ++l) {
+      Fiber& f = w.fibers[base + l];
+      if (f.state != St::WarpBarrier) continue;
+      bool ready = true;
+      for (unsigned j = 0; j < 32; ++j) {
+        if (!((f.wait_mask >> j) & 1u)) continue;
+        if (base + j >= n) {
+          fail(w, fmt("warp-synchronous operation at %s:%d names lane %u (mask 0x%08x), which this block of %u "
+                      "threads does not have (%s)",
+                      f.file, f.line, j, f.wait_mask, n, where(w, &f).c_str()));
+          return false;
+        }
+        const Fiber& g = w.fibers[base + j];
+        if (g.state == St::Done) {
+          fail(w, fmt("warp-synchronous operation at %s:%d waits for lane %u, which has exited (%s)", f.file,
+                      f.line, j, where(w, &f).c_str()));
+          return false;
+        }
+        if (g.state != St::WarpBarrier || g.wait_mask != f.wait_mask || g.kind != f.kind ||
+            (f.kind == WaitKind::Exchange && (g.line != f.line || std::strcmp(g.file, f.file) != 0))) {
+          ready = false;
+          break;
+        }
+      }
+      if (ready) {
+        for (unsigned j = 0; j < 32; ++j)
+          if ((f.wait_mask >> j) & 1u) w.fibers[base + j].state = St::Runnable;
+        released = true;
+      }
+    }
+  }
+  return released;
+}
+
+static void run_block(Worker& w, Launch& L, uint64_t b) {
+  const dim3 g = L.grid, bd = L.block;
+  tls_block_idx = uint3{(unsigned)(b % g.x), (unsigned)((b / g.x) % g.y), (unsigned)(b / ((uint64_t)g.x * g.y))};
+  tls_block_dim = bd;
+  tls_grid_dim = g;
+  const unsigned n = bd.x * bd.y * bd.z;
+  w.nthreads = n;
+  w.failed = false;
+  w.error.clear();
+
+  // Dynamic shared memory ends at a guard page and starts poisoned.
+  if (L.dyn_smem > 0) {
+    const size_t need = round_up(L.dyn_smem, 16);
+    if (w.smem_len < need + page_size()) {
+      if (w.smem_map) munmap(w.smem_map, w.smem_len);
+      w.smem_len = round_up(need, page_size()) + page_size();
+      void* m = mmap(nullptr, w.smem_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (m == MAP_FAILED) {
+        fail(w, "pk-emu: cannot map dynamic shared memory");
+        return;
+      }
+      w.smem_map = static_cast<unsigned char*>(m);
+      mprotect(w.smem_map + w.smem_len - page_size(), page_size(), PROT_NONE);
+    }
+    tls_dyn_smem = w.smem_map + w.smem_len - page_size() - need;
+    std::memset(tls_dyn_smem, kPoison, need);
+  } else {
+    tls_dyn_smem = nullptr;
+  }
+
+  const size_t stack_len = fiber_stack_bytes() + page_size();
+  while (w.stacks.size() < n) {
+    void* m = mmap(nullptr, stack_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+      fail(w, "pk-emu: cannot map fiber stacks");
+      return;
+    }
+    mprotect(m, page_size(), PROT_NONE);
+    w.stacks.push_back(Stack{static_cast<unsigned char*>(m), stack_len});
+  }
+  if (w.fibers.size() < n) w.fibers.resize(n);
+  w.slots.assign((size_t)((n + 31) / 32) * 32 * 64, 0);
+  for (unsigned t = 0; t < n; ++t) {
+    Fiber& f = w.fibers[t];
+    f.tid = uint3{t % bd.x, (t / bd.x) % bd.y, t / (bd.x * bd.y)};
+    f.linear = t;
+    f.lane = t & 31u;
+    f.warp = t >> 5;
+    f.state = St::Runnable;
+    f.copies.clear();
+    f.committed = 0;
+    ctx_init(&f.ctx, w.stacks[t].map + page_size(), fiber_stack_bytes(), &fiber_main, &f);
+  }
+
+  std::vector<unsigned> order(n);
+  for (unsigned t = 0; t < n; ++t) order[t] = L.order == 1 ? n - 1 - t : t;
+  if (L.order == 2) w.rng.seed(L.seed * 0x9E3779B97F4A7C15ull + b);
+
+  for (;;) {
+    if (L.order == 2) std::shuffle(order.begin(), order.end(), w.rng);
+    for (unsigned t : order) {
+      Fiber& f = w.fibers[t];
+      if (f.state != St::Runnable) continue;
+      w.current = &f;
+      tls_fiber = &f;
+      ctx_switch(&w.sched, &f.ctx);
+      w.current = nullptr;
+      tls_fiber = nullptr;
+      if (w.failed) return;
+    }
+    const bool released = resolve_warps(w);
+    if (w.failed) return;
+    if (released) continue;
+
+    bool all_done = true, any_done = false, any_runnable = false;
+    const Fiber* at_barrier = nullptr;
+    const Fiber* elsewhere = nullptr;
+    for (unsigned t = 0; t < n; ++t) {
+      const Fiber& f = w.fibers[t];
+      if (f.state != St::Done) all_done = false;
+      if (f.state == St::Done) any_done = true;
+      if (f.state == St::Runnable) any_runnable = true;
+      if (f.state == St::BlockBarrier && !at_barrier) at_barrier = &f;
+      if (f.state == St::WarpBarrier && !elsewhere) elsewhere = &f;
+    }
+    if (all_done) return;
+    if (any_runnable) continue;
+    if (at_barrier && !elsewhere) {
+      // Everyone still alive is at a __syncthreads: all must be at the same one, and
+      // nobody may have exited.
+      for (unsigned t = 0; t < n; ++t) {
+        const Fiber& f = w.fibers[t];
+        if (f.state == St::Done) {
+          fail(w, fmt("divergent barrier: __syncthreads at %s:%d is not reached by thread (%u,%u,%u), which has "
+                      "exited (%s)",
+                      at_barrier->file, at_barrier->line, f.tid.x, f.tid.y, f.tid.z, where(w, at_barrier).c_str()));
+          return;
+        }
+        if (f.line != at_barrier->line || std::strcmp(f.file, at_barrier->file) != 0) {
+          fail(w, fmt("divergent barrier: thread (%u,%u,%u) waits at __syncthreads %s:%d while thread (%u,%u,%u) "
+                      "waits at %s:%d (%s)",
+                      at_barrier->tid.x, at_barrier->tid.y, at_barrier->tid.z, at_barrier->file, at_barrier->line,
+                      f.tid.x, f.tid.y, f.tid.z, f.file, f.line, where(w, nullptr).c_str()));
+          return;
+        }
+      }
+      (void)any_done;
+      for (unsigned t = 0; t < n; ++t) w.fibers[t].state = St::Runnable;
+      continue;
+    }
+    // Nothing can run: describe the first stuck warp-synchronous operation.
+    const Fiber& f = *elsewhere;
+    std::string lanes;
+    for (unsigned j = 0; j < 32; ++j) {
+      if (!((f.wait_mask >> j) & 1u)) continue;
+      const Fiber& g = w.fibers[(f.warp * 32) + j];
+      if (g.state == St::WarpBarrier && g.wait_mask == f.wait_mask && g.line == f.line) continue;
+      lanes += fmt(" lane %u %s", j, state_name(g.state));
+      if (g.state != St::Done) lanes += fmt(" (%s:%d)", g.file, g.line);
+      lanes += ";";
+    }
+    fail(w, fmt("deadlock: warp-synchronous operation at %s:%d (mask 0x%08x) is never reached by all its lanes:%s "
+                "(%s)",
+                f.file, f.line, f.wait_mask, lanes.c_str(), where(w, &f).c_str()));
+    return;
+  }
+}
+
+// ---------------------------------------------------------------- faults
+static struct sigaction g_old_segv, g_old_bus;
+
+static void describe_fault(uintptr_t a, char* out, size_t len) {
+  Worker* w = tls_worker;
+  std::string ctx = w ? where(*w, w->current) : std::string("outside a kernel");
+  if (w) {
+    for (const Stack& s : w->stacks) {
+      uintptr_t lo = reinterpret_cast<uintptr_t>(s.map);
+      if (a >= lo && a < lo + page_size()) {
+        std::snprintf(out, len, "pk-emu: fiber stack overflow (%zu KiB per CUDA thread; set PK_EMU_STACK_KB) in %s\n",
+                      fiber_stack_bytes() / 1024, ctx.c_str());
+        return;
+      }
+    }
+    if (w->smem_map) {
+      uintptr_t g = reinterpret_cast<uintptr_t>(w->smem_map) + w->smem_len - page_size();
+      if (a >= g && a < g + page_size()) {
+        std::snprintf(out, len,
+                      "pk-emu: out-of-bounds access to dynamic shared memory: address %#lx is %lu bytes past the "
+                      "end of the %zu bytes of the launch, in %s\n",
+                      (unsigned long)a, (unsigned long)(a - g), w->launch ? w->launch->dyn_smem : 0, ctx.c_str());
+        return;
+      }
+    }
+  }
+  if (g_alloc_mtx.try_lock()) {
+    for (const auto& kv : *g_allocs) {
+      const Alloc& al = kv.second;
+      uintptr_t lo = reinterpret_cast<uintptr_t>(al.map), hi = lo + al.map_len;
+      if (a >= lo && a < hi) {
+        uintptr_t end = reinterpret_cast<uintptr_t>(al.data) + al.bytes;
+        std::snprintf(out, len,
+                      "pk-emu: out-of-bounds access: address %#lx is %lu bytes past the end of a device buffer of "
+                      "%zu bytes, in %s\n",
+                      (unsigned long)a, (unsigned long)(a - end), al.bytes, ctx.c_str());
+        g_alloc_mtx.unlock();
+        return;
+      }
+    }
+    g_alloc_mtx.unlock();
+  }
+  std::snprintf(out, len,
+                "pk-emu: invalid memory access at %#lx: not inside any live device buffer (use after free, a wild or "
+                "host pointer), in %s\n",
+                (unsigned long)a, ctx.c_str());
+}
+
+static void on_fault(int sig, siginfo_t* si, void*) {
+  if (tls_worker) {
+    char msg[1024];
+    describe_fault(reinterpret_cast<uintptr_t>(si->si_addr), msg, sizeof msg);
+    ssize_t r = write(2, msg, std::strlen(msg));
+    (void)r;
+  }
+  // Hand the fault to whoever had the signal before (the Rust runtime, or the default
+  // action): returning re-executes the faulting access under the old handler.
+  sigaction(sig, sig == SIGSEGV ? &g_old_segv : &g_old_bus, nullptr);
+}
+
+static void install_fault_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = &on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+    sigaction(SIGBUS, &sa, &g_old_bus);
+  });
+}
+
+// ---------------------------------------------------------------- the pool
+struct Pool {
+  std::mutex mtx;
+  std::condition_variable cv;
+  std::deque<std::shared_ptr<Launch>> queue;
+  unsigned threads = 0;
+};
+static Pool* g_pool = new Pool();  // never destroyed: workers outlive main()
+
+static void worker_loop() {
+  // Signals for faults inside fibers run on an alternate stack.
+  stack_t ss;
+  ss.ss_size = 64 * 1024;
+  ss.ss_sp = std::malloc(ss.ss_size);
+  ss.ss_flags = 0;
+  sigaltstack(&ss, nullptr);
+  Worker* w = new Worker();
+  tls_worker = w;
+  for (;;) {
+    std::shared_ptr<Launch> L;  // shared: the launching thread may return before we drop it
+    {
+      std::unique_lock<std::mutex> lk(g_pool->mtx);
+      g_pool->cv.wait(lk, [] { return !g_pool->queue.empty(); });
+      L = g_pool->queue.front();
+      if (L->next.load() >= L->total) {
+        g_pool->queue.pop_front();
+        continue;
+      }
+    }
+    w->launch = L.get();
+    for (;;) {
+      const uint64_t b = L->next.fetch_add(1);
+      if (b >= L->total) break;
+      if (!L->failed.load()) {
+        run_block(*w, *L, b);
+        if (w->failed) {
+          std::lock_guard<std::mutex> lk(L->mtx);
+          if (!L->failed.exchange(true)) L->error = w->error;
+        }
+      }
+      if (L->completed.fetch_add(1) + 1 == L->total) {
+        std::lock_guard<std::mutex> lk(L->mtx);
+        L->cv.notify_all();
+      }
+    }
+    w->launch = nullptr;
+  }
+}
+
+static void ensure_pool() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    install_fault_handler();
+    unsigned n = std::thread::hardware_concurrency();
+    if (const char* e = std::getenv("PK_EMU_THREADS")) n = (unsigned)std::strtoul(e, nullptr, 10);
+    if (n == 0) n = 1;
+    g_pool->threads = n;
+    for (unsigned i = 0; i < n; ++i) std::thread(worker_loop).detach();
+  });
+}
+
+}  // namespace pk_emu
+
+// ---------------------------------------------------------------- C API
+using namespace pk_emu;
+
+static void set_err(char* err, size_t len, const std::string& s) {
+  if (err && len) {
+    std::snprintf(err, len, "%s", s.c_str());
+  }
+}
+
+extern "C" {
+
+void* pk_emu_alloc(size_t bytes, int poison) {
+  const size_t pg = page_size();
+  const size_t padded = round_up(bytes, 16);
+  const size_t map_len = round_up(padded + kCanaryBefore, pg) + pg;
+  void* m = mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) return nullptr;
+  unsigned char* map = static_cast<unsigned char*>(m);
+  if (mprotect(map + map_len - pg, pg, PROT_NONE) != 0) {
+    munmap(m, map_len);
+    return nullptr;
+  }
+  unsigned char* data = map + map_len - pg - padded;
+  std::memset(data - kCanaryBefore, kCanary, kCanaryBefore);
+  if (poison) std::memset(data, kPoison, bytes);  // fresh mappings are zero otherwise
+  std::memset(data + bytes, kCanary, padded - bytes);
+  std::lock_guard<std::mutex> lk(g_alloc_mtx);
+  (*g_allocs)[reinterpret_cast<uintptr_t>(data)] = Alloc{map, map_len, data, bytes, padded};
+  return data;
+}
+
+int pk_emu_free(void* p) {
+  std::lock_guard<std::mutex> lk(g_alloc_mtx);
+  auto it = g_allocs->find(reinterpret_cast<uintptr_t>(p));
+  if (it == g_allocs->end()) return -1;
+  munmap(it->second.map, it->second.map_len);
+  g_allocs->erase(it);
+  return 0;
+}
+
+unsigned pk_emu_threads(void) {
+  ensure_pool();
+  return g_pool->threads;
+}
+
+// Runs a grid to completion. Returns 0, or -1 with a message in err.
+int pk_emu_launch(const void* entry, const void* params, size_t param_size, const char* name, unsigned gx,
+                  unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, size_t dyn_smem, int order,
+                  uint64_t seed, char* err, size_t err_len) {
+  ensure_pool();
+  // One launch at a time, as on one stream: the canary check after a launch can then
+  // blame exactly that launch for a write next to any buffer.
+  static std::mutex launch_mtx;
+  std::lock_guard<std::mutex> one_at_a_time(launch_mtx);
+  const uint64_t threads = (uint64_t)bx * by * bz;
+  if (threads == 0 || threads > 1024 || bz > 64) {
+    set_err(err, err_len, fmt("invalid block (%u,%u,%u): 1 to 1024 threads, z at most 64", bx, by, bz));
+    return -1;
+  }
+  if (gx == 0 || gy == 0 || gz == 0 || gx > 0x7fffffffu || gy > 65535 || gz > 65535) {
+    set_err(err, err_len, fmt("invalid grid (%u,%u,%u)", gx, gy, gz));
+    return -1;
+  }
+  if (dyn_smem > 227 * 1024) {
+    set_err(err, err_len, fmt("dynamic shared memory of %zu bytes exceeds 227 KiB", dyn_smem));
+    return -1;
+  }
+  auto L = std::make_shared<Launch>();
+  if (param_size > sizeof(L->params)) {
+    set_err(err, err_len, "kernel parameters exceed 4096 bytes");
+    return -1;
+  }
+  L->entry = reinterpret_cast<void (*)(const void*)>(const_cast<void*>(entry));
+  std::memcpy(L->params, params, param_size);
+  L->name = name;
+  L->grid = dim3(gx, gy, gz);
+  L->block = dim3(bx, by, bz);
+  L->dyn_smem = dyn_smem;
+  L->order = order;
+  L->seed = seed;
+  L->total = (uint64_t)gx * gy * gz;
+  {
+    std::lock_guard<std::mutex> lk(g_pool->mtx);
+    g_pool->queue.push_back(L);
+  }
+  g_pool->cv.notify_all();
+  {
+    std::unique_lock<std::mutex> lk(L->mtx);
+    L->cv.wait(lk, [&L] { return L->completed.load() == L->total; });
+  }
+  {
+    std::lock_guard<std::mutex> lk(g_pool->mtx);
+    for (auto it = g_pool->queue.begin(); it != g_pool->queue.end(); ++it) {
+      if (*it == L) {
+        g_pool->queue.erase(it);
+        break;
+      }
+    }
+  }
+  int rc = 0;
+  if (L->failed.load()) {
+    set_err(err, err_len, L->error);
+    rc = -1;
+  }
+  // Writes into the slack around a buffer (short of its guard page) are out of bounds too.
+  if (rc == 0) {
+    std::lock_guard<std::mutex> lk(g_alloc_mtx);
+    for (const auto& kv : *g_allocs) {
+      if (!canaries_intact(kv.second)) {
+        set_err(err, err_len,
+                fmt("out-of-bounds write: kernel %s wrote just outside a device buffer of %zu bytes", name,
+                    kv.second.bytes));
+        // Restore the canaries so that one bad write is reported once.
+        const Alloc& a = kv.second;
+        std::memset(a.data - kCanaryBefore, kCanary, kCanaryBefore);
+        std::memset(a.data + a.bytes, kCanary, a.padded - a.bytes);
+        rc = -1;
+        break;
+      }
+    }
+  }
+  return rc;
+}
+
+}  // extern "C"

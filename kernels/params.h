@@ -1,0 +1,100 @@
+// Parameter structs of the kernel entry points, one per kernel family.
+//
+// Each struct is mirrored field by field in src/ops/params.rs (#[repr(C)]); a test
+// compares sizes and offsets against the table in kernels/emu/layout.cpp. Rules that
+// keep the layout identical everywhere: device pointers are `const void*`/`void*`
+// (8 bytes), counts are int32_t or int64_t, 8-byte fields first, and every struct is
+// padded by hand to a multiple of 8 bytes.
+#pragma once
+#ifdef PK_EMU
+#include <cstdint>
+#else
+#include <stdint.h>
+#endif
+
+// ---------------------------------------------------------------- prune.cu
+// One conv weight (KRSC) whose filter norms go to scores[out_offset .. out_offset + k).
+typedef struct {
+  const void* weights;  // k * filter_len elements of the entry point's dtype
+  int32_t k;            // filters (rows)
+  int32_t filter_len;   // elements per filter: R*S*C
+  int32_t out_offset;   // index of the first score of this segment
+  int32_t pad0;
+} PkNormSegment;
+
+// filter_norms_<dtype>: scores[out_offset + k] = ||W[k, :]||_1 or _2 for every segment.
+typedef struct {
+  const PkNormSegment* segments;
+  double* scores;
+  int32_t num_segments;
+  int32_t total_filters;  // sum of k over the segments
+  int32_t norm;           // 1 (L1) or 2 (L2)
+  int32_t pad0;
+} PkFilterNormsParams;
+
+// group_sums_f64: scores[dst_offset[g] + c] = sum over members m of group g of
+// scores[member_offset[m] + c], for c < width[g]. Members of group g are
+// member_offset[member_start[g] .. member_start[g + 1]).
+typedef struct {
+  double* scores;
+  const int32_t* dst_offset;    // [num_groups]
+  const int32_t* width;         // [num_groups]
+  const int32_t* member_start;  // [num_groups + 1]
+  const int32_t* member_offset; // [member_start[num_groups]]
+  int32_t num_groups;
+  int32_t max_width;
+} PkGroupSumsParams;
+
+// One selection: keep the n largest of scores[offset .. offset + width), ties to the
+// lower index, kept indices (relative to offset) in ascending order to
+// keep[keep_offset .. keep_offset + n).
+typedef struct {
+  int32_t offset;
+  int32_t width;
+  int32_t n;
+  int32_t keep_offset;
+} PkTopkSegment;
+
+// topk_f64: one block per segment, width <= PK_TOPK_MAX_WIDTH.
+typedef struct {
+  const double* scores;
+  const PkTopkSegment* segments;
+  int32_t* keep;
+  int32_t num_segments;
+  int32_t pad0;
+} PkTopkParams;
+#define PK_TOPK_MAX_WIDTH 4096
+#define PK_TOPK_THREADS 1024
+
+// One gather: dst[i, j, l] = src[rows[i], j, cols[l]] with src of shape [*, mid, src_cols]
+// and dst of shape [n_rows, mid, n_cols]. rows (cols) null means the identity.
+// A KRSC conv weight is [K, R*S, C]; a vector is [n, 1, 1].
+typedef struct {
+  const void* src;
+  void* dst;
+  const int32_t* rows;
+  const int32_t* cols;
+  int32_t n_rows;
+  int32_t mid;
+  int32_t n_cols;
+  int32_t src_cols;
+} PkGatherJob;
+
+// gather_<dtype>: every job of the table in one launch; blockIdx.y is the job.
+typedef struct {
+  const PkGatherJob* jobs;
+  int32_t num_jobs;
+  int32_t pad0;
+} PkGatherParams;
+
+// ---------------------------------------------------------------- selftest.cu
+// Kernels that exercise the emulation itself (and, on a GPU, the primitives).
+typedef struct {
+  const void* a;
+  const void* b;
+  void* c;
+  int32_t m;
+  int32_t n;
+  int32_t k;
+  int32_t mode;
+} PkSelftestParams;

@@ -1,0 +1,161 @@
+// Kernels that test the execution model rather than compute anything for prunekit:
+// the emulation's own tests (tests/emu.rs) run them, and on a GPU the same tests check
+// that the emulation and the hardware agree.
+#include "common.cuh"
+
+#define ST_TILE 16
+
+// C[m, n] = A[m, k] * B[k, n], row-major f32, 16x16 tiles through shared memory.
+// mode 1 leaves out the barrier between loading a tile and using it (a race).
+PK_KERNEL(selftest_gemm_f32, PkSelftestParams) {
+  __shared__ float as[ST_TILE][ST_TILE];
+  __shared__ float bs[ST_TILE][ST_TILE];
+  const float* a = static_cast<const float*>(p.a);
+  const float* b = static_cast<const float*>(p.b);
+  float* c = static_cast<float*>(p.c);
+  const int tx = (int)threadIdx.x, ty = (int)threadIdx.y;
+  const int row = (int)blockIdx.y * ST_TILE + ty, col = (int)blockIdx.x * ST_TILE + tx;
+  float acc = 0.0f;
+  for (int k0 = 0; k0 < p.k; k0 += ST_TILE) {
+    as[ty][tx] = (row < p.m && k0 + tx < p.k) ? a[(int64_t)row * p.k + k0 + tx] : 0.0f;
+    bs[ty][tx] = (col < p.n && k0 + ty < p.k) ? b[(int64_t)(k0 + ty) * p.n + col] : 0.0f;
+    if (p.mode != 1) __syncthreads();
+    for (int kk = 0; kk < ST_TILE; ++kk) acc += as[ty][kk] * bs[kk][tx];
+    __syncthreads();
+  }
+  if (row < p.m && col < p.n) c[(int64_t)row * p.n + col] = acc;
+}
+
+// c[0] += sum(a[0 .. m)): warp shuffles, then the warps' sums through shared memory,
+// then one atomicAdd per block. mode 1: an atomicAdd per warp instead.
+PK_KERNEL(selftest_reduce_f32, PkSelftestParams) {
+  __shared__ float warp_sums[32];
+  const float* a = static_cast<const float*>(p.a);
+  float* c = static_cast<float*>(p.c);
+  float v = 0.0f;
+  for (int i = (int)(blockIdx.x * blockDim.x + threadIdx.x); i < p.m; i += (int)(gridDim.x * blockDim.x)) v += a[i];
+  v = warp_sum(v);
+  const int warp = (int)(threadIdx.x / 32), lane = (int)(threadIdx.x % 32);
+  if (p.mode == 1) {
+    if (lane == 0) atomicAdd(c, v);
+    return;
+  }
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const int nwarps = (int)(blockDim.x / 32);
+    float s = lane < nwarps ? warp_sums[lane] : 0.0f;
+    s = warp_sum(s);
+    if (lane == 0) atomicAdd(c, s);
+  }
+}
+
+// Integer atomics and ballot: c[0] += number of elements of a (as int) that are odd,
+// c[1] = max of them, counted once per warp through a ballot.
+PK_KERNEL(selftest_ballot_i32, PkSelftestParams) {
+  const int* a = static_cast<const int*>(p.a);
+  int* c = static_cast<int*>(p.c);
+  const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+  const int v = i < p.m ? a[i] : 0;
+  const unsigned odd = __ballot_sync(0xffffffffu, i < p.m && (v & 1));
+  if (threadIdx.x % 32 == 0) atomicAdd(&c[0], __popc(odd));
+  if (i < p.m) atomicMax(&c[1], v);
+}
+
+// Writes c[i] = i for i <= m: one element past the end of a buffer of m floats.
+PK_KERNEL(selftest_oob_write_f32, PkSelftestParams) {
+  float* c = static_cast<float*>(p.c);
+  const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i <= p.m) c[i] = (float)i;
+}
+
+// mode 0: threads below 16 wait at a barrier the others never reach.
+// mode 1: threads below 16 return before a barrier the others wait at.
+// mode 2: two halves of the block wait at two different barriers.
+PK_KERNEL(selftest_divergent_barrier, PkSelftestParams) {
+  float* c = static_cast<float*>(p.c);
+  const int t = (int)threadIdx.x;
+  if (p.mode == 0) {
+    if (t < 16) __syncthreads();
+  } else if (p.mode == 1) {
+    if (t < 16) return;
+    __syncthreads();
+  } else {
+    if (t < 16) {
+      __syncthreads();
+    } else {
+      __syncthreads();
+    }
+  }
+  c[t] = 1.0f;
+}
+
+// c[i] = a[i] for i < m: reading a fresh buffer shows its poison.
+PK_KERNEL(selftest_copy_f32, PkSelftestParams) {
+  const float* a = static_cast<const float*>(p.a);
+  float* c = static_cast<float*>(p.c);
+  const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < p.m) c[i] = a[i];
+}
+
+// One warp: D[16, 8] = A[16, 16] * B[16, 8] with A row-major and B given as Bt[8][16]
+// (bf16), through cp.async into shared memory, ldmatrix and mma.sync. D is row-major
+// f32. Shared memory is dynamic (768 bytes), so that the emulation poisons it: mode 1
+// reads it without waiting for the copies and sees the poison.
+PK_KERNEL(selftest_mma_bf16, PkSelftestParams) {
+  PK_DYNAMIC_SMEM(bf16, smem);
+  bf16(*as)[16] = reinterpret_cast<bf16(*)[16]>(smem);
+  bf16(*bts)[16] = reinterpret_cast<bf16(*)[16]>(smem + 256);
+  const bf16* a = static_cast<const bf16*>(p.a);
+  const bf16* bt = static_cast<const bf16*>(p.b);
+  float* d = static_cast<float*>(p.c);
+  const int lane = (int)threadIdx.x;
+  // 16x16 bf16 = 32 chunks of 16 bytes (8 elements): one per lane; Bt: 16 chunks.
+  cp_async_16(&as[lane / 2][(lane % 2) * 8], a + lane * 8, 16);
+  if (lane < 16) cp_async_16(&bts[lane / 2][(lane % 2) * 8], bt + lane * 8, 16);
+  cp_async_commit();
+  if (p.mode != 1) cp_async_wait<0>();
+  __syncthreads();
+  uint32_t af[4], bf[2];
+  ldmatrix_x4(af, &as[lane % 16][(lane / 16) * 8]);
+  ldmatrix_x2(bf, &bts[lane % 8][((lane / 8) % 2) * 8]);
+  float c0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc[4];
+  mma_m16n8k16_bf16(acc, af, bf, c0);
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) d[(g + (i >= 2 ? 8 : 0)) * 8 + 2 * t + (i & 1)] = acc[i];
+}
+
+// As selftest_mma_bf16, but B given row-major B[16][8] and loaded with ldmatrix.trans.
+PK_KERNEL(selftest_mma_trans_f16, PkSelftestParams) {
+  __shared__ __align__(16) f16 as[16][16];
+  __shared__ __align__(16) f16 bs[16][8];
+  const f16* a = static_cast<const f16*>(p.a);
+  const f16* b = static_cast<const f16*>(p.b);
+  float* d = static_cast<float*>(p.c);
+  const int lane = (int)threadIdx.x;
+  for (int i = lane; i < 256; i += 32) as[i / 16][i % 16] = a[i];
+  for (int i = lane; i < 128; i += 32) bs[i / 8][i % 8] = b[i];
+  __syncthreads();
+  uint32_t af[4], bf[2];
+  ldmatrix_x4(af, &as[lane % 16][(lane / 16) * 8]);
+  ldmatrix_x2_trans(bf, &bs[lane % 16][0]);
+  float c0[4] = {1.0f, 1.0f, 1.0f, 1.0f}, acc[4];
+  mma_m16n8k16_f16(acc, af, bf, c0);
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) d[(g + (i >= 2 ? 8 : 0)) * 8 + 2 * t + (i & 1)] = acc[i];
+}
+
+// Warp shuffles: for every lane l with value v = a[l]:
+//   c[4l]   = __shfl_sync(v, (l + 3) % 32)      c[4l+1] = __shfl_down_sync(v, 5)
+//   c[4l+2] = __shfl_up_sync(v, 7)              c[4l+3] = __shfl_xor_sync(v, 9, width 16)
+PK_KERNEL(selftest_shfl_i32, PkSelftestParams) {
+  const int* a = static_cast<const int*>(p.a);
+  int* c = static_cast<int*>(p.c);
+  const int l = (int)threadIdx.x;
+  const int v = a[l];
+  c[4 * l] = __shfl_sync(0xffffffffu, v, (l + 3) % 32);
+  c[4 * l + 1] = __shfl_down_sync(0xffffffffu, v, 5);
+  c[4 * l + 2] = __shfl_up_sync(0xffffffffu, v, 7);
+  c[4 * l + 3] = __shfl_xor_sync(0xffffffffu, v, 9, 16);
+}
+

@@ -1,0 +1,146 @@
+//! Where the model and the pruning pipeline run: the CPU, or a kernel device (cuda or
+//! emu). Code above `ops` holds [`Buf`]s and never asks which kind it has.
+
+use crate::gpu::{BackendKind, Elem, Gpu, GpuBuf};
+use crate::{invalid, Result};
+
+#[derive(Clone, Debug)]
+pub enum Device {
+    /// Rust on the host: the fast paths of `crate::cpu`.
+    Cpu,
+    /// The CUDA kernels, on a GPU or in the host emulation.
+    Gpu(Gpu),
+}
+
+impl Device {
+    /// `cpu`, `emu`, `cuda`, `cuda:N`, or `auto` (cuda where a GPU and the kernels are
+    /// there, else cpu).
+    pub fn parse(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "emu" => Ok(Device::Gpu(Gpu::emu()?)),
+            "cuda" => Ok(Device::Gpu(Gpu::cuda(0)?)),
+            "auto" => Ok(Device::auto()),
+            _ => match s.strip_prefix("cuda:").map(|n| n.parse::<usize>()) {
+                Some(Ok(n)) => Ok(Device::Gpu(Gpu::cuda(n)?)),
+                _ => Err(invalid!("unknown device {s:?}: expected cpu, emu, cuda, cuda:N or auto")),
+            },
+        }
+    }
+
+    /// cuda if it can be used, else the CPU.
+    pub fn auto() -> Device {
+        match Gpu::cuda(0) {
+            Ok(g) => Device::Gpu(g),
+            Err(_) => Device::Cpu,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+            Device::Gpu(g) => g.name(),
+        }
+    }
+
+    /// "cpu", "cuda" or "emu".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Gpu(g) => match g.kind() {
+                BackendKind::Cuda => "cuda",
+                BackendKind::Emu => "emu",
+            },
+        }
+    }
+
+    pub fn gpu(&self) -> Option<&Gpu> {
+        match self {
+            Device::Cpu => None,
+            Device::Gpu(g) => Some(g),
+        }
+    }
+
+    /// A buffer holding `data`.
+    pub fn upload<T: Elem>(&self, data: Vec<T>) -> Result<Buf<T>> {
+        Ok(match self {
+            Device::Cpu => Buf::Host(data),
+            Device::Gpu(g) => Buf::Gpu(g.upload(&data)?),
+        })
+    }
+
+    /// A buffer of `len` zeros.
+    pub fn zeros<T: Elem>(&self, len: usize) -> Result<Buf<T>> {
+        Ok(match self {
+            Device::Cpu => Buf::Host(vec![T::zeroed(); len]),
+            Device::Gpu(g) => Buf::Gpu(g.zeros(len)?),
+        })
+    }
+
+    /// A buffer of `len` elements that the caller will overwrite before reading.
+    pub fn uninit<T: Elem>(&self, len: usize) -> Result<Buf<T>> {
+        Ok(match self {
+            Device::Cpu => Buf::Host(vec![T::zeroed(); len]),
+            Device::Gpu(g) => Buf::Gpu(g.alloc(len)?),
+        })
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        if let Device::Gpu(g) = self {
+            g.synchronize()?;
+        }
+        Ok(())
+    }
+}
+
+/// A flat buffer of elements on a device.
+#[derive(Debug)]
+pub enum Buf<T: Elem> {
+    Host(Vec<T>),
+    Gpu(GpuBuf<T>),
+}
+
+impl<T: Elem> Buf<T> {
+    pub fn len(&self) -> usize {
+        match self {
+            Buf::Host(v) => v.len(),
+            Buf::Gpu(b) => b.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// A copy on the host.
+    pub fn to_vec(&self) -> Result<Vec<T>> {
+        match self {
+            Buf::Host(v) => Ok(v.clone()),
+            Buf::Gpu(b) => Ok(b.gpu().download(b)?),
+        }
+    }
+    pub fn host(&self) -> Option<&[T]> {
+        match self {
+            Buf::Host(v) => Some(v),
+            Buf::Gpu(_) => None,
+        }
+    }
+    pub fn host_mut(&mut self) -> Option<&mut [T]> {
+        match self {
+            Buf::Host(v) => Some(v),
+            Buf::Gpu(_) => None,
+        }
+    }
+    pub fn gpu_buf(&self) -> Option<&GpuBuf<T>> {
+        match self {
+            Buf::Host(_) => None,
+            Buf::Gpu(b) => Some(b),
+        }
+    }
+    /// True if the buffer lives on `dev` (the CPU, or that very kernel device).
+    pub fn is_on(&self, dev: &Device) -> bool {
+        match (self, dev) {
+            (Buf::Host(_), Device::Cpu) => true,
+            (Buf::Gpu(b), Device::Gpu(g)) => b.same_gpu(g),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! The executor: one API over two back ends that run the kernels of `kernels/*.cu`.
+//!
+//! - **cuda**: a real GPU through cudarc (the driver is loaded at run time, so nothing
+//!   CUDA is needed to build); the kernels are the fatbins that build.rs made with nvcc.
+//! - **emu**: the same kernels compiled for the host against `kernels/emu`, run by the
+//!   emulation of the CUDA execution model (fibers, guard pages, poison, barrier checks).
+//!
+//! Everything a kernel needs goes through [`Gpu`]: typed buffers ([`GpuBuf`]), copies,
+//! launches of a named kernel with a `#[repr(C)]` parameter struct, and timing events.
+//! Modules are loaded lazily, once. Every failure is a [`GpuError`].
+
+mod cuda;
+mod emu;
+mod error;
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+pub use emu::Schedule;
+pub use error::GpuError;
+
+/// Where build.rs put each kernel module: the fatbin (when nvcc was found) and the
+/// emulation's table of entry points.
+pub struct ModuleSource {
+    pub name: &'static str,
+    pub fatbin: Option<&'static [u8]>,
+    pub emu: unsafe extern "C" fn() -> *const EmuModule,
+}
+
+/// Opaque: the emulation's table of one module's entry points.
+#[repr(C)]
+pub struct EmuModule {
+    _private: [u8; 0],
+}
+
+mod generated {
+    use super::{EmuModule, ModuleSource};
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// The nvcc release the CUDA kernels were compiled with, if any.
+pub fn nvcc_version() -> Option<&'static str> {
+    generated::NVCC_VERSION
+}
+
+/// ptxas' report for every kernel and architecture: registers, spills, shared memory.
+pub fn resource_report() -> &'static str {
+    generated::RESOURCE_REPORT
+}
+
+fn module_source(name: &str) -> Option<&'static ModuleSource> {
+    generated::MODULES.iter().find(|m| m.name == name)
+}
+
+/// A kernel entry point: `kernels/<module>.cu`, `extern "C"` function `name`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Kernel {
+    pub module: &'static str,
+    pub name: &'static str,
+}
+
+impl Kernel {
+    pub const fn new(module: &'static str, name: &'static str) -> Self {
+        Kernel { module, name }
+    }
+}
+
+/// A kernel's parameter struct: `#[repr(C)]`, plain data, mirrored in `kernels/params.h`.
+///
+/// # Safety
+/// The type must have exactly the layout of the C struct named `C_NAME`, and every
+/// device pointer in it must be valid for what the kernel does with it.
+pub unsafe trait KernelParams: Copy + Send + 'static {
+    const C_NAME: &'static str;
+}
+
+/// Grid, block and dynamic shared memory of a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchConfig {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_mem_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// `blocks` blocks of `threads` threads along x.
+    pub fn linear(blocks: u32, threads: u32) -> Self {
+        LaunchConfig { grid: (blocks, 1, 1), block: (threads, 1, 1), shared_mem_bytes: 0 }
+    }
+}
+
+/// Element types that live in device buffers.
+pub trait Elem: bytemuck::Pod + Send + Sync + std::fmt::Debug + 'static {
+    const NAME: &'static str;
+}
+macro_rules! elem {
+    ($($t:ty => $n:literal),*) => { $(impl Elem for $t { const NAME: &'static str = $n; })* };
+}
+elem!(f32 => "f32", f64 => "f64", half::bf16 => "bf16", half::f16 => "f16", i32 => "i32", i64 => "i64",
+      u8 => "u8", u16 => "u16", u32 => "u32", u64 => "u64");
+
+/// Which back end a [`Gpu`] runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Cuda,
+    Emu,
+}
+
+enum Backend {
+    Cuda(cuda::CudaBackend),
+    Emu(emu::EmuBackend),
+}
+
+/// A handle to a kernel device (cheap to clone). All work is ordered on one stream.
+#[derive(Clone)]
+pub struct Gpu {
+    backend: Arc<Backend>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({})", self.name())
+    }
+}
+
+impl Gpu {
+    /// The CUDA device `ordinal`. Fails with a clear error when there is no driver, no
+    /// device, or when the kernels were built without nvcc.
+    pub fn cuda(ordinal: usize) -> Result<Gpu, GpuError> {
+        Ok(Gpu { backend: Arc::new(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)) })
+    }
+
+    /// The host emulation, with the fiber schedule from `PK_EMU_SCHEDULE`
+    /// (`forward`, `reverse` or `shuffle:SEED`; forward by default).
+    pub fn emu() -> Result<Gpu, GpuError> {
+        Ok(Gpu::emu_with(Schedule::from_env()?))
+    }
+
+    /// The host emulation with the given fiber schedule.
+    pub fn emu_with(schedule: Schedule) -> Gpu {
+        Gpu { backend: Arc::new(Backend::Emu(emu::EmuBackend::new(schedule))) }
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        match &*self.backend {
+            Backend::Cuda(_) => BackendKind::Cuda,
+            Backend::Emu(_) => BackendKind::Emu,
+        }
+    }
+
+    /// A human-readable name: the GPU's, or the emulation's with its schedule.
+    pub fn name(&self) -> String {
+        match &*self.backend {
+            Backend::Cuda(c) => c.name(),
+            Backend::Emu(e) => e.name(),
+        }
+    }
+
+    fn alloc_bytes(&self, bytes: usize, zeroed: bool) -> Result<u64, GpuError> {
+        match &*self.backend {
+            Backend::Cuda(c) => c.alloc(bytes, zeroed),
+            Backend::Emu(e) => e.alloc(bytes, zeroed),
+        }
+    }
+
+    fn free_bytes(&self, ptr: u64) {
+        match &*self.backend {
+            Backend::Cuda(c) => c.free(ptr),
+            Backend::Emu(e) => e.free(ptr),
+        }
+    }
+
+    fn bytes_of<T: Elem>(len: usize) -> Result<usize, GpuError> {
+        len.checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| GpuError::Invalid(format!("a buffer of {len} {} is too large", T::NAME)))
+    }
+
+    /// A buffer of `len` elements whose contents are undefined (on emu: poisoned with
+    /// 0xFF bytes, which reads as NaN for floats and -1 for integers).
+    pub fn alloc<T: Elem>(&self, len: usize) -> Result<GpuBuf<T>, GpuError> {
+        let ptr = self.alloc_bytes(Self::bytes_of::<T>(len)?, false)?;
+        Ok(GpuBuf { ptr, len, gpu: self.clone(), _t: PhantomData })
+    }
+
+    /// A buffer of `len` zeros.
+    pub fn zeros<T: Elem>(&self, len: usize) -> Result<GpuBuf<T>, GpuError> {
+        let ptr = self.alloc_bytes(Self::bytes_of::<T>(len)?, true)?;
+        Ok(GpuBuf { ptr, len, gpu: self.clone(), _t: PhantomData })
+    }
+
+    /// A new buffer holding a copy of `data`.
+    pub fn upload<T: Elem>(&self, data: &[T]) -> Result<GpuBuf<T>, GpuError> {
+        let mut b = self.alloc(data.len())?;
+        self.write(&mut b, 0, data)?;
+        Ok(b)
+    }
+
+    /// Copies `data` into `buf[offset ..]`.
+    pub fn write<T: Elem>(&self, buf: &mut GpuBuf<T>, offset: usize, data: &[T]) -> Result<(), GpuError> {
+        buf.check_range(offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let dst = buf.ptr + (offset * std::mem::size_of::<T>()) as u64;
+        let src: &[u8] = bytemuck::cast_slice(data);
+        match &*self.backend {
+            Backend::Cuda(c) => c.htod(dst, src),
+            Backend::Emu(e) => e.htod(dst, src),
+        }
+    }
+
+    /// Copies `buf[offset .. offset + out.len()]` into `out` (waits for queued work).
+    pub fn read<T: Elem>(&self, buf: &GpuBuf<T>, offset: usize, out: &mut [T]) -> Result<(), GpuError> {
+        buf.check_range(offset, out.len())?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let src = buf.ptr + (offset * std::mem::size_of::<T>()) as u64;
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(out);
+        match &*self.backend {
+            Backend::Cuda(c) => c.dtoh(dst, src),
+            Backend::Emu(e) => e.dtoh(dst, src),
+        }
+    }
+
+    /// The whole buffer, copied to the host.
+    pub fn download<T: Elem>(&self, buf: &GpuBuf<T>) -> Result<Vec<T>, GpuError> {
+        let mut v = vec![T::zeroed(); buf.len];
+        self.read(buf, 0, &mut v)?;
+        Ok(v)
+    }
+
+    /// Copies `len` elements from `src[src_offset ..]` to `dst[dst_offset ..]` on the device.
+    pub fn copy<T: Elem>(
+        &self,
+        src: &GpuBuf<T>,
+        src_offset: usize,
+        dst: &mut GpuBuf<T>,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<(), GpuError> {
+        src.check_range(src_offset, len)?;
+        dst.check_range(dst_offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let sz = std::mem::size_of::<T>() as u64;
+        let (s, d) = (src.ptr + src_offset as u64 * sz, dst.ptr + dst_offset as u64 * sz);
+        match &*self.backend {
+            Backend::Cuda(c) => c.dtod(d, s, len * sz as usize),
+            Backend::Emu(e) => e.dtod(d, s, len * sz as usize),
+        }
+    }
+
+    /// Sets every byte of the buffer to zero.
+    pub fn fill_zero<T: Elem>(&self, buf: &mut GpuBuf<T>) -> Result<(), GpuError> {
+        if buf.len == 0 {
+            return Ok(());
+        }
+        let bytes = buf.len * std::mem::size_of::<T>();
+        match &*self.backend {
+            Backend::Cuda(c) => c.memset_zero(buf.ptr, bytes),
+            Backend::Emu(e) => e.memset_zero(buf.ptr, bytes),
+        }
+    }
+
+    /// Launches `kernel` with the parameter struct `params`.
+    ///
+    /// # Safety
+    /// Every device pointer in `params` must point into live buffers of this `Gpu`, large
+    /// enough for everything the kernel reads and writes with this configuration. The
+    /// typed wrappers in `crate::ops` check this before they call here.
+    pub unsafe fn launch<P: KernelParams>(
+        &self,
+        kernel: Kernel,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<(), GpuError> {
+        let (g, b) = (cfg.grid, cfg.block);
+        if g.0 == 0 || g.1 == 0 || g.2 == 0 || b.0 == 0 || b.1 == 0 || b.2 == 0 {
+            return Err(GpuError::Invalid(format!(
+                "launch of {} with an empty grid {g:?} or block {b:?}",
+                kernel.name
+            )));
+        }
+        let bytes = std::slice::from_raw_parts(params as *const P as *const u8, std::mem::size_of::<P>());
+        match &*self.backend {
+            Backend::Cuda(c) => c.launch(kernel, cfg, params as *const P as *mut std::ffi::c_void, bytes.len()),
+            Backend::Emu(e) => e.launch(kernel, cfg, bytes),
+        }
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        match &*self.backend {
+            Backend::Cuda(c) => c.synchronize(),
+            Backend::Emu(_) => Ok(()),
+        }
+    }
+
+    /// Records a timing event on the stream (a CUDA event; wall clock on emu, whose
+    /// launches are synchronous).
+    pub fn record(&self) -> Result<Event, GpuError> {
+        match &*self.backend {
+            Backend::Cuda(c) => Ok(Event::Cuda(c.record()?)),
+            Backend::Emu(_) => Ok(Event::Host(std::time::Instant::now())),
+        }
+    }
+
+    /// Milliseconds between two recorded events (waits for `end`).
+    pub fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f64, GpuError> {
+        match (&*self.backend, start, end) {
+            (Backend::Cuda(c), Event::Cuda(s), Event::Cuda(e)) => c.elapsed_ms(s, e),
+            (_, Event::Host(s), Event::Host(e)) => Ok(e.duration_since(*s).as_secs_f64() * 1e3),
+            _ => Err(GpuError::Invalid("events from different back ends".into())),
+        }
+    }
+}
+
+/// A timing event from [`Gpu::record`].
+pub enum Event {
+    Cuda(cuda::CudaEvent),
+    Host(std::time::Instant),
+}
+
+/// A typed device buffer; freed when dropped.
+pub struct GpuBuf<T: Elem> {
+    ptr: u64,
+    len: usize,
+    gpu: Gpu,
+    _t: PhantomData<T>,
+}
+
+impl<T: Elem> std::fmt::Debug for GpuBuf<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuBuf<{}>[{}]", T::NAME, self.len)
+    }
+}
+
+impl<T: Elem> GpuBuf<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+    /// The device address of the first element, for a kernel's parameter struct.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    /// The device address of element `offset` (which may be `len`, one past the end).
+    pub fn ptr_at(&self, offset: usize) -> Result<u64, GpuError> {
+        self.check_range(offset, 0)?;
+        Ok(self.ptr + (offset * std::mem::size_of::<T>()) as u64)
+    }
+    fn check_range(&self, offset: usize, len: usize) -> Result<(), GpuError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(GpuError::Invalid(format!(
+                "range {offset}..{offset}+{len} is outside a buffer of {} {}",
+                self.len,
+                T::NAME
+            ))),
+        }
+    }
+    /// True if both buffers belong to the same device.
+    pub fn same_gpu(&self, gpu: &Gpu) -> bool {
+        Arc::ptr_eq(&self.gpu.backend, &gpu.backend)
+    }
+}
+
+impl<T: Elem> Drop for GpuBuf<T> {
+    fn drop(&mut self) {
+        self.gpu.free_bytes(self.ptr);
+    }
+}

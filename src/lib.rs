@@ -1,0 +1,15 @@
+//! prunekit: zero-shot structured pruning of ResNet50 with hand-written CUDA kernels
+//! that turn removed FLOPs into measured time.
+//!
+//! Layers, from the bottom: [`gpu`] (the executor: cuda or the host emulation),
+//! [`cpu`] (reference implementations: naive oracles and fast paths), [`ops`] (one typed
+//! wrapper per kernel family, dispatching between the CPU and a kernel device).
+
+pub mod cpu;
+pub mod device;
+pub mod error;
+pub mod gpu;
+pub mod ops;
+
+pub use device::{Buf, Device};
+pub use error::{Error, Result};

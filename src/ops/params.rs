@@ -1,0 +1,131 @@
+//! The `#[repr(C)]` mirrors of `kernels/params.h`. Device pointers are `u64` addresses
+//! (`GpuBuf::ptr`). `bytemuck::Pod` proves there is no hidden padding, and the test
+//! below compares every size and offset with what the C++ compiler laid out.
+
+use crate::gpu::KernelParams;
+
+macro_rules! params {
+    ($(#[$m:meta])* $name:ident = $cname:literal { $($(#[$fm:meta])* $f:ident : $t:ty),* $(,)? }) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+        pub struct $name { $($(#[$fm])* pub $f: $t),* }
+        // SAFETY: the layout test checks this struct against the C struct of that name.
+        unsafe impl KernelParams for $name { const C_NAME: &'static str = $cname; }
+        impl $name {
+            /// (field, offset, size), for the layout test.
+            pub const FIELDS: &'static [(&'static str, usize, usize)] = &[
+                $((stringify!($f), std::mem::offset_of!($name, $f), std::mem::size_of::<$t>())),*
+            ];
+        }
+    };
+}
+
+params!(
+    /// One conv weight (KRSC) of a filter-norm launch.
+    NormSegment = "PkNormSegment" { weights: u64, k: i32, filter_len: i32, out_offset: i32, pad0: i32 }
+);
+params!(
+    FilterNormsParams = "PkFilterNormsParams" {
+        segments: u64, scores: u64, num_segments: i32, total_filters: i32, norm: i32, pad0: i32,
+    }
+);
+params!(
+    GroupSumsParams = "PkGroupSumsParams" {
+        scores: u64, dst_offset: u64, width: u64, member_start: u64, member_offset: u64,
+        num_groups: i32, max_width: i32,
+    }
+);
+params!(
+    /// One selection of a top-k launch.
+    TopkSegment = "PkTopkSegment" { offset: i32, width: i32, n: i32, keep_offset: i32 }
+);
+params!(TopkParams = "PkTopkParams" { scores: u64, segments: u64, keep: u64, num_segments: i32, pad0: i32 });
+params!(
+    /// One gather of a compaction launch.
+    GatherJob = "PkGatherJob" {
+        src: u64, dst: u64, rows: u64, cols: u64, n_rows: i32, mid: i32, n_cols: i32, src_cols: i32,
+    }
+);
+params!(GatherParams = "PkGatherParams" { jobs: u64, num_jobs: i32, pad0: i32 });
+params!(
+    SelftestParams = "PkSelftestParams" { a: u64, b: u64, c: u64, m: i32, n: i32, k: i32, mode: i32 }
+);
+
+/// Width limit of one top-k selection (PK_TOPK_MAX_WIDTH in params.h).
+pub const TOPK_MAX_WIDTH: usize = 4096;
+/// Threads of a top-k block (PK_TOPK_THREADS).
+pub const TOPK_THREADS: u32 = 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::ffi::{c_char, CStr};
+
+    #[repr(C)]
+    struct FieldLayout {
+        strct: *const c_char,
+        field: *const c_char,
+        offset: usize,
+        size: usize,
+        struct_size: usize,
+    }
+    extern "C" {
+        fn pk_emu_param_layout(n: *mut usize) -> *const FieldLayout;
+    }
+
+    /// struct -> (size, field -> (offset, size)) as the C++ compiler sees params.h.
+    fn c_layout() -> BTreeMap<String, (usize, BTreeMap<String, (usize, usize)>)> {
+        let mut n = 0;
+        // SAFETY: a static table of n entries with string literals.
+        let table = unsafe { std::slice::from_raw_parts(pk_emu_param_layout(&mut n), n) };
+        let mut out: BTreeMap<String, (usize, BTreeMap<String, (usize, usize)>)> = BTreeMap::new();
+        for f in table {
+            let s = unsafe { CStr::from_ptr(f.strct) }.to_string_lossy().into_owned();
+            let name = unsafe { CStr::from_ptr(f.field) }.to_string_lossy().into_owned();
+            let e = out.entry(s).or_insert((f.struct_size, BTreeMap::new()));
+            e.1.insert(name, (f.offset, f.size));
+        }
+        out
+    }
+
+    fn check<P: KernelParams>(fields: &[(&str, usize, usize)]) {
+        let c = c_layout();
+        let (size, cf) = c.get(P::C_NAME).unwrap_or_else(|| panic!("{} missing from layout.cpp", P::C_NAME));
+        assert_eq!(*size, std::mem::size_of::<P>(), "size of {}", P::C_NAME);
+        assert_eq!(cf.len(), fields.len(), "field count of {}", P::C_NAME);
+        for (name, off, sz) in fields {
+            assert_eq!(cf.get(*name), Some(&(*off, *sz)), "{}.{name}", P::C_NAME);
+        }
+    }
+
+    #[test]
+    fn layouts_match_params_h() {
+        check::<NormSegment>(NormSegment::FIELDS);
+        check::<FilterNormsParams>(FilterNormsParams::FIELDS);
+        check::<GroupSumsParams>(GroupSumsParams::FIELDS);
+        check::<TopkSegment>(TopkSegment::FIELDS);
+        check::<TopkParams>(TopkParams::FIELDS);
+        check::<GatherJob>(GatherJob::FIELDS);
+        check::<GatherParams>(GatherParams::FIELDS);
+        check::<SelftestParams>(SelftestParams::FIELDS);
+    }
+
+    #[test]
+    fn every_c_struct_has_a_mirror() {
+        let mirrored = [
+            NormSegment::C_NAME,
+            FilterNormsParams::C_NAME,
+            GroupSumsParams::C_NAME,
+            TopkSegment::C_NAME,
+            TopkParams::C_NAME,
+            GatherJob::C_NAME,
+            GatherParams::C_NAME,
+            SelftestParams::C_NAME,
+        ];
+        for name in c_layout().keys() {
+            assert!(mirrored.contains(&name.as_str()), "{name} has no Rust mirror in the layout test");
+        }
+    }
+}
