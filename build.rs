@@ -47,11 +47,8 @@ fn main() {
                  compiler with scripts/install-cuda-compiler.sh.",
                 pinned.display()
             );
-            fs::write(
-                out.join("kernels-resource-report.txt"),
-                "kernels built without nvcc: no resource report\n",
-            )
-            .unwrap();
+            fs::write(out.join("kernels-resource-report.txt"), "kernels built without nvcc: no resource report\n")
+                .unwrap();
             None
         }
     };
@@ -197,11 +194,7 @@ fn build_cuda(
     manifest: &Path,
 ) -> Vec<PathBuf> {
     let archs = std::env::var("PK_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.into());
-    let archs: Vec<String> = archs
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
+    let archs: Vec<String> = archs.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     assert!(
         !archs.is_empty() && archs.iter().all(|a| a.chars().all(|c| c.is_ascii_alphanumeric())),
         "PK_CUDA_ARCHS must be a comma-separated list like 80,86,89,90"
@@ -221,9 +214,8 @@ fn build_cuda(
     flags.push("-gencode".into());
     flags.push(format!("arch=compute_{0},code=compute_{0}", archs[0]));
 
-    let cache = std::env::var("PK_NVCC_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| manifest.join("target/pk-nvcc-cache"));
+    let cache =
+        std::env::var("PK_NVCC_CACHE").map(PathBuf::from).unwrap_or_else(|_| manifest.join("target/pk-nvcc-cache"));
     fs::create_dir_all(&cache).unwrap();
     let dir = out.join("cuda");
     fs::create_dir_all(&dir).unwrap();
@@ -254,11 +246,7 @@ fn build_cuda(
                         .arg(&tmp)
                         .output()
                         .unwrap_or_else(|e| panic!("running {}: {e}", nvcc_path.display()));
-                    let log = format!(
-                        "{}{}",
-                        String::from_utf8_lossy(&o.stdout),
-                        String::from_utf8_lossy(&o.stderr)
-                    );
+                    let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
                     if !o.status.success() {
                         panic!("nvcc failed on {}:\n{log}", src.display());
                     }
@@ -302,12 +290,7 @@ fn summarize_ptxas(module: &str, log: &str) -> String {
         if let Some(rest) = l.strip_prefix("ptxas info    : Compiling entry function '") {
             let mut it = rest.split('\'');
             kernel = it.next().unwrap_or("").to_string();
-            arch = rest
-                .split("for '")
-                .nth(1)
-                .and_then(|s| s.split('\'').next())
-                .unwrap_or("")
-                .to_string();
+            arch = rest.split("for '").nth(1).and_then(|s| s.split('\'').next()).unwrap_or("").to_string();
         } else if l.contains("bytes spill stores") {
             spill = l.to_string();
         } else if let Some(used) = l.strip_prefix("ptxas info    : Used ") {
@@ -340,11 +323,8 @@ fn write_rust_table(out: &Path, modules: &[String], fatbins: Option<&Vec<PathBuf
             None => "None".into(),
         }
     );
-    let _ = writeln!(
-        s,
-        "pub const RESOURCE_REPORT: &str = include_str!({:?});",
-        out.join("kernels-resource-report.txt")
-    );
+    let _ =
+        writeln!(s, "pub const RESOURCE_REPORT: &str = include_str!({:?});", out.join("kernels-resource-report.txt"));
     s.push_str("extern \"C\" {\n");
     for m in modules {
         let _ = writeln!(s, "    fn pk_emu_module_{m}() -> *const EmuModule;");
@@ -356,10 +336,7 @@ fn write_rust_table(out: &Path, modules: &[String], fatbins: Option<&Vec<PathBuf
             Some(f) => format!("Some(include_bytes!({:?}))", f[i]),
             None => "None".into(),
         };
-        let _ = writeln!(
-            s,
-            "    ModuleSource {{ name: {m:?}, fatbin: {fatbin}, emu: pk_emu_module_{m} }},"
-        );
+        let _ = writeln!(s, "    ModuleSource {{ name: {m:?}, fatbin: {fatbin}, emu: pk_emu_module_{m} }},");
     }
     s.push_str("];\n");
     fs::write(out.join("kernels.rs"), s).unwrap();

@@ -26,11 +26,7 @@ fn params<A: prunekit::gpu::Elem, B: prunekit::gpu::Elem, C: prunekit::gpu::Elem
 }
 
 fn schedules() -> Vec<Gpu> {
-    vec![
-        Gpu::emu_with(Schedule::Forward),
-        Gpu::emu_with(Schedule::Reverse),
-        Gpu::emu_with(Schedule::Shuffle(7)),
-    ]
+    vec![Gpu::emu_with(Schedule::Forward), Gpu::emu_with(Schedule::Reverse), Gpu::emu_with(Schedule::Shuffle(7))]
 }
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
@@ -212,7 +208,8 @@ fn write_past_the_end_faults_on_the_guard_page() {
     assert!(!out.status.success(), "the child survived an out-of-bounds write:\n{stdout}\n{stderr}");
     assert!(!stdout.contains("child survived"));
     assert!(
-        stderr.contains("out-of-bounds access") && stderr.contains("0 bytes past the end of a device buffer of 256 bytes"),
+        stderr.contains("out-of-bounds access")
+            && stderr.contains("0 bytes past the end of a device buffer of 256 bytes"),
         "unexpected report:\n{stderr}"
     );
     assert!(stderr.contains("selftest_oob_write_f32") && stderr.contains("thread (64,0,0)"), "{stderr}");
@@ -308,7 +305,10 @@ fn bad_launches_are_errors() {
     assert!(unsafe { gpu.launch(k("no_such_kernel"), LaunchConfig::linear(1, 1), &p) }.is_err());
     assert!(unsafe { gpu.launch(Kernel::new("nope", "x"), LaunchConfig::linear(1, 1), &p) }.is_err());
     // Wrong parameter struct size.
-    let err = unsafe { gpu.launch(k("selftest_copy_f32"), LaunchConfig::linear(1, 1), &prunekit::ops::params::TopkSegment::default()) }.unwrap_err();
+    let err = unsafe {
+        gpu.launch(k("selftest_copy_f32"), LaunchConfig::linear(1, 1), &prunekit::ops::params::TopkSegment::default())
+    }
+    .unwrap_err();
     assert!(err.to_string().contains("bytes of parameters"), "{err}");
 }
 

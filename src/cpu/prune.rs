@@ -168,13 +168,7 @@ pub fn topk(scores: &[f64], n: usize) -> Vec<i32> {
 }
 
 /// dst[i, j, l] = src[rows[i], j, cols[l]] with src of shape [*, mid, src_cols].
-pub fn gather<T: Copy + Send + Sync>(
-    src: &[T],
-    mid: usize,
-    src_cols: usize,
-    rows: &[usize],
-    cols: &[usize],
-) -> Vec<T> {
+pub fn gather<T: Copy + Send + Sync>(src: &[T], mid: usize, src_cols: usize, rows: &[usize], cols: &[usize]) -> Vec<T> {
     let plane = mid * cols.len();
     let mut dst = Vec::with_capacity(rows.len() * plane);
     for &r in rows {

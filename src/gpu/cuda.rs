@@ -139,8 +139,7 @@ impl CudaBackend {
     pub fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<(), GpuError> {
         self.bind()?;
         // SAFETY: the caller checked both ranges.
-        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream) }
-            .map_err(|e| driver_err("cuMemcpyDtoD", e))
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream) }.map_err(|e| driver_err("cuMemcpyDtoD", e))
     }
 
     pub fn memset_zero(&self, dst: u64, bytes: usize) -> Result<(), GpuError> {
@@ -231,8 +230,8 @@ impl CudaBackend {
 
     pub fn record(&self) -> Result<CudaEvent, GpuError> {
         self.bind()?;
-        let ev = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
-            .map_err(|e| driver_err("cuEventCreate", e))?;
+        let ev =
+            result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| driver_err("cuEventCreate", e))?;
         let ev = CudaEvent(ev);
         // SAFETY: a fresh event on our stream.
         unsafe { result::event::record(ev.0, self.stream) }.map_err(|e| driver_err("cuEventRecord", e))?;
@@ -244,9 +243,7 @@ impl CudaBackend {
         // SAFETY: both events were recorded on our stream.
         unsafe {
             result::event::synchronize(end.0).map_err(|e| driver_err("cuEventSynchronize", e))?;
-            result::event::elapsed(start.0, end.0)
-                .map(|ms| ms as f64)
-                .map_err(|e| driver_err("cuEventElapsedTime", e))
+            result::event::elapsed(start.0, end.0).map(|ms| ms as f64).map_err(|e| driver_err("cuEventElapsedTime", e))
         }
     }
 }

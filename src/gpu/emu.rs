@@ -39,15 +39,9 @@ impl std::str::FromStr for Schedule {
         match s {
             "forward" => Ok(Schedule::Forward),
             "reverse" => Ok(Schedule::Reverse),
-            _ => s
-                .strip_prefix("shuffle:")
-                .and_then(|n| n.parse().ok())
-                .map(Schedule::Shuffle)
-                .ok_or_else(|| {
-                    GpuError::Invalid(format!(
-                        "emulation schedule {s:?}: expected forward, reverse or shuffle:SEED"
-                    ))
-                }),
+            _ => s.strip_prefix("shuffle:").and_then(|n| n.parse().ok()).map(Schedule::Shuffle).ok_or_else(|| {
+                GpuError::Invalid(format!("emulation schedule {s:?}: expected forward, reverse or shuffle:SEED"))
+            }),
         }
     }
 }
@@ -159,8 +153,7 @@ impl EmuBackend {
         if let Some(e) = map.get(&kernel) {
             return Ok(*e);
         }
-        let unknown =
-            || GpuError::UnknownKernel { module: kernel.module.to_string(), name: kernel.name.to_string() };
+        let unknown = || GpuError::UnknownKernel { module: kernel.module.to_string(), name: kernel.name.to_string() };
         let src = module_source(kernel.module).ok_or_else(unknown)?;
         // SAFETY: the generated table points at the module's static table, which lives
         // for the whole program and is filled before main by static constructors.

@@ -3,8 +3,8 @@
 //! one launch.
 
 use super::params::{
-    FilterNormsParams, GatherJob, GatherParams, GroupSumsParams, NormSegment, TopkParams, TopkSegment,
-    TOPK_MAX_WIDTH, TOPK_THREADS,
+    FilterNormsParams, GatherJob, GatherParams, GroupSumsParams, NormSegment, TopkParams, TopkSegment, TOPK_MAX_WIDTH,
+    TOPK_THREADS,
 };
 use super::{check_on, i32_of, on_gpu, upload_table};
 use crate::cpu::prune as cpu;
@@ -53,7 +53,12 @@ pub struct Weight<'a, T: Elem> {
 
 /// The norm of every filter of every weight, concatenated in order, followed by `extra`
 /// slots (zero on the CPU, undefined on a kernel device) for [`group_sums`].
-pub fn filter_norms<T: NormElem>(dev: &Device, weights: &[Weight<'_, T>], norm: Norm, extra: usize) -> Result<Buf<f64>> {
+pub fn filter_norms<T: NormElem>(
+    dev: &Device,
+    weights: &[Weight<'_, T>],
+    norm: Norm,
+    extra: usize,
+) -> Result<Buf<f64>> {
     let mut total = 0usize;
     for (i, w) in weights.iter().enumerate() {
         check_on(w.buf, dev, &format!("weight {i}"))?;
