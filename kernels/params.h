@@ -98,3 +98,108 @@ typedef struct {
   int32_t k;
   int32_t mode;
 } PkSelftestParams;
+
+// ---------------------------------------------------------------- layers
+// The non-convolution layers of a training step (bn.cu, elementwise.cu, pool.cu, fc.cu,
+// loss.cu, sgd.cu). Activations are NHWC; per-channel ops see them as [m, c], c fastest.
+// Wrappers: src/ops/layers/; CPU oracles and fast paths: src/cpu/layers/.
+
+// bn.cu. The per-channel kernels run on a grid (ceil(c / vec / blockDim.x), chunks) of
+// blocks (blockDim.x channel vectors, blockDim.y rows); chunk b covers the rows
+// [b * rows_per_chunk, min(m, (b + 1) * rows_per_chunk)). Per-chunk partial statistics
+// live in `out` (its bytes, as [c][chunks] float2) when chunks > 1, else in mean/invstd
+// (forward) or dgamma/dbeta (backward); `out` is overwritten afterwards.
+typedef struct {
+  const void* x;         // [m, c] input of the forward
+  const void* dy;        // backward: [m, c] gradient of the output
+  const void* relu_out;  // backward: [m, c] forward output after a fused ReLU, or null
+  void* out;             // y (forward) or dx (backward)
+  const float* gamma;    // [c]
+  const float* beta;     // [c]
+  float* mean;           // [c] save_mean (train, backward) or running_mean (eval)
+  float* invstd;         // [c] save_invstd (train, backward) or running_var (eval)
+  float* running_mean;   // [c] train
+  float* running_var;    // [c] train
+  float* dgamma;         // [c] backward
+  float* dbeta;          // [c] backward
+  int64_t m;             // rows
+  int64_t rows_per_chunk;
+  int32_t c;             // channels
+  int32_t vec;           // elements per vector: 1, or 16 / sizeof(T) when c % that == 0
+  int32_t chunks;        // gridDim.y of the per-channel kernels
+  int32_t relu;          // forward: apply a ReLU
+  float momentum;
+  float eps;
+  int32_t eval;          // forward apply: normalize with running_mean/running_var
+  int32_t pad0;
+} PkBnParams;
+
+// elementwise.cu: out[i] = f(a[i], b[i]) for i < n, `vec` elements per vector access
+// (1, or the width of 16 bytes of the widest type).
+typedef struct {
+  const void* a;
+  const void* b;
+  void* out;
+  int64_t n;
+  int32_t vec;
+  int32_t pad0;
+} PkElementwiseParams;
+
+// pool.cu: max pool 3x3 stride 2 padding 1 on [n, h, w, c] -> [n, oh, ow, c], and global
+// average pool on [n, h * w, c] -> [n, c] (f32).
+typedef struct {
+  const void* x;   // forward input (max pool: also read by the backward)
+  const void* dy;  // backward: gradient of the output
+  void* out;       // y or dx
+  int32_t n;
+  int32_t h;
+  int32_t w;
+  int32_t c;
+  int32_t oh;
+  int32_t ow;
+  int32_t vec;  // elements per vector: 1, or 16 / sizeof(T) when c % that == 0
+  int32_t pad0;
+} PkPoolParams;
+
+// fc.cu: C[i, j] = sum_k A(i, k) * B(k, j) (+ bias[j]), A(i, k) = a[i * a_si + k * a_sk],
+// B(k, j) = b[k * b_sk + j * b_sj], C row-major [m, n]. fc_bias_grad_f32: c[j] = sum_i
+// a[i * n + j] over i < m.
+typedef struct {
+  const float* a;
+  const float* b;
+  const float* bias;  // [n] or null
+  float* c;
+  int64_t a_si;
+  int64_t a_sk;
+  int64_t b_sk;
+  int64_t b_sj;
+  int32_t m;
+  int32_t n;
+  int32_t k;
+  int32_t pad0;
+} PkFcParams;
+#define PK_FC_TILE 64
+#define PK_FC_TILE_K 16
+#define PK_FC_THREADS 256
+
+// loss.cu: softmax cross-entropy of [n, classes] logits, one block.
+typedef struct {
+  const float* logits;
+  const int32_t* targets;  // [n]
+  float* loss;             // [1]: mean over the rows
+  float* dlogits;          // [n, classes]
+  int32_t n;
+  int32_t classes;
+} PkLossParams;
+
+// sgd.cu: PyTorch's SGD (dampening 0, no Nesterov) on n parameters.
+typedef struct {
+  float* param;
+  const float* grad;
+  float* buf;  // momentum buffer
+  int64_t n;
+  float lr;
+  float momentum;
+  float weight_decay;
+  int32_t first;  // first step: buf = d
+} PkSgdParams;

@@ -1,0 +1,351 @@
+// Batch normalization over [m, c] activations (c fastest), forward (train and eval) and
+// backward, with an optional fused ReLU. CPU versions: src/cpu/layers/bn.rs; wrappers:
+// src/ops/layers/bn.rs.
+//
+// Train forward, three launches:
+//   bn_stats_<T>           per (channel vector, row chunk): Welford over the chunk's rows
+//                          in each thread, Chan merges over the block's rows; one
+//                          (mean, M2) per channel and chunk
+//   bn_stats_finalize_f32  per channel, one warp: Chan merges over the chunks in a fixed
+//                          order; save_mean, save_invstd, running statistics
+//   bn_apply_<T>           y = (x - mean) * (gamma * invstd) + beta, then the ReLU
+// Eval forward: bn_apply_<T> alone, from the running statistics.
+// Backward, three launches:
+//   bn_backward_reduce_<T>   per (channel vector, row chunk): sums of g and g * (x - mean),
+//                            g = dy masked by the fused ReLU's output
+//   bn_backward_finalize_f32 per channel: dbeta = sum g, dgamma = invstd * sum g (x - mean)
+//   bn_backward_dx_<T>       dx = gamma invstd (g - dbeta / m - (x - mean) invstd dgamma / m)
+// Every reduction is in a fixed order: results do not depend on scheduling. The
+// per-chunk partials are parked in the bytes of y (dx), which the last launch overwrites,
+// so a training step allocates nothing; with one chunk they go to the [c] outputs.
+#include "layers.cuh"
+
+#define BN_MAX_THREADS 256
+
+// The thread's channel vector and row range on the per-channel grid.
+struct BnPlace {
+  int j;       // channel vector
+  bool active; // j < c / V
+  int64_t r0;  // first row of the thread
+  int64_t r1;  // end of the chunk
+  int step;    // blockDim.y
+};
+
+template <int V>
+__device__ __forceinline__ BnPlace bn_place(const PkBnParams& p) {
+  BnPlace b;
+  b.j = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+  b.active = b.j < p.c / V;
+  const int64_t c0 = (int64_t)blockIdx.y * p.rows_per_chunk;
+  b.r0 = c0 + threadIdx.y;
+  b.r1 = min64(p.m, c0 + p.rows_per_chunk);
+  b.step = (int)blockDim.y;
+  return b;
+}
+
+// Partial statistics of (channel ch, chunk b) when chunks > 1.
+__device__ __forceinline__ float2* bn_partials(const PkBnParams& p) { return static_cast<float2*>(p.out); }
+
+// ---------------------------------------------------------------- statistics
+template <class T, int V>
+__device__ __forceinline__ void bn_stats(const PkBnParams& p) {
+  __shared__ float s_n[BN_MAX_THREADS];
+  __shared__ float s_mean[BN_MAX_THREADS * V];
+  __shared__ float s_m2[BN_MAX_THREADS * V];
+  const BnPlace pl = bn_place<V>(p);
+  const T* x = static_cast<const T*>(p.x);
+  float n = 0.0f, mean[V], m2[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) mean[k] = m2[k] = 0.0f;
+  if (pl.active) {
+    const T* col = x + (int64_t)pl.j * V;
+#pragma unroll 2
+    for (int64_t r = pl.r0; r < pl.r1; r += pl.step) {
+      float v[V];
+      load_vec<T, V>(col + r * p.c, v);
+      n += 1.0f;
+      const float inv = __frcp_rn(n);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float d = v[k] - mean[k];
+        mean[k] = fmaf(d, inv, mean[k]);
+        m2[k] = fmaf(d, v[k] - mean[k], m2[k]);
+      }
+    }
+  }
+  // Tree over the block's rows: at stride s, row ty < s absorbs row ty + s.
+  const int tx = (int)threadIdx.x, ty = (int)threadIdx.y, bx = (int)blockDim.x;
+  const int slot = ty * bx + tx;
+  s_n[slot] = n;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    s_mean[slot * V + k] = mean[k];
+    s_m2[slot * V + k] = m2[k];
+  }
+  for (int s = (int)blockDim.y / 2; s > 0; s >>= 1) {
+    __syncthreads();
+    if (ty < s) {
+      const int o = (ty + s) * bx + tx;
+      const float nb = s_n[o];
+      if (nb > 0.0f) {
+        const float nt = n + nb, wb = nb / nt, wab = n * wb;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const float d = s_mean[o * V + k] - mean[k];
+          mean[k] = fmaf(d, wb, mean[k]);
+          m2[k] = m2[k] + s_m2[o * V + k] + d * d * wab;
+        }
+        n = nt;
+      }
+      s_n[slot] = n;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        s_mean[slot * V + k] = mean[k];
+        s_m2[slot * V + k] = m2[k];
+      }
+    }
+  }
+  if (ty == 0 && pl.active) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int ch = pl.j * V + k;
+      if (p.chunks == 1) {
+        p.mean[ch] = mean[k];
+        p.invstd[ch] = m2[k];
+      } else {
+        bn_partials(p)[(int64_t)ch * p.chunks + blockIdx.y] = make_float2(mean[k], m2[k]);
+      }
+    }
+  }
+}
+
+// Rows of chunk b.
+__device__ __forceinline__ float bn_chunk_rows(const PkBnParams& p, int b) {
+  const int64_t r0 = (int64_t)b * p.rows_per_chunk;
+  return (float)min64(p.rows_per_chunk, p.m - r0);
+}
+
+// One warp per channel: lane l merges chunks l, l + 32, ... in order, then a tree over
+// the lanes (lane l absorbs lane l + o).
+PK_KERNEL(bn_stats_finalize_f32, PkBnParams) {
+  const int lane = (int)(threadIdx.x % 32);
+  const int ch = (int)(blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32);
+  if (ch >= p.c) return;  // whole warps
+  float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+  if (p.chunks == 1) {
+    if (lane == 0) {
+      n = (float)p.m;
+      mean = p.mean[ch];
+      m2 = p.invstd[ch];
+    }
+  } else {
+    const float2* part = bn_partials(p) + (int64_t)ch * p.chunks;
+    for (int b = lane; b < p.chunks; b += 32) {
+      const float2 v = part[b];
+      chan_merge(n, mean, m2, bn_chunk_rows(p, b), v.x, v.y);
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float nb = __shfl_down_sync(0xffffffffu, n, o);
+    const float mb = __shfl_down_sync(0xffffffffu, mean, o);
+    const float m2b = __shfl_down_sync(0xffffffffu, m2, o);
+    if (lane < o) chan_merge(n, mean, m2, nb, mb, m2b);
+  }
+  if (lane == 0) {
+    const float mf = (float)p.m;
+    const float var = fmaxf(m2 / mf, 0.0f);
+    const float unbiased = fmaxf(m2 / (mf - 1.0f), 0.0f);
+    p.mean[ch] = mean;
+    p.invstd[ch] = 1.0f / sqrtf(var + p.eps);
+    p.running_mean[ch] = (1.0f - p.momentum) * p.running_mean[ch] + p.momentum * mean;
+    p.running_var[ch] = (1.0f - p.momentum) * p.running_var[ch] + p.momentum * unbiased;
+  }
+}
+
+// ---------------------------------------------------------------- normalization
+template <class T, int V>
+__device__ __forceinline__ void bn_apply(const PkBnParams& p) {
+  const BnPlace pl = bn_place<V>(p);
+  if (!pl.active) return;  // no barriers below
+  float mean[V], scale[V], beta[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int ch = pl.j * V + k;
+    const float is = p.eval ? 1.0f / sqrtf(p.invstd[ch] + p.eps) : p.invstd[ch];
+    mean[k] = p.mean[ch];
+    scale[k] = p.gamma[ch] * is;
+    beta[k] = p.beta[ch];
+  }
+  const T* x = static_cast<const T*>(p.x) + (int64_t)pl.j * V;
+  T* y = static_cast<T*>(p.out) + (int64_t)pl.j * V;
+#pragma unroll 2
+  for (int64_t r = pl.r0; r < pl.r1; r += pl.step) {
+    float v[V];
+    load_vec<T, V>(x + r * p.c, v);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      v[k] = fmaf(v[k] - mean[k], scale[k], beta[k]);
+      if (p.relu) v[k] = relu_f(v[k]);
+    }
+    store_vec<T, V>(y + r * p.c, v);
+  }
+}
+
+// ---------------------------------------------------------------- backward
+template <class T, int V>
+__device__ __forceinline__ void bn_load_grad(const PkBnParams& p, int64_t off, float* g) {
+  load_vec<T, V>(static_cast<const T*>(p.dy) + off, g);
+  if (p.relu_out) {
+    float o[V];
+    load_vec<T, V>(static_cast<const T*>(p.relu_out) + off, o);
+#pragma unroll
+    for (int k = 0; k < V; ++k) g[k] = relu_grad(o[k], g[k]);
+  }
+}
+
+template <class T, int V>
+__device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
+  __shared__ float s_g[BN_MAX_THREADS * V];
+  __shared__ float s_gx[BN_MAX_THREADS * V];
+  const BnPlace pl = bn_place<V>(p);
+  float sg[V], sgx[V], mean[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    sg[k] = sgx[k] = 0.0f;
+    mean[k] = pl.active ? p.mean[pl.j * V + k] : 0.0f;
+  }
+  if (pl.active) {
+    const T* x = static_cast<const T*>(p.x);
+#pragma unroll 2
+    for (int64_t r = pl.r0; r < pl.r1; r += pl.step) {
+      const int64_t off = r * p.c + (int64_t)pl.j * V;
+      float v[V], g[V];
+      load_vec<T, V>(x + off, v);
+      bn_load_grad<T, V>(p, off, g);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        sg[k] += g[k];
+        sgx[k] = fmaf(g[k], v[k] - mean[k], sgx[k]);
+      }
+    }
+  }
+  const int tx = (int)threadIdx.x, ty = (int)threadIdx.y, bx = (int)blockDim.x;
+  const int slot = ty * bx + tx;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    s_g[slot * V + k] = sg[k];
+    s_gx[slot * V + k] = sgx[k];
+  }
+  for (int s = (int)blockDim.y / 2; s > 0; s >>= 1) {
+    __syncthreads();
+    if (ty < s) {
+      const int o = (ty + s) * bx + tx;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        sg[k] += s_g[o * V + k];
+        sgx[k] += s_gx[o * V + k];
+        s_g[slot * V + k] = sg[k];
+        s_gx[slot * V + k] = sgx[k];
+      }
+    }
+  }
+  if (ty == 0 && pl.active) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int ch = pl.j * V + k;
+      if (p.chunks == 1) {
+        p.dbeta[ch] = sg[k];
+        p.dgamma[ch] = sgx[k];
+      } else {
+        bn_partials(p)[(int64_t)ch * p.chunks + blockIdx.y] = make_float2(sg[k], sgx[k]);
+      }
+    }
+  }
+}
+
+PK_KERNEL(bn_backward_finalize_f32, PkBnParams) {
+  const int lane = (int)(threadIdx.x % 32);
+  const int ch = (int)(blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32);
+  if (ch >= p.c) return;  // whole warps
+  float sg = 0.0f, sgx = 0.0f;
+  if (p.chunks == 1) {
+    if (lane == 0) {
+      sg = p.dbeta[ch];
+      sgx = p.dgamma[ch];
+    }
+  } else {
+    const float2* part = bn_partials(p) + (int64_t)ch * p.chunks;
+    for (int b = lane; b < p.chunks; b += 32) {
+      const float2 v = part[b];
+      sg += v.x;
+      sgx += v.y;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    sg += __shfl_down_sync(0xffffffffu, sg, o);
+    sgx += __shfl_down_sync(0xffffffffu, sgx, o);
+  }
+  if (lane == 0) {
+    p.dbeta[ch] = sg;
+    p.dgamma[ch] = sgx * p.invstd[ch];
+  }
+}
+
+template <class T, int V>
+__device__ __forceinline__ void bn_backward_dx(const PkBnParams& p) {
+  const BnPlace pl = bn_place<V>(p);
+  if (!pl.active) return;  // no barriers below
+  const float inv_m = 1.0f / (float)p.m;
+  float mean[V], k1[V], k2[V], k3[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int ch = pl.j * V + k;
+    const float is = p.invstd[ch];
+    mean[k] = p.mean[ch];
+    k1[k] = p.gamma[ch] * is;            // gamma * invstd
+    k2[k] = p.dbeta[ch] * inv_m;         // mean of g
+    k3[k] = p.dgamma[ch] * is * inv_m;   // invstd^2 * mean of g (x - mean)
+  }
+  const T* x = static_cast<const T*>(p.x);
+  T* dx = static_cast<T*>(p.out);
+#pragma unroll 2
+  for (int64_t r = pl.r0; r < pl.r1; r += pl.step) {
+    const int64_t off = r * p.c + (int64_t)pl.j * V;
+    float v[V], g[V];
+    load_vec<T, V>(x + off, v);
+    bn_load_grad<T, V>(p, off, g);
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] = k1[k] * (g[k] - k2[k] - (v[k] - mean[k]) * k3[k]);
+    store_vec<T, V>(dx + off, v);
+  }
+}
+
+// ---------------------------------------------------------------- entry points
+#define BN_ENTRIES(T, NAME)                                                                  \
+  PK_KERNEL_BOUNDS(bn_stats_##NAME, PkBnParams, BN_MAX_THREADS, 1) {                         \
+    if (p.vec > 1)                                                                           \
+      bn_stats<T, VecWidth<T>::value>(p);                                                    \
+    else                                                                                     \
+      bn_stats<T, 1>(p);                                                                     \
+  }                                                                                          \
+  PK_KERNEL_BOUNDS(bn_apply_##NAME, PkBnParams, BN_MAX_THREADS, 1) {                         \
+    if (p.vec > 1)                                                                           \
+      bn_apply<T, VecWidth<T>::value>(p);                                                    \
+    else                                                                                     \
+      bn_apply<T, 1>(p);                                                                     \
+  }                                                                                          \
+  PK_KERNEL_BOUNDS(bn_backward_reduce_##NAME, PkBnParams, BN_MAX_THREADS, 1) {               \
+    if (p.vec > 1)                                                                           \
+      bn_backward_reduce<T, VecWidth<T>::value>(p);                                          \
+    else                                                                                     \
+      bn_backward_reduce<T, 1>(p);                                                           \
+  }                                                                                          \
+  PK_KERNEL_BOUNDS(bn_backward_dx_##NAME, PkBnParams, BN_MAX_THREADS, 1) {                   \
+    if (p.vec > 1)                                                                           \
+      bn_backward_dx<T, VecWidth<T>::value>(p);                                              \
+    else                                                                                     \
+      bn_backward_dx<T, 1>(p);                                                               \
+  }
+
+BN_ENTRIES(float, f32)
+BN_ENTRIES(bf16, bf16)

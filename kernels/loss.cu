@@ -1,0 +1,46 @@
+// Softmax cross-entropy with mean reduction over the batch, and its gradient:
+//   loss = mean_n (log sum_j exp(z_nj - max_n) + max_n - z_n,t_n)
+//   dlogits_nj = (exp(z_nj - max_n) / sum_j exp(z_nj - max_n) - [j == t_n]) / n
+// Subtracting the row maximum keeps exp in range for any logits, and the loss of a row is
+// formed as log(sum) + (max - z_t) so that large logits lose no precision. A target
+// outside [0, classes) makes its row's loss and gradients NaN (and so the mean loss).
+// One block: warp w handles rows w, w + warps, ...; the row losses are summed in f64, per
+// warp in row order and then over the warps in order, so the result is deterministic.
+// CPU version: src/cpu/layers/loss.rs; wrapper: src/ops/layers/loss.rs.
+#include "layers.cuh"
+
+#define LOSS_MAX_WARPS 32
+
+PK_KERNEL(softmax_cross_entropy_f32, PkLossParams) {
+  __shared__ double s_loss[LOSS_MAX_WARPS];
+  const int lane = (int)(threadIdx.x % 32), warp = (int)(threadIdx.x / 32);
+  const int warps = (int)(blockDim.x / 32);
+  const float inv_n = 1.0f / (float)p.n;
+  const float nan = __int_as_float(0x7fc00000);
+  double total = 0.0;
+  for (int row = warp; row < p.n; row += warps) {
+    const float* z = p.logits + (int64_t)row * p.classes;
+    float* dz = p.dlogits + (int64_t)row * p.classes;
+    const int t = p.targets[row];
+    const bool valid = t >= 0 && t < p.classes;
+    float mx = __int_as_float((int)0xff800000u);
+    for (int j = lane; j < p.classes; j += 32) mx = fmaxf(mx, z[j]);
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float s = 0.0f;
+    for (int j = lane; j < p.classes; j += 32) s += expf(z[j] - mx);
+    s = warp_sum(s);
+    const float inv_s = 1.0f / s;
+    for (int j = lane; j < p.classes; j += 32) {
+      const float prob = expf(z[j] - mx) * inv_s;
+      dz[j] = valid ? (prob - (j == t ? 1.0f : 0.0f)) * inv_n : nan;
+    }
+    if (lane == 0) total += valid ? (double)(logf(s) + (mx - z[t])) : (double)nan;
+  }
+  if (lane == 0) s_loss[warp] = total;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double sum = 0.0;
+    for (int w = 0; w < warps; ++w) sum += s_loss[w];
+    p.loss[0] = (float)(sum / (double)p.n);
+  }
+}
