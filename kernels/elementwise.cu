@@ -1,5 +1,6 @@
 // Elementwise layers over flat buffers: out = relu(a + b) (the residual add and its
-// ReLU), the ReLU backward, dst += src (gradient accumulation), and f32 <-> bf16 casts.
+// ReLU), the ReLU backward, dst += src (gradient accumulation), and casts between f32
+// and bf16 (either way, round to nearest even, or a copy).
 // CPU versions: src/cpu/layers/elementwise.rs; wrappers: src/ops/layers/elementwise.rs.
 //
 // A grid-stride loop over vectors of 8 elements (16-byte accesses, 32 for f32), then over
@@ -51,3 +52,5 @@ EW_ENTRIES(bf16, bf16)
 
 PK_KERNEL(cast_f32_bf16, PkElementwiseParams) { elementwise<EW_CAST, float, bf16>(p); }
 PK_KERNEL(cast_bf16_f32, PkElementwiseParams) { elementwise<EW_CAST, bf16, float>(p); }
+PK_KERNEL(cast_f32_f32, PkElementwiseParams) { elementwise<EW_CAST, float, float>(p); }
+PK_KERNEL(cast_bf16_bf16, PkElementwiseParams) { elementwise<EW_CAST, bf16, bf16>(p); }

@@ -40,6 +40,31 @@ static const PkFieldLayout kLayout[] = {
 
     PK_F(PkSelftestParams, a) PK_F(PkSelftestParams, b) PK_F(PkSelftestParams, c) PK_F(PkSelftestParams, m)
     PK_F(PkSelftestParams, n) PK_F(PkSelftestParams, k) PK_F(PkSelftestParams, mode)
+
+    // ------------------------------------------------------------ layers
+    PK_F(PkBnParams, x) PK_F(PkBnParams, dy) PK_F(PkBnParams, relu_out) PK_F(PkBnParams, out)
+    PK_F(PkBnParams, gamma) PK_F(PkBnParams, beta) PK_F(PkBnParams, mean) PK_F(PkBnParams, invstd)
+    PK_F(PkBnParams, running_mean) PK_F(PkBnParams, running_var) PK_F(PkBnParams, dgamma)
+    PK_F(PkBnParams, dbeta) PK_F(PkBnParams, m) PK_F(PkBnParams, rows_per_chunk) PK_F(PkBnParams, c)
+    PK_F(PkBnParams, vec) PK_F(PkBnParams, chunks) PK_F(PkBnParams, relu) PK_F(PkBnParams, momentum)
+    PK_F(PkBnParams, eps) PK_F(PkBnParams, eval) PK_F(PkBnParams, pad0)
+
+    PK_F(PkElementwiseParams, a) PK_F(PkElementwiseParams, b) PK_F(PkElementwiseParams, out)
+    PK_F(PkElementwiseParams, n) PK_F(PkElementwiseParams, vec) PK_F(PkElementwiseParams, pad0)
+
+    PK_F(PkPoolParams, x) PK_F(PkPoolParams, dy) PK_F(PkPoolParams, out) PK_F(PkPoolParams, n)
+    PK_F(PkPoolParams, h) PK_F(PkPoolParams, w) PK_F(PkPoolParams, c) PK_F(PkPoolParams, oh)
+    PK_F(PkPoolParams, ow) PK_F(PkPoolParams, vec) PK_F(PkPoolParams, pad0)
+
+    PK_F(PkFcParams, a) PK_F(PkFcParams, b) PK_F(PkFcParams, bias) PK_F(PkFcParams, c) PK_F(PkFcParams, a_si)
+    PK_F(PkFcParams, a_sk) PK_F(PkFcParams, b_sk) PK_F(PkFcParams, b_sj) PK_F(PkFcParams, m)
+    PK_F(PkFcParams, n) PK_F(PkFcParams, k) PK_F(PkFcParams, pad0)
+
+    PK_F(PkLossParams, logits) PK_F(PkLossParams, targets) PK_F(PkLossParams, loss)
+    PK_F(PkLossParams, dlogits) PK_F(PkLossParams, n) PK_F(PkLossParams, classes)
+
+    PK_F(PkSgdParams, param) PK_F(PkSgdParams, grad) PK_F(PkSgdParams, buf) PK_F(PkSgdParams, n)
+    PK_F(PkSgdParams, lr) PK_F(PkSgdParams, momentum) PK_F(PkSgdParams, weight_decay) PK_F(PkSgdParams, first)
 };
 
 extern "C" const PkFieldLayout* pk_emu_param_layout(size_t* n) {

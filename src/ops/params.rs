@@ -57,6 +57,47 @@ pub const TOPK_MAX_WIDTH: usize = 4096;
 /// Threads of a top-k block (PK_TOPK_THREADS).
 pub const TOPK_THREADS: u32 = 1024;
 
+// ---------------------------------------------------------------- layers
+params!(
+    /// Batch norm launches (kernels/bn.cu).
+    BnParams = "PkBnParams" {
+        x: u64, dy: u64, relu_out: u64, out: u64, gamma: u64, beta: u64, mean: u64, invstd: u64,
+        running_mean: u64, running_var: u64, dgamma: u64, dbeta: u64, m: i64, rows_per_chunk: i64,
+        c: i32, vec: i32, chunks: i32, relu: i32, momentum: f32, eps: f32, eval: i32, pad0: i32,
+    }
+);
+params!(
+    /// Elementwise launches (kernels/elementwise.cu).
+    ElementwiseParams = "PkElementwiseParams" { a: u64, b: u64, out: u64, n: i64, vec: i32, pad0: i32 }
+);
+params!(
+    /// Pooling launches (kernels/pool.cu).
+    PoolParams = "PkPoolParams" {
+        x: u64, dy: u64, out: u64, n: i32, h: i32, w: i32, c: i32, oh: i32, ow: i32, vec: i32, pad0: i32,
+    }
+);
+params!(
+    /// Fully connected launches (kernels/fc.cu).
+    FcParams = "PkFcParams" {
+        a: u64, b: u64, bias: u64, c: u64, a_si: i64, a_sk: i64, b_sk: i64, b_sj: i64, m: i32, n: i32, k: i32,
+        pad0: i32,
+    }
+);
+params!(
+    /// The softmax cross-entropy launch (kernels/loss.cu).
+    LossParams = "PkLossParams" { logits: u64, targets: u64, loss: u64, dlogits: u64, n: i32, classes: i32 }
+);
+params!(
+    /// The SGD launch (kernels/sgd.cu).
+    SgdParams = "PkSgdParams" {
+        param: u64, grad: u64, buf: u64, n: i64, lr: f32, momentum: f32, weight_decay: f32, first: i32,
+    }
+);
+/// Output tile of the FC GEMM (PK_FC_TILE).
+pub const FC_TILE: usize = 64;
+/// Threads of an FC GEMM block (PK_FC_THREADS).
+pub const FC_THREADS: u32 = 256;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +151,13 @@ mod tests {
         check::<GatherJob>(GatherJob::FIELDS);
         check::<GatherParams>(GatherParams::FIELDS);
         check::<SelftestParams>(SelftestParams::FIELDS);
+        // layers
+        check::<BnParams>(BnParams::FIELDS);
+        check::<ElementwiseParams>(ElementwiseParams::FIELDS);
+        check::<PoolParams>(PoolParams::FIELDS);
+        check::<FcParams>(FcParams::FIELDS);
+        check::<LossParams>(LossParams::FIELDS);
+        check::<SgdParams>(SgdParams::FIELDS);
     }
 
     #[test]
@@ -123,6 +171,13 @@ mod tests {
             GatherJob::C_NAME,
             GatherParams::C_NAME,
             SelftestParams::C_NAME,
+            // layers
+            BnParams::C_NAME,
+            ElementwiseParams::C_NAME,
+            PoolParams::C_NAME,
+            FcParams::C_NAME,
+            LossParams::C_NAME,
+            SgdParams::C_NAME,
         ];
         for name in c_layout().keys() {
             assert!(mirrored.contains(&name.as_str()), "{name} has no Rust mirror in the layout test");

@@ -1,0 +1,55 @@
+//! Softmax cross-entropy with the mean over the batch, as
+//! `torch.nn.functional.cross_entropy(logits, targets)`:
+//! `loss = mean_n (logsumexp(z_n) - z_n[t_n])` and
+//! `dlogits = (softmax(z) - onehot(t)) / n`.
+
+use rayon::prelude::*;
+
+/// Loss and gradient in f32 (row losses summed in f64), the kernel's formula: the row
+/// maximum is subtracted before `exp`, and a row's loss is `log(sum) + (max - z_t)`. A
+/// target outside `[0, classes)` makes its row's gradients and the loss NaN (the wrapper
+/// rejects such targets before they get here).
+pub fn softmax_cross_entropy(n: usize, classes: usize, logits: &[f32], targets: &[i32], dlogits: &mut [f32]) -> f32 {
+    if n == 0 {
+        return f32::NAN; // the mean of nothing, as PyTorch
+    }
+    let inv_n = 1.0 / n as f32;
+    let rows: Vec<f64> = dlogits
+        .par_chunks_mut(classes.max(1))
+        .zip(logits.par_chunks(classes.max(1)))
+        .zip(targets.par_iter())
+        .map(|((dz, z), &t)| {
+            let valid = t >= 0 && (t as usize) < classes;
+            let mx = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let s: f32 = z.iter().map(|&v| (v - mx).exp()).sum();
+            for (j, (d, &v)) in dz.iter_mut().zip(z).enumerate() {
+                let p = (v - mx).exp() / s;
+                *d = if valid { (p - if j as i32 == t { 1.0 } else { 0.0 }) * inv_n } else { f32::NAN };
+            }
+            if valid {
+                (s.ln() + (mx - z[t as usize])) as f64
+            } else {
+                f64::NAN
+            }
+        })
+        .collect();
+    (rows.iter().sum::<f64>() / n as f64) as f32
+}
+
+/// Loss and gradient in f64: (loss, dlogits).
+pub fn softmax_cross_entropy_oracle(n: usize, classes: usize, logits: &[f64], targets: &[i32]) -> (f64, Vec<f64>) {
+    let mut d = vec![0.0; n * classes];
+    let mut total = 0.0;
+    for r in 0..n {
+        let z = &logits[r * classes..(r + 1) * classes];
+        let t = targets[r] as usize;
+        let mx = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let s: f64 = z.iter().map(|v| (v - mx).exp()).sum();
+        let lse = mx + s.ln();
+        total += lse - z[t];
+        for j in 0..classes {
+            d[r * classes + j] = ((z[j] - lse).exp() - if j == t { 1.0 } else { 0.0 }) / n as f64;
+        }
+    }
+    (total / n as f64, d)
+}

@@ -1,0 +1,167 @@
+//! Pooling on NHWC activations: max pool 3x3 stride 2 padding 1 and global average pool.
+//!
+//! Max pool follows PyTorch exactly: padding is -inf (out-of-range taps are skipped);
+//! the window's maximum starts at the first in-range tap and is replaced, in row-major
+//! tap order, by every element that is greater or NaN (so the first maximum wins ties and
+//! NaN propagates); the backward adds each output's gradient to the input element where
+//! that maximum was found, in row-major output order.
+
+use super::Real;
+use rayon::prelude::*;
+
+/// Output size of the 3x3 stride 2 padding 1 max pool: `floor((h + 2 - 3) / 2) + 1`.
+pub fn maxpool_out(h: usize) -> usize {
+    (h + 2 - 3) / 2 + 1
+}
+
+/// Position (ih, iw) of the maximum of window (oy, ox) of one channel of an image, and
+/// the maximum; `at(ih, iw)` reads the element (exactly, as f64).
+#[inline]
+fn window_argmax<F: Fn(usize, usize) -> f64>(h: usize, w: usize, oy: usize, ox: usize, at: F) -> ((usize, usize), f64) {
+    let mut best: Option<((usize, usize), f64)> = None;
+    for ih in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h) {
+        for iw in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
+            let v = at(ih, iw);
+            match best {
+                Some((_, b)) if !(v > b || v.is_nan()) => {}
+                _ => best = Some(((ih, iw), v)),
+            }
+        }
+    }
+    best.expect("every window has an in-range tap")
+}
+
+/// Max pool forward: `[n, h, w, c] -> [n, oh, ow, c]`.
+pub fn maxpool_forward<T: Real>(n: usize, h: usize, w: usize, c: usize, x: &[T], y: &mut [T]) {
+    let (oh, ow) = (maxpool_out(h), maxpool_out(w));
+    if n * oh * ow * c == 0 {
+        return;
+    }
+    y.par_chunks_mut(ow * c).enumerate().for_each(|(row, yr)| {
+        let (img, oy) = (row / oh, row % oh);
+        let xi = &x[img * h * w * c..(img + 1) * h * w * c];
+        for ox in 0..ow {
+            for ch in 0..c {
+                let (_, v) = window_argmax(h, w, oy, ox, |ih, iw| xi[(ih * w + iw) * c + ch].to_f32() as f64);
+                yr[ox * c + ch] = T::from_f32(v as f32);
+            }
+        }
+    });
+}
+
+/// Max pool backward: `dx` (overwritten) gets each output's gradient at its window's
+/// maximum, summed in f32 in row-major output order.
+pub fn maxpool_backward<T: Real>(n: usize, h: usize, w: usize, c: usize, x: &[T], dy: &[T], dx: &mut [T]) {
+    let (oh, ow) = (maxpool_out(h), maxpool_out(w));
+    if n * h * w * c == 0 {
+        return;
+    }
+    dx.par_chunks_mut(h * w * c).enumerate().for_each(|(img, dxi)| {
+        let xi = &x[img * h * w * c..(img + 1) * h * w * c];
+        let dyi = &dy[img * oh * ow * c..(img + 1) * oh * ow * c];
+        let mut acc = vec![0.0f32; h * w * c];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for ch in 0..c {
+                    let ((ih, iw), _) =
+                        window_argmax(h, w, oy, ox, |ih, iw| xi[(ih * w + iw) * c + ch].to_f32() as f64);
+                    acc[(ih * w + iw) * c + ch] += dyi[(oy * ow + ox) * c + ch].to_f32();
+                }
+            }
+        }
+        for (d, a) in dxi.iter_mut().zip(&acc) {
+            *d = T::from_f32(*a);
+        }
+    });
+}
+
+/// Global average pool forward: `[n, hw, c] -> [n, c]` in f32 (sums in row order).
+pub fn avgpool_forward<T: Real>(n: usize, hw: usize, c: usize, x: &[T], y: &mut [f32]) {
+    if n * c == 0 {
+        return;
+    }
+    y.par_chunks_mut(c).enumerate().for_each(|(img, yr)| {
+        yr.iter_mut().for_each(|v| *v = 0.0);
+        for row in x[img * hw * c..(img + 1) * hw * c].chunks_exact(c) {
+            for (s, v) in yr.iter_mut().zip(row) {
+                *s += v.to_f32();
+            }
+        }
+        yr.iter_mut().for_each(|v| *v /= hw as f32);
+    });
+}
+
+/// Global average pool backward: `dx[n, i, c] = dy[n, c] / hw`.
+pub fn avgpool_backward<T: Real>(n: usize, hw: usize, c: usize, dy: &[f32], dx: &mut [T]) {
+    if n * hw * c == 0 {
+        return;
+    }
+    dx.par_chunks_mut(hw * c).enumerate().for_each(|(img, dxi)| {
+        for row in dxi.chunks_exact_mut(c) {
+            for (d, g) in row.iter_mut().zip(&dy[img * c..(img + 1) * c]) {
+                *d = T::from_f32(g / hw as f32);
+            }
+        }
+    });
+}
+
+/// Max pool forward in f64.
+pub fn maxpool_forward_oracle(n: usize, h: usize, w: usize, c: usize, x: &[f64]) -> Vec<f64> {
+    let (oh, ow) = (maxpool_out(h), maxpool_out(w));
+    let mut y = vec![0.0; n * oh * ow * c];
+    for img in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for ch in 0..c {
+                    let (_, v) = window_argmax(h, w, oy, ox, |ih, iw| x[((img * h + ih) * w + iw) * c + ch]);
+                    y[((img * oh + oy) * ow + ox) * c + ch] = v;
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Max pool backward in f64.
+pub fn maxpool_backward_oracle(n: usize, h: usize, w: usize, c: usize, x: &[f64], dy: &[f64]) -> Vec<f64> {
+    let (oh, ow) = (maxpool_out(h), maxpool_out(w));
+    let mut dx = vec![0.0; n * h * w * c];
+    for img in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for ch in 0..c {
+                    let ((ih, iw), _) = window_argmax(h, w, oy, ox, |ih, iw| x[((img * h + ih) * w + iw) * c + ch]);
+                    dx[((img * h + ih) * w + iw) * c + ch] += dy[((img * oh + oy) * ow + ox) * c + ch];
+                }
+            }
+        }
+    }
+    dx
+}
+
+/// Global average pool forward in f64.
+pub fn avgpool_forward_oracle(n: usize, hw: usize, c: usize, x: &[f64]) -> Vec<f64> {
+    let mut y = vec![0.0; n * c];
+    for img in 0..n {
+        for i in 0..hw {
+            for ch in 0..c {
+                y[img * c + ch] += x[(img * hw + i) * c + ch];
+            }
+        }
+    }
+    y.iter_mut().for_each(|v| *v /= hw as f64);
+    y
+}
+
+/// Global average pool backward in f64.
+pub fn avgpool_backward_oracle(n: usize, hw: usize, c: usize, dy: &[f64]) -> Vec<f64> {
+    let mut dx = vec![0.0; n * hw * c];
+    for img in 0..n {
+        for i in 0..hw {
+            for ch in 0..c {
+                dx[(img * hw + i) * c + ch] = dy[img * c + ch] / hw as f64;
+            }
+        }
+    }
+    dx
+}

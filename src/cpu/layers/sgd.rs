@@ -1,0 +1,52 @@
+//! PyTorch's `torch.optim.SGD` step (dampening 0, no Nesterov) on one tensor:
+//! `d = grad + weight_decay * param` (just `grad` when weight_decay is 0);
+//! `buf = d` on the first step, else `buf = momentum * buf + d` (just `d` when momentum
+//! is 0: PyTorch keeps no buffer then); `param -= lr * buf`.
+
+use rayon::prelude::*;
+
+const TASK: usize = 1 << 16;
+
+#[inline]
+fn step_one(w: &mut f32, g: f32, b: &mut f32, lr: f32, momentum: f32, weight_decay: f32, first: bool) {
+    let d = if weight_decay != 0.0 { g + weight_decay * *w } else { g };
+    *b = if momentum != 0.0 && !first { momentum * *b + d } else { d };
+    *w -= lr * *b;
+}
+
+/// One step in place on f32 parameters and momentum buffer.
+pub fn sgd_step(
+    param: &mut [f32],
+    grad: &[f32],
+    buf: &mut [f32],
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+    first_step: bool,
+) {
+    param.par_chunks_mut(TASK).zip(grad.par_chunks(TASK).zip(buf.par_chunks_mut(TASK))).for_each(|(w, (g, b))| {
+        for ((w, g), b) in w.iter_mut().zip(g).zip(b.iter_mut()) {
+            step_one(w, *g, b, lr, momentum, weight_decay, first_step);
+        }
+    });
+}
+
+/// One step in f64 on copies: returns (param, buf).
+pub fn sgd_step_oracle(
+    param: &[f64],
+    grad: &[f64],
+    buf: &[f64],
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    first_step: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut p = param.to_vec();
+    let mut b = buf.to_vec();
+    for i in 0..p.len() {
+        let d = if weight_decay != 0.0 { grad[i] + weight_decay * p[i] } else { grad[i] };
+        b[i] = if momentum == 0.0 || first_step { d } else { momentum * b[i] + d };
+        p[i] -= lr * b[i];
+    }
+    (p, b)
+}

@@ -1,0 +1,363 @@
+//! Batch normalization (kernels/bn.cu): train and eval forward with an optional fused
+//! ReLU, and the train-mode backward.
+
+use super::{aligned16, check_len, dptr, host, host_mut, i64_of, mul, LayerElem};
+use crate::cpu::layers::bn as cpu;
+use crate::device::{Buf, Device};
+use crate::gpu::{Gpu, Kernel, LaunchConfig};
+use crate::ops::params::BnParams;
+use crate::ops::{check_on, i32_of};
+use crate::{ensure, Result};
+
+const MODULE: &str = "bn";
+/// Threads of a per-channel block (BN_MAX_THREADS).
+const THREADS: usize = 256;
+/// Blocks the per-channel kernels aim for: about 8 per SM of a 132-SM H100.
+const TARGET_BLOCKS: usize = 1024;
+/// Rows each thread handles at least, so that a block's work outweighs its merge.
+const MIN_ROWS_PER_THREAD: usize = 4;
+/// Channels (warps) per block of the finalize kernels.
+const FINALIZE_WARPS: usize = 8;
+
+/// The per-channel grid: blocks of (tx channel vectors, ty rows), gx blocks along the
+/// channels and `chunks` along the rows.
+#[derive(Clone, Copy, Debug)]
+struct Grid {
+    tx: usize,
+    ty: usize,
+    gx: usize,
+    chunks: usize,
+    rows_per_chunk: usize,
+}
+
+/// `m >= 1`, `c >= 1`. The number of chunks is limited so that the per-chunk partials
+/// (`chunks * c` pairs of f32) fit in the bytes of the `[m, c]` output.
+fn grid(m: usize, c: usize, vec: usize, elem_size: usize) -> Grid {
+    let cv = c / vec;
+    let tx = cv.next_power_of_two().min(32);
+    let ty = THREADS / tx;
+    let gx = cv.div_ceil(tx);
+    let want = TARGET_BLOCKS.div_ceil(gx);
+    let by_rows = m.div_ceil(ty * MIN_ROWS_PER_THREAD);
+    let by_scratch = m * elem_size / 8;
+    let p = want.min(by_rows).min(by_scratch).clamp(1, 65535);
+    let rows_per_chunk = m.div_ceil(p);
+    Grid { tx, ty, gx, chunks: m.div_ceil(rows_per_chunk), rows_per_chunk }
+}
+
+/// Elements per vector access: 16 bytes when `c` is a multiple and the buffers are aligned.
+fn vec_width<T: LayerElem>(c: usize, ptrs: &[u64]) -> usize {
+    let v = 16 / std::mem::size_of::<T>();
+    if c % v == 0 && aligned16(ptrs) {
+        v
+    } else {
+        1
+    }
+}
+
+/// How many row chunks the per-channel kernels split `m` rows of `c` channels into on a
+/// kernel device (1 means the block-level merge is the whole reduction). For tests and
+/// benches.
+pub fn bn_row_chunks<T: LayerElem>(m: usize, c: usize) -> usize {
+    if m == 0 || c == 0 {
+        return 0;
+    }
+    grid(m, c, vec_width::<T>(c, &[]), std::mem::size_of::<T>()).chunks
+}
+
+impl Grid {
+    fn per_channel(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid: (self.gx as u32, self.chunks as u32, 1),
+            block: (self.tx as u32, self.ty as u32, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+fn finalize_cfg(c: usize) -> LaunchConfig {
+    LaunchConfig::linear(c.div_ceil(FINALIZE_WARPS) as u32, (FINALIZE_WARPS * 32) as u32)
+}
+
+/// Parameters with the shape filled in and every pointer null.
+fn base_params(m: usize, c: usize, vec: usize, g: &Grid) -> Result<BnParams> {
+    Ok(BnParams {
+        m: i64_of(m, "m")?,
+        rows_per_chunk: g.rows_per_chunk as i64,
+        c: i32_of(c, "c")?,
+        vec: vec as i32,
+        chunks: g.chunks as i32,
+        ..BnParams::default()
+    })
+}
+
+/// Train-mode forward: normalizes each channel of `x` (`[m, c]`) with its batch mean and
+/// biased batch variance, `y = gamma * (x - mean) * invstd + beta` (then `max(y, 0)` if
+/// `relu`), updates `running = (1 - momentum) * running + momentum * batch` (the variance
+/// unbiased, times `m / (m - 1)`), and keeps `save_mean` and `save_invstd =
+/// 1 / sqrt(var + eps)` for [`bn_backward`]. Needs `m >= 2` (as PyTorch).
+///
+/// On a kernel device: three launches (statistics per row chunk, a per-channel merge that
+/// also updates the running statistics, the normalization). The per-chunk partial
+/// statistics are kept in the bytes of `y` until the normalization overwrites it, so no
+/// workspace is needed; `y` must therefore not be read until this call's work is done,
+/// which stream order guarantees.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_forward_train<T: LayerElem>(
+    dev: &Device,
+    m: usize,
+    c: usize,
+    x: &Buf<T>,
+    gamma: &Buf<f32>,
+    beta: &Buf<f32>,
+    running_mean: &mut Buf<f32>,
+    running_var: &mut Buf<f32>,
+    momentum: f32,
+    eps: f32,
+    relu: bool,
+    y: &mut Buf<T>,
+    save_mean: &mut Buf<f32>,
+    save_invstd: &mut Buf<f32>,
+) -> Result<()> {
+    ensure!(m >= 2, "batch norm in train mode needs more than one value per channel (m = {m})");
+    let mc = mul(m, c, "the batch norm input")?;
+    check_len(x, mc, "x")?;
+    check_len(y, mc, "y")?;
+    for (b, what) in [
+        (gamma, "gamma"),
+        (beta, "beta"),
+        (&*running_mean, "running_mean"),
+        (&*running_var, "running_var"),
+        (&*save_mean, "save_mean"),
+        (&*save_invstd, "save_invstd"),
+    ] {
+        check_len(b, c, what)?;
+        check_on(b, dev, what)?;
+    }
+    check_on(x, dev, "x")?;
+    check_on(y, dev, "y")?;
+    if c == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => {
+            cpu::bn_forward_train(
+                m,
+                c,
+                host(x, "x")?,
+                host(gamma, "gamma")?,
+                host(beta, "beta")?,
+                host_mut(running_mean, "running_mean")?,
+                host_mut(running_var, "running_var")?,
+                momentum,
+                eps,
+                relu,
+                host_mut(y, "y")?,
+                host_mut(save_mean, "save_mean")?,
+                host_mut(save_invstd, "save_invstd")?,
+            );
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let (xp, yp) = (dptr(x, gpu, "x")?, dptr(y, gpu, "y")?);
+            let vec = vec_width::<T>(c, &[xp, yp]);
+            let g = grid(m, c, vec, std::mem::size_of::<T>());
+            let p = BnParams {
+                x: xp,
+                out: yp,
+                gamma: dptr(gamma, gpu, "gamma")?,
+                beta: dptr(beta, gpu, "beta")?,
+                mean: dptr(save_mean, gpu, "save_mean")?,
+                invstd: dptr(save_invstd, gpu, "save_invstd")?,
+                running_mean: dptr(running_mean, gpu, "running_mean")?,
+                running_var: dptr(running_var, gpu, "running_var")?,
+                relu: relu as i32,
+                momentum,
+                eps,
+                ..base_params(m, c, vec, &g)?
+            };
+            // SAFETY: x and y hold m*c elements and every [c] buffer c; the kernels read
+            // rows below m and channels below c. The partials take chunks * c float2,
+            // which grid() keeps within y's m * c * size_of::<T>() bytes.
+            unsafe {
+                gpu.launch(T::BN_STATS, g.per_channel(), &p)?;
+                gpu.launch(Kernel::new(MODULE, "bn_stats_finalize_f32"), finalize_cfg(c), &p)?;
+                gpu.launch(T::BN_APPLY, g.per_channel(), &p)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Eval-mode forward: `y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta`
+/// (then `max(y, 0)` if `relu`). One launch on a kernel device.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_forward_eval<T: LayerElem>(
+    dev: &Device,
+    m: usize,
+    c: usize,
+    x: &Buf<T>,
+    gamma: &Buf<f32>,
+    beta: &Buf<f32>,
+    running_mean: &Buf<f32>,
+    running_var: &Buf<f32>,
+    eps: f32,
+    relu: bool,
+    y: &mut Buf<T>,
+) -> Result<()> {
+    let mc = mul(m, c, "the batch norm input")?;
+    check_len(x, mc, "x")?;
+    check_len(y, mc, "y")?;
+    for (b, what) in [(gamma, "gamma"), (beta, "beta"), (running_mean, "running_mean"), (running_var, "running_var")] {
+        check_len(b, c, what)?;
+        check_on(b, dev, what)?;
+    }
+    check_on(x, dev, "x")?;
+    check_on(y, dev, "y")?;
+    if mc == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => {
+            cpu::bn_forward_eval(
+                m,
+                c,
+                host(x, "x")?,
+                host(gamma, "gamma")?,
+                host(beta, "beta")?,
+                host(running_mean, "running_mean")?,
+                host(running_var, "running_var")?,
+                eps,
+                relu,
+                host_mut(y, "y")?,
+            );
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let (xp, yp) = (dptr(x, gpu, "x")?, dptr(y, gpu, "y")?);
+            let vec = vec_width::<T>(c, &[xp, yp]);
+            let g = grid(m, c, vec, std::mem::size_of::<T>());
+            let p = BnParams {
+                x: xp,
+                out: yp,
+                gamma: dptr(gamma, gpu, "gamma")?,
+                beta: dptr(beta, gpu, "beta")?,
+                mean: dptr(running_mean, gpu, "running_mean")?,
+                invstd: dptr(running_var, gpu, "running_var")?,
+                relu: relu as i32,
+                eps,
+                eval: 1,
+                ..base_params(m, c, vec, &g)?
+            };
+            // SAFETY: as in bn_forward_train; the apply kernel reads the [c] buffers and
+            // x, and writes y, within m rows of c channels.
+            unsafe { gpu.launch(T::BN_APPLY, g.per_channel(), &p)? };
+            Ok(())
+        }
+    }
+}
+
+/// Train-mode backward from the statistics [`bn_forward_train`] saved:
+/// `dbeta = sum g`, `dgamma = sum g * xhat`,
+/// `dx = gamma * invstd * (g - dbeta / m - xhat * dgamma / m)` with
+/// `xhat = (x - save_mean) * save_invstd` and `g = dy`, or, if `relu_out` is the output
+/// of a fused ReLU, `g = relu_out > 0 ? dy : 0`. `dx`, `dgamma` and `dbeta` are
+/// overwritten.
+///
+/// On a kernel device: three launches (sums per row chunk, a per-channel merge, dx); the
+/// per-chunk partial sums are kept in the bytes of `dx` until the last launch overwrites
+/// it.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_backward<T: LayerElem>(
+    dev: &Device,
+    m: usize,
+    c: usize,
+    x: &Buf<T>,
+    relu_out: Option<&Buf<T>>,
+    dy: &Buf<T>,
+    gamma: &Buf<f32>,
+    save_mean: &Buf<f32>,
+    save_invstd: &Buf<f32>,
+    dx: &mut Buf<T>,
+    dgamma: &mut Buf<f32>,
+    dbeta: &mut Buf<f32>,
+) -> Result<()> {
+    ensure!(m >= 1, "batch norm backward of an empty batch");
+    let mc = mul(m, c, "the batch norm input")?;
+    for (b, what) in [(x, "x"), (dy, "dy"), (&*dx, "dx")] {
+        check_len(b, mc, what)?;
+        check_on(b, dev, what)?;
+    }
+    if let Some(o) = relu_out {
+        check_len(o, mc, "relu_out")?;
+        check_on(o, dev, "relu_out")?;
+    }
+    for (b, what) in [
+        (gamma, "gamma"),
+        (save_mean, "save_mean"),
+        (save_invstd, "save_invstd"),
+        (&*dgamma, "dgamma"),
+        (&*dbeta, "dbeta"),
+    ] {
+        check_len(b, c, what)?;
+        check_on(b, dev, what)?;
+    }
+    if c == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => {
+            let relu_out = match relu_out {
+                Some(o) => Some(host(o, "relu_out")?),
+                None => None,
+            };
+            cpu::bn_backward(
+                m,
+                c,
+                host(x, "x")?,
+                relu_out,
+                host(dy, "dy")?,
+                host(gamma, "gamma")?,
+                host(save_mean, "save_mean")?,
+                host(save_invstd, "save_invstd")?,
+                host_mut(dx, "dx")?,
+                host_mut(dgamma, "dgamma")?,
+                host_mut(dbeta, "dbeta")?,
+            );
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let (xp, dyp, dxp) = (dptr(x, gpu, "x")?, dptr(dy, gpu, "dy")?, dptr(dx, gpu, "dx")?);
+            let rp = match relu_out {
+                Some(o) => dptr(o, gpu, "relu_out")?,
+                None => 0,
+            };
+            let vec = vec_width::<T>(c, &[xp, dyp, dxp, rp]);
+            let g = grid(m, c, vec, std::mem::size_of::<T>());
+            let p = BnParams {
+                x: xp,
+                dy: dyp,
+                relu_out: rp,
+                out: dxp,
+                gamma: dptr(gamma, gpu, "gamma")?,
+                mean: dptr(save_mean, gpu, "save_mean")?,
+                invstd: dptr(save_invstd, gpu, "save_invstd")?,
+                dgamma: dptr(dgamma, gpu, "dgamma")?,
+                dbeta: dptr(dbeta, gpu, "dbeta")?,
+                ..base_params(m, c, vec, &g)?
+            };
+            launch_backward::<T>(gpu, &g, c, &p)
+        }
+    }
+}
+
+fn launch_backward<T: LayerElem>(gpu: &Gpu, g: &Grid, c: usize, p: &BnParams) -> Result<()> {
+    // SAFETY: x, dy, relu_out (when not null) and dx hold m*c elements, the [c] buffers c;
+    // the partials (chunks * c float2) fit in dx's bytes (see grid()).
+    unsafe {
+        gpu.launch(T::BN_BACKWARD_REDUCE, g.per_channel(), p)?;
+        gpu.launch(Kernel::new(MODULE, "bn_backward_finalize_f32"), finalize_cfg(c), p)?;
+        gpu.launch(T::BN_BACKWARD_DX, g.per_channel(), p)?;
+    }
+    Ok(())
+}
