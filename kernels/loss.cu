@@ -1,8 +1,9 @@
 // Softmax cross-entropy with mean reduction over the batch, and its gradient:
 //   loss = mean_n (log sum_j exp(z_nj - max_n) + max_n - z_n,t_n)
 //   dlogits_nj = (exp(z_nj - max_n) / sum_j exp(z_nj - max_n) - [j == t_n]) / n
-// Subtracting the row maximum keeps exp in range for any logits, and the loss of a row is
-// formed as log(sum) + (max - z_t) so that large logits lose no precision. A target
+// Subtracting the row maximum keeps exp in range for any logits. The loss of a row is
+// formed as log1p(s) + (max - z_t), where 1 + s is the sum (s over the classes other than
+// the first maximum), so that neither large logits nor confident rows lose precision. A target
 // outside [0, classes) makes its row's loss and gradients NaN (and so the mean loss).
 // One block: warp w handles rows w, w + warps, ...; the row losses are summed in f64, per
 // warp in row order and then over the warps in order, so the result is deterministic.
@@ -23,18 +24,36 @@ PK_KERNEL(softmax_cross_entropy_f32, PkLossParams) {
     float* dz = p.dlogits + (int64_t)row * p.classes;
     const int t = p.targets[row];
     const bool valid = t >= 0 && t < p.classes;
+    // The row maximum and its first index.
     float mx = __int_as_float((int)0xff800000u);
-    for (int j = lane; j < p.classes; j += 32) mx = fmaxf(mx, z[j]);
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    int am = INT_MAX;
+    for (int j = lane; j < p.classes; j += 32) {
+      const float v = z[j];
+      if (v > mx) {
+        mx = v;
+        am = j;
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float omx = __shfl_xor_sync(0xffffffffu, mx, o);
+      const int oam = __shfl_xor_sync(0xffffffffu, am, o);
+      if (omx > mx || (omx == mx && oam < am)) {
+        mx = omx;
+        am = oam;
+      }
+    }
+    // sum_j exp(z_j - max) = 1 + s, s over the other classes: log1p(s) keeps the loss of a
+    // confident row (s << 1) accurate.
     float s = 0.0f;
-    for (int j = lane; j < p.classes; j += 32) s += expf(z[j] - mx);
+    for (int j = lane; j < p.classes; j += 32)
+      if (j != am) s += expf(z[j] - mx);
     s = warp_sum(s);
-    const float inv_s = 1.0f / s;
+    const float inv_s = 1.0f / (1.0f + s);
     for (int j = lane; j < p.classes; j += 32) {
       const float prob = expf(z[j] - mx) * inv_s;
       dz[j] = valid ? (prob - (j == t ? 1.0f : 0.0f)) * inv_n : nan;
     }
-    if (lane == 0) total += valid ? (double)(logf(s) + (mx - z[t])) : (double)nan;
+    if (lane == 0) total += valid ? (double)(log1pf(s) + (mx - z[t])) : (double)nan;
   }
   if (lane == 0) s_loss[warp] = total;
   __syncthreads();

@@ -705,6 +705,18 @@ fn cross_entropy_known_values() {
 }
 
 #[test]
+fn cross_entropy_keeps_small_losses_of_large_logits() {
+    // The target is the maximum of logits near 1e4, where an f32 ulp is 1e-3: the loss
+    // log(1 + e^-10) = 4.54e-5 must not be lost by forming max + log(sum) first.
+    for dev in all_devices() {
+        let (mut loss, mut d) = (fresh::<f32>(&dev, 1), fresh::<f32>(&dev, 2));
+        let logits = up(&dev, vec![1e4f32, 1e4 - 10.0]);
+        layers::softmax_cross_entropy(&dev, 1, 2, &logits, &up(&dev, vec![0]), &mut loss, &mut d).unwrap();
+        check("loss", &dev, &down(&loss), &[(-10.0f64).exp().ln_1p()], 0.0, 1e-5);
+    }
+}
+
+#[test]
 fn cross_entropy_oracle_gradient_matches_finite_differences() {
     let (n, classes) = (3, 5);
     let z = d64(&Rng::new(6).vec(n * classes, -3.0, 3.0));
@@ -748,7 +760,7 @@ fn check_sgd(dev: &Device) {
             let mut r = Rng::new(110 + si as u64);
             let p0 = r.vec(n, -1.0, 1.0);
             let mut param = up(dev, p0.clone());
-            let mut buf = fresh::<f32>(dev, n); // poison on emu: the first step must not read it
+            let mut buf = up(dev, vec![f32::NAN; n]); // the first step must not read it
             let (mut wp, mut wb) = (d64(&p0), vec![f64::NAN; n]);
             for step in 0..3 {
                 let g = r.vec(n, -1.0, 1.0);

@@ -6,7 +6,8 @@
 use rayon::prelude::*;
 
 /// Loss and gradient in f32 (row losses summed in f64), the kernel's formula: the row
-/// maximum is subtracted before `exp`, and a row's loss is `log(sum) + (max - z_t)`. A
+/// maximum is subtracted before `exp`, and a row's loss is `log1p(s) + (max - z_t)` where
+/// `1 + s` is the row's sum (s over the classes other than the first maximum). A
 /// target outside `[0, classes)` makes its row's gradients and the loss NaN (the wrapper
 /// rejects such targets before they get here).
 pub fn softmax_cross_entropy(n: usize, classes: usize, logits: &[f32], targets: &[i32], dlogits: &mut [f32]) -> f32 {
@@ -20,14 +21,22 @@ pub fn softmax_cross_entropy(n: usize, classes: usize, logits: &[f32], targets: 
         .zip(targets.par_iter())
         .map(|((dz, z), &t)| {
             let valid = t >= 0 && (t as usize) < classes;
-            let mx = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let s: f32 = z.iter().map(|&v| (v - mx).exp()).sum();
+            // The first maximum; the others' sum s, so that the row sum is 1 + s.
+            let (am, mx) = z.iter().enumerate().fold((usize::MAX, f32::NEG_INFINITY), |(ai, a), (j, &v)| {
+                if v > a {
+                    (j, v)
+                } else {
+                    (ai, a)
+                }
+            });
+            let s: f32 = z.iter().enumerate().filter(|&(j, _)| j != am).map(|(_, &v)| (v - mx).exp()).sum();
+            let inv = 1.0 / (1.0 + s);
             for (j, (d, &v)) in dz.iter_mut().zip(z).enumerate() {
-                let p = (v - mx).exp() / s;
+                let p = (v - mx).exp() * inv;
                 *d = if valid { (p - if j as i32 == t { 1.0 } else { 0.0 }) * inv_n } else { f32::NAN };
             }
             if valid {
-                (s.ln() + (mx - z[t as usize])) as f64
+                (s.ln_1p() + (mx - z[t as usize])) as f64
             } else {
                 f64::NAN
             }
