@@ -6,8 +6,8 @@
 //! (tests/data/layers-reference.txt). `mod cuda` runs the kernel checks on a real GPU.
 
 use half::bf16;
-use prunekit::cpu::layers::{bn as cbn, elementwise as cew, fc as cfc, loss as closs, pool as cpool, sgd as csgd};
 use prunekit::cpu::layers::Real;
+use prunekit::cpu::layers::{bn as cbn, elementwise as cew, fc as cfc, loss as closs, pool as cpool, sgd as csgd};
 use prunekit::gpu::{Elem, Gpu, Schedule};
 use prunekit::ops::layers::{self as layers, LayerElem};
 use prunekit::{Buf, Device};
@@ -176,8 +176,17 @@ fn check_bn_eval<T: LayerElem>(dev: &Device, m: usize, c: usize, relu: bool, see
         &mut y,
     )
     .unwrap();
-    let want =
-        cbn::bn_forward_eval_oracle(m, c, &d64(&k.x), &d64(&k.gamma), &d64(&k.beta), &d64(&k.rm), &d64(&k.rv), 1e-5, relu);
+    let want = cbn::bn_forward_eval_oracle(
+        m,
+        c,
+        &d64(&k.x),
+        &d64(&k.gamma),
+        &d64(&k.beta),
+        &d64(&k.rm),
+        &d64(&k.rv),
+        1e-5,
+        relu,
+    );
     let what = format!("bn eval y ({m}x{c}, {}, relu {relu})", T::DTYPE);
     check(&what, dev, &down(&y), &want, 2e-5 * max_abs(&want), rtol::<T>());
 }
@@ -490,8 +499,7 @@ const MAXPOOL_SHAPES: &[(usize, usize, usize, usize)] =
 /// Inputs with many ties (few distinct values), a few NaN and -inf.
 fn pool_values(n: usize, seed: u64, ties: bool) -> Vec<f32> {
     let mut r = Rng::new(seed);
-    let mut v: Vec<f32> =
-        (0..n).map(|_| if ties { (r.below(4) as f32) - 1.0 } else { r.uniform(-3.0, 3.0) }).collect();
+    let mut v: Vec<f32> = (0..n).map(|_| if ties { (r.below(4) as f32) - 1.0 } else { r.uniform(-3.0, 3.0) }).collect();
     if ties && n > 20 {
         for _ in 0..n / 20 {
             let i = r.below(n);
@@ -617,8 +625,12 @@ const FC_SHAPES: &[(usize, usize, usize)] = &[(1, 1, 1), (2, 3, 5), (3, 70, 13),
 fn check_fc(dev: &Device) {
     for (si, &(n, cin, cout)) in FC_SHAPES.iter().enumerate() {
         let mut r = Rng::new(70 + si as u64);
-        let (x, w, b, dy) =
-            (r.vec(n * cin, -1.0, 1.0), r.vec(cout * cin, -1.0, 1.0), r.vec(cout, -1.0, 1.0), r.vec(n * cout, -1.0, 1.0));
+        let (x, w, b, dy) = (
+            r.vec(n * cin, -1.0, 1.0),
+            r.vec(cout * cin, -1.0, 1.0),
+            r.vec(cout, -1.0, 1.0),
+            r.vec(n * cout, -1.0, 1.0),
+        );
         let (xb, wb) = (up(dev, x.clone()), up(dev, w.clone()));
         let mut y = fresh::<f32>(dev, n * cout);
         layers::fc_forward(dev, n, cin, cout, &xb, &wb, &up(dev, b.clone()), &mut y).unwrap();
@@ -671,8 +683,16 @@ fn check_loss(dev: &Device) {
         let targets: Vec<i32> = (0..n).map(|_| r.below(classes) as i32).collect();
         let mut loss = fresh::<f32>(dev, 1);
         let mut d = fresh::<f32>(dev, n * classes);
-        layers::softmax_cross_entropy(dev, n, classes, &up(dev, logits.clone()), &up(dev, targets.clone()), &mut loss, &mut d)
-            .unwrap();
+        layers::softmax_cross_entropy(
+            dev,
+            n,
+            classes,
+            &up(dev, logits.clone()),
+            &up(dev, targets.clone()),
+            &mut loss,
+            &mut d,
+        )
+        .unwrap();
         let (wl, wd) = closs::softmax_cross_entropy_oracle(n, classes, &d64(&logits), &targets);
         let what = |s: &str| format!("cross-entropy {s} ({n}x{classes}, logits up to {scale:e})");
         check(&what("loss"), dev, &down(&loss), &[wl], 1e-6, 1e-5);
@@ -700,7 +720,14 @@ fn cross_entropy_known_values() {
         let want = (std::f64::consts::LN_2 + 30.0) / 2.0;
         check("loss", &dev, &down(&loss), &[want], 0.0, 1e-6);
         let e = (-30.0f64).exp();
-        check("dlogits", &dev, &down(&d), &[-0.25, 0.25, (1.0 / (1.0 + e)) / 2.0, (e / (1.0 + e) - 1.0) / 2.0], 1e-9, 1e-6);
+        check(
+            "dlogits",
+            &dev,
+            &down(&d),
+            &[-0.25, 0.25, (1.0 / (1.0 + e)) / 2.0, (e / (1.0 + e) - 1.0) / 2.0],
+            1e-9,
+            1e-6,
+        );
     }
 }
 
@@ -732,16 +759,31 @@ fn out_of_range_targets_are_reported() {
     for bad in [vec![0, 3], vec![-1, 0]] {
         let dev = Device::Cpu;
         let (mut loss, mut d) = (fresh::<f32>(&dev, 1), fresh::<f32>(&dev, 6));
-        let err =
-            layers::softmax_cross_entropy(&dev, 2, 3, &up(&dev, logits.clone()), &up(&dev, bad.clone()), &mut loss, &mut d)
-                .unwrap_err();
+        let err = layers::softmax_cross_entropy(
+            &dev,
+            2,
+            3,
+            &up(&dev, logits.clone()),
+            &up(&dev, bad.clone()),
+            &mut loss,
+            &mut d,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("outside the 3 classes"), "{err}");
         assert!(layers::check_targets(&bad, 3).is_err());
         // A kernel device does not read the targets on the host: the loss says NaN.
         for dev in emu_devices() {
             let (mut loss, mut d) = (fresh::<f32>(&dev, 1), fresh::<f32>(&dev, 6));
-            layers::softmax_cross_entropy(&dev, 2, 3, &up(&dev, logits.clone()), &up(&dev, bad.clone()), &mut loss, &mut d)
-                .unwrap();
+            layers::softmax_cross_entropy(
+                &dev,
+                2,
+                3,
+                &up(&dev, logits.clone()),
+                &up(&dev, bad.clone()),
+                &mut loss,
+                &mut d,
+            )
+            .unwrap();
             assert!(loss.to_vec().unwrap()[0].is_nan());
             let d = d.to_vec().unwrap();
             let bad_row = if bad[0] == 0 { 1 } else { 0 };
@@ -872,7 +914,14 @@ fn check_against_pytorch(dev: &Device) {
         let w = up(dev, vec![0.0f32; classes]);
         layers::fc_backward(dev, n, 1, classes, &ones, &w, &d, &mut dx, &mut dw, &mut db).unwrap();
         check(&what("fc.bias grad"), dev, &down(&db), &d64(&r.f32s["expect.grad.fc.bias"]), 1e-7, 1e-5);
-        check(&what("fc.weight grad of a ones input"), dev, &down(&dw), &d64(&r.f32s["expect.grad.fc.bias"]), 1e-7, 1e-5);
+        check(
+            &what("fc.weight grad of a ones input"),
+            dev,
+            &down(&dw),
+            &d64(&r.f32s["expect.grad.fc.bias"]),
+            1e-7,
+            1e-5,
+        );
         // One SGD step (the first: the buffer is the gradient).
         for p in ["fc.bias", "fc.weight", "bn1.weight", "bn1.bias", "layer1.0.conv2.weight"] {
             let mut param = up(dev, r.f32s[p].clone());
@@ -915,8 +964,10 @@ fn bad_inputs_are_errors() {
         let (mut rm, mut rv, mut sm, mut si) = (b(c), b(c), b(c), b(c));
         // Wrong lengths.
         let mut y = b(m * c - 1);
-        assert!(layers::bn_forward_train(dev, m, c, &x, &g, &bt, &mut rm, &mut rv, 0.1, 1e-5, false, &mut y, &mut sm, &mut si)
-            .is_err());
+        assert!(layers::bn_forward_train(
+            dev, m, c, &x, &g, &bt, &mut rm, &mut rv, 0.1, 1e-5, false, &mut y, &mut sm, &mut si
+        )
+        .is_err());
         let mut y = b(m * c);
         let mut short = b(c - 1);
         assert!(layers::bn_forward_train(
@@ -926,9 +977,10 @@ fn bad_inputs_are_errors() {
         // m = 1 in train mode (PyTorch: "Expected more than 1 value per channel").
         let x1 = up(dev, vec![1.0f32; c]);
         let mut y1 = b(c);
-        let err =
-            layers::bn_forward_train(dev, 1, c, &x1, &g, &bt, &mut rm, &mut rv, 0.1, 1e-5, false, &mut y1, &mut sm, &mut si)
-                .unwrap_err();
+        let err = layers::bn_forward_train(
+            dev, 1, c, &x1, &g, &bt, &mut rm, &mut rv, 0.1, 1e-5, false, &mut y1, &mut sm, &mut si,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("more than one value"), "{err}");
         // Shapes whose element count overflows.
         assert!(layers::bn_forward_eval(dev, usize::MAX / 2, 3, &x, &g, &bt, &g, &g, 1e-5, false, &mut y).is_err());
@@ -969,15 +1021,53 @@ fn bad_inputs_are_errors() {
         let (mut rm, mut rv, mut sm, mut si) = (ok(c), ok(c), ok(c), ok(c));
         let mut y = ok(m * c);
         let err = layers::bn_forward_train(
-            dev, m, c, &bad(m * c), &ok(c), &ok(c), &mut rm, &mut rv, 0.1, 1e-5, false, &mut y, &mut sm, &mut si,
+            dev,
+            m,
+            c,
+            &bad(m * c),
+            &ok(c),
+            &ok(c),
+            &mut rm,
+            &mut rv,
+            0.1,
+            1e-5,
+            false,
+            &mut y,
+            &mut sm,
+            &mut si,
         )
         .unwrap_err();
         assert!(err.to_string().contains("not on the device"), "{err}");
         let mut bad_y = bad(m * c);
-        assert!(layers::bn_forward_eval(dev, m, c, &ok(m * c), &ok(c), &ok(c), &ok(c), &ok(c), 1e-5, false, &mut bad_y)
-            .is_err());
-        assert!(layers::bn_backward(dev, m, c, &ok(8), None, &ok(8), &ok(2), &bad(2), &ok(2), &mut y, &mut sm, &mut si)
-            .is_err());
+        assert!(layers::bn_forward_eval(
+            dev,
+            m,
+            c,
+            &ok(m * c),
+            &ok(c),
+            &ok(c),
+            &ok(c),
+            &ok(c),
+            1e-5,
+            false,
+            &mut bad_y
+        )
+        .is_err());
+        assert!(layers::bn_backward(
+            dev,
+            m,
+            c,
+            &ok(8),
+            None,
+            &ok(8),
+            &ok(2),
+            &bad(2),
+            &ok(2),
+            &mut y,
+            &mut sm,
+            &mut si
+        )
+        .is_err());
         assert!(layers::add_relu(dev, &ok(4), &bad(4), &mut ok(4)).is_err());
         assert!(layers::relu_backward(dev, &ok(4), &ok(4), &mut bad(4)).is_err());
         assert!(layers::add_assign(dev, &mut ok(4), &bad(4)).is_err());

@@ -117,7 +117,7 @@ pub fn bn_apply<T: Real>(
     y.par_chunks_mut(rows * c).zip(x.par_chunks(rows * c)).for_each(|(yc, xc)| {
         for (yr, xr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
             for ch in 0..c {
-                let v = (xr[ch].to_f32() - mean[ch]).mul_add(scale[ch], beta[ch]);
+                let v = (xr[ch].to_f32() - mean[ch]) * scale[ch] + beta[ch];
                 yr[ch] = T::from_f32(if relu_after { relu(v) } else { v });
             }
         }

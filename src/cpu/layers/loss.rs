@@ -22,13 +22,17 @@ pub fn softmax_cross_entropy(n: usize, classes: usize, logits: &[f32], targets: 
         .map(|((dz, z), &t)| {
             let valid = t >= 0 && (t as usize) < classes;
             // The first maximum; the others' sum s, so that the row sum is 1 + s.
-            let (am, mx) = z.iter().enumerate().fold((usize::MAX, f32::NEG_INFINITY), |(ai, a), (j, &v)| {
-                if v > a {
-                    (j, v)
-                } else {
-                    (ai, a)
-                }
-            });
+            let (am, mx) =
+                z.iter().enumerate().fold(
+                    (usize::MAX, f32::NEG_INFINITY),
+                    |(ai, a), (j, &v)| {
+                        if v > a {
+                            (j, v)
+                        } else {
+                            (ai, a)
+                        }
+                    },
+                );
             let s: f32 = z.iter().enumerate().filter(|&(j, _)| j != am).map(|(_, &v)| (v - mx).exp()).sum();
             let inv = 1.0 / (1.0 + s);
             for (j, (d, &v)) in dz.iter_mut().zip(z).enumerate() {

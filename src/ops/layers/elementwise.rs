@@ -47,9 +47,7 @@ pub fn add_relu<T: LayerElem>(dev: &Device, a: &Buf<T>, b: &Buf<T>, out: &mut Bu
             cpu::add_relu(host(a, "a")?, host(b, "b")?, host_mut(out, "out")?);
             Ok(())
         }
-        Device::Gpu(gpu) => {
-            launch(gpu, T::ADD_RELU, dptr(a, gpu, "a")?, dptr(b, gpu, "b")?, dptr(out, gpu, "out")?, n)
-        }
+        Device::Gpu(gpu) => launch(gpu, T::ADD_RELU, dptr(a, gpu, "a")?, dptr(b, gpu, "b")?, dptr(out, gpu, "out")?, n),
     }
 }
 
@@ -115,7 +113,8 @@ pub fn cast<A: CastElem, B: CastElem>(dev: &Device, src: &Buf<A>, dst: &mut Buf<
             Ok(())
         }
         Device::Gpu(gpu) => {
-            let k = cast_kernel(A::DTYPE, B::DTYPE).ok_or_else(|| invalid!("no cast from {} to {}", A::DTYPE, B::DTYPE))?;
+            let k =
+                cast_kernel(A::DTYPE, B::DTYPE).ok_or_else(|| invalid!("no cast from {} to {}", A::DTYPE, B::DTYPE))?;
             launch(gpu, k, dptr(src, gpu, "src")?, 0, dptr(dst, gpu, "dst")?, n)
         }
     }

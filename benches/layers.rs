@@ -1,0 +1,218 @@
+//! The memory-bound layer ops at ResNet50 sizes, on the CPU and, where there is one, on
+//! the GPU (`cuda:0`). Throughput is the bytes each op must move at least (every input
+//! read once, every output written once), so criterion's GB/s compare with the GPU's
+//! memory bandwidth directly.
+//!
+//! GPU timings are CUDA events around a batch of launches (no host sync in between).
+//! Batch sizes: 256 on the GPU; on the CPU `PK_BENCH_CPU_BATCH` (default 8), since a
+//! full batch takes seconds per op there.
+//!
+//! ```sh
+//! cargo bench --bench layers            # everything
+//! cargo bench --bench layers -- cuda    # GPU only
+//! ```
+
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use half::bf16;
+use prunekit::gpu::{Elem, Gpu};
+use prunekit::ops::layers::{self as layers, LayerElem};
+use prunekit::{Buf, Device};
+use std::time::{Duration, Instant};
+
+fn devices() -> Vec<(Device, usize)> {
+    let cpu_batch = std::env::var("PK_BENCH_CPU_BATCH").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let mut d = vec![(Device::Cpu, cpu_batch)];
+    match Gpu::cuda(0) {
+        Ok(g) => d.push((Device::Gpu(g), 256)),
+        Err(e) => eprintln!("layers bench: no cuda device ({e}); CPU only"),
+    }
+    d
+}
+
+fn filled<T: Elem + prunekit::cpu::layers::Real>(dev: &Device, n: usize, seed: u32) -> Buf<T> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+    let v: Vec<T> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            T::from_f32((s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0)
+        })
+        .collect();
+    dev.upload(v).unwrap()
+}
+
+/// Times `op` on `dev`: wall clock on the CPU, CUDA events around `iters` launches on a GPU.
+fn bench<F: FnMut()>(g: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>, id: &str, dev: &Device, mut op: F) {
+    let name = format!("{id}/{}", dev.kind());
+    match dev {
+        Device::Cpu => {
+            g.bench_function(name, |b| b.iter(&mut op));
+        }
+        Device::Gpu(gpu) => {
+            op(); // warm-up: loads the module
+            gpu.synchronize().unwrap();
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let start = gpu.record().unwrap();
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        op();
+                    }
+                    let end = gpu.record().unwrap();
+                    match gpu.elapsed_ms(&start, &end) {
+                        Ok(ms) => Duration::from_secs_f64(ms / 1e3),
+                        Err(_) => t.elapsed(),
+                    }
+                })
+            });
+        }
+    }
+}
+
+fn bn_benches<T: LayerElem>(c: &mut Criterion) {
+    let es = std::mem::size_of::<T>() as u64;
+    // (name, h*w, channels): the stem (after conv1), a stage-1 block, the last stage.
+    for (what, hw, ch) in [("stem", 112 * 112, 64), ("layer1", 56 * 56, 256), ("layer4", 7 * 7, 2048)] {
+        let mut g = c.benchmark_group(format!("bn_{what}_{}", T::DTYPE));
+        g.sample_size(10);
+        for (dev, batch) in devices() {
+            let m = batch * hw;
+            let x = filled::<T>(&dev, m * ch, 1);
+            let dy = filled::<T>(&dev, m * ch, 2);
+            let gamma = filled::<f32>(&dev, ch, 3);
+            let beta = filled::<f32>(&dev, ch, 4);
+            let mut rm = dev.zeros::<f32>(ch).unwrap();
+            let mut rv = dev.upload(vec![1.0f32; ch]).unwrap();
+            let mut y = dev.uninit::<T>(m * ch).unwrap();
+            let mut dx = dev.uninit::<T>(m * ch).unwrap();
+            let (mut sm, mut si) = (dev.uninit::<f32>(ch).unwrap(), dev.uninit::<f32>(ch).unwrap());
+            let (mut dg, mut db) = (dev.uninit::<f32>(ch).unwrap(), dev.uninit::<f32>(ch).unwrap());
+            let bytes = (m * ch) as u64 * es;
+            // Train forward: reads x twice (statistics, normalization), writes y.
+            g.throughput(Throughput::Bytes(3 * bytes));
+            bench(&mut g, &format!("forward_train_relu/m{m}"), &dev, || {
+                layers::bn_forward_train(
+                    &dev, m, ch, &x, &gamma, &beta, &mut rm, &mut rv, 0.1, 1e-5, true, &mut y, &mut sm, &mut si,
+                )
+                .unwrap()
+            });
+            g.throughput(Throughput::Bytes(2 * bytes));
+            bench(&mut g, &format!("forward_eval_relu/m{m}"), &dev, || {
+                layers::bn_forward_eval(&dev, m, ch, &x, &gamma, &beta, &rm, &rv, 1e-5, true, &mut y).unwrap()
+            });
+            // Backward with the ReLU mask: reads x, dy, y twice, writes dx.
+            g.throughput(Throughput::Bytes(7 * bytes));
+            bench(&mut g, &format!("backward_relu/m{m}"), &dev, || {
+                layers::bn_backward(&dev, m, ch, &x, Some(&y), &dy, &gamma, &sm, &si, &mut dx, &mut dg, &mut db)
+                    .unwrap()
+            });
+        }
+        g.finish();
+    }
+}
+
+fn elementwise_benches<T: LayerElem>(c: &mut Criterion) {
+    let es = std::mem::size_of::<T>() as u64;
+    let mut g = c.benchmark_group(format!("elementwise_{}", T::DTYPE));
+    g.sample_size(10);
+    for (dev, batch) in devices() {
+        // The output of a stage-1 block: 56x56x256.
+        let n = batch * 56 * 56 * 256;
+        let a = filled::<T>(&dev, n, 5);
+        let b = filled::<T>(&dev, n, 6);
+        let mut out = dev.uninit::<T>(n).unwrap();
+        g.throughput(Throughput::Bytes(3 * n as u64 * es));
+        bench(&mut g, &format!("add_relu/n{n}"), &dev, || layers::add_relu(&dev, &a, &b, &mut out).unwrap());
+        bench(&mut g, &format!("relu_backward/n{n}"), &dev, || layers::relu_backward(&dev, &a, &b, &mut out).unwrap());
+        bench(&mut g, &format!("add_assign/n{n}"), &dev, || layers::add_assign(&dev, &mut out, &b).unwrap());
+        let mut f = dev.uninit::<f32>(n).unwrap();
+        g.throughput(Throughput::Bytes(n as u64 * (es + 4)));
+        bench(&mut g, &format!("cast_to_f32/n{n}"), &dev, || layers::cast(&dev, &a, &mut f).unwrap());
+    }
+    g.finish();
+}
+
+fn pool_benches<T: LayerElem>(c: &mut Criterion) {
+    let es = std::mem::size_of::<T>() as u64;
+    let mut g = c.benchmark_group(format!("pool_{}", T::DTYPE));
+    g.sample_size(10);
+    for (dev, batch) in devices() {
+        let (h, ch) = (112, 64);
+        let oh = layers::maxpool_out(h);
+        let x = filled::<T>(&dev, batch * h * h * ch, 7);
+        let dy = filled::<T>(&dev, batch * oh * oh * ch, 8);
+        let mut y = dev.uninit::<T>(batch * oh * oh * ch).unwrap();
+        let mut dx = dev.uninit::<T>(batch * h * h * ch).unwrap();
+        let (xb, yb) = ((batch * h * h * ch) as u64 * es, (batch * oh * oh * ch) as u64 * es);
+        g.throughput(Throughput::Bytes(xb + yb));
+        bench(&mut g, &format!("maxpool_forward/n{batch}"), &dev, || {
+            layers::maxpool_forward(&dev, batch, h, h, ch, &x, &mut y).unwrap()
+        });
+        g.throughput(Throughput::Bytes(2 * xb + yb));
+        bench(&mut g, &format!("maxpool_backward/n{batch}"), &dev, || {
+            layers::maxpool_backward(&dev, batch, h, h, ch, &x, &dy, &mut dx).unwrap()
+        });
+        let (hw, ch) = (49, 2048);
+        let x = filled::<T>(&dev, batch * hw * ch, 9);
+        let mut y = dev.uninit::<f32>(batch * ch).unwrap();
+        let mut dx = dev.uninit::<T>(batch * hw * ch).unwrap();
+        g.throughput(Throughput::Bytes((batch * hw * ch) as u64 * es + (batch * ch * 4) as u64));
+        bench(&mut g, &format!("avgpool_forward/n{batch}"), &dev, || {
+            layers::avgpool_forward(&dev, batch, hw, ch, &x, &mut y).unwrap()
+        });
+        bench(&mut g, &format!("avgpool_backward/n{batch}"), &dev, || {
+            layers::avgpool_backward(&dev, batch, hw, ch, &y, &mut dx).unwrap()
+        });
+    }
+    g.finish();
+}
+
+fn head_benches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("head_f32");
+    g.sample_size(10);
+    for (dev, batch) in devices() {
+        let (cin, cout) = (2048, 1000);
+        let x = filled::<f32>(&dev, batch * cin, 10);
+        let w = filled::<f32>(&dev, cout * cin, 11);
+        let b = filled::<f32>(&dev, cout, 12);
+        let mut y = dev.uninit::<f32>(batch * cout).unwrap();
+        let (mut dx, mut dw, mut db) =
+            (dev.uninit(batch * cin).unwrap(), dev.uninit(cout * cin).unwrap(), dev.uninit(cout).unwrap());
+        g.throughput(Throughput::Elements((2 * batch * cin * cout) as u64)); // flops
+        bench(&mut g, &format!("fc_forward/n{batch}"), &dev, || {
+            layers::fc_forward(&dev, batch, cin, cout, &x, &w, &b, &mut y).unwrap()
+        });
+        g.throughput(Throughput::Elements((4 * batch * cin * cout) as u64));
+        bench(&mut g, &format!("fc_backward/n{batch}"), &dev, || {
+            layers::fc_backward(&dev, batch, cin, cout, &x, &w, &y, &mut dx, &mut dw, &mut db).unwrap()
+        });
+        let targets = dev.upload((0..batch as i32).map(|i| (i * 37) % cout as i32).collect()).unwrap();
+        let (mut loss, mut d) = (dev.uninit::<f32>(1).unwrap(), dev.uninit::<f32>(batch * cout).unwrap());
+        g.throughput(Throughput::Bytes((2 * batch * cout * 4) as u64));
+        bench(&mut g, &format!("cross_entropy/n{batch}"), &dev, || {
+            layers::softmax_cross_entropy(&dev, batch, cout, &y, &targets, &mut loss, &mut d).unwrap()
+        });
+        // SGD over the largest ResNet50 weight (layer4 conv2: 512x3x3x512).
+        let n = 512 * 9 * 512;
+        let (mut p, gr, mut buf) = (filled::<f32>(&dev, n, 13), filled::<f32>(&dev, n, 14), filled::<f32>(&dev, n, 15));
+        g.throughput(Throughput::Bytes(5 * n as u64 * 4));
+        bench(&mut g, &format!("sgd_step/n{n}"), &dev, || {
+            layers::sgd_step(&dev, &mut p, &gr, &mut buf, 1e-6, 0.9, 1e-4, false).unwrap()
+        });
+    }
+    g.finish();
+}
+
+fn all(c: &mut Criterion) {
+    bn_benches::<bf16>(c);
+    bn_benches::<f32>(c);
+    elementwise_benches::<bf16>(c);
+    elementwise_benches::<f32>(c);
+    pool_benches::<bf16>(c);
+    pool_benches::<f32>(c);
+    head_benches(c);
+}
+
+criterion_group!(benches, all);
+criterion_main!(benches);
