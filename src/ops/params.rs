@@ -44,7 +44,8 @@ params!(TopkParams = "PkTopkParams" { scores: u64, segments: u64, keep: u64, num
 params!(
     /// One gather of a compaction launch.
     GatherJob = "PkGatherJob" {
-        src: u64, dst: u64, rows: u64, cols: u64, n_rows: i32, mid: i32, n_cols: i32, src_cols: i32,
+        src: u64, dst: u64, rows: u64, mids: u64, cols: u64, n_rows: i32, n_mid: i32, n_cols: i32,
+        src_mid: i32, src_cols: i32, pad0: i32,
     }
 );
 params!(GatherParams = "PkGatherParams" { jobs: u64, num_jobs: i32, pad0: i32 });
