@@ -71,3 +71,37 @@ fn cuda_matches_pytorch_reference() {
     check(&dev, "prune-filters-s50-r8-l1.safetensors");
     check(&dev, "prune-channels-s30-r1-l2.safetensors");
 }
+
+#[test]
+fn optimizer_state_is_compacted_like_its_parameters() {
+    use prunekit::model::{Data, Tensor};
+    use prunekit::prune::prune_state_with;
+    let (sd, _, cfg) = load("prune-channels-s30-r1-l2.safetensors");
+    // A momentum buffer per parameter: twice the parameter, so its compaction is known.
+    let mut opt = StateDict::default();
+    for (n, t) in &sd.tensors {
+        if let Data::F32(v) = &t.data {
+            if !n.ends_with("running_mean") && !n.ends_with("running_var") {
+                opt.tensors.insert(n.clone(), Tensor::f32(t.shape.clone(), v.iter().map(|x| 2.0 * x).collect()));
+            }
+        }
+    }
+    for dev in [Device::Cpu, common::emu_devices().remove(1)] {
+        let p = prune_state_with(&dev, &sd, Some(&opt), &cfg).unwrap();
+        let o = p.optimizer.as_ref().unwrap();
+        assert_eq!(o.tensors.len(), opt.tensors.len());
+        for (n, t) in &o.tensors {
+            let param = &p.state.tensors[n];
+            assert_eq!(t.shape, param.shape, "{n}");
+            let want: Vec<f32> = param.as_f32().unwrap().iter().map(|x| 2.0 * x).collect();
+            assert_eq!(t.as_f32().unwrap(), want.as_slice(), "{n}");
+        }
+    }
+    // Optimizer state that does not fit the model is refused.
+    let mut bad = StateDict::default();
+    bad.tensors.insert("fc.weight".into(), Tensor::f32(vec![1], vec![0.0]));
+    assert!(prune_state_with(&Device::Cpu, &sd, Some(&bad), &cfg).is_err());
+    let mut bad = StateDict::default();
+    bad.tensors.insert("nope".into(), Tensor::f32(vec![1], vec![0.0]));
+    assert!(prune_state_with(&Device::Cpu, &sd, Some(&bad), &cfg).is_err());
+}
