@@ -1,13 +1,12 @@
 //! `prunekit prune` end to end: the output matches PyTorch's reference, and bad input
 //! gets a clear message, a non-zero exit and no output file.
 
+mod common;
+
+use common::data;
 use prunekit::model::{StateDict, Tensor};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
-}
 
 /// The dense model of a prune reference file, written alone to `dir`.
 fn dense_model(dir: &Path, reference: &str) -> (PathBuf, StateDict) {
@@ -19,8 +18,11 @@ fn dense_model(dir: &Path, reference: &str) -> (PathBuf, StateDict) {
     (path, expect)
 }
 
+/// The prunekit binary: `PRUNEKIT_BIN` where the tests run outside the source tree.
 fn prunekit(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_prunekit")).args(args).output().unwrap()
+    let bin =
+        std::env::var_os("PRUNEKIT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_prunekit")), PathBuf::from);
+    Command::new(bin).args(args).output().unwrap()
 }
 
 #[test]

@@ -8,10 +8,9 @@ use prunekit::cpu::prune::Norm;
 use prunekit::model::StateDict;
 use prunekit::prune::{prune_state, Mode, PruneConfig};
 use prunekit::Device;
-use std::path::Path;
 
 fn load(name: &str) -> (StateDict, StateDict, PruneConfig) {
-    let mut sd = StateDict::read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)).unwrap();
+    let mut sd = StateDict::read(&common::data(name)).unwrap();
     assert_eq!(sd.metadata["kind"], "prune");
     let expect = sd.split_prefix("expect.");
     let m = &sd.metadata;

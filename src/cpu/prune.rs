@@ -167,7 +167,7 @@ pub fn topk(scores: &[f64], n: usize) -> Vec<i32> {
     kept
 }
 
-/// dst[i, j, l] = src[rows[i], mids[j], cols[l]] with src of shape [*, src_mid, src_cols].
+/// `dst[i, j, l] = src[rows[i], mids[j], cols[l]]` with `src` of shape `[*, src_mid, src_cols]`.
 pub fn gather<T: Copy + Send + Sync>(
     src: &[T],
     src_mid: usize,

@@ -2,6 +2,7 @@
 //! with torchvision's names.
 
 pub mod arch;
+pub mod init;
 pub mod state;
 
 pub use arch::{Arch, Block, ConvLayer, Role, TensorSpec};

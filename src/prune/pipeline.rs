@@ -9,6 +9,9 @@ use crate::ops::prune::{filter_norms, gather, group_sums, topk, Gather, Group, K
 use crate::{ensure, invalid, Result};
 use std::collections::BTreeMap;
 
+/// Named device buffers.
+pub type NamedBufs = Vec<(String, Buf<f32>)>;
+
 /// Tensors of a model on a device, in torchvision's layouts (OIHW), for pruning.
 pub struct DeviceState {
     dev: Device,
@@ -95,6 +98,30 @@ impl DeviceState {
     }
 }
 
+impl DeviceState {
+    /// The tensors of the dense model that pruning reads or compacts, uploaded.
+    pub fn for_plan(dev: &Device, sd: &StateDict, plan: &Plan) -> Result<DeviceState> {
+        let specs = plan.before.tensor_specs();
+        DeviceState::upload(dev, sd, specs.iter().map(|s| s.name.as_str()).filter(|n| touched(plan, n)))
+    }
+
+    /// Scores, selects and compacts: the whole pipeline on the device, for the model's
+    /// tensors. Returns the kept indices and the compacted tensors in torchvision order.
+    pub fn run(&self, plan: &Plan) -> Result<(Keep, NamedBufs)> {
+        let keep = self.select(plan)?;
+        let names: Vec<String> =
+            plan.before.tensor_specs().into_iter().map(|s| s.name).filter(|n| touched(plan, n)).collect();
+        let pairs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), n.as_str())).collect();
+        let out = self.compact(plan, &keep, &pairs)?;
+        Ok((keep, names.into_iter().zip(out).collect()))
+    }
+}
+
+/// True if a pruning group indexes some dimension of the tensor.
+fn touched(plan: &Plan, name: &str) -> bool {
+    plan.tensor_groups(name) != (None, None)
+}
+
 /// The result of pruning a state dict.
 pub struct Pruned {
     pub plan: Plan,
@@ -156,7 +183,7 @@ pub fn prune_state_with(
     }
     // Upload what is scored or compacted: every tensor with a pruned dimension (which
     // includes every producer's weight).
-    let touched = |n: &str| plan.tensor_groups(n) != (None, None);
+    let touched = |n: &str| touched(&plan, n);
     let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).filter(|n| touched(n)).collect();
     let mut combined = sd.clone();
     let mut jobs: Vec<(String, String)> = names.iter().map(|n| (n.to_string(), n.to_string())).collect();

@@ -40,3 +40,12 @@ pub fn emu_devices() -> Vec<Device> {
 pub fn cuda_device() -> Device {
     Device::Gpu(Gpu::cuda(0).unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}")))
 }
+
+/// A file of tests/data. `PRUNEKIT_TEST_DATA` points elsewhere (the GPU bundle sets it,
+/// since its test binaries run far from the source tree).
+pub fn data(name: &str) -> std::path::PathBuf {
+    match std::env::var_os("PRUNEKIT_TEST_DATA") {
+        Some(dir) => std::path::PathBuf::from(dir).join(name),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name),
+    }
+}
