@@ -2,15 +2,18 @@
 //! `prunekit::cpu::layers`: the CUDA kernels through the host emulation in forward,
 //! reverse and shuffled fiber order (outputs start as poison there, so every element must
 //! be written), and the CPU fast path. The oracles' gradients are checked by finite
-//! differences, the loss and SGD also against values PyTorch wrote
-//! (tests/data/layers-reference.txt). `mod cuda` runs the kernel checks on a real GPU.
+//! differences, the loss and SGD also against values PyTorch wrote (the model reference
+//! files of tests/data). `mod cuda` runs the kernel checks on a real GPU.
 
 use half::bf16;
 use prunekit::cpu::layers::Real;
 use prunekit::cpu::layers::{bn as cbn, elementwise as cew, fc as cfc, loss as closs, pool as cpool, sgd as csgd};
 use prunekit::gpu::{Elem, Gpu, Schedule};
+use prunekit::model::state::StateDict;
 use prunekit::ops::layers::{self as layers, LayerElem};
 use prunekit::{Buf, Device};
+
+mod common;
 
 // ---------------------------------------------------------------- helpers
 
@@ -56,13 +59,7 @@ fn down<T: Real + Elem>(b: &Buf<T>) -> Vec<f64> {
     f64s(&b.to_vec().unwrap())
 }
 
-fn emu_devices() -> Vec<Device> {
-    vec![
-        Device::Gpu(Gpu::emu_with(Schedule::Forward)),
-        Device::Gpu(Gpu::emu_with(Schedule::Reverse)),
-        Device::Gpu(Gpu::emu_with(Schedule::Shuffle(11))),
-    ]
-}
+use common::emu_devices;
 fn all_devices() -> Vec<Device> {
     let mut d = vec![Device::Cpu];
     d.extend(emu_devices());
@@ -841,94 +838,67 @@ fn sgd_known_values() {
 
 // ---------------------------------------------------------------- PyTorch's values
 
-/// One model's extract from tests/data/layers-reference.txt.
+/// A model reference file PyTorch wrote (tests/data/README.md): its train logits, loss
+/// and gradients and the parameters after one SGD step.
 struct Reference {
-    name: String,
+    name: &'static str,
+    sd: StateDict,
     lr: f32,
     momentum: f32,
     weight_decay: f32,
-    f32s: std::collections::BTreeMap<String, Vec<f32>>,
-    ints: std::collections::BTreeMap<String, Vec<i64>>,
+}
+
+impl Reference {
+    fn f32s(&self, name: &str) -> Vec<f32> {
+        self.sd.get(name).unwrap().as_f32().unwrap().to_vec()
+    }
 }
 
 fn references() -> Vec<Reference> {
-    let text = include_str!("data/layers-reference.txt");
-    let mut out: Vec<Reference> = Vec::new();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let mut it = line.split_whitespace();
-        match it.next() {
-            Some("file") => out.push(Reference {
-                name: it.next().unwrap().to_string(),
-                lr: 0.0,
-                momentum: 0.0,
-                weight_decay: 0.0,
-                f32s: Default::default(),
-                ints: Default::default(),
-            }),
-            Some("meta") => {
-                let r = out.last_mut().unwrap();
-                let v: Vec<&str> = it.collect();
-                for kv in v.chunks(2) {
-                    let x: f32 = kv[1].parse().unwrap();
-                    match kv[0] {
-                        "lr" => r.lr = x,
-                        "momentum" => r.momentum = x,
-                        "weight_decay" => r.weight_decay = x,
-                        _ => {}
-                    }
-                }
-            }
-            Some("tensor") => {
-                let r = out.last_mut().unwrap();
-                let (name, kind, len) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
-                let vals: Vec<&str> = it.collect();
-                assert_eq!(vals.len(), len.parse::<usize>().unwrap(), "{name}");
-                if kind == "f32" {
-                    let v = vals.iter().map(|h| f32::from_bits(u32::from_str_radix(h, 16).unwrap())).collect();
-                    r.f32s.insert(name.to_string(), v);
-                } else {
-                    r.ints.insert(name.to_string(), vals.iter().map(|v| v.parse().unwrap()).collect());
-                }
-            }
-            _ => {}
-        }
-    }
-    assert_eq!(out.len(), 2);
-    out
+    ["model-tiny-irregular", "model-resnet50-narrow", "model-tiny-b1-odd"]
+        .into_iter()
+        .map(|name| {
+            let sd = StateDict::read(&common::data(&format!("{name}.safetensors"))).unwrap();
+            let meta = |k: &str| -> f32 { sd.metadata[k].parse().unwrap() };
+            let (lr, momentum, weight_decay) = (meta("lr"), meta("momentum"), meta("weight_decay"));
+            Reference { name, sd, lr, momentum, weight_decay }
+        })
+        .collect()
 }
 
 fn check_against_pytorch(dev: &Device) {
     for r in references() {
-        let logits = &r.f32s["expect.logits"];
-        let targets: Vec<i32> = r.ints["target"].iter().map(|&t| t as i32).collect();
+        let logits = &r.f32s("expect.logits");
+        let targets: Vec<i32> = r.sd.get("target").unwrap().as_i64().unwrap().iter().map(|&t| t as i32).collect();
         let (n, classes) = (targets.len(), logits.len() / targets.len());
         let (mut loss, mut d) = (fresh::<f32>(dev, 1), fresh::<f32>(dev, logits.len()));
         layers::softmax_cross_entropy(dev, n, classes, &up(dev, logits.clone()), &up(dev, targets), &mut loss, &mut d)
             .unwrap();
         let what = |s: &str| format!("{} {s} vs PyTorch", r.name);
-        check(&what("loss"), dev, &down(&loss), &d64(&r.f32s["expect.loss"]), 0.0, 2e-6);
+        check(&what("loss"), dev, &down(&loss), &d64(&r.f32s("expect.loss")), 0.0, 2e-6);
         // PyTorch's fc.bias gradient is the batch sum of dlogits.
         let mut db = fresh::<f32>(dev, classes);
         let (mut dx, mut dw) = (fresh::<f32>(dev, n), fresh::<f32>(dev, classes));
         let ones = up(dev, vec![1.0f32; n]);
         let w = up(dev, vec![0.0f32; classes]);
         layers::fc_backward(dev, n, 1, classes, &ones, &w, &d, &mut dx, &mut dw, &mut db).unwrap();
-        check(&what("fc.bias grad"), dev, &down(&db), &d64(&r.f32s["expect.grad.fc.bias"]), 1e-7, 1e-5);
+        check(&what("fc.bias grad"), dev, &down(&db), &d64(&r.f32s("expect.grad.fc.bias")), 1e-7, 1e-5);
         check(
             &what("fc.weight grad of a ones input"),
             dev,
             &down(&dw),
-            &d64(&r.f32s["expect.grad.fc.bias"]),
+            &d64(&r.f32s("expect.grad.fc.bias")),
             1e-7,
             1e-5,
         );
         // One SGD step (the first: the buffer is the gradient).
         for p in ["fc.bias", "fc.weight", "bn1.weight", "bn1.bias", "layer1.0.conv2.weight"] {
-            let mut param = up(dev, r.f32s[p].clone());
-            let mut buf = fresh::<f32>(dev, r.f32s[p].len());
-            let grad = up(dev, r.f32s[&format!("expect.grad.{p}")].clone());
+            let param0 = r.f32s(p);
+            let mut buf = fresh::<f32>(dev, param0.len());
+            let mut param = up(dev, param0);
+            let grad = up(dev, r.f32s(&format!("expect.grad.{p}")));
             layers::sgd_step(dev, &mut param, &grad, &mut buf, r.lr, r.momentum, r.weight_decay, true).unwrap();
-            let want = d64(&r.f32s[&format!("expect.step.{p}")]);
+            let want = d64(&r.f32s(&format!("expect.step.{p}")));
             check(&what(&format!("SGD step of {p}")), dev, &down(&param), &want, 1e-7, 1e-6);
         }
     }
@@ -944,7 +914,7 @@ fn loss_and_sgd_match_pytorch_reference_values() {
 #[test]
 fn a_one_percent_loss_error_fails_the_pytorch_check() {
     let r = &references()[0];
-    let want = r.f32s["expect.loss"][0] as f64;
+    let want = r.f32s("expect.loss")[0] as f64;
     let result = std::panic::catch_unwind(|| check("loss", &Device::Cpu, &[want * 1.01], &[want], 0.0, 2e-6));
     assert!(result.is_err());
 }
@@ -1090,7 +1060,7 @@ mod cuda {
     use super::*;
 
     fn dev() -> Device {
-        Device::Gpu(Gpu::cuda(0).unwrap_or_else(|e| panic!("needs a CUDA GPU: {e}")))
+        common::cuda_device()
     }
 
     #[test]
