@@ -60,7 +60,7 @@ pub const TOPK_THREADS: u32 = 1024;
 
 // ---------------------------------------------------------------- layers
 params!(
-    /// Batch norm launches (kernels/bn.cu).
+    /// Batch norm launches (kernels/bn.cu); fields as `PkBnParams` in kernels/params.h.
     BnParams = "PkBnParams" {
         x: u64, dy: u64, relu_out: u64, out: u64, gamma: u64, beta: u64, mean: u64, invstd: u64,
         running_mean: u64, running_var: u64, dgamma: u64, dbeta: u64, m: i64, rows_per_chunk: i64,
@@ -68,28 +68,28 @@ params!(
     }
 );
 params!(
-    /// Elementwise launches (kernels/elementwise.cu).
+    /// Elementwise launches (kernels/elementwise.cu); fields as `PkElementwiseParams`.
     ElementwiseParams = "PkElementwiseParams" { a: u64, b: u64, out: u64, n: i64, vec: i32, pad0: i32 }
 );
 params!(
-    /// Pooling launches (kernels/pool.cu).
+    /// Pooling launches (kernels/pool.cu); fields as `PkPoolParams`.
     PoolParams = "PkPoolParams" {
         x: u64, dy: u64, out: u64, n: i32, h: i32, w: i32, c: i32, oh: i32, ow: i32, vec: i32, pad0: i32,
     }
 );
 params!(
-    /// Fully connected launches (kernels/fc.cu).
+    /// Fully connected launches (kernels/fc.cu); fields as `PkFcParams`.
     FcParams = "PkFcParams" {
         a: u64, b: u64, bias: u64, c: u64, a_si: i64, a_sk: i64, b_sk: i64, b_sj: i64, m: i32, n: i32, k: i32,
         pad0: i32,
     }
 );
 params!(
-    /// The softmax cross-entropy launch (kernels/loss.cu).
+    /// The softmax cross-entropy launch (kernels/loss.cu); fields as `PkLossParams`.
     LossParams = "PkLossParams" { logits: u64, targets: u64, loss: u64, dlogits: u64, n: i32, classes: i32 }
 );
 params!(
-    /// The SGD launch (kernels/sgd.cu).
+    /// The SGD launch (kernels/sgd.cu); fields as `PkSgdParams`.
     SgdParams = "PkSgdParams" {
         param: u64, grad: u64, buf: u64, n: i64, lr: f32, momentum: f32, weight_decay: f32, first: i32,
     }

@@ -6,20 +6,18 @@
 use super::{relu, relu64, relu_grad, relu_grad64, rows_per_task, Real};
 use rayon::prelude::*;
 
-/// Per-channel sums over the rows of `[m, c]` data of `f(row, channel index, value)`, in
-/// f64, rows split over rayon tasks.
+/// `k` sums per channel over the rows of `[m, c]` data, in f64: `f(rows, acc)` adds the
+/// rows of one rayon task into `acc` (`[k, c]`), and the tasks' sums are added.
 fn channel_sums<F>(m: usize, c: usize, k: usize, f: F) -> Vec<f64>
 where
-    F: Fn(usize, &mut [f64]) + Sync,
+    F: Fn(std::ops::Range<usize>, &mut [f64]) + Sync,
 {
     let rows = rows_per_task(m, c);
     (0..m.div_ceil(rows))
         .into_par_iter()
         .map(|t| {
             let mut acc = vec![0.0f64; k * c];
-            for r in t * rows..((t + 1) * rows).min(m) {
-                f(r, &mut acc);
-            }
+            f(t * rows..((t + 1) * rows).min(m), &mut acc);
             acc
         })
         .reduce(
@@ -33,16 +31,20 @@ where
 
 /// Batch mean and biased variance of every channel, two passes in f64.
 pub fn batch_stats<T: Real>(m: usize, c: usize, x: &[T]) -> (Vec<f64>, Vec<f64>) {
-    let sum = channel_sums(m, c, 1, |r, acc| {
-        for (a, v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {
-            *a += v.to_f32() as f64;
+    let sum = channel_sums(m, c, 1, |rows, acc| {
+        for r in rows {
+            for (a, v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {
+                *a += v.to_f32() as f64;
+            }
         }
     });
     let mean: Vec<f64> = sum.iter().map(|s| s / m as f64).collect();
-    let sq = channel_sums(m, c, 1, |r, acc| {
-        for ((a, v), mu) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mean) {
-            let d = v.to_f32() as f64 - mu;
-            *a += d * d;
+    let sq = channel_sums(m, c, 1, |rows, acc| {
+        for r in rows {
+            for ((a, v), mu) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mean) {
+                let d = v.to_f32() as f64 - mu;
+                *a += d * d;
+            }
         }
     });
     let var = sq.iter().map(|s| s / m as f64).collect();
@@ -141,20 +143,33 @@ pub fn bn_backward<T: Real>(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
-    let g = |i: usize| -> f32 {
-        let d = dy[i].to_f32();
+    // g of row r into `out` (dy masked by the fused ReLU's output).
+    let grad_row = |r: usize, out: &mut [f32]| {
+        let dyr = &dy[r * c..(r + 1) * c];
         match relu_out {
-            Some(o) => relu_grad(o[i].to_f32(), d),
-            None => d,
+            Some(o) => {
+                for ((g, d), o) in out.iter_mut().zip(dyr).zip(&o[r * c..(r + 1) * c]) {
+                    *g = relu_grad(o.to_f32(), d.to_f32());
+                }
+            }
+            None => {
+                for (g, d) in out.iter_mut().zip(dyr) {
+                    *g = d.to_f32();
+                }
+            }
         }
     };
-    let sums = channel_sums(m, c, 2, |r, acc| {
+    let sums = channel_sums(m, c, 2, |rows, acc| {
+        let mut g = vec![0.0f32; c];
         let (sg, sgx) = acc.split_at_mut(c);
-        for ch in 0..c {
-            let i = r * c + ch;
-            let gi = g(i) as f64;
-            sg[ch] += gi;
-            sgx[ch] += gi * (x[i].to_f32() - mean[ch]) as f64;
+        for r in rows {
+            grad_row(r, &mut g);
+            let xr = &x[r * c..(r + 1) * c];
+            for ch in 0..c {
+                let gi = g[ch] as f64;
+                sg[ch] += gi;
+                sgx[ch] += gi * (xr[ch].to_f32() - mean[ch]) as f64;
+            }
         }
     });
     for ch in 0..c {
@@ -170,12 +185,14 @@ pub fn bn_backward<T: Real>(
     let k3: Vec<f32> = (0..c).map(|ch| dgamma[ch] * invstd[ch] * inv_m).collect();
     let rows = rows_per_task(m, c);
     dx.par_chunks_mut(rows * c).enumerate().for_each(|(t, dxc)| {
+        let mut g = vec![0.0f32; c];
         for (lr, dxr) in dxc.chunks_exact_mut(c).enumerate() {
             let r = t * rows + lr;
+            grad_row(r, &mut g);
+            let xr = &x[r * c..(r + 1) * c];
             for ch in 0..c {
-                let i = r * c + ch;
-                let xc = x[i].to_f32() - mean[ch];
-                dxr[ch] = T::from_f32(k1[ch] * (g(i) - k2[ch] - xc * k3[ch]));
+                let xc = xr[ch].to_f32() - mean[ch];
+                dxr[ch] = T::from_f32(k1[ch] * (g[ch] - k2[ch] - xc * k3[ch]));
             }
         }
     });
