@@ -541,8 +541,8 @@ fn maxpool_matches_oracle_on_every_device() {
 #[test]
 fn maxpool_follows_pytorch_on_ties_nan_and_sizes() {
     assert_eq!(
-        [1, 2, 3, 4, 7, 56, 112, 113].map(layers::maxpool_out),
-        [1, 1, 2, 2, 4, 28, 56, 57],
+        [0, 1, 2, 3, 4, 7, 56, 112, 113].map(layers::maxpool_out),
+        [0, 1, 1, 2, 2, 4, 28, 56, 57],
         "floor((h + 2 - 3) / 2) + 1"
     );
     // One 3x3 image, one channel; output 2x2. Window (0,0) covers rows 0-1, cols 0-1.

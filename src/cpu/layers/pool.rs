@@ -9,9 +9,14 @@
 use super::Real;
 use rayon::prelude::*;
 
-/// Output size of the 3x3 stride 2 padding 1 max pool: `floor((h + 2 - 3) / 2) + 1`.
+/// Output size of the 3x3 stride 2 padding 1 max pool: `floor((h + 2 - 3) / 2) + 1`
+/// (0 for an empty input).
 pub fn maxpool_out(h: usize) -> usize {
-    (h + 2 - 3) / 2 + 1
+    if h == 0 {
+        0
+    } else {
+        (h + 2 - 3) / 2 + 1
+    }
 }
 
 /// Position (ih, iw) of the maximum of window (oy, ox) of one channel of an image, and

@@ -12,8 +12,9 @@ use crate::{ensure, Result};
 const MODULE: &str = "bn";
 /// Threads of a per-channel block (BN_MAX_THREADS).
 const THREADS: usize = 256;
-/// Blocks the per-channel kernels aim for: about 8 per SM of a 132-SM H100.
-const TARGET_BLOCKS: usize = 1024;
+/// Blocks the per-channel kernels aim for: about 6 waves of the 5-6 blocks per SM that
+/// fit on a 132-SM H100, so that the last, partial wave costs little.
+const TARGET_BLOCKS: usize = 4096;
 /// Rows each thread handles at least, so that a block's work outweighs its merge.
 const MIN_ROWS_PER_THREAD: usize = 4;
 /// Channels (warps) per block of the finalize kernels.

@@ -12,7 +12,8 @@ use crate::Result;
 const THREADS: u32 = 256;
 
 /// Output height (or width) of the 3x3 stride 2 padding 1 max pool:
-/// `floor((h + 2 - 3) / 2) + 1` (112 -> 56, 7 -> 4, 1 -> 1). `h` must be at least 1.
+/// `floor((h + 2 - 3) / 2) + 1` (112 -> 56, 7 -> 4, 1 -> 1; 0 for an empty input, which
+/// the pooling functions reject).
 pub fn maxpool_out(h: usize) -> usize {
     cpu::maxpool_out(h)
 }
