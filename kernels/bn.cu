@@ -321,26 +321,28 @@ __device__ __forceinline__ void bn_backward_dx(const PkBnParams& p) {
 }
 
 // ---------------------------------------------------------------- entry points
+// At least 4 blocks of 256 threads per SM (64 registers), 3 for dx (85), which holds four
+// per-channel constants per element of its vector.
 #define BN_ENTRIES(T, NAME)                                                                  \
-  PK_KERNEL_BOUNDS(bn_stats_##NAME, PkBnParams, BN_MAX_THREADS, 1) {                         \
+  PK_KERNEL_BOUNDS(bn_stats_##NAME, PkBnParams, BN_MAX_THREADS, 4) {                         \
     if (p.vec > 1)                                                                           \
       bn_stats<T, VecWidth<T>::value>(p);                                                    \
     else                                                                                     \
       bn_stats<T, 1>(p);                                                                     \
   }                                                                                          \
-  PK_KERNEL_BOUNDS(bn_apply_##NAME, PkBnParams, BN_MAX_THREADS, 1) {                         \
+  PK_KERNEL_BOUNDS(bn_apply_##NAME, PkBnParams, BN_MAX_THREADS, 4) {                         \
     if (p.vec > 1)                                                                           \
       bn_apply<T, VecWidth<T>::value>(p);                                                    \
     else                                                                                     \
       bn_apply<T, 1>(p);                                                                     \
   }                                                                                          \
-  PK_KERNEL_BOUNDS(bn_backward_reduce_##NAME, PkBnParams, BN_MAX_THREADS, 1) {               \
+  PK_KERNEL_BOUNDS(bn_backward_reduce_##NAME, PkBnParams, BN_MAX_THREADS, 4) {               \
     if (p.vec > 1)                                                                           \
       bn_backward_reduce<T, VecWidth<T>::value>(p);                                          \
     else                                                                                     \
       bn_backward_reduce<T, 1>(p);                                                           \
   }                                                                                          \
-  PK_KERNEL_BOUNDS(bn_backward_dx_##NAME, PkBnParams, BN_MAX_THREADS, 1) {                   \
+  PK_KERNEL_BOUNDS(bn_backward_dx_##NAME, PkBnParams, BN_MAX_THREADS, 3) {                   \
     if (p.vec > 1)                                                                           \
       bn_backward_dx<T, VecWidth<T>::value>(p);                                              \
     else                                                                                     \

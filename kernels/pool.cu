@@ -172,18 +172,21 @@ __device__ __forceinline__ void avgpool_backward(const PkPoolParams& p) {
   }
 }
 
-#define POOL_ENTRY(OP, T, NAME)                  \
-  PK_KERNEL(OP##_##NAME, PkPoolParams) {         \
-    if (p.vec > 1)                               \
-      OP<T, VecWidth<T>::value>(p);              \
-    else                                         \
-      OP<T, 1>(p);                               \
+// At least 4 blocks of 256 threads per SM (64 registers); 2 for the max pool backward,
+// which holds the gradients of a 2x2 input cell and a window's argmax per channel.
+#define POOL_THREADS 256
+#define POOL_ENTRY(OP, T, NAME, MIN_BLOCKS)                                   \
+  PK_KERNEL_BOUNDS(OP##_##NAME, PkPoolParams, POOL_THREADS, MIN_BLOCKS) {    \
+    if (p.vec > 1)                                                            \
+      OP<T, VecWidth<T>::value>(p);                                           \
+    else                                                                      \
+      OP<T, 1>(p);                                                            \
   }
-#define POOL_ENTRIES(T, NAME)              \
-  POOL_ENTRY(maxpool_forward, T, NAME)     \
-  POOL_ENTRY(maxpool_backward, T, NAME)    \
-  POOL_ENTRY(avgpool_forward, T, NAME)     \
-  POOL_ENTRY(avgpool_backward, T, NAME)
+#define POOL_ENTRIES(T, NAME)                 \
+  POOL_ENTRY(maxpool_forward, T, NAME, 4)     \
+  POOL_ENTRY(maxpool_backward, T, NAME, 2)    \
+  POOL_ENTRY(avgpool_forward, T, NAME, 4)     \
+  POOL_ENTRY(avgpool_backward, T, NAME, 4)
 
 POOL_ENTRIES(float, f32)
 POOL_ENTRIES(bf16, bf16)
