@@ -299,6 +299,23 @@ fn bn_variance_is_sound_for_large_means() {
     }
 }
 
+/// More than 32 row chunks: each lane of the per-channel merge takes several.
+fn check_bn_many_chunks(dev: &Device) {
+    let (m, c) = (33001, 8);
+    assert!(layers::bn_row_chunks::<f32>(m, c) > 32 && layers::bn_row_chunks::<bf16>(m, c) > 32);
+    check_bn_train::<f32>(dev, m, c, true, 21, 2.0);
+    check_bn_backward::<f32>(dev, m, c, true, 22);
+    check_bn_train::<bf16>(dev, m, c, false, 23, 2.0);
+    check_bn_backward::<bf16>(dev, m, c, false, 24);
+}
+
+#[test]
+fn bn_merges_more_chunks_than_a_warp_has_lanes() {
+    for dev in all_devices() {
+        check_bn_many_chunks(&dev);
+    }
+}
+
 #[test]
 fn bn_updates_running_stats_with_unbiased_variance() {
     // Hand-computed: one channel, x = [1, 3]: mean 2, biased var 1, unbiased var 2.
@@ -1070,6 +1087,7 @@ mod cuda {
         run_bn::<f32>(&d);
         run_bn::<bf16>(&d);
         check_bn_train::<f32>(&d, 4099, 8, false, 7, 1000.0);
+        check_bn_many_chunks(&d);
     }
     #[test]
     #[ignore = "needs a CUDA GPU"]
