@@ -4,6 +4,7 @@
 //! its buffers.
 
 pub mod params;
+pub mod conv;
 pub mod prune;
 
 use crate::device::{Buf, Device};
