@@ -90,7 +90,8 @@ impl Tile {
     pub fn vector(self) -> bool {
         !matches!(self, Tile::T64x64Scalar)
     }
-    fn tag(self) -> &'static str {
+    /// The tile's part of the entry-point names, e.g. "t128x128".
+    pub fn tag(self) -> &'static str {
         match self {
             Tile::T128x128 => "t128x128",
             Tile::T128x64 => "t128x64",
