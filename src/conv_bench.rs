@@ -488,48 +488,86 @@ mod cudnn {
                 match pass {
                     Pass::Fprop => {
                         let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 16];
-                        sys::cudnnFindConvolutionForwardAlgorithm(h, d.x, d.w, d.conv, d.y, 16, &mut count, perf.as_mut_ptr())
-                            .result()
-                            .map_err(|e| err("cudnnFindConvolutionForwardAlgorithm", e))?;
+                        sys::cudnnFindConvolutionForwardAlgorithm(
+                            h,
+                            d.x,
+                            d.w,
+                            d.conv,
+                            d.y,
+                            16,
+                            &mut count,
+                            perf.as_mut_ptr(),
+                        )
+                        .result()
+                        .map_err(|e| err("cudnnFindConvolutionForwardAlgorithm", e))?;
                         let best = perf[..count.max(0) as usize]
                             .iter()
                             .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
                             .ok_or_else(|| invalid!("cuDNN has no forward algorithm for {sh:?}"))?;
                         let (algo, ws) = (best.algo, best.memory);
                         let (xd, wd, cd, yd) = (d.x, d.w, d.conv, d.y);
-                        (ws, Box::new(move |wsp, wsn| {
-                            sys::cudnnConvolutionForward(h, a, xd, xp, wd, wp, cd, algo, wsp, wsn, bt, yd, op)
-                        }))
+                        (
+                            ws,
+                            Box::new(move |wsp, wsn| {
+                                sys::cudnnConvolutionForward(h, a, xd, xp, wd, wp, cd, algo, wsp, wsn, bt, yd, op)
+                            }),
+                        )
                     }
                     Pass::Dgrad => {
                         let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); 16];
-                        sys::cudnnFindConvolutionBackwardDataAlgorithm(h, d.w, d.y, d.conv, d.x, 16, &mut count, perf.as_mut_ptr())
-                            .result()
-                            .map_err(|e| err("cudnnFindConvolutionBackwardDataAlgorithm", e))?;
+                        sys::cudnnFindConvolutionBackwardDataAlgorithm(
+                            h,
+                            d.w,
+                            d.y,
+                            d.conv,
+                            d.x,
+                            16,
+                            &mut count,
+                            perf.as_mut_ptr(),
+                        )
+                        .result()
+                        .map_err(|e| err("cudnnFindConvolutionBackwardDataAlgorithm", e))?;
                         let best = perf[..count.max(0) as usize]
                             .iter()
                             .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
                             .ok_or_else(|| invalid!("cuDNN has no backward-data algorithm for {sh:?}"))?;
                         let (algo, ws) = (best.algo, best.memory);
                         let (xd, wd, cd, yd) = (d.x, d.w, d.conv, d.y);
-                        (ws, Box::new(move |wsp, wsn| {
-                            sys::cudnnConvolutionBackwardData(h, a, wd, wp, yd, dyp, cd, algo, wsp, wsn, bt, xd, op)
-                        }))
+                        (
+                            ws,
+                            Box::new(move |wsp, wsn| {
+                                sys::cudnnConvolutionBackwardData(h, a, wd, wp, yd, dyp, cd, algo, wsp, wsn, bt, xd, op)
+                            }),
+                        )
                     }
                     Pass::Wgrad => {
                         let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); 16];
-                        sys::cudnnFindConvolutionBackwardFilterAlgorithm(h, d.x, d.y, d.conv, d.w, 16, &mut count, perf.as_mut_ptr())
-                            .result()
-                            .map_err(|e| err("cudnnFindConvolutionBackwardFilterAlgorithm", e))?;
+                        sys::cudnnFindConvolutionBackwardFilterAlgorithm(
+                            h,
+                            d.x,
+                            d.y,
+                            d.conv,
+                            d.w,
+                            16,
+                            &mut count,
+                            perf.as_mut_ptr(),
+                        )
+                        .result()
+                        .map_err(|e| err("cudnnFindConvolutionBackwardFilterAlgorithm", e))?;
                         let best = perf[..count.max(0) as usize]
                             .iter()
                             .find(|p| p.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS)
                             .ok_or_else(|| invalid!("cuDNN has no backward-filter algorithm for {sh:?}"))?;
                         let (algo, ws) = (best.algo, best.memory);
                         let (xd, wd, cd, yd) = (d.x, d.w, d.conv, d.y);
-                        (ws, Box::new(move |wsp, wsn| {
-                            sys::cudnnConvolutionBackwardFilter(h, a, xd, xp, yd, dyp, cd, algo, wsp, wsn, bt, wd, op)
-                        }))
+                        (
+                            ws,
+                            Box::new(move |wsp, wsn| {
+                                sys::cudnnConvolutionBackwardFilter(
+                                    h, a, xd, xp, yd, dyp, cd, algo, wsp, wsn, bt, wd, op,
+                                )
+                            }),
+                        )
                     }
                 }
             };
@@ -540,10 +578,7 @@ mod cudnn {
                 call()?;
             }
             let ev = |f| dr::event::create(f).map_err(|e| err("cuEventCreate", e));
-            let (start, end) = (
-                ev(dsys::CUevent_flags::CU_EVENT_DEFAULT)?,
-                ev(dsys::CUevent_flags::CU_EVENT_DEFAULT)?,
-            );
+            let (start, end) = (ev(dsys::CUevent_flags::CU_EVENT_DEFAULT)?, ev(dsys::CUevent_flags::CU_EVENT_DEFAULT)?);
             let null: dsys::CUstream = std::ptr::null_mut();
             // SAFETY: fresh events on the legacy stream, which the handle uses.
             let ms = unsafe {

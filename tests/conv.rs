@@ -167,8 +167,18 @@ fn check_adjoint<T: ConvElem>(dev: &Device) {
         let scale = d.dy.iter().zip(&y).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum::<f64>().max(1.0);
         let tol = if T::TENSOR_CORES { 1e-2 } else { 1e-5 } * scale;
         let (a, b) = (dot(&dx, &d.x), dot(&dw, &d.w));
-        assert!((a - lhs).abs() <= tol, "{} {}: <dgrad(dy), x> = {a} but <dy, fprop(x)> = {lhs} ({sh:?})", dev.name(), T::NAME);
-        assert!((b - lhs).abs() <= tol, "{} {}: <wgrad(x, dy), w> = {b} but <dy, fprop(x)> = {lhs} ({sh:?})", dev.name(), T::NAME);
+        assert!(
+            (a - lhs).abs() <= tol,
+            "{} {}: <dgrad(dy), x> = {a} but <dy, fprop(x)> = {lhs} ({sh:?})",
+            dev.name(),
+            T::NAME
+        );
+        assert!(
+            (b - lhs).abs() <= tol,
+            "{} {}: <wgrad(x, dy), w> = {b} but <dy, fprop(x)> = {lhs} ({sh:?})",
+            dev.name(),
+            T::NAME
+        );
     }
 }
 
@@ -252,9 +262,10 @@ fn cpu_fast_path_matches_oracle() {
     check_passes::<bf16>(&Device::Cpu);
     check_adjoint::<f32>(&Device::Cpu);
     // Larger shapes that take the parallel and blocked branches of the fast path.
-    for (i, sh) in [shape(5, 14, 13, 32, 24, 3, 1, 1), shape(1, 30, 30, 16, 8, 3, 2, 1), shape(9, 8, 8, 40, 24, 1, 1, 0)]
-        .iter()
-        .enumerate()
+    for (i, sh) in
+        [shape(5, 14, 13, 32, 24, 3, 1, 1), shape(1, 30, 30, 16, 8, 3, 2, 1), shape(9, 8, 8, 40, 24, 1, 1, 0)]
+            .iter()
+            .enumerate()
     {
         let d = data::<f32>(sh, 700 + i as u64);
         for pass in Pass::ALL {

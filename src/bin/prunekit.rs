@@ -78,7 +78,8 @@ fn run(cli: Cli) -> prunekit::Result<()> {
         Cmd::ConvBench { device, batch, size, sparsity, round_to, passes, dtype, iters, json } => {
             use prunekit::conv_bench::{self, BenchOpts, DType};
             use prunekit::ops::conv::Pass;
-            let list = |s: &str| s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect::<Vec<_>>();
+            let list =
+                |s: &str| s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect::<Vec<_>>();
             let sparsities = list(&sparsity)
                 .iter()
                 .map(|x| x.parse::<f64>().map_err(|_| prunekit::invalid!("--sparsity: {x:?} is not a number")))
@@ -88,7 +89,14 @@ fn run(cli: Cli) -> prunekit::Result<()> {
             let dev = Device::parse(&device)?;
             println!("conv-bench on {} ({}, batch {batch}, {size}x{size})", dev.name(), opts.dtype.name());
             let (rows, note) = conv_bench::run(&dev, &opts, |r| {
-                eprint!("{}", conv_bench::table(std::slice::from_ref(r)).lines().nth(1).map(|l| format!("{l}\n")).unwrap_or_default())
+                eprint!(
+                    "{}",
+                    conv_bench::table(std::slice::from_ref(r))
+                        .lines()
+                        .nth(1)
+                        .map(|l| format!("{l}\n"))
+                        .unwrap_or_default()
+                )
             })?;
             println!("{}", conv_bench::table(&rows));
             if let Some(n) = &note {

@@ -212,8 +212,25 @@ unsafe fn sgemm(m: usize, n: usize, k: usize, dst: *mut f32, ldd: usize, acc: bo
         return;
     }
     gemm::gemm(
-        m, n, k, dst, 1, ldd as isize, acc, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0f32, 1.0f32, false, false,
-        false, par,
+        m,
+        n,
+        k,
+        dst,
+        1,
+        ldd as isize,
+        acc,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        1.0f32,
+        1.0f32,
+        false,
+        false,
+        false,
+        par,
     );
 }
 
@@ -243,12 +260,15 @@ fn im2col(sh: &ConvShape, x: &[f32], m0: usize, rows: usize, col: &mut [f32]) {
     }
 }
 
-/// Rows of the output per task: enough work per GEMM call, enough tasks per thread.
-fn row_block(rows: usize, per_row: usize) -> usize {
-    let t = threads();
-    // At least 64 rows, at most 512; about 4 tasks per thread when the problem allows.
-    let _ = per_row;
-    rows.div_ceil(4 * t).clamp(64, 512)
+/// Rows of the output per task: enough work per GEMM call, about 4 tasks per thread.
+fn row_block(rows: usize) -> usize {
+    rows.div_ceil(4 * threads()).clamp(64, 512)
+}
+
+/// True when there are enough output rows for independent row blocks on every thread;
+/// otherwise each GEMM is parallel inside (the weights dominate and are packed once).
+fn rows_parallel(rows: usize) -> bool {
+    rows >= 1024 * threads()
 }
 
 /// The fast fprop: `y = conv(x, w)` (overwrites y).
@@ -256,12 +276,12 @@ pub fn fprop(sh: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     let (k, rsc) = (sh.k, sh.r * sh.s * sh.c);
     let m = sh.n * sh.p() * sh.q();
     debug_assert!(x.len() == sh.x_len() && w.len() == sh.w_len() && y.len() == sh.y_len());
-    // B[kk][k] = w[k][kk]
-    let b = Mat { ptr: w.as_ptr(), rs: 1, cs: rsc as isize };
-    let mb = row_block(m, rsc * k);
+    // B[kk][k] = w[k][kk], transposed once so that the GEMM reads it row-major.
+    let mut wt = vec![0.0f32; w.len()];
+    transpose(w, &mut wt, 1, k, rsc);
+    let b = Mat { ptr: wt.as_ptr(), rs: k as isize, cs: 1 };
     let pointwise = sh.is_pointwise();
-    y.par_chunks_mut(mb * k).enumerate().for_each_init(Vec::new, |col, (bi, yb)| {
-        let m0 = bi * mb;
+    let block = |m0: usize, yb: &mut [f32], col: &mut Vec<f32>, par: Parallelism| {
         let rows = yb.len() / k;
         let a = if pointwise {
             Mat { ptr: x[m0 * rsc..].as_ptr(), rs: rsc as isize, cs: 1 }
@@ -271,8 +291,21 @@ pub fn fprop(sh: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
             Mat { ptr: col.as_ptr(), rs: rsc as isize, cs: 1 }
         };
         // SAFETY: a is rows x rsc, b is rsc x k, yb is rows x k.
-        unsafe { sgemm(rows, k, rsc, yb.as_mut_ptr(), k, false, a, b, Parallelism::None) };
-    });
+        unsafe { sgemm(rows, k, rsc, yb.as_mut_ptr(), k, false, a, b, par) };
+    };
+    if rows_parallel(m) {
+        let mb = row_block(m);
+        y.par_chunks_mut(mb * k)
+            .enumerate()
+            .for_each_init(Vec::new, |col, (bi, yb)| block(bi * mb, yb, col, Parallelism::None));
+    } else {
+        // Blocks of at most ~16 MB of im2col, one after the other, each GEMM parallel.
+        let mb = if pointwise { m } else { (4 << 20) / rsc.max(1) }.max(256);
+        let mut col = Vec::new();
+        for (bi, yb) in y.chunks_mut(mb * k).enumerate() {
+            block(bi * mb, yb, &mut col, Parallelism::Rayon(threads()));
+        }
+    }
 }
 
 /// The fast dgrad: `dx = dgrad(dy, w)` (overwrites dx).
@@ -284,7 +317,7 @@ pub fn dgrad(sh: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
     if sh.is_pointwise() {
         // dx[m][c] = dy[m][k] * w[k][c]
         let m = sh.n * pq;
-        let mb = row_block(m, k * c);
+        let mb = row_block(m);
         let b = Mat { ptr: w.as_ptr(), rs: c as isize, cs: 1 };
         dx.par_chunks_mut(mb * c).enumerate().for_each(|(bi, db)| {
             let rows = db.len() / c;
@@ -320,9 +353,9 @@ pub fn dgrad(sh: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
         }
     };
     if sh.n >= threads() {
-        dx.par_chunks_mut(hwc).enumerate().for_each_init(Vec::new, |dcol, (n, dxi)| {
-            per_image(n, dxi, dcol, Parallelism::None)
-        });
+        dx.par_chunks_mut(hwc)
+            .enumerate()
+            .for_each_init(Vec::new, |dcol, (n, dxi)| per_image(n, dxi, dcol, Parallelism::None));
     } else {
         let mut dcol = Vec::new();
         for (n, dxi) in dx.chunks_mut(hwc).enumerate() {

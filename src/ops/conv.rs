@@ -137,14 +137,25 @@ macro_rules! kernel_table {
 }
 macro_rules! tc_table {
     ($pass:ident, $tile:ident, $dt:literal) => {
-        kernel_table!($pass, $tile, $dt, [
-            (Fprop, "fprop", T128x128, "t128x128"), (Fprop, "fprop", T128x64, "t128x64"),
-            (Fprop, "fprop", T64x64, "t64x64"), (Fprop, "fprop", T64x64Scalar, "t64x64s"),
-            (Dgrad, "dgrad", T128x128, "t128x128"), (Dgrad, "dgrad", T128x64, "t128x64"),
-            (Dgrad, "dgrad", T64x64, "t64x64"), (Dgrad, "dgrad", T64x64Scalar, "t64x64s"),
-            (Wgrad, "wgrad", T128x128, "t128x128"), (Wgrad, "wgrad", T128x64, "t128x64"),
-            (Wgrad, "wgrad", T64x64, "t64x64"), (Wgrad, "wgrad", T64x64Scalar, "t64x64s"),
-        ])
+        kernel_table!(
+            $pass,
+            $tile,
+            $dt,
+            [
+                (Fprop, "fprop", T128x128, "t128x128"),
+                (Fprop, "fprop", T128x64, "t128x64"),
+                (Fprop, "fprop", T64x64, "t64x64"),
+                (Fprop, "fprop", T64x64Scalar, "t64x64s"),
+                (Dgrad, "dgrad", T128x128, "t128x128"),
+                (Dgrad, "dgrad", T128x64, "t128x64"),
+                (Dgrad, "dgrad", T64x64, "t64x64"),
+                (Dgrad, "dgrad", T64x64Scalar, "t64x64s"),
+                (Wgrad, "wgrad", T128x128, "t128x128"),
+                (Wgrad, "wgrad", T128x64, "t128x64"),
+                (Wgrad, "wgrad", T64x64, "t64x64"),
+                (Wgrad, "wgrad", T64x64Scalar, "t64x64s"),
+            ]
+        )
     };
 }
 
@@ -152,11 +163,19 @@ impl ConvElem for f32 {
     const TENSOR_CORES: bool = false;
     const TRANSPOSE: Kernel = Kernel::new(MODULE, "transpose_f32");
     fn kernel(pass: Pass, tile: Tile) -> Option<Kernel> {
-        kernel_table!(pass, tile, "f32", [
-            (Fprop, "fprop", T128x128, "t128x128"), (Fprop, "fprop", T64x64, "t64x64"),
-            (Dgrad, "dgrad", T128x128, "t128x128"), (Dgrad, "dgrad", T64x64, "t64x64"),
-            (Wgrad, "wgrad", T128x128, "t128x128"), (Wgrad, "wgrad", T64x64, "t64x64"),
-        ])
+        kernel_table!(
+            pass,
+            tile,
+            "f32",
+            [
+                (Fprop, "fprop", T128x128, "t128x128"),
+                (Fprop, "fprop", T64x64, "t64x64"),
+                (Dgrad, "dgrad", T128x128, "t128x128"),
+                (Dgrad, "dgrad", T64x64, "t64x64"),
+                (Wgrad, "wgrad", T128x128, "t128x128"),
+                (Wgrad, "wgrad", T64x64, "t64x64"),
+            ]
+        )
     }
     fn to_f32(self) -> f32 {
         self
@@ -307,11 +326,7 @@ fn launch<T: ConvElem, O: Elem>(
     let kernel = T::kernel(pass, plan.tile)
         .ok_or_else(|| invalid!("no {} kernel with tile {:?} for {}", pass.name(), plan.tile, T::NAME))?;
     if plan.tile.vector() && T::TENSOR_CORES {
-        ensure!(
-            vector_ok(pass, sh),
-            "tile {:?} needs channel counts that are multiples of 8 ({sh:?})",
-            plan.tile
-        );
+        ensure!(vector_ok(pass, sh), "tile {:?} needs channel counts that are multiples of 8 ({sh:?})", plan.tile);
     }
     let (ga, gb) = (on_gpu(a, gpu, "the first operand")?, on_gpu(b, gpu, "the second operand")?);
     let go = match out {
@@ -420,13 +435,7 @@ pub fn conv2d_fprop_with<T: ConvElem>(
 
 /// `dx` = the gradient with respect to x of `<dy, conv(x, w)>` (dy NPQK, w KRSC, dx NHWC;
 /// overwrites dx).
-pub fn conv2d_dgrad<T: ConvElem>(
-    dev: &Device,
-    sh: &ConvShape,
-    dy: &Buf<T>,
-    w: &Buf<T>,
-    dx: &mut Buf<T>,
-) -> Result<()> {
+pub fn conv2d_dgrad<T: ConvElem>(dev: &Device, sh: &ConvShape, dy: &Buf<T>, w: &Buf<T>, dx: &mut Buf<T>) -> Result<()> {
     conv2d_dgrad_with(dev, sh, dy, w, dx, None)
 }
 
@@ -490,7 +499,13 @@ fn f32s<T: ConvElem>(h: &[T]) -> Option<&[f32]> {
 }
 
 /// Runs a CPU pass on host buffers: in place for f32, through f32 copies for 16-bit types.
-fn cpu_run<T: ConvElem>(a: &Buf<T>, b: &Buf<T>, out: &mut Buf<T>, out_len: usize, f: impl Fn(&[f32], &[f32], &mut [f32])) {
+fn cpu_run<T: ConvElem>(
+    a: &Buf<T>,
+    b: &Buf<T>,
+    out: &mut Buf<T>,
+    out_len: usize,
+    f: impl Fn(&[f32], &[f32], &mut [f32]),
+) {
     let (ah, bh) = (a.host().expect("checked"), b.host().expect("checked"));
     let oh = out.host_mut().expect("checked");
     if T::NAME == "f32" {
@@ -613,10 +628,7 @@ pub fn krsc_to_oihw<T: ConvElem>(
 /// to a multiple of `round_to` (0 or 1: no rounding), never above `c`, at least 1 when
 /// `c > 0`. A sparsity outside `[0, 1)` or not finite is an error.
 pub fn kept_width(c: usize, sparsity: f64, round_to: usize) -> Result<usize> {
-    ensure!(
-        sparsity.is_finite() && (0.0..1.0).contains(&sparsity),
-        "sparsity {sparsity} is outside [0, 1)"
-    );
+    ensure!(sparsity.is_finite() && (0.0..1.0).contains(&sparsity), "sparsity {sparsity} is outside [0, 1)");
     // The shortest decimal that round-trips to this f64 is the value the user wrote.
     let text = format!("{sparsity}");
     let (num, den) = parse_decimal(&text).ok_or_else(|| invalid!("sparsity {text} is not a plain decimal"))?;
@@ -642,7 +654,8 @@ fn parse_decimal(s: &str) -> Option<(u128, u128)> {
         return None;
     }
     let den = 10u128.pow(frac.len() as u32);
-    let num = int.parse::<u128>().ok()?.checked_mul(den)? + if frac.is_empty() { 0 } else { frac.parse::<u128>().ok()? };
+    let num =
+        int.parse::<u128>().ok()?.checked_mul(den)? + if frac.is_empty() { 0 } else { frac.parse::<u128>().ok()? };
     Some((num, den))
 }
 

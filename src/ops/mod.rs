@@ -3,8 +3,8 @@
 //! fast path on the CPU. Nothing a caller passes can make a launch read or write outside
 //! its buffers.
 
-pub mod params;
 pub mod conv;
+pub mod params;
 pub mod prune;
 
 use crate::device::{Buf, Device};
