@@ -66,18 +66,22 @@ typedef struct {
 #define PK_TOPK_MAX_WIDTH 4096
 #define PK_TOPK_THREADS 1024
 
-// One gather: dst[i, j, l] = src[rows[i], j, cols[l]] with src of shape [*, mid, src_cols]
-// and dst of shape [n_rows, mid, n_cols]. rows (cols) null means the identity.
-// A KRSC conv weight is [K, R*S, C]; a vector is [n, 1, 1].
+// One gather: dst[i, j, l] = src[rows[i], mids[j], cols[l]] with src of shape
+// [*, src_mid, src_cols] and dst of shape [n_rows, n_mid, n_cols]; a null index array
+// means the identity. An OIHW weight is [O, I, H*W] (rows and mids), a KRSC weight
+// [K, R*S, C] (rows and cols), a vector [n, 1, 1].
 typedef struct {
   const void* src;
   void* dst;
   const int32_t* rows;
+  const int32_t* mids;
   const int32_t* cols;
   int32_t n_rows;
-  int32_t mid;
+  int32_t n_mid;
   int32_t n_cols;
+  int32_t src_mid;
   int32_t src_cols;
+  int32_t pad0;
 } PkGatherJob;
 
 // gather_<dtype>: every job of the table in one launch; blockIdx.y is the job.

@@ -95,7 +95,7 @@ PK_KERNEL(topk_f64, PkTopkParams) {
 template <class T>
 __device__ __forceinline__ void gather(const PkGatherParams& p) {
   const PkGatherJob job = p.jobs[blockIdx.y];
-  const int64_t plane = (int64_t)job.mid * job.n_cols;
+  const int64_t plane = (int64_t)job.n_mid * job.n_cols;
   const int64_t total = (int64_t)job.n_rows * plane;
   const T* src = static_cast<const T*>(job.src);
   T* dst = static_cast<T*>(job.dst);
@@ -105,8 +105,9 @@ __device__ __forceinline__ void gather(const PkGatherParams& p) {
     const int64_t j = rem / job.n_cols;
     const int64_t l = rem - j * job.n_cols;
     const int64_t si = job.rows ? job.rows[i] : i;
+    const int64_t sj = job.mids ? job.mids[j] : j;
     const int64_t sl = job.cols ? job.cols[l] : l;
-    dst[e] = src[(si * job.mid + j) * job.src_cols + sl];
+    dst[e] = src[(si * job.src_mid + sj) * job.src_cols + sl];
   }
 }
 

@@ -6,7 +6,8 @@
 
 use crate::device::{Buf, Device};
 use crate::gpu::Gpu;
-use crate::ops::conv::{self, kept_width, ConvElem, ConvShape, Pass};
+use crate::ops::conv::{self, ConvElem, ConvShape, Pass};
+use crate::prune::{kept_width, Sparsity};
 use crate::{ensure, invalid, Result};
 use half::bf16;
 use std::time::Instant;
@@ -114,7 +115,7 @@ impl Row {
 
 /// Every convolution of torchvision's ResNet50 (v1.5: stride in the 3x3) at image size
 /// `size` and batch `batch`, with filters-mode pruning at `sparsity` (conv1 and conv2 of
-/// every bottleneck keep `kept_width` filters; conv2 and conv3 lose the matching input
+/// every bottleneck keep [`kept_width`] filters, the project's one width rule; conv2 and conv3 lose the matching input
 /// channels; the stem, downsample convs and conv3 outputs keep their widths).
 pub fn resnet50_convs(batch: usize, size: usize, sparsity: f64, round_to: usize) -> Result<Vec<(String, ConvShape)>> {
     let mut out = Vec::new();
@@ -127,7 +128,7 @@ pub fn resnet50_convs(batch: usize, size: usize, sparsity: f64, round_to: usize)
     h = if h + 2 >= 3 { (h + 2 - 3) / 2 + 1 } else { 0 }; // max pool 3x3, stride 2, pad 1
     let mut c_in = 64;
     for (stage, (&blocks, &width)) in [3usize, 4, 6, 3].iter().zip(&[64usize, 128, 256, 512]).enumerate() {
-        let kept = kept_width(width, sparsity, round_to)?;
+        let kept = kept_width(width, Sparsity::from_f64(sparsity)?, round_to.max(1))?;
         let c_out = width * 4;
         for b in 0..blocks {
             let stride = if stage > 0 && b == 0 { 2 } else { 1 };
@@ -361,6 +362,9 @@ mod cudnn {
         const DT: sys::cudnnDataType_t = sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16;
     }
 
+    /// One cuDNN call with a workspace (pointer, bytes).
+    type CudnnCall = Box<dyn Fn(*mut c_void, usize) -> sys::cudnnStatus_t>;
+
     pub struct Cudnn {
         handle: sys::cudnnHandle_t,
     }
@@ -484,7 +488,7 @@ mod cudnn {
             let h = self.handle;
             let mut count = 0i32;
             // Find the best algorithm, allocate its workspace, and make a closure that runs it.
-            let (ws_bytes, run): (usize, Box<dyn Fn(*mut c_void, usize) -> sys::cudnnStatus_t>) = unsafe {
+            let (ws_bytes, run): (usize, CudnnCall) = unsafe {
                 match pass {
                     Pass::Fprop => {
                         let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 16];

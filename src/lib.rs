@@ -10,7 +10,9 @@ pub mod cpu;
 pub mod device;
 pub mod error;
 pub mod gpu;
+pub mod model;
 pub mod ops;
+pub mod prune;
 
 pub use device::{Buf, Device};
 pub use error::{Error, Result};

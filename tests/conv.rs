@@ -21,6 +21,7 @@ fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn shape(n: usize, h: usize, w: usize, c: usize, k: usize, r: usize, stride: usize, pad: usize) -> ConvShape {
     ConvShape { n, h, w, c, k, r, s: r, stride, pad }
 }
@@ -66,13 +67,9 @@ fn data<T: ConvElem>(sh: &ConvShape, seed: u64) -> Data {
 /// reduction length `kg` (and the output rounding unless the output is f32).
 fn check_close(what: &str, got: &[f32], want: &[f32], bits16: bool, f32_out: bool, kg: usize) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let (atol, rtol) = if !bits16 {
-        (1e-5 * (kg as f32).sqrt(), 1e-5)
-    } else if f32_out {
-        (1e-5 * (kg as f32).sqrt(), 1e-5)
-    } else {
-        (2e-3 * (kg as f32).sqrt(), 8e-3)
-    };
+    // 16-bit inputs are exact in f32, so an f32 output (wgrad) is held to f32's bound.
+    let (atol, rtol) =
+        if !bits16 || f32_out { (1e-5 * (kg as f32).sqrt(), 1e-5) } else { (2e-3 * (kg as f32).sqrt(), 8e-3) };
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
         let tol = atol + rtol * w.abs();

@@ -32,9 +32,9 @@ static const PkFieldLayout kLayout[] = {
     PK_F(PkTopkParams, scores) PK_F(PkTopkParams, segments) PK_F(PkTopkParams, keep)
     PK_F(PkTopkParams, num_segments) PK_F(PkTopkParams, pad0)
 
-    PK_F(PkGatherJob, src) PK_F(PkGatherJob, dst) PK_F(PkGatherJob, rows) PK_F(PkGatherJob, cols)
-    PK_F(PkGatherJob, n_rows) PK_F(PkGatherJob, mid) PK_F(PkGatherJob, n_cols)
-    PK_F(PkGatherJob, src_cols)
+    PK_F(PkGatherJob, src) PK_F(PkGatherJob, dst) PK_F(PkGatherJob, rows) PK_F(PkGatherJob, mids)
+    PK_F(PkGatherJob, cols) PK_F(PkGatherJob, n_rows) PK_F(PkGatherJob, n_mid) PK_F(PkGatherJob, n_cols)
+    PK_F(PkGatherJob, src_mid) PK_F(PkGatherJob, src_cols) PK_F(PkGatherJob, pad0)
 
     PK_F(PkGatherParams, jobs) PK_F(PkGatherParams, num_jobs) PK_F(PkGatherParams, pad0)
 

@@ -167,13 +167,19 @@ pub fn topk(scores: &[f64], n: usize) -> Vec<i32> {
     kept
 }
 
-/// dst[i, j, l] = src[rows[i], j, cols[l]] with src of shape [*, mid, src_cols].
-pub fn gather<T: Copy + Send + Sync>(src: &[T], mid: usize, src_cols: usize, rows: &[usize], cols: &[usize]) -> Vec<T> {
-    let plane = mid * cols.len();
-    let mut dst = Vec::with_capacity(rows.len() * plane);
+/// `dst[i, j, l] = src[rows[i], mids[j], cols[l]]` with `src` of shape `[*, src_mid, src_cols]`.
+pub fn gather<T: Copy + Send + Sync>(
+    src: &[T],
+    src_mid: usize,
+    src_cols: usize,
+    rows: &[usize],
+    mids: &[usize],
+    cols: &[usize],
+) -> Vec<T> {
+    let mut dst = Vec::with_capacity(rows.len() * mids.len() * cols.len());
     for &r in rows {
-        for j in 0..mid {
-            let base = (r * mid + j) * src_cols;
+        for &j in mids {
+            let base = (r * src_mid + j) * src_cols;
             dst.extend(cols.iter().map(|&c| src[base + c]));
         }
     }

@@ -179,23 +179,29 @@ impl CudaBackend {
         self.bind()?;
         let launch_err = |msg: String| GpuError::Launch { kernel: kernel.name.to_string(), msg };
         let mut funcs = self.funcs.lock().unwrap_or_else(|e| e.into_inner());
-        if !funcs.contains_key(&kernel) {
-            let m = self.module(kernel.module)?;
-            let cname = CString::new(kernel.name).map_err(|_| launch_err("bad kernel name".into()))?;
-            // SAFETY: m is a loaded module.
-            let f = unsafe { result::module::get_function(m, cname) }.map_err(|_| GpuError::UnknownKernel {
-                module: kernel.module.to_string(),
-                name: kernel.name.to_string(),
-            })?;
-            let (mut offset, mut size) = (0usize, 0usize);
-            // SAFETY: f is a valid function; one parameter (index 0) by convention.
-            let r = unsafe { sys::cuFuncGetParamInfo(f, 0, &mut offset, &mut size) };
-            if r == sys::cudaError_enum::CUDA_SUCCESS && size != param_size {
-                return Err(GpuError::ParamSize { kernel: kernel.name.to_string(), expected: size, got: param_size });
+        let func = match funcs.entry(kernel) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let m = self.module(kernel.module)?;
+                let cname = CString::new(kernel.name).map_err(|_| launch_err("bad kernel name".into()))?;
+                // SAFETY: m is a loaded module.
+                let f = unsafe { result::module::get_function(m, cname) }.map_err(|_| GpuError::UnknownKernel {
+                    module: kernel.module.to_string(),
+                    name: kernel.name.to_string(),
+                })?;
+                let (mut offset, mut size) = (0usize, 0usize);
+                // SAFETY: f is a valid function; one parameter (index 0) by convention.
+                let r = unsafe { sys::cuFuncGetParamInfo(f, 0, &mut offset, &mut size) };
+                if r == sys::cudaError_enum::CUDA_SUCCESS && size != param_size {
+                    return Err(GpuError::ParamSize {
+                        kernel: kernel.name.to_string(),
+                        expected: size,
+                        got: param_size,
+                    });
+                }
+                e.insert(Func { f, max_dyn_smem: 48 * 1024 })
             }
-            funcs.insert(kernel, Func { f, max_dyn_smem: 48 * 1024 });
-        }
-        let func = funcs.get_mut(&kernel).expect("inserted above");
+        };
         if cfg.shared_mem_bytes > func.max_dyn_smem {
             // SAFETY: raising the opt-in limit of a valid function.
             unsafe {

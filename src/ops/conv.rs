@@ -261,7 +261,7 @@ pub fn fast_div(d: i32) -> FastDiv {
     }
     let l = 32 - (d as u32 - 1).leading_zeros(); // ceil(log2 d)
     let p = 31 + l;
-    let mul = ((1u64 << p) + d as u64 - 1) / d as u64;
+    let mul = (1u64 << p).div_ceil(d as u64);
     FastDiv { d, mul: mul as u32, shr: p - 32, pad0: 0 }
 }
 
@@ -621,44 +621,6 @@ pub fn krsc_to_oihw<T: ConvElem>(
     transpose(dev, k, r.checked_mul(s).ok_or_else(|| invalid!("r*s overflows"))?, c, src, dst)
 }
 
-// ---------------------------------------------------------------- pruned widths
-
-/// Channels that filters-mode pruning keeps of `c` at `sparsity`: `ceil((1 - s) * c)`
-/// computed exactly from the decimal value of `sparsity` (0.7 of 10 keeps 3), rounded up
-/// to a multiple of `round_to` (0 or 1: no rounding), never above `c`, at least 1 when
-/// `c > 0`. A sparsity outside `[0, 1)` or not finite is an error.
-pub fn kept_width(c: usize, sparsity: f64, round_to: usize) -> Result<usize> {
-    ensure!(sparsity.is_finite() && (0.0..1.0).contains(&sparsity), "sparsity {sparsity} is outside [0, 1)");
-    // The shortest decimal that round-trips to this f64 is the value the user wrote.
-    let text = format!("{sparsity}");
-    let (num, den) = parse_decimal(&text).ok_or_else(|| invalid!("sparsity {text} is not a plain decimal"))?;
-    // keep = ceil((den - num) * c / den)
-    let kept_num = (den - num).checked_mul(c as u128).ok_or_else(|| invalid!("width {c} too large"))?;
-    let mut n = kept_num.div_ceil(den) as usize;
-    if c > 0 {
-        n = n.max(1);
-    }
-    if round_to > 1 {
-        n = n.div_ceil(round_to) * round_to;
-    }
-    Ok(n.min(c))
-}
-
-/// "0.25" -> (25, 100); digits only, one optional point.
-fn parse_decimal(s: &str) -> Option<(u128, u128)> {
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    if frac.len() > 30 {
-        return None;
-    }
-    let den = 10u128.pow(frac.len() as u32);
-    let num =
-        int.parse::<u128>().ok()?.checked_mul(den)? + if frac.is_empty() { 0 } else { frac.parse::<u128>().ok()? };
-    Some((num, den))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -677,22 +639,6 @@ mod tests {
                 assert_eq!(div(n), n / d as u32, "{n} / {d}");
             }
         }
-    }
-
-    #[test]
-    fn kept_width_is_exact() {
-        assert_eq!(kept_width(10, 0.7, 1).unwrap(), 3);
-        assert_eq!(kept_width(64, 0.0, 8).unwrap(), 64);
-        assert_eq!(kept_width(64, 0.5, 8).unwrap(), 32);
-        assert_eq!(kept_width(64, 0.75, 8).unwrap(), 16);
-        assert_eq!(kept_width(64, 0.25, 8).unwrap(), 48);
-        assert_eq!(kept_width(100, 0.33, 8).unwrap(), 72); // ceil(67) -> 72
-        assert_eq!(kept_width(10, 0.99, 8).unwrap(), 8); // 1 -> 8
-        assert_eq!(kept_width(5, 0.1, 8).unwrap(), 5); // never above c
-        assert_eq!(kept_width(3, 0.9, 1).unwrap(), 1);
-        assert!(kept_width(8, 1.0, 8).is_err());
-        assert!(kept_width(8, -0.1, 8).is_err());
-        assert!(kept_width(8, f64::NAN, 8).is_err());
     }
 
     #[test]

@@ -44,7 +44,8 @@ params!(TopkParams = "PkTopkParams" { scores: u64, segments: u64, keep: u64, num
 params!(
     /// One gather of a compaction launch.
     GatherJob = "PkGatherJob" {
-        src: u64, dst: u64, rows: u64, cols: u64, n_rows: i32, mid: i32, n_cols: i32, src_cols: i32,
+        src: u64, dst: u64, rows: u64, mids: u64, cols: u64, n_rows: i32, n_mid: i32, n_cols: i32,
+        src_mid: i32, src_cols: i32, pad0: i32,
     }
 );
 params!(GatherParams = "PkGatherParams" { jobs: u64, num_jobs: i32, pad0: i32 });
@@ -96,12 +97,15 @@ mod tests {
         fn pk_emu_param_layout(n: *mut usize) -> *const FieldLayout;
     }
 
-    /// struct -> (size, field -> (offset, size)) as the C++ compiler sees params.h.
-    fn c_layout() -> BTreeMap<String, (usize, BTreeMap<String, (usize, usize)>)> {
+    /// struct -> (size, field -> (offset, size)).
+    type CLayout = BTreeMap<String, (usize, BTreeMap<String, (usize, usize)>)>;
+
+    /// The layouts as the C++ compiler sees params.h.
+    fn c_layout() -> CLayout {
         let mut n = 0;
         // SAFETY: a static table of n entries with string literals.
         let table = unsafe { std::slice::from_raw_parts(pk_emu_param_layout(&mut n), n) };
-        let mut out: BTreeMap<String, (usize, BTreeMap<String, (usize, usize)>)> = BTreeMap::new();
+        let mut out = CLayout::new();
         for f in table {
             let s = unsafe { CStr::from_ptr(f.strct) }.to_string_lossy().into_owned();
             let name = unsafe { CStr::from_ptr(f.field) }.to_string_lossy().into_owned();

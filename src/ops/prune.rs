@@ -322,18 +322,22 @@ pub fn topk(dev: &Device, scores: &Buf<f64>, sels: &[Selection]) -> Result<Keep>
     }
 }
 
-/// One compaction: `dst[i, j, l] = src[rows[i], j, cols[l]]` where `src` has the
-/// shape `[shape.0, shape.1, shape.2]` and rows and cols are kept indices of selections
-/// (None keeps the whole dimension). A KRSC weight is `[K, R*S, C]`; a vector `[n, 1, 1]`.
+/// One compaction: `dst[i, j, l] = src[rows[i], mids[j], cols[l]]` where `src` has the
+/// shape `[shape.0, shape.1, shape.2]` and each index set is the kept indices of one
+/// selection of a [`Keep`] (None keeps the whole dimension). An OIHW weight is
+/// `[O, I, H*W]` (rows and mids), a KRSC weight `[K, R*S, C]` (rows and cols), a vector
+/// `[n, 1, 1]`.
 #[derive(Clone, Copy)]
 pub struct Gather<'a, T: Elem> {
     pub src: &'a Buf<T>,
     pub shape: (usize, usize, usize),
     pub rows: Option<(&'a Keep, usize)>,
+    pub mids: Option<(&'a Keep, usize)>,
     pub cols: Option<(&'a Keep, usize)>,
 }
 
-/// Runs every gather (one launch per 65535 on a kernel device) and returns the new buffers.
+/// Runs every gather (one launch per 65535 of them on a kernel device) and returns the
+/// new buffers.
 pub fn gather<T: GatherElem>(dev: &Device, jobs: &[Gather<'_, T>]) -> Result<Vec<Buf<T>>> {
     let mut dims = Vec::with_capacity(jobs.len());
     for (i, j) in jobs.iter().enumerate() {
@@ -356,13 +360,12 @@ pub fn gather<T: GatherElem>(dev: &Device, jobs: &[Gather<'_, T>]) -> Result<Vec
                 }
             }
         };
-        dims.push((sel(j.rows, a, "row")?, m, sel(j.cols, c, "column")?));
+        dims.push((sel(j.rows, a, "row")?, sel(j.mids, m, "middle")?, sel(j.cols, c, "column")?));
     }
     match dev {
         Device::Cpu => jobs
             .iter()
-            .zip(&dims)
-            .map(|(j, _)| {
+            .map(|j| {
                 let idx = |k: Option<(&Keep, usize)>, full: usize| -> Vec<usize> {
                     match k {
                         None => (0..full).collect(),
@@ -373,7 +376,8 @@ pub fn gather<T: GatherElem>(dev: &Device, jobs: &[Gather<'_, T>]) -> Result<Vec
                     }
                 };
                 let src = j.src.host().expect("checked");
-                Ok(Buf::Host(cpu::gather(src, j.shape.1, j.shape.2, &idx(j.rows, j.shape.0), &idx(j.cols, j.shape.2))))
+                let (a, m, c) = j.shape;
+                Ok(Buf::Host(cpu::gather(src, m, c, &idx(j.rows, a), &idx(j.mids, m), &idx(j.cols, c))))
             })
             .collect(),
         Device::Gpu(gpu) => {
@@ -397,11 +401,14 @@ pub fn gather<T: GatherElem>(dev: &Device, jobs: &[Gather<'_, T>]) -> Result<Vec
                         src: on_gpu(j.src, gpu, "source")?.ptr(),
                         dst: dst.ptr(),
                         rows: index_ptr(j.rows)?,
+                        mids: index_ptr(j.mids)?,
                         cols: index_ptr(j.cols)?,
                         n_rows: i32_of(r, "rows")?,
-                        mid: i32_of(m, "middle dimension")?,
+                        n_mid: i32_of(m, "middle dimension")?,
                         n_cols: i32_of(c, "columns")?,
+                        src_mid: i32_of(j.shape.1, "middle dimension")?,
                         src_cols: i32_of(j.shape.2, "columns")?,
+                        pad0: 0,
                     });
                     max_elems = max_elems.max(r * m * c);
                 }

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds everything a GPU machine needs to test and benchmark prunekit without Rust:
+# the release test and bench executables (kernels compiled by the pinned nvcc), the
+# prunekit binary, the test data, the PyTorch comparison scripts, and run.sh.
+#
+#   scripts/gpu-bundle.sh            -> dist/gpu-bundle/ and dist/gpu-bundle.tar.xz
+#   (on the GPU machine) dist/gpu-bundle/run.sh [--quick]   -> report.txt
+#
+# The target needs x86-64 Linux, an NVIDIA driver (580 or newer) and libstdc++; Python
+# with PyTorch only for the comparison runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=dist/gpu-bundle
+./scripts/install-cuda-compiler.sh >/dev/null
+export NVCC="$PWD/.cuda/nvidia/cu13/bin/nvcc"
+
+rm -rf "$OUT" dist/gpu-bundle.tar.xz
+mkdir -p "$OUT/tests" "$OUT/benches" "$OUT/bin" "$OUT/data" "$OUT/scripts"
+
+# name<TAB>path of each executable that cargo builds for targets of the given kinds.
+executables() {
+    python3 -c '
+import json, sys
+kinds = set(sys.argv[1].split(","))
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") != "compiler-artifact" or not m.get("executable") or not m["profile"]["test"]:
+        continue
+    t = m["target"]
+    if not kinds & set(t["kind"]):
+        continue
+    name = t["name"] + ("-unit" if "lib" in t["kind"] else "")
+    print(name + "\t" + m["executable"])
+' "$1"
+}
+cargo test --release --no-run --message-format=json 2>/dev/null | executables lib,test | while IFS=$'\t' read -r name path; do
+    cp "$path" "$OUT/tests/$name"
+done
+cargo bench --no-run --message-format=json 2>/dev/null | executables bench | while IFS=$'\t' read -r name path; do
+    cp "$path" "$OUT/benches/$name"
+done
+cargo build --release --bin prunekit
+cp target/release/prunekit "$OUT/bin/"
+strip "$OUT"/tests/* "$OUT"/benches/* "$OUT"/bin/* 2>/dev/null || true
+cp tests/data/* "$OUT/data/"
+cp scripts/*.py "$OUT/scripts/" 2>/dev/null || true
+cp scripts/gpu-run.sh "$OUT/run.sh"
+chmod +x "$OUT/run.sh"
+git rev-parse HEAD > "$OUT/COMMIT" 2>/dev/null || echo unknown > "$OUT/COMMIT"
+tar -cJf dist/gpu-bundle.tar.xz -C dist gpu-bundle
+du -sh "$OUT" dist/gpu-bundle.tar.xz
+echo "tests: $(ls "$OUT/tests" | tr '\n' ' ')"
+echo "benches: $(ls "$OUT/benches" | tr '\n' ' ')"

@@ -1,0 +1,51 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use prunekit::gpu::{Gpu, Schedule};
+use prunekit::Device;
+
+/// A small deterministic generator (PCG-style LCG), so that tests need no RNG crate.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
+    }
+    pub fn next_u32(&mut self) -> u32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u32() >> 8) as f32 / (1u32 << 23) as f32 * 2.0 - 1.0
+    }
+    pub fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.uniform()).collect()
+    }
+    pub fn below(&mut self, n: u32) -> u32 {
+        self.next_u32() % n
+    }
+}
+
+/// The emulation in forward, reversed and shuffled fiber order.
+pub fn emu_devices() -> Vec<Device> {
+    vec![
+        Device::Gpu(Gpu::emu_with(Schedule::Forward)),
+        Device::Gpu(Gpu::emu_with(Schedule::Reverse)),
+        Device::Gpu(Gpu::emu_with(Schedule::Shuffle(0x5eed))),
+    ]
+}
+
+/// The first CUDA device; for tests marked `#[ignore = "needs a CUDA GPU"]`.
+pub fn cuda_device() -> Device {
+    Device::Gpu(Gpu::cuda(0).unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}")))
+}
+
+/// A file of tests/data. `PRUNEKIT_TEST_DATA` points elsewhere (the GPU bundle sets it,
+/// since its test binaries run far from the source tree).
+pub fn data(name: &str) -> std::path::PathBuf {
+    match std::env::var_os("PRUNEKIT_TEST_DATA") {
+        Some(dir) => std::path::PathBuf::from(dir).join(name),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name),
+    }
+}
