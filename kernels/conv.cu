@@ -9,6 +9,10 @@
 //                                                          B[(r,s,k), c] = w[k, r, s, c]
 //   wgrad  dw[M=K, N=R*S*C]  = A[M, Kg=N*P*Q] * B[Kg, N]   A[k, npq] = dy[npq, k], B = im2col(x)
 // Every operand is read straight from the tensors: no im2col buffer, nothing allocated.
+// dgrad with stride > 1 runs as stride^2 phase GEMMs (grid.z, see Geo): the pixels of dx
+// with (h % stride, w % stride) fixed only meet the filter taps of one residue class, so
+// the taps that a stride skips cost no MMA (a stride-2 dgrad would otherwise multiply
+// zeros 3/4 of the time).
 // The GEMM-K index kk is ordered with the channel innermost ((r, s, c) for fprop, (r, s, k)
 // for dgrad), so runs of 8 consecutive kk are 8 consecutive channels in memory.
 //
@@ -89,18 +93,84 @@ __device__ __forceinline__ void copy_chunk(T* dst, const T* src, bool ok) {
   }
 }
 
-// One decoded output row of fprop (n, p, q) or input row of dgrad (n, h, w).
-struct RowInfo {
-  int base;  // offset of image n in the tensor A reads
-  int h0;    // fprop: p*stride - pad; dgrad: h + pad
-  int w0;    // fprop: q*stride - pad; dgrad: w + pad
-  int ok;    // row < M
+// n / d as a multiply and a shift, built on the device (once per block).
+__device__ __forceinline__ PkFastDiv make_fastdiv(int d) {
+  PkFastDiv f;
+  f.d = d;
+  f.pad0 = 0;
+  if (d <= 1) {
+    f.mul = 0;
+    f.shr = 0;
+    return f;
+  }
+  const unsigned l = 32u - (unsigned)__clz(d - 1);  // ceil(log2 d)
+  const unsigned sh = 31u + l;
+  f.mul = (uint32_t)(((1ull << sh) + (unsigned long long)d - 1ull) / (unsigned long long)d);
+  f.shr = sh - 32u;
+  return f;
+}
+
+// The part of the problem that depends on the block. dgrad with stride > 1 is split into
+// stride^2 phases (blockIdx.z = ph * stride + pw): the rows of dx with h % stride == ph
+// and w % stride == pw receive contributions only from the filter taps r = r0 + i*stride,
+// s = s0 + j*stride, for which the output position is exact: p = hi + c0h - i. Each phase
+// is its own implicit GEMM (M = N * hn * wn, K = rn * sn * K), so no MMA is spent on the
+// taps that stride skips (3/4 of the work of a 1x1 or 3x3 stride-2 dgrad otherwise).
+// Phases without taps (e.g. odd rows of a 1x1 stride-2 dgrad) still write their zeros.
+struct Geo {
+  int gemm_m, gemm_k;  // this block's GEMM M and K
+  int r0, s0, rn, sn;  // dgrad: first tap and number of taps of the phase (else 0, 0, R, S)
+  int ph, pw, hn, wn;  // dgrad: the phase and the rows and columns of dx it holds
+  int c0h, c0w;        // dgrad: p = hi + c0h - i, q = wi + c0w - j
+  PkFastDiv div_sn;    // division by sn
 };
 
 template <int PASS>
-__device__ __forceinline__ RowInfo decode_row(const PkConvParams& p, int m) {
+__device__ __forceinline__ Geo make_geo(const PkConvParams& p) {
+  Geo g;
+  g.gemm_m = p.gemm_m;
+  g.gemm_k = p.gemm_k;
+  g.r0 = g.s0 = 0;
+  g.rn = p.r;
+  g.sn = p.s;
+  g.ph = g.pw = 0;
+  g.hn = p.h;
+  g.wn = p.w;
+  g.c0h = g.c0w = p.pad;
+  g.div_sn = p.div_s;
+  if (PASS == PK_DGRAD) {
+    const int st = p.stride, z = (int)blockIdx.z;
+    g.ph = z / st;
+    g.pw = z % st;
+    g.hn = g.ph < p.h ? (p.h - g.ph + st - 1) / st : 0;
+    g.wn = g.pw < p.w ? (p.w - g.pw + st - 1) / st : 0;
+    g.r0 = (g.ph + p.pad) % st;
+    g.s0 = (g.pw + p.pad) % st;
+    g.rn = g.r0 < p.r ? (p.r - g.r0 + st - 1) / st : 0;
+    g.sn = g.s0 < p.s ? (p.s - g.s0 + st - 1) / st : 0;
+    g.c0h = (g.ph + p.pad - g.r0) / st;
+    g.c0w = (g.pw + p.pad - g.s0) / st;
+    g.gemm_m = p.n * g.hn * g.wn;
+    g.gemm_k = g.rn * g.sn * p.k;
+    g.div_sn = make_fastdiv(g.sn > 0 ? g.sn : 1);
+  }
+  return g;
+}
+
+// One decoded row of the GEMM: an output pixel (n, p, q) of fprop or an input pixel
+// (n, h, w) of dgrad (within the block's phase).
+struct RowInfo {
+  int base;  // offset of image n in the tensor A reads
+  int h0;    // fprop: p*stride - pad; dgrad: hi + c0h
+  int w0;    // fprop: q*stride - pad; dgrad: wi + c0w
+  int ok;    // row < M
+  int out;   // offset of the row in the output (y or dx)
+};
+
+template <int PASS>
+__device__ __forceinline__ RowInfo decode_row(const PkConvParams& p, const Geo& g, int m) {
   RowInfo ri;
-  ri.ok = m < p.gemm_m;
+  ri.ok = m < g.gemm_m;
   const int mm = ri.ok ? m : 0;
   int n, rem, a, b;
   if (PASS == PK_FPROP) {
@@ -109,12 +179,17 @@ __device__ __forceinline__ RowInfo decode_row(const PkConvParams& p, int m) {
     ri.base = n * p.h * p.w * p.c;
     ri.h0 = a * p.stride - p.pad;
     ri.w0 = b * p.stride - p.pad;
-  } else {
-    fdivmod(mm, p.div_hw, n, rem);
-    fdivmod(rem, p.div_w, a, b);
+    ri.out = mm * p.k;
+  } else {  // once per row and block: plain divisions by the phase's sizes
+    const int hw = g.hn * g.wn;
+    n = mm / hw;
+    rem = mm - n * hw;
+    a = rem / g.wn;
+    b = rem - a * g.wn;
     ri.base = n * p.p * p.q * p.k;
-    ri.h0 = a + p.pad;
-    ri.w0 = b + p.pad;
+    ri.h0 = a + g.c0h;
+    ri.w0 = b + g.c0w;
+    ri.out = ((n * p.h + g.ph + a * p.stride) * p.w + g.pw + b * p.stride) * p.c;
   }
   return ri;
 }
@@ -139,22 +214,27 @@ struct LoaderK {
   static constexpr int RSTEP = NT / COLS;
   static_assert(BMN % RSTEP == 0, "rows per thread");
   static constexpr int NR = BMN / RSTEP;
-  int kcol, row0, kk, r, s, ch;
+  int kcol, row0, kk, r, s, ch, sn, kg;
   const T* g;
   int mn0;
 
-  __device__ __forceinline__ void init(const PkConvParams& p, const T* gptr, int tid, int mn_base, int kt_begin) {
+  __device__ __forceinline__ void init(const PkConvParams& p, const Geo& geo, const T* gptr, int tid, int mn_base,
+                                       int kt_begin) {
     g = gptr;
     mn0 = mn_base;
     kcol = (tid % COLS) * VW;
     row0 = tid / COLS;
     kk = kt_begin * BK + kcol;
+    sn = geo.sn;
+    kg = geo.gemm_k;
+    r = s = ch = 0;
     if (IS_A) {
-      // kk = (r*S + s)*Cin + ch with Cin = C (fprop) or K (dgrad).
+      // kk = (r*sn + s)*Cin + ch with Cin = C (fprop) or K (dgrad); for dgrad r and s
+      // count the taps of the block's phase.
       const PkFastDiv& dc = PASS == PK_FPROP ? p.div_c : p.div_k;
       int rs;
       fdivmod(kk, dc, rs, ch);
-      fdivmod(rs, p.div_s, r, s);
+      fdivmod(rs, geo.div_sn, r, s);
     }
   }
   __device__ __forceinline__ void advance(const PkConvParams& p) {
@@ -164,7 +244,7 @@ struct LoaderK {
       ch += BK;
       while (ch >= cin) {
         ch -= cin;
-        if (++s == p.s) {
+        if (++s == sn) {
           s = 0;
           ++r;
         }
@@ -173,7 +253,7 @@ struct LoaderK {
   }
   // Loads the tile at the current position into `sm`, then advances.
   __device__ __forceinline__ void load(const PkConvParams& p, T* sm, const RowInfo* rows) {
-    const bool kok = kk < p.gemm_k;
+    const bool kok = kk < kg;
 #pragma unroll
     for (int j = 0; j < NR; ++j) {
       const int ml = row0 + j * RSTEP;
@@ -182,7 +262,7 @@ struct LoaderK {
       if (!IS_A) {  // fprop B: w[k][kk]
         const int nn = mn0 + ml;
         ok = ok && nn < p.k;
-        off = nn * p.gemm_k + kk;
+        off = nn * kg + kk;
       } else {
         const RowInfo ri = rows[ml];
         ok = ok && ri.ok;
@@ -191,10 +271,8 @@ struct LoaderK {
           ok = ok && (unsigned)h < (unsigned)p.h && (unsigned)w < (unsigned)p.w;
           off = ri.base + (h * p.w + w) * p.c + ch;
         } else {
-          const int ph = ri.h0 - r, pw = ri.w0 - s;
-          ok = ok && ph >= 0 && pw >= 0;
-          const int pp = ok ? fdiv(ph, p.div_stride) : 0, qq = ok ? fdiv(pw, p.div_stride) : 0;
-          ok = ok && pp * p.stride == ph && qq * p.stride == pw && pp < p.p && qq < p.q;
+          const int pp = ri.h0 - r, qq = ri.w0 - s;  // exact: the phase has only these taps
+          ok = ok && (unsigned)pp < (unsigned)p.p && (unsigned)qq < (unsigned)p.q;
           off = ri.base + (pp * p.q + qq) * p.k + ch;
         }
       }
@@ -213,13 +291,20 @@ struct LoaderN {
   static constexpr int RSTEP = NT / COLS;
   static_assert(BK % RSTEP == 0, "rows per thread");
   static constexpr int NR = BK / RSTEP;
-  int col, row0, k0;
+  int col, row0, k0, kg;
   int cr, cs, cc;  // wgrad B: the column's filter tap and channel
   bool col_ok;
   const T* g;
+  int r0, s0;          // dgrad: the phase's first tap
+  PkFastDiv div_sn;  // dgrad: taps per row of the phase
 
-  __device__ __forceinline__ void init(const PkConvParams& p, const T* gptr, int tid, int mn_base, int kt_begin) {
+  __device__ __forceinline__ void init(const PkConvParams& p, const Geo& geo, const T* gptr, int tid, int mn_base,
+                                       int kt_begin) {
     g = gptr;
+    kg = geo.gemm_k;
+    r0 = geo.r0;
+    s0 = geo.s0;
+    div_sn = geo.div_sn;
     col = (tid % COLS) * VW;
     row0 = tid / COLS;
     k0 = kt_begin * BK;
@@ -243,13 +328,14 @@ struct LoaderN {
     for (int j = 0; j < NR; ++j) {
       const int kl = row0 + j * RSTEP;
       const int kk = k0 + kl;
-      bool ok = col_ok && kk < p.gemm_k;
+      bool ok = col_ok && kk < kg;
       const int kq = ok ? kk : 0;
       int off;
-      if (PASS == PK_DGRAD) {  // kk = rs*K + k: w[k][rs][c]
-        int rs, k;
+      if (PASS == PK_DGRAD) {  // kk = (i*sn + j)*K + k: w[k][r0 + i*st][s0 + j*st][c]
+        int rs, k, i, j;
         fdivmod(kq, p.div_k, rs, k);
-        off = (k * p.r * p.s + rs) * p.c + cc;
+        fdivmod(rs, div_sn, i, j);
+        off = ((k * p.r + r0 + i * p.stride) * p.s + s0 + j * p.stride) * p.c + cc;
       } else if (IS_A) {  // dy[npq][k]
         off = kq * p.k + cc;
       } else {  // x[n][p*st - pad + r][q*st - pad + s][c]
@@ -280,18 +366,34 @@ __device__ __forceinline__ void operands(const PkConvParams& p, const T*& a, con
   b = static_cast<const T*>(p.b);
 }
 
-// The block's range of k-tiles (wgrad splits along grid.z).
-__device__ __forceinline__ void k_range(const PkConvParams& p, int bk, int& kt0, int& kt1) {
-  const int kt = (p.gemm_k + bk - 1) / bk;
-  kt0 = (int)blockIdx.z * p.k_tiles_per_split;
-  kt1 = min(kt, kt0 + p.k_tiles_per_split);
+// The block's range of k-tiles (wgrad splits along grid.z; dgrad's grid.z is its phase).
+template <int PASS>
+__device__ __forceinline__ void k_range(const PkConvParams& p, const Geo& g, int bk, int& kt0, int& kt1) {
+  const int kt = (g.gemm_k + bk - 1) / bk;
+  if (PASS == PK_WGRAD) {
+    kt0 = (int)blockIdx.z * p.k_tiles_per_split;
+    kt1 = min(kt, kt0 + p.k_tiles_per_split);
+  } else {
+    kt0 = 0;
+    kt1 = kt;
+  }
 }
 
-// Stores one output element (or two adjacent ones: c0, c1 at col, col+1).
+// Stores one output element (or two adjacent ones: c0, c1 at col, col+1) of GEMM row
+// `row` (`rl` within the block). fprop and dgrad find the row's offset in the row table.
 template <int PASS, class T>
-__device__ __forceinline__ void store_pair(const PkConvParams& p, int row, int col, float c0, float c1) {
-  if (row >= p.gemm_m || col >= p.gemm_n) return;
-  const int64_t idx = (int64_t)row * p.gemm_n + col;
+__device__ __forceinline__ void store_pair(const PkConvParams& p, const RowInfo* rows, int rl, int row, int col,
+                                           float c0, float c1) {
+  if (col >= p.gemm_n) return;
+  int64_t idx;
+  if (PASS == PK_WGRAD) {
+    if (row >= p.gemm_m) return;
+    idx = (int64_t)row * p.gemm_n + col;
+  } else {
+    const RowInfo ri = rows[rl];
+    if (!ri.ok) return;
+    idx = (int64_t)ri.out + col;
+  }
   const bool both = col + 1 < p.gemm_n;
   if (PASS == PK_WGRAD) {
     float* out = static_cast<float*>(p.out) + idx;
@@ -327,18 +429,19 @@ __device__ __forceinline__ void store_pair(const PkConvParams& p, int row, int c
 
 // Fills the block's row table (fprop and dgrad A rows); wgrad has none.
 template <int PASS, int BM, int NT>
-__device__ __forceinline__ void fill_rows(const PkConvParams& p, RowInfo* rows, int m0, int tid) {
+__device__ __forceinline__ void fill_rows(const PkConvParams& p, const Geo& g, RowInfo* rows, int m0, int tid) {
   if (PASS == PK_WGRAD) return;
-  for (int i = tid; i < BM; i += NT) rows[i] = decode_row<PASS>(p, m0 + i);
+  for (int i = tid; i < BM; i += NT) rows[i] = decode_row<PASS>(p, g, m0 + i);
 }
 
 // ---------------------------------------------------------------- tensor-core kernel
-template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, bool VEC_>
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, bool VEC_, int MIN_BLOCKS_>
 struct TcCfg {
   static constexpr int BM = BM_, BN = BN_, BK = 32, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
   static constexpr bool VEC = VEC_;
   static constexpr int NT = WARPS_M * WARPS_N * 32;
   static constexpr int VW = VEC ? 8 : 1;
+  static constexpr int MIN_BLOCKS = MIN_BLOCKS_;  // __launch_bounds__: blocks per SM to fit
 };
 
 template <int PASS>
@@ -375,16 +478,18 @@ __device__ __forceinline__ void conv_tc(const PkConvParams& p) {
   const int tid = (int)threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % Cfg::WARPS_M, wn = warp / Cfg::WARPS_M;
   const int m0 = (int)blockIdx.x * BM, n0 = (int)blockIdx.y * BN;
+  const Geo geo = make_geo<PASS>(p);
+  if (m0 >= geo.gemm_m) return;  // a dgrad phase with fewer rows: the whole block leaves
   int kt0, kt1;
-  k_range(p, BK, kt0, kt1);
+  k_range<PASS>(p, geo, BK, kt0, kt1);
 
   const T *ga, *gb;
   operands<T>(p, ga, gb);
   typename LoaderFor<PASS, true, T, BM, BK, VW, NT, A_KC, S::LDA>::type la;
   typename LoaderFor<PASS, false, T, BN, BK, VW, NT, B_KC, S::LDB>::type lb;
-  la.init(p, ga, tid, m0, kt0);
-  lb.init(p, gb, tid, n0, kt0);
-  fill_rows<PASS, BM, NT>(p, rows, m0, tid);
+  la.init(p, geo, ga, tid, m0, kt0);
+  lb.init(p, geo, gb, tid, n0, kt0);
+  fill_rows<PASS, BM, NT>(p, geo, rows, m0, tid);
   __syncthreads();
 
   float acc[MI][NI][4];
@@ -462,10 +567,10 @@ __device__ __forceinline__ void conv_tc(const PkConvParams& p) {
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int ni = 0; ni < NI; ++ni) {
-      const int row = m0 + wm * WTM + mi * 16 + g;
+      const int rl = wm * WTM + mi * 16 + g;
       const int col = n0 + wn * WTN + ni * 8 + 2 * t;
-      store_pair<PASS, T>(p, row, col, acc[mi][ni][0], acc[mi][ni][1]);
-      store_pair<PASS, T>(p, row + 8, col, acc[mi][ni][2], acc[mi][ni][3]);
+      store_pair<PASS, T>(p, rows, rl, m0 + rl, col, acc[mi][ni][0], acc[mi][ni][1]);
+      store_pair<PASS, T>(p, rows, rl + 8, m0 + rl + 8, col, acc[mi][ni][2], acc[mi][ni][3]);
     }
 }
 
@@ -491,15 +596,17 @@ __device__ __forceinline__ void conv_simt(const PkConvParams& p) {
   const int tid = (int)threadIdx.x;
   const int tx = tid % (BN / TN), ty = tid / (BN / TN);
   const int m0 = (int)blockIdx.x * BM, n0 = (int)blockIdx.y * BN;
+  const Geo geo = make_geo<PASS>(p);
+  if (m0 >= geo.gemm_m) return;  // a dgrad phase with fewer rows: the whole block leaves
   int kt0, kt1;
-  k_range(p, BK, kt0, kt1);
+  k_range<PASS>(p, geo, BK, kt0, kt1);
   const float *ga, *gb;
   operands<float>(p, ga, gb);
   typename LoaderFor<PASS, true, float, BM, BK, 1, NT, false, LDA>::type la;
   typename LoaderFor<PASS, false, float, BN, BK, 1, NT, false, LDB>::type lb;
-  la.init(p, ga, tid, m0, kt0);
-  lb.init(p, gb, tid, n0, kt0);
-  fill_rows<PASS, BM, NT>(p, rows, m0, tid);
+  la.init(p, geo, ga, tid, m0, kt0);
+  lb.init(p, geo, gb, tid, n0, kt0);
+  fill_rows<PASS, BM, NT>(p, geo, rows, m0, tid);
   __syncthreads();
 
   float acc[TM][TN];
@@ -561,21 +668,23 @@ __device__ __forceinline__ void conv_simt(const PkConvParams& p) {
   for (int i = 0; i < TM; ++i)
 #pragma unroll
     for (int j = 0; j < TN; j += 2)
-      store_pair<PASS, float>(p, m0 + ty * TM + i, n0 + tx * TN + j, acc[i][j], acc[i][j + 1]);
+      store_pair<PASS, float>(p, rows, ty * TM + i, m0 + ty * TM + i, n0 + tx * TN + j, acc[i][j], acc[i][j + 1]);
 }
 
 // ---------------------------------------------------------------- entry points
 // conv2d_<pass>_<tile>_<dtype>; the wrapper picks the tile (see the top of this file) and
 // launches Cfg::NT threads with Cfg::BYTES of dynamic shared memory.
-typedef TcCfg<128, 128, 2, 4, 4, true> TcL;
-typedef TcCfg<128, 64, 2, 2, 4, true> TcM;
-typedef TcCfg<64, 64, 2, 2, 4, true> TcS;
-typedef TcCfg<64, 64, 2, 2, 3, false> TcG;  // scalar loads: any width
+// t128x128 asks for 2 blocks per SM (at most 128 registers per thread; ptxas reports no
+// spills): 16 warps and 2 x 84 KB of shared memory per SM.
+typedef TcCfg<128, 128, 2, 4, 4, true, 2> TcL;
+typedef TcCfg<128, 64, 2, 2, 4, true, 1> TcM;
+typedef TcCfg<64, 64, 2, 2, 4, true, 1> TcS;
+typedef TcCfg<64, 64, 2, 2, 3, false, 1> TcG;  // scalar loads: any width
 typedef SimtCfg<128, 128> SimtL;
 typedef SimtCfg<64, 64> SimtS;
 
 #define PK_CONV_TC(pass, PASS, tile, Cfg, dt, T) \
-  PK_KERNEL_BOUNDS(conv2d_##pass##_##tile##_##dt, PkConvParams, Cfg::NT, 1) { conv_tc<PASS, T, Cfg>(p); }
+  PK_KERNEL_BOUNDS(conv2d_##pass##_##tile##_##dt, PkConvParams, Cfg::NT, Cfg::MIN_BLOCKS) { conv_tc<PASS, T, Cfg>(p); }
 #define PK_CONV_TC_ALL(pass, PASS, dt, T)  \
   PK_CONV_TC(pass, PASS, t128x128, TcL, dt, T) \
   PK_CONV_TC(pass, PASS, t128x64, TcM, dt, T)  \

@@ -125,7 +125,7 @@ typedef struct {
   int32_t gemm_m, gemm_n, gemm_k;
   int32_t k_tiles_per_split;  // k-tiles per blockIdx.z (all of them when not split)
   int32_t pad0;
-  PkFastDiv div_c, div_k, div_s, div_q, div_pq, div_w, div_hw, div_stride;
+  PkFastDiv div_c, div_k, div_s, div_q, div_pq, div_w, div_hw;
 } PkConvParams;
 
 // transpose_<dtype>: dst[b][j][i] = src[b][i][j] for batch matrices of rows x cols.

@@ -37,6 +37,7 @@ fn odd_shapes() -> Vec<ConvShape> {
         shape(2, 9, 9, 16, 64, 1, 2, 0),  // 1x1 stride 2, vector path (downsample)
         shape(1, 9, 11, 64, 16, 3, 2, 1), // 3x3 stride 2, odd H and W, vector path
         shape(2, 5, 5, 24, 40, 1, 1, 0),  // 1x1 stride 1: a plain GEMM
+        shape(2, 10, 11, 8, 16, 5, 3, 2), // 5x5 stride 3: nine dgrad phases, some without a tap row
     ]
 }
 

@@ -51,7 +51,6 @@ static const PkFieldLayout kLayout[] = {
     PK_F(PkConvParams, gemm_k) PK_F(PkConvParams, k_tiles_per_split) PK_F(PkConvParams, pad0)
     PK_F(PkConvParams, div_c) PK_F(PkConvParams, div_k) PK_F(PkConvParams, div_s) PK_F(PkConvParams, div_q)
     PK_F(PkConvParams, div_pq) PK_F(PkConvParams, div_w) PK_F(PkConvParams, div_hw)
-    PK_F(PkConvParams, div_stride)
 
     PK_F(PkTransposeParams, src) PK_F(PkTransposeParams, dst) PK_F(PkTransposeParams, batch)
     PK_F(PkTransposeParams, rows) PK_F(PkTransposeParams, cols) PK_F(PkTransposeParams, pad0)

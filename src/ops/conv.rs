@@ -269,7 +269,7 @@ pub fn fast_div(d: i32) -> FastDiv {
 /// faults on any access past what is given here).
 fn smem_bytes<T: ConvElem>(pass: Pass, tile: Tile) -> usize {
     let (bm, bn, bk) = tile.dims::<T>();
-    let rows = bm * 16;
+    let rows = bm * 20; // RowInfo: 5 ints per row
     if T::TENSOR_CORES {
         let stages = if tile.vector() { 4 } else { 3 };
         let a = if pass != Pass::Wgrad { bm * (bk + 8) } else { bk * (bm + 8) };
@@ -347,7 +347,13 @@ fn launch<T: ConvElem, O: Elem>(
     ensure!(pass == Pass::Wgrad || plan.splits == 1, "only wgrad splits its reduction");
     let per_split = ktiles.div_ceil(plan.splits.min(ktiles.max(1)));
     let splits = ktiles.div_ceil(per_split.max(1)).max(1);
-    let grid = (m.div_ceil(bm), n.div_ceil(bn), splits);
+    // dgrad: one grid.z slice per stride phase, each as many rows as the largest phase.
+    let grid = if pass == Pass::Dgrad {
+        let phase_rows = sh.n * sh.h.div_ceil(sh.stride) * sh.w.div_ceil(sh.stride);
+        (phase_rows.div_ceil(bm), n.div_ceil(bn), sh.stride * sh.stride)
+    } else {
+        (m.div_ceil(bm), n.div_ceil(bn), splits)
+    };
     ensure!(
         grid.0 <= i32::MAX as usize && grid.1 <= 65535 && grid.2 <= 65535,
         "convolution {sh:?} needs a grid of {grid:?} blocks, more than CUDA allows"
@@ -382,7 +388,6 @@ fn launch<T: ConvElem, O: Elem>(
         div_pq: fd(p_ * q_, "p*q")?,
         div_w: fd(sh.w, "w")?,
         div_hw: fd(sh.h * sh.w, "h*w")?,
-        div_stride: fd(sh.stride, "stride")?,
     };
     let cfg = LaunchConfig {
         grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),

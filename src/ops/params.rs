@@ -66,7 +66,7 @@ params!(
         n: i32, h: i32, w: i32, c: i32, k: i32, r: i32, s: i32, stride: i32, pad: i32, p: i32, q: i32,
         gemm_m: i32, gemm_n: i32, gemm_k: i32, k_tiles_per_split: i32, pad0: i32,
         div_c: FastDiv, div_k: FastDiv, div_s: FastDiv, div_q: FastDiv, div_pq: FastDiv, div_w: FastDiv,
-        div_hw: FastDiv, div_stride: FastDiv,
+        div_hw: FastDiv,
     }
 );
 params!(
