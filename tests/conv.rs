@@ -353,6 +353,74 @@ fn shape_arithmetic() {
     let _ = Buf::<f32>::Host(vec![]);
 }
 
+#[test]
+fn conv_bench_shapes_widths_and_rows() {
+    use prunekit::conv_bench::{distinct_convs, resnet50_convs, run, BenchOpts, DType};
+    // ResNet50 has 53 convolutions; the dense ones at 224 have these distinct shapes.
+    let all = resnet50_convs(2, 224, 0.0, 8).unwrap();
+    assert_eq!(all.len(), 53);
+    let dense = distinct_convs(2, 224, 0.0, 8).unwrap();
+    let find = |v: &[(String, ConvShape)], name: &str| v.iter().find(|(n, _)| n == name).map(|x| x.1);
+    assert_eq!(find(&dense, "conv1"), Some(shape(2, 224, 224, 3, 64, 7, 2, 3)));
+    assert_eq!(find(&dense, "layer2.0.conv2"), Some(shape(2, 56, 56, 128, 128, 3, 2, 1)));
+    assert_eq!(find(&dense, "layer4.0.downsample.0"), Some(shape(2, 14, 14, 1024, 2048, 1, 2, 0)));
+    assert_eq!(find(&dense, "layer4.2.conv3"), None, "repeated shapes appear once, under their first name");
+    // Filters mode at 0.7 with round_to 8: conv1/conv2 widths ceil(0.3 * w) rounded to 8;
+    // conv3 keeps its output, downsample and stem keep everything.
+    let pruned = resnet50_convs(1, 224, 0.7, 8).unwrap();
+    let p = |name: &str| find(&pruned, name).unwrap();
+    assert_eq!((p("layer1.0.conv1").c, p("layer1.0.conv1").k), (64, 24)); // ceil(19.2) = 20 -> 24
+    assert_eq!((p("layer1.0.conv2").c, p("layer1.0.conv2").k), (24, 24));
+    assert_eq!((p("layer1.0.conv3").c, p("layer1.0.conv3").k), (24, 256));
+    assert_eq!((p("layer3.2.conv2").c, p("layer3.2.conv2").k), (80, 80)); // ceil(76.8) = 77 -> 80
+    assert_eq!(p("layer2.0.downsample.0").k, 512);
+    assert_eq!(p("conv1").k, 64);
+    // Rows on the CPU, with exactly the fields of the issue (plus the cuDNN pair on cuda).
+    let opts = BenchOpts {
+        batch: 1,
+        size: 32,
+        sparsities: vec![0.0, 0.5],
+        round_to: 8,
+        passes: vec![Pass::Fprop, Pass::Wgrad],
+        dtype: DType::F32,
+        iters: Some(1),
+    };
+    let mut seen = 0;
+    let (rows, note) = run(&Device::Cpu, &opts, |_| seen += 1).unwrap();
+    assert!(note.is_none());
+    assert_eq!(rows.len(), seen);
+    assert_eq!(
+        rows.len(),
+        2 * (distinct_convs(1, 32, 0.0, 8).unwrap().len() + distinct_convs(1, 32, 0.5, 8).unwrap().len())
+    );
+    for r in &rows {
+        assert!(r.ms > 0.0 && r.tflops > 0.0 && r.cudnn_ms.is_none());
+    }
+    let keys = |v: serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let mut want =
+        ["layer", "n", "c", "h", "w", "k", "r", "s", "stride", "pad", "pass", "dtype", "sparsity", "ms", "tflops"]
+            .map(String::from)
+            .to_vec();
+    want.sort();
+    assert_eq!(keys(rows[0].to_json(false)), want);
+    let j = rows[0].to_json(true);
+    assert!(j["cudnn_ms"].is_null() && j["vs_cudnn"].is_null());
+    assert_eq!(keys(j).len(), 17);
+    // Bad settings are errors.
+    for bad in [
+        BenchOpts { batch: 0, ..opts.clone() },
+        BenchOpts { sparsities: vec![1.0], ..opts.clone() },
+        BenchOpts { passes: vec![], ..opts.clone() },
+        BenchOpts { iters: Some(0), ..opts.clone() },
+    ] {
+        assert!(run(&Device::Cpu, &bad, |_| ()).is_err());
+    }
+}
+
 mod cuda {
     use super::*;
     const WHY: &str = "needs a CUDA GPU: run with --include-ignored on a GPU machine";
@@ -383,6 +451,28 @@ mod cuda {
         let d = dev();
         check_adjoint::<f32>(&d);
         check_adjoint::<bf16>(&d);
+    }
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_conv_bench_against_cudnn() {
+        use prunekit::conv_bench::{run, BenchOpts, DType};
+        let opts = BenchOpts {
+            batch: 2,
+            size: 64,
+            sparsities: vec![0.0, 0.5],
+            round_to: 8,
+            passes: Pass::ALL.to_vec(),
+            dtype: DType::Bf16,
+            iters: Some(3),
+        };
+        let (rows, note) = run(&dev(), &opts, |_| ()).unwrap();
+        assert!(!rows.is_empty());
+        for r in &rows {
+            assert!(r.ms > 0.0);
+            // Either cuDNN was found and timed every row, or a note says why not.
+            assert_eq!(r.cudnn_ms.is_some(), note.is_none(), "{r:?} {note:?}");
+            assert_eq!(r.vs_cudnn.is_some(), note.is_none());
+        }
     }
     #[test]
     #[ignore = "needs a CUDA GPU"]
