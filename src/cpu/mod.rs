@@ -1,4 +1,5 @@
 //! Reference implementations in Rust. Each op has a naive oracle (obviously correct,
 //! used by the tests on small shapes) and a fast path (what the CPU device runs).
 
+pub mod conv;
 pub mod prune;
