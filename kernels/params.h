@@ -103,6 +103,41 @@ typedef struct {
   int32_t mode;
 } PkSelftestParams;
 
+// ---------------------------------------------------------------- conv.cu
+// Division by a runtime constant d as a multiply and a shift, for 0 <= n < 2^31:
+// n / d = umulhi(n, mul) >> shr (mul = 0 means d = 1). Computed by src/ops/conv.rs.
+typedef struct {
+  int32_t d;
+  uint32_t mul;
+  uint32_t shr;
+  int32_t pad0;
+} PkFastDiv;
+
+// conv2d_<pass>_<tile>_<dtype>: one implicit-GEMM convolution pass (see conv.cu).
+//   fprop: a = x (NHWC), b = w (KRSC), out = y (NPQK)
+//   dgrad: a = dy (NPQK), b = w (KRSC), out = dx (NHWC)
+//   wgrad: a = dy (NPQK), b = x (NHWC), out = dw (KRSC, f32; zeroed first when split)
+typedef struct {
+  const void* a;
+  const void* b;
+  void* out;
+  int32_t n, h, w, c, k, r, s, stride, pad, p, q;
+  int32_t gemm_m, gemm_n, gemm_k;
+  int32_t k_tiles_per_split;  // k-tiles per blockIdx.z (all of them when not split)
+  int32_t pad0;
+  PkFastDiv div_c, div_k, div_s, div_q, div_pq, div_w, div_hw;
+} PkConvParams;
+
+// transpose_<dtype>: dst[b][j][i] = src[b][i][j] for batch matrices of rows x cols.
+typedef struct {
+  const void* src;
+  void* dst;
+  int32_t batch;
+  int32_t rows;
+  int32_t cols;
+  int32_t pad0;
+} PkTransposeParams;
+
 // ---------------------------------------------------------------- layers
 // The non-convolution layers of a training step (bn.cu, elementwise.cu, pool.cu, fc.cu,
 // loss.cu, sgd.cu). Activations are NHWC; per-channel ops see them as [m, c], c fastest.

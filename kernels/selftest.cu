@@ -159,3 +159,18 @@ PK_KERNEL(selftest_shfl_i32, PkSelftestParams) {
   c[4 * l + 3] = __shfl_xor_sync(0xffffffffu, v, 9, 16);
 }
 
+
+// Each thread writes its value to shared memory, the warp runs a collective, then each
+// thread reads a value written by the other warp: c[t] = a[(t + 32) % 64] with 64
+// threads. mode 1 leaves out the __syncthreads between the write and the read; a warp
+// collective must not hide that.
+PK_KERNEL(selftest_warp_race_f32, PkSelftestParams) {
+  PK_DYNAMIC_SMEM(float, s);
+  const float* a = static_cast<const float*>(p.a);
+  float* c = static_cast<float*>(p.c);
+  const int t = (int)threadIdx.x;
+  s[t] = a[t];
+  if (p.mode != 1) __syncthreads();
+  const float v = __shfl_xor_sync(0xffffffffu, s[t], 1);
+  c[t] = s[(t + 32) % (int)blockDim.x] + 0.0f * v;
+}

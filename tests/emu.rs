@@ -95,6 +95,26 @@ fn missing_barrier_changes_the_answer_under_reverse_order() {
     assert!(max_err(&got, &want) > 1e-2, "the race went unnoticed under a shuffled order");
 }
 
+fn run_warp_race(gpu: &Gpu, mode: i32) -> (Vec<f32>, Vec<f32>) {
+    let a = rand_vec(64, 21);
+    let (da, dc) = (gpu.upload(&a).unwrap(), gpu.zeros::<f32>(64).unwrap());
+    let cfg = LaunchConfig { grid: (1, 1, 1), block: (64, 1, 1), shared_mem_bytes: 256 };
+    let p = params(&da, &da, &dc, 64, 0, 0, mode);
+    unsafe { gpu.launch(k("selftest_warp_race_f32"), cfg, &p).unwrap() };
+    let want = (0..64).map(|t| a[(t + 32) % 64]).collect();
+    (gpu.download(&dc).unwrap(), want)
+}
+
+#[test]
+fn warp_collectives_do_not_hide_a_missing_block_barrier() {
+    for gpu in schedules() {
+        let (got, want) = run_warp_race(&gpu, 0);
+        assert_eq!(got, want, "{}", gpu.name());
+        let (got, _) = run_warp_race(&gpu, 1);
+        assert!(got.iter().any(|x| x.is_nan()), "{}: the race went unnoticed", gpu.name());
+    }
+}
+
 fn check_reductions(gpu: &Gpu) {
     let n = 10_007;
     let a = rand_vec(n, 5);

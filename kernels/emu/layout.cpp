@@ -41,6 +41,20 @@ static const PkFieldLayout kLayout[] = {
     PK_F(PkSelftestParams, a) PK_F(PkSelftestParams, b) PK_F(PkSelftestParams, c) PK_F(PkSelftestParams, m)
     PK_F(PkSelftestParams, n) PK_F(PkSelftestParams, k) PK_F(PkSelftestParams, mode)
 
+    // ------------------------------------------------------------ conv.cu
+    PK_F(PkFastDiv, d) PK_F(PkFastDiv, mul) PK_F(PkFastDiv, shr) PK_F(PkFastDiv, pad0)
+
+    PK_F(PkConvParams, a) PK_F(PkConvParams, b) PK_F(PkConvParams, out) PK_F(PkConvParams, n)
+    PK_F(PkConvParams, h) PK_F(PkConvParams, w) PK_F(PkConvParams, c) PK_F(PkConvParams, k)
+    PK_F(PkConvParams, r) PK_F(PkConvParams, s) PK_F(PkConvParams, stride) PK_F(PkConvParams, pad)
+    PK_F(PkConvParams, p) PK_F(PkConvParams, q) PK_F(PkConvParams, gemm_m) PK_F(PkConvParams, gemm_n)
+    PK_F(PkConvParams, gemm_k) PK_F(PkConvParams, k_tiles_per_split) PK_F(PkConvParams, pad0)
+    PK_F(PkConvParams, div_c) PK_F(PkConvParams, div_k) PK_F(PkConvParams, div_s) PK_F(PkConvParams, div_q)
+    PK_F(PkConvParams, div_pq) PK_F(PkConvParams, div_w) PK_F(PkConvParams, div_hw)
+
+    PK_F(PkTransposeParams, src) PK_F(PkTransposeParams, dst) PK_F(PkTransposeParams, batch)
+    PK_F(PkTransposeParams, rows) PK_F(PkTransposeParams, cols) PK_F(PkTransposeParams, pad0)
+
     // ------------------------------------------------------------ layers
     PK_F(PkBnParams, x) PK_F(PkBnParams, dy) PK_F(PkBnParams, relu_out) PK_F(PkBnParams, out)
     PK_F(PkBnParams, gamma) PK_F(PkBnParams, beta) PK_F(PkBnParams, mean) PK_F(PkBnParams, invstd)
@@ -66,6 +80,7 @@ static const PkFieldLayout kLayout[] = {
     PK_F(PkSgdParams, param) PK_F(PkSgdParams, grad) PK_F(PkSgdParams, buf) PK_F(PkSgdParams, n)
     PK_F(PkSgdParams, lr) PK_F(PkSgdParams, momentum) PK_F(PkSgdParams, weight_decay) PK_F(PkSgdParams, first)
 };
+
 
 extern "C" const PkFieldLayout* pk_emu_param_layout(size_t* n) {
   *n = sizeof(kLayout) / sizeof(kLayout[0]);

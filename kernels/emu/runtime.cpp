@@ -363,41 +363,39 @@ static const char* state_name(St s) {
   return "?";
 }
 
-// Releases the lanes of every warp-synchronous operation that all its lanes have
-// reached. Returns true if any lane was released.
-static bool resolve_warps(Worker& w) {
+// Releases the lanes of every warp-synchronous operation of the warp starting at thread
+// `base` that all its lanes have reached. Returns true if any lane was released.
+static bool resolve_warp(Worker& w, unsigned base) {
   bool released = false;
   const unsigned n = w.nthreads;
-  for (unsigned base = 0; base < n; base += 32) {
-    for (unsigned l = 0; l < 32 && base + l < n; ++l) {
-      Fiber& f = w.fibers[base + l];
-      if (f.state != St::WarpBarrier) continue;
-      bool ready = true;
-      for (unsigned j = 0; j < 32; ++j) {
-        if (!((f.wait_mask >> j) & 1u)) continue;
-        if (base + j >= n) {
-          fail(w, fmt("warp-synchronous operation at %s:%d names lane %u (mask 0x%08x), which this block of %u "
-                      "threads does not have (%s)",
-                      f.file, f.line, j, f.wait_mask, n, where(w, &f).c_str()));
-          return false;
-        }
-        const Fiber& g = w.fibers[base + j];
-        if (g.state == St::Done) {
-          fail(w, fmt("warp-synchronous operation at %s:%d waits for lane %u, which has exited (%s)", f.file,
-                      f.line, j, where(w, &f).c_str()));
-          return false;
-        }
-        if (g.state != St::WarpBarrier || g.wait_mask != f.wait_mask || g.kind != f.kind ||
-            (f.kind == WaitKind::Exchange && (g.line != f.line || std::strcmp(g.file, f.file) != 0))) {
-          ready = false;
-          break;
-        }
+  for (unsigned l = 0; l < 32 && base + l < n; ++l) {
+    Fiber& f = w.fibers[base + l];
+    if (f.state != St::WarpBarrier) continue;
+    bool ready = true;
+    for (unsigned j = 0; j < 32; ++j) {
+      if (!((f.wait_mask >> j) & 1u)) continue;
+      if (base + j >= n) {
+        fail(w, fmt("warp-synchronous operation at %s:%d names lane %u (mask 0x%08x), which this block of %u "
+                    "threads does not have (%s)",
+                    f.file, f.line, j, f.wait_mask, n, where(w, &f).c_str()));
+        return false;
       }
-      if (ready) {
-        for (unsigned j = 0; j < 32; ++j)
-          if ((f.wait_mask >> j) & 1u) w.fibers[base + j].state = St::Runnable;
-        released = true;
+      const Fiber& g = w.fibers[base + j];
+      if (g.state == St::Done) {
+        fail(w, fmt("warp-synchronous operation at %s:%d waits for lane %u, which has exited (%s)", f.file, f.line,
+                    j, where(w, &f).c_str()));
+        return false;
       }
+      if (g.state != St::WarpBarrier || g.wait_mask != f.wait_mask || g.kind != f.kind ||
+          (f.kind == WaitKind::Exchange && (g.line != f.line || std::strcmp(g.file, f.file) != 0))) {
+        ready = false;
+        break;
+      }
+    }
+    if (ready) {
+      for (unsigned j = 0; j < 32; ++j)
+        if ((f.wait_mask >> j) & 1u) w.fibers[base + j].state = St::Runnable;
+      released = true;
     }
   }
   return released;
@@ -457,25 +455,42 @@ static void run_block(Worker& w, Launch& L, uint64_t b) {
     ctx_init(&f.ctx, w.stacks[t].map + page_size(), fiber_stack_bytes(), &fiber_main, &f);
   }
 
-  std::vector<unsigned> order(n);
-  for (unsigned t = 0; t < n; ++t) order[t] = L.order == 1 ? n - 1 - t : t;
+  // Scheduling: one warp at a time runs until all its threads wait at a __syncthreads
+  // (or have exited), its warp-synchronous operations resolved among its own lanes as
+  // soon as they are reached; then the next warp. So no warp sees another warp's writes
+  // unless a __syncthreads orders them, and a missing barrier shows. The order of the
+  // warps, and of the lanes inside a warp, is forward, reversed or shuffled.
+  const unsigned nwarps = (n + 31) / 32;
+  std::vector<unsigned> warp_order(nwarps);
+  for (unsigned i = 0; i < nwarps; ++i) warp_order[i] = L.order == 1 ? nwarps - 1 - i : i;
+  std::vector<unsigned> lane_order(32);
+  for (unsigned i = 0; i < 32; ++i) lane_order[i] = L.order == 1 ? 31 - i : i;
   if (L.order == 2) w.rng.seed(L.seed * 0x9E3779B97F4A7C15ull + b);
 
   for (;;) {
-    if (L.order == 2) std::shuffle(order.begin(), order.end(), w.rng);
-    for (unsigned t : order) {
-      Fiber& f = w.fibers[t];
-      if (f.state != St::Runnable) continue;
-      w.current = &f;
-      tls_fiber = &f;
-      ctx_switch(&w.sched, &f.ctx);
-      w.current = nullptr;
-      tls_fiber = nullptr;
-      if (w.failed) return;
+    if (L.order == 2) std::shuffle(warp_order.begin(), warp_order.end(), w.rng);
+    for (unsigned wi : warp_order) {
+      const unsigned base = wi * 32;
+      for (;;) {
+        if (L.order == 2) std::shuffle(lane_order.begin(), lane_order.end(), w.rng);
+        bool ran = false;
+        for (unsigned l : lane_order) {
+          if (base + l >= n) continue;
+          Fiber& f = w.fibers[base + l];
+          if (f.state != St::Runnable) continue;
+          ran = true;
+          w.current = &f;
+          tls_fiber = &f;
+          ctx_switch(&w.sched, &f.ctx);
+          w.current = nullptr;
+          tls_fiber = nullptr;
+          if (w.failed) return;
+        }
+        const bool released = resolve_warp(w, base);
+        if (w.failed) return;
+        if (!ran && !released) break;
+      }
     }
-    const bool released = resolve_warps(w);
-    if (w.failed) return;
-    if (released) continue;
 
     bool all_done = true, any_done = false, any_runnable = false;
     const Fiber* at_barrier = nullptr;
@@ -489,7 +504,7 @@ static void run_block(Worker& w, Launch& L, uint64_t b) {
       if (f.state == St::WarpBarrier && !elsewhere) elsewhere = &f;
     }
     if (all_done) return;
-    if (any_runnable) continue;
+    if (any_runnable) continue;  // cannot happen: every warp ran until it could not
     if (at_barrier && !elsewhere) {
       // Everyone still alive is at a __syncthreads: all must be at the same one, and
       // nobody may have exited.

@@ -27,6 +27,37 @@ enum Cmd {
         #[arg(long)]
         report: bool,
     },
+    /// Time every distinct convolution of ResNet50 (dense and pruned), each pass, against
+    /// cuDNN on cuda.
+    ConvBench {
+        /// cpu, emu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Batch size.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Image height and width.
+        #[arg(long, default_value_t = 224)]
+        size: usize,
+        /// Comma-separated sparsities in [0, 1).
+        #[arg(long, default_value = "0,0.25,0.5,0.75")]
+        sparsity: String,
+        /// Round pruned widths up to a multiple of this.
+        #[arg(long, default_value_t = 8)]
+        round_to: usize,
+        /// Comma-separated passes: fprop, dgrad, wgrad.
+        #[arg(long, default_value = "fprop,dgrad,wgrad")]
+        passes: String,
+        /// f32 or bf16.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Timed calls per measurement (default: 20 on cuda, 3 on cpu, 1 on emu).
+        #[arg(long)]
+        iters: Option<usize>,
+        /// Write the rows as a JSON list to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
     /// Prune a model zero-shot by weight magnitude and write the compacted model.
     ///
     /// The output holds the compacted tensors with torchvision's names (loadable into a
@@ -87,6 +118,43 @@ fn run(cli: Cli) -> prunekit::Result<()> {
             println!("cpu: {}", Device::Cpu.name());
             if report {
                 println!("\n{}", prunekit::gpu::resource_report());
+            }
+            Ok(())
+        }
+        Cmd::ConvBench { device, batch, size, sparsity, round_to, passes, dtype, iters, json } => {
+            use prunekit::conv_bench::{self, BenchOpts, DType};
+            use prunekit::ops::conv::Pass;
+            let list =
+                |s: &str| s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect::<Vec<_>>();
+            let sparsities = list(&sparsity)
+                .iter()
+                .map(|x| x.parse::<f64>().map_err(|_| prunekit::invalid!("--sparsity: {x:?} is not a number")))
+                .collect::<prunekit::Result<Vec<_>>>()?;
+            let passes = list(&passes).iter().map(|p| Pass::parse(p)).collect::<prunekit::Result<Vec<_>>>()?;
+            let opts = BenchOpts { batch, size, sparsities, round_to, passes, dtype: DType::parse(&dtype)?, iters };
+            let dev = Device::parse(&device)?;
+            println!("conv-bench on {} ({}, batch {batch}, {size}x{size})", dev.name(), opts.dtype.name());
+            let (rows, note) = conv_bench::run(&dev, &opts, |r| {
+                eprint!(
+                    "{}",
+                    conv_bench::table(std::slice::from_ref(r))
+                        .lines()
+                        .nth(1)
+                        .map(|l| format!("{l}\n"))
+                        .unwrap_or_default()
+                )
+            })?;
+            println!("{}", conv_bench::table(&rows));
+            if let Some(n) = &note {
+                println!("note: {n}");
+            }
+            if let Some(path) = json {
+                let with_cudnn = dev.kind() == "cuda";
+                let v: Vec<_> = rows.iter().map(|r| r.to_json(with_cudnn)).collect();
+                let text = serde_json::to_string_pretty(&v).expect("plain values");
+                std::fs::write(&path, text + "\n")
+                    .map_err(|e| prunekit::Error::Io { path: path.display().to_string(), source: e })?;
+                println!("wrote {} rows to {}", rows.len(), path.display());
             }
             Ok(())
         }

@@ -1,5 +1,6 @@
 //! Reference implementations in Rust. Each op has a naive oracle (obviously correct,
 //! used by the tests on small shapes) and a fast path (what the CPU device runs).
 
+pub mod conv;
 pub mod layers;
 pub mod prune;

@@ -3,6 +3,7 @@
 //! fast path on the CPU. Nothing a caller passes can make a launch read or write outside
 //! its buffers.
 
+pub mod conv;
 pub mod layers;
 pub mod params;
 pub mod prune;

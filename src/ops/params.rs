@@ -53,6 +53,27 @@ params!(
     SelftestParams = "PkSelftestParams" { a: u64, b: u64, c: u64, m: i32, n: i32, k: i32, mode: i32 }
 );
 
+// ---------------------------------------------------------------- conv.cu
+params!(
+    /// Division by a runtime constant as a multiply and a shift (`PkFastDiv`): for
+    /// `0 <= n < 2^31`, `n / d == umulhi(n, mul) >> shr` (`mul == 0` means `d == 1`).
+    FastDiv = "PkFastDiv" { d: i32, mul: u32, shr: u32, pad0: i32 }
+);
+params!(
+    /// One implicit-GEMM convolution pass (`conv2d_<pass>_<tile>_<dtype>`).
+    ConvParams = "PkConvParams" {
+        a: u64, b: u64, out: u64,
+        n: i32, h: i32, w: i32, c: i32, k: i32, r: i32, s: i32, stride: i32, pad: i32, p: i32, q: i32,
+        gemm_m: i32, gemm_n: i32, gemm_k: i32, k_tiles_per_split: i32, pad0: i32,
+        div_c: FastDiv, div_k: FastDiv, div_s: FastDiv, div_q: FastDiv, div_pq: FastDiv, div_w: FastDiv,
+        div_hw: FastDiv,
+    }
+);
+params!(
+    /// A batched transpose (`transpose_<dtype>`): the layout conversions.
+    TransposeParams = "PkTransposeParams" { src: u64, dst: u64, batch: i32, rows: i32, cols: i32, pad0: i32 }
+);
+
 /// Width limit of one top-k selection (PK_TOPK_MAX_WIDTH in params.h).
 pub const TOPK_MAX_WIDTH: usize = 4096;
 /// Threads of a top-k block (PK_TOPK_THREADS).
@@ -155,6 +176,10 @@ mod tests {
         check::<GatherJob>(GatherJob::FIELDS);
         check::<GatherParams>(GatherParams::FIELDS);
         check::<SelftestParams>(SelftestParams::FIELDS);
+        // conv.cu
+        check::<FastDiv>(FastDiv::FIELDS);
+        check::<ConvParams>(ConvParams::FIELDS);
+        check::<TransposeParams>(TransposeParams::FIELDS);
         // layers
         check::<BnParams>(BnParams::FIELDS);
         check::<ElementwiseParams>(ElementwiseParams::FIELDS);
@@ -175,6 +200,10 @@ mod tests {
             GatherJob::C_NAME,
             GatherParams::C_NAME,
             SelftestParams::C_NAME,
+            // conv.cu
+            FastDiv::C_NAME,
+            ConvParams::C_NAME,
+            TransposeParams::C_NAME,
             // layers
             BnParams::C_NAME,
             ElementwiseParams::C_NAME,

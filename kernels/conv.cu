@@ -1,0 +1,741 @@
+// Implicit-GEMM convolution: fprop, dgrad and wgrad, activations NHWC, weights KRSC
+// (CUTLASS's notation). Wrappers: src/ops/conv.rs; CPU oracle and fast path:
+// src/cpu/conv.rs.
+//
+// ---------------------------------------------------------------- the GEMM view
+//   fprop  y[M=N*P*Q, N=K]   = A[M, Kg=R*S*C] * B[Kg, K]   A = im2col(x), B[kk, k] = w[k, kk]
+//   dgrad  dx[M=N*H*W, N=C]  = A[M, Kg=R*S*K] * B[Kg, C]   A[(n,h,w), (r,s,k)] = dy[n, p, q, k]
+//                                                          where h = p*stride - pad + r (else 0),
+//                                                          B[(r,s,k), c] = w[k, r, s, c]
+//   wgrad  dw[M=K, N=R*S*C]  = A[M, Kg=N*P*Q] * B[Kg, N]   A[k, npq] = dy[npq, k], B = im2col(x)
+// Every operand is read straight from the tensors: no im2col buffer, nothing allocated.
+// dgrad with stride > 1 runs as stride^2 phase GEMMs (grid.z, see Geo): the pixels of dx
+// with (h % stride, w % stride) fixed only meet the filter taps of one residue class, so
+// the taps that a stride skips cost no MMA (a stride-2 dgrad would otherwise multiply
+// zeros 3/4 of the time).
+// The GEMM-K index kk is ordered with the channel innermost ((r, s, c) for fprop, (r, s, k)
+// for dgrad), so runs of 8 consecutive kk are 8 consecutive channels in memory.
+//
+// Each operand has a "natural" contiguous dimension in global memory: the GEMM-K dimension
+// for fprop A and B and dgrad A ("K-contiguous"), the M or N dimension for dgrad B and both
+// wgrad operands. The tensor-core kernels keep that layout in shared memory and choose
+// ldmatrix or ldmatrix.trans to build the mma fragments, so every global load is a
+// contiguous run and no operand is transposed through registers.
+//
+// ---------------------------------------------------------------- tensor-core kernels (bf16)
+// mma.sync m16n8k16 (bf16 in, f32 accumulate), fragments through ldmatrix(.trans),
+// operands through a STAGES-deep cp.async pipeline (one barrier per k-tile). Tiles:
+//   t128x128: BM=128, BN=128, BK=32, 8 warps (2x4, 64x32 per warp: 4x4 mma tiles),
+//             4 stages: the large layers (N*P*Q and K or C of 128 and more).
+//   t128x64:  BM=128, BN=64, BK=32, 4 warps (2x2, 64x32 per warp), 4 stages: pruned layers,
+//             whose GEMM-N (K in fprop, C in dgrad) is 64 or less, with a large M.
+//   t64x64:   BM=64, BN=64, BK=32, 4 warps (2x2, 32x32 per warp), 4 stages: small GEMMs
+//             (late stages at small batch, wgrad's M = K) where bigger tiles leave SMs idle.
+// Vector path (the fast path): 16-byte cp.async of 8 channels when the channel counts are
+// multiples of 8 (fprop: C; dgrad and wgrad: C and K). Runs of 8 never straddle a filter
+// tap then, and a run is either all in bounds or all padding (zero-filled by cp.async).
+// Scalar path (any width, e.g. the stem's C = 3 or widths pruned without rounding): the
+// same kernel with element loads into shared memory (t64x64s).
+// Shared memory rows are padded by 8 elements (16 bytes): a K-contiguous tile row is
+// BK+8 = 40 elements = 80 bytes, an M/N-contiguous row BM+8 = 136 elements = 272 bytes; the
+// 8 rows of every ldmatrix phase then fall in 8 distinct 4-bank groups (conflict-free), and
+// every row stays 16-byte aligned for cp.async and ldmatrix.
+// Index arithmetic stays out of the inner loop: the M rows' (n, h, w) are decoded once per
+// block into a shared table; each thread walks its GEMM-K position incrementally (no
+// division per k-tile) for K-contiguous operands, and decodes the others with
+// multiply-shift divisions (PkFastDiv).
+// wgrad (M = K, N = R*S*C, Kg = N*P*Q: thin output, very long reduction) is split along Kg
+// (grid.z); each split adds its partial sums into dw with f32 atomics, after the wrapper has
+// zeroed dw (no workspace). With one split, dw is stored directly.
+// 1x1 convolutions with stride 1 and no padding are plain GEMMs here: the row table and the
+// tap walk reduce to offsets, and every load is a contiguous channel run.
+//
+// ---------------------------------------------------------------- SIMT kernels (f32)
+// The exact path: the same operand loaders (4-byte cp.async per element, any width),
+// shared tiles stored [BK][BM] and [BK][BN], and 8x8 outer products per thread in f32
+// FMAs. t128x128 (256 threads) for large GEMMs, t64x64 (64 threads) for small ones; BK=8,
+// 3 stages.
+#include "common.cuh"
+
+#include <type_traits>
+
+#define PK_FPROP 0
+#define PK_DGRAD 1
+#define PK_WGRAD 2
+
+// ---------------------------------------------------------------- helpers
+#ifdef PK_EMU
+__device__ __forceinline__ uint32_t pk_umulhi(uint32_t a, uint32_t b) { return (uint32_t)(((uint64_t)a * b) >> 32); }
+#else
+__device__ __forceinline__ uint32_t pk_umulhi(uint32_t a, uint32_t b) { return __umulhi(a, b); }
+#endif
+
+// n / d for 0 <= n < 2^31 (see PkFastDiv).
+__device__ __forceinline__ int fdiv(int n, const PkFastDiv& d) {
+  return d.mul ? (int)(pk_umulhi((uint32_t)n, d.mul) >> d.shr) : n;
+}
+__device__ __forceinline__ void fdivmod(int n, const PkFastDiv& d, int& q, int& r) {
+  q = fdiv(n, d);
+  r = n - q * d.d;
+}
+
+// Copies VW consecutive elements from global to shared memory, or zeros them (ok false).
+// 16 bytes and 4 bytes go through cp.async; 2-byte elements are loaded and stored.
+template <class T, int VW>
+__device__ __forceinline__ void copy_chunk(T* dst, const T* src, bool ok) {
+  if constexpr (VW * sizeof(T) == 16) {
+    cp_async_16(dst, src, ok ? 16u : 0u);
+  } else if constexpr (VW * sizeof(T) == 4) {
+    cp_async_4(dst, src, ok ? 4u : 0u);
+  } else {
+    static_assert(VW == 1, "scalar path copies single elements");
+    *dst = ok ? *src : from_f32<T>(0.0f);
+  }
+}
+
+// n / d as a multiply and a shift, built on the device (once per block).
+__device__ __forceinline__ PkFastDiv make_fastdiv(int d) {
+  PkFastDiv f;
+  f.d = d;
+  f.pad0 = 0;
+  if (d <= 1) {
+    f.mul = 0;
+    f.shr = 0;
+    return f;
+  }
+  const unsigned l = 32u - (unsigned)__clz(d - 1);  // ceil(log2 d)
+  const unsigned sh = 31u + l;
+  f.mul = (uint32_t)(((1ull << sh) + (unsigned long long)d - 1ull) / (unsigned long long)d);
+  f.shr = sh - 32u;
+  return f;
+}
+
+// The part of the problem that depends on the block. dgrad with stride > 1 is split into
+// stride^2 phases (blockIdx.z = ph * stride + pw): the rows of dx with h % stride == ph
+// and w % stride == pw receive contributions only from the filter taps r = r0 + i*stride,
+// s = s0 + j*stride, for which the output position is exact: p = hi + c0h - i. Each phase
+// is its own implicit GEMM (M = N * hn * wn, K = rn * sn * K), so no MMA is spent on the
+// taps that stride skips (3/4 of the work of a 1x1 or 3x3 stride-2 dgrad otherwise).
+// Phases without taps (e.g. odd rows of a 1x1 stride-2 dgrad) still write their zeros.
+struct Geo {
+  int gemm_m, gemm_k;  // this block's GEMM M and K
+  int r0, s0, rn, sn;  // dgrad: first tap and number of taps of the phase (else 0, 0, R, S)
+  int ph, pw, hn, wn;  // dgrad: the phase and the rows and columns of dx it holds
+  int c0h, c0w;        // dgrad: p = hi + c0h - i, q = wi + c0w - j
+  PkFastDiv div_sn;    // division by sn
+};
+
+template <int PASS>
+__device__ __forceinline__ Geo make_geo(const PkConvParams& p) {
+  Geo g;
+  g.gemm_m = p.gemm_m;
+  g.gemm_k = p.gemm_k;
+  g.r0 = g.s0 = 0;
+  g.rn = p.r;
+  g.sn = p.s;
+  g.ph = g.pw = 0;
+  g.hn = p.h;
+  g.wn = p.w;
+  g.c0h = g.c0w = p.pad;
+  g.div_sn = p.div_s;
+  if (PASS == PK_DGRAD) {
+    const int st = p.stride, z = (int)blockIdx.z;
+    g.ph = z / st;
+    g.pw = z % st;
+    g.hn = g.ph < p.h ? (p.h - g.ph + st - 1) / st : 0;
+    g.wn = g.pw < p.w ? (p.w - g.pw + st - 1) / st : 0;
+    g.r0 = (g.ph + p.pad) % st;
+    g.s0 = (g.pw + p.pad) % st;
+    g.rn = g.r0 < p.r ? (p.r - g.r0 + st - 1) / st : 0;
+    g.sn = g.s0 < p.s ? (p.s - g.s0 + st - 1) / st : 0;
+    g.c0h = (g.ph + p.pad - g.r0) / st;
+    g.c0w = (g.pw + p.pad - g.s0) / st;
+    g.gemm_m = p.n * g.hn * g.wn;
+    g.gemm_k = g.rn * g.sn * p.k;
+    g.div_sn = make_fastdiv(g.sn > 0 ? g.sn : 1);
+  }
+  return g;
+}
+
+// One decoded row of the GEMM: an output pixel (n, p, q) of fprop or an input pixel
+// (n, h, w) of dgrad (within the block's phase).
+struct RowInfo {
+  int base;  // offset of image n in the tensor A reads
+  int h0;    // fprop: p*stride - pad; dgrad: hi + c0h
+  int w0;    // fprop: q*stride - pad; dgrad: wi + c0w
+  int ok;    // row < M
+  int out;   // offset of the row in the output (y or dx)
+};
+
+template <int PASS>
+__device__ __forceinline__ RowInfo decode_row(const PkConvParams& p, const Geo& g, int m) {
+  RowInfo ri;
+  ri.ok = m < g.gemm_m;
+  const int mm = ri.ok ? m : 0;
+  int n, rem, a, b;
+  if (PASS == PK_FPROP) {
+    fdivmod(mm, p.div_pq, n, rem);
+    fdivmod(rem, p.div_q, a, b);
+    ri.base = n * p.h * p.w * p.c;
+    ri.h0 = a * p.stride - p.pad;
+    ri.w0 = b * p.stride - p.pad;
+    ri.out = mm * p.k;
+  } else {  // once per row and block: plain divisions by the phase's sizes
+    const int hw = g.hn * g.wn;
+    n = mm / hw;
+    rem = mm - n * hw;
+    a = rem / g.wn;
+    b = rem - a * g.wn;
+    ri.base = n * p.p * p.q * p.k;
+    ri.h0 = a + g.c0h;
+    ri.w0 = b + g.c0w;
+    ri.out = ((n * p.h + g.ph + a * p.stride) * p.w + g.pw + b * p.stride) * p.c;
+  }
+  return ri;
+}
+
+// ---------------------------------------------------------------- operand loaders
+// A loader issues the copies of one BK-deep tile of one operand into shared memory.
+// Elements are assigned to threads along the operand's contiguous dimension in chunks of
+// VW; SKC says whether the shared tile is stored [MN][LD] (K-contiguous) or [BK][LD].
+// `sidx(mn, kk)` is the shared index of element (mn, kk) of the tile.
+template <bool SKC, int LD>
+__device__ __forceinline__ int sidx(int mn, int kk) {
+  return SKC ? mn * LD + kk : kk * LD + mn;
+}
+
+// K-contiguous operands: fprop A (im2col of x), dgrad A (dy through the filter taps),
+// fprop B (w, [K][R*S*C]). Each thread owns one chunk column (fixed kk offset within the
+// tile) and walks its kk position (r, s, channel) incrementally from tile to tile.
+template <int PASS, bool IS_A, class T, int BMN, int BK, int VW, int NT, bool SKC, int LD>
+struct LoaderK {
+  static_assert(NT % (BK / VW) == 0, "threads must cover whole chunk columns");
+  static constexpr int COLS = BK / VW;
+  static constexpr int RSTEP = NT / COLS;
+  static_assert(BMN % RSTEP == 0, "rows per thread");
+  static constexpr int NR = BMN / RSTEP;
+  int kcol, row0, kk, r, s, ch, sn, kg;
+  const T* g;
+  int mn0;
+
+  __device__ __forceinline__ void init(const PkConvParams& p, const Geo& geo, const T* gptr, int tid, int mn_base,
+                                       int kt_begin) {
+    g = gptr;
+    mn0 = mn_base;
+    kcol = (tid % COLS) * VW;
+    row0 = tid / COLS;
+    kk = kt_begin * BK + kcol;
+    sn = geo.sn;
+    kg = geo.gemm_k;
+    r = s = ch = 0;
+    if (IS_A) {
+      // kk = (r*sn + s)*Cin + ch with Cin = C (fprop) or K (dgrad); for dgrad r and s
+      // count the taps of the block's phase.
+      const PkFastDiv& dc = PASS == PK_FPROP ? p.div_c : p.div_k;
+      int rs;
+      fdivmod(kk, dc, rs, ch);
+      fdivmod(rs, geo.div_sn, r, s);
+    }
+  }
+  __device__ __forceinline__ void advance(const PkConvParams& p) {
+    kk += BK;
+    if (IS_A) {
+      const int cin = PASS == PK_FPROP ? p.c : p.k;
+      ch += BK;
+      while (ch >= cin) {
+        ch -= cin;
+        if (++s == sn) {
+          s = 0;
+          ++r;
+        }
+      }
+    }
+  }
+  // Loads the tile at the current position into `sm`, then advances.
+  __device__ __forceinline__ void load(const PkConvParams& p, T* sm, const RowInfo* rows) {
+    const bool kok = kk < kg;
+#pragma unroll
+    for (int j = 0; j < NR; ++j) {
+      const int ml = row0 + j * RSTEP;
+      int off = 0;
+      bool ok = kok;
+      if (!IS_A) {  // fprop B: w[k][kk]
+        const int nn = mn0 + ml;
+        ok = ok && nn < p.k;
+        off = nn * kg + kk;
+      } else {
+        const RowInfo ri = rows[ml];
+        ok = ok && ri.ok;
+        if (PASS == PK_FPROP) {
+          const int h = ri.h0 + r, w = ri.w0 + s;
+          ok = ok && (unsigned)h < (unsigned)p.h && (unsigned)w < (unsigned)p.w;
+          off = ri.base + (h * p.w + w) * p.c + ch;
+        } else {
+          const int pp = ri.h0 - r, qq = ri.w0 - s;  // exact: the phase has only these taps
+          ok = ok && (unsigned)pp < (unsigned)p.p && (unsigned)qq < (unsigned)p.q;
+          off = ri.base + (pp * p.q + qq) * p.k + ch;
+        }
+      }
+      copy_chunk<T, VW>(sm + sidx<SKC, LD>(ml, kcol), g + (ok ? off : 0), ok);
+    }
+    advance(p);
+  }
+};
+
+// M/N-contiguous operands: dgrad B (w[k][r][s][c] along c), wgrad A (dy along k), wgrad B
+// (im2col of x along c). Each thread owns one chunk column; rows (kk) are decoded per tile.
+template <int PASS, bool IS_A, class T, int BMN, int BK, int VW, int NT, bool SKC, int LD>
+struct LoaderN {
+  static constexpr int COLS = BMN / VW;
+  static_assert(NT % COLS == 0, "threads must cover whole chunk columns");
+  static constexpr int RSTEP = NT / COLS;
+  static_assert(BK % RSTEP == 0, "rows per thread");
+  static constexpr int NR = BK / RSTEP;
+  int col, row0, k0, kg;
+  int cr, cs, cc;  // wgrad B: the column's filter tap and channel
+  bool col_ok;
+  const T* g;
+  int r0, s0;          // dgrad: the phase's first tap
+  PkFastDiv div_sn;  // dgrad: taps per row of the phase
+
+  __device__ __forceinline__ void init(const PkConvParams& p, const Geo& geo, const T* gptr, int tid, int mn_base,
+                                       int kt_begin) {
+    g = gptr;
+    kg = geo.gemm_k;
+    r0 = geo.r0;
+    s0 = geo.s0;
+    div_sn = geo.div_sn;
+    col = (tid % COLS) * VW;
+    row0 = tid / COLS;
+    k0 = kt_begin * BK;
+    const int nn = mn_base + col;
+    cr = cs = cc = 0;
+    if (PASS == PK_DGRAD) {
+      col_ok = nn < p.c;
+      cc = nn;
+    } else if (IS_A) {  // wgrad A
+      col_ok = nn < p.k;
+      cc = nn;
+    } else {  // wgrad B: nn = (r*S + s)*C + c
+      col_ok = nn < p.gemm_n;
+      int rs;
+      fdivmod(col_ok ? nn : 0, p.div_c, rs, cc);
+      fdivmod(rs, p.div_s, cr, cs);
+    }
+  }
+  __device__ __forceinline__ void load(const PkConvParams& p, T* sm, const RowInfo*) {
+#pragma unroll
+    for (int j = 0; j < NR; ++j) {
+      const int kl = row0 + j * RSTEP;
+      const int kk = k0 + kl;
+      bool ok = col_ok && kk < kg;
+      const int kq = ok ? kk : 0;
+      int off;
+      if (PASS == PK_DGRAD) {  // kk = (i*sn + j)*K + k: w[k][r0 + i*st][s0 + j*st][c]
+        int rs, k, i, j;
+        fdivmod(kq, p.div_k, rs, k);
+        fdivmod(rs, div_sn, i, j);
+        off = ((k * p.r + r0 + i * p.stride) * p.s + s0 + j * p.stride) * p.c + cc;
+      } else if (IS_A) {  // dy[npq][k]
+        off = kq * p.k + cc;
+      } else {  // x[n][p*st - pad + r][q*st - pad + s][c]
+        int n, pq, pp, qq;
+        fdivmod(kq, p.div_pq, n, pq);
+        fdivmod(pq, p.div_q, pp, qq);
+        const int h = pp * p.stride - p.pad + cr, w = qq * p.stride - p.pad + cs;
+        ok = ok && (unsigned)h < (unsigned)p.h && (unsigned)w < (unsigned)p.w;
+        off = ((n * p.h + h) * p.w + w) * p.c + cc;
+      }
+      copy_chunk<T, VW>(sm + sidx<SKC, LD>(col, kl), g + (ok ? off : 0), ok);
+    }
+    k0 += BK;
+  }
+};
+
+template <int PASS, bool IS_A, class T, int BMN, int BK, int VW, int NT, bool SKC, int LD>
+struct LoaderFor {
+  static constexpr bool KC = IS_A ? PASS != PK_WGRAD : PASS == PK_FPROP;
+  using type = typename std::conditional<KC, LoaderK<PASS, IS_A, T, BMN, BK, VW, NT, SKC, LD>,
+                                         LoaderN<PASS, IS_A, T, BMN, BK, VW, NT, SKC, LD>>::type;
+};
+
+// The two GEMM operands of a pass (see PkConvParams).
+template <class T>
+__device__ __forceinline__ void operands(const PkConvParams& p, const T*& a, const T*& b) {
+  a = static_cast<const T*>(p.a);
+  b = static_cast<const T*>(p.b);
+}
+
+// The block's range of k-tiles (wgrad splits along grid.z; dgrad's grid.z is its phase).
+template <int PASS>
+__device__ __forceinline__ void k_range(const PkConvParams& p, const Geo& g, int bk, int& kt0, int& kt1) {
+  const int kt = (g.gemm_k + bk - 1) / bk;
+  if (PASS == PK_WGRAD) {
+    kt0 = (int)blockIdx.z * p.k_tiles_per_split;
+    kt1 = min(kt, kt0 + p.k_tiles_per_split);
+  } else {
+    kt0 = 0;
+    kt1 = kt;
+  }
+}
+
+// Stores one output element (or two adjacent ones: c0, c1 at col, col+1) of GEMM row
+// `row` (`rl` within the block). fprop and dgrad find the row's offset in the row table.
+template <int PASS, class T>
+__device__ __forceinline__ void store_pair(const PkConvParams& p, const RowInfo* rows, int rl, int row, int col,
+                                           float c0, float c1) {
+  if (col >= p.gemm_n) return;
+  int64_t idx;
+  if (PASS == PK_WGRAD) {
+    if (row >= p.gemm_m) return;
+    idx = (int64_t)row * p.gemm_n + col;
+  } else {
+    const RowInfo ri = rows[rl];
+    if (!ri.ok) return;
+    idx = (int64_t)ri.out + col;
+  }
+  const bool both = col + 1 < p.gemm_n;
+  if (PASS == PK_WGRAD) {
+    float* out = static_cast<float*>(p.out) + idx;
+    if (gridDim.z > 1) {
+      atomicAdd(out, c0);
+      if (both) atomicAdd(out + 1, c1);
+    } else if (both && (p.gemm_n % 2 == 0)) {
+      *reinterpret_cast<float2*>(out) = make_float2(c0, c1);
+    } else {
+      out[0] = c0;
+      if (both) out[1] = c1;
+    }
+  } else {
+    T* out = static_cast<T*>(p.out) + idx;
+    if constexpr (sizeof(T) == 2) {
+      if (both && (p.gemm_n % 2 == 0)) {
+        struct alignas(4) Pair {
+          T x, y;
+        };
+        *reinterpret_cast<Pair*>(out) = Pair{from_f32<T>(c0), from_f32<T>(c1)};
+        return;
+      }
+    } else {
+      if (both && (p.gemm_n % 2 == 0)) {
+        *reinterpret_cast<float2*>(out) = make_float2(c0, c1);
+        return;
+      }
+    }
+    out[0] = from_f32<T>(c0);
+    if (both) out[1] = from_f32<T>(c1);
+  }
+}
+
+// Fills the block's row table (fprop and dgrad A rows); wgrad has none.
+template <int PASS, int BM, int NT>
+__device__ __forceinline__ void fill_rows(const PkConvParams& p, const Geo& g, RowInfo* rows, int m0, int tid) {
+  if (PASS == PK_WGRAD) return;
+  for (int i = tid; i < BM; i += NT) rows[i] = decode_row<PASS>(p, g, m0 + i);
+}
+
+// ---------------------------------------------------------------- tensor-core kernel
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, bool VEC_, int MIN_BLOCKS_>
+struct TcCfg {
+  static constexpr int BM = BM_, BN = BN_, BK = 32, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
+  static constexpr bool VEC = VEC_;
+  static constexpr int NT = WARPS_M * WARPS_N * 32;
+  static constexpr int VW = VEC ? 8 : 1;
+  static constexpr int MIN_BLOCKS = MIN_BLOCKS_;  // __launch_bounds__: blocks per SM to fit
+};
+
+template <int PASS>
+struct TcLayout {
+  static constexpr bool A_KC = PASS != PK_WGRAD;  // A stored [BM][BK+8], else [BK][BM+8]
+  static constexpr bool B_KC = PASS == PK_FPROP;  // B stored [BN][BK+8], else [BK][BN+8]
+};
+
+template <int PASS, class Cfg>
+struct TcSmem {
+  static constexpr int LDA = TcLayout<PASS>::A_KC ? Cfg::BK + 8 : Cfg::BM + 8;
+  static constexpr int LDB = TcLayout<PASS>::B_KC ? Cfg::BK + 8 : Cfg::BN + 8;
+  static constexpr int A_ELEMS = TcLayout<PASS>::A_KC ? Cfg::BM * LDA : Cfg::BK * LDA;
+  static constexpr int B_ELEMS = TcLayout<PASS>::B_KC ? Cfg::BN * LDB : Cfg::BK * LDB;
+  static constexpr int ROWS_BYTES = Cfg::BM * (int)sizeof(RowInfo);
+  static constexpr int BYTES = ROWS_BYTES + Cfg::STAGES * (A_ELEMS + B_ELEMS) * 2;
+};
+
+template <int PASS, class T, class Cfg>
+__device__ __forceinline__ void conv_tc(const PkConvParams& p) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, NT = Cfg::NT, VW = Cfg::VW;
+  constexpr bool A_KC = TcLayout<PASS>::A_KC, B_KC = TcLayout<PASS>::B_KC;
+  using S = TcSmem<PASS, Cfg>;
+  constexpr int WTM = BM / Cfg::WARPS_M, WTN = BN / Cfg::WARPS_N;
+  constexpr int MI = WTM / 16, NI = WTN / 8;
+  static_assert(NI % 2 == 0, "B fragments load two n8 tiles at a time");
+  static_assert(S::ROWS_BYTES % 16 == 0 && (S::A_ELEMS * 2) % 16 == 0 && (S::B_ELEMS * 2) % 16 == 0, "alignment");
+
+  PK_DYNAMIC_SMEM(unsigned char, smem);
+  RowInfo* rows = reinterpret_cast<RowInfo*>(smem);
+  T* As = reinterpret_cast<T*>(smem + S::ROWS_BYTES);
+  T* Bs = As + STAGES * S::A_ELEMS;
+
+  const int tid = (int)threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp % Cfg::WARPS_M, wn = warp / Cfg::WARPS_M;
+  const int m0 = (int)blockIdx.x * BM, n0 = (int)blockIdx.y * BN;
+  const Geo geo = make_geo<PASS>(p);
+  if (m0 >= geo.gemm_m) return;  // a dgrad phase with fewer rows: the whole block leaves
+  int kt0, kt1;
+  k_range<PASS>(p, geo, BK, kt0, kt1);
+
+  const T *ga, *gb;
+  operands<T>(p, ga, gb);
+  typename LoaderFor<PASS, true, T, BM, BK, VW, NT, A_KC, S::LDA>::type la;
+  typename LoaderFor<PASS, false, T, BN, BK, VW, NT, B_KC, S::LDB>::type lb;
+  la.init(p, geo, ga, tid, m0, kt0);
+  lb.init(p, geo, gb, tid, n0, kt0);
+  fill_rows<PASS, BM, NT>(p, geo, rows, m0, tid);
+  __syncthreads();
+
+  float acc[MI][NI][4];
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < NI; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+  const int nkt = kt1 - kt0;
+  // Prologue: the first STAGES-1 tiles in flight (one commit group each, even if empty).
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < nkt) {
+      la.load(p, As + st * S::A_ELEMS, rows);
+      lb.load(p, Bs + st * S::B_ELEMS, rows);
+    }
+    cp_async_commit();
+  }
+
+  for (int it = 0; it < nkt; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile `it` is visible; everyone is done with tile it-1's stage
+    {
+      const int nxt = it + STAGES - 1;
+      if (nxt < nkt) {
+        const int st = nxt % STAGES;
+        la.load(p, As + st * S::A_ELEMS, rows);
+        lb.load(p, Bs + st * S::B_ELEMS, rows);
+      }
+      cp_async_commit();
+    }
+    const T* a_s = As + (it % STAGES) * S::A_ELEMS;
+    const T* b_s = Bs + (it % STAGES) * S::B_ELEMS;
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 16) {
+      uint32_t af[MI][4], bf[NI][2];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        const int rm = wm * WTM + mi * 16;
+        if (A_KC)
+          ldmatrix_x4(af[mi], a_s + (rm + (lane & 15)) * S::LDA + ks + (lane >> 4) * 8);
+        else
+          ldmatrix_x4_trans(af[mi], a_s + (ks + (lane & 7) + (lane >> 4) * 8) * S::LDA + rm + ((lane >> 3) & 1) * 8);
+      }
+#pragma unroll
+      for (int ni = 0; ni < NI; ni += 2) {
+        const int rn = wn * WTN + ni * 8;
+        uint32_t t4[4];
+        if (B_KC)
+          ldmatrix_x4(t4, b_s + (rn + (lane & 7) + (lane >> 4) * 8) * S::LDB + ks + ((lane >> 3) & 1) * 8);
+        else
+          ldmatrix_x4_trans(t4, b_s + (ks + (lane & 7) + ((lane >> 3) & 1) * 8) * S::LDB + rn + (lane >> 4) * 8);
+        bf[ni][0] = t4[0];
+        bf[ni][1] = t4[1];
+        bf[ni + 1][0] = t4[2];
+        bf[ni + 1][1] = t4[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+          if constexpr (std::is_same<T, bf16>::value)
+            mma_m16n8k16_bf16(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+          else
+            mma_m16n8k16_f16(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
+        }
+    }
+  }
+  cp_async_wait<0>();
+
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+      const int rl = wm * WTM + mi * 16 + g;
+      const int col = n0 + wn * WTN + ni * 8 + 2 * t;
+      store_pair<PASS, T>(p, rows, rl, m0 + rl, col, acc[mi][ni][0], acc[mi][ni][1]);
+      store_pair<PASS, T>(p, rows, rl + 8, m0 + rl + 8, col, acc[mi][ni][2], acc[mi][ni][3]);
+    }
+}
+
+// ---------------------------------------------------------------- SIMT kernel (f32)
+template <int BM_, int BN_>
+struct SimtCfg {
+  static constexpr int BM = BM_, BN = BN_, BK = 8, TM = 8, TN = 8, STAGES = 3;
+  static constexpr int NT = (BM / TM) * (BN / TN);
+  static constexpr int LDA = BM + 4, LDB = BN + 4;
+  static constexpr int ROWS_BYTES = BM * (int)sizeof(RowInfo);
+  static constexpr int BYTES = ROWS_BYTES + STAGES * BK * (LDA + LDB) * 4;
+};
+
+template <int PASS, class Cfg>
+__device__ __forceinline__ void conv_simt(const PkConvParams& p) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, NT = Cfg::NT;
+  constexpr int TM = Cfg::TM, TN = Cfg::TN, LDA = Cfg::LDA, LDB = Cfg::LDB;
+  PK_DYNAMIC_SMEM(unsigned char, smem);
+  RowInfo* rows = reinterpret_cast<RowInfo*>(smem);
+  float* As = reinterpret_cast<float*>(smem + Cfg::ROWS_BYTES);
+  float* Bs = As + STAGES * BK * LDA;
+
+  const int tid = (int)threadIdx.x;
+  const int tx = tid % (BN / TN), ty = tid / (BN / TN);
+  const int m0 = (int)blockIdx.x * BM, n0 = (int)blockIdx.y * BN;
+  const Geo geo = make_geo<PASS>(p);
+  if (m0 >= geo.gemm_m) return;  // a dgrad phase with fewer rows: the whole block leaves
+  int kt0, kt1;
+  k_range<PASS>(p, geo, BK, kt0, kt1);
+  const float *ga, *gb;
+  operands<float>(p, ga, gb);
+  typename LoaderFor<PASS, true, float, BM, BK, 1, NT, false, LDA>::type la;
+  typename LoaderFor<PASS, false, float, BN, BK, 1, NT, false, LDB>::type lb;
+  la.init(p, geo, ga, tid, m0, kt0);
+  lb.init(p, geo, gb, tid, n0, kt0);
+  fill_rows<PASS, BM, NT>(p, geo, rows, m0, tid);
+  __syncthreads();
+
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+  const int nkt = kt1 - kt0;
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < nkt) {
+      la.load(p, As + st * BK * LDA, rows);
+      lb.load(p, Bs + st * BK * LDB, rows);
+    }
+    cp_async_commit();
+  }
+  for (int it = 0; it < nkt; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    {
+      const int nxt = it + STAGES - 1;
+      if (nxt < nkt) {
+        const int st = nxt % STAGES;
+        la.load(p, As + st * BK * LDA, rows);
+        lb.load(p, Bs + st * BK * LDB, rows);
+      }
+      cp_async_commit();
+    }
+    const float* a_s = As + (it % STAGES) * BK * LDA;
+    const float* b_s = Bs + (it % STAGES) * BK * LDB;
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      float a[TM], b[TN];
+#pragma unroll
+      for (int i = 0; i < TM; i += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(a_s + kk * LDA + ty * TM + i);
+        a[i] = v.x;
+        a[i + 1] = v.y;
+        a[i + 2] = v.z;
+        a[i + 3] = v.w;
+      }
+#pragma unroll
+      for (int j = 0; j < TN; j += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(b_s + kk * LDB + tx * TN + j);
+        b[j] = v.x;
+        b[j + 1] = v.y;
+        b[j + 2] = v.z;
+        b[j + 3] = v.w;
+      }
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; j += 2)
+      store_pair<PASS, float>(p, rows, ty * TM + i, m0 + ty * TM + i, n0 + tx * TN + j, acc[i][j], acc[i][j + 1]);
+}
+
+// ---------------------------------------------------------------- entry points
+// conv2d_<pass>_<tile>_<dtype>; the wrapper picks the tile (see the top of this file) and
+// launches Cfg::NT threads with Cfg::BYTES of dynamic shared memory.
+// t128x128 asks for 2 blocks per SM (at most 128 registers per thread; ptxas reports no
+// spills): 16 warps and 2 x 84 KB of shared memory per SM.
+typedef TcCfg<128, 128, 2, 4, 4, true, 2> TcL;
+typedef TcCfg<128, 64, 2, 2, 4, true, 1> TcM;
+typedef TcCfg<64, 64, 2, 2, 4, true, 1> TcS;
+typedef TcCfg<64, 64, 2, 2, 3, false, 1> TcG;  // scalar loads: any width
+typedef SimtCfg<128, 128> SimtL;
+typedef SimtCfg<64, 64> SimtS;
+
+#define PK_CONV_TC(pass, PASS, tile, Cfg, dt, T) \
+  PK_KERNEL_BOUNDS(conv2d_##pass##_##tile##_##dt, PkConvParams, Cfg::NT, Cfg::MIN_BLOCKS) { conv_tc<PASS, T, Cfg>(p); }
+#define PK_CONV_TC_ALL(pass, PASS, dt, T)  \
+  PK_CONV_TC(pass, PASS, t128x128, TcL, dt, T) \
+  PK_CONV_TC(pass, PASS, t128x64, TcM, dt, T)  \
+  PK_CONV_TC(pass, PASS, t64x64, TcS, dt, T)   \
+  PK_CONV_TC(pass, PASS, t64x64s, TcG, dt, T)
+#define PK_CONV_SIMT(pass, PASS)                                                              \
+  PK_KERNEL_BOUNDS(conv2d_##pass##_t128x128_f32, PkConvParams, SimtL::NT, 1) {                \
+    conv_simt<PASS, SimtL>(p);                                                                \
+  }                                                                                           \
+  PK_KERNEL_BOUNDS(conv2d_##pass##_t64x64_f32, PkConvParams, SimtS::NT, 1) { conv_simt<PASS, SimtS>(p); }
+
+PK_CONV_TC_ALL(fprop, PK_FPROP, bf16, bf16)
+PK_CONV_TC_ALL(dgrad, PK_DGRAD, bf16, bf16)
+PK_CONV_TC_ALL(wgrad, PK_WGRAD, bf16, bf16)
+PK_CONV_TC_ALL(fprop, PK_FPROP, f16, f16)
+PK_CONV_TC_ALL(dgrad, PK_DGRAD, f16, f16)
+PK_CONV_TC_ALL(wgrad, PK_WGRAD, f16, f16)
+PK_CONV_SIMT(fprop, PK_FPROP)
+PK_CONV_SIMT(dgrad, PK_DGRAD)
+PK_CONV_SIMT(wgrad, PK_WGRAD)
+
+// ---------------------------------------------------------------- layout conversions
+// transpose_<dtype>: dst[b][j][i] = src[b][i][j] for `batch` matrices of rows x cols.
+// NCHW -> NHWC is (batch N, rows C, cols H*W); NHWC -> NCHW is (N, H*W, C); OIHW <-> KRSC
+// are the same with (K, C, R*S). 32x32 tiles through shared memory (padded to 33 columns:
+// conflict-free in both directions), 32x8 threads, coalesced on both sides. grid.z walks
+// the batch in steps of gridDim.z.
+template <class T>
+__device__ __forceinline__ void transpose(const PkTransposeParams& p) {
+  __shared__ T tile[32][33];
+  const T* src = static_cast<const T*>(p.src);
+  T* dst = static_cast<T*>(p.dst);
+  const int i0 = (int)blockIdx.y * 32, j0 = (int)blockIdx.x * 32;
+  const int tx = (int)threadIdx.x, ty = (int)threadIdx.y;
+  const int64_t plane = (int64_t)p.rows * p.cols;
+  for (int b = (int)blockIdx.z; b < p.batch; b += (int)gridDim.z) {
+    const T* s = src + b * plane;
+    T* d = dst + b * plane;
+    for (int y = ty; y < 32; y += 8) {
+      const int i = i0 + y, j = j0 + tx;
+      if (i < p.rows && j < p.cols) tile[y][tx] = s[(int64_t)i * p.cols + j];
+    }
+    __syncthreads();
+    for (int y = ty; y < 32; y += 8) {
+      const int j = j0 + y, i = i0 + tx;
+      if (i < p.rows && j < p.cols) d[(int64_t)j * p.rows + i] = tile[tx][y];
+    }
+    __syncthreads();
+  }
+}
+
+PK_KERNEL(transpose_f32, PkTransposeParams) { transpose<float>(p); }
+PK_KERNEL(transpose_bf16, PkTransposeParams) { transpose<bf16>(p); }
+PK_KERNEL(transpose_f16, PkTransposeParams) { transpose<f16>(p); }

@@ -1,0 +1,658 @@
+//! Convolution (kernels/conv.cu) behind one API for the CPU and kernel devices: the three
+//! passes of an implicit-GEMM convolution (fprop, dgrad, wgrad) with activations NHWC and
+//! weights KRSC, and the layout conversions NCHW <-> NHWC and OIHW <-> KRSC.
+//!
+//! On a kernel device the wrappers pick a tile configuration per shape ([`plan`]), never
+//! allocate device memory (wgrad's split-K adds into `dw` after zeroing it), and upload
+//! nothing but the launch's parameter struct. On the CPU they run the fast path of
+//! `crate::cpu::conv` (bf16 and f16: converted to f32, computed, rounded).
+
+use super::params::{ConvParams, FastDiv, TransposeParams};
+use super::{check_on, i32_of, on_gpu};
+use crate::cpu::conv as cpu;
+pub use crate::cpu::conv::ConvShape;
+use crate::device::{Buf, Device};
+use crate::gpu::{Elem, Gpu, Kernel, LaunchConfig};
+use crate::{ensure, invalid, Result};
+use half::{bf16, f16};
+
+const MODULE: &str = "conv";
+
+/// Streaming multiprocessors the tile heuristics aim to fill (an H100 SXM has 132).
+pub const TARGET_SMS: usize = 132;
+
+/// A convolution pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Pass {
+    /// `y = conv(x, w)`.
+    Fprop,
+    /// `dx = dL/dx` from `dy` and `w`.
+    Dgrad,
+    /// `dw = dL/dw` from `x` and `dy`.
+    Wgrad,
+}
+
+impl Pass {
+    /// All three, in order.
+    pub const ALL: [Pass; 3] = [Pass::Fprop, Pass::Dgrad, Pass::Wgrad];
+    /// "fprop", "dgrad" or "wgrad".
+    pub fn name(self) -> &'static str {
+        match self {
+            Pass::Fprop => "fprop",
+            Pass::Dgrad => "dgrad",
+            Pass::Wgrad => "wgrad",
+        }
+    }
+    /// The pass named `s`.
+    pub fn parse(s: &str) -> Result<Pass> {
+        match s {
+            "fprop" => Ok(Pass::Fprop),
+            "dgrad" => Ok(Pass::Dgrad),
+            "wgrad" => Ok(Pass::Wgrad),
+            _ => Err(invalid!("unknown pass {s:?}: expected fprop, dgrad or wgrad")),
+        }
+    }
+    /// (M, N, K) of the implicit GEMM of this pass for `sh`.
+    pub fn gemm(self, sh: &ConvShape) -> (usize, usize, usize) {
+        let (pq, rs) = (sh.p() * sh.q(), sh.r * sh.s);
+        match self {
+            Pass::Fprop => (sh.n * pq, sh.k, rs * sh.c),
+            Pass::Dgrad => (sh.n * sh.h * sh.w, sh.c, rs * sh.k),
+            Pass::Wgrad => (sh.k, rs * sh.c, sh.n * pq),
+        }
+    }
+}
+
+/// A tile configuration of the kernels (see the top of kernels/conv.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tile {
+    /// 128x128 (tensor cores: 8 warps, 16-byte loads; f32: 256 threads).
+    T128x128,
+    /// 128x64 (tensor cores only: 4 warps, 16-byte loads).
+    T128x64,
+    /// 64x64 (tensor cores: 4 warps, 16-byte loads; f32: 64 threads).
+    T64x64,
+    /// 64x64 with element loads: any width (tensor cores only; f32 always loads elements).
+    T64x64Scalar,
+}
+
+impl Tile {
+    /// (BM, BN, BK) of the tile for elements of `T`.
+    pub fn dims<T: ConvElem>(self) -> (usize, usize, usize) {
+        let bk = if T::TENSOR_CORES { 32 } else { 8 };
+        match self {
+            Tile::T128x128 => (128, 128, bk),
+            Tile::T128x64 => (128, 64, bk),
+            Tile::T64x64 | Tile::T64x64Scalar => (64, 64, bk),
+        }
+    }
+    /// Needs channel counts that are multiples of 8 (16-byte loads).
+    pub fn vector(self) -> bool {
+        !matches!(self, Tile::T64x64Scalar)
+    }
+    /// The tile's part of the entry-point names, e.g. "t128x128".
+    pub fn tag(self) -> &'static str {
+        match self {
+            Tile::T128x128 => "t128x128",
+            Tile::T128x64 => "t128x64",
+            Tile::T64x64 => "t64x64",
+            Tile::T64x64Scalar => "t64x64s",
+        }
+    }
+}
+
+/// How one pass runs on a kernel device: the tile and the number of splits of the GEMM-K
+/// dimension (wgrad only; more than one adds partial sums into `dw` with atomics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// The tile configuration.
+    pub tile: Tile,
+    /// Splits of the reduction (1 = none).
+    pub splits: usize,
+}
+
+/// Element types the convolution kernels take: f32 (SIMT, exact), bf16 and f16 (tensor
+/// cores, f32 accumulation).
+pub trait ConvElem: Elem {
+    /// Runs on tensor cores (16-bit inputs).
+    const TENSOR_CORES: bool;
+    /// The batched transpose of this element size.
+    const TRANSPOSE: Kernel;
+    /// The entry point of `pass` with `tile`, if there is one.
+    fn kernel(pass: Pass, tile: Tile) -> Option<Kernel>;
+    /// Widened to f32.
+    fn to_f32(self) -> f32;
+    /// Rounded from f32 (to nearest even).
+    fn from_f32(v: f32) -> Self;
+}
+
+macro_rules! kernel_table {
+    ($pass:ident, $tile:ident, $dt:literal, [$(($p:ident, $ps:literal, $t:ident, $ts:literal)),* $(,)?]) => {
+        match ($pass, $tile) {
+            $((Pass::$p, Tile::$t) => Some(Kernel::new(MODULE, concat!("conv2d_", $ps, "_", $ts, "_", $dt))),)*
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    };
+}
+macro_rules! tc_table {
+    ($pass:ident, $tile:ident, $dt:literal) => {
+        kernel_table!(
+            $pass,
+            $tile,
+            $dt,
+            [
+                (Fprop, "fprop", T128x128, "t128x128"),
+                (Fprop, "fprop", T128x64, "t128x64"),
+                (Fprop, "fprop", T64x64, "t64x64"),
+                (Fprop, "fprop", T64x64Scalar, "t64x64s"),
+                (Dgrad, "dgrad", T128x128, "t128x128"),
+                (Dgrad, "dgrad", T128x64, "t128x64"),
+                (Dgrad, "dgrad", T64x64, "t64x64"),
+                (Dgrad, "dgrad", T64x64Scalar, "t64x64s"),
+                (Wgrad, "wgrad", T128x128, "t128x128"),
+                (Wgrad, "wgrad", T128x64, "t128x64"),
+                (Wgrad, "wgrad", T64x64, "t64x64"),
+                (Wgrad, "wgrad", T64x64Scalar, "t64x64s"),
+            ]
+        )
+    };
+}
+
+impl ConvElem for f32 {
+    const TENSOR_CORES: bool = false;
+    const TRANSPOSE: Kernel = Kernel::new(MODULE, "transpose_f32");
+    fn kernel(pass: Pass, tile: Tile) -> Option<Kernel> {
+        kernel_table!(
+            pass,
+            tile,
+            "f32",
+            [
+                (Fprop, "fprop", T128x128, "t128x128"),
+                (Fprop, "fprop", T64x64, "t64x64"),
+                (Dgrad, "dgrad", T128x128, "t128x128"),
+                (Dgrad, "dgrad", T64x64, "t64x64"),
+                (Wgrad, "wgrad", T128x128, "t128x128"),
+                (Wgrad, "wgrad", T64x64, "t64x64"),
+            ]
+        )
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+impl ConvElem for bf16 {
+    const TENSOR_CORES: bool = true;
+    const TRANSPOSE: Kernel = Kernel::new(MODULE, "transpose_bf16");
+    fn kernel(pass: Pass, tile: Tile) -> Option<Kernel> {
+        tc_table!(pass, tile, "bf16")
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+impl ConvElem for f16 {
+    const TENSOR_CORES: bool = true;
+    const TRANSPOSE: Kernel = Kernel::new(MODULE, "transpose_f16");
+    fn kernel(pass: Pass, tile: Tile) -> Option<Kernel> {
+        tc_table!(pass, tile, "f16")
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// True when the channel counts allow the 16-byte (8-element) loads of the vector tiles:
+/// C for fprop, C and K for dgrad and wgrad.
+pub fn vector_ok(pass: Pass, sh: &ConvShape) -> bool {
+    match pass {
+        Pass::Fprop => sh.c % 8 == 0,
+        Pass::Dgrad | Pass::Wgrad => sh.c % 8 == 0 && sh.k % 8 == 0,
+    }
+}
+
+/// The plan the wrappers use for `pass` on `sh` with elements `T`: the largest tile that
+/// still gives about one block per SM, the scalar tile where widths are not multiples
+/// of 8 (16-bit types), and for wgrad enough splits of the long reduction (N*P*Q) to fill
+/// about two waves, each split at least 8 k-tiles deep.
+pub fn plan<T: ConvElem>(pass: Pass, sh: &ConvShape) -> Plan {
+    let (m, n, k) = pass.gemm(sh);
+    let blocks = |bm: usize, bn: usize| m.div_ceil(bm) * n.div_ceil(bn);
+    let tile = if T::TENSOR_CORES {
+        if !vector_ok(pass, sh) {
+            Tile::T64x64Scalar
+        } else if n > 64 && blocks(128, 128) >= TARGET_SMS {
+            Tile::T128x128
+        } else if blocks(128, 64) >= TARGET_SMS {
+            Tile::T128x64
+        } else {
+            Tile::T64x64
+        }
+    } else if blocks(128, 128) >= TARGET_SMS {
+        Tile::T128x128
+    } else {
+        Tile::T64x64
+    };
+    let mut splits = 1;
+    if pass == Pass::Wgrad {
+        let (bm, bn, bk) = tile.dims::<T>();
+        let ktiles = k.div_ceil(bk);
+        let want = (2 * TARGET_SMS).div_ceil(m.div_ceil(bm) * n.div_ceil(bn));
+        let min_depth = if T::TENSOR_CORES { 8 } else { 32 };
+        splits = want.min(ktiles / min_depth).max(1);
+    }
+    Plan { tile, splits }
+}
+
+/// `n / d` as a multiply and a shift for `0 <= n < 2^31` (see `PkFastDiv`).
+pub fn fast_div(d: i32) -> FastDiv {
+    assert!(d >= 1, "fast_div of {d}");
+    if d == 1 {
+        return FastDiv { d, mul: 0, shr: 0, pad0: 0 };
+    }
+    let l = 32 - (d as u32 - 1).leading_zeros(); // ceil(log2 d)
+    let p = 31 + l;
+    let mul = (1u64 << p).div_ceil(d as u64);
+    FastDiv { d, mul: mul as u32, shr: p - 32, pad0: 0 }
+}
+
+/// Shared-memory bytes of a launch (must match TcSmem / SimtCfg in conv.cu; the emulation
+/// faults on any access past what is given here).
+fn smem_bytes<T: ConvElem>(pass: Pass, tile: Tile) -> usize {
+    let (bm, bn, bk) = tile.dims::<T>();
+    let rows = bm * 20; // RowInfo: 5 ints per row
+    if T::TENSOR_CORES {
+        let stages = if tile.vector() { 4 } else { 3 };
+        let a = if pass != Pass::Wgrad { bm * (bk + 8) } else { bk * (bm + 8) };
+        let b = if pass == Pass::Fprop { bn * (bk + 8) } else { bk * (bn + 8) };
+        rows + stages * (a + b) * 2
+    } else {
+        rows + 3 * bk * ((bm + 4) + (bn + 4)) * 4
+    }
+}
+
+fn threads<T: ConvElem>(tile: Tile) -> u32 {
+    match (T::TENSOR_CORES, tile) {
+        (true, Tile::T128x128) => 256,
+        (true, _) => 128,
+        (false, Tile::T128x128) => 256,
+        (false, _) => 64,
+    }
+}
+
+fn check_host_or_dev<T: Elem>(dev: &Device, b: &Buf<T>, what: &str, want: usize) -> Result<()> {
+    check_on(b, dev, what)?;
+    cpu::check_len(what, b.len(), want)
+}
+
+/// Checks the shape, the plan, the devices and lengths of the three buffers; returns the
+/// launch parameters on a kernel device.
+#[allow(clippy::too_many_arguments)]
+fn prepare<T: ConvElem, O: Elem>(
+    dev: &Device,
+    pass: Pass,
+    sh: &ConvShape,
+    a: (&Buf<T>, &str, usize),
+    b: (&Buf<T>, &str, usize),
+    out: (&Buf<O>, &str, usize),
+) -> Result<()> {
+    sh.validate()?;
+    check_host_or_dev(dev, a.0, a.1, a.2)?;
+    check_host_or_dev(dev, b.0, b.1, b.2)?;
+    check_host_or_dev(dev, out.0, out.1, out.2)?;
+    let _ = pass;
+    Ok(())
+}
+
+fn launch<T: ConvElem, O: Elem>(
+    gpu: &Gpu,
+    pass: Pass,
+    sh: &ConvShape,
+    a: &Buf<T>,
+    b: &Buf<T>,
+    out: &mut Buf<O>,
+    forced: Option<Plan>,
+) -> Result<()> {
+    let plan = forced.unwrap_or_else(|| plan::<T>(pass, sh));
+    let kernel = T::kernel(pass, plan.tile)
+        .ok_or_else(|| invalid!("no {} kernel with tile {:?} for {}", pass.name(), plan.tile, T::NAME))?;
+    if plan.tile.vector() && T::TENSOR_CORES {
+        ensure!(vector_ok(pass, sh), "tile {:?} needs channel counts that are multiples of 8 ({sh:?})", plan.tile);
+    }
+    let (ga, gb) = (on_gpu(a, gpu, "the first operand")?, on_gpu(b, gpu, "the second operand")?);
+    let go = match out {
+        Buf::Gpu(g) if g.same_gpu(gpu) => g,
+        _ => return Err(invalid!("the output is not on the device {}", gpu.name())),
+    };
+    for (ptr, what) in [(ga.ptr(), "first operand"), (gb.ptr(), "second operand"), (go.ptr(), "output")] {
+        ensure!(ptr % 16 == 0, "the {what} is not 16-byte aligned");
+    }
+    // Every element count (and so every offset the kernels form) fits in i32.
+    for (len, what) in [(sh.x_len(), "x"), (sh.w_len(), "w"), (sh.y_len(), "y")] {
+        i32_of(len, &format!("the element count of {what}"))?;
+    }
+    let (m, n, k) = pass.gemm(sh);
+    let (bm, bn, bk) = plan.tile.dims::<T>();
+    let ktiles = k.div_ceil(bk);
+    ensure!(plan.splits >= 1, "a plan needs at least one split");
+    ensure!(pass == Pass::Wgrad || plan.splits == 1, "only wgrad splits its reduction");
+    let per_split = ktiles.div_ceil(plan.splits.min(ktiles.max(1)));
+    let splits = ktiles.div_ceil(per_split.max(1)).max(1);
+    // dgrad: one grid.z slice per stride phase, each as many rows as the largest phase.
+    let grid = if pass == Pass::Dgrad {
+        let phase_rows = sh.n * sh.h.div_ceil(sh.stride) * sh.w.div_ceil(sh.stride);
+        (phase_rows.div_ceil(bm), n.div_ceil(bn), sh.stride * sh.stride)
+    } else {
+        (m.div_ceil(bm), n.div_ceil(bn), splits)
+    };
+    ensure!(
+        grid.0 <= i32::MAX as usize && grid.1 <= 65535 && grid.2 <= 65535,
+        "convolution {sh:?} needs a grid of {grid:?} blocks, more than CUDA allows"
+    );
+    let i = |x: usize, w: &str| i32_of(x, w);
+    let fd = |x: usize, w: &str| -> Result<FastDiv> { Ok(fast_div(i(x, w)?)) };
+    let (p_, q_) = (sh.p(), sh.q());
+    let params = ConvParams {
+        a: ga.ptr(),
+        b: gb.ptr(),
+        out: go.ptr(),
+        n: i(sh.n, "n")?,
+        h: i(sh.h, "h")?,
+        w: i(sh.w, "w")?,
+        c: i(sh.c, "c")?,
+        k: i(sh.k, "k")?,
+        r: i(sh.r, "r")?,
+        s: i(sh.s, "s")?,
+        stride: i(sh.stride, "stride")?,
+        pad: i(sh.pad, "pad")?,
+        p: i(p_, "p")?,
+        q: i(q_, "q")?,
+        gemm_m: i(m, "gemm m")?,
+        gemm_n: i(n, "gemm n")?,
+        gemm_k: i(k, "gemm k")?,
+        k_tiles_per_split: i(per_split, "k-tiles")?,
+        pad0: 0,
+        div_c: fd(sh.c, "c")?,
+        div_k: fd(sh.k, "k")?,
+        div_s: fd(sh.s, "s")?,
+        div_q: fd(q_, "q")?,
+        div_pq: fd(p_ * q_, "p*q")?,
+        div_w: fd(sh.w, "w")?,
+        div_hw: fd(sh.h * sh.w, "h*w")?,
+    };
+    let cfg = LaunchConfig {
+        grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+        block: (threads::<T>(plan.tile), 1, 1),
+        shared_mem_bytes: smem_bytes::<T>(pass, plan.tile) as u32,
+    };
+    if splits > 1 {
+        // The splits add into dw.
+        match out {
+            Buf::Gpu(g) => gpu.fill_zero(g)?,
+            Buf::Host(_) => unreachable!("checked above"),
+        }
+    }
+    // SAFETY: every buffer was checked to live on this device and to hold exactly the
+    // elements of its tensor; the kernels read and write only inside the tensors of the
+    // shape (every load is predicated on the tensor's bounds, every store on M and N).
+    unsafe { gpu.launch(kernel, cfg, &params)? };
+    Ok(())
+}
+
+fn widen<T: ConvElem>(b: &Buf<T>) -> Vec<f32> {
+    b.host().expect("checked to be on the host").iter().map(|v| v.to_f32()).collect()
+}
+
+/// `y[n,p,q,k] = sum_{r,s,c} x[n, p*stride-pad+r, q*stride-pad+s, c] * w[k,r,s,c]`
+/// (x NHWC, w KRSC, y NPQK; overwrites y).
+pub fn conv2d_fprop<T: ConvElem>(dev: &Device, sh: &ConvShape, x: &Buf<T>, w: &Buf<T>, y: &mut Buf<T>) -> Result<()> {
+    conv2d_fprop_with(dev, sh, x, w, y, None)
+}
+
+/// [`conv2d_fprop`] with a given plan on a kernel device (`None`: [`plan`]'s choice; the
+/// CPU ignores it). For tests and benchmarks of every tile.
+pub fn conv2d_fprop_with<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    w: &Buf<T>,
+    y: &mut Buf<T>,
+    plan: Option<Plan>,
+) -> Result<()> {
+    prepare(dev, Pass::Fprop, sh, (x, "x", sh.x_len()), (w, "w", sh.w_len()), (&*y, "y", sh.y_len()))?;
+    match dev {
+        Device::Cpu => {
+            cpu_run(x, w, y, sh.y_len(), |a, b, o| cpu::fprop(sh, a, b, o));
+            Ok(())
+        }
+        Device::Gpu(gpu) => launch(gpu, Pass::Fprop, sh, x, w, y, plan),
+    }
+}
+
+/// `dx` = the gradient with respect to x of `<dy, conv(x, w)>` (dy NPQK, w KRSC, dx NHWC;
+/// overwrites dx).
+pub fn conv2d_dgrad<T: ConvElem>(dev: &Device, sh: &ConvShape, dy: &Buf<T>, w: &Buf<T>, dx: &mut Buf<T>) -> Result<()> {
+    conv2d_dgrad_with(dev, sh, dy, w, dx, None)
+}
+
+/// [`conv2d_dgrad`] with a given plan on a kernel device (see [`conv2d_fprop_with`]).
+pub fn conv2d_dgrad_with<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    dy: &Buf<T>,
+    w: &Buf<T>,
+    dx: &mut Buf<T>,
+    plan: Option<Plan>,
+) -> Result<()> {
+    prepare(dev, Pass::Dgrad, sh, (dy, "dy", sh.y_len()), (w, "w", sh.w_len()), (&*dx, "dx", sh.x_len()))?;
+    match dev {
+        Device::Cpu => {
+            cpu_run(dy, w, dx, sh.x_len(), |a, b, o| cpu::dgrad(sh, a, b, o));
+            Ok(())
+        }
+        Device::Gpu(gpu) => launch(gpu, Pass::Dgrad, sh, dy, w, dx, plan),
+    }
+}
+
+/// `dw` = the gradient with respect to w of `<dy, conv(x, w)>`, always f32 (x NHWC, dy
+/// NPQK, dw KRSC; overwrites dw).
+pub fn conv2d_wgrad<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    dy: &Buf<T>,
+    dw: &mut Buf<f32>,
+) -> Result<()> {
+    conv2d_wgrad_with(dev, sh, x, dy, dw, None)
+}
+
+/// [`conv2d_wgrad`] with a given plan on a kernel device (see [`conv2d_fprop_with`]).
+pub fn conv2d_wgrad_with<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    dy: &Buf<T>,
+    dw: &mut Buf<f32>,
+    plan: Option<Plan>,
+) -> Result<()> {
+    prepare(dev, Pass::Wgrad, sh, (dy, "dy", sh.y_len()), (x, "x", sh.x_len()), (&*dw, "dw", sh.w_len()))?;
+    match dev {
+        Device::Cpu => {
+            let o = dw.host_mut().expect("checked");
+            match (f32s(x.host().expect("checked")), f32s(dy.host().expect("checked"))) {
+                (Some(xs), Some(d)) => cpu::wgrad(sh, xs, d, o),
+                _ => cpu::wgrad(sh, &widen(x), &widen(dy), o),
+            }
+            Ok(())
+        }
+        Device::Gpu(gpu) => launch(gpu, Pass::Wgrad, sh, dy, x, dw, plan),
+    }
+}
+
+/// The slice as f32 when T is f32.
+fn f32s<T: ConvElem>(h: &[T]) -> Option<&[f32]> {
+    (T::NAME == "f32").then(|| bytemuck::cast_slice(h))
+}
+
+/// Runs a CPU pass on host buffers: in place for f32, through f32 copies for 16-bit types.
+fn cpu_run<T: ConvElem>(
+    a: &Buf<T>,
+    b: &Buf<T>,
+    out: &mut Buf<T>,
+    out_len: usize,
+    f: impl Fn(&[f32], &[f32], &mut [f32]),
+) {
+    let (ah, bh) = (a.host().expect("checked"), b.host().expect("checked"));
+    let oh = out.host_mut().expect("checked");
+    if T::NAME == "f32" {
+        f(bytemuck::cast_slice(ah), bytemuck::cast_slice(bh), bytemuck::cast_slice_mut(oh));
+    } else {
+        let mut o = vec![0.0f32; out_len];
+        f(&widen(a), &widen(b), &mut o);
+        for (d, s) in oh.iter_mut().zip(&o) {
+            *d = T::from_f32(*s);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- layouts
+
+fn transpose<T: ConvElem>(
+    dev: &Device,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    src: &Buf<T>,
+    dst: &mut Buf<T>,
+) -> Result<()> {
+    let len = batch
+        .checked_mul(rows)
+        .and_then(|x| x.checked_mul(cols))
+        .ok_or_else(|| invalid!("layout conversion of {batch}x{rows}x{cols} elements overflows"))?;
+    check_host_or_dev(dev, src, "the source", len)?;
+    check_host_or_dev(dev, dst, "the destination", len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    match dev {
+        Device::Cpu => {
+            let s = src.host().expect("checked").to_vec();
+            cpu::transpose(&s, dst.host_mut().expect("checked"), batch, rows, cols);
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let (gs, gd) = (on_gpu(src, gpu, "the source")?, on_gpu(&*dst, gpu, "the destination")?);
+            let p = TransposeParams {
+                src: gs.ptr(),
+                dst: gd.ptr(),
+                batch: i32_of(batch, "batch")?,
+                rows: i32_of(rows, "rows")?,
+                cols: i32_of(cols, "columns")?,
+                pad0: 0,
+            };
+            i32_of(len, "elements")?;
+            let grid = (cols.div_ceil(32), rows.div_ceil(32), batch.min(65535));
+            ensure!(grid.0 <= i32::MAX as usize && grid.1 <= 65535, "layout conversion too large");
+            let cfg = LaunchConfig {
+                grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+                block: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: src and dst hold batch*rows*cols elements each (checked above).
+            unsafe { gpu.launch(T::TRANSPOSE, cfg, &p)? };
+            Ok(())
+        }
+    }
+}
+
+/// Activations NCHW (`src`) to NHWC (`dst`).
+pub fn nchw_to_nhwc<T: ConvElem>(
+    dev: &Device,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    src: &Buf<T>,
+    dst: &mut Buf<T>,
+) -> Result<()> {
+    transpose(dev, n, c, h.checked_mul(w).ok_or_else(|| invalid!("h*w overflows"))?, src, dst)
+}
+
+/// Activations NHWC (`src`) to NCHW (`dst`).
+pub fn nhwc_to_nchw<T: ConvElem>(
+    dev: &Device,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    src: &Buf<T>,
+    dst: &mut Buf<T>,
+) -> Result<()> {
+    transpose(dev, n, h.checked_mul(w).ok_or_else(|| invalid!("h*w overflows"))?, c, src, dst)
+}
+
+/// Weights OIHW (`src`, torchvision's `[K, C, R, S]`) to KRSC (`dst`).
+pub fn oihw_to_krsc<T: ConvElem>(
+    dev: &Device,
+    k: usize,
+    c: usize,
+    r: usize,
+    s: usize,
+    src: &Buf<T>,
+    dst: &mut Buf<T>,
+) -> Result<()> {
+    transpose(dev, k, c, r.checked_mul(s).ok_or_else(|| invalid!("r*s overflows"))?, src, dst)
+}
+
+/// Weights KRSC (`src`) to OIHW (`dst`).
+pub fn krsc_to_oihw<T: ConvElem>(
+    dev: &Device,
+    k: usize,
+    c: usize,
+    r: usize,
+    s: usize,
+    src: &Buf<T>,
+    dst: &mut Buf<T>,
+) -> Result<()> {
+    transpose(dev, k, r.checked_mul(s).ok_or_else(|| invalid!("r*s overflows"))?, c, src, dst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_div_is_exact() {
+        let mut seed = 12345u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as u32 & 0x7fff_ffff
+        };
+        for d in (1..300).chain([511, 512, 513, 3136, 12544, 50176, 1 << 20, (1 << 30) + 7, i32::MAX]) {
+            let f = fast_div(d);
+            let div = |n: u32| if f.mul == 0 { n } else { ((n as u64 * f.mul as u64) >> 32) as u32 >> f.shr };
+            for n in (0..2000u32).chain([i32::MAX as u32, i32::MAX as u32 - 1]).chain((0..2000).map(|_| next())) {
+                assert_eq!(div(n), n / d as u32, "{n} / {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn plans_pick_the_scalar_tile_for_odd_widths() {
+        let sh = ConvShape { n: 2, h: 9, w: 9, c: 13, k: 16, r: 3, s: 3, stride: 1, pad: 1 };
+        assert_eq!(plan::<bf16>(Pass::Fprop, &sh).tile, Tile::T64x64Scalar);
+        let big = ConvShape { n: 64, h: 56, w: 56, c: 64, k: 256, r: 1, s: 1, stride: 1, pad: 0 };
+        assert_eq!(plan::<bf16>(Pass::Fprop, &big).tile, Tile::T128x128);
+        let p = plan::<bf16>(Pass::Wgrad, &big);
+        assert!(p.splits > 1, "{p:?}");
+    }
+}

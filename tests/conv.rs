@@ -1,0 +1,484 @@
+//! Convolution: every pass of the kernels (through the emulation, forward and reversed
+//! fiber order) and of the CPU fast path against the naive oracle, on odd shapes: the
+//! stem (C = 3, 7x7, stride 2), widths 5, 13, 27 and 64, stride 2 with odd H and W, batch
+//! 1, 1x1 with stride 2; f32 with a tight tolerance and bf16 with one scaled to the
+//! reduction length; adjoint identities; layout conversions; bad inputs.
+//!
+//! The `cuda` module runs the same checks on a real GPU (ignored where there is none).
+
+use half::bf16;
+use prunekit::gpu::{Gpu, Schedule};
+use prunekit::ops::conv::{self, ConvElem, ConvShape, Pass, Plan, Tile};
+use prunekit::{Buf, Device};
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn shape(n: usize, h: usize, w: usize, c: usize, k: usize, r: usize, stride: usize, pad: usize) -> ConvShape {
+    ConvShape { n, h, w, c, k, r, s: r, stride, pad }
+}
+
+/// The odd shapes of the issue, small enough for the emulation.
+fn odd_shapes() -> Vec<ConvShape> {
+    vec![
+        shape(1, 13, 11, 3, 8, 7, 2, 3),  // the stem: C = 3, 7x7, stride 2, pad 3, odd H and W
+        shape(2, 7, 7, 5, 13, 3, 1, 1),   // widths 5 -> 13
+        shape(1, 9, 7, 27, 5, 3, 2, 1),   // 27 -> 5, stride 2, odd H and W, batch 1
+        shape(2, 7, 9, 13, 27, 1, 2, 0),  // 1x1 stride 2, odd widths
+        shape(1, 6, 5, 64, 64, 3, 1, 1),  // 64 -> 64 (vector path), batch 1
+        shape(2, 9, 9, 16, 64, 1, 2, 0),  // 1x1 stride 2, vector path (downsample)
+        shape(1, 9, 11, 64, 16, 3, 2, 1), // 3x3 stride 2, odd H and W, vector path
+        shape(2, 5, 5, 24, 40, 1, 1, 0),  // 1x1 stride 1: a plain GEMM
+        shape(2, 10, 11, 8, 16, 5, 3, 2), // 5x5 stride 3: nine dgrad phases, some without a tap row
+    ]
+}
+
+fn to_t<T: ConvElem>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32(x)).collect()
+}
+fn to_f<T: ConvElem>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// Inputs of one shape (rounded to T), as f32 for the oracle.
+struct Data {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    dy: Vec<f32>,
+}
+
+fn data<T: ConvElem>(sh: &ConvShape, seed: u64) -> Data {
+    let round = |v: Vec<f32>| to_f::<T>(&to_t::<T>(&v));
+    Data {
+        x: round(rand_vec(sh.x_len(), seed)),
+        w: round(rand_vec(sh.w_len(), seed + 1)),
+        dy: round(rand_vec(sh.y_len(), seed + 2)),
+    }
+}
+
+/// |got - want| <= atol + rtol |want| elementwise: f32 tight, 16-bit scaled with the
+/// reduction length `kg` (and the output rounding unless the output is f32).
+fn check_close(what: &str, got: &[f32], want: &[f32], bits16: bool, f32_out: bool, kg: usize) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    // 16-bit inputs are exact in f32, so an f32 output (wgrad) is held to f32's bound.
+    let (atol, rtol) =
+        if !bits16 || f32_out { (1e-5 * (kg as f32).sqrt(), 1e-5) } else { (2e-3 * (kg as f32).sqrt(), 8e-3) };
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        let tol = atol + rtol * w.abs();
+        // NaN (poison left unwritten) fails too.
+        assert!(err <= tol, "{what}: element {i} is {g}, expected {w} (error {err} > tolerance {tol})");
+    }
+}
+
+fn run_pass<T: ConvElem>(dev: &Device, pass: Pass, sh: &ConvShape, d: &Data, plan: Option<Plan>) -> Vec<f32> {
+    let up = |v: &[f32]| dev.upload(to_t::<T>(v)).unwrap();
+    match pass {
+        Pass::Fprop => {
+            let (x, w) = (up(&d.x), up(&d.w));
+            let mut y = dev.uninit::<T>(sh.y_len()).unwrap();
+            conv::conv2d_fprop_with(dev, sh, &x, &w, &mut y, plan).unwrap();
+            to_f(&y.to_vec().unwrap())
+        }
+        Pass::Dgrad => {
+            let (dy, w) = (up(&d.dy), up(&d.w));
+            let mut dx = dev.uninit::<T>(sh.x_len()).unwrap();
+            conv::conv2d_dgrad_with(dev, sh, &dy, &w, &mut dx, plan).unwrap();
+            to_f(&dx.to_vec().unwrap())
+        }
+        Pass::Wgrad => {
+            let (x, dy) = (up(&d.x), up(&d.dy));
+            let mut dw = dev.uninit::<f32>(sh.w_len()).unwrap();
+            conv::conv2d_wgrad_with(dev, sh, &x, &dy, &mut dw, plan).unwrap();
+            dw.to_vec().unwrap()
+        }
+    }
+}
+
+fn oracle(pass: Pass, sh: &ConvShape, d: &Data) -> Vec<f32> {
+    match pass {
+        Pass::Fprop => prunekit::cpu::conv::fprop_oracle(sh, &d.x, &d.w),
+        Pass::Dgrad => prunekit::cpu::conv::dgrad_oracle(sh, &d.dy, &d.w),
+        Pass::Wgrad => prunekit::cpu::conv::wgrad_oracle(sh, &d.x, &d.dy),
+    }
+}
+
+/// Every pass of every odd shape on `dev` against the oracle.
+fn check_passes<T: ConvElem>(dev: &Device) {
+    for (i, sh) in odd_shapes().iter().enumerate() {
+        let d = data::<T>(sh, 100 + i as u64);
+        for pass in Pass::ALL {
+            let got = run_pass::<T>(dev, pass, sh, &d, None);
+            let what = format!("{} {} {} {sh:?}", dev.name(), T::NAME, pass.name());
+            check_close(&what, &got, &oracle(pass, sh, &d), T::TENSOR_CORES, pass == Pass::Wgrad, pass.gemm(sh).2);
+        }
+    }
+}
+
+/// Every tile (and wgrad split) of `T` on the shapes each can run.
+fn check_tiles<T: ConvElem>(dev: &Device) {
+    let tiles: &[Tile] = if T::TENSOR_CORES {
+        &[Tile::T128x128, Tile::T128x64, Tile::T64x64, Tile::T64x64Scalar]
+    } else {
+        &[Tile::T128x128, Tile::T64x64]
+    };
+    let shapes = [shape(1, 9, 11, 64, 16, 3, 2, 1), shape(2, 5, 7, 13, 27, 3, 1, 1)];
+    for (i, sh) in shapes.iter().enumerate() {
+        let d = data::<T>(sh, 300 + i as u64);
+        for pass in Pass::ALL {
+            let want = oracle(pass, sh, &d);
+            for &tile in tiles {
+                if T::TENSOR_CORES && tile.vector() && !conv::vector_ok(pass, sh) {
+                    continue;
+                }
+                let splits: &[usize] = if pass == Pass::Wgrad { &[1, 3] } else { &[1] };
+                for &splits in splits {
+                    let got = run_pass::<T>(dev, pass, sh, &d, Some(Plan { tile, splits }));
+                    let what = format!("{} {} {} {tile:?} x{splits} {sh:?}", dev.name(), T::NAME, pass.name());
+                    check_close(&what, &got, &want, T::TENSOR_CORES, pass == Pass::Wgrad, pass.gemm(sh).2);
+                }
+            }
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+/// <dgrad(dy), x> = <dy, fprop(x)> and <wgrad(x, dy), w> = <dy, fprop(x; w)> on `dev`.
+fn check_adjoint<T: ConvElem>(dev: &Device) {
+    for (i, sh) in odd_shapes().iter().enumerate() {
+        let d = data::<T>(sh, 500 + i as u64);
+        let y = run_pass::<T>(dev, Pass::Fprop, sh, &d, None);
+        let dx = run_pass::<T>(dev, Pass::Dgrad, sh, &d, None);
+        let dw = run_pass::<T>(dev, Pass::Wgrad, sh, &d, None);
+        let lhs = dot(&d.dy, &y);
+        let scale = d.dy.iter().zip(&y).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum::<f64>().max(1.0);
+        let tol = if T::TENSOR_CORES { 1e-2 } else { 1e-5 } * scale;
+        let (a, b) = (dot(&dx, &d.x), dot(&dw, &d.w));
+        assert!(
+            (a - lhs).abs() <= tol,
+            "{} {}: <dgrad(dy), x> = {a} but <dy, fprop(x)> = {lhs} ({sh:?})",
+            dev.name(),
+            T::NAME
+        );
+        assert!(
+            (b - lhs).abs() <= tol,
+            "{} {}: <wgrad(x, dy), w> = {b} but <dy, fprop(x)> = {lhs} ({sh:?})",
+            dev.name(),
+            T::NAME
+        );
+    }
+}
+
+/// NCHW <-> NHWC and OIHW <-> KRSC against index arithmetic, and round trips.
+fn check_layouts<T: ConvElem>(dev: &Device) {
+    let (n, c, h, w) = (3, 5, 7, 37);
+    let src: Vec<f32> = (0..n * c * h * w).map(|i| (i % 251) as f32).collect();
+    let s = dev.upload(to_t::<T>(&src)).unwrap();
+    let mut d = dev.uninit::<T>(src.len()).unwrap();
+    conv::nchw_to_nhwc(dev, n, c, h, w, &s, &mut d).unwrap();
+    let got = to_f(&d.to_vec().unwrap());
+    for ni in 0..n {
+        for ci in 0..c {
+            for hi in 0..h {
+                for wi in 0..w {
+                    assert_eq!(got[((ni * h + hi) * w + wi) * c + ci], src[((ni * c + ci) * h + hi) * w + wi]);
+                }
+            }
+        }
+    }
+    let mut back = dev.uninit::<T>(src.len()).unwrap();
+    conv::nhwc_to_nchw(dev, n, c, h, w, &d, &mut back).unwrap();
+    assert_eq!(to_f(&back.to_vec().unwrap()), src);
+    // Weights: OIHW [K, C, R, S] -> KRSC.
+    let (k, c, r, s_) = (33, 6, 3, 3);
+    let wsrc: Vec<f32> = (0..k * c * r * s_).map(|i| (i % 241) as f32).collect();
+    let ws = dev.upload(to_t::<T>(&wsrc)).unwrap();
+    let mut wd = dev.uninit::<T>(wsrc.len()).unwrap();
+    conv::oihw_to_krsc(dev, k, c, r, s_, &ws, &mut wd).unwrap();
+    let got = to_f(&wd.to_vec().unwrap());
+    for ki in 0..k {
+        for ci in 0..c {
+            for ri in 0..r {
+                for si in 0..s_ {
+                    assert_eq!(got[((ki * r + ri) * s_ + si) * c + ci], wsrc[((ki * c + ci) * r + ri) * s_ + si]);
+                }
+            }
+        }
+    }
+    let mut wback = dev.uninit::<T>(wsrc.len()).unwrap();
+    conv::krsc_to_oihw(dev, k, c, r, s_, &wd, &mut wback).unwrap();
+    assert_eq!(to_f(&wback.to_vec().unwrap()), wsrc);
+}
+
+fn emu(schedule: Schedule) -> Device {
+    Device::Gpu(Gpu::emu_with(schedule))
+}
+
+#[test]
+fn emu_f32_matches_oracle_forward_and_reverse() {
+    for dev in [emu(Schedule::Forward), emu(Schedule::Reverse)] {
+        check_passes::<f32>(&dev);
+    }
+}
+
+#[test]
+fn emu_bf16_matches_oracle_forward_and_reverse() {
+    for dev in [emu(Schedule::Forward), emu(Schedule::Reverse)] {
+        check_passes::<bf16>(&dev);
+    }
+}
+
+#[test]
+fn emu_every_tile_and_split() {
+    let dev = emu(Schedule::Forward);
+    check_tiles::<f32>(&dev);
+    check_tiles::<bf16>(&dev);
+    check_tiles::<half::f16>(&emu(Schedule::Reverse));
+}
+
+#[test]
+fn emu_adjoint_identities() {
+    let dev = emu(Schedule::Reverse);
+    check_adjoint::<f32>(&dev);
+    check_adjoint::<bf16>(&dev);
+}
+
+#[test]
+fn cpu_fast_path_matches_oracle() {
+    check_passes::<f32>(&Device::Cpu);
+    check_passes::<bf16>(&Device::Cpu);
+    check_adjoint::<f32>(&Device::Cpu);
+    // Larger shapes that take the parallel and blocked branches of the fast path.
+    for (i, sh) in
+        [shape(5, 14, 13, 32, 24, 3, 1, 1), shape(1, 30, 30, 16, 8, 3, 2, 1), shape(9, 8, 8, 40, 24, 1, 1, 0)]
+            .iter()
+            .enumerate()
+    {
+        let d = data::<f32>(sh, 700 + i as u64);
+        for pass in Pass::ALL {
+            let got = run_pass::<f32>(&Device::Cpu, pass, sh, &d, None);
+            let what = format!("cpu {} {sh:?}", pass.name());
+            check_close(&what, &got, &oracle(pass, sh, &d), false, true, pass.gemm(sh).2);
+        }
+    }
+}
+
+#[test]
+fn layouts_on_every_device() {
+    for dev in [Device::Cpu, emu(Schedule::Forward), emu(Schedule::Reverse)] {
+        check_layouts::<f32>(&dev);
+        check_layouts::<bf16>(&dev);
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let sh = shape(1, 5, 5, 8, 16, 3, 1, 1);
+    for dev in [Device::Cpu, emu(Schedule::Forward)] {
+        let x = dev.zeros::<f32>(sh.x_len()).unwrap();
+        let w = dev.zeros::<f32>(sh.w_len()).unwrap();
+        let mut y = dev.zeros::<f32>(sh.y_len()).unwrap();
+        let mut dw = dev.zeros::<f32>(sh.w_len()).unwrap();
+        // Wrong lengths.
+        let short = dev.zeros::<f32>(sh.x_len() - 1).unwrap();
+        let e = conv::conv2d_fprop(&dev, &sh, &short, &w, &mut y).unwrap_err();
+        assert!(e.to_string().contains("elements"), "{e}");
+        let mut short_y = dev.zeros::<f32>(sh.y_len() + 1).unwrap();
+        assert!(conv::conv2d_fprop(&dev, &sh, &x, &w, &mut short_y).is_err());
+        assert!(conv::conv2d_dgrad(&dev, &sh, &x, &w, &mut y).is_err()); // dy has y's length, not x's
+        let mut short_dw = dev.zeros::<f32>(sh.w_len() - 1).unwrap();
+        assert!(conv::conv2d_wgrad(&dev, &sh, &x, &y, &mut short_dw).is_err());
+        // Zero sizes, zero stride, empty output, overflow.
+        for bad in [
+            ConvShape { n: 0, ..sh },
+            ConvShape { c: 0, ..sh },
+            ConvShape { stride: 0, ..sh },
+            ConvShape { r: 9, s: 9, pad: 0, ..sh },
+            ConvShape { n: usize::MAX / 2, ..sh },
+        ] {
+            let e = conv::conv2d_fprop(&dev, &bad, &x, &w, &mut y).unwrap_err();
+            assert!(!e.to_string().is_empty());
+            assert!(conv::conv2d_wgrad(&dev, &bad, &x, &y, &mut dw).is_err());
+        }
+        // Layouts with wrong lengths.
+        let mut d = dev.zeros::<f32>(10).unwrap();
+        assert!(conv::nchw_to_nhwc(&dev, 1, 2, 2, 2, &x, &mut d).is_err());
+    }
+    // Buffers on another device: host buffers on emu, emu buffers on the CPU, and buffers
+    // of another emulated device.
+    let (a, b) = (emu(Schedule::Forward), emu(Schedule::Forward));
+    let hx = Device::Cpu.zeros::<f32>(sh.x_len()).unwrap();
+    let (ax, aw) = (a.zeros::<f32>(sh.x_len()).unwrap(), a.zeros::<f32>(sh.w_len()).unwrap());
+    let mut ay = a.zeros::<f32>(sh.y_len()).unwrap();
+    let mut hy = Device::Cpu.zeros::<f32>(sh.y_len()).unwrap();
+    let e = conv::conv2d_fprop(&a, &sh, &hx, &aw, &mut ay).unwrap_err();
+    assert!(e.to_string().contains("not on the device"), "{e}");
+    assert!(conv::conv2d_fprop(&Device::Cpu, &sh, &ax, &aw, &mut hy).is_err());
+    assert!(conv::conv2d_fprop(&b, &sh, &ax, &aw, &mut ay).is_err());
+    let mut by = b.zeros::<f32>(sh.y_len()).unwrap();
+    assert!(conv::conv2d_fprop(&a, &sh, &ax, &aw, &mut by).is_err());
+    // A vector tile forced on widths that are not multiples of 8; a split fprop; no f32 128x64.
+    let odd = shape(1, 5, 5, 5, 8, 3, 1, 1);
+    let (ox, ow) = (a.zeros::<bf16>(odd.x_len()).unwrap(), a.zeros::<bf16>(odd.w_len()).unwrap());
+    let mut oy = a.zeros::<bf16>(odd.y_len()).unwrap();
+    let plan = Plan { tile: Tile::T64x64, splits: 1 };
+    assert!(conv::conv2d_fprop_with(&a, &odd, &ox, &ow, &mut oy, Some(plan)).is_err());
+    let plan = Plan { tile: Tile::T64x64Scalar, splits: 2 };
+    assert!(conv::conv2d_fprop_with(&a, &odd, &ox, &ow, &mut oy, Some(plan)).is_err());
+    let plan = Plan { tile: Tile::T128x64, splits: 1 };
+    assert!(conv::conv2d_fprop_with(&a, &sh, &ax, &aw, &mut ay, Some(plan)).is_err());
+}
+
+#[test]
+fn shape_arithmetic() {
+    let sh = shape(2, 224, 224, 3, 64, 7, 2, 3);
+    assert_eq!((sh.p(), sh.q()), (112, 112));
+    assert_eq!(sh.y_len(), 2 * 112 * 112 * 64);
+    assert_eq!(sh.flops(), 2.0 * 2.0 * 112.0 * 112.0 * 64.0 * 3.0 * 49.0);
+    assert!(sh.validate().is_ok());
+    let odd = shape(1, 9, 7, 8, 8, 3, 2, 1);
+    assert_eq!((odd.p(), odd.q()), (5, 4));
+    assert!(ConvShape { h: 1, pad: 0, ..odd }.validate().is_err());
+    let _ = Buf::<f32>::Host(vec![]);
+}
+
+#[test]
+fn conv_bench_shapes_widths_and_rows() {
+    use prunekit::conv_bench::{distinct_convs, resnet50_convs, run, BenchOpts, DType};
+    // ResNet50 has 53 convolutions; the dense ones at 224 have these distinct shapes.
+    let all = resnet50_convs(2, 224, 0.0, 8).unwrap();
+    assert_eq!(all.len(), 53);
+    let dense = distinct_convs(2, 224, 0.0, 8).unwrap();
+    let find = |v: &[(String, ConvShape)], name: &str| v.iter().find(|(n, _)| n == name).map(|x| x.1);
+    assert_eq!(find(&dense, "conv1"), Some(shape(2, 224, 224, 3, 64, 7, 2, 3)));
+    assert_eq!(find(&dense, "layer2.0.conv2"), Some(shape(2, 56, 56, 128, 128, 3, 2, 1)));
+    assert_eq!(find(&dense, "layer4.0.downsample.0"), Some(shape(2, 14, 14, 1024, 2048, 1, 2, 0)));
+    assert_eq!(find(&dense, "layer4.2.conv3"), None, "repeated shapes appear once, under their first name");
+    // Filters mode at 0.7 with round_to 8: conv1/conv2 widths ceil(0.3 * w) rounded to 8;
+    // conv3 keeps its output, downsample and stem keep everything.
+    let pruned = resnet50_convs(1, 224, 0.7, 8).unwrap();
+    let p = |name: &str| find(&pruned, name).unwrap();
+    assert_eq!((p("layer1.0.conv1").c, p("layer1.0.conv1").k), (64, 24)); // ceil(19.2) = 20 -> 24
+    assert_eq!((p("layer1.0.conv2").c, p("layer1.0.conv2").k), (24, 24));
+    assert_eq!((p("layer1.0.conv3").c, p("layer1.0.conv3").k), (24, 256));
+    assert_eq!((p("layer3.2.conv2").c, p("layer3.2.conv2").k), (80, 80)); // ceil(76.8) = 77 -> 80
+    assert_eq!(p("layer2.0.downsample.0").k, 512);
+    assert_eq!(p("conv1").k, 64);
+    // Rows on the CPU, with exactly the fields of the issue (plus the cuDNN pair on cuda).
+    let opts = BenchOpts {
+        batch: 1,
+        size: 32,
+        sparsities: vec![0.0, 0.5],
+        round_to: 8,
+        passes: vec![Pass::Fprop, Pass::Wgrad],
+        dtype: DType::F32,
+        iters: Some(1),
+    };
+    let mut seen = 0;
+    let (rows, note) = run(&Device::Cpu, &opts, |_| seen += 1).unwrap();
+    assert!(note.is_none());
+    assert_eq!(rows.len(), seen);
+    assert_eq!(
+        rows.len(),
+        2 * (distinct_convs(1, 32, 0.0, 8).unwrap().len() + distinct_convs(1, 32, 0.5, 8).unwrap().len())
+    );
+    for r in &rows {
+        assert!(r.ms > 0.0 && r.tflops > 0.0 && r.cudnn_ms.is_none());
+    }
+    let keys = |v: serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let mut want =
+        ["layer", "n", "c", "h", "w", "k", "r", "s", "stride", "pad", "pass", "dtype", "sparsity", "ms", "tflops"]
+            .map(String::from)
+            .to_vec();
+    want.sort();
+    assert_eq!(keys(rows[0].to_json(false)), want);
+    let j = rows[0].to_json(true);
+    assert!(j["cudnn_ms"].is_null() && j["vs_cudnn"].is_null());
+    assert_eq!(keys(j).len(), 17);
+    // Bad settings are errors.
+    for bad in [
+        BenchOpts { batch: 0, ..opts.clone() },
+        BenchOpts { sparsities: vec![1.0], ..opts.clone() },
+        BenchOpts { passes: vec![], ..opts.clone() },
+        BenchOpts { iters: Some(0), ..opts.clone() },
+    ] {
+        assert!(run(&Device::Cpu, &bad, |_| ()).is_err());
+    }
+}
+
+mod cuda {
+    use super::*;
+    const WHY: &str = "needs a CUDA GPU: run with --include-ignored on a GPU machine";
+    fn dev() -> Device {
+        Device::Gpu(Gpu::cuda(0).unwrap_or_else(|e| panic!("{WHY}: {e}")))
+    }
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_f32_matches_oracle() {
+        check_passes::<f32>(&dev());
+    }
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_bf16_matches_oracle() {
+        check_passes::<bf16>(&dev());
+    }
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_every_tile_and_split() {
+        let d = dev();
+        check_tiles::<f32>(&d);
+        check_tiles::<bf16>(&d);
+        check_tiles::<half::f16>(&d);
+    }
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_adjoint_identities() {
+        let d = dev();
+        check_adjoint::<f32>(&d);
+        check_adjoint::<bf16>(&d);
+    }
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_conv_bench_against_cudnn() {
+        use prunekit::conv_bench::{run, BenchOpts, DType};
+        let opts = BenchOpts {
+            batch: 2,
+            size: 64,
+            sparsities: vec![0.0, 0.5],
+            round_to: 8,
+            passes: Pass::ALL.to_vec(),
+            dtype: DType::Bf16,
+            iters: Some(3),
+        };
+        let (rows, note) = run(&dev(), &opts, |_| ()).unwrap();
+        assert!(!rows.is_empty());
+        for r in &rows {
+            assert!(r.ms > 0.0);
+            // Either cuDNN was found and timed every row, or a note says why not.
+            assert_eq!(r.cudnn_ms.is_some(), note.is_none(), "{r:?} {note:?}");
+            assert_eq!(r.vs_cudnn.is_some(), note.is_none());
+        }
+    }
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_layouts() {
+        let d = dev();
+        check_layouts::<f32>(&d);
+        check_layouts::<bf16>(&d);
+    }
+}
