@@ -135,6 +135,18 @@ impl<T: Elem> Buf<T> {
             Buf::Gpu(b) => Some(b),
         }
     }
+    /// Overwrites the buffer with `data` (of the same length); allocates nothing.
+    pub fn write(&mut self, data: &[T]) -> Result<()> {
+        if data.len() != self.len() {
+            return Err(invalid!("writing {} elements into a buffer of {}", data.len(), self.len()));
+        }
+        match self {
+            Buf::Host(v) => v.copy_from_slice(data),
+            Buf::Gpu(b) => b.gpu().clone().write(b, 0, data)?,
+        }
+        Ok(())
+    }
+
     /// True if the buffer lives on `dev` (the CPU, or that very kernel device).
     pub fn is_on(&self, dev: &Device) -> bool {
         match (self, dev) {

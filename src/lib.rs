@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod model;
 pub mod ops;
 pub mod prune;
+pub mod verify;
 
 pub use device::{Buf, Device};
 pub use error::{Error, Result};
