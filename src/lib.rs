@@ -5,6 +5,7 @@
 //! [`cpu`] (reference implementations: naive oracles and fast paths), [`ops`] (one typed
 //! wrapper per kernel family, dispatching between the CPU and a kernel device).
 
+pub mod bench;
 pub mod cpu;
 pub mod device;
 pub mod error;
