@@ -7,7 +7,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
-use prunekit::conv_bench::distinct_convs;
+use prunekit::bench::conv::distinct_convs;
 use prunekit::gpu::Gpu;
 use prunekit::ops::conv::{self, ConvElem, ConvShape, Pass};
 use prunekit::{Buf, Device};

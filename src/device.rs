@@ -85,12 +85,36 @@ impl Device {
         })
     }
 
+    /// A point in time on the device's stream (a CUDA event; the wall clock on the CPU and
+    /// in the emulation, whose work is synchronous).
+    pub fn mark(&self) -> Result<Mark> {
+        Ok(match self {
+            Device::Cpu => Mark::Host(std::time::Instant::now()),
+            Device::Gpu(g) => Mark::Gpu(g.record()?),
+        })
+    }
+
+    /// Milliseconds from `a` to `b` (waits for `b`).
+    pub fn elapsed_ms(&self, a: &Mark, b: &Mark) -> Result<f64> {
+        match (self, a, b) {
+            (Device::Cpu, Mark::Host(a), Mark::Host(b)) => Ok(b.duration_since(*a).as_secs_f64() * 1e3),
+            (Device::Gpu(g), Mark::Gpu(a), Mark::Gpu(b)) => Ok(g.elapsed_ms(a, b)?),
+            _ => Err(invalid!("timing marks from another device")),
+        }
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         if let Device::Gpu(g) = self {
             g.synchronize()?;
         }
         Ok(())
     }
+}
+
+/// A point in time recorded by [`Device::mark`].
+pub enum Mark {
+    Host(std::time::Instant),
+    Gpu(crate::gpu::Event),
 }
 
 /// A flat buffer of elements on a device.
@@ -135,6 +159,18 @@ impl<T: Elem> Buf<T> {
             Buf::Gpu(b) => Some(b),
         }
     }
+    /// Overwrites the buffer with `data` (of the same length); allocates nothing.
+    pub fn write(&mut self, data: &[T]) -> Result<()> {
+        if data.len() != self.len() {
+            return Err(invalid!("writing {} elements into a buffer of {}", data.len(), self.len()));
+        }
+        match self {
+            Buf::Host(v) => v.copy_from_slice(data),
+            Buf::Gpu(b) => b.gpu().clone().write(b, 0, data)?,
+        }
+        Ok(())
+    }
+
     /// True if the buffer lives on `dev` (the CPU, or that very kernel device).
     pub fn is_on(&self, dev: &Device) -> bool {
         match (self, dev) {

@@ -5,7 +5,7 @@
 //! [`cpu`] (reference implementations: naive oracles and fast paths), [`ops`] (one typed
 //! wrapper per kernel family, dispatching between the CPU and a kernel device).
 
-pub mod conv_bench;
+pub mod bench;
 pub mod cpu;
 pub mod device;
 pub mod error;
@@ -13,6 +13,7 @@ pub mod gpu;
 pub mod model;
 pub mod ops;
 pub mod prune;
+pub mod verify;
 
 pub use device::{Buf, Device};
 pub use error::{Error, Result};

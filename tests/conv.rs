@@ -355,7 +355,7 @@ fn shape_arithmetic() {
 
 #[test]
 fn conv_bench_shapes_widths_and_rows() {
-    use prunekit::conv_bench::{distinct_convs, resnet50_convs, run, BenchOpts, DType};
+    use prunekit::bench::conv::{distinct_convs, resnet50_convs, run, BenchOpts, DType};
     // ResNet50 has 53 convolutions; the dense ones at 224 have these distinct shapes.
     let all = resnet50_convs(2, 224, 0.0, 8).unwrap();
     assert_eq!(all.len(), 53);
@@ -455,7 +455,7 @@ mod cuda {
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn cuda_conv_bench_against_cudnn() {
-        use prunekit::conv_bench::{run, BenchOpts, DType};
+        use prunekit::bench::conv::{run, BenchOpts, DType};
         let opts = BenchOpts {
             batch: 2,
             size: 64,

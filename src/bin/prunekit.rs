@@ -2,7 +2,8 @@
 //! library; see `prunekit --help`.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use prunekit::model::StateDict;
+use prunekit::bench::train::{self as trainbench, BenchMode, BenchOptions};
+use prunekit::model::{PrecisionKind, StateDict};
 use prunekit::prune::{prune_state, Mode, Norm, PruneConfig, Sparsity};
 use prunekit::{invalid, Device};
 use std::path::PathBuf;
@@ -21,6 +22,76 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The main job: train pruned ResNet50s and compare measured speedups with FLOP-ideal ones.
+    ///
+    /// Builds ResNet50 (random weights with torchvision's initialisation, or --weights),
+    /// prunes it for each mode and sparsity, trains --steps steps on synthetic data after a
+    /// warm-up, and prints per row: mode, sparsity, parameters, GFLOPs forward and train per
+    /// image, step time, images per second, measured speedup over the dense model,
+    /// FLOP-ideal speedup (dense train FLOPs over pruned train FLOPs) and efficiency
+    /// (measured over ideal). `masked` is the control: the dense model with the pruned
+    /// filters zeroed, which executes every dense FLOP.
+    ///
+    /// Defaults depend on the device: cuda 256 x 224x224 bf16, 20 steps; cpu 8 x 64x64 f32,
+    /// 2 steps (about a minute on two cores); emu 2 x 32x32 f32, 1 step.
+    Bench {
+        /// cuda, cuda:N, cpu, emu, or auto (cuda where there is a GPU, else cpu).
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Dense weights to prune (safetensors, torchvision names); default: random ResNet50.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Comma-separated: filters, channels, masked.
+        #[arg(long, value_delimiter = ',', default_value = "filters,channels,masked")]
+        mode: Vec<BenchMode>,
+        /// Comma-separated sparsities in [0, 1).
+        #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.5,0.75")]
+        sparsity: Vec<Sparsity>,
+        #[arg(long, default_value_t = 8)]
+        round_to: usize,
+        /// Images per step (default: per device).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Image height and width (default: per device).
+        #[arg(long)]
+        size: Option<usize>,
+        /// Timed training steps per row (default: per device).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Untimed steps before timing (default: per device).
+        #[arg(long)]
+        warmup: Option<usize>,
+        /// f32 or bf16 (default: bf16 on cuda, else f32).
+        #[arg(long)]
+        precision: Option<PrecisionKind>,
+        /// Write the rows as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Draw measured and FLOP-ideal speedup against sparsity to this SVG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// Check the training stack on a device against a reference file written by PyTorch.
+    ///
+    /// Compares eval logits; train-mode logits and loss; every gradient; BN running
+    /// statistics after the train forward; every parameter after one SGD step. A tensor
+    /// passes when |got - expected| <= atol * scale + rtol * |expected| for every element,
+    /// scale being the largest |expected| of the tensor. Tolerances (atol, rtol):
+    /// f32: logits and loss 1e-5, 1e-4; gradients 1e-4, 1e-3; running statistics and
+    /// stepped parameters 1e-5, 1e-4. bf16: logits and loss 5e-2, 5e-2; gradients 1e-1,
+    /// 1e-1; running statistics 3e-2, 3e-2; stepped parameters 1e-2, 1e-2.
+    /// Exits non-zero if any tensor is off.
+    Verify {
+        /// A reference file of kind = model (see tests/data/README.md).
+        #[arg(long)]
+        reference: PathBuf,
+        /// cpu, emu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        precision: PrecisionKind,
+    },
     /// Show the devices and how the kernels were built (nvcc version, ptxas resource report).
     Info {
         /// Print ptxas' per-kernel report (registers, spills, shared memory).
@@ -105,6 +176,69 @@ enum CriterionArg {
 
 fn run(cli: Cli) -> prunekit::Result<()> {
     match cli.cmd {
+        Cmd::Bench { device, weights, mode, sparsity, round_to, batch, size, steps, warmup, precision, json, plot } => {
+            let dev = Device::parse(&device)?;
+            let mut o = BenchOptions::defaults(&dev);
+            if let Some(w) = &weights {
+                o.weights = Some(StateDict::read(w)?);
+            }
+            o.modes = mode;
+            o.sparsities = sparsity;
+            o.round_to = round_to;
+            o.batch = batch.unwrap_or(o.batch);
+            o.size = size.unwrap_or(o.size);
+            o.steps = steps.unwrap_or(o.steps);
+            o.warmup = warmup.unwrap_or(o.warmup);
+            o.precision = precision.unwrap_or(o.precision);
+            let plan = trainbench::bench_plan(&o);
+            println!(
+                "prunekit bench on {}: batch {}, {}x{}, {}, {} warm-up + {} timed steps per row, {} rows",
+                dev.name(),
+                o.batch,
+                o.size,
+                o.size,
+                o.precision,
+                o.warmup,
+                o.steps,
+                plan.len()
+            );
+            let bar = indicatif::ProgressBar::new(((o.warmup + o.steps) * plan.len()) as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps, {elapsed} elapsed, ~{eta} left")
+                    .expect("valid template"),
+            );
+            let rows = trainbench::run(&dev, &o, &mut || bar.inc(1));
+            bar.finish_and_clear();
+            let rows = rows?;
+            print!("{}", trainbench::table(&rows));
+            if rows.iter().any(|r| !r.loss.is_finite()) {
+                println!("note: the loss became non-finite in some rows (synthetic data); the timings stand");
+            }
+            if let Some(path) = json {
+                let text = serde_json::to_string_pretty(&rows).map_err(|e| invalid!("JSON: {e}"))?;
+                std::fs::write(&path, text + "\n")
+                    .map_err(|e| prunekit::Error::Io { path: path.display().to_string(), source: e })?;
+                println!("rows written to {}", path.display());
+            }
+            if let Some(path) = plot {
+                let title = format!("ResNet50 training step, {} on {}", o.precision, dev.name());
+                prunekit::bench::plot::plot(&rows, &path, &title)?;
+                println!("plot written to {}", path.display());
+            }
+            Ok(())
+        }
+        Cmd::Verify { reference, device, precision } => {
+            let dev = Device::parse(&device)?;
+            let report = prunekit::verify::verify(&reference, &dev, precision)?;
+            println!("verify {} on {} ({})", reference.display(), report.device, report.precision);
+            print!("{report}");
+            if report.ok() {
+                println!("all checks passed");
+                Ok(())
+            } else {
+                Err(invalid!("{} is off the reference (see above)", reference.display()))
+            }
+        }
         Cmd::Info { report } => {
             println!("prunekit {}", env!("CARGO_PKG_VERSION"));
             match prunekit::gpu::nvcc_version() {
@@ -122,7 +256,7 @@ fn run(cli: Cli) -> prunekit::Result<()> {
             Ok(())
         }
         Cmd::ConvBench { device, batch, size, sparsity, round_to, passes, dtype, iters, json } => {
-            use prunekit::conv_bench::{self, BenchOpts, DType};
+            use prunekit::bench::conv::{self as conv_bench, BenchOpts, DType};
             use prunekit::ops::conv::Pass;
             let list =
                 |s: &str| s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect::<Vec<_>>();

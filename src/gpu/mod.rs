@@ -115,6 +115,7 @@ enum Backend {
 #[derive(Clone)]
 pub struct Gpu {
     backend: Arc<Backend>,
+    allocations: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -127,7 +128,7 @@ impl Gpu {
     /// The CUDA device `ordinal`. Fails with a clear error when there is no driver, no
     /// device, or when the kernels were built without nvcc.
     pub fn cuda(ordinal: usize) -> Result<Gpu, GpuError> {
-        Ok(Gpu { backend: Arc::new(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)) })
+        Ok(Gpu { backend: Arc::new(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)), allocations: Default::default() })
     }
 
     /// The host emulation, with the fiber schedule from `PK_EMU_SCHEDULE`
@@ -138,7 +139,7 @@ impl Gpu {
 
     /// The host emulation with the given fiber schedule.
     pub fn emu_with(schedule: Schedule) -> Gpu {
-        Gpu { backend: Arc::new(Backend::Emu(emu::EmuBackend::new(schedule))) }
+        Gpu { backend: Arc::new(Backend::Emu(emu::EmuBackend::new(schedule))), allocations: Default::default() }
     }
 
     pub fn kind(&self) -> BackendKind {
@@ -156,7 +157,14 @@ impl Gpu {
         }
     }
 
+    /// How many device buffers this handle (and its clones) allocated so far: a training
+    /// step that allocates nothing leaves it unchanged.
+    pub fn allocations(&self) -> u64 {
+        self.allocations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn alloc_bytes(&self, bytes: usize, zeroed: bool) -> Result<u64, GpuError> {
+        self.allocations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &*self.backend {
             Backend::Cuda(c) => c.alloc(bytes, zeroed),
             Backend::Emu(e) => e.alloc(bytes, zeroed),

@@ -215,8 +215,8 @@ impl ConvElem for f16 {
 /// C for fprop, C and K for dgrad and wgrad.
 pub fn vector_ok(pass: Pass, sh: &ConvShape) -> bool {
     match pass {
-        Pass::Fprop => sh.c % 8 == 0,
-        Pass::Dgrad | Pass::Wgrad => sh.c % 8 == 0 && sh.k % 8 == 0,
+        Pass::Fprop => sh.c.is_multiple_of(8),
+        Pass::Dgrad | Pass::Wgrad => sh.c.is_multiple_of(8) && sh.k.is_multiple_of(8),
     }
 }
 

@@ -49,7 +49,7 @@ fn grid(m: usize, c: usize, vec: usize, elem_size: usize) -> Grid {
 /// Elements per vector access: 16 bytes when `c` is a multiple and the buffers are aligned.
 fn vec_width<T: LayerElem>(c: usize, ptrs: &[u64]) -> usize {
     let v = 16 / std::mem::size_of::<T>();
-    if c % v == 0 && aligned16(ptrs) {
+    if c.is_multiple_of(v) && aligned16(ptrs) {
         v
     } else {
         1

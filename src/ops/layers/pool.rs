@@ -20,7 +20,7 @@ pub fn maxpool_out(h: usize) -> usize {
 
 fn vec_width<T: LayerElem>(c: usize, ptrs: &[u64]) -> usize {
     let v = 16 / std::mem::size_of::<T>();
-    if c % v == 0 && aligned16(ptrs) {
+    if c.is_multiple_of(v) && aligned16(ptrs) {
         v
     } else {
         1

@@ -1,0 +1,63 @@
+//! `--plot FILE.svg`: measured and FLOP-ideal speedup against sparsity, one pair of
+//! lines per mode, drawn with plotters (SVG backend).
+
+use super::train::BenchRow;
+use crate::{ensure, invalid, Result};
+use plotters::prelude::*;
+use std::path::Path;
+
+/// Draws the plot of a bench's rows to an SVG file.
+pub fn plot(rows: &[BenchRow], path: &Path, title: &str) -> Result<()> {
+    ensure!(
+        path.extension().and_then(|e| e.to_str()) == Some("svg"),
+        "--plot writes SVG: give a file name ending in .svg (got {})",
+        path.display()
+    );
+    let err = |e: &dyn std::fmt::Display| invalid!("drawing {}: {e}", path.display());
+    let dense = rows.iter().find(|r| r.mode == "dense");
+    let modes: Vec<&str> = {
+        let mut m: Vec<&str> = rows.iter().map(|r| r.mode.as_str()).filter(|m| *m != "dense").collect();
+        m.dedup();
+        m
+    };
+    let ymax =
+        rows.iter().map(|r| r.speedup.max(r.ideal_speedup)).filter(|x| x.is_finite()).fold(1.0f64, f64::max) * 1.1;
+    let xmax = rows.iter().map(|r| r.sparsity).fold(0.5f64, f64::max) + 0.05;
+    let root = SVGBackend::new(path, (800, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("sparsity")
+        .y_desc("speedup over dense (training step)")
+        .draw()
+        .map_err(|e| err(&e))?;
+    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN];
+    for (i, m) in modes.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        let mut pts: Vec<&BenchRow> = dense.into_iter().chain(rows.iter().filter(|r| r.mode == *m)).collect();
+        pts.sort_by(|a, b| a.sparsity.total_cmp(&b.sparsity));
+        let measured: Vec<(f64, f64)> = pts.iter().map(|r| (r.sparsity, r.speedup)).collect();
+        let ideal: Vec<(f64, f64)> = pts.iter().map(|r| (r.sparsity, r.ideal_speedup)).collect();
+        chart
+            .draw_series(LineSeries::new(measured.clone(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(format!("{m}: measured"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(measured.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| err(&e))?;
+        chart
+            .draw_series(DashedLineSeries::new(ideal, 6, 4, color.stroke_width(1)))
+            .map_err(|e| err(&e))?
+            .label(format!("{m}: FLOP-ideal"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1)));
+    }
+    chart.configure_series_labels().background_style(WHITE).border_style(BLACK).draw().map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

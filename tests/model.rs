@@ -1,0 +1,209 @@
+//! The ResNet training stack: finite-difference gradient checks of a tiny net on the
+//! CPU, the same steps on the CPU and through the kernels, state dict round trips, bad
+//! input, and a training step that allocates nothing on a kernel device.
+
+mod common;
+
+use common::Rng;
+use prunekit::model::{init::torchvision_init, Arch, Block, Model, PrecisionKind, Sgd, StateDict, Tensor};
+use prunekit::Device;
+
+/// A bottleneck ResNet with one block per stage and odd widths, 3 classes.
+fn tiny_arch() -> Arch {
+    let b = |stage, cin, w1, w2, cout, stride| Block { stage, index: 0, cin, w1, w2, cout, stride, downsample: true };
+    Arch {
+        stem: 4,
+        classes: 3,
+        blocks: vec![b(1, 4, 3, 5, 6, 1), b(2, 6, 4, 3, 5, 2), b(3, 5, 3, 3, 7, 2), b(4, 7, 5, 4, 6, 2)],
+    }
+}
+
+fn batch(n: usize, size: usize, classes: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
+    let mut rng = Rng::new(seed);
+    let images = rng.vec(n * 3 * size * size);
+    let targets = (0..n).map(|_| rng.below(classes as u32) as i64).collect();
+    (images, targets)
+}
+
+fn loss_and_grads(
+    dev: &Device,
+    sd: &StateDict,
+    images: &[f32],
+    targets: &[i64],
+    n: usize,
+    size: usize,
+) -> (f32, StateDict) {
+    let mut m = Model::from_state(dev, sd, PrecisionKind::F32).unwrap();
+    let mut ws = m.workspace(n, size, size).unwrap();
+    m.set_batch(&mut ws, images, Some(targets)).unwrap();
+    m.forward(&mut ws, true).unwrap();
+    m.backward(&mut ws).unwrap();
+    (m.loss(&ws).unwrap(), m.gradients().unwrap())
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let arch = tiny_arch();
+    let sd = torchvision_init(&arch, 3);
+    let (n, size) = (4, 64);
+    let (images, targets) = batch(n, size, arch.classes, 1);
+    let (_, grads) = loss_and_grads(&Device::Cpu, &sd, &images, &targets, n, size);
+    // (tensor, relative tolerance). The stem and layer1 see 32x32 and 16x16 maps through
+    // ReLUs and the max pool: many kinks cross the line, so their slopes are rougher
+    // (PyTorch's float64 gradients, which verify compares against, pin them exactly).
+    let names = [
+        ("conv1.weight", 0.1),
+        ("bn1.weight", 0.1),
+        ("bn1.bias", 0.1),
+        ("layer1.0.conv2.weight", 0.1),
+        ("layer1.0.bn1.bias", 0.1),
+        ("layer1.0.bn3.bias", 0.1),
+        ("layer2.0.bn2.weight", 0.05),
+        ("layer2.0.downsample.0.weight", 0.03),
+        ("layer3.0.bn1.weight", 0.03),
+        ("layer3.0.conv2.weight", 0.01),
+        ("layer4.0.bn2.weight", 0.01),
+        ("layer4.0.conv3.weight", 0.01),
+        ("fc.weight", 0.01),
+        ("fc.bias", 0.01),
+    ];
+    // Along each tensor's own gradient direction u = g / |g|, the derivative of the loss
+    // is |g|. The whole tensor moves, so the loss changes well above f32's noise and no
+    // single ReLU or max-pool kink decides the difference.
+    for (name, tol) in names {
+        let g = grads.tensors[name].as_f32().unwrap();
+        let norm = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(norm > 0.0, "{name}: zero gradient");
+        let wnorm = sd.tensors[name].as_f32().unwrap().iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let h = (2e-3 / norm).min(2e-3 * wnorm.max(1.0));
+        let at = |t: f64| -> f64 {
+            let mut s = sd.clone();
+            if let prunekit::model::Data::F32(v) = &mut s.tensors.get_mut(name).unwrap().data {
+                for (w, &gi) in v.iter_mut().zip(g) {
+                    *w += (t * gi as f64 / norm) as f32;
+                }
+            }
+            loss_and_grads(&Device::Cpu, &s, &images, &targets, n, size).0 as f64
+        };
+        // The least-squares slope through 16 points on [-h, h]: the loss along the line is
+        // smooth only piecewise (ReLU and max-pool kinks), and the fit averages the kinks.
+        let ts: Vec<f64> = (1..=8).flat_map(|i| [i as f64 / 8.0 * h, -(i as f64) / 8.0 * h]).collect();
+        let ls: Vec<f64> = ts.iter().map(|&t| at(t)).collect();
+        let mean = ls.iter().sum::<f64>() / ls.len() as f64;
+        let fd = ts.iter().zip(&ls).map(|(t, l)| t * (l - mean)).sum::<f64>() / ts.iter().map(|t| t * t).sum::<f64>();
+        assert!((fd - norm).abs() <= tol * norm, "{name}: |gradient| {norm}, finite-difference slope along it {fd}");
+    }
+}
+
+#[test]
+fn kernels_and_cpu_train_alike() {
+    let arch = tiny_arch();
+    let sd = torchvision_init(&arch, 5);
+    let (n, size) = (2, 40);
+    let sgd = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 };
+    let mut results = Vec::new();
+    for dev in [Device::Cpu, common::emu_devices().remove(1)] {
+        let mut m = Model::from_state(&dev, &sd, PrecisionKind::F32).unwrap();
+        let mut ws = m.workspace(n, size, size).unwrap();
+        let mut losses = Vec::new();
+        for step in 0..3 {
+            let (images, targets) = batch(n, size, arch.classes, 10 + step);
+            m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
+            m.train_step(&mut ws, &sgd).unwrap();
+            losses.push(m.loss(&ws).unwrap());
+        }
+        results.push((losses, m.to_state().unwrap()));
+    }
+    let ((l0, s0), (l1, s1)) = (&results[0], &results[1]);
+    for (a, b) in l0.iter().zip(l1) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "losses {l0:?} vs {l1:?}");
+    }
+    for (name, t) in &s0.tensors {
+        let (a, b) = (t.as_f32().unwrap(), s1.tensors[name].as_f32().unwrap());
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 2e-3 * scale, "{name}: {err} of {scale}");
+    }
+}
+
+#[test]
+fn state_dict_round_trips() {
+    let arch = tiny_arch();
+    let sd = torchvision_init(&arch, 7);
+    for dev in [Device::Cpu, common::emu_devices().remove(0)] {
+        for p in [PrecisionKind::F32, PrecisionKind::Bf16] {
+            let m = Model::from_state(&dev, &sd, p).unwrap();
+            assert_eq!(m.to_state().unwrap(), sd, "{} {p}", dev.name());
+        }
+    }
+}
+
+#[test]
+fn a_training_step_allocates_nothing_on_a_kernel_device() {
+    let dev = common::emu_devices().remove(0);
+    let gpu = dev.gpu().unwrap().clone();
+    for p in [PrecisionKind::F32, PrecisionKind::Bf16] {
+        let arch = tiny_arch();
+        let mut m = Model::new(&dev, &arch, 1, p).unwrap();
+        let mut ws = m.workspace(2, 32, 32).unwrap();
+        let (images, targets) = batch(2, 32, arch.classes, 2);
+        m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
+        let sgd = Sgd { lr: 0.01, momentum: 0.9, weight_decay: 0.0 };
+        let before = gpu.allocations();
+        for _ in 0..2 {
+            m.train_step(&mut ws, &sgd).unwrap();
+            m.forward(&mut ws, false).unwrap();
+        }
+        assert_eq!(gpu.allocations(), before, "{p}: a step allocated device memory");
+        assert!(m.loss(&ws).unwrap().is_finite());
+    }
+}
+
+#[test]
+fn bad_input_is_refused() {
+    let arch = tiny_arch();
+    let dev = Device::Cpu;
+    let mut m = Model::new(&dev, &arch, 1, PrecisionKind::F32).unwrap();
+    assert!(m.workspace(0, 32, 32).is_err());
+    let err = m.workspace(1, 4, 4).err().expect("too small an image");
+    assert!(err.to_string().contains("batch norm"), "{err}");
+    let mut ws = m.workspace(2, 32, 32).unwrap();
+    let (images, targets) = batch(2, 32, arch.classes, 3);
+    assert!(m.set_batch(&mut ws, &images[1..], Some(&targets)).is_err());
+    assert!(m.set_batch(&mut ws, &images, Some(&targets[..1])).is_err());
+    let err = m.set_batch(&mut ws, &images, Some(&[0, 3])).unwrap_err();
+    assert!(err.to_string().contains("outside the 3 classes"), "{err}");
+    assert!(m.set_batch(&mut ws, &images, Some(&[0, -1])).is_err());
+    assert!(m.forward(&mut ws, true).is_err(), "a train forward without targets");
+    m.set_batch(&mut ws, &images, None).unwrap();
+    m.forward(&mut ws, false).unwrap();
+    assert_eq!(m.logits(&ws).unwrap().len(), 2 * 3);
+    // A workspace of another precision.
+    let other = Model::new(&dev, &arch, 1, PrecisionKind::Bf16).unwrap();
+    let mut ws16 = other.workspace(2, 32, 32).unwrap();
+    assert!(m.forward(&mut ws16, false).is_err());
+    // A state dict that is not a bottleneck ResNet.
+    let mut sd = torchvision_init(&arch, 1);
+    sd.tensors.insert("extra".into(), Tensor::f32(vec![1], vec![0.0]));
+    let err = Model::from_state(&dev, &sd, PrecisionKind::F32).err().unwrap();
+    assert!(err.to_string().contains("unexpected tensor extra"), "{err}");
+}
+
+#[test]
+fn bf16_trains() {
+    let arch = tiny_arch();
+    for dev in [Device::Cpu, common::emu_devices().remove(2)] {
+        let mut m = Model::new(&dev, &arch, 4, PrecisionKind::Bf16).unwrap();
+        let mut ws = m.workspace(4, 32, 32).unwrap();
+        let (images, targets) = batch(4, 32, arch.classes, 4);
+        m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
+        let sgd = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 0.0 };
+        let mut losses = Vec::new();
+        for _ in 0..6 {
+            m.train_step(&mut ws, &sgd).unwrap();
+            losses.push(m.loss(&ws).unwrap());
+        }
+        // The same batch six times: the loss must come down.
+        assert!(losses[5] < losses[0], "{}: {losses:?}", dev.name());
+    }
+}
