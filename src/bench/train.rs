@@ -70,7 +70,7 @@ impl BenchOptions {
         let (batch, size, warmup, steps, precision) = match dev.kind() {
             "cuda" => (256, 224, 3, 20, PrecisionKind::Bf16),
             "emu" => (2, 32, 0, 1, PrecisionKind::F32),
-            _ => (8, 64, 1, 2, PrecisionKind::F32),
+            _ => (8, 224, 1, 2, PrecisionKind::F32),
         };
         BenchOptions {
             weights: None,

@@ -32,7 +32,7 @@ enum Cmd {
     /// (measured over ideal). `masked` is the control: the dense model with the pruned
     /// filters zeroed, which executes every dense FLOP.
     ///
-    /// Defaults depend on the device: cuda 256 x 224x224 bf16, 20 steps; cpu 8 x 64x64 f32,
+    /// Defaults depend on the device: cuda 256 x 224x224 bf16, 20 steps; cpu 8 x 224x224 f32,
     /// 2 steps (about a minute on two cores); emu 2 x 32x32 f32, 1 step.
     Bench {
         /// cuda, cuda:N, cpu, emu, or auto (cuda where there is a GPU, else cpu).
