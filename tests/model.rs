@@ -207,3 +207,32 @@ fn bf16_trains() {
         assert!(losses[5] < losses[0], "{}: {losses:?}", dev.name());
     }
 }
+
+#[test]
+fn a_training_run_is_pruned_with_its_optimizer_state() {
+    use prunekit::prune::{prune_state_with, Mode, Norm, PruneConfig};
+    let arch = tiny_arch();
+    let sgd = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 };
+    for dev in [Device::Cpu, common::emu_devices().remove(0)] {
+        let mut m = Model::new(&dev, &arch, 8, PrecisionKind::F32).unwrap();
+        let mut ws = m.workspace(2, 32, 32).unwrap();
+        let (images, targets) = batch(2, 32, arch.classes, 8);
+        m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
+        for _ in 0..2 {
+            m.train_step(&mut ws, &sgd).unwrap();
+        }
+        let (state, momentum) = (m.to_state().unwrap(), m.momentum_state().unwrap());
+        let cfg = PruneConfig::new(Mode::Channels, "0.5".parse().unwrap(), 1, Norm::L1).unwrap();
+        let pruned = prune_state_with(&dev, &state, Some(&momentum), &cfg).unwrap();
+        let pruned_momentum = pruned.optimizer.unwrap();
+        let mut p = Model::from_state(&dev, &pruned.state, PrecisionKind::F32).unwrap();
+        p.set_momentum_state(&pruned_momentum, 2).unwrap();
+        assert_eq!(p.momentum_state().unwrap(), pruned_momentum, "momentum round trip");
+        let mut ws = p.workspace(2, 32, 32).unwrap();
+        p.set_batch(&mut ws, &images, Some(&targets)).unwrap();
+        p.train_step(&mut ws, &sgd).unwrap();
+        assert!(p.loss(&ws).unwrap().is_finite());
+        // Momentum of another model's shape is refused.
+        assert!(p.set_momentum_state(&momentum, 2).is_err());
+    }
+}

@@ -693,27 +693,37 @@ impl<T: Precision> ResNet<T> {
         (convs, bns)
     }
 
-    fn collect(&self, grads: bool) -> Result<StateDict> {
+    fn collect(&self, what: Collect) -> Result<StateDict> {
         let mut sd = StateDict::default();
         let (convs, bns) = self.layers();
         for c in convs {
-            let src = if grads { &c.dw } else { &c.w };
+            let src = match what {
+                Collect::Params => &c.w,
+                Collect::Grads => &c.dw,
+                Collect::Momentum => &c.mom,
+            };
             sd.tensors
                 .insert(format!("{}.weight", c.name), Tensor::f32(vec![c.k, c.c, c.r, c.r], self.conv_oihw(c, src)?));
         }
         for b in bns {
             let v = |x: &Buf<f32>| -> Result<Tensor> { Ok(Tensor::f32(vec![b.c], x.to_vec()?)) };
-            if grads {
-                sd.tensors.insert(format!("{}.weight", b.name), v(&b.dgamma)?);
-                sd.tensors.insert(format!("{}.bias", b.name), v(&b.dbeta)?);
-            } else {
-                sd.tensors.insert(format!("{}.weight", b.name), v(&b.gamma)?);
-                sd.tensors.insert(format!("{}.bias", b.name), v(&b.beta)?);
+            let (g, bb) = match what {
+                Collect::Params => (&b.gamma, &b.beta),
+                Collect::Grads => (&b.dgamma, &b.dbeta),
+                Collect::Momentum => (&b.mom_gamma, &b.mom_beta),
+            };
+            sd.tensors.insert(format!("{}.weight", b.name), v(g)?);
+            sd.tensors.insert(format!("{}.bias", b.name), v(bb)?);
+            if what == Collect::Params {
                 sd.tensors.insert(format!("{}.running_mean", b.name), v(&b.mean)?);
                 sd.tensors.insert(format!("{}.running_var", b.name), v(&b.var)?);
             }
         }
-        let (wsrc, bsrc) = if grads { (&self.dfc_w, &self.dfc_b) } else { (&self.fc_w, &self.fc_b) };
+        let (wsrc, bsrc) = match what {
+            Collect::Params => (&self.fc_w, &self.fc_b),
+            Collect::Grads => (&self.dfc_w, &self.dfc_b),
+            Collect::Momentum => (&self.mom_fc_w, &self.mom_fc_b),
+        };
         sd.tensors.insert("fc.weight".into(), Tensor::f32(vec![self.arch.classes, self.arch.fc_in()], wsrc.to_vec()?));
         sd.tensors.insert("fc.bias".into(), Tensor::f32(vec![self.arch.classes], bsrc.to_vec()?));
         Ok(sd)
@@ -721,13 +731,73 @@ impl<T: Precision> ResNet<T> {
 
     /// The model as a state dict with torchvision's names and layouts.
     pub fn to_state(&self) -> Result<StateDict> {
-        self.collect(false)
+        self.collect(Collect::Params)
     }
 
     /// The gradients of the last backward, named after their parameters (OIHW for convs).
     pub fn gradients(&self) -> Result<StateDict> {
-        self.collect(true)
+        self.collect(Collect::Grads)
     }
+
+    /// SGD's momentum buffers, named after their parameters (OIHW for convs): the
+    /// optimizer state to prune with the model (`prune::prune_state_with`).
+    pub fn momentum_state(&self) -> Result<StateDict> {
+        self.collect(Collect::Momentum)
+    }
+
+    /// Continues an SGD run: sets every momentum buffer (named and shaped like the
+    /// parameters, as [`momentum_state`](Self::momentum_state) gives them) and the number of
+    /// steps already taken (0 makes the next step a first step again).
+    pub fn set_momentum_state(&mut self, sd: &StateDict, steps: u64) -> Result<()> {
+        let want: std::collections::BTreeMap<String, Vec<usize>> =
+            self.arch.tensor_specs().into_iter().filter(|s| s.role.is_param()).map(|s| (s.name, s.shape)).collect();
+        for (n, t) in &sd.tensors {
+            let shape = want.get(n).ok_or_else(|| invalid!("momentum state {n} names no parameter"))?;
+            ensure!(&t.shape == shape, "momentum state {n} has shape {:?}, its parameter {shape:?}", t.shape);
+            ensure!(t.as_f32().is_some(), "momentum state {n} is not F32");
+        }
+        for n in want.keys() {
+            ensure!(sd.tensors.contains_key(n), "momentum state for {n} is missing");
+        }
+        let dev = self.dev.clone();
+        let get = |n: &str| -> Result<&[f32]> { f32_of(sd, n) };
+        let (convs, bns) = self.layers_mut();
+        for c in convs {
+            let oihw = dev.upload(get(&format!("{}.weight", c.name))?.to_vec())?;
+            conv::oihw_to_krsc(&dev, c.k, c.c, c.r, c.r, &oihw, &mut c.mom)?;
+        }
+        for b in bns {
+            b.mom_gamma.write(get(&format!("{}.weight", b.name))?)?;
+            b.mom_beta.write(get(&format!("{}.bias", b.name))?)?;
+        }
+        self.mom_fc_w.write(get("fc.weight")?)?;
+        self.mom_fc_b.write(get("fc.bias")?)?;
+        self.steps = steps;
+        Ok(())
+    }
+
+    /// Every conv and BN, mutably, in torchvision's order.
+    fn layers_mut(&mut self) -> (Vec<&mut Conv<T>>, Vec<&mut Bn>) {
+        let mut convs = vec![&mut self.stem];
+        let mut bns = vec![&mut self.stem_bn];
+        for b in &mut self.blocks {
+            convs.extend([&mut b.conv1, &mut b.conv2, &mut b.conv3]);
+            bns.extend([&mut b.bn1, &mut b.bn2, &mut b.bn3]);
+            if let Some((c, bn)) = &mut b.down {
+                convs.push(c);
+                bns.push(bn);
+            }
+        }
+        (convs, bns)
+    }
+}
+
+/// Which tensors [`ResNet::collect`] gathers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Collect {
+    Params,
+    Grads,
+    Momentum,
 }
 
 #[allow(clippy::too_many_arguments)]

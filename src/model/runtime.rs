@@ -150,6 +150,16 @@ impl Model {
         both!(self, m => m.gradients())
     }
 
+    /// See [`ResNet::momentum_state`].
+    pub fn momentum_state(&self) -> Result<StateDict> {
+        both!(self, m => m.momentum_state())
+    }
+
+    /// See [`ResNet::set_momentum_state`].
+    pub fn set_momentum_state(&mut self, sd: &StateDict, steps: u64) -> Result<()> {
+        both!(self, m => m.set_momentum_state(sd, steps))
+    }
+
     pub fn device(&self) -> &Device {
         both!(self, m => m.device())
     }
