@@ -6,19 +6,15 @@
 //!
 //! The `cuda` module runs the same checks on a real GPU (ignored where there is none).
 
+mod common;
+
 use half::bf16;
 use prunekit::gpu::{Gpu, Schedule};
 use prunekit::ops::conv::{self, ConvElem, ConvShape, Pass, Plan, Tile};
 use prunekit::{Buf, Device};
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    common::Rng::new(seed).vec(n)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -5,6 +5,8 @@
 //!
 //! The `cuda_*` tests run the same checks of the primitives on a real GPU.
 
+mod common;
+
 use half::{bf16, f16};
 use prunekit::gpu::{Gpu, GpuBuf, Kernel, LaunchConfig, Schedule};
 use prunekit::ops::params::SelftestParams;
@@ -30,13 +32,7 @@ fn schedules() -> Vec<Gpu> {
 }
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    common::Rng::new(seed).vec(n)
 }
 
 fn gemm_oracle(a: &[f32], b: &[f32], m: usize, n: usize, kk: usize) -> Vec<f32> {
