@@ -4,6 +4,8 @@
 use crate::gpu::{BackendKind, Elem, Gpu, GpuBuf};
 use crate::{invalid, Result};
 
+/// A device that holds buffers and runs the model's and the pruning pipeline's work;
+/// cheap to clone.
 #[derive(Clone, Debug)]
 pub enum Device {
     /// Rust on the host: the fast paths of `crate::cpu`.
@@ -36,6 +38,7 @@ impl Device {
         }
     }
 
+    /// A human-readable name: `cpu (N threads)`, the GPU's name, or the emulation's.
     pub fn name(&self) -> String {
         match self {
             Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
@@ -54,6 +57,7 @@ impl Device {
         }
     }
 
+    /// The kernel device, or `None` on the CPU.
     pub fn gpu(&self) -> Option<&Gpu> {
         match self {
             Device::Cpu => None,
@@ -103,6 +107,7 @@ impl Device {
         }
     }
 
+    /// Waits for all queued work (a no-op on the CPU).
     pub fn synchronize(&self) -> Result<()> {
         if let Device::Gpu(g) = self {
             g.synchronize()?;
@@ -113,24 +118,30 @@ impl Device {
 
 /// A point in time recorded by [`Device::mark`].
 pub enum Mark {
+    /// The wall-clock time (CPU).
     Host(std::time::Instant),
+    /// An event on a kernel device's stream.
     Gpu(crate::gpu::Event),
 }
 
 /// A flat buffer of elements on a device.
 #[derive(Debug)]
 pub enum Buf<T: Elem> {
+    /// In host memory, for [`Device::Cpu`].
     Host(Vec<T>),
+    /// In a kernel device's memory, for [`Device::Gpu`].
     Gpu(GpuBuf<T>),
 }
 
 impl<T: Elem> Buf<T> {
+    /// The number of elements.
     pub fn len(&self) -> usize {
         match self {
             Buf::Host(v) => v.len(),
             Buf::Gpu(b) => b.len(),
         }
     }
+    /// True if the buffer has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -141,18 +152,21 @@ impl<T: Elem> Buf<T> {
             Buf::Gpu(b) => Ok(b.gpu().download(b)?),
         }
     }
+    /// The elements, if the buffer is in host memory.
     pub fn host(&self) -> Option<&[T]> {
         match self {
             Buf::Host(v) => Some(v),
             Buf::Gpu(_) => None,
         }
     }
+    /// The elements, mutably, if the buffer is in host memory.
     pub fn host_mut(&mut self) -> Option<&mut [T]> {
         match self {
             Buf::Host(v) => Some(v),
             Buf::Gpu(_) => None,
         }
     }
+    /// The device buffer, if the buffer is on a kernel device.
     pub fn gpu_buf(&self) -> Option<&GpuBuf<T>> {
         match self {
             Buf::Host(_) => None,

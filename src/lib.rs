@@ -1,3 +1,4 @@
+#![deny(missing_docs)]
 //! prunekit: zero-shot structured pruning of ResNet50 with hand-written CUDA kernels
 //! that turn removed FLOPs into measured time.
 //!

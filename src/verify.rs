@@ -25,7 +25,9 @@ use std::path::Path;
 /// Tolerances of one group of tensors: `atol * scale + rtol * |expected| + k * noise`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Tolerance {
+    /// Absolute tolerance, as a fraction of the tensor's scale (its largest |expected|).
     pub atol: f64,
+    /// Relative tolerance, a fraction of each element's |expected|.
     pub rtol: f64,
     /// Multiple of the noise floor (0 for groups checked without one).
     pub k: f64,
@@ -59,15 +61,22 @@ fn perturbation(precision: PrecisionKind) -> f32 {
 /// The groups of tensors that verify reports on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Group {
+    /// The eval-mode logits (running statistics); checked without a noise floor.
     EvalLogits,
+    /// The train-mode logits (batch statistics).
     TrainLogits,
+    /// The train-mode loss (mean softmax cross-entropy).
     Loss,
+    /// The gradient of every parameter after one backward.
     Gradients,
+    /// BN's running statistics after the train forward.
     RunningStats,
+    /// Every parameter after one SGD step.
     Step,
 }
 
 impl Group {
+    /// The group's name in the report, e.g. `train logits`.
     pub fn name(self) -> &'static str {
         match self {
             Group::EvalLogits => "eval logits",
@@ -83,9 +92,14 @@ impl Group {
 /// The result of one group.
 #[derive(Clone, Debug)]
 pub struct GroupResult {
+    /// Which group.
     pub group: Group,
+    /// The number of tensors compared.
     pub tensors: usize,
+    /// The largest |got - expected| over every element (infinite if any is NaN).
     pub max_abs: f64,
+    /// The largest |got - expected| / |expected| over the elements whose expected value is
+    /// not zero.
     pub max_rel: f64,
     /// The largest noise floor relative to its tensor's scale.
     pub max_noise: f64,
@@ -93,10 +107,12 @@ pub struct GroupResult {
     pub worst: String,
     /// Tensors that failed their tolerance.
     pub failed: Vec<String>,
+    /// The tolerance the group was checked with.
     pub tolerance: Tolerance,
 }
 
 impl GroupResult {
+    /// True if every tensor of the group passed.
     pub fn ok(&self) -> bool {
         self.failed.is_empty()
     }
@@ -105,12 +121,16 @@ impl GroupResult {
 /// What `verify` found.
 #[derive(Clone, Debug)]
 pub struct Report {
+    /// One result per group, in the order of [`Group`].
     pub groups: Vec<GroupResult>,
+    /// The name of the device that ran the model ([`Device::name`]).
     pub device: String,
+    /// The precision the model ran in.
     pub precision: PrecisionKind,
 }
 
 impl Report {
+    /// True if every group passed.
     pub fn ok(&self) -> bool {
         self.groups.iter().all(GroupResult::ok)
     }

@@ -16,7 +16,9 @@ use rand_distr::{Distribution, StandardNormal};
 pub enum BenchMode {
     /// The dense model, the baseline of every speedup.
     Dense,
+    /// Pruned in [`Mode::Filters`]: the blocks' inner widths shrink.
     Filters,
+    /// Pruned in [`Mode::Channels`]: also the residual streams and the stem shrink.
     Channels,
     /// The control: the dense model with the filters that filters-mode pruning would
     /// remove set to zero. It executes every FLOP of the dense model.
@@ -24,6 +26,7 @@ pub enum BenchMode {
 }
 
 impl BenchMode {
+    /// The mode's name in the table and the JSON: `dense`, `filters`, `channels` or `masked`.
     pub fn name(self) -> &'static str {
         match self {
             BenchMode::Dense => "dense",
@@ -51,15 +54,25 @@ impl std::str::FromStr for BenchMode {
 pub struct BenchOptions {
     /// Dense weights (torchvision names); None: ResNet50 with torchvision's initialisation.
     pub weights: Option<StateDict>,
+    /// The pruned modes to measure (the dense row always comes first).
     pub modes: Vec<BenchMode>,
+    /// The sparsities to measure per mode (0 is skipped: the dense row covers it).
     pub sparsities: Vec<Sparsity>,
+    /// Kept widths are rounded up to a multiple of this (at least 1).
     pub round_to: usize,
+    /// The filter score pruning ranks by.
     pub criterion: Norm,
+    /// Images per training step (at least 1).
     pub batch: usize,
+    /// Image height and width in pixels (at least 32).
     pub size: usize,
+    /// Untimed training steps before the timed ones.
     pub warmup: usize,
+    /// Timed training steps (at least 1).
     pub steps: usize,
+    /// The precision the models train in.
     pub precision: PrecisionKind,
+    /// Seed of the random weights (when none are given) and of the synthetic data.
     pub seed: u64,
 }
 
@@ -91,15 +104,25 @@ impl BenchOptions {
 /// One row of the bench table (and of its JSON).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct BenchRow {
+    /// The [`BenchMode`]'s name.
     pub mode: String,
+    /// The sparsity (0 for the dense row).
     pub sparsity: f64,
+    /// Trainable parameters of the model that ran (the masked row counts the dense model's).
     pub params: usize,
+    /// Forward GFLOPs per image at the bench's image size.
     pub gflops_forward_per_image: f64,
+    /// Training GFLOPs per image (forward and backward) at the bench's image size.
     pub gflops_train_per_image: f64,
+    /// Measured milliseconds per training step (forward, backward and SGD).
     pub step_ms: f64,
+    /// Training throughput: batch size over the step time.
     pub images_per_s: f64,
+    /// The dense step time over this row's.
     pub speedup: f64,
+    /// The FLOP-ideal speedup: dense training FLOPs over this row's.
     pub ideal_speedup: f64,
+    /// `speedup / ideal_speedup`: 1 when the step time shrinks as much as the FLOPs do.
     pub efficiency: f64,
     /// The loss after the timed steps (random data: a check that training ran, not a result).
     #[serde(skip)]

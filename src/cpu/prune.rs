@@ -11,7 +11,9 @@ use std::cmp::Ordering;
 /// Which norm scores a filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Norm {
+    /// The sum of absolute values.
     L1,
+    /// The square root of the sum of squares.
     L2,
 }
 
@@ -27,10 +29,15 @@ impl Norm {
 
 /// The accumulator of a filter norm: f64 for f32 weights, f32 for 16-bit weights.
 pub trait Acc: Copy + Send + Sync {
+    /// Zero, the empty sum.
     const ZERO: Self;
+    /// `self + o`.
     fn add(self, o: Self) -> Self;
+    /// The absolute value.
     fn abs(self) -> Self;
+    /// `a * b + c` with one rounding (fused multiply-add).
     fn fma(a: Self, b: Self, c: Self) -> Self;
+    /// The value as f64 (exact).
     fn to_f64(self) -> f64;
 }
 impl Acc for f64 {
@@ -66,8 +73,11 @@ impl Acc for f32 {
 
 /// Weight element types that can be scored.
 pub trait NormInput: Copy + Send + Sync {
+    /// The accumulator type the kernel sums this type in.
     type A: Acc;
+    /// The value converted to the accumulator type (exact).
     fn acc(self) -> Self::A;
+    /// The value as f64 (exact), for the oracle.
     fn to_f64(self) -> f64;
 }
 impl NormInput for f32 {

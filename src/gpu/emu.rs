@@ -10,7 +10,9 @@ use std::sync::Mutex;
 /// A kernel that is missing a barrier gives a different answer under another order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Schedule {
+    /// Warps, and the lanes inside each warp, in increasing index: thread 0 first.
     Forward,
+    /// Warps, and the lanes inside each warp, in decreasing index: the last thread first.
     Reverse,
     /// A seeded shuffle, drawn anew between every two barriers.
     Shuffle(u64),

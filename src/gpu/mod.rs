@@ -22,8 +22,11 @@ pub use error::GpuError;
 /// Where build.rs put each kernel module: the fatbin (when nvcc was found) and the
 /// emulation's table of entry points.
 pub struct ModuleSource {
+    /// The module's name: `kernels/<name>.cu`.
     pub name: &'static str,
+    /// The nvcc-compiled fatbin for the cuda back end; `None` when built without nvcc.
     pub fatbin: Option<&'static [u8]>,
+    /// Returns the module's table of host-compiled entry points for the emu back end.
     pub emu: unsafe extern "C" fn() -> *const EmuModule,
 }
 
@@ -55,11 +58,14 @@ fn module_source(name: &str) -> Option<&'static ModuleSource> {
 /// A kernel entry point: `kernels/<module>.cu`, `extern "C"` function `name`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Kernel {
+    /// The module: `kernels/<module>.cu`.
     pub module: &'static str,
+    /// The `extern "C"` kernel function's name.
     pub name: &'static str,
 }
 
 impl Kernel {
+    /// The kernel `name` of `kernels/<module>.cu`.
     pub const fn new(module: &'static str, name: &'static str) -> Self {
         Kernel { module, name }
     }
@@ -71,14 +77,18 @@ impl Kernel {
 /// The type must have exactly the layout of the C struct named `C_NAME`, and every
 /// device pointer in it must be valid for what the kernel does with it.
 pub unsafe trait KernelParams: Copy + Send + 'static {
+    /// The name of the mirrored C struct in `kernels/params.h`.
     const C_NAME: &'static str;
 }
 
 /// Grid, block and dynamic shared memory of a launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchConfig {
+    /// Blocks along x, y and z (each at least 1).
     pub grid: (u32, u32, u32),
+    /// Threads per block along x, y and z (each at least 1).
     pub block: (u32, u32, u32),
+    /// Dynamic shared memory per block, in bytes.
     pub shared_mem_bytes: u32,
 }
 
@@ -91,6 +101,7 @@ impl LaunchConfig {
 
 /// Element types that live in device buffers.
 pub trait Elem: bytemuck::Pod + Send + Sync + std::fmt::Debug + 'static {
+    /// The type's short name in messages, e.g. `f32`.
     const NAME: &'static str;
 }
 macro_rules! elem {
@@ -102,7 +113,9 @@ elem!(f32 => "f32", f64 => "f64", half::bf16 => "bf16", half::f16 => "f16", i32 
 /// Which back end a [`Gpu`] runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
+    /// A real NVIDIA GPU through the CUDA driver.
     Cuda,
+    /// The host emulation of CUDA.
     Emu,
 }
 
@@ -142,6 +155,7 @@ impl Gpu {
         Gpu { backend: Arc::new(Backend::Emu(emu::EmuBackend::new(schedule))), allocations: Default::default() }
     }
 
+    /// Which back end this handle runs on.
     pub fn kind(&self) -> BackendKind {
         match &*self.backend {
             Backend::Cuda(_) => BackendKind::Cuda,
@@ -327,7 +341,9 @@ impl Gpu {
 
 /// A timing event from [`Gpu::record`].
 pub enum Event {
+    /// A CUDA event recorded on the stream (cuda back end).
     Cuda(cuda::CudaEvent),
+    /// The wall-clock time at recording (emu back end).
     Host(std::time::Instant),
 }
 
@@ -346,12 +362,15 @@ impl<T: Elem> std::fmt::Debug for GpuBuf<T> {
 }
 
 impl<T: Elem> GpuBuf<T> {
+    /// The number of elements (not bytes).
     pub fn len(&self) -> usize {
         self.len
     }
+    /// True if the buffer has no elements.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// The device the buffer lives on.
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
     }
@@ -374,7 +393,7 @@ impl<T: Elem> GpuBuf<T> {
             ))),
         }
     }
-    /// True if both buffers belong to the same device.
+    /// True if this buffer lives on `gpu` (the same handle or one of its clones).
     pub fn same_gpu(&self, gpu: &Gpu) -> bool {
         Arc::ptr_eq(&self.gpu.backend, &gpu.backend)
     }

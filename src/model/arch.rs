@@ -15,11 +15,17 @@ pub struct Block {
     pub stage: usize,
     /// Position inside the stage.
     pub index: usize,
+    /// Input channels: the width of the residual stream the block reads.
     pub cin: usize,
+    /// conv1's output channels (the first inner width).
     pub w1: usize,
+    /// conv2's output channels (the second inner width).
     pub w2: usize,
+    /// Output channels: conv3's, and the residual stream's after the block.
     pub cout: usize,
+    /// conv2's (and the downsample's) stride: 2 for the first block of stages 2 to 4, else 1.
     pub stride: usize,
+    /// Whether the block has a downsample branch on the residual.
     pub downsample: bool,
 }
 
@@ -34,8 +40,11 @@ impl Block {
 /// blocks, global average pooling and a fully connected classifier.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Arch {
+    /// Output channels of the stem's 7x7 conv.
     pub stem: usize,
+    /// Every block, stage by stage, in forward order.
     pub blocks: Vec<Block>,
+    /// Outputs of the classifier.
     pub classes: usize,
 }
 
@@ -44,20 +53,28 @@ pub struct Arch {
 pub struct ConvLayer {
     /// torchvision's name of the conv module, e.g. `layer2.0.conv2` or `conv1`.
     pub name: String,
+    /// Input channels.
     pub cin: usize,
+    /// Output channels.
     pub cout: usize,
+    /// Kernel height and width (square: 1, 3 or 7).
     pub kernel: usize,
+    /// Stride along height and width.
     pub stride: usize,
+    /// Zero padding on each side, along height and width.
     pub pad: usize,
-    /// Input height and width (for the image size it was listed for).
+    /// Input height (for the image size it was listed for).
     pub h: usize,
+    /// Input width (for the image size it was listed for).
     pub w: usize,
 }
 
 impl ConvLayer {
+    /// Output height.
     pub fn out_h(&self) -> usize {
         (self.h + 2 * self.pad - self.kernel) / self.stride + 1
     }
+    /// Output width.
     pub fn out_w(&self) -> usize {
         (self.w + 2 * self.pad - self.kernel) / self.stride + 1
     }
@@ -70,12 +87,19 @@ impl ConvLayer {
 /// What a tensor of the state dict is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
+    /// A conv's weight, `[out, in, k, k]` (OIHW).
     ConvWeight,
+    /// A BN's scale (gamma), one per channel.
     BnWeight,
+    /// A BN's shift (beta), one per channel.
     BnBias,
+    /// A BN's running mean, one per channel.
     BnRunningMean,
+    /// A BN's running variance, one per channel.
     BnRunningVar,
+    /// The classifier's weight, `[classes, fc_in]`.
     FcWeight,
+    /// The classifier's bias, `[classes]`.
     FcBias,
 }
 
@@ -89,8 +113,11 @@ impl Role {
 /// Name, shape and role of one tensor of the model, in torchvision's order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorSpec {
+    /// torchvision's name, e.g. `layer1.0.bn2.running_var`.
     pub name: String,
+    /// The shape, as in the state dict.
     pub shape: Vec<usize>,
+    /// What the tensor is.
     pub role: Role,
 }
 

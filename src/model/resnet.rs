@@ -48,7 +48,10 @@ impl Precision for bf16 {
 /// Batch norm settings (PyTorch's defaults: momentum 0.1, eps 1e-5).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BnConfig {
+    /// Weight of the batch statistic in the running-statistics update:
+    /// `running = (1 - momentum) * running + momentum * batch`.
     pub momentum: f32,
+    /// Added to the variance before the square root: `x_hat = (x - mean) / sqrt(var + eps)`.
     pub eps: f32,
 }
 
@@ -61,8 +64,11 @@ impl Default for BnConfig {
 /// SGD with momentum and weight decay, as PyTorch's (dampening 0, no Nesterov).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sgd {
+    /// Learning rate: `param -= lr * buf`.
     pub lr: f32,
+    /// Momentum factor: `buf = momentum * buf + d`.
     pub momentum: f32,
+    /// L2 penalty added to the gradient: `d = grad + weight_decay * param`.
     pub weight_decay: f32,
 }
 
@@ -214,9 +220,11 @@ pub struct Workspace<T: Precision> {
 }
 
 impl<T: Precision> Workspace<T> {
+    /// The number of images per batch it was planned for.
     pub fn batch(&self) -> usize {
         self.n
     }
+    /// The image height and width it was planned for.
     pub fn image_size(&self) -> (usize, usize) {
         (self.h, self.w)
     }
@@ -302,10 +310,12 @@ impl<T: Precision> ResNet<T> {
         ResNet::from_state(dev, &torchvision_init(arch, seed))
     }
 
+    /// The architecture (widths as read from the weights).
     pub fn arch(&self) -> &Arch {
         &self.arch
     }
 
+    /// The device the parameters live on.
     pub fn device(&self) -> &Device {
         &self.dev
     }

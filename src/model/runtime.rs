@@ -39,13 +39,17 @@ impl std::fmt::Display for PrecisionKind {
 
 /// A ResNet in the precision chosen at run time.
 pub enum Model {
+    /// Everything in f32.
     F32(ResNet<f32>),
+    /// bf16 convolutions (see [`PrecisionKind::Bf16`]).
     Bf16(ResNet<bf16>),
 }
 
 /// The workspace of a [`Model`] (of the same precision).
 pub enum AnyWorkspace {
+    /// For a [`Model::F32`].
     F32(Workspace<f32>),
+    /// For a [`Model::Bf16`].
     Bf16(Workspace<bf16>),
 }
 
@@ -82,6 +86,7 @@ impl Model {
         Model::from_state(dev, &super::init::torchvision_init(arch, seed), precision)
     }
 
+    /// The precision the model runs in.
     pub fn precision(&self) -> PrecisionKind {
         match self {
             Model::F32(_) => PrecisionKind::F32,
@@ -89,10 +94,12 @@ impl Model {
         }
     }
 
+    /// See [`ResNet::arch`].
     pub fn arch(&self) -> &Arch {
         both!(self, m => m.arch())
     }
 
+    /// Sets the batch norm momentum and epsilon ([`ResNet::bn`]).
     pub fn set_bn(&mut self, bn: BnConfig) {
         both!(self, m => m.bn = bn)
     }
@@ -160,6 +167,7 @@ impl Model {
         both!(self, m => m.set_momentum_state(sd, steps))
     }
 
+    /// See [`ResNet::device`].
     pub fn device(&self) -> &Device {
         both!(self, m => m.device())
     }

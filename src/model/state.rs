@@ -12,29 +12,37 @@ use std::path::Path;
 /// kept indices, BN's `num_batches_tracked`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Data {
+    /// safetensors' F32 elements.
     F32(Vec<f32>),
+    /// safetensors' I64 elements.
     I64(Vec<i64>),
 }
 
 /// A host tensor: a shape and its elements in row-major order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
+    /// The dimensions, outermost first (`[]` for a scalar).
     pub shape: Vec<usize>,
+    /// The elements, `shape.iter().product()` of them.
     pub data: Data,
 }
 
 impl Tensor {
+    /// An f32 tensor; `data` must hold exactly the shape's number of elements.
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         Tensor { shape, data: Data::F32(data) }
     }
+    /// An i64 tensor; `data` must hold exactly the shape's number of elements.
     pub fn i64(shape: Vec<usize>, data: Vec<i64>) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         Tensor { shape, data: Data::I64(data) }
     }
+    /// The number of elements: the product of the shape.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    /// The safetensors dtype name, `F32` or `I64`, for messages.
     pub fn dtype_name(&self) -> &'static str {
         match self.data {
             Data::F32(_) => "F32",
@@ -48,6 +56,7 @@ impl Tensor {
             Data::I64(_) => None,
         }
     }
+    /// The i64 elements, or None for an f32 tensor.
     pub fn as_i64(&self) -> Option<&[i64]> {
         match &self.data {
             Data::I64(v) => Some(v),
@@ -59,7 +68,9 @@ impl Tensor {
 /// Named tensors and string metadata, as in one safetensors file. Names are sorted.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StateDict {
+    /// The tensors by name (torchvision's names for a model).
     pub tensors: BTreeMap<String, Tensor>,
+    /// The file's `__metadata__`: free-form string pairs (e.g. the pruning settings).
     pub metadata: BTreeMap<String, String>,
 }
 

@@ -22,56 +22,248 @@ macro_rules! params {
 }
 
 params!(
-    /// One conv weight (KRSC) of a filter-norm launch.
-    NormSegment = "PkNormSegment" { weights: u64, k: i32, filter_len: i32, out_offset: i32, pad0: i32 }
+    /// One conv weight (KRSC) of a filter-norm launch, whose filter norms go to
+    /// `scores[out_offset .. out_offset + k]` (`PkNormSegment`).
+    NormSegment = "PkNormSegment" {
+        /// Device address of `k * filter_len` elements of the entry point's dtype.
+        weights: u64,
+        /// Filters (rows).
+        k: i32,
+        /// Elements per filter: R*S*C.
+        filter_len: i32,
+        /// Index of the segment's first score.
+        out_offset: i32,
+        /// Padding to a multiple of 8 bytes.
+        pad0: i32,
+    }
 );
 params!(
+    /// `filter_norms_<dtype>`: the L1 or L2 norm of every filter of every segment
+    /// (`PkFilterNormsParams`).
     FilterNormsParams = "PkFilterNormsParams" {
-        segments: u64, scores: u64, num_segments: i32, total_filters: i32, norm: i32, pad0: i32,
+        /// Device address of `num_segments` [`NormSegment`]s.
+        segments: u64,
+        /// Device address of the f64 scores.
+        scores: u64,
+        /// Segments in the table.
+        num_segments: i32,
+        /// The sum of `k` over the segments.
+        total_filters: i32,
+        /// 1 (L1) or 2 (L2).
+        norm: i32,
+        /// Padding to a multiple of 8 bytes.
+        pad0: i32,
     }
 );
 params!(
+    /// `group_sums_f64`: `scores[dst_offset[g] + c]` becomes the sum over the members `m`
+    /// of group `g` of `scores[member_offset[m] + c]`, for `c < width[g]`
+    /// (`PkGroupSumsParams`).
     GroupSumsParams = "PkGroupSumsParams" {
-        scores: u64, dst_offset: u64, width: u64, member_start: u64, member_offset: u64,
-        num_groups: i32, max_width: i32,
+        /// Device address of the f64 scores, read and written.
+        scores: u64,
+        /// Device address of `[num_groups]` i32: each group's first destination score.
+        dst_offset: u64,
+        /// Device address of `[num_groups]` i32: each group's width.
+        width: u64,
+        /// Device address of `[num_groups + 1]` i32: group `g`'s members are
+        /// `member_offset[member_start[g] .. member_start[g + 1]]`.
+        member_start: u64,
+        /// Device address of `[member_start[num_groups]]` i32: each member's first score.
+        member_offset: u64,
+        /// Groups (`gridDim.y`).
+        num_groups: i32,
+        /// The largest group width.
+        max_width: i32,
     }
 );
 params!(
-    /// One selection of a top-k launch.
-    TopkSegment = "PkTopkSegment" { offset: i32, width: i32, n: i32, keep_offset: i32 }
+    /// One selection of a top-k launch: keep the `n` largest of
+    /// `scores[offset .. offset + width]`, ties to the lower index, kept indices (relative
+    /// to `offset`) ascending in `keep[keep_offset .. keep_offset + n]` (`PkTopkSegment`).
+    TopkSegment = "PkTopkSegment" {
+        /// Index of the first candidate score.
+        offset: i32,
+        /// Candidates (at most [`TOPK_MAX_WIDTH`]).
+        width: i32,
+        /// How many to keep.
+        n: i32,
+        /// Index of the first kept index in the output.
+        keep_offset: i32,
+    }
 );
-params!(TopkParams = "PkTopkParams" { scores: u64, segments: u64, keep: u64, num_segments: i32, pad0: i32 });
 params!(
-    /// One gather of a compaction launch.
+    /// `topk_f64`: one block per [`TopkSegment`] (`PkTopkParams`).
+    TopkParams = "PkTopkParams" {
+        /// Device address of the f64 scores.
+        scores: u64,
+        /// Device address of `num_segments` [`TopkSegment`]s.
+        segments: u64,
+        /// Device address of the i32 kept indices, written.
+        keep: u64,
+        /// Segments in the table.
+        num_segments: i32,
+        /// Padding to a multiple of 8 bytes.
+        pad0: i32,
+    }
+);
+params!(
+    /// One gather of a compaction launch: `dst[i, j, l] = src[rows[i], mids[j], cols[l]]`
+    /// with `src` of shape `[*, src_mid, src_cols]` and `dst` of shape
+    /// `[n_rows, n_mid, n_cols]` (`PkGatherJob`).
     GatherJob = "PkGatherJob" {
-        src: u64, dst: u64, rows: u64, mids: u64, cols: u64, n_rows: i32, n_mid: i32, n_cols: i32,
-        src_mid: i32, src_cols: i32, pad0: i32,
+        /// Device address of the source tensor.
+        src: u64,
+        /// Device address of the destination tensor, written.
+        dst: u64,
+        /// Device address of `[n_rows]` i32 kept indices of dimension 0; 0 (null) for the identity.
+        rows: u64,
+        /// Device address of `[n_mid]` i32 kept indices of dimension 1; 0 (null) for the identity.
+        mids: u64,
+        /// Device address of `[n_cols]` i32 kept indices of dimension 2; 0 (null) for the identity.
+        cols: u64,
+        /// Size of the destination's dimension 0.
+        n_rows: i32,
+        /// Size of the destination's dimension 1.
+        n_mid: i32,
+        /// Size of the destination's dimension 2.
+        n_cols: i32,
+        /// Size of the source's dimension 1.
+        src_mid: i32,
+        /// Size of the source's dimension 2.
+        src_cols: i32,
+        /// Padding to a multiple of 8 bytes.
+        pad0: i32,
     }
 );
-params!(GatherParams = "PkGatherParams" { jobs: u64, num_jobs: i32, pad0: i32 });
 params!(
-    SelftestParams = "PkSelftestParams" { a: u64, b: u64, c: u64, m: i32, n: i32, k: i32, mode: i32 }
+    /// `gather_<dtype>`: every job of the table in one launch; `blockIdx.y` is the job
+    /// (`PkGatherParams`).
+    GatherParams = "PkGatherParams" {
+        /// Device address of `num_jobs` [`GatherJob`]s.
+        jobs: u64,
+        /// Jobs in the table.
+        num_jobs: i32,
+        /// Padding to a multiple of 8 bytes.
+        pad0: i32,
+    }
+);
+params!(
+    /// The kernels of `kernels/selftest.cu`, which test the execution model (the
+    /// emulation, and on a GPU the primitives) rather than compute anything for prunekit
+    /// (`PkSelftestParams`).
+    SelftestParams = "PkSelftestParams" {
+        /// Device address of the first input.
+        a: u64,
+        /// Device address of the second input.
+        b: u64,
+        /// Device address of the output.
+        c: u64,
+        /// Rows of the tiled matmul (`[m, k] x [k, n]`); the element count of the others.
+        m: i32,
+        /// Columns of the tiled matmul.
+        n: i32,
+        /// Inner dimension of the tiled matmul.
+        k: i32,
+        /// Selects a variant of the kernel (e.g. 1 leaves out a barrier); each kernel's
+        /// comment in `kernels/selftest.cu` says what each value does.
+        mode: i32,
+    }
 );
 
 // ---------------------------------------------------------------- conv.cu
 params!(
     /// Division by a runtime constant as a multiply and a shift (`PkFastDiv`): for
     /// `0 <= n < 2^31`, `n / d == umulhi(n, mul) >> shr` (`mul == 0` means `d == 1`).
-    FastDiv = "PkFastDiv" { d: i32, mul: u32, shr: u32, pad0: i32 }
+    FastDiv = "PkFastDiv" {
+        /// The divisor (at least 1).
+        d: i32,
+        /// The multiplier (0 when `d == 1`).
+        mul: u32,
+        /// The shift applied after the high half of the product.
+        shr: u32,
+        /// Padding to a multiple of 8 bytes.
+        pad0: i32,
+    }
 );
 params!(
-    /// One implicit-GEMM convolution pass (`conv2d_<pass>_<tile>_<dtype>`).
+    /// One implicit-GEMM convolution pass (`conv2d_<pass>_<tile>_<dtype>`,
+    /// `PkConvParams`). Operands by pass: fprop `a` = x (NHWC), `b` = w (KRSC),
+    /// `out` = y (NPQK); dgrad `a` = dy (NPQK), `b` = w (KRSC), `out` = dx (NHWC); wgrad
+    /// `a` = dy (NPQK), `b` = x (NHWC), `out` = dw (KRSC, f32; zeroed first when split).
     ConvParams = "PkConvParams" {
-        a: u64, b: u64, out: u64,
-        n: i32, h: i32, w: i32, c: i32, k: i32, r: i32, s: i32, stride: i32, pad: i32, p: i32, q: i32,
-        gemm_m: i32, gemm_n: i32, gemm_k: i32, k_tiles_per_split: i32, pad0: i32,
-        div_c: FastDiv, div_k: FastDiv, div_s: FastDiv, div_q: FastDiv, div_pq: FastDiv, div_w: FastDiv,
+        /// Device address of the GEMM's A operand (see the pass table above).
+        a: u64,
+        /// Device address of the GEMM's B operand.
+        b: u64,
+        /// Device address of the output.
+        out: u64,
+        /// Images in the batch (N).
+        n: i32,
+        /// Input height (H).
+        h: i32,
+        /// Input width (W).
+        w: i32,
+        /// Input channels (C).
+        c: i32,
+        /// Output channels, the filters (K).
+        k: i32,
+        /// Filter height (R).
+        r: i32,
+        /// Filter width (S).
+        s: i32,
+        /// Stride along height and width.
+        stride: i32,
+        /// Zero padding on each side, along height and width.
+        pad: i32,
+        /// Output height (P).
+        p: i32,
+        /// Output width (Q).
+        q: i32,
+        /// The pass's GEMM M: N*P*Q (fprop), N*H*W (dgrad) or K (wgrad).
+        gemm_m: i32,
+        /// The pass's GEMM N: K (fprop), C (dgrad) or R*S*C (wgrad).
+        gemm_n: i32,
+        /// The pass's GEMM K: R*S*C (fprop), R*S*K (dgrad) or N*P*Q (wgrad).
+        gemm_k: i32,
+        /// K-tiles per `blockIdx.z` (all of them when not split).
+        k_tiles_per_split: i32,
+        /// Padding to a multiple of 8 bytes.
+        pad0: i32,
+        /// Division by C.
+        div_c: FastDiv,
+        /// Division by K.
+        div_k: FastDiv,
+        /// Division by S.
+        div_s: FastDiv,
+        /// Division by Q.
+        div_q: FastDiv,
+        /// Division by P*Q.
+        div_pq: FastDiv,
+        /// Division by W.
+        div_w: FastDiv,
+        /// Division by H*W.
         div_hw: FastDiv,
     }
 );
 params!(
-    /// A batched transpose (`transpose_<dtype>`): the layout conversions.
-    TransposeParams = "PkTransposeParams" { src: u64, dst: u64, batch: i32, rows: i32, cols: i32, pad0: i32 }
+    /// A batched transpose (`transpose_<dtype>`): the layout conversions;
+    /// `dst[b][j][i] = src[b][i][j]` for `batch` matrices of `rows` x `cols`
+    /// (`PkTransposeParams`).
+    TransposeParams = "PkTransposeParams" {
+        /// Device address of the source matrices.
+        src: u64,
+        /// Device address of the transposed matrices, written.
+        dst: u64,
+        /// Matrices.
+        batch: i32,
+        /// Rows of each source matrix.
+        rows: i32,
+        /// Columns of each source matrix.
+        cols: i32,
+        /// Padding to a multiple of 8 bytes.
+        pad0: i32,
+    }
 );
 
 /// Width limit of one top-k selection (PK_TOPK_MAX_WIDTH in params.h).
@@ -81,38 +273,177 @@ pub const TOPK_THREADS: u32 = 1024;
 
 // ---------------------------------------------------------------- layers
 params!(
-    /// Batch norm launches (kernels/bn.cu); fields as `PkBnParams` in kernels/params.h.
+    /// Batch norm launches (kernels/bn.cu; `PkBnParams`). Activations are seen as `[m, c]`,
+    /// c fastest. The per-channel kernels run on a grid of `(ceil(c / vec / blockDim.x),
+    /// chunks)` blocks; with `chunks > 1` the per-chunk partial statistics live in the
+    /// bytes of `out` (as `[c][chunks]` float2), which is overwritten afterwards.
     BnParams = "PkBnParams" {
-        x: u64, dy: u64, relu_out: u64, out: u64, gamma: u64, beta: u64, mean: u64, invstd: u64,
-        running_mean: u64, running_var: u64, dgamma: u64, dbeta: u64, m: i64, rows_per_chunk: i64,
-        c: i32, vec: i32, chunks: i32, relu: i32, momentum: f32, eps: f32, eval: i32, pad0: i32,
-    }
-);
-params!(
-    /// Elementwise launches (kernels/elementwise.cu); fields as `PkElementwiseParams`.
-    ElementwiseParams = "PkElementwiseParams" { a: u64, b: u64, out: u64, n: i64, vec: i32, pad0: i32 }
-);
-params!(
-    /// Pooling launches (kernels/pool.cu); fields as `PkPoolParams`.
-    PoolParams = "PkPoolParams" {
-        x: u64, dy: u64, out: u64, n: i32, h: i32, w: i32, c: i32, oh: i32, ow: i32, vec: i32, pad0: i32,
-    }
-);
-params!(
-    /// Fully connected launches (kernels/fc.cu); fields as `PkFcParams`.
-    FcParams = "PkFcParams" {
-        a: u64, b: u64, bias: u64, c: u64, a_si: i64, a_sk: i64, b_sk: i64, b_sj: i64, m: i32, n: i32, k: i32,
+        /// Device address of the `[m, c]` input of the forward.
+        x: u64,
+        /// Backward: device address of the `[m, c]` gradient of the output.
+        dy: u64,
+        /// Backward: device address of the `[m, c]` forward output after a fused ReLU, or 0 (null).
+        relu_out: u64,
+        /// Device address of y (forward) or dx (backward), `[m, c]`.
+        out: u64,
+        /// Device address of the `[c]` f32 scale.
+        gamma: u64,
+        /// Device address of the `[c]` f32 shift.
+        beta: u64,
+        /// Device address of `[c]` f32: the saved batch mean (train, backward) or the running
+        /// mean (eval).
+        mean: u64,
+        /// Device address of `[c]` f32: the saved `1 / sqrt(var + eps)` (train, backward) or
+        /// the running variance (eval).
+        invstd: u64,
+        /// Train: device address of the `[c]` f32 running mean, updated.
+        running_mean: u64,
+        /// Train: device address of the `[c]` f32 running variance, updated.
+        running_var: u64,
+        /// Backward: device address of the `[c]` f32 gradient of gamma.
+        dgamma: u64,
+        /// Backward: device address of the `[c]` f32 gradient of beta.
+        dbeta: u64,
+        /// Rows: N*H*W.
+        m: i64,
+        /// Rows per chunk: chunk `b` covers `[b * rows_per_chunk, min(m, (b + 1) * rows_per_chunk))`.
+        rows_per_chunk: i64,
+        /// Channels.
+        c: i32,
+        /// Elements per vector: 1, or `16 / size_of::<T>()` when `c` is a multiple of that
+        /// and the buffers are 16-byte aligned.
+        vec: i32,
+        /// Row chunks: `gridDim.y` of the per-channel kernels.
+        chunks: i32,
+        /// Forward: 1 to apply a ReLU after the normalisation.
+        relu: i32,
+        /// Weight of the batch statistic in the running-statistics update.
+        momentum: f32,
+        /// Added to the variance before the square root.
+        eps: f32,
+        /// Forward apply: 1 to normalise with the running statistics (eval mode).
+        eval: i32,
+        /// Padding to a multiple of 8 bytes.
         pad0: i32,
     }
 );
 params!(
-    /// The softmax cross-entropy launch (kernels/loss.cu); fields as `PkLossParams`.
-    LossParams = "PkLossParams" { logits: u64, targets: u64, loss: u64, dlogits: u64, n: i32, classes: i32 }
+    /// Elementwise launches (kernels/elementwise.cu; `PkElementwiseParams`):
+    /// `out[i] = f(a[i], b[i])` for `i < n`.
+    ElementwiseParams = "PkElementwiseParams" {
+        /// Device address of the first input (the forward output for the ReLU backward).
+        a: u64,
+        /// Device address of the second input (dy for the ReLU backward); 0 (null) for casts.
+        b: u64,
+        /// Device address of the output.
+        out: u64,
+        /// Elements.
+        n: i64,
+        /// Elements per vector access: 1, or 8 when every buffer is 16-byte aligned.
+        vec: i32,
+        /// Padding to a multiple of 8 bytes.
+        pad0: i32,
+    }
 );
 params!(
-    /// The SGD launch (kernels/sgd.cu); fields as `PkSgdParams`.
+    /// Pooling launches (kernels/pool.cu; `PkPoolParams`): max pool 3x3 stride 2 padding 1
+    /// on `[n, h, w, c]` -> `[n, oh, ow, c]`, and global average pool on `[n, h * w, c]` ->
+    /// `[n, c]` (f32).
+    PoolParams = "PkPoolParams" {
+        /// Device address of the forward input (max pool: also read by the backward).
+        x: u64,
+        /// Backward: device address of the gradient of the output.
+        dy: u64,
+        /// Device address of y (forward) or dx (backward).
+        out: u64,
+        /// Images.
+        n: i32,
+        /// Input height.
+        h: i32,
+        /// Input width.
+        w: i32,
+        /// Channels.
+        c: i32,
+        /// Output height (max pool).
+        oh: i32,
+        /// Output width (max pool).
+        ow: i32,
+        /// Elements per vector: 1, or `16 / size_of::<T>()` when `c` is a multiple of that
+        /// and the buffers are 16-byte aligned.
+        vec: i32,
+        /// Padding to a multiple of 8 bytes.
+        pad0: i32,
+    }
+);
+params!(
+    /// Fully connected launches (kernels/fc.cu; `PkFcParams`). `fc_gemm_f32`:
+    /// `C[i, j] = sum_k A(i, k) * B(k, j) (+ bias[j])` with `A(i, k) = a[i * a_si + k * a_sk]`,
+    /// `B(k, j) = b[k * b_sk + j * b_sj]`, C row-major `[m, n]`. `fc_bias_grad_f32`:
+    /// `c[j] = sum_i a[i * n + j]` over `i < m`.
+    FcParams = "PkFcParams" {
+        /// Device address of the f32 A operand.
+        a: u64,
+        /// Device address of the f32 B operand.
+        b: u64,
+        /// Device address of the `[n]` f32 bias, or 0 (null) for none.
+        bias: u64,
+        /// Device address of the f32 output, written.
+        c: u64,
+        /// Stride of A along i, in elements.
+        a_si: i64,
+        /// Stride of A along k, in elements.
+        a_sk: i64,
+        /// Stride of B along k, in elements.
+        b_sk: i64,
+        /// Stride of B along j, in elements.
+        b_sj: i64,
+        /// Rows of C.
+        m: i32,
+        /// Columns of C.
+        n: i32,
+        /// The reduction length.
+        k: i32,
+        /// Padding to a multiple of 8 bytes.
+        pad0: i32,
+    }
+);
+params!(
+    /// The softmax cross-entropy launch (kernels/loss.cu; `PkLossParams`), one block.
+    LossParams = "PkLossParams" {
+        /// Device address of the `[n, classes]` f32 logits.
+        logits: u64,
+        /// Device address of the `[n]` i32 target classes.
+        targets: u64,
+        /// Device address of one f32: the mean loss over the rows.
+        loss: u64,
+        /// Device address of the `[n, classes]` f32 gradient of the mean loss.
+        dlogits: u64,
+        /// Rows (images).
+        n: i32,
+        /// Classes.
+        classes: i32,
+    }
+);
+params!(
+    /// The SGD launch (kernels/sgd.cu; `PkSgdParams`): PyTorch's SGD (dampening 0, no
+    /// Nesterov) on `n` parameters.
     SgdParams = "PkSgdParams" {
-        param: u64, grad: u64, buf: u64, n: i64, lr: f32, momentum: f32, weight_decay: f32, first: i32,
+        /// Device address of the f32 parameters, updated.
+        param: u64,
+        /// Device address of the f32 gradients.
+        grad: u64,
+        /// Device address of the f32 momentum buffer, updated.
+        buf: u64,
+        /// Parameters.
+        n: i64,
+        /// Learning rate.
+        lr: f32,
+        /// Momentum factor.
+        momentum: f32,
+        /// L2 penalty added to the gradient.
+        weight_decay: f32,
+        /// 1 on the first step: `buf = d` (the old buffer is not read).
+        first: i32,
     }
 );
 /// Output tile of the FC GEMM (PK_FC_TILE).

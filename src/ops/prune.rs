@@ -18,6 +18,7 @@ const MODULE: &str = "prune";
 
 /// Weight element types the filter-norm kernels take.
 pub trait NormElem: Elem + cpu::NormInput {
+    /// The filter-norm kernel for this element type.
     const NORMS: Kernel;
 }
 impl NormElem for f32 {
@@ -32,6 +33,7 @@ impl NormElem for f16 {
 
 /// Element types the gather kernels take.
 pub trait GatherElem: Elem {
+    /// The gather kernel for this element type.
     const GATHER: Kernel;
 }
 impl GatherElem for f32 {
@@ -47,7 +49,9 @@ impl GatherElem for f16 {
 /// One weight to score: `k` filters (rows) of `buf.len() / k` elements each (KRSC).
 #[derive(Clone, Copy)]
 pub struct Weight<'a, T: Elem> {
+    /// The weight's elements, filter by filter.
     pub buf: &'a Buf<T>,
+    /// The number of filters (output channels); at least 1 and dividing `buf.len()`.
     pub k: usize,
 }
 
@@ -123,8 +127,11 @@ pub fn filter_norms<T: NormElem>(
 /// `scores[m .. m + width]` over the members `m` (offsets of coupled filters' scores).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Group {
+    /// Offset of the group's slots in the scores.
     pub dst: usize,
+    /// The number of channels in the group (at least 1).
     pub width: usize,
+    /// Offsets of the member filters' scores (at least one); none may overlap any group's slots.
     pub members: Vec<usize>,
 }
 
@@ -211,8 +218,11 @@ pub fn group_sums(dev: &Device, scores: &mut Buf<f64>, groups: &[Group]) -> Resu
 /// One top-k selection: keep the `n` best of `scores[offset .. offset + width]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Selection {
+    /// Offset of the first candidate score.
     pub offset: usize,
+    /// The number of candidates (at most 4096).
     pub width: usize,
+    /// The number to keep (at most `width`).
     pub n: usize,
 }
 
@@ -241,9 +251,11 @@ impl Keep {
         Ok(Keep { buf: dev.upload(flat)?, segs })
     }
 
+    /// The number of selections.
     pub fn len(&self) -> usize {
         self.segs.len()
     }
+    /// True if there are no selections.
     pub fn is_empty(&self) -> bool {
         self.segs.is_empty()
     }
@@ -329,10 +341,15 @@ pub fn topk(dev: &Device, scores: &Buf<f64>, sels: &[Selection]) -> Result<Keep>
 /// `[n, 1, 1]`.
 #[derive(Clone, Copy)]
 pub struct Gather<'a, T: Elem> {
+    /// The tensor to compact, `shape.0 * shape.1 * shape.2` elements.
     pub src: &'a Buf<T>,
+    /// The source's shape, viewed as three dimensions.
     pub shape: (usize, usize, usize),
+    /// The kept indices of dimension 0: a [`Keep`] and the index of its selection.
     pub rows: Option<(&'a Keep, usize)>,
+    /// The kept indices of dimension 1: a [`Keep`] and the index of its selection.
     pub mids: Option<(&'a Keep, usize)>,
+    /// The kept indices of dimension 2: a [`Keep`] and the index of its selection.
     pub cols: Option<(&'a Keep, usize)>,
 }
 

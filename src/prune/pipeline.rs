@@ -124,6 +124,7 @@ fn touched(plan: &Plan, name: &str) -> bool {
 
 /// The result of pruning a state dict.
 pub struct Pruned {
+    /// The plan that was applied: groups, kept widths, architectures before and after.
     pub plan: Plan,
     /// The compacted model, torchvision's names (and the input's `num_batches_tracked`).
     pub state: StateDict,

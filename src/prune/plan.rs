@@ -42,7 +42,9 @@ impl std::fmt::Display for Mode {
 /// How to prune.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PruneConfig {
+    /// What is pruned: filters only, or also the residual streams and the stem.
     pub mode: Mode,
+    /// The fraction of each pruned group's channels to remove.
     pub sparsity: Sparsity,
     /// Kept widths are rounded up to a multiple of this (at least 1; 8 keeps tiles full).
     pub round_to: usize,
@@ -51,6 +53,7 @@ pub struct PruneConfig {
 }
 
 impl PruneConfig {
+    /// A config; fails if `round_to` is 0.
     pub fn new(mode: Mode, sparsity: Sparsity, round_to: usize, criterion: Norm) -> Result<PruneConfig> {
         ensure!(round_to > 0, "round_to must be at least 1");
         Ok(PruneConfig { mode, sparsity, round_to, criterion })
@@ -63,7 +66,10 @@ pub struct GroupPlan {
     /// `conv1` (the stem's output), `layerS` (stage S's residual stream), or
     /// `layerS.I.conv1` / `layerS.I.conv2` (a block's inner widths).
     pub name: String,
+    /// The number of channels before pruning.
     pub width: usize,
+    /// The number of channels kept: `width` at the config's sparsity, rounded up to a
+    /// multiple of `round_to` and never above `width`.
     pub kept: usize,
     /// The convs (torchvision module names) whose output filters make up the group; the
     /// group's score per channel is the sum of their filter scores.
@@ -83,14 +89,21 @@ enum Space {
 /// groups that index its output (dim 0) and input (dim 1) dimensions.
 #[derive(Clone, Debug)]
 pub struct Plan {
+    /// The settings the plan was made with.
     pub config: PruneConfig,
+    /// The dense architecture.
     pub before: Arch,
+    /// The pruned architecture: every group at its kept width.
     pub after: Arch,
+    /// The pruned groups in network order: the stem, then per stage its blocks' inner
+    /// widths followed by the stage's residual stream. [`Mode::Filters`] has only the
+    /// inner widths.
     pub groups: Vec<GroupPlan>,
     dims: BTreeMap<String, (Option<usize>, Option<usize>)>,
 }
 
 impl Plan {
+    /// The plan for pruning `arch` with `config`; fails if `round_to` is 0.
     pub fn new(arch: &Arch, config: &PruneConfig) -> Result<Plan> {
         ensure!(config.round_to > 0, "round_to must be at least 1");
         let blocks = &arch.blocks;

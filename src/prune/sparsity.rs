@@ -16,6 +16,7 @@ pub struct Sparsity {
 }
 
 impl Sparsity {
+    /// Sparsity 0: nothing is removed.
     pub const ZERO: Sparsity = Sparsity { num: 0, decimals: 0 };
 
     /// The exact decimal that `s` prints as (its shortest round-trip form), e.g. 0.7.
@@ -34,6 +35,7 @@ impl Sparsity {
         }
     }
 
+    /// The nearest f64 (for display and arithmetic that need not be exact).
     pub fn as_f64(self) -> f64 {
         self.num as f64 / 10f64.powi(self.decimals as i32)
     }
