@@ -30,11 +30,16 @@ impl Device {
         }
     }
 
-    /// cuda if it can be used, else the CPU.
+    /// cuda if it can be used, else the CPU. Where there is a GPU that cannot be used
+    /// (kernels built without nvcc, a driver error), says why on stderr.
     pub fn auto() -> Device {
         match Gpu::cuda(0) {
             Ok(g) => Device::Gpu(g),
-            Err(_) => Device::Cpu,
+            Err(crate::gpu::GpuError::NoDriver | crate::gpu::GpuError::NoDevice(_)) => Device::Cpu,
+            Err(e) => {
+                eprintln!("note: running on the CPU: the GPU cannot be used: {e}");
+                Device::Cpu
+            }
         }
     }
 

@@ -10,7 +10,6 @@ use crate::ops::conv::{self, ConvElem, ConvShape, Pass};
 use crate::prune::{kept_width, Sparsity};
 use crate::{ensure, invalid, Result};
 use half::bf16;
-use std::time::Instant;
 
 /// The element type of a benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,18 +156,16 @@ pub fn distinct_convs(batch: usize, size: usize, sparsity: f64, round_to: usize)
     Ok(resnet50_convs(batch, size, sparsity, round_to)?.into_iter().filter(|(_, sh)| seen.insert(*sh)).collect())
 }
 
+/// Uniform values in [-1, 1), seeded.
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-/// The buffers of one shape.
-struct Bufs<T: ConvElem> {
+/// The inputs and outputs of every pass of one convolution shape, filled with seeded
+/// random values (outputs uninitialised): what a benchmark of one shape needs.
+pub struct PassBuffers<T: ConvElem> {
     x: Buf<T>,
     w: Buf<T>,
     y: Buf<T>,
@@ -177,10 +174,11 @@ struct Bufs<T: ConvElem> {
     dw: Buf<f32>,
 }
 
-impl<T: ConvElem> Bufs<T> {
-    fn new(dev: &Device, sh: &ConvShape) -> Result<Self> {
+impl<T: ConvElem> PassBuffers<T> {
+    /// Buffers for `sh` on `dev`.
+    pub fn new(dev: &Device, sh: &ConvShape) -> Result<Self> {
         let up = |n: usize, seed: u64| dev.upload(rand_vec(n, seed).into_iter().map(T::from_f32).collect());
-        Ok(Bufs {
+        Ok(PassBuffers {
             x: up(sh.x_len(), 1)?,
             w: up(sh.w_len(), 2)?,
             y: dev.uninit(sh.y_len())?,
@@ -189,7 +187,9 @@ impl<T: ConvElem> Bufs<T> {
             dw: dev.uninit(sh.w_len())?,
         })
     }
-    fn run(&mut self, dev: &Device, pass: Pass, sh: &ConvShape) -> Result<()> {
+
+    /// Runs one pass of `sh` on these buffers.
+    pub fn run(&mut self, dev: &Device, pass: Pass, sh: &ConvShape) -> Result<()> {
         match pass {
             Pass::Fprop => conv::conv2d_fprop(dev, sh, &self.x, &self.w, &mut self.y),
             Pass::Dgrad => conv::conv2d_dgrad(dev, sh, &self.dy, &self.w, &mut self.dx),
@@ -205,23 +205,12 @@ fn time_ms(dev: &Device, warm: usize, iters: usize, mut f: impl FnMut() -> Resul
         f()?;
     }
     dev.synchronize()?;
-    match dev {
-        Device::Gpu(g) => {
-            let start = g.record()?;
-            for _ in 0..iters {
-                f()?;
-            }
-            let end = g.record()?;
-            Ok(g.elapsed_ms(&start, &end)? / iters as f64)
-        }
-        Device::Cpu => {
-            let t = Instant::now();
-            for _ in 0..iters {
-                f()?;
-            }
-            Ok(t.elapsed().as_secs_f64() * 1e3 / iters as f64)
-        }
+    let start = dev.mark()?;
+    for _ in 0..iters {
+        f()?;
     }
+    let end = dev.mark()?;
+    Ok(dev.elapsed_ms(&start, &end)? / iters as f64)
 }
 
 /// Runs the benchmark; `progress` sees each row as it is measured. Returns the rows and
@@ -278,7 +267,7 @@ fn measure<T: ConvElem + cudnn::CudnnElem>(
     cudnn: Option<&cudnn::Cudnn>,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
-    let mut b = Bufs::<T>::new(dev, sh)?;
+    let mut b = PassBuffers::<T>::new(dev, sh)?;
     for &pass in &opts.passes {
         let ms = time_ms(dev, warm, iters, || b.run(dev, pass, sh))?;
         let cudnn_ms = match (cudnn, dev.gpu()) {
