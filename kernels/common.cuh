@@ -145,6 +145,10 @@ __device__ __forceinline__ void mma_m16n8k16_f16(float d[4], const uint32_t a[4]
 namespace pk_emu {
 template <int N, bool TRANS>
 inline void ldmatrix(uint32_t* r, const void* row_addr, const char* file, int line) {
+  // Every row an active lane names is 16 bytes and must be 16-byte aligned.
+  const unsigned lane_id = tls_fiber->lane;
+  if (lane_id < 8u * N && (reinterpret_cast<uintptr_t>(row_addr) & 15u) != 0)
+    trap("ldmatrix row address not 16-byte aligned", file, line);
   const void* all[32];
   warp_exchange(0xffffffffu, &row_addr, sizeof(row_addr), all, file, line);
   const int lane = (int)tls_fiber->lane;
