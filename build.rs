@@ -108,7 +108,12 @@ fn build_emu(kernels: &Path, out: &Path, modules: &[String]) {
         .flag_if_supported("-pthread")
         .flag_if_supported("-Wno-unknown-pragmas")
         .flag_if_supported("-Wno-unused-function")
-        .flag_if_supported("-Wno-unused-variable");
+        .flag_if_supported("-Wno-unused-variable")
+        // A misaligned load or store (a float4 at an address that is not a multiple of
+        // 16, say) faults on a GPU: make it trap here too (SIGILL, reported by the
+        // runtime's handler with the kernel, block and thread).
+        .flag_if_supported("-fsanitize=alignment")
+        .flag_if_supported("-fsanitize-undefined-trap-on-error");
     for m in modules {
         let wrapper = dir.join(format!("{m}.cpp"));
         let src = format!(

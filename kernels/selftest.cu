@@ -174,3 +174,14 @@ PK_KERNEL(selftest_warp_race_f32, PkSelftestParams) {
   const float v = __shfl_xor_sync(0xffffffffu, s[t], 1);
   c[t] = s[(t + 32) % (int)blockDim.x] + 0.0f * v;
 }
+
+// c[0..4) = the float4 at a + m: a misaligned vector load unless m is a multiple of 4.
+PK_KERNEL(selftest_vector_load_f32, PkSelftestParams) {
+  const float* a = static_cast<const float*>(p.a);
+  float* c = static_cast<float*>(p.c);
+  const float4 v = *reinterpret_cast<const float4*>(a + p.m);
+  c[0] = v.x;
+  c[1] = v.y;
+  c[2] = v.z;
+  c[3] = v.w;
+}

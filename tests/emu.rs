@@ -232,6 +232,37 @@ fn write_past_the_end_faults_on_the_guard_page() {
     assert!(stderr.contains("selftest_oob_write_f32") && stderr.contains("thread (64,0,0)"), "{stderr}");
 }
 
+/// A float4 load from an address that is not a multiple of 16 faults on a GPU; the
+/// emulation traps on it too (in a child process, as the out-of-bounds test).
+#[test]
+fn misaligned_vector_loads_trap() {
+    let gpu = Gpu::emu_with(Schedule::Forward);
+    let a = gpu.upload(&(0..8).map(|i| i as f32).collect::<Vec<_>>()).unwrap();
+    let c = gpu.zeros::<f32>(4).unwrap();
+    if std::env::var_os("PK_EMU_MISALIGNED_CHILD").is_some() {
+        let p = params(&a, &a, &c, 1, 0, 0, 0);
+        let _ = unsafe { gpu.launch(k("selftest_vector_load_f32"), LaunchConfig::linear(1, 1), &p) };
+        println!("child survived");
+        return;
+    }
+    // Aligned: fine.
+    let p = params(&a, &a, &c, 4, 0, 0, 0);
+    unsafe { gpu.launch(k("selftest_vector_load_f32"), LaunchConfig::linear(1, 1), &p).unwrap() };
+    assert_eq!(gpu.download(&c).unwrap(), vec![4.0, 5.0, 6.0, 7.0]);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "misaligned_vector_loads_trap", "--nocapture", "--test-threads=1"])
+        .env("PK_EMU_MISALIGNED_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the child survived a misaligned float4 load");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("child survived"));
+    assert!(
+        stderr.contains("misaligned memory access") && stderr.contains("selftest_vector_load_f32"),
+        "unexpected report:\n{stderr}"
+    );
+}
+
 #[test]
 fn divergent_barriers_are_reported() {
     for gpu in schedules() {

@@ -547,7 +547,7 @@ static void run_block(Worker& w, Launch& L, uint64_t b) {
 }
 
 // ---------------------------------------------------------------- faults
-static struct sigaction g_old_segv, g_old_bus;
+static struct sigaction g_old_segv, g_old_bus, g_old_ill;
 
 static void describe_fault(uintptr_t a, char* out, size_t len) {
   Worker* w = tls_worker;
@@ -597,13 +597,22 @@ static void describe_fault(uintptr_t a, char* out, size_t len) {
 static void on_fault(int sig, siginfo_t* si, void*) {
   if (tls_worker) {
     char msg[1024];
-    describe_fault(reinterpret_cast<uintptr_t>(si->si_addr), msg, sizeof msg);
+    if (sig == SIGILL) {
+      // The kernels are compiled with -fsanitize=alignment in trap mode.
+      const std::string ctx = where(*tls_worker, tls_worker->current);
+      std::snprintf(msg, sizeof msg,
+                    "pk-emu: misaligned memory access (a load or store at an address that is not a multiple of its "
+                    "size, which faults on a GPU) in %s\n",
+                    ctx.c_str());
+    } else {
+      describe_fault(reinterpret_cast<uintptr_t>(si->si_addr), msg, sizeof msg);
+    }
     ssize_t r = write(2, msg, std::strlen(msg));
     (void)r;
   }
   // Hand the fault to whoever had the signal before (the Rust runtime, or the default
-  // action): returning re-executes the faulting access under the old handler.
-  sigaction(sig, sig == SIGSEGV ? &g_old_segv : &g_old_bus, nullptr);
+  // action): returning re-executes the faulting instruction under the old handler.
+  sigaction(sig, sig == SIGSEGV ? &g_old_segv : sig == SIGBUS ? &g_old_bus : &g_old_ill, nullptr);
 }
 
 static void install_fault_handler() {
@@ -616,6 +625,7 @@ static void install_fault_handler() {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGSEGV, &sa, &g_old_segv);
     sigaction(SIGBUS, &sa, &g_old_bus);
+    sigaction(SIGILL, &sa, &g_old_ill);
   });
 }
 
