@@ -7,7 +7,8 @@
 #   step       ResNet50 training step, prunekit vs PyTorch (scripts/torch_train_step.py),
 #              batch 32/64/128/256, f32 and bf16, with the ratio
 #   conv       prunekit conv-bench --device cuda against cuDNN, bf16 and f32
-#   criterion  the criterion benches
+#   criterion  the criterion benches (criterion:NAME runs one: prune, conv, layers, train_step;
+#              all of them may take more than ten minutes)
 # Results go to $RESULTS (default ./results): report.txt, log.txt and the JSON files.
 #   run.sh [phase ...]
 set -uo pipefail
@@ -91,8 +92,11 @@ if r:
 PY
         done
         ;;
-    criterion)
+    criterion | criterion:*)
+        pick=${phase#criterion}
+        pick=${pick#:}
         for b in benches/*; do
+            [[ -n "$pick" && "$(basename "$b")" != "$pick" ]] && continue
             out=$("./$b" --bench 2>&1)
             echo "$out" >> "$LOG"
             echo "$out" | grep -E "^[a-zA-Z_0-9./-]+\s*$|time:|thrpt:" | tee -a "$REPORT"
