@@ -101,6 +101,9 @@ pub struct GroupResult {
     /// The largest |got - expected| / |expected| over the elements whose expected value is
     /// not zero.
     pub max_rel: f64,
+    /// The largest error relative to its tensor's scale (max |got - expected| over a
+    /// tensor divided by its largest |expected|).
+    pub max_scaled: f64,
     /// The largest noise floor relative to its tensor's scale.
     pub max_noise: f64,
     /// The tensor with the largest error relative to its tolerance.
@@ -141,12 +144,13 @@ impl std::fmt::Display for Report {
         for g in &self.groups {
             writeln!(
                 f,
-                "{:<4} {:<30} {:>4} tensors  max abs err {:.2e}  max rel err {:.2e}  noise floor {:.1e} x scale  (worst: {})",
+                "{:<4} {:<30} {:>4} tensors  max abs err {:.2e}  max rel err {:.2e}  max err {:.1e} x scale  noise floor {:.1e} x scale  (worst: {})",
                 if g.ok() { "ok" } else { "FAIL" },
                 g.group.name(),
                 g.tensors,
                 g.max_abs,
                 g.max_rel,
+                g.max_scaled,
                 g.max_noise,
                 g.worst
             )?;
@@ -171,6 +175,7 @@ impl Acc {
                 tensors: 0,
                 max_abs: 0.0,
                 max_rel: 0.0,
+                max_scaled: 0.0,
                 max_noise: 0.0,
                 worst: "-".into(),
                 failed: Vec::new(),
@@ -195,14 +200,17 @@ impl Acc {
         }
         // err / bound of the worst element; infinite if any element fails (NaN too).
         let mut ratio = 0.0f64;
+        let mut worst_err = 0.0f64;
         for (&g, &w) in got.iter().zip(want) {
             let (g, w) = (g as f64, w as f64);
             let err = (g - w).abs();
             let bound = t.atol * scale + t.rtol * w.abs() + t.k * noise;
             if err.is_nan() {
                 self.res.max_abs = f64::INFINITY;
+                worst_err = f64::INFINITY;
             } else {
                 self.res.max_abs = self.res.max_abs.max(err);
+                worst_err = worst_err.max(err);
             }
             if w != 0.0 {
                 self.res.max_rel = self.res.max_rel.max(err / w.abs());
@@ -213,6 +221,9 @@ impl Acc {
             } else if bound > 0.0 {
                 ratio = ratio.max(err / bound);
             }
+        }
+        if scale > 0.0 {
+            self.res.max_scaled = self.res.max_scaled.max(worst_err / scale);
         }
         self.res.tensors += 1;
         if ratio > self.worst_ratio {
