@@ -4,7 +4,8 @@
 mod common;
 
 use common::data;
-use prunekit::model::{StateDict, Tensor};
+use prunekit::model::{Model, PrecisionKind, StateDict, Tensor};
+use prunekit::Device;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -60,6 +61,9 @@ fn prune_cli_matches_reference_and_writes_keep_and_metadata() {
         assert_eq!(got.metadata["criterion"], "l2");
         let stdout = String::from_utf8_lossy(&o.stdout);
         assert!(stdout.contains("GFLOPs forward per image"), "{stdout}");
+        // The output loads into the training stack as it is (keep.* beside the model).
+        let model = Model::from_state(&Device::Cpu, &got, PrecisionKind::F32).unwrap();
+        assert_eq!(model.arch().fc_in(), got.tensors["fc.weight"].shape[1]);
     }
 }
 

@@ -98,6 +98,20 @@ fn other_files_are_clear_errors() {
 }
 
 #[test]
+fn help_states_the_tolerances_in_use() {
+    use prunekit::verify::{tolerance, NOISE_MULTIPLE};
+    let bin = std::env::var_os("PRUNEKIT_BIN")
+        .map_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_prunekit")), std::path::PathBuf::from);
+    let out = std::process::Command::new(bin).args(["verify", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(help.contains(&format!("+ {NOISE_MULTIPLE} * noise")), "{help}");
+    let (f32t, bf16t) =
+        (tolerance(Group::Gradients, PrecisionKind::F32), tolerance(Group::Gradients, PrecisionKind::Bf16));
+    assert!(help.contains(&format!("atol = {:e} and rtol = {:e} in f32", f32t.atol, f32t.rtol)), "{help}");
+    assert!(help.contains(&format!("atol = rtol = {:e} in bf16", bf16t.atol)) && bf16t.atol == bf16t.rtol, "{help}");
+}
+
+#[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_references_pass() {
     let dev = common::cuda_device();

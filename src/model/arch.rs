@@ -210,7 +210,9 @@ impl Arch {
 
     /// Reads the architecture from a state dict with torchvision's names and checks every
     /// tensor: a missing, extra, mis-shaped or wrongly typed tensor is an error that names it.
-    /// BN's `num_batches_tracked` (an I64 scalar) may be present or not.
+    /// BN's `num_batches_tracked` (an I64 scalar) may be present or not, and so may the
+    /// `keep.<group>` indices (I64 vectors) that `prunekit prune` writes beside a pruned
+    /// model.
     pub fn from_state(sd: &StateDict) -> Result<Arch> {
         let dims = |name: &str, rank: usize| -> Result<Vec<usize>> {
             let t = sd.tensors.get(name).ok_or_else(|| invalid!("not a bottleneck ResNet: missing tensor {name}"))?;
@@ -269,6 +271,10 @@ impl Arch {
                     ensure!(matches!(t.data, Data::I64(_)) && t.numel() == 1, "tensor {name} must be an I64 scalar");
                     continue;
                 }
+            }
+            if name.starts_with("keep.") {
+                ensure!(matches!(t.data, Data::I64(_)) && t.shape.len() == 1, "tensor {name} must be an I64 vector");
+                continue;
             }
             return Err(invalid!("unexpected tensor {name} for a bottleneck ResNet of this shape"));
         }
