@@ -423,12 +423,6 @@ pub fn wgrad(sh: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     }
 }
 
-/// Checks that a slice has the length a shape asks for.
-pub(crate) fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
-    ensure!(got == want, "{what} has {got} elements, the convolution needs {want}");
-    Ok(())
-}
-
 // ---------------------------------------------------------------- layouts
 
 /// `dst[b][j][i] = src[b][i][j]` for `batch` matrices of `rows x cols` (NCHW <-> NHWC,

@@ -8,7 +8,7 @@
 //! `crate::cpu::conv` (bf16 and f16: converted to f32, computed, rounded).
 
 use super::params::{ConvParams, FastDiv, TransposeParams};
-use super::{check_on, i32_of, on_gpu};
+use super::{check_len, check_on, i32_of, on_gpu};
 use crate::cpu::conv as cpu;
 pub use crate::cpu::conv::ConvShape;
 use crate::device::{Buf, Device};
@@ -291,15 +291,12 @@ fn threads<T: ConvElem>(tile: Tile) -> u32 {
 
 fn check_host_or_dev<T: Elem>(dev: &Device, b: &Buf<T>, what: &str, want: usize) -> Result<()> {
     check_on(b, dev, what)?;
-    cpu::check_len(what, b.len(), want)
+    check_len(b, want, what)
 }
 
-/// Checks the shape, the plan, the devices and lengths of the three buffers; returns the
-/// launch parameters on a kernel device.
-#[allow(clippy::too_many_arguments)]
+/// Checks the shape, and the device and length of the three buffers.
 fn prepare<T: ConvElem, O: Elem>(
     dev: &Device,
-    pass: Pass,
     sh: &ConvShape,
     a: (&Buf<T>, &str, usize),
     b: (&Buf<T>, &str, usize),
@@ -308,9 +305,7 @@ fn prepare<T: ConvElem, O: Elem>(
     sh.validate()?;
     check_host_or_dev(dev, a.0, a.1, a.2)?;
     check_host_or_dev(dev, b.0, b.1, b.2)?;
-    check_host_or_dev(dev, out.0, out.1, out.2)?;
-    let _ = pass;
-    Ok(())
+    check_host_or_dev(dev, out.0, out.1, out.2)
 }
 
 fn launch<T: ConvElem, O: Elem>(
@@ -428,7 +423,7 @@ pub fn conv2d_fprop_with<T: ConvElem>(
     y: &mut Buf<T>,
     plan: Option<Plan>,
 ) -> Result<()> {
-    prepare(dev, Pass::Fprop, sh, (x, "x", sh.x_len()), (w, "w", sh.w_len()), (&*y, "y", sh.y_len()))?;
+    prepare(dev, sh, (x, "x", sh.x_len()), (w, "w", sh.w_len()), (&*y, "y", sh.y_len()))?;
     match dev {
         Device::Cpu => {
             cpu_run(x, w, y, sh.y_len(), |a, b, o| cpu::fprop(sh, a, b, o));
@@ -453,7 +448,7 @@ pub fn conv2d_dgrad_with<T: ConvElem>(
     dx: &mut Buf<T>,
     plan: Option<Plan>,
 ) -> Result<()> {
-    prepare(dev, Pass::Dgrad, sh, (dy, "dy", sh.y_len()), (w, "w", sh.w_len()), (&*dx, "dx", sh.x_len()))?;
+    prepare(dev, sh, (dy, "dy", sh.y_len()), (w, "w", sh.w_len()), (&*dx, "dx", sh.x_len()))?;
     match dev {
         Device::Cpu => {
             cpu_run(dy, w, dx, sh.x_len(), |a, b, o| cpu::dgrad(sh, a, b, o));
@@ -484,7 +479,7 @@ pub fn conv2d_wgrad_with<T: ConvElem>(
     dw: &mut Buf<f32>,
     plan: Option<Plan>,
 ) -> Result<()> {
-    prepare(dev, Pass::Wgrad, sh, (dy, "dy", sh.y_len()), (x, "x", sh.x_len()), (&*dw, "dw", sh.w_len()))?;
+    prepare(dev, sh, (dy, "dy", sh.y_len()), (x, "x", sh.x_len()), (&*dw, "dw", sh.w_len()))?;
     match dev {
         Device::Cpu => {
             let o = dw.host_mut().expect("checked");

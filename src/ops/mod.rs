@@ -34,6 +34,12 @@ pub(crate) fn check_on<T: Elem>(b: &Buf<T>, dev: &Device, what: &str) -> Result<
     }
 }
 
+/// Checks that `b` holds exactly `len` elements.
+pub(crate) fn check_len<T: Elem>(b: &Buf<T>, len: usize, what: &str) -> Result<()> {
+    crate::ensure!(b.len() == len, "{what} has {} elements, expected {len}", b.len());
+    Ok(())
+}
+
 /// A count as the i32 the kernels take.
 pub(crate) fn i32_of(x: usize, what: &str) -> Result<i32> {
     i32::try_from(x).map_err(|_| invalid!("{what} = {x} is too large for the kernels (at most {})", i32::MAX))

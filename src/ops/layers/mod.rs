@@ -33,11 +33,12 @@ pub use loss::{check_targets, softmax_cross_entropy};
 pub use pool::{avgpool_backward, avgpool_forward, maxpool_backward, maxpool_forward, maxpool_out};
 pub use sgd::sgd_step;
 
+pub(crate) use super::check_len;
 use super::on_gpu;
 use crate::cpu::layers::Real;
 use crate::device::Buf;
 use crate::gpu::{Elem, Gpu, Kernel};
-use crate::{ensure, invalid, Result};
+use crate::{invalid, Result};
 use half::bf16;
 
 mod sealed {
@@ -126,12 +127,6 @@ pub(crate) fn host<'a, T: Elem>(b: &'a Buf<T>, what: &str) -> Result<&'a [T]> {
 /// The mutable host slice of `b`, which must live on the CPU.
 pub(crate) fn host_mut<'a, T: Elem>(b: &'a mut Buf<T>, what: &str) -> Result<&'a mut [T]> {
     b.host_mut().ok_or_else(|| invalid!("{what} is not on the device cpu"))
-}
-
-/// Checks that `b` holds exactly `len` elements.
-pub(crate) fn check_len<T: Elem>(b: &Buf<T>, len: usize, what: &str) -> Result<()> {
-    ensure!(b.len() == len, "{what} has {} elements, expected {len}", b.len());
-    Ok(())
 }
 
 /// `a * b`, or an error naming the shape.
