@@ -218,6 +218,11 @@ __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
     const T* x = static_cast<const T*>(p.x);
 #pragma unroll 2
     for (int64_t r = pl.r0; r < pl.r1; r += pl.step) {
+#ifdef PK_FAULT_BN_DROP_ROW
+      // A planted bug, compiled only into an emulation-only test module: the reduction
+      // drops the last row.
+      if (r == p.m - 1) continue;
+#endif
       const int64_t off = r * p.c + (int64_t)pl.j * V;
       float v[V], g[V];
       load_vec<T, V>(x + off, v);

@@ -270,6 +270,11 @@ struct LoaderK {
           const int h = ri.h0 + r, w = ri.w0 + s;
           ok = ok && (unsigned)h < (unsigned)p.h && (unsigned)w < (unsigned)p.w;
           off = ri.base + (h * p.w + w) * p.c + ch;
+#ifdef PK_FAULT_CONV_SKIP_LAST_CHANNEL
+          // A planted bug, compiled only into an emulation-only test module: the tile
+          // drops the chunk that holds the last input channel.
+          ok = ok && !(ch <= p.c - 1 && p.c - 1 < ch + VW);
+#endif
         } else {
           const int pp = ri.h0 - r, qq = ri.w0 - s;  // exact: the phase has only these taps
           ok = ok && (unsigned)pp < (unsigned)p.p && (unsigned)qq < (unsigned)p.q;

@@ -74,14 +74,24 @@ enum Cmd {
     /// Check the training stack on a device against a reference file written by PyTorch.
     ///
     /// Compares eval logits; train-mode logits and loss; every gradient; BN running
-    /// statistics after the train forward; every parameter after one SGD step, and prints
-    /// one line per group. A tensor passes when every element satisfies
-    ///   |got - expected| <= atol * scale + rtol * |expected| + 25 * noise,
-    /// scale being the largest |expected| of the tensor and noise its noise floor: the
-    /// largest difference between two runs whose inputs differ by rounding noise (2^-21
-    /// relative in f32, 2^-8 in bf16; not used for the eval logits). atol = 1e-5 and
-    /// rtol = 1e-4 in f32 (a 1% error in the loss fails), atol = rtol = 2e-2 in bf16.
-    /// Exits non-zero if any tensor is off.
+    /// statistics after the train forward; every parameter after one SGD step, in two parts.
+    ///
+    /// The math: prunekit's own float64 model (an implementation independent of the
+    /// training stack) against PyTorch's float64 expectations, every element within
+    ///   |got - expected| <= 1e-9 * scale + 1.2e-7 * |expected|
+    /// (scale: the tensor's largest |expected|; the expectations are stored in float32).
+    ///
+    /// The precision: the device against the float64 model run with the device's own ReLU
+    /// and max-pool decisions (so a kink that rounding flipped cancels), every element within
+    ///   |got - expected| <= atol * scale + rtol * |expected| + 16 * noise,
+    /// noise being the tensor's largest change when every op of that float64 run is
+    /// perturbed by 2^-22 (f32) or 2^-7 (bf16, weights too). atol = 1e-5 and rtol = 1e-4 in
+    /// f32, atol = rtol = 2e-2 in bf16.
+    ///
+    /// The report counts the decisions the device took otherwise than float64 (with the
+    /// smallest |pre-activation| among them) and names the tensors whose bound is wider than
+    /// 2% of their scale (ill-conditioned: errors below the bound are invisible there).
+    /// Exits non-zero if any tensor is off in either part.
     Verify {
         /// A reference file of kind = model (see tests/data/README.md).
         #[arg(long)]
@@ -231,7 +241,7 @@ fn run(cli: Cli) -> prunekit::Result<()> {
         Cmd::Verify { reference, device, precision } => {
             let dev = Device::parse(&device)?;
             let report = prunekit::verify::verify(&reference, &dev, precision)?;
-            println!("verify {} on {} ({})", reference.display(), report.device, report.precision);
+            println!("verify {} on {} ({})", reference.display(), report.device, report.precision_kind);
             print!("{report}");
             if report.ok() {
                 println!("all checks passed");

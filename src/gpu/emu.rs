@@ -1,7 +1,7 @@
 //! The emu back end: kernels compiled for the host against kernels/emu, run by the
 //! emulation's runtime (kernels/emu/runtime.cpp). Launches are synchronous.
 
-use super::{module_source, GpuError, Kernel, LaunchConfig};
+use super::{module_source, GpuError, Kernel, LaunchConfig, ModuleSource};
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::Mutex;
@@ -93,11 +93,17 @@ struct Entry {
 pub struct EmuBackend {
     schedule: Schedule,
     entries: Mutex<HashMap<Kernel, Entry>>,
+    /// A module replaced by a variant with a planted bug (tests only).
+    fault: Option<(&'static str, &'static ModuleSource)>,
 }
 
 impl EmuBackend {
     pub fn new(schedule: Schedule) -> Self {
-        EmuBackend { schedule, entries: Mutex::new(HashMap::new()) }
+        EmuBackend { schedule, entries: Mutex::new(HashMap::new()), fault: None }
+    }
+
+    pub fn with_fault(schedule: Schedule, module: &'static str, variant: &'static ModuleSource) -> Self {
+        EmuBackend { schedule, entries: Mutex::new(HashMap::new()), fault: Some((module, variant)) }
     }
 
     pub fn name(&self) -> String {
@@ -106,7 +112,10 @@ impl EmuBackend {
             Schedule::Reverse => "reverse".to_string(),
             Schedule::Shuffle(seed) => format!("shuffle:{seed}"),
         };
-        format!("emu (host emulation of CUDA, {s} fiber order)")
+        match self.fault {
+            Some((_, v)) => format!("emu (host emulation of CUDA, {s} fiber order, planted bug {})", v.name),
+            None => format!("emu (host emulation of CUDA, {s} fiber order)"),
+        }
     }
 
     pub fn alloc(&self, bytes: usize, zeroed: bool) -> Result<u64, GpuError> {
@@ -156,7 +165,10 @@ impl EmuBackend {
             return Ok(*e);
         }
         let unknown = || GpuError::UnknownKernel { module: kernel.module.to_string(), name: kernel.name.to_string() };
-        let src = module_source(kernel.module).ok_or_else(unknown)?;
+        let src = match self.fault {
+            Some((m, v)) if m == kernel.module => v,
+            _ => module_source(kernel.module).ok_or_else(unknown)?,
+        };
         // SAFETY: the generated table points at the module's static table, which lives
         // for the whole program and is filled before main by static constructors.
         let table = unsafe { &*((src.emu)() as *const EmuModuleTable) };

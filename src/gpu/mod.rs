@@ -55,6 +55,12 @@ fn module_source(name: &str) -> Option<&'static ModuleSource> {
     generated::MODULES.iter().find(|m| m.name == name)
 }
 
+/// The emulation-only modules with a planted bug: (variant name, the module it replaces).
+#[doc(hidden)]
+pub fn emu_fault_variants() -> Vec<(&'static str, &'static str)> {
+    generated::EMU_FAULTS.iter().map(|(s, m)| (s.name, *m)).collect()
+}
+
 /// A kernel entry point: `kernels/<module>.cu`, `extern "C"` function `name`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Kernel {
@@ -153,6 +159,18 @@ impl Gpu {
     /// The host emulation with the given fiber schedule.
     pub fn emu_with(schedule: Schedule) -> Gpu {
         Gpu { backend: Arc::new(Backend::Emu(emu::EmuBackend::new(schedule))), allocations: Default::default() }
+    }
+
+    /// The host emulation with one module replaced by a variant with a planted bug (see
+    /// [`emu_fault_variants`]), for tests that show a real kernel bug is caught.
+    #[doc(hidden)]
+    pub fn emu_with_fault(schedule: Schedule, variant: &str) -> Result<Gpu, GpuError> {
+        let (src, module) = generated::EMU_FAULTS
+            .iter()
+            .find(|(s, _)| s.name == variant)
+            .ok_or_else(|| GpuError::Invalid(format!("no emulation fault variant {variant:?}")))?;
+        let backend = emu::EmuBackend::with_fault(schedule, module, src);
+        Ok(Gpu { backend: Arc::new(Backend::Emu(backend)), allocations: Default::default() })
     }
 
     /// Which back end this handle runs on.

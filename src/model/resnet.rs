@@ -682,6 +682,22 @@ impl<T: Precision> ResNet<T> {
         ws.logits.to_vec()
     }
 
+    /// The output of every ReLU of the last forward pass, as f32 NHWC, in forward order and
+    /// named as `verify`'s gates: `relu` (the stem's), then per block `layerS.I.bn1`,
+    /// `layerS.I.bn2` and `layerS.I.out` (after the residual add). `verify` reads the
+    /// device's ReLU and max-pool decisions off them.
+    pub fn relu_outputs(&self, ws: &Workspace<T>) -> Result<Vec<(String, Vec<f32>)>> {
+        let f = |b: &Buf<T>| -> Result<Vec<f32>> { Ok(b.to_vec()?.into_iter().map(ConvElem::to_f32).collect()) };
+        let mut out = vec![("relu".to_string(), f(&ws.a0)?)];
+        for (bp, acts) in self.blocks.iter().zip(&ws.blocks) {
+            let p = bp.spec.prefix();
+            out.push((format!("{p}.bn1"), f(&acts.a1)?));
+            out.push((format!("{p}.bn2"), f(&acts.a2)?));
+            out.push((format!("{p}.out"), f(&acts.out)?));
+        }
+        Ok(out)
+    }
+
     fn conv_oihw(&self, c: &Conv<T>, krsc: &Buf<f32>) -> Result<Vec<f32>> {
         let mut out = self.dev.uninit::<f32>(krsc.len())?;
         conv::krsc_to_oihw(&self.dev, c.k, c.c, c.r, c.r, krsc, &mut out)?;

@@ -147,6 +147,11 @@ impl Model {
         pair!(self, ws, m, w => m.logits(w))
     }
 
+    /// See [`ResNet::relu_outputs`].
+    pub fn relu_outputs(&self, ws: &AnyWorkspace) -> Result<Vec<(String, Vec<f32>)>> {
+        pair!(self, ws, m, w => m.relu_outputs(w))
+    }
+
     /// See [`ResNet::to_state`].
     pub fn to_state(&self) -> Result<StateDict> {
         both!(self, m => m.to_state())
