@@ -370,7 +370,10 @@ fn write_rust_table(out: &Path, modules: &[String], fatbins: Option<&Vec<PathBuf
     s.push_str("/// Emulation-only modules with a planted bug: (variant, the module it stands in for).\n");
     s.push_str("pub static EMU_FAULTS: &[(ModuleSource, &str)] = &[\n");
     for (variant, m, _) in EMU_FAULTS {
-        let _ = writeln!(s, "    (ModuleSource {{ name: {variant:?}, fatbin: None, emu: pk_emu_module_{variant} }}, {m:?}),");
+        let _ = writeln!(
+            s,
+            "    (ModuleSource {{ name: {variant:?}, fatbin: None, emu: pk_emu_module_{variant} }}, {m:?}),"
+        );
     }
     s.push_str("];\n");
     fs::write(out.join("kernels.rs"), s).unwrap();

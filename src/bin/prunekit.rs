@@ -78,8 +78,11 @@ enum Cmd {
     ///
     /// The math: prunekit's own float64 model (an implementation independent of the
     /// training stack) against PyTorch's float64 expectations, every element within
-    ///   |got - expected| <= 1e-9 * scale + 1.2e-7 * |expected|
-    /// (scale: the tensor's largest |expected|; the expectations are stored in float32).
+    ///   |got - expected| <= 1e-9 * scale + 1.2e-7 * |expected| + 8 * noise,
+    /// scale being the tensor's largest |expected| and noise its largest change when the
+    /// input is perturbed by float32's rounding (PyTorch computed from a float64 input that
+    /// the file stores in float32). ReLU decisions that this rounding leaves open are tried
+    /// both ways.
     ///
     /// The precision: the device against the float64 model run with the device's own ReLU
     /// and max-pool decisions (so a kink that rounding flipped cancels), every element within

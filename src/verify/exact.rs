@@ -91,8 +91,8 @@ pub struct Hyper {
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
-    /// The last block's residual input is the block's own conv1 input shifted by one
-    /// channel (a wrong channel offset).
+    /// The residual input of the last block without a downsample is read one channel off
+    /// (a wrong channel offset).
     ChannelOffset,
     /// The gradients of bn2's weight and bias of the first block are swapped (a swapped
     /// buffer).
@@ -368,10 +368,8 @@ impl Run<'_> {
 
     fn forced(&self, name: &str) -> Result<Option<&Decision>> {
         let Some(d) = self.forced else { return Ok(None) };
-        let (n, dec) = d
-            .gates
-            .get(self.gates.len())
-            .ok_or_else(|| invalid!("the forced decisions end before gate {name}"))?;
+        let (n, dec) =
+            d.gates.get(self.gates.len()).ok_or_else(|| invalid!("the forced decisions end before gate {name}"))?;
         ensure!(n == name, "forced decisions out of step: gate {name} was given {n}'s");
         Ok(Some(dec))
     }
@@ -540,7 +538,7 @@ impl Exact {
         let (mut x, arg) = run.maxpool(n, h1, w1, a.stem, &a0)?;
         let (mut hh, mut ww) = (cpool::maxpool_out(h1), cpool::maxpool_out(w1));
         let mut blocks = Vec::with_capacity(a.blocks.len());
-        let nb = a.blocks.len();
+        let fault_block = a.blocks.iter().rposition(|b| !b.downsample);
         for (bi, b) in a.blocks.iter().enumerate() {
             let p = b.prefix();
             let g1 = Geo { n, h: hh, w: ww, c: b.cin, k: b.w1, r: 1, stride: 1, pad: 0 };
@@ -567,7 +565,7 @@ impl Exact {
                 run.jiggle(&mut td);
                 let (yd, bd) = self.bn(&format!("{p}.downsample.1"), m2, b.cout, td, train, hp, run, new_stats)?;
                 (yd, Some((gd, bd)))
-            } else if self.fault == Some(Fault::ChannelOffset) && bi + 1 == nb {
+            } else if self.fault == Some(Fault::ChannelOffset) && Some(bi) == fault_block {
                 let c = b.cin;
                 let shifted = (0..x.len()).map(|i| if i % c + 1 < c { x[i + 1] } else { x[i + 1 - c] }).collect();
                 (shifted, None)
@@ -598,7 +596,8 @@ impl Exact {
         let mut grads = BTreeMap::new();
         let n = tape.n;
         let c = a.fc_in();
-        let (mut dfeat, mut dfw, mut dfb) = cfc::fc_backward_oracle(n, c, a.classes, &tape.feat, self.get("fc.weight")?, dlogits);
+        let (mut dfeat, mut dfw, mut dfb) =
+            cfc::fc_backward_oracle(n, c, a.classes, &tape.feat, self.get("fc.weight")?, dlogits);
         run.jiggle(&mut dfeat);
         run.jiggle(&mut dfw);
         run.jiggle(&mut dfb);
@@ -606,7 +605,14 @@ impl Exact {
         grads.insert("fc.bias".to_string(), dfb);
         let mut g = cpool::avgpool_backward_oracle(n, tape.hw, c, &dfeat);
         run.jiggle(&mut g);
-        let bn_bwd = |name: &str, m: usize, c: usize, s: &BnSaved, dy: &[f64], run: &mut Run, grads: &mut BTreeMap<String, Vec<f64>>| -> Result<Vec<f64>> {
+        let bn_bwd = |name: &str,
+                      m: usize,
+                      c: usize,
+                      s: &BnSaved,
+                      dy: &[f64],
+                      run: &mut Run,
+                      grads: &mut BTreeMap<String, Vec<f64>>|
+         -> Result<Vec<f64>> {
             let gamma = self.get(&format!("{name}.weight"))?;
             let mut o = cbn::bn_backward_oracle(m, c, &s.x, None, dy, gamma, &s.mean, &s.invstd);
             run.jiggle(&mut o.dx);
@@ -616,8 +622,16 @@ impl Exact {
             grads.insert(format!("{name}.bias"), o.dbeta);
             Ok(o.dx)
         };
-        let masked = |d: &[f64], m: &[bool]| -> Vec<f64> { d.iter().zip(m).map(|(&v, &k)| if k { v } else { 0.0 }).collect() };
-        let conv_bwd = |name: &str, geo: &Geo, x: &[f64], dy: &[f64], want_dx: bool, run: &mut Run, grads: &mut BTreeMap<String, Vec<f64>>| -> Result<Vec<f64>> {
+        let masked =
+            |d: &[f64], m: &[bool]| -> Vec<f64> { d.iter().zip(m).map(|(&v, &k)| if k { v } else { 0.0 }).collect() };
+        let conv_bwd = |name: &str,
+                        geo: &Geo,
+                        x: &[f64],
+                        dy: &[f64],
+                        want_dx: bool,
+                        run: &mut Run,
+                        grads: &mut BTreeMap<String, Vec<f64>>|
+         -> Result<Vec<f64>> {
             let mut dw = wgrad(geo, x, dy);
             run.jiggle(&mut dw);
             grads.insert(format!("{name}.weight"), dw);
@@ -713,7 +727,8 @@ impl Exact {
                 continue;
             }
             let g = grads_krsc.get(name).ok_or_else(|| invalid!("internal: no gradient for {name}"))?;
-            let (p, _) = csgd::sgd_step_oracle(param, g, &vec![0.0; g.len()], hp.lr, hp.momentum, hp.weight_decay, true);
+            let (p, _) =
+                csgd::sgd_step_oracle(param, g, &vec![0.0; g.len()], hp.lr, hp.momentum, hp.weight_decay, true);
             let (g, p) = match self.shape4(name) {
                 Some((k, c, rs)) => (krsc_to_oihw(k, c, rs, g), krsc_to_oihw(k, c, rs, &p)),
                 None => (g.clone(), p),
@@ -729,7 +744,11 @@ impl Exact {
 
     /// (k, c, r*s) of a conv weight.
     fn shape4(&self, name: &str) -> Option<(usize, usize, usize)> {
-        self.arch.tensor_specs().into_iter().find(|s| s.name == name && s.shape.len() == 4).map(|s| (s.shape[0], s.shape[1], s.shape[2] * s.shape[3]))
+        self.arch
+            .tensor_specs()
+            .into_iter()
+            .find(|s| s.name == name && s.shape.len() == 4)
+            .map(|s| (s.shape[0], s.shape[1], s.shape[2] * s.shape[3]))
     }
 }
 
@@ -750,7 +769,11 @@ struct Tape {
 /// The decisions a device took, from its post-ReLU activations (as f32, NHWC, named as
 /// in [`Decisions`], in forward order, without the max pool): a ReLU passed an element
 /// where its output is > 0; the max pool's decisions are those of the stem ReLU's output.
-pub fn decisions_from_relu_outputs(arch: &Arch, dims: (usize, usize, usize), outs: &[(String, Vec<f32>)]) -> Result<Decisions> {
+pub fn decisions_from_relu_outputs(
+    arch: &Arch,
+    dims: (usize, usize, usize),
+    outs: &[(String, Vec<f32>)],
+) -> Result<Decisions> {
     let (n, h, w) = dims;
     let mut gates = Vec::with_capacity(outs.len() + 1);
     for (i, (name, v)) in outs.iter().enumerate() {

@@ -262,7 +262,11 @@ fn write_gates(f: &mut std::fmt::Formatter<'_>, pass: &str, diffs: &[GateDiff]) 
         if d.min_pre.is_nan() {
             writeln!(f, "     {}: {} of {} maxima", d.gate, d.differ, d.total)?;
         } else {
-            writeln!(f, "     {}: {} of {} ReLU decisions, |pre-activation| >= {:.1e}", d.gate, d.differ, d.total, d.min_pre)?;
+            writeln!(
+                f,
+                "     {}: {} of {} ReLU decisions, |pre-activation| >= {:.1e}",
+                d.gate, d.differ, d.total, d.min_pre
+            )?;
         }
     }
     Ok(())
@@ -284,8 +288,17 @@ impl std::fmt::Display for Report {
                     self.undecided.len()
                 )?;
                 if !self.flipped.is_empty() {
-                    let names: Vec<String> = self.flipped.iter().map(|u| format!("{} {}[{}] (pre-activation {:.1e})", u.pass, u.gate, u.element, u.pre)).collect();
-                    writeln!(f, "PyTorch's expectations match with {} of them on the other side: {}", names.len(), names.join(", "))?;
+                    let names: Vec<String> = self
+                        .flipped
+                        .iter()
+                        .map(|u| format!("{} {}[{}] (pre-activation {:.1e})", u.pass, u.gate, u.element, u.pre))
+                        .collect();
+                    writeln!(
+                        f,
+                        "PyTorch's expectations match with {} of them on the other side: {}",
+                        names.len(),
+                        names.join(", ")
+                    )?;
                 } else if self.math.iter().all(GroupResult::ok) {
                     writeln!(f, "PyTorch's expectations match prunekit's own decisions")?;
                 } else {
@@ -321,7 +334,13 @@ impl std::fmt::Display for Report {
                 blind.len()
             )?;
             for b in blind.iter().take(12) {
-                writeln!(f, "     {}: bound {:.1}% of its scale (noise {:.2}%)", b.name, 100.0 * b.bound, 100.0 * b.noise)?;
+                writeln!(
+                    f,
+                    "     {}: bound {:.1}% of its scale (noise {:.2}%)",
+                    b.name,
+                    100.0 * b.bound,
+                    100.0 * b.noise
+                )?;
             }
             if blind.len() > 12 {
                 writeln!(f, "     ... and {} more", blind.len() - 12)?;
@@ -481,7 +500,8 @@ fn compare_all(
                     let x = sel(a).get(name).ok_or_else(|| invalid!("internal: no base of {name}"))?;
                     let mut m = 0.0f64;
                     for b in tw {
-                        m = m.max(max_diff(x, sel(b).get(name).ok_or_else(|| invalid!("internal: no twin of {name}"))?));
+                        m = m
+                            .max(max_diff(x, sel(b).get(name).ok_or_else(|| invalid!("internal: no twin of {name}"))?));
                     }
                     Some(m)
                 }
@@ -553,7 +573,8 @@ fn device_run(
     model.backward(&mut ws)?;
     let grads = state_f64(&model.gradients()?)?;
     let state = state_f64(&model.to_state()?)?;
-    let buffers = state.into_iter().filter(|(k, _)| k.ends_with(".running_mean") || k.ends_with(".running_var")).collect();
+    let buffers =
+        state.into_iter().filter(|(k, _)| k.ends_with(".running_mean") || k.ends_with(".running_var")).collect();
     model.sgd_step(sgd)?;
     let stepped = state_f64(&model.to_state()?)?;
     Ok((Values { eval_logits, logits, loss, grads, buffers, stepped }, eval_dec, train_dec))
@@ -722,7 +743,16 @@ fn math_part(
     let decided = [Decisions::from(own.eval_gates.as_slice()), Decisions::from(own.train_gates.as_slice())];
     let forced = Forced { eval: &decided[0], train: &decided[1] };
     let twins = (0..TWINS)
-        .map(|i| exact.run(images, dims, targets, hp, Some(forced), Some(Perturb { seed: INPUT_ROUNDING.seed + i, ..INPUT_ROUNDING })))
+        .map(|i| {
+            exact.run(
+                images,
+                dims,
+                targets,
+                hp,
+                Some(forced),
+                Some(Perturb { seed: INPUT_ROUNDING.seed + i, ..INPUT_ROUNDING }),
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     let mut undecided = Vec::new();
     for (pass, gates) in [&own.eval_gates, &own.train_gates].into_iter().enumerate() {
@@ -763,7 +793,8 @@ fn math_part(
     let mut subsets: Vec<u32> = (1..1u32 << likely.len()).collect();
     subsets.sort_by_key(|m| m.count_ones());
     for m in subsets.into_iter().take(MAX_FLIP_RUNS) {
-        let pick: Vec<&Undecided> = likely.iter().enumerate().filter(|(i, _)| m >> i & 1 == 1).map(|(_, u)| *u).collect();
+        let pick: Vec<&Undecided> =
+            likely.iter().enumerate().filter(|(i, _)| m >> i & 1 == 1).map(|(_, u)| *u).collect();
         let flips = |pass: usize| -> Vec<(usize, usize)> {
             pick.iter().filter(|u| u.at.0 == pass).map(|u| (u.at.1, u.element)).collect()
         };
