@@ -391,6 +391,18 @@ impl Loader {
     }
 }
 
+impl fmt::Debug for Loader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Loader")
+            .field("train", &self.inner.train)
+            .field("images", &self.len())
+            .field("batch", &self.batch)
+            .field("size", &self.inner.size)
+            .field("position", &self.position)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Loader {
     fn drop(&mut self) {
         self.rx.take();

@@ -114,9 +114,11 @@ impl FromStr for Normalize {
         let n = match v.len() {
             2 => Normalize { mean: [v[0]; 3], std: [v[1]; 3] },
             6 => Normalize { mean: [v[0], v[1], v[2]], std: [v[3], v[4], v[5]] },
-            k => return Err(invalid!(
+            k => {
+                return Err(invalid!(
                 "normalization '{s}' has {k} numbers: expected imagenet, MEAN,STD (2) or M_R,M_G,M_B,S_R,S_G,S_B (6)"
-            )),
+            ))
+            }
         };
         n.check()?;
         Ok(n)
