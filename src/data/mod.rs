@@ -185,7 +185,7 @@ impl Split {
         let mut keep = vec![false; self.len()];
         for c in 0..self.classes.len() {
             let mut of: Vec<usize> = (0..self.len()).filter(|&i| self.labels[i] as usize == c).collect();
-            SampleRng::new(seed, 0xC1A5_5E5, c as u64).shuffle(&mut of);
+            SampleRng::new(seed, 0x0C1A_55E5, c as u64).shuffle(&mut of);
             for &i in of.iter().take(n) {
                 keep[i] = true;
             }
