@@ -104,12 +104,8 @@ impl Split {
     ) -> Result<Split> {
         ensure!(h > 0 && w > 0, "images of {h}x{w}: both sides must be positive");
         ensure!(c == 1 || c == 3, "images with {c} channels: expected 1 (gray) or 3 (RGB)");
-        ensure!(
-            images.len() == labels.len() * h * w * c,
-            "{} image bytes for {} labels of {h}x{w}x{c}",
-            images.len(),
-            labels.len()
-        );
+        let want = [h, w, c].iter().try_fold(labels.len(), |a, &d| a.checked_mul(d));
+        ensure!(want == Some(images.len()), "{} image bytes for {} labels of {h}x{w}x{c}", images.len(), labels.len());
         if let Some(&bad) = labels.iter().find(|&&l| l < 0 || l as usize >= classes.len()) {
             return Err(invalid!("label {bad} is outside 0..{}", classes.len()));
         }
@@ -159,6 +155,15 @@ impl Split {
         }
     }
 
+    /// The split's indices of each class, in order.
+    fn by_class(&self) -> Vec<Vec<usize>> {
+        let mut v = vec![Vec::new(); self.classes.len()];
+        for (i, &l) in self.labels.iter().enumerate() {
+            v[l as usize].push(i);
+        }
+        v
+    }
+
     fn subset(&self, keep: impl Fn(usize) -> bool) -> Split {
         let (ids, labels) = (0..self.len()).filter(|&i| keep(i)).map(|i| (self.ids[i], self.labels[i])).unzip();
         Split { store: self.store.clone(), ids, labels, classes: self.classes.clone() }
@@ -183,8 +188,7 @@ impl Split {
     pub fn per_class(&self, n: usize, seed: u64) -> Result<Split> {
         ensure!(n > 0, "per-class count must be positive");
         let mut keep = vec![false; self.len()];
-        for c in 0..self.classes.len() {
-            let mut of: Vec<usize> = (0..self.len()).filter(|&i| self.labels[i] as usize == c).collect();
+        for (c, mut of) in self.by_class().into_iter().enumerate() {
             SampleRng::new(seed, 0x0C1A_55E5, c as u64).shuffle(&mut of);
             for &i in of.iter().take(n) {
                 keep[i] = true;
@@ -197,8 +201,7 @@ impl Split {
     /// goes to the second part.
     fn split_off(&self, fraction: f64, seed: u64) -> (Split, Split) {
         let mut to_val = vec![false; self.len()];
-        for c in 0..self.classes.len() {
-            let mut of: Vec<usize> = (0..self.len()).filter(|&i| self.labels[i] as usize == c).collect();
+        for (c, mut of) in self.by_class().into_iter().enumerate() {
             let k = ((fraction * of.len() as f64).round() as usize).min(of.len().saturating_sub(1));
             SampleRng::new(seed, 0x5EED_5B17, c as u64).shuffle(&mut of);
             for &i in &of[..k] {
