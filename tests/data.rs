@@ -583,3 +583,33 @@ fn a_loader_started_at_a_saved_position_continues_bit_identically() {
     let j = serde_json::to_string(&saved[6]).unwrap();
     assert_eq!(serde_json::from_str::<Position>(&j).unwrap(), saved[6]);
 }
+
+#[test]
+fn batches_feed_the_model_as_they_are() {
+    use prunekit::model::{init::torchvision_init, Arch, Model, PrecisionKind, Sgd};
+    let t = tempfile::tempdir().unwrap();
+    let spec = idx_pair(t.path(), "s", 24, 28, 3, true);
+    let d = Dataset::open(&spec, &OpenOptions { val_fraction: 0.25, ..OpenOptions::default() }).unwrap();
+    let dev = prunekit::Device::Cpu;
+    let state = torchvision_init(&Arch::bottleneck([1, 1, 1, 1], d.classes().len()), 0);
+    let mut model = Model::from_state(&dev, &state, PrecisionKind::F32).unwrap();
+    let c = cfg(4, 32);
+    let mut ws = model.workspace(c.batch, c.size, c.size).unwrap();
+    let mut train = Loader::train(&d.train, &c, Position::default()).unwrap();
+    let mut b = train.new_batch();
+    let sgd = Sgd { lr: 0.01, momentum: 0.9, weight_decay: 0.0 };
+    for _ in 0..2 {
+        train.next(&mut b).unwrap();
+        model.set_batch(&mut ws, &b.images, Some(&b.targets)).unwrap();
+        model.train_step(&mut ws, &sgd).unwrap();
+        assert!(model.loss(&ws).unwrap().is_finite());
+    }
+    let mut val = Loader::eval(&d.val, &c).unwrap();
+    let mut seen = 0;
+    while val.next(&mut b).unwrap() {
+        model.set_batch(&mut ws, &b.images, Some(&b.targets)).unwrap();
+        model.forward(&mut ws, false).unwrap();
+        seen += b.valid;
+    }
+    assert_eq!(seen, d.val.len());
+}

@@ -98,4 +98,20 @@ mod tests {
         let big = vec![0, 0, 8, 3, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255];
         assert!(parse(&big).is_err());
     }
+
+    #[test]
+    fn no_prefix_or_byte_flip_panics() {
+        let mut b = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2];
+        b.extend(0..8u8);
+        for k in 0..=b.len() {
+            let _ = parse(&b[..k]);
+        }
+        for i in 0..b.len() {
+            for v in [0u8, 1, 3, 8, 0x7f, 0xff] {
+                let mut m = b.clone();
+                m[i] = v;
+                let _ = parse(&m);
+            }
+        }
+    }
 }
