@@ -21,6 +21,15 @@ pub enum Error {
         /// What is wrong with its contents.
         msg: String,
     },
+    /// Bad training data: a data set root, a class folder, an image or an IDX file that
+    /// cannot be used as it is (see [`crate::data`]).
+    #[error("{path}: {msg}")]
+    Data {
+        /// The file or folder, as the user named it (or as found under the data set root).
+        path: String,
+        /// What is wrong with it.
+        msg: String,
+    },
     /// A file that could not be read or written.
     #[error("{path}: {source}")]
     Io {

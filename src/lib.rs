@@ -4,10 +4,12 @@
 //!
 //! Layers, from the bottom: [`gpu`] (the executor: cuda or the host emulation),
 //! [`cpu`] (reference implementations: naive oracles and fast paths), [`ops`] (one typed
-//! wrapper per kernel family, dispatching between the CPU and a kernel device).
+//! wrapper per kernel family, dispatching between the CPU and a kernel device). Beside
+//! them, [`data`] feeds training: image folders and IDX files, augmentation, batches.
 
 pub mod bench;
 pub mod cpu;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod gpu;
