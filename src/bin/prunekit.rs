@@ -93,7 +93,9 @@ enum Cmd {
     ///
     /// The report counts the decisions the device took otherwise than float64 (with the
     /// smallest |pre-activation| among them) and names the tensors whose bound is wider than
-    /// 2% of their scale (ill-conditioned: errors below the bound are invisible there).
+    /// 2% of their scale (ill-conditioned: errors below the bound are invisible there). A
+    /// tensor whose noise exceeds 25% of its scale is not judged at all and named as such
+    /// (a reference too ill-conditioned for the precision).
     /// Exits non-zero if any tensor is off in either part.
     Verify {
         /// A reference file of kind = model (see tests/data/README.md).

@@ -68,6 +68,11 @@ pub const NOISE_MULTIPLE: f64 = 16.0;
 /// smaller than its bound cannot be seen there.
 pub const JUDGE_LIMIT: f64 = 0.02;
 
+/// A tensor whose noise floor exceeds this fraction of its scale is not judged at all:
+/// rounding alone moves it by that much, far beyond where rounding errors add up linearly
+/// (a reference too ill-conditioned for the precision); the report names it.
+pub const UNJUDGED: f64 = 0.25;
+
 /// The precision part's tolerances in `precision`: fixed parts for the rounding of long
 /// sums that an op-by-op perturbation does not model, plus [`NOISE_MULTIPLE`] noise floors.
 pub fn tolerance(precision: PrecisionKind) -> Tolerance {
@@ -152,6 +157,8 @@ pub struct GroupResult {
     pub failed: Vec<String>,
     /// Tensors whose bound is wider than [`JUDGE_LIMIT`] of their scale.
     pub blind: Vec<Blind>,
+    /// Tensors whose noise floor exceeds [`UNJUDGED`] of their scale: not judged.
+    pub unjudged: Vec<Blind>,
     /// The tolerance the group was checked with.
     pub tolerance: Tolerance,
 }
@@ -211,7 +218,12 @@ pub struct Report {
 }
 
 impl Report {
-    /// True if every group of both parts passed.
+    /// The tensors that were not judged (see [`UNJUDGED`]), in either part.
+    pub fn unjudged(&self) -> usize {
+        self.math.iter().chain(&self.precision).map(|g| g.unjudged.len()).sum()
+    }
+
+    /// True if every group of both parts passed (tensors not judged do not fail).
     pub fn ok(&self) -> bool {
         self.math.iter().chain(&self.precision).all(GroupResult::ok)
     }
@@ -346,6 +358,22 @@ impl std::fmt::Display for Report {
                 writeln!(f, "     ... and {} more", blind.len() - 12)?;
             }
         }
+        let unjudged: Vec<&Blind> = self.math.iter().chain(&self.precision).flat_map(|g| &g.unjudged).collect();
+        if !unjudged.is_empty() {
+            writeln!(
+                f,
+                "NOT JUDGED: {} tensors, which rounding alone moves by more than {}% of their scale (a reference too ill-conditioned for {}):",
+                unjudged.len(),
+                100.0 * UNJUDGED,
+                self.precision_kind
+            )?;
+            for b in unjudged.iter().take(12) {
+                writeln!(f, "     {}: noise {:.1}% of its scale", b.name, 100.0 * b.noise)?;
+            }
+            if unjudged.len() > 12 {
+                writeln!(f, "     ... and {} more", unjudged.len() - 12)?;
+            }
+        }
         writeln!(f, "{}", if self.ok() { "PASS" } else { "FAIL" })
     }
 }
@@ -367,6 +395,7 @@ impl Acc {
                 worst_ratio: 0.0,
                 failed: Vec::new(),
                 blind: Vec::new(),
+                unjudged: Vec::new(),
                 tolerance,
             },
         }
@@ -382,8 +411,14 @@ impl Acc {
         if scale > 0.0 {
             self.res.max_noise = self.res.max_noise.max(noise / scale);
             let bound = t.atol * scale + t.k * noise;
+            let b = Blind { name: name.into(), bound: bound / scale, noise: noise / scale };
+            if judged && noise > UNJUDGED * scale {
+                self.res.tensors += 1;
+                self.res.unjudged.push(b);
+                return Ok(());
+            }
             if judged && bound > JUDGE_LIMIT * scale {
-                self.res.blind.push(Blind { name: name.into(), bound: bound / scale, noise: noise / scale });
+                self.res.blind.push(b);
             }
         }
         // err / bound of the worst element; infinite if any element fails (NaN too).
