@@ -14,7 +14,7 @@ use common::Rng;
 use prunekit::model::init::torchvision_init;
 use prunekit::model::{Arch, BnConfig, PrecisionKind, Sgd, StateDict};
 use prunekit::verify::exact::{Exact, Fault, Hyper};
-use prunekit::verify::{check_device, Report};
+use prunekit::verify::{check_device, Report, Step};
 use prunekit::Device;
 
 /// A random network and batch.
@@ -101,7 +101,8 @@ fn run(case: &Case, exact: &Exact, dev: &Device, precision: PrecisionKind) -> Re
         weight_decay: SGD.weight_decay as f64,
     };
     let own = exact.run(&case.images, case.dims, &case.targets, &hp, None, None).unwrap();
-    check_device(exact, &own, &case.sd, dev, precision, &case.images, case.dims, &case.targets, &SGD, bn).unwrap()
+    let step = Step { images: &case.images, dims: case.dims, targets: &case.targets, sgd: SGD, bn };
+    check_device(exact, &own, &case.sd, dev, precision, &step).unwrap()
 }
 
 fn differential(seeds: std::ops::Range<u64>, max_layers: [usize; 4], max_width: usize, devices: &[Device]) {

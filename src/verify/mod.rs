@@ -429,7 +429,7 @@ impl Acc {
             let err = (g - w).abs();
             let bound = t.atol * scale + t.rtol * w.abs() + t.k * noise;
             worst_err = if err.is_nan() { f64::INFINITY } else { worst_err.max(err) };
-            if !(err <= bound) {
+            if err.is_nan() || err > bound {
                 ratio = f64::INFINITY;
                 first_bad.get_or_insert((i, g, w, bound));
             } else if bound > 0.0 {
@@ -581,18 +581,31 @@ fn decision_diffs(own: &[Gate], device: &Decisions) -> Result<(Vec<GateDiff>, us
     Ok((out, total))
 }
 
+/// One batch and the settings of one training step: what the device and the float64
+/// model both run.
+#[derive(Clone, Copy, Debug)]
+pub struct Step<'a> {
+    /// Images, NCHW f32 `[n, 3, h, w]`.
+    pub images: &'a [f32],
+    /// (n, h, w).
+    pub dims: (usize, usize, usize),
+    /// The class of each image.
+    pub targets: &'a [i64],
+    /// The SGD step's settings.
+    pub sgd: Sgd,
+    /// Batch norm's momentum and epsilon.
+    pub bn: BnConfig,
+}
+
 /// The device's run: the same sequence as [`Exact::run`], with the decisions read off
 /// its activations.
 fn device_run(
     dev: &Device,
     sd: &StateDict,
     precision: PrecisionKind,
-    images: &[f32],
-    dims: (usize, usize, usize),
-    targets: &[i64],
-    sgd: &Sgd,
-    bn: BnConfig,
+    step: &Step,
 ) -> Result<(Values, Decisions, Decisions)> {
+    let Step { images, dims, targets, sgd, bn } = *step;
     let (n, h, w) = dims;
     let mut model = Model::from_state(dev, sd, precision)?;
     model.set_bn(bn);
@@ -610,7 +623,7 @@ fn device_run(
     let state = state_f64(&model.to_state()?)?;
     let buffers =
         state.into_iter().filter(|(k, _)| k.ends_with(".running_mean") || k.ends_with(".running_var")).collect();
-    model.sgd_step(sgd)?;
+    model.sgd_step(&sgd)?;
     let stepped = state_f64(&model.to_state()?)?;
     Ok((Values { eval_logits, logits, loss, grads, buffers, stepped }, eval_dec, train_dec))
 }
@@ -620,20 +633,16 @@ fn device_run(
 /// and compares. `own` is the float64 model's run with its own decisions, for the
 /// decision report. This is what [`verify`] does after the math part, and what the
 /// differential tests run on random networks.
-#[allow(clippy::too_many_arguments)]
 pub fn check_device(
     exact: &Exact,
     own: &Outcome,
     sd: &StateDict,
     dev: &Device,
     precision: PrecisionKind,
-    images: &[f32],
-    dims: (usize, usize, usize),
-    targets: &[i64],
-    sgd: &Sgd,
-    bn: BnConfig,
+    step: &Step,
 ) -> Result<Report> {
-    let (got, eval_dec, train_dec) = device_run(dev, sd, precision, images, dims, targets, sgd, bn)?;
+    let (got, eval_dec, train_dec) = device_run(dev, sd, precision, step)?;
+    let Step { images, dims, targets, sgd, bn } = *step;
     // The float64 runs use the device's own settings, rounded to f32 as it got them.
     let hp = Hyper {
         bn_momentum: bn.momentum as f64,
@@ -737,7 +746,8 @@ pub fn verify(path: &Path, dev: &Device, precision: PrecisionKind) -> Result<Rep
     ensure!(!reference.buffers.is_empty(), "the reference has no expect.buffer.* tensors");
     let own = exact.run(images, dims, targets, &hp, None, None)?;
     let (math, undecided, flipped) = math_part(&exact, &own, &reference, images, dims, targets, &hp)?;
-    let mut report = check_device(&exact, &own, &sd, dev, precision, images, dims, targets, &sgd, bn)?;
+    let step = Step { images, dims, targets, sgd, bn };
+    let mut report = check_device(&exact, &own, &sd, dev, precision, &step)?;
     report.math = math;
     report.undecided = undecided;
     report.flipped = flipped;
