@@ -91,8 +91,8 @@ pub struct Hyper {
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
-    /// The residual input of the last block without a downsample is read one channel off
-    /// (a wrong channel offset).
+    /// The residual input of the last block without a downsample is read one element off
+    /// (a wrong channel offset: the next channel, or the next pixel where there is one).
     ChannelOffset,
     /// The gradients of bn2's weight and bias of the first block are swapped (a swapped
     /// buffer).
@@ -566,8 +566,7 @@ impl Exact {
                 let (yd, bd) = self.bn(&format!("{p}.downsample.1"), m2, b.cout, td, train, hp, run, new_stats)?;
                 (yd, Some((gd, bd)))
             } else if self.fault == Some(Fault::ChannelOffset) && Some(bi) == fault_block {
-                let c = b.cin;
-                let shifted = (0..x.len()).map(|i| if i % c + 1 < c { x[i + 1] } else { x[i + 1 - c] }).collect();
+                let shifted = (0..x.len()).map(|i| x[(i + 1) % x.len()]).collect();
                 (shifted, None)
             } else {
                 (x.clone(), None)
