@@ -49,8 +49,9 @@ fn gemm_oracle(a: &[f32], b: &[f32], m: usize, n: usize, kk: usize) -> Vec<f32> 
     c
 }
 
+/// The largest absolute difference; a NaN (poison read somewhere) counts as infinite.
 fn max_err(x: &[f32], y: &[f32]) -> f32 {
-    x.iter().zip(y).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+    x.iter().zip(y).map(|(a, b)| if (a - b).is_nan() { f32::INFINITY } else { (a - b).abs() }).fold(0.0, f32::max)
 }
 
 fn run_gemm(gpu: &Gpu, m: usize, n: usize, kk: usize, mode: i32) -> (Vec<f32>, Vec<f32>) {
