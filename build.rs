@@ -121,6 +121,20 @@ enum Sanitizer {
 fn build_emu(kernels: &Path, out: &Path, modules: &[String], sanitize: Option<Sanitizer>) {
     let dir = out.join("emu");
     fs::create_dir_all(&dir).unwrap();
+    if let Some(s) = sanitize {
+        // The sanitizer's runtime (a shared library) must come first in the list of
+        // libraries the program loads, ahead of libstdc++ and libc, so that its malloc,
+        // memcpy and pthread functions are the ones found. rustc links with
+        // -nodefaultlibs, which keeps `gcc -fsanitize=...` from adding it, and link
+        // arguments come last: name it here, before the emulation's own libraries.
+        println!(
+            "cargo:rustc-link-lib=dylib={}",
+            match s {
+                Sanitizer::Address => "asan",
+                Sanitizer::Thread => "tsan",
+            }
+        );
+    }
     let mut build = emu_build(kernels, sanitize, true);
     for m in modules {
         let wrapper = dir.join(format!("{m}.cpp"));
@@ -143,7 +157,6 @@ fn build_emu(kernels: &Path, out: &Path, modules: &[String], sanitize: Option<Sa
             Sanitizer::Address => "address",
             Sanitizer::Thread => "thread",
         };
-        // gcc (the linker driver) then links the sanitizer's runtime first, as it must be.
         println!("cargo:rustc-link-arg=-fsanitize={name}");
         // The runtime's hooks (default options, the report callback) must be visible to
         // the sanitizer's shared library.
