@@ -235,8 +235,8 @@ PK_KERNEL(selftest_cross_block_f32, PkSelftestParams) {
   if (threadIdx.x == 0) c[gridDim.x + b] = c[p.mode == 1 ? b : (b ^ 1u)];
 }
 
-// c[t] = s[t] for a static shared array that nobody wrote (mode 0): the poison on the
-// emulation. Mode 1 writes s[t] = a[t] first (then c[t] = a[t]).
+// c[g] = s[t] (g the thread's index in the grid) for a static shared array that nobody
+// wrote (mode 0): the poison on the emulation. Mode 1 writes s[t] = a[t] first.
 PK_KERNEL(selftest_static_smem_f32, PkSelftestParams) {
   __shared__ float s[256];
   const float* a = static_cast<const float*>(p.a);
@@ -244,11 +244,11 @@ PK_KERNEL(selftest_static_smem_f32, PkSelftestParams) {
   const int t = (int)threadIdx.x;
   if (p.mode == 1) s[t] = a[t];
   __syncthreads();
-  c[t] = s[t];
+  c[blockIdx.x * blockDim.x + t] = s[t];
 }
 
 // __syncwarp() without a mask (all lanes): each lane writes s[t] = a[t], then reads its
-// neighbour's: c[t] = s[t ^ 1].
+// neighbour's: c[g] = s[t ^ 1] (g the thread's index in the grid).
 PK_KERNEL(selftest_syncwarp_f32, PkSelftestParams) {
   __shared__ float s[256];
   const float* a = static_cast<const float*>(p.a);
@@ -256,5 +256,5 @@ PK_KERNEL(selftest_syncwarp_f32, PkSelftestParams) {
   const int t = (int)threadIdx.x;
   s[t] = a[t];
   __syncwarp();
-  c[t] = s[t ^ 1];
+  c[blockIdx.x * blockDim.x + t] = s[t ^ 1];
 }

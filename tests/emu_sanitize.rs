@@ -68,7 +68,7 @@ fn in_child(case: &str, f: impl FnOnce()) -> bool {
 fn static_shared_memory_starts_poisoned() {
     let gpu = gpu();
     let a = gpu.upload(&floats(256)).unwrap();
-    let c = gpu.zeros::<f32>(256).unwrap();
+    let c = gpu.zeros::<f32>(3 * 256).unwrap();
     for _ in 0..2 {
         // Read before any write: the poison, in every block, also after a block that wrote it.
         let p = params(a.ptr(), c.ptr(), 256, 0);
@@ -81,7 +81,7 @@ fn static_shared_memory_starts_poisoned() {
         );
         let p = params(a.ptr(), c.ptr(), 256, 1);
         unsafe { gpu.launch(k("selftest_static_smem_f32"), LaunchConfig::linear(3, 256), &p).unwrap() };
-        assert_eq!(gpu.download(&c).unwrap(), floats(256));
+        assert_eq!(gpu.download(&c).unwrap(), floats(256).repeat(3));
     }
 }
 
@@ -89,10 +89,10 @@ fn static_shared_memory_starts_poisoned() {
 fn syncwarp_without_a_mask_means_all_lanes() {
     for gpu in [gpu(), Gpu::emu_with(Schedule::Reverse), Gpu::emu_with(Schedule::Shuffle(5))] {
         let a = gpu.upload(&floats(256)).unwrap();
-        let c = gpu.zeros::<f32>(256).unwrap();
+        let c = gpu.zeros::<f32>(2 * 256).unwrap();
         let p = params(a.ptr(), c.ptr(), 256, 0);
         unsafe { gpu.launch(k("selftest_syncwarp_f32"), LaunchConfig::linear(2, 256), &p).unwrap() };
-        let want: Vec<f32> = (0..256).map(|t| (t ^ 1) as f32 + 1.0).collect();
+        let want: Vec<f32> = (0..512).map(|t| (t % 256 ^ 1) as f32 + 1.0).collect();
         assert_eq!(gpu.download(&c).unwrap(), want, "{}", gpu.name());
     }
 }
