@@ -87,7 +87,7 @@ PK_KERNEL(selftest_divergent_barrier, PkSelftestParams) {
       __syncthreads();
     }
   }
-  c[t] = 1.0f;
+  c[blockIdx.x * blockDim.x + t] = 1.0f;
 }
 
 // c[i] = a[i] for i < m: reading a fresh buffer shows its poison.

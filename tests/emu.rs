@@ -280,7 +280,7 @@ fn misaligned_vector_loads_trap() {
 fn divergent_barriers_are_reported() {
     for gpu in schedules() {
         for (mode, what) in [(0, "exited"), (1, "exited"), (2, "waits at")] {
-            let c = gpu.zeros::<f32>(64).unwrap();
+            let c = gpu.zeros::<f32>(128).unwrap();
             let p = params(&c, &c, &c, 0, 0, 0, mode);
             let err =
                 unsafe { gpu.launch(k("selftest_divergent_barrier"), LaunchConfig::linear(2, 64), &p) }.unwrap_err();
