@@ -52,6 +52,12 @@ fn child_reports(test: &str, case: &str, kernel: &str, report: &str) -> String {
     stderr
 }
 
+/// A sanitizer test run (with --include-ignored) in a build without its sanitizer fails
+/// with the reason, instead of passing vacuously.
+fn needs(built: bool, why: &str) {
+    assert!(built, "{why}");
+}
+
 /// In the child: runs `f` (which launches a bad kernel) and says so if it survives.
 fn in_child(case: &str, f: impl FnOnce()) -> bool {
     if std::env::var(CHILD).as_deref() != Ok(case) {
@@ -92,7 +98,7 @@ fn syncwarp_without_a_mask_means_all_lanes() {
         let c = gpu.zeros::<f32>(2 * 256).unwrap();
         let p = params(a.ptr(), c.ptr(), 256, 0);
         unsafe { gpu.launch(k("selftest_syncwarp_f32"), LaunchConfig::linear(2, 256), &p).unwrap() };
-        let want: Vec<f32> = (0..512).map(|t| (t % 256 ^ 1) as f32 + 1.0).collect();
+        let want: Vec<f32> = (0..512).map(|t| ((t % 256) ^ 1) as f32 + 1.0).collect();
         assert_eq!(gpu.download(&c).unwrap(), want, "{}", gpu.name());
     }
 }
@@ -155,7 +161,7 @@ const ASAN: &str = "needs a build with PK_EMU_SANITIZE=address";
 #[test]
 #[cfg_attr(not(pk_emu_sanitize = "address"), ignore = "needs a build with PK_EMU_SANITIZE=address")]
 fn asan_reports_a_read_one_element_before_a_buffer() {
-    assert!(cfg!(pk_emu_sanitize = "address"), "{ASAN}");
+    needs(cfg!(pk_emu_sanitize = "address"), ASAN);
     let name = "asan_reports_a_read_one_element_before_a_buffer";
     if in_child("read_before", launch_read_before) {
         return;
@@ -169,7 +175,7 @@ fn asan_reports_a_read_one_element_before_a_buffer() {
 #[test]
 #[cfg_attr(not(pk_emu_sanitize = "address"), ignore = "needs a build with PK_EMU_SANITIZE=address")]
 fn asan_reports_a_write_300_floats_before_a_buffer() {
-    assert!(cfg!(pk_emu_sanitize = "address"), "{ASAN}");
+    needs(cfg!(pk_emu_sanitize = "address"), ASAN);
     let name = "asan_reports_a_write_300_floats_before_a_buffer";
     if in_child("write_before", launch_write_before) {
         return;
@@ -182,7 +188,7 @@ fn asan_reports_a_write_300_floats_before_a_buffer() {
 #[test]
 #[cfg_attr(not(pk_emu_sanitize = "address"), ignore = "needs a build with PK_EMU_SANITIZE=address")]
 fn asan_reports_a_read_in_the_slack_after_the_end() {
-    assert!(cfg!(pk_emu_sanitize = "address"), "{ASAN}");
+    needs(cfg!(pk_emu_sanitize = "address"), ASAN);
     let name = "asan_reports_a_read_in_the_slack_after_the_end";
     if in_child("slack", launch_read_in_slack) {
         return;
@@ -196,7 +202,7 @@ fn asan_reports_a_read_in_the_slack_after_the_end() {
 #[test]
 #[cfg_attr(not(pk_emu_sanitize = "address"), ignore = "needs a build with PK_EMU_SANITIZE=address")]
 fn asan_reports_a_launch_on_a_freed_buffer() {
-    assert!(cfg!(pk_emu_sanitize = "address"), "{ASAN}");
+    needs(cfg!(pk_emu_sanitize = "address"), ASAN);
     let name = "asan_reports_a_launch_on_a_freed_buffer";
     if in_child("use_after_free", launch_use_after_free) {
         return;
@@ -236,7 +242,7 @@ const TSAN: &str = "needs a build with PK_EMU_SANITIZE=thread";
 #[test]
 #[cfg_attr(not(pk_emu_sanitize = "thread"), ignore = "needs a build with PK_EMU_SANITIZE=thread")]
 fn tsan_reports_a_non_atomic_counter() {
-    assert!(cfg!(pk_emu_sanitize = "thread"), "{TSAN}");
+    needs(cfg!(pk_emu_sanitize = "thread"), TSAN);
     let name = "tsan_reports_a_non_atomic_counter";
     if in_child("counter", launch_racy_counter) {
         return;
@@ -247,7 +253,7 @@ fn tsan_reports_a_non_atomic_counter() {
 #[test]
 #[cfg_attr(not(pk_emu_sanitize = "thread"), ignore = "needs a build with PK_EMU_SANITIZE=thread")]
 fn tsan_reports_a_block_reading_another_blocks_write() {
-    assert!(cfg!(pk_emu_sanitize = "thread"), "{TSAN}");
+    needs(cfg!(pk_emu_sanitize = "thread"), TSAN);
     let name = "tsan_reports_a_block_reading_another_blocks_write";
     if in_child("cross_block", launch_cross_block) {
         return;
@@ -258,7 +264,7 @@ fn tsan_reports_a_block_reading_another_blocks_write() {
 #[test]
 #[cfg_attr(not(pk_emu_sanitize = "thread"), ignore = "needs a build with PK_EMU_SANITIZE=thread")]
 fn tsan_reports_a_missing_barrier() {
-    assert!(cfg!(pk_emu_sanitize = "thread"), "{TSAN}");
+    needs(cfg!(pk_emu_sanitize = "thread"), TSAN);
     let name = "tsan_reports_a_missing_barrier";
     if in_child("missing_barrier", launch_missing_barrier) {
         return;
