@@ -8,7 +8,10 @@
 //!    is embedded too; any spill is a cargo warning. Fatbins are cached by content in
 //!    target/pk-nvcc-cache, so check, test and release builds compile each kernel once.
 //! 2. with the host C++ compiler and the emulation header (kernels/emu), always, into a
-//!    static library that the emu back end calls.
+//!    static library that the emu back end calls. PK_EMU_SANITIZE=address or =thread
+//!    builds the emulation with AddressSanitizer or ThreadSanitizer (see build_emu), links
+//!    every binary of the crate with that sanitizer's runtime, and sets the cfg
+//!    `pk_emu_sanitize = "address"` (or "thread") for the tests.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -33,7 +36,7 @@ fn main() {
 
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=build.rs");
-    for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PK_CUDA_ARCHS", "PK_NVCC_CACHE"] {
+    for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PK_CUDA_ARCHS", "PK_NVCC_CACHE", "PK_EMU_SANITIZE"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
     let pinned = manifest.join(".cuda/nvidia/cu13/bin/nvcc");
@@ -44,7 +47,17 @@ fn main() {
     let modules = cu_modules(&kernels);
     let headers = header_digest(&kernels);
 
-    build_emu(&kernels, &out, &modules);
+    println!("cargo::rustc-check-cfg=cfg(pk_emu_sanitize, values(\"address\", \"thread\"))");
+    let sanitize = match std::env::var("PK_EMU_SANITIZE").as_deref() {
+        Err(_) | Ok("") => None,
+        Ok("address") => Some(Sanitizer::Address),
+        Ok("thread") => Some(Sanitizer::Thread),
+        Ok(other) => panic!(
+            "PK_EMU_SANITIZE={other:?} is not a sanitizer the emulation knows: use address, thread, or leave it \
+             unset (or empty) for the plain emulation"
+        ),
+    };
+    build_emu(&kernels, &out, &modules, sanitize);
     let nvcc = find_nvcc(&pinned);
     let fatbins = match &nvcc {
         Some(nvcc) => Some(build_cuda(nvcc, &kernels, &out, &modules, &headers, &manifest)),
@@ -102,26 +115,35 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-fn build_emu(kernels: &Path, out: &Path, modules: &[String]) {
+#[derive(Clone, Copy, PartialEq)]
+enum Sanitizer {
+    Address,
+    Thread,
+}
+
+/// The emulation: the kernels (one wrapper per module) and layout.cpp in one library,
+/// runtime.cpp in another. With AddressSanitizer both are instrumented; with
+/// ThreadSanitizer only the kernels are (the runtime's scheduler and its bookkeeping are
+/// trusted; it tells TSan what orders the CUDA threads through TSan's annotations, see
+/// runtime.cpp).
+fn build_emu(kernels: &Path, out: &Path, modules: &[String], sanitize: Option<Sanitizer>) {
     let dir = out.join("emu");
     fs::create_dir_all(&dir).unwrap();
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .std("c++17")
-        .opt_level(2)
-        .debug(false)
-        .define("PK_EMU", "1")
-        .include(kernels)
-        .flag_if_supported("-pthread")
-        .flag_if_supported("-Wno-unknown-pragmas")
-        .flag_if_supported("-Wno-unused-function")
-        .flag_if_supported("-Wno-unused-variable")
-        // A misaligned load or store (a float4 at an address that is not a multiple of
-        // 16, say) faults on a GPU: make it trap here too (SIGILL, reported by the
-        // runtime's handler with the kernel, block and thread).
-        .flag_if_supported("-fsanitize=alignment")
-        .flag_if_supported("-fsanitize-undefined-trap-on-error");
+    if let Some(s) = sanitize {
+        // The sanitizer's runtime (a shared library) must come first in the list of
+        // libraries the program loads, ahead of libstdc++ and libc, so that its malloc,
+        // memcpy and pthread functions are the ones found. rustc links with
+        // -nodefaultlibs, which keeps `gcc -fsanitize=...` from adding it, and link
+        // arguments come last: name it here, before the emulation's own libraries.
+        println!(
+            "cargo:rustc-link-lib=dylib={}",
+            match s {
+                Sanitizer::Address => "asan",
+                Sanitizer::Thread => "tsan",
+            }
+        );
+    }
+    let mut build = emu_build(kernels, sanitize, true);
     for m in modules {
         let wrapper = dir.join(format!("{m}.cpp"));
         let src = format!(
@@ -145,9 +167,66 @@ fn build_emu(kernels: &Path, out: &Path, modules: &[String]) {
         write_if_changed(&wrapper, &src);
         build.file(&wrapper);
     }
-    build.file(kernels.join("emu/runtime.cpp"));
     build.file(kernels.join("emu/layout.cpp"));
     build.compile("pk_emu");
+    let mut rt = emu_build(kernels, sanitize, sanitize == Some(Sanitizer::Address));
+    rt.file(kernels.join("emu/runtime.cpp"));
+    rt.compile("pk_emu_rt");
+    if let Some(s) = sanitize {
+        let name = match s {
+            Sanitizer::Address => "address",
+            Sanitizer::Thread => "thread",
+        };
+        println!("cargo:rustc-link-arg=-fsanitize={name}");
+        // The runtime's hooks (default options, the report callback) must be visible to
+        // the sanitizer's shared library.
+        let hooks: &[&str] = match s {
+            Sanitizer::Address => &["__asan_default_options"],
+            Sanitizer::Thread => &["__tsan_default_options", "__tsan_on_report"],
+        };
+        for h in hooks {
+            println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol={h}");
+        }
+        println!("cargo::rustc-cfg=pk_emu_sanitize=\"{name}\"");
+    }
+}
+
+/// The compiler settings of the emulation's C++; `instrument`: with the sanitizer's
+/// instrumentation (otherwise only its interface and the mode's define).
+fn emu_build(kernels: &Path, sanitize: Option<Sanitizer>, instrument: bool) -> cc::Build {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .debug(false)
+        .define("PK_EMU", "1")
+        .include(kernels)
+        .flag_if_supported("-pthread")
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .flag_if_supported("-Wno-unused-function")
+        .flag_if_supported("-Wno-unused-variable")
+        // A misaligned load or store (a float4 at an address that is not a multiple of
+        // 16, say) faults on a GPU: make it trap here too (SIGILL, reported by the
+        // runtime's handler with the kernel, block and thread).
+        .flag_if_supported("-fsanitize=alignment")
+        .flag_if_supported("-fsanitize-undefined-trap-on-error");
+    match sanitize {
+        None => {}
+        Some(s) => {
+            let (define, flag) = match s {
+                Sanitizer::Address => ("PK_EMU_ASAN", "-fsanitize=address"),
+                Sanitizer::Thread => ("PK_EMU_TSAN", "-fsanitize=thread"),
+            };
+            build.define(define, "1");
+            // Symbolized reports with whole stacks.
+            build.debug(true).flag("-fno-omit-frame-pointer");
+            if instrument {
+                build.flag(flag);
+            }
+        }
+    }
+    build
 }
 
 fn write_if_changed(path: &Path, text: &str) {

@@ -87,7 +87,7 @@ PK_KERNEL(selftest_divergent_barrier, PkSelftestParams) {
       __syncthreads();
     }
   }
-  c[t] = 1.0f;
+  c[blockIdx.x * blockDim.x + t] = 1.0f;
 }
 
 // c[i] = a[i] for i < m: reading a fresh buffer shows its poison.
@@ -184,4 +184,77 @@ PK_KERNEL(selftest_vector_load_f32, PkSelftestParams) {
   c[1] = v.y;
   c[2] = v.z;
   c[3] = v.w;
+}
+
+// ---------------------------------------------------------------- sanitizer selftests
+// Each of these does one thing wrong (unless its mode says otherwise); tests/emu_sanitize.rs
+// checks that the instrumented emulation reports it with the kernel's name.
+
+// c[i] = a[i - 1] for i < m: thread 0 reads the element just before the buffer.
+PK_KERNEL(selftest_read_before_f32, PkSelftestParams) {
+  const float* a = static_cast<const float*>(p.a);
+  float* c = static_cast<float*>(p.c);
+  const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < p.m) c[i] = a[i - 1];
+}
+
+// Thread 0 writes c[-300]: 1200 bytes before the buffer.
+PK_KERNEL(selftest_write_before_f32, PkSelftestParams) {
+  float* c = static_cast<float*>(p.c);
+  if (blockIdx.x == 0 && threadIdx.x == 0) c[-300] = 1.0f;
+}
+
+// c[i] = a[i] for i <= m: one element past the end of a (m elements), in the slack up to
+// the next multiple of 16 bytes when m is not a multiple of 4.
+PK_KERNEL(selftest_read_past_end_f32, PkSelftestParams) {
+  const float* a = static_cast<const float*>(p.a);
+  float* c = static_cast<float*>(p.c);
+  const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i <= p.m) c[i] = a[i];
+}
+
+// Every thread adds 1 to the counter c[0]: mode 0 with a plain read-modify-write (a
+// data race: a GPU loses most of the updates), mode 1 with atomicAdd.
+PK_KERNEL(selftest_counter_i32, PkSelftestParams) {
+  int* c = static_cast<int*>(p.c);
+  if (p.mode == 1)
+    atomicAdd(&c[0], 1);
+  else
+    c[0] = c[0] + 1;
+}
+
+// Thread 0 of block b writes c[b] = a[b], then reads c[b ^ 1], which the neighbouring
+// block writes: nothing orders two blocks of one launch (mode 0, a race). Mode 1 reads
+// its own block's c[b] after a barrier. c[gridDim.x + b] receives what was read.
+PK_KERNEL(selftest_cross_block_f32, PkSelftestParams) {
+  const float* a = static_cast<const float*>(p.a);
+  float* c = static_cast<float*>(p.c);
+  const unsigned b = blockIdx.x;
+  if (threadIdx.x == 0) c[b] = a[b];
+  __syncthreads();
+  if (threadIdx.x == 0) c[gridDim.x + b] = c[p.mode == 1 ? b : (b ^ 1u)];
+}
+
+// c[g] = s[t] (g the thread's index in the grid) for a static shared array that nobody
+// wrote (mode 0): the poison on the emulation. Mode 1 writes s[t] = a[t] first.
+PK_KERNEL(selftest_static_smem_f32, PkSelftestParams) {
+  __shared__ float s[256];
+  const float* a = static_cast<const float*>(p.a);
+  float* c = static_cast<float*>(p.c);
+  const int t = (int)threadIdx.x;
+  if (p.mode == 1) s[t] = a[t];
+  __syncthreads();
+  c[blockIdx.x * blockDim.x + t] = s[t];
+}
+
+// __syncwarp() without a mask (all lanes): each lane writes s[t] = a[t], then reads its
+// neighbour's: c[g] = s[t ^ 1] (g the thread's index in the grid).
+PK_KERNEL(selftest_syncwarp_f32, PkSelftestParams) {
+  __shared__ float s[256];
+  const float* a = static_cast<const float*>(p.a);
+  float* c = static_cast<float*>(p.c);
+  const int t = (int)threadIdx.x;
+  s[t] = a[t];
+  __syncwarp();
+  c[blockIdx.x * blockDim.x + t] = s[t ^ 1];
 }

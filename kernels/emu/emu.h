@@ -39,7 +39,11 @@
 #define __align__(n) __attribute__((aligned(n)))
 // Static shared memory is per block. A block runs all its fibers on one host thread
 // and a host thread runs one block at a time, so a thread-local is exactly per block.
-#define __shared__ static thread_local
+// Every static shared variable lives in the TLS section pk_shared, which the runtime
+// fills with poison at the start of each block (the linker's __start_pk_shared and
+// __stop_pk_shared bound this thread's instance of it): a read before the first write
+// shows the poison, as on dynamic shared memory.
+#define __shared__ static thread_local __attribute__((section("pk_shared")))
 
 // ---------------------------------------------------------------- vector types
 struct uint3 {
@@ -137,13 +141,18 @@ static pk_emu::Module pk_tu_module;
 #define warpSize 32
 
 #define __syncthreads() ::pk_emu::syncthreads(__FILE__, __LINE__)
-#define __syncwarp(...) ::pk_emu::syncwarp_(__FILE__, __LINE__, ##__VA_ARGS__)
+// `__syncwarp()` without a mask means every lane, as in CUDA.
+#define __syncwarp(...) (::pk_emu::SyncWarpAt{__FILE__, __LINE__}(__VA_ARGS__))
 #define __trap() ::pk_emu::trap("__trap()", __FILE__, __LINE__)
 #define __threadfence() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 #define __threadfence_block() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 
 namespace pk_emu {
-inline void syncwarp_(const char* file, int line, unsigned mask = 0xffffffffu) { syncwarp(mask, file, line); }
+struct SyncWarpAt {
+  const char* file;
+  int line;
+  void operator()(unsigned mask = 0xffffffffu) const { syncwarp(mask, file, line); }
+};
 
 template <class T>
 inline T shfl_impl(const char* file, int line, unsigned mask, T v, int src) {

@@ -1,7 +1,24 @@
 // The runtime of the host emulation of CUDA (see emu.h): fibers and their scheduler,
 // the pool of host threads that runs blocks, device memory with guard pages and poison,
 // and the C API that src/gpu/emu.rs calls.
+//
+// Built with PK_EMU_SANITIZE=address (PK_EMU_ASAN), device buffers are heap blocks with
+// 4 KiB red zones on both sides, poisoned through ASan's interface, and fiber switches
+// are announced to ASan. Built with PK_EMU_SANITIZE=thread (PK_EMU_TSAN), only the
+// kernels are instrumented, not this file: each CUDA thread is a TSan fiber, switched to
+// without synchronization, and the runtime tells TSan which events order the CUDA
+// threads (barriers, warp collectives, block and launch boundaries).
 #include "emu.h"
+
+#if defined(PK_EMU_ASAN) || defined(PK_EMU_TSAN)
+#include <sanitizer/common_interface_defs.h>
+#endif
+#ifdef PK_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#endif
+#ifdef PK_EMU_TSAN
+#include <sanitizer/tsan_interface.h>
+#endif
 
 #include <pthread.h>
 #include <signal.h>
@@ -28,6 +45,35 @@ thread_local uint3 tls_block_idx = {0, 0, 0};
 thread_local dim3 tls_block_dim;
 thread_local dim3 tls_grid_dim;
 thread_local unsigned char* tls_dyn_smem = nullptr;
+
+// Static shared memory: every `__shared__` variable is in the TLS section pk_shared
+// (emu.h). The linker's __start_pk_shared and __stop_pk_shared bound the section's
+// initialization image (not a thread's instance of it: linkers do not define them as TLS
+// symbols). The anchor, the only variable of the section with a nonzero initial value,
+// is found in the image once; a thread's instance starts as far before the thread's
+// anchor as the image starts before the image's anchor.
+constexpr unsigned long long kSharedAnchor = 0x21656d736d5f6b70ull;  // "pk_smem!"
+static __thread unsigned long long pk_shared_anchor __attribute__((section("pk_shared"), used)) = kSharedAnchor;
+extern "C" {
+extern unsigned char __start_pk_shared[];
+extern unsigned char __stop_pk_shared[];
+}
+static void poison_static_shared() {
+  static const ptrdiff_t anchor_offset = [] {
+    for (unsigned char* q = __start_pk_shared; q + 8 <= __stop_pk_shared; q += 8) {
+      unsigned long long v;
+      std::memcpy(&v, q, 8);
+      if (v == kSharedAnchor) return q - __start_pk_shared;
+    }
+    std::fprintf(stderr, "pk-emu: the anchor of static shared memory is not in the section pk_shared\n");
+    std::abort();
+  }();
+  unsigned char* start = reinterpret_cast<unsigned char*>(&pk_shared_anchor) - anchor_offset;
+  const size_t len = (size_t)(__stop_pk_shared - __start_pk_shared);
+  // Poison everything but the anchor.
+  std::memset(start, 0xFF, (size_t)anchor_offset);
+  std::memset(start + anchor_offset + 8, 0xFF, len - (size_t)anchor_offset - 8);
+}
 
 Registrar::Registrar(Module* m, const char* name, void (*entry)(const void*), size_t param_size) {
   if (m->count >= kMaxKernelsPerModule) {
@@ -86,6 +132,11 @@ struct Context {
   void* sp = nullptr;
 };
 static void ctx_init(Context* c, unsigned char* stack_lo, size_t size, void (*fn)(void*), void* arg) {
+#ifdef PK_EMU_ASAN
+  // A fiber that was abandoned (its block failed) leaves the red zones of its frames
+  // poisoned on its stack: a fresh start begins with a clean stack.
+  ASAN_UNPOISON_MEMORY_REGION(stack_lo, size);
+#endif
   uintptr_t top = (reinterpret_cast<uintptr_t>(stack_lo) + size) & ~uintptr_t(15);
   uint64_t* sp = reinterpret_cast<uint64_t*>(top - 80);
   uint32_t mxcsr;
@@ -134,6 +185,7 @@ static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 constexpr size_t kCanaryBefore = 64;
 constexpr unsigned char kCanary = 0xA5;
 constexpr unsigned char kPoison = 0xFF;
+constexpr size_t kRedZone = 4096;  // ASan builds: the red zone on each side of a buffer
 
 struct Alloc {
   unsigned char* map;
@@ -167,6 +219,10 @@ struct PendingCopy {
 
 struct Fiber : FiberHead {
   Context ctx;
+  unsigned char* stack_lo = nullptr;
+  size_t stack_size = 0;
+  void* asan_fake_stack = nullptr;
+  void* tsan = nullptr;  // this slot's TSan fiber, reused from block to block
   St state = St::Done;
   WaitKind kind = WaitKind::SyncWarp;
   unsigned wait_mask = 0;
@@ -221,6 +277,14 @@ struct Worker {
   Fiber* current = nullptr;
   unsigned nthreads = 0;
   std::mt19937_64 rng;
+  // The scheduler's own stack (for ASan's fiber switches) and TSan context.
+  void* asan_fake_stack = nullptr;
+  const void* sched_stack_bottom = nullptr;
+  size_t sched_stack_size = 0;
+  void* tsan_sched = nullptr;
+  // Addresses that name TSan sync objects: [0] __syncthreads, [1] the blocks of this
+  // host thread one after another, [2 + w] warp w's collectives.
+  char sync_ids[2 + 32] = {};
 };
 static thread_local Worker* tls_worker = nullptr;
 
@@ -256,7 +320,61 @@ static Fiber* cur() {
   return w->current;
 }
 
-static void yield_to_scheduler(Fiber* f) { ctx_switch(&f->ctx, &tls_worker->sched); }
+// ---------------------------------------------------------------- switches
+// The scheduler resumes a fiber.
+static void switch_to_fiber(Worker& w, Fiber& f) {
+#ifdef PK_EMU_ASAN
+  __sanitizer_start_switch_fiber(&w.asan_fake_stack, f.stack_lo, f.stack_size);
+#endif
+#ifdef PK_EMU_TSAN
+  __tsan_switch_to_fiber(f.tsan, __tsan_switch_to_fiber_no_sync);
+#endif
+  ctx_switch(&w.sched, &f.ctx);
+#ifdef PK_EMU_ASAN
+  __sanitizer_finish_switch_fiber(w.asan_fake_stack, nullptr, nullptr);
+#endif
+}
+
+// A fiber returns to the scheduler; `finished`: it is never resumed.
+static void switch_to_scheduler(Fiber* f, bool finished) {
+  Worker& w = *tls_worker;
+#ifdef PK_EMU_ASAN
+  __sanitizer_start_switch_fiber(finished ? nullptr : &f->asan_fake_stack, w.sched_stack_bottom, w.sched_stack_size);
+#else
+  (void)finished;
+#endif
+#ifdef PK_EMU_TSAN
+  __tsan_switch_to_fiber(w.tsan_sched, __tsan_switch_to_fiber_no_sync);
+#endif
+  ctx_switch(&f->ctx, &w.sched);
+#ifdef PK_EMU_ASAN
+  __sanitizer_finish_switch_fiber(f->asan_fake_stack, &w.sched_stack_bottom, &w.sched_stack_size);
+#endif
+}
+
+static void yield_to_scheduler(Fiber* f) { switch_to_scheduler(f, f->state == St::Done); }
+
+#ifdef PK_EMU_TSAN
+// TSan: the fibers of a block run one after another on one host thread, but switches
+// between them carry no synchronization, so TSan sees them as concurrent threads. What
+// orders them on a GPU is told to TSan here, by the scheduler acting in each fiber's
+// name (switching TSan's context without switching stacks): every fiber releases the
+// sync object, then every fiber acquires it.
+static char g_launch_start_sync, g_launch_end_sync;
+static void tsan_in(Worker& w, Fiber& f, void (*op)(void*), void* addr) {
+  __tsan_switch_to_fiber(f.tsan, __tsan_switch_to_fiber_no_sync);
+  op(addr);
+  __tsan_switch_to_fiber(w.tsan_sched, __tsan_switch_to_fiber_no_sync);
+}
+// Fibers first .. first + 32 whose bit is set in mask (or all n from first if mask == 0
+// and n given) synchronize through addr.
+static void tsan_sync_fibers(Worker& w, unsigned first, unsigned n, unsigned mask, void* addr) {
+  for (unsigned i = 0; i < n; ++i)
+    if (!mask || ((mask >> i) & 1u)) tsan_in(w, w.fibers[first + i], &__tsan_release, addr);
+  for (unsigned i = 0; i < n; ++i)
+    if (!mask || ((mask >> i) & 1u)) tsan_in(w, w.fibers[first + i], &__tsan_acquire, addr);
+}
+#endif
 
 static void perform(const PendingCopy& c) {
   if (c.src_bytes) std::memcpy(c.dst, c.src, c.src_bytes);
@@ -266,6 +384,9 @@ static void perform(const PendingCopy& c) {
 static void fiber_main(void* arg) {
   Fiber* f = static_cast<Fiber*>(arg);
   Worker* w = tls_worker;
+#ifdef PK_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &w->sched_stack_bottom, &w->sched_stack_size);
+#endif
   w->launch->entry(w->launch->params);
   for (const PendingCopy& c : f->copies) perform(c);  // the kernel's end waits for its copies
   f->copies.clear();
@@ -393,6 +514,10 @@ static bool resolve_warp(Worker& w, unsigned base) {
       }
     }
     if (ready) {
+#ifdef PK_EMU_TSAN
+      // __syncwarp and the collectives order the memory accesses of their lanes.
+      tsan_sync_fibers(w, base, 32, f.wait_mask, &w.sync_ids[2 + (base / 32) % 32]);
+#endif
       for (unsigned j = 0; j < 32; ++j)
         if ((f.wait_mask >> j) & 1u) w.fibers[base + j].state = St::Runnable;
       released = true;
@@ -401,7 +526,28 @@ static bool resolve_warp(Worker& w, unsigned base) {
   return released;
 }
 
+static void run_block_fibers(Worker& w, Launch& L, uint64_t b);
+
 static void run_block(Worker& w, Launch& L, uint64_t b) {
+  run_block_fibers(w, L, b);
+#ifdef PK_EMU_TSAN
+  // The block's end: everything its threads did happens before the next block on this
+  // host thread (which reuses its shared memory and stacks) and before the launch
+  // returns to the host. A fiber the block abandoned (it failed) gets a fresh context.
+  for (unsigned t = 0; t < w.nthreads; ++t) {
+    Fiber& f = w.fibers[t];
+    if (!f.tsan) continue;
+    tsan_in(w, f, &__tsan_release, &w.sync_ids[1]);
+    tsan_in(w, f, &__tsan_release, &g_launch_end_sync);
+    if (f.state != St::Done) {
+      __tsan_destroy_fiber(f.tsan);
+      f.tsan = nullptr;
+    }
+  }
+#endif
+}
+
+static void run_block_fibers(Worker& w, Launch& L, uint64_t b) {
   const dim3 g = L.grid, bd = L.block;
   tls_block_idx = uint3{(unsigned)(b % g.x), (unsigned)((b / g.x) % g.y), (unsigned)(b / ((uint64_t)g.x * g.y))};
   tls_block_dim = bd;
@@ -430,6 +576,7 @@ static void run_block(Worker& w, Launch& L, uint64_t b) {
   } else {
     tls_dyn_smem = nullptr;
   }
+  poison_static_shared();
 
   const size_t stack_len = fiber_stack_bytes() + page_size();
   while (w.stacks.size() < n) {
@@ -452,7 +599,17 @@ static void run_block(Worker& w, Launch& L, uint64_t b) {
     f.state = St::Runnable;
     f.copies.clear();
     f.committed = 0;
-    ctx_init(&f.ctx, w.stacks[t].map + page_size(), fiber_stack_bytes(), &fiber_main, &f);
+    f.stack_lo = w.stacks[t].map + page_size();
+    f.stack_size = fiber_stack_bytes();
+    f.asan_fake_stack = nullptr;
+    ctx_init(&f.ctx, f.stack_lo, f.stack_size, &fiber_main, &f);
+#ifdef PK_EMU_TSAN
+    if (!f.tsan) f.tsan = __tsan_create_fiber(0);
+    // The block's start: after the launch (the host's writes) and after the blocks
+    // this host thread ran before.
+    tsan_in(w, f, &__tsan_acquire, &g_launch_start_sync);
+    tsan_in(w, f, &__tsan_acquire, &w.sync_ids[1]);
+#endif
   }
 
   // Scheduling: one warp at a time runs until all its threads wait at a __syncthreads
@@ -481,7 +638,7 @@ static void run_block(Worker& w, Launch& L, uint64_t b) {
           ran = true;
           w.current = &f;
           tls_fiber = &f;
-          ctx_switch(&w.sched, &f.ctx);
+          switch_to_fiber(w, f);
           w.current = nullptr;
           tls_fiber = nullptr;
           if (w.failed) return;
@@ -525,6 +682,9 @@ static void run_block(Worker& w, Launch& L, uint64_t b) {
         }
       }
       (void)any_done;
+#ifdef PK_EMU_TSAN
+      tsan_sync_fibers(w, 0, n, 0, &w.sync_ids[0]);
+#endif
       for (unsigned t = 0; t < n; ++t) w.fibers[t].state = St::Runnable;
       continue;
     }
@@ -647,6 +807,9 @@ static void worker_loop() {
   sigaltstack(&ss, nullptr);
   Worker* w = new Worker();
   tls_worker = w;
+#ifdef PK_EMU_TSAN
+  w->tsan_sched = __tsan_get_current_fiber();
+#endif
   for (;;) {
     std::shared_ptr<Launch> L;  // shared: the launching thread may return before we drop it
     {
@@ -678,10 +841,13 @@ static void worker_loop() {
   }
 }
 
+static void install_report_hooks();
+
 static void ensure_pool() {
   static std::once_flag once;
   std::call_once(once, [] {
     install_fault_handler();
+    install_report_hooks();
     unsigned n = std::thread::hardware_concurrency();
     if (const char* e = std::getenv("PK_EMU_THREADS")) n = (unsigned)std::strtoul(e, nullptr, 10);
     if (n == 0) n = 1;
@@ -690,7 +856,92 @@ static void ensure_pool() {
   });
 }
 
+// ---------------------------------------------------------------- sanitizer reports
+#if defined(PK_EMU_ASAN) || defined(PK_EMU_TSAN)
+// After a sanitizer's report: which kernel, block and CUDA thread this host thread was
+// running (the report's stack names the kernel's function too).
+static void print_launch_context() {
+  static std::atomic<bool> printed{false};
+  if (printed.exchange(true)) return;
+  char msg[1024];
+  Worker* w = tls_worker;
+  if (w && w->launch) {
+    std::snprintf(msg, sizeof msg, "prunekit emu: in kernel %s, block (%u,%u,%u)", w->launch->name, tls_block_idx.x,
+                  tls_block_idx.y, tls_block_idx.z);
+    if (w->current) {
+      const size_t len = std::strlen(msg);
+      std::snprintf(msg + len, sizeof msg - len, ", thread (%u,%u,%u)", w->current->tid.x, w->current->tid.y,
+                    w->current->tid.z);
+    }
+  } else {
+    std::snprintf(msg, sizeof msg, "prunekit emu: the report is from a host thread, outside any kernel");
+  }
+  std::strncat(msg, "\n", sizeof msg - std::strlen(msg) - 1);
+  ssize_t r = write(2, msg, std::strlen(msg));
+  (void)r;
+}
+#endif
+
+#ifdef PK_EMU_ASAN
+// Where the reported address lies relative to the live device buffers.
+static void asan_report(const char*) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(__asan_get_report_address());
+  char msg[512] = "";
+  if (a && g_alloc_mtx.try_lock()) {
+    for (const auto& kv : *g_allocs) {
+      const Alloc& al = kv.second;
+      const uintptr_t lo = reinterpret_cast<uintptr_t>(al.data), hi = lo + al.bytes;
+      if (a >= lo - kRedZone && a < hi + kRedZone + (al.padded - al.bytes)) {
+        if (a < lo)
+          std::snprintf(msg, sizeof msg, "prunekit emu: address %#lx is %lu bytes before a device buffer of %zu bytes\n",
+                        (unsigned long)a, (unsigned long)(lo - a), al.bytes);
+        else
+          std::snprintf(msg, sizeof msg,
+                        "prunekit emu: address %#lx is %lu bytes past the end of a device buffer of %zu bytes\n",
+                        (unsigned long)a, (unsigned long)(a - hi), al.bytes);
+        break;
+      }
+    }
+    g_alloc_mtx.unlock();
+  }
+  if (msg[0]) {
+    ssize_t r = write(2, msg, std::strlen(msg));
+    (void)r;
+  }
+  print_launch_context();
+}
+#endif
+
+#if defined(PK_EMU_ASAN) || defined(PK_EMU_TSAN)
+static void install_report_hooks() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+#ifdef PK_EMU_ASAN
+    __asan_set_error_report_callback(&asan_report);
+#endif
+    __sanitizer_set_death_callback(&print_launch_context);
+  });
+}
+#else
+static void install_report_hooks() {}
+#endif
+
 }  // namespace pk_emu
+
+#ifdef PK_EMU_TSAN
+// Called by TSan after it printed a report.
+extern "C" void __tsan_on_report(void*) { pk_emu::print_launch_context(); }
+// Stop at the first report (the kernel tests must be clean); accesses inside libc's
+// interceptors (memcpy, free, ...) are not checked: the Rust code around the kernels
+// synchronizes in ways TSan cannot see, and its only accesses TSan sees are those.
+extern "C" const char* __tsan_default_options() {
+  return "halt_on_error=1:ignore_interceptors_accesses=1:report_signal_unsafe=0";
+}
+#endif
+#ifdef PK_EMU_ASAN
+// The runtime keeps its pool and workers for the whole program on purpose.
+extern "C" const char* __asan_default_options() { return "detect_leaks=0"; }
+#endif
 
 // ---------------------------------------------------------------- C API
 using namespace pk_emu;
@@ -703,6 +954,36 @@ static void set_err(char* err, size_t len, const std::string& s) {
 
 extern "C" {
 
+#ifdef PK_EMU_ASAN
+// A device buffer is a heap block: a red zone of kRedZone bytes, the data (16-byte
+// aligned), its slack up to a multiple of 16, and another red zone. ASan reports any
+// access to a red zone or the slack (byte-exact), and a freed buffer goes to ASan's
+// quarantine, so that a later access is a use-after-free.
+void* pk_emu_alloc(size_t bytes, int poison) {
+  const size_t padded = round_up(bytes, 16);
+  const size_t total = kRedZone + padded + kRedZone;
+  void* m = nullptr;
+  if (posix_memalign(&m, 64, total) != 0 || !m) return nullptr;
+  unsigned char* base = static_cast<unsigned char*>(m);
+  unsigned char* data = base + kRedZone;
+  std::memset(data, poison ? kPoison : 0, bytes);
+  ASAN_POISON_MEMORY_REGION(base, kRedZone);
+  ASAN_POISON_MEMORY_REGION(data + bytes, padded - bytes + kRedZone);
+  std::lock_guard<std::mutex> lk(g_alloc_mtx);
+  (*g_allocs)[reinterpret_cast<uintptr_t>(data)] = Alloc{base, total, data, bytes, padded};
+  return data;
+}
+
+int pk_emu_free(void* p) {
+  std::lock_guard<std::mutex> lk(g_alloc_mtx);
+  auto it = g_allocs->find(reinterpret_cast<uintptr_t>(p));
+  if (it == g_allocs->end()) return -1;
+  ASAN_UNPOISON_MEMORY_REGION(it->second.map, it->second.map_len);
+  std::free(it->second.map);
+  g_allocs->erase(it);
+  return 0;
+}
+#else
 void* pk_emu_alloc(size_t bytes, int poison) {
   const size_t pg = page_size();
   const size_t padded = round_up(bytes, 16);
@@ -731,6 +1012,7 @@ int pk_emu_free(void* p) {
   g_allocs->erase(it);
   return 0;
 }
+#endif
 
 unsigned pk_emu_threads(void) {
   ensure_pool();
@@ -776,12 +1058,18 @@ int pk_emu_launch(const void* entry, const void* params, size_t param_size, cons
   {
     std::lock_guard<std::mutex> lk(g_pool->mtx);
     g_pool->queue.push_back(L);
+#ifdef PK_EMU_TSAN
+    __tsan_release(&g_launch_start_sync);  // the host's writes happen before the kernel
+#endif
   }
   g_pool->cv.notify_all();
   {
     std::unique_lock<std::mutex> lk(L->mtx);
     L->cv.wait(lk, [&L] { return L->completed.load() == L->total; });
   }
+#ifdef PK_EMU_TSAN
+  __tsan_acquire(&g_launch_end_sync);  // and the kernel's before the host's reads
+#endif
   {
     std::lock_guard<std::mutex> lk(g_pool->mtx);
     for (auto it = g_pool->queue.begin(); it != g_pool->queue.end(); ++it) {
@@ -797,7 +1085,12 @@ int pk_emu_launch(const void* entry, const void* params, size_t param_size, cons
     rc = -1;
   }
   // Writes into the slack around a buffer (short of its guard page) are out of bounds too.
+  // (With ASan the slack and the red zones are poisoned instead: ASan reports the write.)
+#ifdef PK_EMU_ASAN
+  if (false) {
+#else
   if (rc == 0) {
+#endif
     std::lock_guard<std::mutex> lk(g_alloc_mtx);
     for (const auto& kv : *g_allocs) {
       if (!canaries_intact(kv.second)) {
