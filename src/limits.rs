@@ -128,8 +128,8 @@ pub fn gb(bytes: f64) -> String {
 }
 
 /// Refuses, with what it needs and what there is, a batch and image size whose model and
-/// workspace (plus `host_extra` bytes of host memory on a host device, e.g. the data
-/// loader's batches) do not fit in the device's memory. Call it before building the
+/// workspace (plus `host_extra` bytes of input batches in host memory, counted on a host
+/// device) do not fit in the device's memory. Call it before building the
 /// workspace: nothing big is allocated yet.
 pub fn check_training_memory(
     dev: &Device,
@@ -150,11 +150,7 @@ pub fn check_training_memory(
             gb(total),
             gb(need.workspace),
             gb(need.model),
-            if on_host && host_extra > 0.0 {
-                format!(", {} for the data loader", gb(host_extra))
-            } else {
-                String::new()
-            },
+            if on_host && host_extra > 0.0 { format!(", {} for input batches", gb(host_extra)) } else { String::new() },
             gb(avail),
             dev.name()
         );
