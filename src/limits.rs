@@ -143,8 +143,8 @@ pub fn check_training_memory(
     let on_host = !matches!(dev.gpu().map(|g| g.kind()), Some(crate::gpu::BackendKind::Cuda));
     let total = need.total() + if on_host { host_extra } else { 0.0 };
     if let Some((avail, what)) = available_memory(dev) {
-        ensure!(
-            total <= avail,
+        crate::ensure!(
+            matches!(total.partial_cmp(&avail), Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)),
             "batch {batch} of {size}x{size} images needs about {} ({} for the workspace, {} for the model{}), \
              more than the {} of {what} on {}; use a smaller --batch or --size",
             gb(total),

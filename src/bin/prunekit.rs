@@ -281,7 +281,7 @@ enum Cmd {
         /// Steps of linear learning-rate warm-up.
         #[arg(long, default_value_t = 0)]
         warmup: u64,
-        /// Label smoothing (only 0: the loss kernels compute plain cross-entropy).
+        /// Label smoothing of the training loss, in [0, 1).
         #[arg(long, default_value_t = 0.0)]
         label_smoothing: f64,
         /// Training augmentation: none, flip or crop-flip.

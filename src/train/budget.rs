@@ -26,16 +26,16 @@ pub fn steps_for(length: Length, image_flops: f64, batch: usize, steps_per_epoch
     let steps = match length {
         Length::Gflops(g) => {
             ensure!(g.is_finite() && g > 0.0, "--budget must be a positive number of GFLOPs, not {g}");
-            ensure!(step_flops > 0.0, "a training step without FLOPs");
+            ensure!(step_flops.is_finite() && step_flops > 0.0, "a training step without FLOPs");
             let k = (g * 1e9 / step_flops * (1.0 + 1e-9)).floor();
             ensure!(
-                k >= 1.0,
+                k.is_finite() && k >= 1.0,
                 "--budget {g} GFLOPs is smaller than one training step ({:.6} GFLOPs: {batch} images of {:.6} \
                  GFLOPs each)",
                 step_flops / 1e9,
                 image_flops / 1e9
             );
-            ensure!(k < 1e15, "--budget {g} GFLOPs is more than 10^15 steps");
+            ensure!(k.is_finite() && k < 1e15, "--budget {g} GFLOPs is more than 10^15 steps");
             k as u64
         }
         Length::Epochs(e) => {

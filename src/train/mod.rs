@@ -160,8 +160,8 @@ pub struct TrainConfig {
     pub schedule: ScheduleKind,
     /// Steps of linear warm-up.
     pub warmup: u64,
-    /// Label smoothing of the training loss (only 0 is supported: the loss kernels
-    /// compute plain cross-entropy).
+    /// Label smoothing of the training loss, in [0, 1) (PyTorch's `label_smoothing`; the
+    /// validation loss is always plain cross-entropy).
     pub label_smoothing: f64,
     /// Evaluate every this many training GFLOPs (and always at the end).
     pub eval_every: Option<f64>,
@@ -239,8 +239,8 @@ impl TrainConfig {
             self.weight_decay
         );
         ensure!(
-            self.label_smoothing == 0.0,
-            "--label-smoothing {} is not supported: the loss kernels compute plain cross-entropy (only 0 is accepted)",
+            (0.0..1.0).contains(&self.label_smoothing),
+            "--label-smoothing must be in [0, 1), not {}",
             self.label_smoothing
         );
         if let Some(e) = self.eval_every {

@@ -142,6 +142,7 @@ pub fn train(
     }
 
     let mut model = Model::from_state(dev, &state, cfg.precision)?;
+    model.set_label_smoothing(cfg.label_smoothing as f32)?;
     if let Some((m, _, _)) = &momentum {
         model.set_momentum_state(m, progress.step)?;
     }
