@@ -400,7 +400,7 @@ fn a_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint() {
     assert!(err.contains("not finite") || err.contains("non-finite"), "{err}");
     let step: u64 =
         err.split("at step ").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
-    assert!(step >= 1 && step < 50, "{err}");
+    assert!((1..50).contains(&step), "{err}");
     if Path::new(&ck).exists() {
         let c = Checkpoint::read(Path::new(&ck)).unwrap();
         assert!(c.progress.step < step, "checkpoint at {} after failing at {step}", c.progress.step);

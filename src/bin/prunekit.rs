@@ -67,6 +67,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of the largest variant (train's options) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// The main job: train pruned ResNet50s and compare measured speedups with FLOP-ideal ones.

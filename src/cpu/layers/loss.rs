@@ -15,9 +15,9 @@ pub fn softmax_cross_entropy(n: usize, classes: usize, logits: &[f32], targets: 
 }
 
 /// As [`softmax_cross_entropy`] with label smoothing `e` (PyTorch's `label_smoothing`):
-/// the target distribution is `q = (1 - e) onehot(t) + e / classes`, `dlogits = (softmax(z)
-/// - q) / n`, and a row's loss `log1p(s) + (1 - e) (max - z_t) + e (max - mean(z))`; `e = 0`
-/// is the plain loss, bit for bit.
+/// the target distribution is `q = (1 - e) onehot(t) + e / classes`, the gradient
+/// `dlogits = (softmax(z) - q) / n`, and a row's loss `log1p(s) + (1 - e) (max - z_t) +
+/// e (max - mean(z))`; `e = 0` is the plain loss, bit for bit.
 pub fn softmax_cross_entropy_smoothed(
     n: usize,
     classes: usize,
