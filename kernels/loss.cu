@@ -3,7 +3,10 @@
 //   dlogits_nj = (exp(z_nj - max_n) / sum_j exp(z_nj - max_n) - [j == t_n]) / n
 // Subtracting the row maximum keeps exp in range for any logits. The loss of a row is
 // formed as log1p(s) + (max - z_t), where 1 + s is the sum (s over the classes other than
-// the first maximum), so that neither large logits nor confident rows lose precision. A target
+// the first maximum), so that neither large logits nor confident rows lose precision.
+// With label smoothing e (PyTorch's label_smoothing) the target distribution is
+// q = (1 - e) onehot(t) + e / classes: dlogits = (softmax(z) - q) / n, and a row's loss is
+// log1p(s) + (1 - e) (max - z_t) + e (max - mean_j z_j); e = 0 is the plain loss, bit for bit. A target
 // outside [0, classes) makes its row's loss and gradients NaN (and so the mean loss).
 // One block: warp w handles rows w, w + warps, ...; the row losses are summed in f64, per
 // warp in row order and then over the warps in order, so the result is deterministic.
@@ -49,11 +52,23 @@ PK_KERNEL(softmax_cross_entropy_f32, PkLossParams) {
       if (j != am) s += expf(z[j] - mx);
     s = warp_sum(s);
     const float inv_s = 1.0f / (1.0f + s);
+    const float e = p.smoothing, on = 1.0f - e, off = e / (float)p.classes;
+    float zsum = 0.0f;
+    if (e > 0.0f) {  // uniform over the block: every lane takes the same branch
+      for (int j = lane; j < p.classes; j += 32) zsum += z[j];
+      zsum = warp_sum(zsum);
+    }
     for (int j = lane; j < p.classes; j += 32) {
       const float prob = expf(z[j] - mx) * inv_s;
-      dz[j] = valid ? (prob - (j == t ? 1.0f : 0.0f)) * inv_n : nan;
+      dz[j] = valid ? (prob - ((j == t ? on : 0.0f) + off)) * inv_n : nan;
     }
-    if (lane == 0) total += valid ? (double)(log1pf(s) + (mx - z[t])) : (double)nan;
+    if (lane == 0) {
+      double row = (double)nan;
+      if (valid)
+        row = e > 0.0f ? (double)(log1pf(s) + on * (mx - z[t]) + e * (mx - zsum / (float)p.classes))
+                       : (double)(log1pf(s) + (mx - z[t]));
+      total += row;
+    }
   }
   if (lane == 0) s_loss[warp] = total;
   __syncthreads();

@@ -229,6 +229,8 @@ typedef struct {
   float* dlogits;          // [n, classes]
   int32_t n;
   int32_t classes;
+  float smoothing;         // label smoothing in [0, 1): target (1 - s) one-hot + s / classes
+  int32_t pad0;
 } PkLossParams;
 
 // sgd.cu: PyTorch's SGD (dampening 0, no Nesterov) on n parameters.

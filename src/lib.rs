@@ -5,7 +5,9 @@
 //! Layers, from the bottom: [`gpu`] (the executor: cuda or the host emulation),
 //! [`cpu`] (reference implementations: naive oracles and fast paths), [`ops`] (one typed
 //! wrapper per kernel family, dispatching between the CPU and a kernel device). Beside
-//! them, [`data`] feeds training: image folders and IDX files, augmentation, batches.
+//! them, [`data`] feeds training: image folders and IDX files, augmentation, batches;
+//! [`train`] trains and evaluates models on it (`prunekit train`, `prunekit eval`), and
+//! [`limits`] checks memory and output paths before a command starts its work.
 
 pub mod bench;
 pub mod cpu;
@@ -13,9 +15,11 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod gpu;
+pub mod limits;
 pub mod model;
 pub mod ops;
 pub mod prune;
+pub mod train;
 pub mod verify;
 
 pub use device::{Buf, Device};

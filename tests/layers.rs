@@ -715,6 +715,45 @@ fn check_loss(dev: &Device) {
 }
 
 #[test]
+fn label_smoothing_matches_oracle_on_every_device() {
+    // PyTorch's label_smoothing: the CPU fast path and the kernel (through the emulation,
+    // in every fiber order) against the f64 oracle, which is checked by finite differences.
+    for dev in all_devices() {
+        for (si, &(n, classes, scale, e)) in
+            [(1, 2, 1.0f32, 0.1f32), (3, 10, 3.0, 0.25), (33, 1000, 5.0, 0.1), (5, 13, 1e4, 0.5)].iter().enumerate()
+        {
+            let mut r = Rng::new(190 + si as u64);
+            let logits: Vec<f32> = r.vec(n * classes, -scale, scale);
+            let targets: Vec<i32> = (0..n).map(|_| r.below(classes) as i32).collect();
+            let (mut loss, mut d) = (fresh::<f32>(&dev, 1), fresh::<f32>(&dev, n * classes));
+            let (z, t) = (up(&dev, logits.clone()), up(&dev, targets.clone()));
+            layers::softmax_cross_entropy_smoothed(&dev, n, classes, &z, &t, e, &mut loss, &mut d).unwrap();
+            let (wl, wd) = closs::softmax_cross_entropy_smoothed_oracle(n, classes, &d64(&logits), &targets, e as f64);
+            let what = |s: &str| format!("smoothed cross-entropy {s} ({n}x{classes}, e {e}, logits up to {scale:e})");
+            check(&what("loss"), &dev, &down(&loss), &[wl], 1e-6 * (1.0 + scale as f64), 1e-5);
+            check(&what("dlogits"), &dev, &down(&d), &wd, 1e-7 / n as f64, 1e-5);
+            // Smoothing 0 is the plain loss, bit for bit.
+            let (mut l0, mut d0) = (fresh::<f32>(&dev, 1), fresh::<f32>(&dev, n * classes));
+            let (mut l1, mut d1) = (fresh::<f32>(&dev, 1), fresh::<f32>(&dev, n * classes));
+            layers::softmax_cross_entropy_smoothed(&dev, n, classes, &z, &t, 0.0, &mut l0, &mut d0).unwrap();
+            layers::softmax_cross_entropy(&dev, n, classes, &z, &t, &mut l1, &mut d1).unwrap();
+            assert_eq!(down(&l0)[0].to_bits(), down(&l1)[0].to_bits());
+            assert!(down(&d0).iter().zip(down(&d1)).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        let (mut loss, mut d) = (fresh::<f32>(&dev, 1), fresh::<f32>(&dev, 2));
+        let (z, t) = (up(&dev, vec![0.0f32, 0.0]), up(&dev, vec![0]));
+        let err = layers::softmax_cross_entropy_smoothed(&dev, 1, 2, &z, &t, 1.0, &mut loss, &mut d).unwrap_err();
+        assert!(err.to_string().contains("[0, 1)"), "{err}");
+    }
+    let (n, classes, e) = (3, 5, 0.2);
+    let z = d64(&Rng::new(7).vec(n * classes, -3.0, 3.0));
+    let t = [4, 0, 2];
+    let (_, d) = closs::softmax_cross_entropy_smoothed_oracle(n, classes, &z, &t, e);
+    let f = |z: &[f64]| closs::softmax_cross_entropy_smoothed_oracle(n, classes, z, &t, e).0;
+    check("fd smoothed cross-entropy", &Device::Cpu, &d, &numeric_grad(&z, &f), 1e-9, 1e-6);
+}
+
+#[test]
 fn cross_entropy_matches_oracle_on_every_device() {
     for dev in all_devices() {
         check_loss(&dev);

@@ -76,6 +76,7 @@ static const PkFieldLayout kLayout[] = {
 
     PK_F(PkLossParams, logits) PK_F(PkLossParams, targets) PK_F(PkLossParams, loss)
     PK_F(PkLossParams, dlogits) PK_F(PkLossParams, n) PK_F(PkLossParams, classes)
+    PK_F(PkLossParams, smoothing) PK_F(PkLossParams, pad0)
 
     PK_F(PkSgdParams, param) PK_F(PkSgdParams, grad) PK_F(PkSgdParams, buf) PK_F(PkSgdParams, n)
     PK_F(PkSgdParams, lr) PK_F(PkSgdParams, momentum) PK_F(PkSgdParams, weight_decay) PK_F(PkSgdParams, first)

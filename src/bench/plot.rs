@@ -6,13 +6,19 @@ use crate::{ensure, invalid, Result};
 use plotters::prelude::*;
 use std::path::Path;
 
-/// Draws the plot of a bench's rows to an SVG file.
-pub fn plot(rows: &[BenchRow], path: &Path, title: &str) -> Result<()> {
+/// Checks, before a run, that `path` names an SVG file in a folder that can be written.
+pub fn check_path(path: &Path) -> Result<()> {
     ensure!(
         path.extension().and_then(|e| e.to_str()) == Some("svg"),
         "--plot writes SVG: give a file name ending in .svg (got {})",
         path.display()
     );
+    crate::limits::check_output_path("--plot", path)
+}
+
+/// Draws the plot of a bench's rows to an SVG file.
+pub fn plot(rows: &[BenchRow], path: &Path, title: &str) -> Result<()> {
+    check_path(path)?;
     let err = |e: &dyn std::fmt::Display| invalid!("drawing {}: {e}", path.display());
     let dense = rows.iter().find(|r| r.mode == "dense");
     let modes: Vec<&str> = {

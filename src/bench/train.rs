@@ -198,6 +198,10 @@ pub fn run(dev: &Device, o: &BenchOptions, tick: &mut dyn FnMut()) -> Result<Vec
         None => torchvision_init(&Arch::resnet50(1000), o.seed),
     };
     let arch = Arch::from_state(&dense)?;
+    // The dense model is the largest of the run: check that it fits before anything big
+    // is allocated (the synthetic batch lives on the host beside it).
+    let images = (o.batch as f64) * 3.0 * (o.size * o.size) as f64 * 4.0;
+    crate::limits::check_training_memory(dev, &arch, o.precision, o.batch, o.size, images)?;
     let (h, w) = (o.size, o.size);
     let dense_train = arch.flops_train(h, w);
     let mut rows: Vec<BenchRow> = Vec::new();

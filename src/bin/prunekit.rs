@@ -1,13 +1,60 @@
 //! The prunekit command line. Each subcommand parses its arguments here and calls the
 //! library; see `prunekit --help`.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use prunekit::bench::train::{self as trainbench, BenchMode, BenchOptions};
-use prunekit::model::{PrecisionKind, StateDict};
+use prunekit::data::{Augment, ClassSelection, Dataset, Loader, LoaderConfig, Normalize, OpenOptions};
+use prunekit::model::{Arch, Model, PrecisionKind, StateDict};
 use prunekit::prune::{prune_state, Mode, Norm, PruneConfig, Sparsity};
+use prunekit::train::{self as training, Checkpoint, Length, ModelSource, Outcome, ScheduleKind, Start, TrainConfig};
 use prunekit::{invalid, Device};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// The data options of `train` and `eval`, passed through to `prunekit::data`.
+#[derive(clap::Args)]
+struct DataArgs {
+    /// Training data: an image folder (ROOT/<class>/<image>; ROOT/train and ROOT/val when
+    /// they exist) or idx:IMAGES,LABELS (MNIST-family files, raw or gzip).
+    #[arg(long)]
+    data: String,
+    /// Validation data (same syntax); default: ROOT/val, else a seeded --val-fraction of
+    /// each class of --data.
+    #[arg(long)]
+    val: Option<String>,
+    /// Keep these classes, relabelled in index order: 0-4, sandal,shirt, 0,3,7.
+    #[arg(long)]
+    classes: Option<ClassSelection>,
+    /// Keep this many training images per class (seeded).
+    #[arg(long)]
+    per_class: Option<usize>,
+    /// The fraction of each class held out for validation when there is no validation set.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Pixel normalization: imagenet, MEAN,STD, or six numbers (three means, three stds).
+    #[arg(long, default_value = "imagenet")]
+    normalize: Normalize,
+    /// Leave out (and count) images that cannot be decoded instead of failing.
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+impl DataArgs {
+    fn open(&self, seed: u64) -> prunekit::Result<Dataset> {
+        let opts =
+            OpenOptions { val: self.val.clone(), val_fraction: self.val_fraction, seed, skip_bad: self.skip_bad };
+        let mut d = Dataset::open(&self.data, &opts)?;
+        if let Some(sel) = &self.classes {
+            d = d.select(sel)?;
+        }
+        if let Some(n) = self.per_class {
+            d = d.per_class(n, seed)?;
+        }
+        Ok(d)
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +67,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of the largest variant (train's options) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// The main job: train pruned ResNet50s and compare measured speedups with FLOP-ideal ones.
@@ -176,6 +225,136 @@ enum Cmd {
         #[arg(long, default_value_t = 224)]
         size: usize,
     },
+    /// Train a ResNet on image data: from pretrained weights (pruned zero-shot first with
+    /// --mode/--sparsity) or from scratch, for a compute budget, epochs or steps.
+    ///
+    /// Compute is counted the paper's way: training FLOPs per image times images seen;
+    /// --budget stops when the next step would exceed it, and the cosine schedule is fitted
+    /// to the steps that fit. The log (--log, JSON lines) holds per step: step, images,
+    /// train_gflops, wall_s, lr, loss; at evaluation points (--eval-every and the end) also
+    /// val_error and val_loss. Checkpoints (--checkpoint) hold the model, the optimizer, the
+    /// step and the loader's position; they are written every --checkpoint-every steps, at
+    /// the end, and on SIGINT/SIGTERM (then the process exits with status 130); --resume
+    /// continues with the same settings to bit-identical weights (on the CPU).
+    #[command(group(ArgGroup::new("length").required(true).args(["budget", "epochs", "steps"])))]
+    Train {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Start from these weights (safetensors, torchvision names; pruned files too).
+        #[arg(long, conflicts_with_all = ["layers", "width"])]
+        weights: Option<PathBuf>,
+        /// Prune zero-shot before training: filters or channels (with --sparsity).
+        #[arg(long, requires = "sparsity")]
+        mode: Option<ModeArg>,
+        /// Fraction of each pruned width to remove, in [0, 1) (with --mode).
+        #[arg(long, requires = "mode")]
+        sparsity: Option<Sparsity>,
+        /// Round kept widths up to a multiple of this.
+        #[arg(long, default_value_t = 8)]
+        round_to: usize,
+        /// Filter score for pruning.
+        #[arg(long, value_enum, default_value_t = CriterionArg::L1)]
+        criterion: CriterionArg,
+        /// Training compute budget in GFLOPs.
+        #[arg(long)]
+        budget: Option<f64>,
+        /// Epochs (full batches of the training split).
+        #[arg(long)]
+        epochs: Option<u64>,
+        /// Training steps.
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Images per step.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Image height and width.
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 0.1)]
+        lr: f64,
+        /// SGD momentum.
+        #[arg(long, default_value_t = 0.9)]
+        momentum: f64,
+        /// Weight decay.
+        #[arg(long, default_value_t = 5e-4)]
+        wd: f64,
+        /// cosine (fitted to the run's steps) or constant.
+        #[arg(long, default_value = "cosine")]
+        schedule: ScheduleKind,
+        /// Steps of linear learning-rate warm-up.
+        #[arg(long, default_value_t = 0)]
+        warmup: u64,
+        /// Label smoothing of the training loss, in [0, 1).
+        #[arg(long, default_value_t = 0.0)]
+        label_smoothing: f64,
+        /// Training augmentation: none, flip or crop-flip.
+        #[arg(long, default_value = "crop-flip")]
+        augment: Augment,
+        /// Evaluate on the validation split every this many training GFLOPs (and at the end).
+        #[arg(long)]
+        eval_every: Option<f64>,
+        /// From scratch: blocks per stage (default 3,4,6,3: ResNet50).
+        #[arg(long, value_delimiter = ',')]
+        layers: Option<Vec<usize>>,
+        /// From scratch: base width (default 64: ResNet50).
+        #[arg(long)]
+        width: Option<usize>,
+        /// cpu, emu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// f32 or bf16 (default: bf16 on cuda, else f32).
+        #[arg(long)]
+        precision: Option<PrecisionKind>,
+        /// Seed of the data order, augmentation, validation split and fresh weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Write the trained model here (torchvision names, keep.* when pruned).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Write one JSON line per step here.
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Write checkpoints here (atomically).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Write a checkpoint every N steps.
+        #[arg(long)]
+        checkpoint_every: Option<u64>,
+        /// Continue the run saved in this checkpoint (give the same settings).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Data loader threads (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Test hook: stop as if interrupted once this many steps are done.
+        #[arg(long, hide = true)]
+        stop_after: Option<u64>,
+    },
+    /// Evaluate a model on the validation split of a data set: top-1 error and mean loss
+    /// (eval-mode batch norm).
+    Eval {
+        /// The model (safetensors, torchvision names; pruned and trained files too).
+        #[arg(long)]
+        weights: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        /// cpu, emu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Images per batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Image height and width.
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        /// f32 or bf16 (default: bf16 on cuda, else f32).
+        #[arg(long)]
+        precision: Option<PrecisionKind>,
+        /// Seed of the validation split (as in train, when there is no validation set).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -190,9 +369,33 @@ enum CriterionArg {
     L2,
 }
 
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Filters => Mode::Filters,
+            ModeArg::Channels => Mode::Channels,
+        }
+    }
+}
+
+impl From<CriterionArg> for Norm {
+    fn from(c: CriterionArg) -> Norm {
+        match c {
+            CriterionArg::L1 => Norm::L1,
+            CriterionArg::L2 => Norm::L2,
+        }
+    }
+}
+
 fn run(cli: Cli) -> prunekit::Result<()> {
     match cli.cmd {
         Cmd::Bench { device, weights, mode, sparsity, round_to, batch, size, steps, warmup, precision, json, plot } => {
+            if let Some(p) = &json {
+                prunekit::limits::check_output_path("--json", p)?;
+            }
+            if let Some(p) = &plot {
+                prunekit::bench::plot::check_path(p)?;
+            }
             let dev = Device::parse(&device)?;
             let mut o = BenchOptions::defaults(&dev);
             if let Some(w) = &weights {
@@ -282,6 +485,9 @@ fn run(cli: Cli) -> prunekit::Result<()> {
                 .collect::<prunekit::Result<Vec<_>>>()?;
             let passes = list(&passes).iter().map(|p| Pass::parse(p)).collect::<prunekit::Result<Vec<_>>>()?;
             let opts = BenchOpts { batch, size, sparsities, round_to, passes, dtype: DType::parse(&dtype)?, iters };
+            if let Some(p) = &json {
+                prunekit::limits::check_output_path("--json", p)?;
+            }
             let dev = Device::parse(&device)?;
             println!("conv-bench on {} ({}, batch {batch}, {size}x{size})", dev.name(), opts.dtype.name());
             let (rows, note) = conv_bench::run(&dev, &opts, |r| {
@@ -308,19 +514,184 @@ fn run(cli: Cli) -> prunekit::Result<()> {
             }
             Ok(())
         }
+        Cmd::Train {
+            data,
+            weights,
+            mode,
+            sparsity,
+            round_to,
+            criterion,
+            budget,
+            epochs,
+            steps,
+            batch,
+            size,
+            lr,
+            momentum,
+            wd,
+            schedule,
+            warmup,
+            label_smoothing,
+            augment,
+            eval_every,
+            layers,
+            width,
+            device,
+            precision,
+            seed,
+            out,
+            log,
+            checkpoint,
+            checkpoint_every,
+            resume,
+            threads,
+            stop_after,
+        } => {
+            let length = match (budget, epochs, steps) {
+                (Some(g), None, None) => Length::Gflops(g),
+                (None, Some(e), None) => Length::Epochs(e),
+                (None, None, Some(s)) => Length::Steps(s),
+                _ => return Err(invalid!("give exactly one of --budget, --epochs and --steps")),
+            };
+            let dev = Device::parse(&device)?;
+            let precision =
+                precision.unwrap_or(if dev.kind() == "cuda" { PrecisionKind::Bf16 } else { PrecisionKind::F32 });
+            let interrupt = Arc::new(AtomicBool::new(false));
+            let cfg = TrainConfig {
+                length,
+                batch,
+                size,
+                lr,
+                momentum,
+                weight_decay: wd,
+                schedule,
+                warmup,
+                label_smoothing,
+                eval_every,
+                precision,
+                seed,
+                augment,
+                norm: data.normalize,
+                threads,
+                checkpoint,
+                checkpoint_every,
+                log,
+                out,
+                progress: true,
+                interrupt: Some(interrupt.clone()),
+                stop_after,
+            };
+            cfg.check()?;
+            let prune = match (mode, sparsity) {
+                (Some(m), Some(s)) => Some(PruneConfig::new(m.into(), s, round_to, criterion.into())?),
+                _ => None,
+            };
+            let layers = match layers {
+                None => [3, 4, 6, 3],
+                Some(v) => <[usize; 4]>::try_from(v.as_slice())
+                    .map_err(|_| invalid!("--layers takes four numbers (blocks per stage), not {}", v.len()))?,
+            };
+            let resume_cp = match &resume {
+                Some(p) => Some(Checkpoint::read(p)?),
+                None => None,
+            };
+            let ds = data.open(seed)?;
+            println!("{}", ds.summary());
+            let start = match (resume_cp, resume) {
+                (Some(cp), Some(p)) => {
+                    if weights.is_some() || prune.is_some() {
+                        println!(
+                            "note: resuming: the model comes from the checkpoint (--weights, --mode are not used)"
+                        );
+                    }
+                    Start::Resume(Box::new(cp), p)
+                }
+                _ => {
+                    let source = match &weights {
+                        Some(w) => ModelSource::Weights(StateDict::read(w)?),
+                        None => ModelSource::Scratch { layers, width: width.unwrap_or(64) },
+                    };
+                    let prep = training::prepare_model(&dev, source, ds.classes().len(), prune.as_ref(), seed)?;
+                    for n in &prep.notes {
+                        println!("{n}");
+                    }
+                    Start::Fresh(prep.state)
+                }
+            };
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                // A second signal while the first is being handled ends the process at once.
+                signal_hook::flag::register_conditional_shutdown(sig, 130, interrupt.clone())
+                    .and_then(|_| signal_hook::flag::register(sig, interrupt.clone()))
+                    .map_err(|e| invalid!("cannot install the signal handler: {e}"))?;
+            }
+            match training::train(&dev, start, &ds, &cfg, &mut |l| println!("{l}"))? {
+                Outcome::Finished(s) => {
+                    let eval = match s.eval {
+                        Some(e) => format!(", val error {:.4}, val loss {:.4} on {} images", e.error, e.loss, e.images),
+                        None => String::new(),
+                    };
+                    println!(
+                        "done: {} steps, {} images, {:.2} training GFLOPs in {:.1} s; last train loss {:.4}{eval}",
+                        s.steps, s.images, s.train_gflops, s.wall_s, s.last_loss
+                    );
+                    Ok(())
+                }
+                Outcome::Interrupted { step, checkpoint } => {
+                    match checkpoint {
+                        Some(p) => println!(
+                            "interrupted after step {step}: checkpoint written to {} (continue with --resume {})",
+                            p.display(),
+                            p.display()
+                        ),
+                        None => println!("interrupted after step {step}: no --checkpoint, nothing saved"),
+                    }
+                    std::process::exit(130);
+                }
+            }
+        }
+        Cmd::Eval { weights, data, device, batch, size, precision, seed } => {
+            let dev = Device::parse(&device)?;
+            let precision =
+                precision.unwrap_or(if dev.kind() == "cuda" { PrecisionKind::Bf16 } else { PrecisionKind::F32 });
+            let sd = StateDict::read(&weights)?;
+            let arch = Arch::from_state(&sd)?;
+            let ds = data.open(seed)?;
+            println!("{}", ds.summary());
+            prunekit::ensure!(
+                arch.classes == ds.classes().len(),
+                "{} has {} outputs and the data {} classes",
+                weights.display(),
+                arch.classes,
+                ds.classes().len()
+            );
+            prunekit::ensure!(batch >= 1 && size >= 1, "--batch and --size must be at least 1");
+            let lc = LoaderConfig { batch, size, norm: data.normalize, seed, ..LoaderConfig::default() };
+            let host = (lc.prefetch + 3) as f64 * (batch * 3 * size * size * 4) as f64;
+            prunekit::limits::check_training_memory(&dev, &arch, precision, batch, size, host)?;
+            let mut model = Model::from_state(&dev, &sd, precision)?;
+            let mut ws = model.workspace(batch, size, size)?;
+            let mut loader = Loader::eval(&ds.val, &lc)?;
+            let mut b = loader.new_batch();
+            let r = training::evaluate(&mut model, &mut ws, &mut loader, &mut b)?;
+            println!(
+                "{}: top-1 error {:.4}, mean loss {:.4} on {} val images ({size}x{size}, {} on {})",
+                weights.display(),
+                r.error,
+                r.loss,
+                r.images,
+                precision,
+                dev.name()
+            );
+            Ok(())
+        }
         Cmd::Prune { weights, mode, sparsity, round_to, criterion, device, out, size } => {
             if round_to == 0 {
                 return Err(invalid!("--round-to must be at least 1"));
             }
-            let mode = match mode {
-                ModeArg::Filters => Mode::Filters,
-                ModeArg::Channels => Mode::Channels,
-            };
-            let norm = match criterion {
-                CriterionArg::L1 => Norm::L1,
-                CriterionArg::L2 => Norm::L2,
-            };
+            let mode: Mode = mode.into();
+            let norm: Norm = criterion.into();
             let config = PruneConfig::new(mode, sparsity, round_to, norm)?;
+            prunekit::limits::check_output_path("--out", &out)?;
             let dev = Device::parse(&device)?;
             let sd = StateDict::read(&weights)?;
             let t = std::time::Instant::now();

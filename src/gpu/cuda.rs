@@ -84,6 +84,12 @@ impl CudaBackend {
         self.name.clone()
     }
 
+    /// Free and total device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize), GpuError> {
+        self.bind()?;
+        result::mem_get_info().map_err(|e| driver_err("cuMemGetInfo", e))
+    }
+
     fn bind(&self) -> Result<(), GpuError> {
         self.ctx.bind_to_thread().map_err(|e| driver_err("cuCtxSetCurrent", e))
     }

@@ -189,6 +189,15 @@ impl Gpu {
         }
     }
 
+    /// Free and total memory of the GPU in bytes, or `None` in the emulation (whose buffers
+    /// live in host memory).
+    pub fn memory(&self) -> Result<Option<(usize, usize)>, GpuError> {
+        match &*self.backend {
+            Backend::Cuda(c) => c.memory().map(Some),
+            Backend::Emu(_) => Ok(None),
+        }
+    }
+
     /// How many device buffers this handle (and its clones) allocated so far: a training
     /// step that allocates nothing leaves it unchanged.
     pub fn allocations(&self) -> u64 {

@@ -129,10 +129,17 @@ impl Arch {
     /// torchvision's bottleneck ResNet with `layers` blocks per stage, base widths
     /// 64/128/256/512 (expansion 4) and `classes` outputs.
     pub fn bottleneck(layers: [usize; 4], classes: usize) -> Arch {
+        Arch::bottleneck_width(layers, 64, classes)
+    }
+
+    /// As [`bottleneck`](Self::bottleneck) with base width `width` instead of 64: the stem
+    /// has `width` channels and stage s (from 0) `width << s` inner and `4 * (width << s)`
+    /// output channels (`width` 64 is torchvision's).
+    pub fn bottleneck_width(layers: [usize; 4], width: usize, classes: usize) -> Arch {
         let mut blocks = Vec::new();
-        let mut cin = 64;
+        let mut cin = width;
         for (s, &n) in layers.iter().enumerate() {
-            let planes = 64 << s;
+            let planes = width << s;
             for i in 0..n {
                 let stride = if s > 0 && i == 0 { 2 } else { 1 };
                 let downsample = i == 0 && (stride != 1 || cin != planes * 4);
@@ -149,7 +156,7 @@ impl Arch {
                 cin = planes * 4;
             }
         }
-        Arch { stem: 64, blocks, classes }
+        Arch { stem: width, blocks, classes }
     }
 
     /// ResNet50: (3, 4, 6, 3) blocks, 1000 classes by default.

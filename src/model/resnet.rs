@@ -136,6 +136,8 @@ pub struct ResNet<T: Precision> {
     steps: u64,
     /// Batch norm momentum and epsilon.
     pub bn: BnConfig,
+    /// Label smoothing of the training loss, in [0, 1) (0: plain cross-entropy).
+    pub label_smoothing: f32,
 }
 
 fn f32_of<'a>(sd: &'a StateDict, name: &str) -> Result<&'a [f32]> {
@@ -302,6 +304,7 @@ impl<T: Precision> ResNet<T> {
             arch,
             steps: 0,
             bn: BnConfig::default(),
+            label_smoothing: 0.0,
         })
     }
 
@@ -497,7 +500,8 @@ impl<T: Precision> ResNet<T> {
         layers::avgpool_forward(&dev, n, hw, self.arch.fc_in(), last, &mut ws.feat)?;
         layers::fc_forward(&dev, n, self.arch.fc_in(), ws.classes, &ws.feat, &self.fc_w, &self.fc_b, &mut ws.logits)?;
         if train {
-            layers::softmax_cross_entropy(&dev, n, ws.classes, &ws.logits, &ws.targets, &mut ws.loss, &mut ws.dlogits)?;
+            let (z, t, e) = (&ws.logits, &ws.targets, self.label_smoothing);
+            layers::softmax_cross_entropy_smoothed(&dev, n, ws.classes, z, t, e, &mut ws.loss, &mut ws.dlogits)?;
         }
         Ok(())
     }

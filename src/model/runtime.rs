@@ -104,6 +104,13 @@ impl Model {
         both!(self, m => m.bn = bn)
     }
 
+    /// Sets the label smoothing of the training loss ([`ResNet::label_smoothing`]), in [0, 1).
+    pub fn set_label_smoothing(&mut self, e: f32) -> Result<()> {
+        crate::ensure!((0.0..1.0).contains(&e), "label smoothing must be in [0, 1), not {e}");
+        both!(self, m => m.label_smoothing = e);
+        Ok(())
+    }
+
     /// See [`ResNet::workspace`].
     pub fn workspace(&self, n: usize, h: usize, w: usize) -> Result<AnyWorkspace> {
         Ok(match self {

@@ -114,14 +114,26 @@ impl StateDict {
         Ok(sd)
     }
 
-    /// Writes a safetensors file through a temporary file in the same folder.
+    /// Writes a safetensors file through a temporary file in the same folder, renamed over
+    /// `path` once complete: a failure (or a kill) never leaves half a file, and an existing
+    /// file stays as it was until the new one is whole.
     pub fn write(&self, path: &Path) -> Result<()> {
         let shown = path.display().to_string();
         let meta: std::collections::HashMap<String, String> =
             self.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let meta = if meta.is_empty() { None } else { Some(meta) };
-        safetensors::serialize_to_file(self.tensors.iter().map(|(k, v)| (k.as_str(), v)), meta, path)
+        let name = path.file_name().ok_or_else(|| format_err(&shown, "cannot write: not a file name"))?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        let done = safetensors::serialize_to_file(self.tensors.iter().map(|(k, v)| (k.as_str(), v)), meta, &tmp)
             .map_err(|e| format_err(&shown, format!("cannot write: {e}")))
+            .and_then(|()| std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: shown.clone(), source }));
+        if done.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        done
     }
 
     /// The tensor `name`, which must exist.

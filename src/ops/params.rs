@@ -422,6 +422,11 @@ params!(
         n: i32,
         /// Classes.
         classes: i32,
+        /// Label smoothing in [0, 1): the target distribution is `(1 - smoothing)` on the
+        /// class plus `smoothing / classes` on every class.
+        smoothing: f32,
+        /// Padding to a multiple of 8 bytes.
+        pad0: i32,
     }
 );
 params!(

@@ -11,6 +11,22 @@ use rayon::prelude::*;
 /// target outside `[0, classes)` makes its row's gradients and the loss NaN (the wrapper
 /// rejects such targets before they get here).
 pub fn softmax_cross_entropy(n: usize, classes: usize, logits: &[f32], targets: &[i32], dlogits: &mut [f32]) -> f32 {
+    softmax_cross_entropy_smoothed(n, classes, logits, targets, 0.0, dlogits)
+}
+
+/// As [`softmax_cross_entropy`] with label smoothing `e` (PyTorch's `label_smoothing`):
+/// the target distribution is `q = (1 - e) onehot(t) + e / classes`, the gradient
+/// `dlogits = (softmax(z) - q) / n`, and a row's loss `log1p(s) + (1 - e) (max - z_t) +
+/// e (max - mean(z))`; `e = 0` is the plain loss, bit for bit.
+pub fn softmax_cross_entropy_smoothed(
+    n: usize,
+    classes: usize,
+    logits: &[f32],
+    targets: &[i32],
+    e: f32,
+    dlogits: &mut [f32],
+) -> f32 {
+    let (on, off) = (1.0 - e, e / classes.max(1) as f32);
     if n == 0 {
         return f32::NAN; // the mean of nothing, as PyTorch
     }
@@ -37,9 +53,12 @@ pub fn softmax_cross_entropy(n: usize, classes: usize, logits: &[f32], targets: 
             let inv = 1.0 / (1.0 + s);
             for (j, (d, &v)) in dz.iter_mut().zip(z).enumerate() {
                 let p = (v - mx).exp() * inv;
-                *d = if valid { (p - if j as i32 == t { 1.0 } else { 0.0 }) * inv_n } else { f32::NAN };
+                *d = if valid { (p - ((if j as i32 == t { on } else { 0.0 }) + off)) * inv_n } else { f32::NAN };
             }
-            if valid {
+            if valid && e > 0.0 {
+                let mean = z.iter().sum::<f32>() / classes as f32;
+                (s.ln_1p() + on * (mx - z[t as usize]) + e * (mx - mean)) as f64
+            } else if valid {
                 (s.ln_1p() + (mx - z[t as usize])) as f64
             } else {
                 f64::NAN
@@ -51,6 +70,18 @@ pub fn softmax_cross_entropy(n: usize, classes: usize, logits: &[f32], targets: 
 
 /// Loss and gradient in f64: (loss, dlogits).
 pub fn softmax_cross_entropy_oracle(n: usize, classes: usize, logits: &[f64], targets: &[i32]) -> (f64, Vec<f64>) {
+    softmax_cross_entropy_smoothed_oracle(n, classes, logits, targets, 0.0)
+}
+
+/// Loss and gradient in f64 with label smoothing `e`, straight from the definition:
+/// `-sum_j q_j log softmax(z)_j` with `q = (1 - e) onehot(t) + e / classes`.
+pub fn softmax_cross_entropy_smoothed_oracle(
+    n: usize,
+    classes: usize,
+    logits: &[f64],
+    targets: &[i32],
+    e: f64,
+) -> (f64, Vec<f64>) {
     let mut d = vec![0.0; n * classes];
     let mut total = 0.0;
     for r in 0..n {
@@ -59,9 +90,10 @@ pub fn softmax_cross_entropy_oracle(n: usize, classes: usize, logits: &[f64], ta
         let mx = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let s: f64 = z.iter().map(|v| (v - mx).exp()).sum();
         let lse = mx + s.ln();
-        total += lse - z[t];
         for j in 0..classes {
-            d[r * classes + j] = ((z[j] - lse).exp() - if j == t { 1.0 } else { 0.0 }) / n as f64;
+            let q = if j == t { 1.0 - e } else { 0.0 } + e / classes as f64;
+            total += q * (lse - z[j]);
+            d[r * classes + j] = ((z[j] - lse).exp() - q) / n as f64;
         }
     }
     (total / n as f64, d)

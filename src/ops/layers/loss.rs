@@ -38,6 +38,24 @@ pub fn softmax_cross_entropy(
     loss: &mut Buf<f32>,
     dlogits: &mut Buf<f32>,
 ) -> Result<()> {
+    softmax_cross_entropy_smoothed(dev, n, classes, logits, targets, 0.0, loss, dlogits)
+}
+
+/// [`softmax_cross_entropy`] with label smoothing `smoothing` in [0, 1), as
+/// `F.cross_entropy(logits, targets, label_smoothing=smoothing)`: the target distribution
+/// is `(1 - smoothing) onehot(t) + smoothing / classes`; 0 is the plain loss, bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_cross_entropy_smoothed(
+    dev: &Device,
+    n: usize,
+    classes: usize,
+    logits: &Buf<f32>,
+    targets: &Buf<i32>,
+    smoothing: f32,
+    loss: &mut Buf<f32>,
+    dlogits: &mut Buf<f32>,
+) -> Result<()> {
+    ensure!((0.0..1.0).contains(&smoothing), "label smoothing must be in [0, 1), not {smoothing}");
     ensure!(n >= 1, "cross-entropy of an empty batch");
     ensure!(classes >= 1, "cross-entropy over no classes");
     let len = mul(n, classes, "the logits")?;
@@ -55,7 +73,8 @@ pub fn softmax_cross_entropy(
         Device::Cpu => {
             let t = host(targets, "targets")?;
             check_targets(t, classes)?;
-            let l = cpu::softmax_cross_entropy(n, classes, host(logits, "logits")?, t, host_mut(dlogits, "dlogits")?);
+            let (z, d) = (host(logits, "logits")?, host_mut(dlogits, "dlogits")?);
+            let l = cpu::softmax_cross_entropy_smoothed(n, classes, z, t, smoothing, d);
             host_mut(loss, "loss")?[0] = l;
             Ok(())
         }
@@ -67,6 +86,8 @@ pub fn softmax_cross_entropy(
                 dlogits: dptr(dlogits, gpu, "dlogits")?,
                 n: n as i32,
                 classes: classes as i32,
+                smoothing,
+                pad0: 0,
             };
             let warps = n.min(32) as u32;
             // SAFETY: logits and dlogits hold n * classes elements, targets n, loss 1; the

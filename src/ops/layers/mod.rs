@@ -29,7 +29,7 @@ mod sgd;
 pub use bn::{bn_backward, bn_forward_eval, bn_forward_train, bn_row_chunks};
 pub use elementwise::{add_assign, add_relu, cast, relu_backward};
 pub use fc::{fc_backward, fc_forward};
-pub use loss::{check_targets, softmax_cross_entropy};
+pub use loss::{check_targets, softmax_cross_entropy, softmax_cross_entropy_smoothed};
 pub use pool::{avgpool_backward, avgpool_forward, maxpool_backward, maxpool_forward, maxpool_out};
 pub use sgd::sgd_step;
 

@@ -1,0 +1,493 @@
+//! `prunekit train` and `prunekit eval` end to end on tiny data built here (IDX files of
+//! four classes of gray levels, 16x16) and tiny networks (`--layers 1,1,1,1 --width 8`),
+//! on the CPU and once through the emulation: the budget's exact stop, the schedule, the
+//! classifier swap, pruning before training, bit-identical resumption (after the test hook
+//! and after a real SIGINT), the stop on a non-finite loss, the log's fields, `eval` on
+//! the trained file, bad inputs refused before any work, and learning an easy task.
+
+use prunekit::model::{init::torchvision_init, Arch, StateDict};
+use prunekit::train::{Checkpoint, Schedule, ScheduleKind};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> PathBuf {
+    std::env::var_os("PRUNEKIT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_prunekit")), PathBuf::from)
+}
+
+fn prunekit(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn ok(o: &Output) -> String {
+    let (out, err) = text(o);
+    assert!(o.status.success(), "exit {:?}\n{out}\n{err}", o.status.code());
+    out
+}
+
+fn fails(o: &Output, needle: &str) -> String {
+    let (out, err) = text(o);
+    assert!(!o.status.success(), "accepted:\n{out}\n{err}");
+    assert!(err.contains(needle), "expected {needle:?} in:\n{err}\n{out}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    err
+}
+
+/// An IDX pair of `n` 16x16 images: class i % 4 has gray level 25, 90, 155 or 220, plus
+/// seeded noise of +-20. Returns the `idx:IMAGES,LABELS` spec.
+fn tiny_idx(dir: &Path, n: usize) -> String {
+    let (h, w) = (16u32, 16u32);
+    let mut images = vec![0, 0, 8, 3];
+    for d in [n as u32, h, w] {
+        images.extend(d.to_be_bytes());
+    }
+    let mut labels = vec![0, 0, 8, 1];
+    labels.extend((n as u32).to_be_bytes());
+    let mut s = 0x1234_5678u64;
+    for i in 0..n {
+        let c = i % 4;
+        labels.push(c as u8);
+        for _ in 0..h * w {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let noise = ((s >> 33) % 41) as i32 - 20;
+            images.push((25 + 65 * c as i32 + noise).clamp(0, 255) as u8);
+        }
+    }
+    let (ip, lp) = (dir.join("images.idx"), dir.join("labels.idx"));
+    std::fs::write(&ip, images).unwrap();
+    std::fs::write(&lp, labels).unwrap();
+    format!("idx:{},{}", ip.display(), lp.display())
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    data: String,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let data = tiny_idx(dir.path(), 200);
+        Fixture { dir, data }
+    }
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+    /// `train` on the tiny data with a tiny network on the CPU, then `extra`.
+    fn train(&self, extra: &[&str]) -> Output {
+        prunekit(&self.args(extra).iter().map(String::as_str).collect::<Vec<_>>())
+    }
+    /// The arguments of [`train`](Self::train): defaults for the flags `extra` lacks.
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut a = vec!["train", "--data", &self.data];
+        let defaults = [
+            ("--device", "cpu"),
+            ("--size", "16"),
+            ("--batch", "16"),
+            ("--lr", "0.05"),
+            ("--augment", "none"),
+            ("--val-fraction", "0.2"),
+            ("--threads", "2"),
+        ];
+        for (k, v) in defaults {
+            if !extra.contains(&k) {
+                a.extend([k, v]);
+            }
+        }
+        if !extra.contains(&"--weights") && !extra.contains(&"--resume") && !extra.contains(&"--layers") {
+            a.extend(["--layers", "1,1,1,1", "--width", "8"]);
+        }
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect()
+    }
+}
+
+fn log_lines(path: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn tiny_arch(classes: usize) -> Arch {
+    Arch::bottleneck_width([1, 1, 1, 1], 8, classes)
+}
+
+#[test]
+fn budget_stops_exactly_before_the_step_that_would_exceed_it() {
+    let f = Fixture::new();
+    let per_image = tiny_arch(4).flops_train(16, 16);
+    let step_gf = per_image * 16.0 / 1e9;
+    for (budget, want) in [(5.5 * step_gf, 5u64), (3.0 * step_gf, 3), (1.0 * step_gf, 1), (7.999 * step_gf, 7)] {
+        let log = f.path("budget.jsonl");
+        let b = format!("{budget}");
+        let out = ok(&f.train(&["--budget", &b, "--log", &log]));
+        assert_eq!(want, (budget * 1e9 / (per_image * 16.0) * (1.0 + 1e-9)).floor() as u64);
+        let lines = log_lines(&log);
+        assert_eq!(lines.len() as u64, want, "budget {budget} GFLOPs, a step {step_gf}: {out}");
+        let last = lines.last().unwrap();
+        assert_eq!(last["step"].as_u64().unwrap(), want);
+        let used = last["train_gflops"].as_f64().unwrap();
+        assert!((used - want as f64 * step_gf).abs() < 1e-9 * used.max(1.0), "{used}");
+        assert!(used <= budget * (1.0 + 1e-9) && used + step_gf > budget, "{used} of {budget}");
+        assert!(out.contains(&format!("done: {want} steps")), "{out}");
+    }
+}
+
+#[test]
+fn cosine_and_warmup_schedule_values() {
+    let s = Schedule::new(0.1, ScheduleKind::Cosine, 0, 10).unwrap();
+    assert_eq!(s.lr(0), 0.1);
+    assert!((s.lr(5) - 0.05).abs() < 1e-15);
+    assert!((s.lr(9) - 0.1 * 0.5 * (1.0 + (std::f64::consts::PI * 0.9).cos())).abs() < 1e-15);
+    let w = Schedule::new(0.2, ScheduleKind::Cosine, 4, 14).unwrap();
+    let want = [0.05, 0.1, 0.15, 0.2];
+    for (i, v) in want.iter().enumerate() {
+        assert!((w.lr(i as u64) - v).abs() < 1e-15, "warm-up step {i}: {}", w.lr(i as u64));
+    }
+    assert_eq!(w.lr(4), 0.2);
+    assert!((w.lr(9) - 0.1).abs() < 1e-15, "half way through the cosine: {}", w.lr(9));
+    assert!(w.lr(13) > 0.0 && w.lr(13) < 0.01);
+    let c = Schedule::new(0.3, ScheduleKind::Constant, 2, 5).unwrap();
+    assert_eq!([c.lr(0), c.lr(1), c.lr(2), c.lr(4)], [0.15, 0.3, 0.3, 0.3]);
+    assert!(Schedule::new(0.1, ScheduleKind::Cosine, 5, 5).is_err(), "warm-up as long as the run");
+
+    // The log carries the same values, the cosine fitted to the budget's steps.
+    let f = Fixture::new();
+    let log = f.path("lr.jsonl");
+    ok(&f.train(&["--steps", "6", "--warmup", "2", "--lr", "0.08", "--log", &log]));
+    let s = Schedule::new(0.08, ScheduleKind::Cosine, 2, 6).unwrap();
+    for (i, l) in log_lines(&log).iter().enumerate() {
+        let (got, want) = (l["lr"].as_f64().unwrap(), s.lr(i as u64));
+        assert!((got - want).abs() <= 1e-15 * want, "step {i}: {got} vs {want}");
+        // JSON's last bit
+    }
+}
+
+#[test]
+fn label_smoothing_changes_the_training_loss() {
+    let f = Fixture::new();
+    let (plain, smooth) = (f.path("plain.jsonl"), f.path("smooth.jsonl"));
+    ok(&f.train(&["--steps", "1", "--log", &plain]));
+    ok(&f.train(&["--steps", "1", "--log", &smooth, "--label-smoothing", "0.3"]));
+    let (a, b) = (log_lines(&plain)[0]["loss"].as_f64().unwrap(), log_lines(&smooth)[0]["loss"].as_f64().unwrap());
+    // Same weights and batch: the smoothed loss adds 0.3 * (mean_j (lse - z_j) - (lse - z_t)).
+    assert!(a.is_finite() && b.is_finite() && a != b, "{a} {b}");
+}
+
+#[test]
+fn log_holds_the_documented_fields() {
+    let f = Fixture::new();
+    let log = f.path("fields.jsonl");
+    let step_gf = tiny_arch(4).flops_train(16, 16) * 16.0 / 1e9;
+    let every = format!("{}", 2.5 * step_gf);
+    ok(&f.train(&["--steps", "7", "--log", &log, "--eval-every", &every]));
+    let lines = log_lines(&log);
+    assert_eq!(lines.len(), 7);
+    let mut evals = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let o = l.as_object().unwrap();
+        for k in ["step", "images", "train_gflops", "wall_s", "lr", "loss"] {
+            assert!(o.contains_key(k), "line {i} lacks {k}: {l}");
+        }
+        assert_eq!(o["step"].as_u64().unwrap(), i as u64 + 1);
+        assert_eq!(o["images"].as_u64().unwrap(), 16 * (i as u64 + 1));
+        assert!(o["loss"].as_f64().unwrap().is_finite());
+        if o.contains_key("val_error") {
+            assert!(o.contains_key("val_loss"));
+            let e = o["val_error"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&e));
+            evals.push(i + 1);
+        } else {
+            assert_eq!(o.len(), 6, "{l}");
+        }
+    }
+    // Every 2.5 steps' worth of GFLOPs: after steps 3, 5 (crossing 2.5 and 5.0), and the end.
+    assert_eq!(evals, [3, 5, 7]);
+    let t: Vec<f64> = lines.iter().map(|l| l["wall_s"].as_f64().unwrap()).collect();
+    assert!(t.windows(2).all(|w| w[1] >= w[0]));
+}
+
+#[test]
+fn a_short_run_learns_an_easy_task_and_eval_agrees() {
+    let f = Fixture::new();
+    let out = f.path("trained.safetensors");
+    let stdout = ok(&f.train(&["--steps", "60", "--out", &out]));
+    let line = stdout.lines().find(|l| l.starts_with("done:")).unwrap();
+    let err: f64 = line.split("val error ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    assert!(err < 0.25, "val error {err} (chance 0.75): {stdout}");
+    // eval on the written file gives the same error on the same split.
+    let e = ok(&prunekit(&[
+        "eval",
+        "--weights",
+        &out,
+        "--data",
+        &f.data,
+        "--device",
+        "cpu",
+        "--size",
+        "16",
+        "--batch",
+        "7",
+        "--val-fraction",
+        "0.2",
+    ]));
+    let got: f64 = e.split("top-1 error ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    assert_eq!(format!("{got:.4}"), format!("{err:.4}"), "{e}");
+    assert!(e.contains("on 40 val images"), "{e}");
+    // The file is a plain torchvision-named model.
+    let sd = StateDict::read(Path::new(&out)).unwrap();
+    assert_eq!(Arch::from_state(&sd).unwrap(), tiny_arch(4));
+    assert!(!sd.tensors.keys().any(|k| k.starts_with("keep.") || k.starts_with("momentum.")));
+}
+
+#[test]
+fn head_is_swapped_when_the_classes_differ() {
+    let f = Fixture::new();
+    let w = f.path("ten.safetensors");
+    torchvision_init(&tiny_arch(10), 3).write(Path::new(&w)).unwrap();
+    let out = f.path("swapped.safetensors");
+    let stdout = ok(&f.train(&["--weights", &w, "--steps", "2", "--out", &out]));
+    assert!(stdout.contains("replaced the classifier: the weights have 10 outputs, the data 4 classes"), "{stdout}");
+    let sd = StateDict::read(Path::new(&out)).unwrap();
+    assert_eq!(sd.tensors["fc.weight"].shape, [4, 256]);
+    assert_eq!(sd.tensors["fc.bias"].shape, [4]);
+    // Same classes: no swap, no message.
+    let w4 = f.path("four.safetensors");
+    torchvision_init(&tiny_arch(4), 3).write(Path::new(&w4)).unwrap();
+    let stdout = ok(&f.train(&["--weights", &w4, "--steps", "1"]));
+    assert!(!stdout.contains("replaced the classifier"), "{stdout}");
+}
+
+#[test]
+fn pruning_before_training_writes_keep_indices_and_smaller_widths() {
+    let f = Fixture::new();
+    let w = f.path("dense.safetensors");
+    let dense = torchvision_init(&tiny_arch(4), 5);
+    dense.write(Path::new(&w)).unwrap();
+    for mode in ["filters", "channels"] {
+        let out = f.path(&format!("pruned-{mode}.safetensors"));
+        let stdout = ok(&f.train(&[
+            "--weights",
+            &w,
+            "--mode",
+            mode,
+            "--sparsity",
+            "0.5",
+            "--round-to",
+            "1",
+            "--steps",
+            "3",
+            "--out",
+            &out,
+        ]));
+        assert!(stdout.contains("pruned zero-shot"), "{stdout}");
+        let sd = StateDict::read(Path::new(&out)).unwrap();
+        assert!(sd.tensors.keys().any(|k| k.starts_with("keep.")), "{mode}: no keep.*");
+        assert_eq!(sd.metadata.get("mode").map(String::as_str), Some(mode));
+        let a = Arch::from_state(&sd).unwrap();
+        let d = tiny_arch(4);
+        assert_eq!(a.blocks[0].w1, d.blocks[0].w1 / 2, "{mode}");
+        assert!(a.params() < d.params());
+        if mode == "channels" {
+            assert_eq!(a.stem, d.stem / 2);
+        }
+        // The pruned, trained file loads for training and evaluation again.
+        ok(&f.train(&["--weights", &out, "--steps", "1"]));
+        ok(&prunekit(&["eval", "--weights", &out, "--data", &f.data, "--device", "cpu", "--size", "16"]));
+    }
+}
+
+fn assert_same_file_tensors(a: &str, b: &str) {
+    let (x, y) = (StateDict::read(Path::new(a)).unwrap(), StateDict::read(Path::new(b)).unwrap());
+    assert_eq!(x.tensors.len(), y.tensors.len());
+    for (n, t) in &x.tensors {
+        let u = &y.tensors[n];
+        assert_eq!(t.shape, u.shape, "{n}");
+        let (p, q) = (t.as_f32().unwrap(), u.as_f32().unwrap());
+        assert!(p.iter().zip(q).all(|(a, b)| a.to_bits() == b.to_bits()), "{n} differs");
+    }
+}
+
+#[test]
+fn interrupted_and_resumed_run_ends_bit_identical() {
+    let f = Fixture::new();
+    let common = ["--steps", "10", "--checkpoint-every", "4", "--augment", "crop-flip", "--warmup", "2"];
+    let (ca, oa, la) = (f.path("a.ckpt"), f.path("a.safetensors"), f.path("a.jsonl"));
+    let mut args = common.to_vec();
+    args.extend(["--checkpoint", &ca, "--out", &oa, "--log", &la]);
+    ok(&f.train(&args));
+
+    let (cb, ob, lb) = (f.path("b.ckpt"), f.path("b.safetensors"), f.path("b.jsonl"));
+    let mut args = common.to_vec();
+    args.extend(["--checkpoint", &cb, "--out", &ob, "--log", &lb]);
+    let mut first = args.clone();
+    first.extend(["--stop-after", "5"]);
+    let o = f.train(&first);
+    assert_eq!(o.status.code(), Some(130), "{:?}", text(&o));
+    assert!(text(&o).0.contains("interrupted after step 5"), "{:?}", text(&o));
+    assert!(!Path::new(&ob).exists(), "no model file from an interrupted run");
+    let ck = Checkpoint::read(Path::new(&cb)).unwrap();
+    assert_eq!(ck.progress.step, 5);
+    let mut again = args.clone();
+    again.extend(["--resume", &cb]);
+    let stdout = ok(&f.train(&again));
+    assert!(stdout.contains("resuming at step 5 of 10"), "{stdout}");
+    assert_same_file_tensors(&oa, &ob);
+    // The log of the two parts is the uninterrupted log (times aside).
+    let strip = |v: Vec<serde_json::Value>| {
+        v.into_iter()
+            .map(|mut l| {
+                l.as_object_mut().unwrap().remove("wall_s");
+                l
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(log_lines(&la)), strip(log_lines(&lb)));
+
+    // Other settings are refused on resume.
+    let mut other = args.clone();
+    other.extend(["--resume", &cb, "--lr", "0.07"]);
+    fails(&f.train(&other), "other settings: lr");
+}
+
+#[test]
+fn sigint_writes_a_checkpoint_and_resume_matches() {
+    let f = Fixture::new();
+    let common = ["--steps", "400", "--batch", "8"];
+    let (cb, ob, lb) = (f.path("b.ckpt"), f.path("b.safetensors"), f.path("b.jsonl"));
+    let mut args = common.to_vec();
+    args.extend(["--checkpoint", &cb, "--out", &ob, "--log", &lb]);
+    let child = Command::new(bin())
+        .args(f.args(&args))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first steps in the log, then interrupt.
+    let t = std::time::Instant::now();
+    while std::fs::read_to_string(&lb).map_or(0, |s| s.lines().count()) < 3 {
+        assert!(t.elapsed().as_secs() < 60, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let o = child.wait_with_output().unwrap();
+    if o.status.success() {
+        eprintln!("the run finished before the signal arrived; nothing to resume");
+        return;
+    }
+    assert_eq!(o.status.code(), Some(130), "{:?}", text(&o));
+    assert!(text(&o).0.contains("interrupted after step"), "{:?}", text(&o));
+    let k = Checkpoint::read(Path::new(&cb)).unwrap().progress.step;
+    assert!((3..400).contains(&k), "{k}");
+    // The uninterrupted reference for the same 400 steps.
+    let (cr, or) = (f.path("r.ckpt"), f.path("r.safetensors"));
+    let mut reference = common.to_vec();
+    reference.extend(["--checkpoint", &cr, "--out", &or]);
+    ok(&f.train(&reference));
+    let mut again = args.clone();
+    again.extend(["--resume", &cb]);
+    ok(&f.train(&again));
+    assert_same_file_tensors(&or, &ob);
+}
+
+#[test]
+fn a_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint() {
+    let f = Fixture::new();
+    let ck = f.path("nan.ckpt");
+    let o = f.train(&["--steps", "50", "--lr", "1e6", "--checkpoint", &ck, "--checkpoint-every", "1"]);
+    let err = fails(&o, "at step ");
+    assert!(err.contains("not finite") || err.contains("non-finite"), "{err}");
+    let step: u64 =
+        err.split("at step ").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
+    assert!((1..50).contains(&step), "{err}");
+    if Path::new(&ck).exists() {
+        let c = Checkpoint::read(Path::new(&ck)).unwrap();
+        assert!(c.progress.step < step, "checkpoint at {} after failing at {step}", c.progress.step);
+        assert!(c.first_non_finite().is_none());
+        assert!(err.contains("was left as it was"), "{err}");
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused_before_any_work() {
+    let f = Fixture::new();
+    let missing = f.dir.path().join("no/such/folder");
+    for flag in ["--out", "--log", "--checkpoint"] {
+        let p = missing.join("x").display().to_string();
+        let mut a = vec!["--steps", "2", flag, &p];
+        if flag == "--checkpoint" {
+            a.extend(["--checkpoint-every", "1"]);
+        }
+        fails(&f.train(&a), "does not exist");
+        assert!(!missing.exists());
+    }
+    let log = f.path("refused.jsonl");
+    fails(&f.train(&["--steps", "2", "--size", "1000000", "--log", &log]), "needs about");
+    fails(&f.train(&["--steps", "2", "--batch", "100000000", "--log", &log]), "fewer than one batch");
+    fails(&f.train(&["--budget", "1e-6", "--log", &log]), "smaller than one training step");
+    fails(&f.train(&["--budget", "1", "--epochs", "2"]), "cannot be used with");
+    fails(&f.train(&["--batch", "16"]), "--budget");
+    fails(&f.train(&["--steps", "2", "--label-smoothing", "1"]), "--label-smoothing must be in [0, 1)");
+    fails(&f.train(&["--steps", "2", "--lr=-1"]), "--lr");
+    fails(&f.train(&["--steps", "2", "--layers", "1,1,1"]), "four numbers");
+    fails(&f.train(&["--steps", "2", "--mode", "filters"]), "--sparsity");
+    fails(&f.train(&["--steps", "2", "--resume", &f.path("none.ckpt")]), "No such file");
+    fails(&f.train(&["--steps", "2", "--classes", "0,9"]), "out of range");
+    assert!(!Path::new(&log).exists(), "a refused run leaves no log");
+    fails(&prunekit(&["eval", "--weights", &f.path("none"), "--data", &f.data, "--device", "cpu"]), "No such file");
+    let w = f.path("ten.safetensors");
+    torchvision_init(&tiny_arch(10), 3).write(Path::new(&w)).unwrap();
+    fails(&prunekit(&["eval", "--weights", &w, "--data", &f.data, "--device", "cpu"]), "10 outputs");
+}
+
+#[test]
+fn bench_checks_memory_and_output_paths_first() {
+    let t = std::time::Instant::now();
+    let o = prunekit(&["bench", "--device", "cpu", "--batch", "100000"]);
+    fails(&o, "needs about");
+    let (_, err) = text(&o);
+    assert!(err.contains("GB") && err.contains("available host memory"), "{err}");
+    assert_eq!(o.status.code(), Some(1));
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("missing/rows.json").display().to_string();
+    let plot = dir.path().join("missing/plot.svg").display().to_string();
+    fails(&prunekit(&["bench", "--device", "cpu", "--json", &json]), "does not exist");
+    fails(&prunekit(&["bench", "--device", "cpu", "--plot", &plot]), "does not exist");
+    assert!(t.elapsed().as_secs() < 30, "refused only after {:?}", t.elapsed());
+}
+
+#[test]
+fn trains_through_the_emulation() {
+    let f = Fixture::new();
+    let out = f.path("emu.safetensors");
+    let log = f.path("emu.jsonl");
+    let o = prunekit(&[
+        "train",
+        "--data",
+        &f.data,
+        "--device",
+        "emu",
+        "--size",
+        "16",
+        "--batch",
+        "4",
+        "--layers",
+        "1,1,1,1",
+        "--width",
+        "8",
+        "--steps",
+        "2",
+        "--out",
+        &out,
+        "--log",
+        &log,
+        "--val-fraction",
+        "0.1",
+    ]);
+    ok(&o);
+    assert_eq!(log_lines(&log).len(), 2);
+    assert!(log_lines(&log)[1]["val_error"].is_number());
+    let sd = StateDict::read(Path::new(&out)).unwrap();
+    assert_eq!(Arch::from_state(&sd).unwrap(), tiny_arch(4));
+}
