@@ -476,7 +476,7 @@ impl Exact {
 
     /// Forward through one BN. Train mode returns the saved statistics and the new
     /// running statistics.
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn bn(
         &self,
         name: &str,

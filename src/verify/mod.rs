@@ -429,6 +429,7 @@ impl Acc {
             let err = (g - w).abs();
             let bound = t.atol * scale + t.rtol * w.abs() + t.k * noise;
             worst_err = if err.is_nan() { f64::INFINITY } else { worst_err.max(err) };
+            #[allow(clippy::neg_cmp_op_on_partial_ord)] // NaN fails
             if !(err <= bound) {
                 ratio = f64::INFINITY;
                 first_bad.get_or_insert((i, g, w, bound));
@@ -583,6 +584,7 @@ fn decision_diffs(own: &[Gate], device: &Decisions) -> Result<(Vec<GateDiff>, us
 
 /// The device's run: the same sequence as [`Exact::run`], with the decisions read off
 /// its activations.
+#[allow(clippy::too_many_arguments)]
 fn device_run(
     dev: &Device,
     sd: &StateDict,
