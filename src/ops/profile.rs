@@ -9,7 +9,7 @@
 //! let dev = prunekit::Device::parse("cpu")?;
 //! let mut model = Model::new(&dev, &Arch::resnet50(10), 0, PrecisionKind::F32)?;
 //! let mut ws = model.workspace(2, 64, 64)?;
-//! model.set_batch(&mut ws, &vec![0.5; 2 * 3 * 64 * 64], Some(&[1, 2]))?;
+//! model.set_batch(&mut ws, &vec![0.5; 2 * 3 * 64 * 64], Some(&[1, 2][..]))?;
 //! let sgd = Sgd { lr: 0.01, momentum: 0.9, weight_decay: 1e-4 };
 //! let ((), p) = profile(&dev, || model.train_step(&mut ws, &sgd))?;
 //! for f in &p.families {
