@@ -1,6 +1,6 @@
 //! `prunekit bench` (the main job) end to end on tiny sizes, on the CPU and through the
 //! kernels in the emulation: the table, the JSON rows with exactly the documented fields,
-//! the plot, and clear errors for bad arguments.
+//! the plot, the per-op profile (`--profile`), and clear errors for bad arguments.
 
 mod common;
 
@@ -25,6 +25,42 @@ const FIELDS: &[&str] = &[
     "ideal_speedup",
     "efficiency",
 ];
+
+const PROFILE_FIELDS: &[&str] = &["bytes", "device", "families", "flops", "ops_ms", "other_ms", "step_ms"];
+const FAMILY_FIELDS: &[&str] = &["bytes", "calls", "family", "flops", "gb_per_s", "gflop_per_s", "ms", "share"];
+
+fn sorted_keys(v: &serde_json::Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// Checks a row's "profile" object (of `prunekit bench --profile`) against the row.
+fn check_profile(r: &serde_json::Value, batch: f64) {
+    let p = &r["profile"];
+    assert_eq!(sorted_keys(p), PROFILE_FIELDS);
+    let families = p["families"].as_array().unwrap();
+    let names: Vec<&str> = families.iter().map(|f| f["family"].as_str().unwrap()).collect();
+    for want in ["conv_fprop", "conv_dgrad", "conv_wgrad", "bn_forward", "bn_backward", "relu_add", "pool", "fc"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    for want in ["loss", "sgd", "layout"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let mut shares = 0.0;
+    let mut gemm = 0.0;
+    for f in families {
+        assert_eq!(sorted_keys(f), FAMILY_FIELDS);
+        shares += f["share"].as_f64().unwrap();
+        if f["family"].as_str().unwrap().starts_with("conv") || f["family"] == "fc" {
+            gemm += f["flops"].as_f64().unwrap();
+        }
+    }
+    let step = p["step_ms"].as_f64().unwrap();
+    assert!((shares + p["other_ms"].as_f64().unwrap() / step - 1.0).abs() < 1e-6, "{p}");
+    let want = r["gflops_train_per_image"].as_f64().unwrap() * 1e9 * batch;
+    assert!((gemm / want - 1.0).abs() < 1e-9, "conv and fc FLOPs {gemm}, flops_train x batch {want}");
+}
 
 fn run_bench(device: &str, modes: &str, extra: &[&str]) -> Vec<serde_json::Value> {
     let dir = tempfile::tempdir().unwrap();
@@ -59,12 +95,17 @@ fn run_bench(device: &str, modes: &str, extra: &[&str]) -> Vec<serde_json::Value
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("FLOP-ideal"), "not a plot");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let profiled = extra.contains(&"--profile");
+    assert_eq!(stdout.contains("per-op profile"), profiled, "{stdout}");
     for r in &rows {
-        let obj = r.as_object().unwrap();
-        let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-        keys.sort_unstable();
+        let mut keys = sorted_keys(r);
         let mut want = FIELDS.to_vec();
+        if profiled {
+            want.push("profile");
+            check_profile(r, 2.0);
+        }
         want.sort_unstable();
+        keys.sort_unstable();
         assert_eq!(keys, want);
         assert!(r["step_ms"].as_f64().unwrap() > 0.0);
         let (sp, ideal, eff) =
@@ -91,7 +132,21 @@ fn bench_on_cpu_writes_rows_and_plot() {
 }
 
 #[test]
+fn bench_profile_on_cpu() {
+    let rows = run_bench("cpu", "filters", &["--profile"]);
+    assert_eq!(rows.len(), 2);
+    let fprop = |r: &serde_json::Value| {
+        r["profile"]["families"].as_array().unwrap().iter().find(|f| f["family"] == "conv_fprop").unwrap()["flops"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(fprop(&rows[1]) < 0.7 * fprop(&rows[0]), "pruning removes conv FLOPs");
+}
+
+#[test]
 fn bench_in_the_emulation() {
+    // (--profile in the emulation: tests/profile.rs; a profiled ResNet50 step here would
+    // double this test's minutes.)
     let rows = run_bench("emu", "filters", &["--precision", "bf16"]);
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[1]["sparsity"].as_f64().unwrap(), 0.5);

@@ -5,6 +5,7 @@
 
 use crate::device::Device;
 use crate::model::{init::torchvision_init, Arch, Model, PrecisionKind, Sgd, StateDict};
+use crate::ops::profile::{profile, Profile};
 use crate::prune::{prune_state, Mode, Norm, Plan, PruneConfig, Sparsity};
 use crate::{ensure, invalid, Result};
 use rand::rngs::StdRng;
@@ -74,6 +75,9 @@ pub struct BenchOptions {
     pub precision: PrecisionKind,
     /// Seed of the random weights (when none are given) and of the synthetic data.
     pub seed: u64,
+    /// After the timed steps, profile one more step per row ([`crate::ops::profile`]):
+    /// [`BenchRow::profile`].
+    pub profile: bool,
 }
 
 impl BenchOptions {
@@ -97,6 +101,7 @@ impl BenchOptions {
             steps,
             precision,
             seed: 0,
+            profile: false,
         }
     }
 }
@@ -127,6 +132,10 @@ pub struct BenchRow {
     /// The loss after the timed steps (random data: a check that training ran, not a result).
     #[serde(skip)]
     pub loss: f32,
+    /// With [`BenchOptions::profile`]: the per-op profile of one training step after the
+    /// timed ones (absent from the JSON otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Profile>,
 }
 
 /// Zeroes, in a copy of `sd`, every output filter (and its BN entries) that the plan
@@ -148,9 +157,14 @@ fn masked_state(sd: &StateDict, plan: &Plan, keep: &std::collections::BTreeMap<S
     out
 }
 
-/// Times `steps` training steps of `sd` (after `warmup` untimed ones); returns ms per step
-/// and the last loss.
-fn time_steps(dev: &Device, sd: &StateDict, o: &BenchOptions, tick: &mut dyn FnMut()) -> Result<(f64, f32)> {
+/// Times `steps` training steps of `sd` (after `warmup` untimed ones); returns ms per step,
+/// the last loss and, with `o.profile`, the profile of one more step.
+fn time_steps(
+    dev: &Device,
+    sd: &StateDict,
+    o: &BenchOptions,
+    tick: &mut dyn FnMut(),
+) -> Result<(f64, f32, Option<Profile>)> {
     let mut model = Model::from_state(dev, sd, o.precision)?;
     let mut ws = model.workspace(o.batch, o.size, o.size)?;
     let mut rng = StdRng::seed_from_u64(o.seed);
@@ -171,7 +185,15 @@ fn time_steps(dev: &Device, sd: &StateDict, o: &BenchOptions, tick: &mut dyn FnM
     }
     let end = dev.mark()?;
     let ms = dev.elapsed_ms(&start, &end)? / o.steps as f64;
-    Ok((ms, model.loss(&ws)?))
+    let loss = model.loss(&ws)?;
+    let prof = if o.profile {
+        let p = profile(dev, || model.train_step(&mut ws, &sgd))?.1;
+        tick();
+        Some(p)
+    } else {
+        None
+    };
+    Ok((ms, loss, prof))
 }
 
 /// The (mode, sparsity) pairs a run measures, dense first.
@@ -220,7 +242,7 @@ pub fn run(dev: &Device, o: &BenchOptions, tick: &mut dyn FnMut()) -> Result<Vec
                 (masked_state(&dense, &p.plan, &p.keep), arch.clone())
             }
         };
-        let (ms, loss) = time_steps(dev, &state, o, tick)?;
+        let (ms, loss, profile) = time_steps(dev, &state, o, tick)?;
         if mode == BenchMode::Dense {
             dense_ms = ms;
         }
@@ -239,6 +261,7 @@ pub fn run(dev: &Device, o: &BenchOptions, tick: &mut dyn FnMut()) -> Result<Vec
             ideal_speedup: ideal,
             efficiency: speedup / ideal,
             loss,
+            profile,
         });
     }
     Ok(rows)

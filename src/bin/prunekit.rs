@@ -119,6 +119,15 @@ enum Cmd {
         /// Draw measured and FLOP-ideal speedup against sparsity to this SVG file.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Also profile one training step per row (after the timed ones) and print, per op
+        /// family (conv fprop/dgrad/wgrad, BN forward/backward, ReLU/add, pooling, fc, loss,
+        /// SGD, casts, layout conversions) and model: calls, time, share of the step, GFLOP,
+        /// MB moved (counted from the shapes, the same on every device), achieved GFLOP/s
+        /// and GB/s, and time, FLOPs and bytes relative to the dense model. Times are CUDA
+        /// events per op on a GPU, the wall clock on cpu and emu. With --json each row gets
+        /// a "profile" object.
+        #[arg(long)]
+        profile: bool,
     },
     /// Check the training stack on a device against a reference file written by PyTorch.
     ///
@@ -389,7 +398,21 @@ impl From<CriterionArg> for Norm {
 
 fn run(cli: Cli) -> prunekit::Result<()> {
     match cli.cmd {
-        Cmd::Bench { device, weights, mode, sparsity, round_to, batch, size, steps, warmup, precision, json, plot } => {
+        Cmd::Bench {
+            device,
+            weights,
+            mode,
+            sparsity,
+            round_to,
+            batch,
+            size,
+            steps,
+            warmup,
+            precision,
+            json,
+            plot,
+            profile,
+        } => {
             if let Some(p) = &json {
                 prunekit::limits::check_output_path("--json", p)?;
             }
@@ -409,6 +432,7 @@ fn run(cli: Cli) -> prunekit::Result<()> {
             o.steps = steps.unwrap_or(o.steps);
             o.warmup = warmup.unwrap_or(o.warmup);
             o.precision = precision.unwrap_or(o.precision);
+            o.profile = profile;
             let plan = trainbench::bench_plan(&o);
             println!(
                 "prunekit bench on {}: batch {}, {}x{}, {}, {} warm-up + {} timed steps per row, {} rows",
@@ -421,7 +445,8 @@ fn run(cli: Cli) -> prunekit::Result<()> {
                 o.steps,
                 plan.len()
             );
-            let bar = indicatif::ProgressBar::new(((o.warmup + o.steps) * plan.len()) as u64);
+            let per_row = o.warmup + o.steps + usize::from(o.profile);
+            let bar = indicatif::ProgressBar::new((per_row * plan.len()) as u64);
             bar.set_style(
                 indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps, {elapsed} elapsed, ~{eta} left")
                     .expect("valid template"),
@@ -430,6 +455,10 @@ fn run(cli: Cli) -> prunekit::Result<()> {
             bar.finish_and_clear();
             let rows = rows?;
             print!("{}", trainbench::table(&rows));
+            if o.profile {
+                println!("\nper-op profile of one training step per row ({}):", dev.kind());
+                print!("{}", prunekit::bench::profile::bench_table(&rows));
+            }
             if rows.iter().any(|r| !r.loss.is_finite()) {
                 println!("note: the loss became non-finite in some rows (synthetic data); the timings stand");
             }

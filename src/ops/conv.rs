@@ -8,6 +8,7 @@
 //! `crate::cpu::conv` (bf16 and f16: converted to f32, computed, rounded).
 
 use super::params::{ConvParams, FastDiv, TransposeParams};
+use super::profile::{timed, Cost, Family};
 use super::{check_len, check_on, i32_of, on_gpu};
 use crate::cpu::conv as cpu;
 pub use crate::cpu::conv::ConvShape;
@@ -424,13 +425,18 @@ pub fn conv2d_fprop_with<T: ConvElem>(
     plan: Option<Plan>,
 ) -> Result<()> {
     prepare(dev, sh, (x, "x", sh.x_len()), (w, "w", sh.w_len()), (&*y, "y", sh.y_len()))?;
-    match dev {
+    timed(dev, Family::ConvFprop, cost::<T>(Pass::Fprop, sh), || match dev {
         Device::Cpu => {
             cpu_run(x, w, y, sh.y_len(), |a, b, o| cpu::fprop(sh, a, b, o));
             Ok(())
         }
         Device::Gpu(gpu) => launch(gpu, Pass::Fprop, sh, x, w, y, plan),
-    }
+    })
+}
+
+/// The profile's count of `pass` on `sh` (computed only inside a profile scope).
+fn cost<T: ConvElem>(pass: Pass, sh: &ConvShape) -> impl FnOnce() -> Cost + '_ {
+    move || Cost::conv(pass, sh, std::mem::size_of::<T>())
 }
 
 /// `dx` = the gradient with respect to x of `<dy, conv(x, w)>` (dy NPQK, w KRSC, dx NHWC;
@@ -449,13 +455,13 @@ pub fn conv2d_dgrad_with<T: ConvElem>(
     plan: Option<Plan>,
 ) -> Result<()> {
     prepare(dev, sh, (dy, "dy", sh.y_len()), (w, "w", sh.w_len()), (&*dx, "dx", sh.x_len()))?;
-    match dev {
+    timed(dev, Family::ConvDgrad, cost::<T>(Pass::Dgrad, sh), || match dev {
         Device::Cpu => {
             cpu_run(dy, w, dx, sh.x_len(), |a, b, o| cpu::dgrad(sh, a, b, o));
             Ok(())
         }
         Device::Gpu(gpu) => launch(gpu, Pass::Dgrad, sh, dy, w, dx, plan),
-    }
+    })
 }
 
 /// `dw` = the gradient with respect to w of `<dy, conv(x, w)>`, always f32 (x NHWC, dy
@@ -480,7 +486,7 @@ pub fn conv2d_wgrad_with<T: ConvElem>(
     plan: Option<Plan>,
 ) -> Result<()> {
     prepare(dev, sh, (dy, "dy", sh.y_len()), (x, "x", sh.x_len()), (&*dw, "dw", sh.w_len()))?;
-    match dev {
+    timed(dev, Family::ConvWgrad, cost::<T>(Pass::Wgrad, sh), || match dev {
         Device::Cpu => {
             let o = dw.host_mut().expect("checked");
             match (f32s(x.host().expect("checked")), f32s(dy.host().expect("checked"))) {
@@ -490,7 +496,7 @@ pub fn conv2d_wgrad_with<T: ConvElem>(
             Ok(())
         }
         Device::Gpu(gpu) => launch(gpu, Pass::Wgrad, sh, dy, x, dw, plan),
-    }
+    })
 }
 
 /// The slice as f32 when T is f32.
@@ -538,35 +544,40 @@ fn transpose<T: ConvElem>(
     if len == 0 {
         return Ok(());
     }
-    match dev {
-        Device::Cpu => {
-            let s = src.host().expect("checked").to_vec();
-            cpu::transpose(&s, dst.host_mut().expect("checked"), batch, rows, cols);
-            Ok(())
-        }
-        Device::Gpu(gpu) => {
-            let (gs, gd) = (on_gpu(src, gpu, "the source")?, on_gpu(&*dst, gpu, "the destination")?);
-            let p = TransposeParams {
-                src: gs.ptr(),
-                dst: gd.ptr(),
-                batch: i32_of(batch, "batch")?,
-                rows: i32_of(rows, "rows")?,
-                cols: i32_of(cols, "columns")?,
-                pad0: 0,
-            };
-            i32_of(len, "elements")?;
-            let grid = (cols.div_ceil(32), rows.div_ceil(32), batch.min(65535));
-            ensure!(grid.0 <= i32::MAX as usize && grid.1 <= 65535, "layout conversion too large");
-            let cfg = LaunchConfig {
-                grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
-                block: (32, 8, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: src and dst hold batch*rows*cols elements each (checked above).
-            unsafe { gpu.launch(T::TRANSPOSE, cfg, &p)? };
-            Ok(())
-        }
-    }
+    timed(
+        dev,
+        Family::Layout,
+        || Cost::transpose(len, std::mem::size_of::<T>()),
+        || match dev {
+            Device::Cpu => {
+                let s = src.host().expect("checked").to_vec();
+                cpu::transpose(&s, dst.host_mut().expect("checked"), batch, rows, cols);
+                Ok(())
+            }
+            Device::Gpu(gpu) => {
+                let (gs, gd) = (on_gpu(src, gpu, "the source")?, on_gpu(&*dst, gpu, "the destination")?);
+                let p = TransposeParams {
+                    src: gs.ptr(),
+                    dst: gd.ptr(),
+                    batch: i32_of(batch, "batch")?,
+                    rows: i32_of(rows, "rows")?,
+                    cols: i32_of(cols, "columns")?,
+                    pad0: 0,
+                };
+                i32_of(len, "elements")?;
+                let grid = (cols.div_ceil(32), rows.div_ceil(32), batch.min(65535));
+                ensure!(grid.0 <= i32::MAX as usize && grid.1 <= 65535, "layout conversion too large");
+                let cfg = LaunchConfig {
+                    grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+                    block: (32, 8, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: src and dst hold batch*rows*cols elements each (checked above).
+                unsafe { gpu.launch(T::TRANSPOSE, cfg, &p)? };
+                Ok(())
+            }
+        },
+    )
 }
 
 /// Activations NCHW (`src`) to NHWC (`dst`).

@@ -6,6 +6,7 @@
 pub mod conv;
 pub mod layers;
 pub mod params;
+pub mod profile;
 pub mod prune;
 
 use crate::device::{Buf, Device};

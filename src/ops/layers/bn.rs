@@ -6,6 +6,7 @@ use crate::cpu::layers::bn as cpu;
 use crate::device::{Buf, Device};
 use crate::gpu::{Gpu, Kernel, LaunchConfig};
 use crate::ops::params::BnParams;
+use crate::ops::profile::{timed, Cost, Family};
 use crate::ops::{check_on, i32_of};
 use crate::{ensure, Result};
 
@@ -140,7 +141,8 @@ pub fn bn_forward_train<T: LayerElem>(
     if c == 0 {
         return Ok(());
     }
-    match dev {
+    let cost = || Cost::bn_forward_train(m, c, std::mem::size_of::<T>(), relu);
+    timed(dev, Family::BnForward, cost, || match dev {
         Device::Cpu => {
             cpu::bn_forward_train(
                 m,
@@ -187,7 +189,7 @@ pub fn bn_forward_train<T: LayerElem>(
             }
             Ok(())
         }
-    }
+    })
 }
 
 /// Eval-mode forward: `y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta`
@@ -218,7 +220,8 @@ pub fn bn_forward_eval<T: LayerElem>(
     if mc == 0 {
         return Ok(());
     }
-    match dev {
+    let cost = || Cost::bn_forward_eval(m, c, std::mem::size_of::<T>(), relu);
+    timed(dev, Family::BnForward, cost, || match dev {
         Device::Cpu => {
             cpu::bn_forward_eval(
                 m,
@@ -255,7 +258,7 @@ pub fn bn_forward_eval<T: LayerElem>(
             unsafe { gpu.launch(T::BN_APPLY, g.per_channel(), &p)? };
             Ok(())
         }
-    }
+    })
 }
 
 /// Train-mode backward from the statistics [`bn_forward_train`] saved:
@@ -306,7 +309,8 @@ pub fn bn_backward<T: LayerElem>(
     if c == 0 {
         return Ok(());
     }
-    match dev {
+    let cost = || Cost::bn_backward(m, c, std::mem::size_of::<T>(), relu_out.is_some());
+    timed(dev, Family::BnBackward, cost, || match dev {
         Device::Cpu => {
             let relu_out = match relu_out {
                 Some(o) => Some(host(o, "relu_out")?),
@@ -349,7 +353,7 @@ pub fn bn_backward<T: LayerElem>(
             };
             launch_backward::<T>(gpu, &g, c, &p)
         }
-    }
+    })
 }
 
 fn launch_backward<T: LayerElem>(gpu: &Gpu, g: &Grid, c: usize, p: &BnParams) -> Result<()> {

@@ -7,6 +7,7 @@ use crate::device::{Buf, Device};
 use crate::gpu::{Gpu, Kernel, LaunchConfig};
 use crate::ops::check_on;
 use crate::ops::params::ElementwiseParams;
+use crate::ops::profile::{timed, Cost, Family};
 use crate::{invalid, Result};
 
 const THREADS: u32 = 256;
@@ -42,13 +43,20 @@ pub fn add_relu<T: LayerElem>(dev: &Device, a: &Buf<T>, b: &Buf<T>, out: &mut Bu
     check_on(a, dev, "a")?;
     check_on(b, dev, "b")?;
     check_on(out, dev, "out")?;
-    match dev {
-        Device::Cpu => {
-            cpu::add_relu(host(a, "a")?, host(b, "b")?, host_mut(out, "out")?);
-            Ok(())
-        }
-        Device::Gpu(gpu) => launch(gpu, T::ADD_RELU, dptr(a, gpu, "a")?, dptr(b, gpu, "b")?, dptr(out, gpu, "out")?, n),
-    }
+    timed(
+        dev,
+        Family::ReluAdd,
+        || Cost::add_relu(n, std::mem::size_of::<T>()),
+        || match dev {
+            Device::Cpu => {
+                cpu::add_relu(host(a, "a")?, host(b, "b")?, host_mut(out, "out")?);
+                Ok(())
+            }
+            Device::Gpu(gpu) => {
+                launch(gpu, T::ADD_RELU, dptr(a, gpu, "a")?, dptr(b, gpu, "b")?, dptr(out, gpu, "out")?, n)
+            }
+        },
+    )
 }
 
 /// `dx = out > 0 ? dy : 0`, the gradient through a ReLU whose output was `out` (as
@@ -60,15 +68,20 @@ pub fn relu_backward<T: LayerElem>(dev: &Device, out: &Buf<T>, dy: &Buf<T>, dx: 
     check_on(out, dev, "out")?;
     check_on(dy, dev, "dy")?;
     check_on(dx, dev, "dx")?;
-    match dev {
-        Device::Cpu => {
-            cpu::relu_backward(host(out, "out")?, host(dy, "dy")?, host_mut(dx, "dx")?);
-            Ok(())
-        }
-        Device::Gpu(gpu) => {
-            launch(gpu, T::RELU_BACKWARD, dptr(out, gpu, "out")?, dptr(dy, gpu, "dy")?, dptr(dx, gpu, "dx")?, n)
-        }
-    }
+    timed(
+        dev,
+        Family::ReluAdd,
+        || Cost::relu_backward(n, std::mem::size_of::<T>()),
+        || match dev {
+            Device::Cpu => {
+                cpu::relu_backward(host(out, "out")?, host(dy, "dy")?, host_mut(dx, "dx")?);
+                Ok(())
+            }
+            Device::Gpu(gpu) => {
+                launch(gpu, T::RELU_BACKWARD, dptr(out, gpu, "out")?, dptr(dy, gpu, "dy")?, dptr(dx, gpu, "dx")?, n)
+            }
+        },
+    )
 }
 
 /// `dst += src` (in the element type: bf16 sums are rounded once, from f32).
@@ -77,16 +90,21 @@ pub fn add_assign<T: LayerElem>(dev: &Device, dst: &mut Buf<T>, src: &Buf<T>) ->
     check_len(src, n, "src")?;
     check_on(dst, dev, "dst")?;
     check_on(src, dev, "src")?;
-    match dev {
-        Device::Cpu => {
-            cpu::add_assign(host_mut(dst, "dst")?, host(src, "src")?);
-            Ok(())
-        }
-        Device::Gpu(gpu) => {
-            let d = dptr(dst, gpu, "dst")?;
-            launch(gpu, T::ADD_ASSIGN, d, dptr(src, gpu, "src")?, d, n)
-        }
-    }
+    timed(
+        dev,
+        Family::ReluAdd,
+        || Cost::add_assign(n, std::mem::size_of::<T>()),
+        || match dev {
+            Device::Cpu => {
+                cpu::add_assign(host_mut(dst, "dst")?, host(src, "src")?);
+                Ok(())
+            }
+            Device::Gpu(gpu) => {
+                let d = dptr(dst, gpu, "dst")?;
+                launch(gpu, T::ADD_ASSIGN, d, dptr(src, gpu, "src")?, d, n)
+            }
+        },
+    )
 }
 
 fn cast_kernel(a: &str, b: &str) -> Option<Kernel> {
@@ -107,7 +125,8 @@ pub fn cast<A: CastElem, B: CastElem>(dev: &Device, src: &Buf<A>, dst: &mut Buf<
     check_len(dst, n, "dst")?;
     check_on(src, dev, "src")?;
     check_on(dst, dev, "dst")?;
-    match dev {
+    let cost = || Cost::cast(n, std::mem::size_of::<A>(), std::mem::size_of::<B>());
+    timed(dev, Family::Cast, cost, || match dev {
         Device::Cpu => {
             cpu::cast(host(src, "src")?, host_mut(dst, "dst")?);
             Ok(())
@@ -117,5 +136,5 @@ pub fn cast<A: CastElem, B: CastElem>(dev: &Device, src: &Buf<A>, dst: &mut Buf<
                 cast_kernel(A::DTYPE, B::DTYPE).ok_or_else(|| invalid!("no cast from {} to {}", A::DTYPE, B::DTYPE))?;
             launch(gpu, k, dptr(src, gpu, "src")?, 0, dptr(dst, gpu, "dst")?, n)
         }
-    }
+    })
 }

@@ -6,6 +6,7 @@ use crate::cpu::layers::fc as cpu;
 use crate::device::{Buf, Device};
 use crate::gpu::{Gpu, Kernel, LaunchConfig};
 use crate::ops::params::{FcParams, FC_THREADS, FC_TILE};
+use crate::ops::profile::{timed, Cost, Family};
 use crate::ops::{check_on, i32_of};
 use crate::{ensure, Result};
 
@@ -57,29 +58,34 @@ pub fn fc_forward(
         check_len(buf, len, what)?;
         check_on(buf, dev, what)?;
     }
-    match dev {
-        Device::Cpu => {
-            cpu::fc_forward(n, cin, cout, host(x, "x")?, host(w, "w")?, host(b, "b")?, host_mut(y, "y")?);
-            Ok(())
-        }
-        Device::Gpu(gpu) => gemm(
-            gpu,
-            &FcParams {
-                a: dptr(x, gpu, "x")?,
-                b: dptr(w, gpu, "w")?,
-                bias: dptr(b, gpu, "b")?,
-                c: dptr(y, gpu, "y")?,
-                a_si: cin as i64,
-                a_sk: 1,
-                b_sk: 1,
-                b_sj: cin as i64,
-                m: n as i32,
-                n: cout as i32,
-                k: cin as i32,
-                pad0: 0,
-            },
-        ),
-    }
+    timed(
+        dev,
+        Family::Fc,
+        || Cost::fc_forward(n, cin, cout),
+        || match dev {
+            Device::Cpu => {
+                cpu::fc_forward(n, cin, cout, host(x, "x")?, host(w, "w")?, host(b, "b")?, host_mut(y, "y")?);
+                Ok(())
+            }
+            Device::Gpu(gpu) => gemm(
+                gpu,
+                &FcParams {
+                    a: dptr(x, gpu, "x")?,
+                    b: dptr(w, gpu, "w")?,
+                    bias: dptr(b, gpu, "b")?,
+                    c: dptr(y, gpu, "y")?,
+                    a_si: cin as i64,
+                    a_sk: 1,
+                    b_sk: 1,
+                    b_sj: cin as i64,
+                    m: n as i32,
+                    n: cout as i32,
+                    k: cin as i32,
+                    pad0: 0,
+                },
+            ),
+        },
+    )
 }
 
 /// Gradients of [`fc_forward`]: `dx = dy w` (`[n, cin]`), `dw = dy^T x` (`[cout, cin]`),
@@ -110,63 +116,68 @@ pub fn fc_backward(
         check_len(buf, len, what)?;
         check_on(buf, dev, what)?;
     }
-    match dev {
-        Device::Cpu => {
-            cpu::fc_backward(
-                n,
-                cin,
-                cout,
-                host(x, "x")?,
-                host(w, "w")?,
-                host(dy, "dy")?,
-                host_mut(dx, "dx")?,
-                host_mut(dw, "dw")?,
-                host_mut(db, "db")?,
-            );
-            Ok(())
-        }
-        Device::Gpu(gpu) => {
-            let (xp, wp, dyp) = (dptr(x, gpu, "x")?, dptr(w, gpu, "w")?, dptr(dy, gpu, "dy")?);
-            let (dxp, dwp, dbp) = (dptr(dx, gpu, "dx")?, dptr(dw, gpu, "dw")?, dptr(db, gpu, "db")?);
-            let (n32, cin32, cout32) = (n as i32, cin as i32, cout as i32);
-            // dx[n, i] = sum_o dy[n, o] w[o, i]
-            let p = FcParams {
-                a: dyp,
-                b: wp,
-                bias: 0,
-                c: dxp,
-                a_si: cout as i64,
-                a_sk: 1,
-                b_sk: cin as i64,
-                b_sj: 1,
-                m: n32,
-                n: cin32,
-                k: cout32,
-                pad0: 0,
-            };
-            gemm(gpu, &p)?;
-            // dw[o, i] = sum_n dy[n, o] x[n, i]
-            let p = FcParams {
-                a: dyp,
-                b: xp,
-                bias: 0,
-                c: dwp,
-                a_si: 1,
-                a_sk: cout as i64,
-                b_sk: cin as i64,
-                b_sj: 1,
-                m: cout32,
-                n: cin32,
-                k: n32,
-                pad0: 0,
-            };
-            gemm(gpu, &p)?;
-            if cout > 0 {
-                let p = FcParams { a: dyp, c: dbp, m: n32, n: cout32, ..FcParams::default() };
-                // SAFETY: dy holds n * cout elements and db cout.
-                unsafe { gpu.launch(BIAS_GRAD, LaunchConfig::linear(cout.div_ceil(256) as u32, 256), &p)? };
+    timed(
+        dev,
+        Family::Fc,
+        || Cost::fc_backward(n, cin, cout),
+        || match dev {
+            Device::Cpu => {
+                cpu::fc_backward(
+                    n,
+                    cin,
+                    cout,
+                    host(x, "x")?,
+                    host(w, "w")?,
+                    host(dy, "dy")?,
+                    host_mut(dx, "dx")?,
+                    host_mut(dw, "dw")?,
+                    host_mut(db, "db")?,
+                );
+                Ok(())
             }
-            Ok(())
-        }
-    }
+            Device::Gpu(gpu) => {
+                let (xp, wp, dyp) = (dptr(x, gpu, "x")?, dptr(w, gpu, "w")?, dptr(dy, gpu, "dy")?);
+                let (dxp, dwp, dbp) = (dptr(dx, gpu, "dx")?, dptr(dw, gpu, "dw")?, dptr(db, gpu, "db")?);
+                let (n32, cin32, cout32) = (n as i32, cin as i32, cout as i32);
+                // dx[n, i] = sum_o dy[n, o] w[o, i]
+                let p = FcParams {
+                    a: dyp,
+                    b: wp,
+                    bias: 0,
+                    c: dxp,
+                    a_si: cout as i64,
+                    a_sk: 1,
+                    b_sk: cin as i64,
+                    b_sj: 1,
+                    m: n32,
+                    n: cin32,
+                    k: cout32,
+                    pad0: 0,
+                };
+                gemm(gpu, &p)?;
+                // dw[o, i] = sum_n dy[n, o] x[n, i]
+                let p = FcParams {
+                    a: dyp,
+                    b: xp,
+                    bias: 0,
+                    c: dwp,
+                    a_si: 1,
+                    a_sk: cout as i64,
+                    b_sk: cin as i64,
+                    b_sj: 1,
+                    m: cout32,
+                    n: cin32,
+                    k: n32,
+                    pad0: 0,
+                };
+                gemm(gpu, &p)?;
+                if cout > 0 {
+                    let p = FcParams { a: dyp, c: dbp, m: n32, n: cout32, ..FcParams::default() };
+                    // SAFETY: dy holds n * cout elements and db cout.
+                    unsafe { gpu.launch(BIAS_GRAD, LaunchConfig::linear(cout.div_ceil(256) as u32, 256), &p)? };
+                }
+                Ok(())
+            }
+        },
+    )
 }

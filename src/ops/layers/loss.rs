@@ -5,6 +5,7 @@ use crate::cpu::layers::loss as cpu;
 use crate::device::{Buf, Device};
 use crate::gpu::{Kernel, LaunchConfig};
 use crate::ops::params::LossParams;
+use crate::ops::profile::{timed, Cost, Family};
 use crate::ops::{check_on, i32_of};
 use crate::{ensure, Result};
 
@@ -69,31 +70,36 @@ pub fn softmax_cross_entropy_smoothed(
     check_on(targets, dev, "targets")?;
     check_on(loss, dev, "loss")?;
     check_on(dlogits, dev, "dlogits")?;
-    match dev {
-        Device::Cpu => {
-            let t = host(targets, "targets")?;
-            check_targets(t, classes)?;
-            let (z, d) = (host(logits, "logits")?, host_mut(dlogits, "dlogits")?);
-            let l = cpu::softmax_cross_entropy_smoothed(n, classes, z, t, smoothing, d);
-            host_mut(loss, "loss")?[0] = l;
-            Ok(())
-        }
-        Device::Gpu(gpu) => {
-            let p = LossParams {
-                logits: dptr(logits, gpu, "logits")?,
-                targets: dptr(targets, gpu, "targets")?,
-                loss: dptr(loss, gpu, "loss")?,
-                dlogits: dptr(dlogits, gpu, "dlogits")?,
-                n: n as i32,
-                classes: classes as i32,
-                smoothing,
-                pad0: 0,
-            };
-            let warps = n.min(32) as u32;
-            // SAFETY: logits and dlogits hold n * classes elements, targets n, loss 1; the
-            // kernel reads logits[row, t] only for t in [0, classes).
-            unsafe { gpu.launch(KERNEL, LaunchConfig::linear(1, 32 * warps), &p)? };
-            Ok(())
-        }
-    }
+    timed(
+        dev,
+        Family::Loss,
+        || Cost::softmax_cross_entropy(n, classes),
+        || match dev {
+            Device::Cpu => {
+                let t = host(targets, "targets")?;
+                check_targets(t, classes)?;
+                let (z, d) = (host(logits, "logits")?, host_mut(dlogits, "dlogits")?);
+                let l = cpu::softmax_cross_entropy_smoothed(n, classes, z, t, smoothing, d);
+                host_mut(loss, "loss")?[0] = l;
+                Ok(())
+            }
+            Device::Gpu(gpu) => {
+                let p = LossParams {
+                    logits: dptr(logits, gpu, "logits")?,
+                    targets: dptr(targets, gpu, "targets")?,
+                    loss: dptr(loss, gpu, "loss")?,
+                    dlogits: dptr(dlogits, gpu, "dlogits")?,
+                    n: n as i32,
+                    classes: classes as i32,
+                    smoothing,
+                    pad0: 0,
+                };
+                let warps = n.min(32) as u32;
+                // SAFETY: logits and dlogits hold n * classes elements, targets n, loss 1; the
+                // kernel reads logits[row, t] only for t in [0, classes).
+                unsafe { gpu.launch(KERNEL, LaunchConfig::linear(1, 32 * warps), &p)? };
+                Ok(())
+            }
+        },
+    )
 }

@@ -6,6 +6,7 @@ use crate::cpu::layers::pool as cpu;
 use crate::device::{Buf, Device};
 use crate::gpu::{Gpu, Kernel, LaunchConfig};
 use crate::ops::params::PoolParams;
+use crate::ops::profile::{timed, Cost, Family};
 use crate::ops::{check_on, i32_of};
 use crate::Result;
 
@@ -87,17 +88,24 @@ pub fn maxpool_forward<T: LayerElem>(
     check_len(y, y_len, "y")?;
     check_on(x, dev, "x")?;
     check_on(y, dev, "y")?;
-    match dev {
-        Device::Cpu => {
-            cpu::maxpool_forward(n, h, w, c, host(x, "x")?, host_mut(y, "y")?);
-            Ok(())
-        }
-        Device::Gpu(gpu) => {
-            let (xp, yp) = (dptr(x, gpu, "x")?, dptr(y, gpu, "y")?);
-            let (oh, ow) = (maxpool_out(h), maxpool_out(w));
-            launch::<T>(gpu, T::MAXPOOL_FORWARD, (n, h, w, c), (oh, ow), xp, 0, yp, &[xp, yp], |cv| n * oh * ow * cv)
-        }
-    }
+    timed(
+        dev,
+        Family::Pool,
+        || Cost::maxpool_forward(x_len, y_len, std::mem::size_of::<T>()),
+        || match dev {
+            Device::Cpu => {
+                cpu::maxpool_forward(n, h, w, c, host(x, "x")?, host_mut(y, "y")?);
+                Ok(())
+            }
+            Device::Gpu(gpu) => {
+                let (xp, yp) = (dptr(x, gpu, "x")?, dptr(y, gpu, "y")?);
+                let (oh, ow) = (maxpool_out(h), maxpool_out(w));
+                launch::<T>(gpu, T::MAXPOOL_FORWARD, (n, h, w, c), (oh, ow), xp, 0, yp, &[xp, yp], |cv| {
+                    n * oh * ow * cv
+                })
+            }
+        },
+    )
 }
 
 /// Max pool backward: `dx` (`[n, h, w, c]`, overwritten) gets each output's gradient at
@@ -121,18 +129,25 @@ pub fn maxpool_backward<T: LayerElem>(
     check_on(x, dev, "x")?;
     check_on(dy, dev, "dy")?;
     check_on(dx, dev, "dx")?;
-    match dev {
-        Device::Cpu => {
-            cpu::maxpool_backward(n, h, w, c, host(x, "x")?, host(dy, "dy")?, host_mut(dx, "dx")?);
-            Ok(())
-        }
-        Device::Gpu(gpu) => {
-            let (xp, dyp, dxp) = (dptr(x, gpu, "x")?, dptr(dy, gpu, "dy")?, dptr(dx, gpu, "dx")?);
-            let (oh, ow) = (maxpool_out(h), maxpool_out(w));
-            let shape = (n, h, w, c);
-            launch::<T>(gpu, T::MAXPOOL_BACKWARD, shape, (oh, ow), xp, dyp, dxp, &[xp, dyp, dxp], |cv| n * oh * ow * cv)
-        }
-    }
+    timed(
+        dev,
+        Family::Pool,
+        || Cost::maxpool_backward(x_len, y_len, std::mem::size_of::<T>()),
+        || match dev {
+            Device::Cpu => {
+                cpu::maxpool_backward(n, h, w, c, host(x, "x")?, host(dy, "dy")?, host_mut(dx, "dx")?);
+                Ok(())
+            }
+            Device::Gpu(gpu) => {
+                let (xp, dyp, dxp) = (dptr(x, gpu, "x")?, dptr(dy, gpu, "dy")?, dptr(dx, gpu, "dx")?);
+                let (oh, ow) = (maxpool_out(h), maxpool_out(w));
+                let shape = (n, h, w, c);
+                launch::<T>(gpu, T::MAXPOOL_BACKWARD, shape, (oh, ow), xp, dyp, dxp, &[xp, dyp, dxp], |cv| {
+                    n * oh * ow * cv
+                })
+            }
+        },
+    )
 }
 
 /// Global average pool: `y[n, c] = mean over i of x[n, i, c]` (`x` is `[n, hw, c]`, `y`
@@ -151,16 +166,21 @@ pub fn avgpool_forward<T: LayerElem>(
     check_len(y, n * c, "y")?;
     check_on(x, dev, "x")?;
     check_on(y, dev, "y")?;
-    match dev {
-        Device::Cpu => {
-            cpu::avgpool_forward(n, hw, c, host(x, "x")?, host_mut(y, "y")?);
-            Ok(())
-        }
-        Device::Gpu(gpu) => {
-            let (xp, yp) = (dptr(x, gpu, "x")?, dptr(y, gpu, "y")?);
-            launch::<T>(gpu, T::AVGPOOL_FORWARD, (n, hw, 1, c), (1, 1), xp, 0, yp, &[xp], |cv| n * cv)
-        }
-    }
+    timed(
+        dev,
+        Family::Pool,
+        || Cost::avgpool_forward(n, hw, c, std::mem::size_of::<T>()),
+        || match dev {
+            Device::Cpu => {
+                cpu::avgpool_forward(n, hw, c, host(x, "x")?, host_mut(y, "y")?);
+                Ok(())
+            }
+            Device::Gpu(gpu) => {
+                let (xp, yp) = (dptr(x, gpu, "x")?, dptr(y, gpu, "y")?);
+                launch::<T>(gpu, T::AVGPOOL_FORWARD, (n, hw, 1, c), (1, 1), xp, 0, yp, &[xp], |cv| n * cv)
+            }
+        },
+    )
 }
 
 /// Global average pool backward: `dx[n, i, c] = dy[n, c] / hw` (`dx` overwritten).
@@ -178,14 +198,19 @@ pub fn avgpool_backward<T: LayerElem>(
     check_len(dx, x_len, "dx")?;
     check_on(dy, dev, "dy")?;
     check_on(dx, dev, "dx")?;
-    match dev {
-        Device::Cpu => {
-            cpu::avgpool_backward(n, hw, c, host(dy, "dy")?, host_mut(dx, "dx")?);
-            Ok(())
-        }
-        Device::Gpu(gpu) => {
-            let (dyp, dxp) = (dptr(dy, gpu, "dy")?, dptr(dx, gpu, "dx")?);
-            launch::<T>(gpu, T::AVGPOOL_BACKWARD, (n, hw, 1, c), (1, 1), 0, dyp, dxp, &[dxp], |cv| n * hw * cv)
-        }
-    }
+    timed(
+        dev,
+        Family::Pool,
+        || Cost::avgpool_backward(n, hw, c, std::mem::size_of::<T>()),
+        || match dev {
+            Device::Cpu => {
+                cpu::avgpool_backward(n, hw, c, host(dy, "dy")?, host_mut(dx, "dx")?);
+                Ok(())
+            }
+            Device::Gpu(gpu) => {
+                let (dyp, dxp) = (dptr(dy, gpu, "dy")?, dptr(dx, gpu, "dx")?);
+                launch::<T>(gpu, T::AVGPOOL_BACKWARD, (n, hw, 1, c), (1, 1), 0, dyp, dxp, &[dxp], |cv| n * hw * cv)
+            }
+        },
+    )
 }

@@ -6,6 +6,7 @@ use crate::device::{Buf, Device};
 use crate::gpu::{Kernel, LaunchConfig};
 use crate::ops::check_on;
 use crate::ops::params::SgdParams;
+use crate::ops::profile::{timed, Cost, Family};
 use crate::{ensure, Result};
 
 const KERNEL: Kernel = Kernel::new("sgd", "sgd_step_f32");
@@ -34,38 +35,45 @@ pub fn sgd_step(
     check_on(param, dev, "param")?;
     check_on(grad, dev, "grad")?;
     check_on(momentum_buf, dev, "momentum_buf")?;
-    match dev {
-        Device::Cpu => {
-            cpu::sgd_step(
-                host_mut(param, "param")?,
-                host(grad, "grad")?,
-                host_mut(momentum_buf, "momentum_buf")?,
-                lr,
-                momentum,
-                weight_decay,
-                first_step,
-            );
-            Ok(())
-        }
-        Device::Gpu(gpu) => {
-            if n == 0 {
-                return Ok(());
+    timed(
+        dev,
+        Family::Sgd,
+        || Cost::sgd(n, first_step),
+        || match dev {
+            Device::Cpu => {
+                cpu::sgd_step(
+                    host_mut(param, "param")?,
+                    host(grad, "grad")?,
+                    host_mut(momentum_buf, "momentum_buf")?,
+                    lr,
+                    momentum,
+                    weight_decay,
+                    first_step,
+                );
+                Ok(())
             }
-            let p = SgdParams {
-                param: dptr(param, gpu, "param")?,
-                grad: dptr(grad, gpu, "grad")?,
-                buf: dptr(momentum_buf, gpu, "momentum_buf")?,
-                n: i64_of(n, "the parameter count")?,
-                lr,
-                momentum,
-                weight_decay,
-                first: first_step as i32,
-            };
-            ensure!(aligned16(&[p.param, p.grad, p.buf]), "SGD buffers must be 16-byte aligned");
-            // SAFETY: param, grad and momentum_buf hold n f32 each, 16-byte aligned as the
-            // kernel's float4 accesses need.
-            unsafe { gpu.launch(KERNEL, LaunchConfig::linear(stride_blocks(n.div_ceil(4), THREADS), THREADS), &p)? };
-            Ok(())
-        }
-    }
+            Device::Gpu(gpu) => {
+                if n == 0 {
+                    return Ok(());
+                }
+                let p = SgdParams {
+                    param: dptr(param, gpu, "param")?,
+                    grad: dptr(grad, gpu, "grad")?,
+                    buf: dptr(momentum_buf, gpu, "momentum_buf")?,
+                    n: i64_of(n, "the parameter count")?,
+                    lr,
+                    momentum,
+                    weight_decay,
+                    first: first_step as i32,
+                };
+                ensure!(aligned16(&[p.param, p.grad, p.buf]), "SGD buffers must be 16-byte aligned");
+                // SAFETY: param, grad and momentum_buf hold n f32 each, 16-byte aligned as the
+                // kernel's float4 accesses need.
+                unsafe {
+                    gpu.launch(KERNEL, LaunchConfig::linear(stride_blocks(n.div_ceil(4), THREADS), THREADS), &p)?
+                };
+                Ok(())
+            }
+        },
+    )
 }

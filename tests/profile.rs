@@ -1,0 +1,193 @@
+//! The per-op profile of a training step (`prunekit::ops::profile`) on the CPU and through
+//! the kernels in the emulation: every op family is recorded, the conv and fc FLOPs add up
+//! to `Arch::flops_train` times the batch, the counts are the same on every device, the
+//! shares add up, and a profiled step computes exactly what an unprofiled one does.
+
+mod common;
+
+use common::Rng;
+use prunekit::gpu::{Gpu, Schedule};
+use prunekit::model::{init::torchvision_init, Arch, Block, Model, PrecisionKind, Sgd, StateDict};
+use prunekit::ops::profile::{profile, Family, Profile};
+use prunekit::Device;
+
+/// A bottleneck ResNet with odd widths: two blocks in the first stage (the second without
+/// a downsample, so the identity residual paths run too), one in each other stage.
+fn tiny_arch() -> Arch {
+    let b = |stage, index, cin, w1, w2, cout, stride, downsample| Block {
+        stage,
+        index,
+        cin,
+        w1,
+        w2,
+        cout,
+        stride,
+        downsample,
+    };
+    Arch {
+        stem: 8,
+        classes: 5,
+        blocks: vec![
+            b(1, 0, 8, 3, 5, 6, 1, true),
+            b(1, 1, 6, 4, 4, 6, 1, false),
+            b(2, 0, 6, 4, 3, 10, 2, true),
+            b(3, 0, 10, 3, 3, 7, 2, true),
+            b(4, 0, 7, 5, 4, 12, 2, true),
+        ],
+    }
+}
+
+// Small enough that no wgrad splits its reduction (checked in `no_wgrad_is_split`): split-K
+// adds partial sums with atomics in an order that varies from run to run on a GPU and in
+// the multi-threaded emulation, profiled or not, and bit-identity would not be a check.
+const N: usize = 2;
+const SIZE: usize = 28;
+const SGD: Sgd = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 };
+
+fn model(dev: &Device, sd: &StateDict, precision: PrecisionKind) -> (Model, prunekit::model::AnyWorkspace) {
+    let mut m = Model::from_state(dev, sd, precision).unwrap();
+    let mut ws = m.workspace(N, SIZE, SIZE).unwrap();
+    let mut rng = Rng::new(7);
+    let images = rng.vec(N * 3 * SIZE * SIZE);
+    let targets: Vec<i64> = (0..N).map(|_| rng.below(5) as i64).collect();
+    m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
+    // One step first, so that the profiled step is not the first SGD step.
+    m.train_step(&mut ws, &SGD).unwrap();
+    (m, ws)
+}
+
+/// Steps a model once unprofiled and a twin once profiled; checks that both end with the
+/// same bits in every tensor and the same loss, and returns the profile.
+fn profiled_step(dev: &Device, precision: PrecisionKind) -> Profile {
+    let sd = torchvision_init(&tiny_arch(), 11);
+    let (mut plain, mut ws_plain) = model(dev, &sd, precision);
+    plain.train_step(&mut ws_plain, &SGD).unwrap();
+    let (mut prof, mut ws_prof) = model(dev, &sd, precision);
+    let ((), p) = profile(dev, || prof.train_step(&mut ws_prof, &SGD)).unwrap();
+    assert!(!prunekit::ops::profile::active());
+    assert_eq!(plain.loss(&ws_plain).unwrap().to_bits(), prof.loss(&ws_prof).unwrap().to_bits());
+    let (a, b) = (plain.to_state().unwrap(), prof.to_state().unwrap());
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for (name, t) in &a.tensors {
+        let (x, y) = (t.as_f32().unwrap(), b.tensors[name].as_f32().unwrap());
+        assert!(x.iter().zip(y).all(|(u, v)| u.to_bits() == v.to_bits()), "{name} differs after a profiled step");
+    }
+    for (name, t) in &plain.momentum_state().unwrap().tensors {
+        let other = prof.momentum_state().unwrap();
+        let (x, y) = (t.as_f32().unwrap(), other.tensors[name].as_f32().unwrap());
+        assert!(x.iter().zip(y).all(|(u, v)| u.to_bits() == v.to_bits()), "momentum of {name} differs");
+    }
+    p
+}
+
+fn check(p: &Profile, precision: PrecisionKind) {
+    let arch = tiny_arch();
+    let convs = arch.convs(SIZE, SIZE).len();
+    // Every family ran; casts only in bf16 (the images and the weight copies after SGD).
+    for f in Family::ALL {
+        let want = f != Family::Cast || precision == PrecisionKind::Bf16;
+        assert_eq!(p.family(f).is_some(), want, "{f:?} in {p:#?}");
+    }
+    let calls = |f| p.family(f).unwrap().calls;
+    assert_eq!(calls(Family::ConvFprop), convs);
+    assert_eq!(calls(Family::ConvDgrad), convs - 1, "the stem has no input gradient");
+    assert_eq!(calls(Family::ConvWgrad), convs);
+    assert_eq!(calls(Family::Fc), 2);
+    assert_eq!(calls(Family::Loss), 1);
+    assert_eq!(calls(Family::Layout), 1, "the images NCHW -> NHWC");
+    // SGD: every conv, every BN's gamma and beta, the fc's weight and bias.
+    assert_eq!(calls(Family::Sgd), convs + 2 * convs + 2);
+    // The GEMM FLOPs of a step are flops_train times the batch, exactly: conv fprop, dgrad
+    // (all but the stem) and wgrad, and the fc's forward and two backward GEMMs.
+    let gemm: u64 = p.families.iter().filter(|f| f.family.is_gemm()).map(|f| f.flops).sum();
+    assert_eq!(gemm as f64, arch.flops_train(SIZE, SIZE) * N as f64);
+    let fc = (6 * arch.fc_in() * arch.classes * N) as u64;
+    assert_eq!(p.family(Family::Fc).unwrap().flops, fc);
+    assert_eq!(p.flops, p.families.iter().map(|f| f.flops).sum::<u64>());
+    assert_eq!(p.bytes, p.families.iter().map(|f| f.bytes).sum::<u64>());
+    // Shares: the ops plus the time between them make the step; the ops are most of it.
+    let shares: f64 = p.families.iter().map(|f| f.share).sum();
+    assert!(p.step_ms > 0.0 && p.ops_ms > 0.0, "{p:#?}");
+    assert!((shares + p.other_ms / p.step_ms - 1.0).abs() < 1e-9, "{shares} {p:#?}");
+    assert!(shares <= 1.0 + 1e-9 && shares > 0.5, "the ops cover {shares} of the step: {p:#?}");
+    for f in &p.families {
+        assert!(f.ms >= 0.0 && f.gb_per_s >= 0.0, "{f:?}");
+        assert!(f.bytes > 0, "{f:?}");
+    }
+}
+
+/// The counts of two profiles, family by family (times differ, counts must not).
+fn counts(p: &Profile) -> Vec<(Family, usize, u64, u64)> {
+    p.families.iter().map(|f| (f.family, f.calls, f.flops, f.bytes)).collect()
+}
+
+#[test]
+fn profiled_step_on_cpu_records_every_family_and_changes_nothing() {
+    let f32p = profiled_step(&Device::Cpu, PrecisionKind::F32);
+    check(&f32p, PrecisionKind::F32);
+    let bf16p = profiled_step(&Device::Cpu, PrecisionKind::Bf16);
+    check(&bf16p, PrecisionKind::Bf16);
+    // bf16 halves the bytes of the activations and weights that the convs read.
+    let b = |p: &Profile| p.family(Family::ConvFprop).unwrap().bytes;
+    assert!(b(&bf16p) < b(&f32p) && 2 * b(&bf16p) >= b(&f32p));
+    assert_eq!(f32p.device, "cpu");
+}
+
+#[test]
+fn profiled_step_in_the_emulation_counts_what_the_cpu_counts() {
+    let emu = Device::Gpu(Gpu::emu_with(Schedule::Forward));
+    let p = profiled_step(&emu, PrecisionKind::F32);
+    check(&p, PrecisionKind::F32);
+    assert_eq!(p.device, "emu");
+    let cpu = profiled_step(&Device::Cpu, PrecisionKind::F32);
+    assert_eq!(counts(&p), counts(&cpu));
+    let pb = profiled_step(&emu, PrecisionKind::Bf16);
+    check(&pb, PrecisionKind::Bf16);
+    assert_eq!(counts(&pb), counts(&profiled_step(&Device::Cpu, PrecisionKind::Bf16)));
+}
+
+#[test]
+fn no_wgrad_is_split() {
+    use prunekit::ops::conv::{plan, ConvShape, Pass};
+    for l in tiny_arch().convs(SIZE, SIZE) {
+        let sh = ConvShape {
+            n: N,
+            h: l.h,
+            w: l.w,
+            c: l.cin,
+            k: l.cout,
+            r: l.kernel,
+            s: l.kernel,
+            stride: l.stride,
+            pad: l.pad,
+        };
+        assert_eq!(plan::<f32>(Pass::Wgrad, &sh).splits, 1, "{}", l.name);
+        assert_eq!(plan::<half::bf16>(Pass::Wgrad, &sh).splits, 1, "{}", l.name);
+    }
+}
+
+#[test]
+fn profile_scopes_report_errors_and_end() {
+    let dev = Device::Cpu;
+    let sd = torchvision_init(&tiny_arch(), 11);
+    let (mut m, _) = model(&dev, &sd, PrecisionKind::F32);
+    let mut other = m.workspace(N, SIZE, SIZE).unwrap();
+    // A train step without targets fails inside the scope: the error comes out, the scope ends.
+    let r = profile(&dev, || m.train_step(&mut other, &SGD));
+    assert!(r.is_err());
+    assert!(!prunekit::ops::profile::active());
+    let r = profile(&dev, || profile(&dev, || Ok(())).map(|_| ()));
+    assert!(r.unwrap_err().to_string().contains("do not nest"));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn profiled_step_on_cuda_counts_what_the_cpu_counts() {
+    let dev = common::cuda_device();
+    for precision in [PrecisionKind::F32, PrecisionKind::Bf16] {
+        let p = profiled_step(&dev, precision);
+        check(&p, precision);
+        assert_eq!(p.device, "cuda");
+        assert_eq!(counts(&p), counts(&profiled_step(&Device::Cpu, precision)));
+    }
+}
