@@ -137,7 +137,7 @@ fn long_slice() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_random_networks_agree() {
-    differential(2000..2016, [3, 4, 6, 3], 512, &[common::cuda_device()]);
+    differential(2000..2008, [3, 4, 6, 3], 384, &[common::cuda_device()]);
 }
 
 /// A wiring bug planted in one implementation (the float64 model here: the other side of
