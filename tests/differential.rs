@@ -93,13 +93,7 @@ const SGD: Sgd = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4 };
 
 fn run(case: &Case, exact: &Exact, dev: &Device, precision: PrecisionKind) -> Report {
     let bn = BnConfig::default();
-    let hp = Hyper {
-        bn_momentum: bn.momentum as f64,
-        bn_eps: bn.eps as f64,
-        lr: SGD.lr as f64,
-        momentum: SGD.momentum as f64,
-        weight_decay: SGD.weight_decay as f64,
-    };
+    let hp = Hyper::of(&SGD, &bn);
     let own = exact.run(&case.images, case.dims, &case.targets, &hp, None, None).unwrap();
     let step = Step { images: &case.images, dims: case.dims, targets: &case.targets, sgd: SGD, bn };
     check_device(exact, &own, &case.sd, dev, precision, &step).unwrap()

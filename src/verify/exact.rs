@@ -87,6 +87,19 @@ pub struct Hyper {
     pub weight_decay: f64,
 }
 
+impl Hyper {
+    /// The settings a device runs with (f32, as it got them), in float64.
+    pub fn of(sgd: &crate::model::Sgd, bn: &crate::model::BnConfig) -> Hyper {
+        Hyper {
+            bn_momentum: bn.momentum as f64,
+            bn_eps: bn.eps as f64,
+            lr: sgd.lr as f64,
+            momentum: sgd.momentum as f64,
+            weight_decay: sgd.weight_decay as f64,
+        }
+    }
+}
+
 /// A planted wiring bug, for tests that show the differential checks catch one.
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,28 +298,26 @@ fn wgrad(g: &Geo, x: &[f64], dy: &[f64]) -> Vec<f64> {
     dw
 }
 
-fn oihw_to_krsc(k: usize, c: usize, rs: usize, w: &[f64]) -> Vec<f64> {
+/// `out[k][j][i] = w[k][i][j]` for `w` of shape `[k][a][b]`: OIHW to KRSC with
+/// `(a, b) = (c, r*s)`, and back with `(a, b) = (r*s, c)`.
+fn transpose_inner(k: usize, a: usize, b: usize, w: &[f64]) -> Vec<f64> {
     let mut out = vec![0.0; w.len()];
     for kk in 0..k {
-        for cc in 0..c {
-            for t in 0..rs {
-                out[(kk * rs + t) * c + cc] = w[(kk * c + cc) * rs + t];
+        for i in 0..a {
+            for j in 0..b {
+                out[(kk * b + j) * a + i] = w[(kk * a + i) * b + j];
             }
         }
     }
     out
 }
 
+fn oihw_to_krsc(k: usize, c: usize, rs: usize, w: &[f64]) -> Vec<f64> {
+    transpose_inner(k, c, rs, w)
+}
+
 fn krsc_to_oihw(k: usize, c: usize, rs: usize, w: &[f64]) -> Vec<f64> {
-    let mut out = vec![0.0; w.len()];
-    for kk in 0..k {
-        for cc in 0..c {
-            for t in 0..rs {
-                out[(kk * c + cc) * rs + t] = w[(kk * rs + t) * c + cc];
-            }
-        }
-    }
-    out
+    transpose_inner(k, rs, c, w)
 }
 
 /// For every output of the 3x3 stride-2 pad-1 max pool, the input index of its window's

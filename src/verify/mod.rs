@@ -676,13 +676,7 @@ pub fn check_device(
     let (got, eval_dec, train_dec) = device_run(dev, sd, precision, step)?;
     let Step { images, dims, targets, sgd, bn } = *step;
     // The float64 runs use the device's own settings, rounded to f32 as it got them.
-    let hp = Hyper {
-        bn_momentum: bn.momentum as f64,
-        bn_eps: bn.eps as f64,
-        lr: sgd.lr as f64,
-        momentum: sgd.momentum as f64,
-        weight_decay: sgd.weight_decay as f64,
-    };
+    let hp = Hyper::of(&sgd, &bn);
     let forced = Forced { eval: &eval_dec, train: &train_dec };
     let base = exact.run(images, dims, targets, &hp, Some(forced), None)?;
     let twins = (0..TWINS)
