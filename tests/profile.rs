@@ -148,19 +148,9 @@ fn profiled_step_in_the_emulation_counts_what_the_cpu_counts() {
 
 #[test]
 fn no_wgrad_is_split() {
-    use prunekit::ops::conv::{plan, ConvShape, Pass};
+    use prunekit::ops::conv::{plan, Pass};
     for l in tiny_arch().convs(SIZE, SIZE) {
-        let sh = ConvShape {
-            n: N,
-            h: l.h,
-            w: l.w,
-            c: l.cin,
-            k: l.cout,
-            r: l.kernel,
-            s: l.kernel,
-            stride: l.stride,
-            pad: l.pad,
-        };
+        let sh = l.shape(N);
         assert_eq!(plan::<f32>(Pass::Wgrad, &sh).splits, 1, "{}", l.name);
         assert_eq!(plan::<half::bf16>(Pass::Wgrad, &sh).splits, 1, "{}", l.name);
     }

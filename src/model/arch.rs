@@ -82,6 +82,20 @@ impl ConvLayer {
     pub fn flops(&self) -> f64 {
         2.0 * (self.cin * self.cout * self.kernel * self.kernel) as f64 * (self.out_h() * self.out_w()) as f64
     }
+    /// The convolution's shape for a batch of `n` images.
+    pub fn shape(&self, n: usize) -> crate::cpu::conv::ConvShape {
+        crate::cpu::conv::ConvShape {
+            n,
+            h: self.h,
+            w: self.w,
+            c: self.cin,
+            k: self.cout,
+            r: self.kernel,
+            s: self.kernel,
+            stride: self.stride,
+            pad: self.pad,
+        }
+    }
 }
 
 /// What a tensor of the state dict is.

@@ -470,17 +470,7 @@ mod tests {
         // The counts agree with Arch's per-layer FLOPs.
         let arch = crate::model::Arch::resnet50(1000);
         for l in arch.convs(224, 224) {
-            let sh = ConvShape {
-                n: 1,
-                h: l.h,
-                w: l.w,
-                c: l.cin,
-                k: l.cout,
-                r: l.kernel,
-                s: l.kernel,
-                stride: l.stride,
-                pad: l.pad,
-            };
+            let sh = l.shape(1);
             assert_eq!(Cost::conv(Pass::Fprop, &sh, 4).flops as f64, l.flops(), "{}", l.name);
         }
     }
