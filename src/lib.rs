@@ -6,7 +6,8 @@
 //! [`cpu`] (reference implementations: naive oracles and fast paths), [`ops`] (one typed
 //! wrapper per kernel family, dispatching between the CPU and a kernel device). Beside
 //! them, [`data`] feeds training: image folders and IDX files, augmentation, batches;
-//! [`train`] trains and evaluates models on it (`prunekit train`, `prunekit eval`), and
+//! [`train`] trains and evaluates models on it (`prunekit train`, `prunekit eval`),
+//! [`transfer`] runs the paper's experiment on top (`prunekit transfer`), and
 //! [`limits`] checks memory and output paths before a command starts its work.
 
 pub mod bench;
@@ -20,6 +21,7 @@ pub mod model;
 pub mod ops;
 pub mod prune;
 pub mod train;
+pub mod transfer;
 pub mod verify;
 
 pub use device::{Buf, Device};

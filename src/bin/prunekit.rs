@@ -7,6 +7,7 @@ use prunekit::data::{Augment, ClassSelection, Dataset, Loader, LoaderConfig, Nor
 use prunekit::model::{Arch, Model, PrecisionKind, StateDict};
 use prunekit::prune::{prune_state, Mode, Norm, PruneConfig, Sparsity};
 use prunekit::train::{self as training, Checkpoint, Length, ModelSource, Outcome, ScheduleKind, Start, TrainConfig};
+use prunekit::transfer::{self, Experiment, Report, Shard};
 use prunekit::{invalid, Device};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,6 +55,150 @@ impl DataArgs {
         }
         Ok(d)
     }
+}
+
+/// The fine-tuning recipe that `train` and `transfer` share.
+#[derive(clap::Args)]
+struct RecipeArgs {
+    /// Round kept widths up to a multiple of this (pruning).
+    #[arg(long, default_value_t = 8)]
+    round_to: usize,
+    /// Filter score for pruning.
+    #[arg(long, value_enum, default_value_t = CriterionArg::L1)]
+    criterion: CriterionArg,
+    /// Images per step.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Image height and width.
+    #[arg(long, default_value_t = 32)]
+    size: usize,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// Weight decay.
+    #[arg(long, default_value_t = 5e-4)]
+    wd: f64,
+    /// cosine (fitted to the run's steps) or constant.
+    #[arg(long, default_value = "cosine")]
+    schedule: ScheduleKind,
+    /// Steps of linear learning-rate warm-up.
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    /// Label smoothing of the training loss, in [0, 1).
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+    /// Training augmentation: none, flip or crop-flip.
+    #[arg(long, default_value = "crop-flip")]
+    augment: Augment,
+    /// cpu, emu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// f32 or bf16 (default: bf16 on cuda, else f32).
+    #[arg(long)]
+    precision: Option<PrecisionKind>,
+    /// Seed of the data order, augmentation, validation split and fresh weights (transfer:
+    /// the first seed).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Data loader threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+impl RecipeArgs {
+    /// The device, the precision (its default follows the device) and a training config
+    /// with this recipe; the caller sets length, lr and outputs.
+    fn config(&self, norm: Normalize) -> prunekit::Result<(Device, TrainConfig)> {
+        let dev = Device::parse(&self.device)?;
+        let precision =
+            self.precision.unwrap_or(if dev.kind() == "cuda" { PrecisionKind::Bf16 } else { PrecisionKind::F32 });
+        let cfg = TrainConfig {
+            batch: self.batch,
+            size: self.size,
+            momentum: self.momentum,
+            weight_decay: self.wd,
+            schedule: self.schedule,
+            warmup: self.warmup,
+            label_smoothing: self.label_smoothing,
+            precision,
+            seed: self.seed,
+            augment: self.augment,
+            norm,
+            threads: self.threads,
+            ..TrainConfig::default()
+        };
+        Ok((dev, cfg))
+    }
+
+    fn prune(&self, mode: Option<ModeArg>, sparsity: Option<Sparsity>) -> prunekit::Result<Option<PruneConfig>> {
+        match (mode, sparsity) {
+            (Some(m), Some(s)) => Ok(Some(PruneConfig::new(m.into(), s, self.round_to, self.criterion.into())?)),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// `prunekit transfer`'s options (without the `merge` subcommand).
+#[derive(clap::Args)]
+struct TransferArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    recipe: RecipeArgs,
+    /// The pretrained weights (safetensors, torchvision names).
+    #[arg(long)]
+    weights: PathBuf,
+    /// The models: dense, filters:S, channels:S (S the sparsity), comma-separated.
+    #[arg(long, default_value = "dense,filters:0.25,filters:0.5,filters:0.75,channels:0.5")]
+    models: String,
+    /// Training-compute budgets in GFLOPs, comma-separated.
+    #[arg(long)]
+    budgets: String,
+    /// Fine-tuning runs per (model, budget): seeds --seed, --seed + 1, ...
+    #[arg(long, default_value_t = 1)]
+    seeds: usize,
+    /// Peak learning rate (without --lrs).
+    #[arg(long, default_value_t = 0.1, conflicts_with = "lrs")]
+    lr: f64,
+    /// Learning rates to pick from per (model, budget), on a split of the training data.
+    #[arg(long)]
+    lrs: Option<String>,
+    /// Fraction of each training class held out to pick the learning rate (with --lrs).
+    #[arg(long, default_value_t = 0.2)]
+    search_fraction: f64,
+    /// Write the report (settings, rows, optima, every run) here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw val error against training compute and against time to this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Run only every N-th (model, budget) pair, from the I-th (0-based): I/N.
+    #[arg(long)]
+    shard: Option<Shard>,
+    /// Keep each finished run as a JSON file in this folder (created if missing); a re-run
+    /// skips the runs it finds there.
+    #[arg(long)]
+    runs: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)]
+enum TransferCmd {
+    /// Run the experiment (or this process's --shard of it); the default.
+    Run(TransferArgs),
+    /// Assemble the runs that shards wrote into one folder: the table, --json and --plot of
+    /// the whole experiment.
+    Merge {
+        /// The runs folder.
+        #[arg(long)]
+        runs: PathBuf,
+        /// Write the report here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Draw the plot to this SVG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
 }
 
 #[derive(Parser)]
@@ -249,6 +394,8 @@ enum Cmd {
     Train {
         #[command(flatten)]
         data: DataArgs,
+        #[command(flatten)]
+        recipe: RecipeArgs,
         /// Start from these weights (safetensors, torchvision names; pruned files too).
         #[arg(long, conflicts_with_all = ["layers", "width"])]
         weights: Option<PathBuf>,
@@ -258,12 +405,6 @@ enum Cmd {
         /// Fraction of each pruned width to remove, in [0, 1) (with --mode).
         #[arg(long, requires = "mode")]
         sparsity: Option<Sparsity>,
-        /// Round kept widths up to a multiple of this.
-        #[arg(long, default_value_t = 8)]
-        round_to: usize,
-        /// Filter score for pruning.
-        #[arg(long, value_enum, default_value_t = CriterionArg::L1)]
-        criterion: CriterionArg,
         /// Training compute budget in GFLOPs.
         #[arg(long)]
         budget: Option<f64>,
@@ -273,33 +414,9 @@ enum Cmd {
         /// Training steps.
         #[arg(long)]
         steps: Option<u64>,
-        /// Images per step.
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
-        /// Image height and width.
-        #[arg(long, default_value_t = 32)]
-        size: usize,
         /// Peak learning rate.
         #[arg(long, default_value_t = 0.1)]
         lr: f64,
-        /// SGD momentum.
-        #[arg(long, default_value_t = 0.9)]
-        momentum: f64,
-        /// Weight decay.
-        #[arg(long, default_value_t = 5e-4)]
-        wd: f64,
-        /// cosine (fitted to the run's steps) or constant.
-        #[arg(long, default_value = "cosine")]
-        schedule: ScheduleKind,
-        /// Steps of linear learning-rate warm-up.
-        #[arg(long, default_value_t = 0)]
-        warmup: u64,
-        /// Label smoothing of the training loss, in [0, 1).
-        #[arg(long, default_value_t = 0.0)]
-        label_smoothing: f64,
-        /// Training augmentation: none, flip or crop-flip.
-        #[arg(long, default_value = "crop-flip")]
-        augment: Augment,
         /// Evaluate on the validation split every this many training GFLOPs (and at the end).
         #[arg(long)]
         eval_every: Option<f64>,
@@ -309,15 +426,6 @@ enum Cmd {
         /// From scratch: base width (default 64: ResNet50).
         #[arg(long)]
         width: Option<usize>,
-        /// cpu, emu, cuda, cuda:N or auto.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// f32 or bf16 (default: bf16 on cuda, else f32).
-        #[arg(long)]
-        precision: Option<PrecisionKind>,
-        /// Seed of the data order, augmentation, validation split and fresh weights.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
         /// Write the trained model here (torchvision names, keep.* when pruned).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -333,12 +441,27 @@ enum Cmd {
         /// Continue the run saved in this checkpoint (give the same settings).
         #[arg(long)]
         resume: Option<PathBuf>,
-        /// Data loader threads (0: one per core).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
         /// Test hook: stop as if interrupted once this many steps are done.
         #[arg(long, hide = true)]
         stop_after: Option<u64>,
+    },
+    /// Compute-optimal transfer (the paper's experiment): for each model (the pretrained
+    /// weights dense, or pruned zero-shot) and each training-compute budget, fine-tune with
+    /// the schedule fitted to the budget and evaluate; report the error reached per budget,
+    /// the compute-optimal model per budget, and the relative error reduction of the best
+    /// pruned model over dense.
+    ///
+    /// Each (model, budget) runs --seeds fine-tunings (mean and spread of the error). With
+    /// several --lrs, each pair first picks its rate on --search-fraction of each training
+    /// class held out (never the validation split); that search's compute is reported beside
+    /// the budget. Every finished run is one JSON file under --runs (a re-run skips it);
+    /// --shard I/N runs every N-th pair so that a scheduler can spread the work, and
+    /// `prunekit transfer merge --runs DIR` assembles the results.
+    ///
+    /// `prunekit transfer ARGS` is `prunekit transfer run ARGS`.
+    Transfer {
+        #[command(subcommand)]
+        cmd: TransferCmd,
     },
     /// Evaluate a model on the validation split of a data set: top-1 error and mean loss
     /// (eval-mode batch norm).
@@ -545,35 +668,22 @@ fn run(cli: Cli) -> prunekit::Result<()> {
         }
         Cmd::Train {
             data,
+            recipe,
             weights,
             mode,
             sparsity,
-            round_to,
-            criterion,
             budget,
             epochs,
             steps,
-            batch,
-            size,
             lr,
-            momentum,
-            wd,
-            schedule,
-            warmup,
-            label_smoothing,
-            augment,
             eval_every,
             layers,
             width,
-            device,
-            precision,
-            seed,
             out,
             log,
             checkpoint,
             checkpoint_every,
             resume,
-            threads,
             stop_after,
         } => {
             let length = match (budget, epochs, steps) {
@@ -582,26 +692,13 @@ fn run(cli: Cli) -> prunekit::Result<()> {
                 (None, None, Some(s)) => Length::Steps(s),
                 _ => return Err(invalid!("give exactly one of --budget, --epochs and --steps")),
             };
-            let dev = Device::parse(&device)?;
-            let precision =
-                precision.unwrap_or(if dev.kind() == "cuda" { PrecisionKind::Bf16 } else { PrecisionKind::F32 });
+            let (dev, base) = recipe.config(data.normalize)?;
+            let seed = recipe.seed;
             let interrupt = Arc::new(AtomicBool::new(false));
             let cfg = TrainConfig {
                 length,
-                batch,
-                size,
                 lr,
-                momentum,
-                weight_decay: wd,
-                schedule,
-                warmup,
-                label_smoothing,
                 eval_every,
-                precision,
-                seed,
-                augment,
-                norm: data.normalize,
-                threads,
                 checkpoint,
                 checkpoint_every,
                 log,
@@ -609,12 +706,10 @@ fn run(cli: Cli) -> prunekit::Result<()> {
                 progress: true,
                 interrupt: Some(interrupt.clone()),
                 stop_after,
+                ..base
             };
             cfg.check()?;
-            let prune = match (mode, sparsity) {
-                (Some(m), Some(s)) => Some(PruneConfig::new(m.into(), s, round_to, criterion.into())?),
-                _ => None,
-            };
+            let prune = recipe.prune(mode, sparsity)?;
             let layers = match layers {
                 None => [3, 4, 6, 3],
                 Some(v) => <[usize; 4]>::try_from(v.as_slice())
@@ -678,6 +773,48 @@ fn run(cli: Cli) -> prunekit::Result<()> {
                 }
             }
         }
+        Cmd::Transfer { cmd: TransferCmd::Merge { runs, json, plot } } => {
+            check_report_outputs(json.as_deref(), plot.as_deref())?;
+            let report = transfer::merge(&runs)?;
+            print!("{}", report.table());
+            write_report(&report, json.as_deref(), plot.as_deref())
+        }
+        Cmd::Transfer { cmd: TransferCmd::Run(a) } => {
+            let (dev, recipe) = a.recipe.config(a.data.normalize)?;
+            check_report_outputs(a.json.as_deref(), a.plot.as_deref())?;
+            let models = transfer::parse_models(&a.models)?;
+            let budgets = transfer::parse_positive_list("--budgets", &a.budgets)?;
+            let lrs = match &a.lrs {
+                Some(l) => transfer::parse_positive_list("--lrs", l)?,
+                None => vec![a.lr],
+            };
+            let shard = a.shard.unwrap_or(Shard::ALL);
+            if shard.count > 1 && a.runs.is_none() {
+                return Err(invalid!("--shard needs --runs DIR: a shard's runs are merged from there"));
+            }
+            let weights = StateDict::read(&a.weights)?;
+            let mut exp = Experiment::new(weights, &transfer::weights_identity(&a.weights)?, models, budgets);
+            exp.seeds = a.seeds;
+            exp.lrs = lrs;
+            exp.search_fraction = a.search_fraction;
+            exp.round_to = a.recipe.round_to;
+            exp.criterion = a.recipe.criterion.into();
+            exp.recipe = recipe;
+            exp.shard = shard;
+            exp.runs = a.runs.clone();
+            exp.check()?;
+            let ds = a.data.open(a.recipe.seed)?;
+            println!("{}", ds.summary());
+            let report = transfer::run_experiment(&dev, &exp, &ds, &mut |l| println!("{l}"))?;
+            print!("{}", report.table());
+            if shard.count > 1 {
+                println!(
+                    "shard {shard} done; when every shard is done: prunekit transfer merge --runs {}",
+                    a.runs.as_ref().expect("checked").display()
+                );
+            }
+            write_report(&report, a.json.as_deref(), a.plot.as_deref())
+        }
         Cmd::Eval { weights, data, device, batch, size, precision, seed } => {
             let dev = Device::parse(&device)?;
             let precision =
@@ -740,8 +877,57 @@ fn run(cli: Cli) -> prunekit::Result<()> {
     }
 }
 
+fn check_report_outputs(json: Option<&std::path::Path>, plot: Option<&std::path::Path>) -> prunekit::Result<()> {
+    if let Some(j) = json {
+        prunekit::limits::check_output_path("--json", j)?;
+    }
+    if let Some(p) = plot {
+        transfer::check_plot_path(p)?;
+    }
+    Ok(())
+}
+
+fn write_report(
+    report: &Report,
+    json: Option<&std::path::Path>,
+    plot: Option<&std::path::Path>,
+) -> prunekit::Result<()> {
+    if let Some(j) = json {
+        report.write_json(j)?;
+        println!("wrote the report to {}", j.display());
+    }
+    if let Some(p) = plot {
+        let title = match &report.settings {
+            Some(s) => format!(
+                "transfer: {} ({} train images), {} classes",
+                s.get("data").map_or("", String::as_str),
+                s.get("train_images").map_or("?", String::as_str),
+                s.get("classes").map_or(0, |c| c.split(',').count())
+            ),
+            None => "transfer".to_string(),
+        };
+        transfer::plot(report, p, &title)?;
+        println!("wrote the plot to {}", p.display());
+    }
+    Ok(())
+}
+
+/// The command line with `run` inserted after `transfer` when no subcommand of it follows,
+/// so that `prunekit transfer --weights ...` means `prunekit transfer run --weights ...`.
+fn with_default_transfer_run(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    if let Some(i) = args.iter().skip(1).position(|a| !a.to_string_lossy().starts_with('-')).map(|i| i + 1) {
+        if args[i] == "transfer" {
+            let next = args.get(i + 1).map(|a| a.to_string_lossy().into_owned());
+            if !matches!(next.as_deref(), Some("run" | "merge" | "help")) {
+                args.insert(i + 1, "run".into());
+            }
+        }
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    match run(Cli::parse_from(with_default_transfer_run(std::env::args_os().collect()))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

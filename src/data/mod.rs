@@ -199,7 +199,7 @@ impl Split {
 
     /// A seeded split per class: `fraction` of each class (rounded, at most all but one)
     /// goes to the second part.
-    fn split_off(&self, fraction: f64, seed: u64) -> (Split, Split) {
+    pub fn split_off(&self, fraction: f64, seed: u64) -> (Split, Split) {
         let mut to_val = vec![false; self.len()];
         for (c, mut of) in self.by_class().into_iter().enumerate() {
             let k = ((fraction * of.len() as f64).round() as usize).min(of.len().saturating_sub(1));

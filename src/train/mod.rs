@@ -183,7 +183,8 @@ pub struct TrainConfig {
     pub log: Option<PathBuf>,
     /// Where to write the trained model (torchvision's names, `keep.*` when pruned).
     pub out: Option<PathBuf>,
-    /// Show a progress bar on stderr (when it is a terminal).
+    /// Show a progress bar on stderr (when it is a terminal); evaluation lines are printed
+    /// above it. Without it they go to the run's `say`.
     pub progress: bool,
     /// Set (e.g. by a SIGINT/SIGTERM handler) to stop after the current step with a
     /// checkpoint.

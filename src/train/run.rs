@@ -35,8 +35,10 @@ pub struct Summary {
     pub train_gflops: f64,
     /// Training FLOPs per image of the model that trained, in GFLOPs.
     pub gflops_per_image: f64,
-    /// Seconds, over every part of an interrupted run.
+    /// Seconds, over every part of an interrupted run, evaluations included.
     pub wall_s: f64,
+    /// Seconds of the evaluations in this part of the run (after a resume: since the resume).
+    pub eval_s: f64,
     /// The loss of the last step.
     pub last_loss: f64,
     /// The evaluation at the end (None when the validation split is empty).
@@ -208,6 +210,7 @@ pub fn train(
     let mut step = progress.step;
     let mut last_loss = f64::NAN;
     let mut final_eval = None;
+    let mut eval_s = 0.0f64;
     let result = (|| -> Result<Outcome> {
         while step < total {
             let interrupted = cfg.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
@@ -253,13 +256,20 @@ pub fn train(
             let at_eval = step == total || cfg.eval_every.is_some_and(|e| (gf / e).floor() > (gf_before / e).floor());
             if at_eval {
                 if let Some(vl) = val_loader.as_mut() {
+                    let te = Instant::now();
                     let r = evaluate(&mut model, &mut ws, vl, &mut vb)?;
+                    eval_s += te.elapsed().as_secs_f64();
                     rec.val_error = Some(r.error);
                     rec.val_loss = Some(r.loss);
-                    bar.println(&format!(
+                    let line = format!(
                         "step {step}: {gf:.2} GFLOPs, train loss {loss:.4}, val error {:.4}, val loss {:.4}",
                         r.error, r.loss
-                    ));
+                    );
+                    if cfg.progress {
+                        bar.println(&line);
+                    } else {
+                        say(&line);
+                    }
                     if step == total {
                         final_eval = Some(r);
                     }
@@ -281,6 +291,7 @@ pub fn train(
             train_gflops: step as f64 * step_gflops,
             gflops_per_image: image_flops / 1e9,
             wall_s: wall(&t0),
+            eval_s,
             last_loss,
             eval: final_eval,
         }))

@@ -1,0 +1,109 @@
+//! `--plot FILE.svg`: validation error against training compute (log x), one line per
+//! model with its seeds' spread as error bars and the compute-optimal frontier marked; a
+//! second panel against the measured training time. Drawn with plotters (SVG backend).
+
+use super::report::{Report, Row};
+use crate::{ensure, invalid, Result};
+use plotters::prelude::*;
+use std::path::Path;
+
+/// A panel: where it is drawn, the x axis' description, and the x value of a row.
+type Panel<'a, 'b> = (&'b DrawingArea<SVGBackend<'a>, plotters::coord::Shift>, &'static str, fn(&Row) -> f64);
+
+/// Checks, before a run, that `path` names an SVG file in a folder that can be written.
+pub fn check_plot_path(path: &Path) -> Result<()> {
+    ensure!(
+        path.extension().and_then(|e| e.to_str()) == Some("svg"),
+        "--plot writes SVG: give a file name ending in .svg (got {})",
+        path.display()
+    );
+    crate::limits::check_output_path("--plot", path)
+}
+
+/// Draws the report to an SVG file.
+pub fn plot(report: &Report, path: &Path, title: &str) -> Result<()> {
+    check_plot_path(path)?;
+    ensure!(!report.rows.is_empty(), "nothing to plot: the report has no rows");
+    let err = |e: &dyn std::fmt::Display| invalid!("drawing {}: {e}", path.display());
+    let root = SVGBackend::new(path, (1200, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let root = root.titled(title, ("sans-serif", 18)).map_err(|e| err(&e))?;
+    let (left, right) = root.split_horizontally(600);
+    let mut models: Vec<&str> = Vec::new();
+    for r in &report.rows {
+        if !models.contains(&r.model.as_str()) {
+            models.push(&r.model);
+        }
+    }
+    let ymax = report.rows.iter().map(|r| r.val_error_max).fold(0.0f64, f64::max).min(1.0) * 1.08 + 0.01;
+    let ymin = (report.rows.iter().map(|r| r.val_error_min).fold(1.0f64, f64::min) * 0.92 - 0.01).max(0.0);
+    let colors = [BLACK, RED, BLUE, GREEN, MAGENTA, CYAN, RGBColor(230, 140, 0), RGBColor(120, 60, 180)];
+    let panels: [Panel; 2] = [
+        (&left, "training compute (GFLOPs, log)", |r| r.train_gflops),
+        (&right, "measured training time per run (s, log)", |r| r.wall_s.max(1e-3)),
+    ];
+    for (area, xdesc, x) in panels {
+        let xs: Vec<f64> = report.rows.iter().map(x).collect();
+        let (xmin, xmax) =
+            (xs.iter().copied().fold(f64::INFINITY, f64::min), xs.iter().copied().fold(0.0f64, f64::max));
+        let (xmin, xmax) = (xmin / 1.3, xmax * 1.3);
+        let mut chart = ChartBuilder::on(area)
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d((xmin..xmax).log_scale(), ymin..ymax)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc(xdesc)
+            .y_desc("validation error (mean over seeds)")
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, m) in models.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            let mut rows: Vec<&Row> = report.rows.iter().filter(|r| r.model == *m).collect();
+            rows.sort_by(|a, b| x(a).total_cmp(&x(b)));
+            let pts: Vec<(f64, f64)> = rows.iter().map(|r| (x(r), r.val_error)).collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(m.to_string())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            chart
+                .draw_series(rows.iter().map(|r| {
+                    ErrorBar::new_vertical(
+                        x(r),
+                        r.val_error_min,
+                        r.val_error,
+                        r.val_error_max,
+                        color.stroke_width(1),
+                        6,
+                    )
+                }))
+                .map_err(|e| err(&e))?;
+        }
+        // The frontier: at each budget, the optimum's point.
+        let mut front: Vec<(f64, f64)> = report
+            .optima
+            .iter()
+            .filter_map(|o| report.rows.iter().find(|r| r.budget_gflops == o.budget_gflops && r.model == o.best_model))
+            .map(|r| (x(r), r.val_error))
+            .collect();
+        front.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart
+            .draw_series(DashedLineSeries::new(front.clone(), 4, 4, BLACK.mix(0.6).stroke_width(1)))
+            .map_err(|e| err(&e))?
+            .label("compute-optimal (best per budget)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.6).stroke_width(1)));
+        chart.draw_series(front.iter().map(|&p| Circle::new(p, 6, BLACK.stroke_width(2)))).map_err(|e| err(&e))?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

@@ -1,0 +1,464 @@
+//! The experiment's result: one row per (model, budget) over its seeds, the compute-optimal
+//! model per budget with the relative error reduction of the best pruned model over dense,
+//! a text table and JSON; and [`merge`], which builds it from a runs folder.
+
+use super::spec::{parse_models, parse_positive_list, ModelSpec};
+use super::{settings_diff, RunKind, RunRecord};
+use crate::{ensure, invalid, Error, Result};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// One (model, budget) pair over its seeds.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Row {
+    /// The model spec (`dense`, `filters:0.5`).
+    pub model: String,
+    /// `dense`, `filters` or `channels`.
+    pub mode: String,
+    /// The sparsity (0 for dense).
+    pub sparsity: f64,
+    /// The budget in GFLOPs.
+    pub budget_gflops: f64,
+    /// Steps the budget allowed.
+    pub steps: u64,
+    /// Training compute of one run in GFLOPs (at most the budget).
+    pub train_gflops: f64,
+    /// The learning rate (the search's choice when there was one).
+    pub lr: f64,
+    /// Seeds run.
+    pub seeds: usize,
+    /// Mean top-1 validation error over the seeds.
+    pub val_error: f64,
+    /// Its sample standard deviation (0 for one seed).
+    pub val_error_std: f64,
+    /// The lowest of the seeds' errors.
+    pub val_error_min: f64,
+    /// The highest.
+    pub val_error_max: f64,
+    /// Each seed's error, in seed order.
+    pub val_errors: Vec<f64>,
+    /// Mean validation cross-entropy over the seeds.
+    pub val_loss: f64,
+    /// Mean seconds of training of one run (evaluation excluded).
+    pub wall_s: f64,
+    /// Training FLOPs per image of the model in GFLOPs.
+    pub train_gflops_per_image: f64,
+    /// Parameters of the model.
+    pub params: usize,
+    /// Training compute of the learning-rate search for this pair, in GFLOPs (0 without one).
+    pub search_gflops: f64,
+    /// Its seconds of training.
+    pub search_wall_s: f64,
+}
+
+/// The compute-optimal model at one budget.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Optimum {
+    /// The budget in GFLOPs.
+    pub budget_gflops: f64,
+    /// The model with the lowest mean validation error (the first in the table's order on ties).
+    pub best_model: String,
+    /// Its mean error.
+    pub best_val_error: f64,
+    /// The dense model's mean error, when it ran at this budget.
+    pub dense_val_error: Option<f64>,
+    /// The pruned model with the lowest mean error.
+    pub best_pruned_model: Option<String>,
+    /// Its mean error.
+    pub best_pruned_val_error: Option<f64>,
+    /// (dense error - best pruned error) / dense error: the paper's headline metric
+    /// (positive when pruning wins).
+    pub relative_error_reduction: Option<f64>,
+}
+
+/// Rows, optima and every run behind them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    /// The experiment's settings (absent only for an empty report).
+    pub settings: Option<BTreeMap<String, String>>,
+    /// One per (model, budget) that ran, models outer in the experiment's order.
+    pub rows: Vec<Row>,
+    /// One per budget that has rows.
+    pub optima: Vec<Optimum>,
+    /// Every run, search runs included.
+    pub runs: Vec<RunRecord>,
+}
+
+/// The learning rate a search picks: the lowest held-out error, then the lowest held-out
+/// loss (a non-finite loss counts as the worst), then the first given.
+pub fn chosen_lr(searched: &[RunRecord]) -> Option<f64> {
+    let key = |r: &RunRecord| (r.val_error, if r.val_loss.is_finite() { r.val_loss } else { f64::INFINITY });
+    let mut best: Option<&RunRecord> = None;
+    for r in searched {
+        if best.is_none_or(|b| key(r) < key(b)) {
+            best = Some(r);
+        }
+    }
+    best.map(|b| b.lr)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+impl Report {
+    /// Groups runs into rows (pairs without final runs are left out) and finds the optima.
+    /// Every final run of a pair must have the same learning rate and steps.
+    pub fn from_records(
+        mut runs: Vec<RunRecord>,
+        models: &[ModelSpec],
+        budgets: &[f64],
+        settings: Option<&BTreeMap<String, String>>,
+    ) -> Result<Report> {
+        let order = |r: &RunRecord| {
+            (
+                models.iter().position(|m| m.to_string() == r.model).unwrap_or(usize::MAX),
+                budgets.iter().position(|&b| b == r.budget_gflops).unwrap_or(usize::MAX),
+                r.kind == RunKind::Final,
+                r.seed,
+                r.lr.to_bits(),
+            )
+        };
+        runs.sort_by_key(order);
+        let mut rows = Vec::new();
+        for m in models {
+            for &b in budgets {
+                let of = |k: RunKind| -> Vec<&RunRecord> {
+                    runs.iter().filter(|r| r.kind == k && r.model == m.to_string() && r.budget_gflops == b).collect()
+                };
+                let finals = of(RunKind::Final);
+                let search = of(RunKind::Search);
+                let Some(first) = finals.first() else { continue };
+                for r in &finals {
+                    ensure!(
+                        r.lr == first.lr && r.steps == first.steps,
+                        "{m} at budget {b}: final runs with different learning rates or steps ({} and {}, {} and {})",
+                        first.lr,
+                        r.lr,
+                        first.steps,
+                        r.steps
+                    );
+                }
+                let errs: Vec<f64> = finals.iter().map(|r| r.val_error).collect();
+                let mu = mean(&errs);
+                let std = if errs.len() > 1 {
+                    (errs.iter().map(|e| (e - mu).powi(2)).sum::<f64>() / (errs.len() - 1) as f64).sqrt()
+                } else {
+                    0.0
+                };
+                rows.push(Row {
+                    model: m.to_string(),
+                    mode: m.mode(),
+                    sparsity: m.sparsity(),
+                    budget_gflops: b,
+                    steps: first.steps,
+                    train_gflops: first.train_gflops,
+                    lr: first.lr,
+                    seeds: finals.len(),
+                    val_error: mu,
+                    val_error_std: std,
+                    val_error_min: errs.iter().copied().fold(f64::INFINITY, f64::min),
+                    val_error_max: errs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                    val_errors: errs,
+                    val_loss: mean(&finals.iter().map(|r| r.val_loss).collect::<Vec<_>>()),
+                    wall_s: mean(&finals.iter().map(|r| r.wall_s).collect::<Vec<_>>()),
+                    train_gflops_per_image: first.train_gflops_per_image,
+                    params: first.params,
+                    search_gflops: search.iter().map(|r| r.train_gflops).sum(),
+                    search_wall_s: search.iter().map(|r| r.wall_s).sum(),
+                });
+            }
+        }
+        let mut optima = Vec::new();
+        for &b in budgets {
+            let at: Vec<&Row> = rows.iter().filter(|r| r.budget_gflops == b).collect();
+            let best = |rs: &[&Row]| -> Option<Row> {
+                rs.iter()
+                    .fold(None::<&Row>, |a, r| if a.is_none_or(|a| r.val_error < a.val_error) { Some(r) } else { a })
+                    .cloned()
+            };
+            let Some(top) = best(&at) else { continue };
+            let dense = at.iter().find(|r| r.mode == "dense").map(|r| r.val_error);
+            let pruned: Vec<&Row> = at.iter().copied().filter(|r| r.mode != "dense").collect();
+            let bp = best(&pruned);
+            let rel = match (dense, &bp) {
+                (Some(d), Some(p)) if d > 0.0 => Some((d - p.val_error) / d),
+                _ => None,
+            };
+            optima.push(Optimum {
+                budget_gflops: b,
+                best_model: top.model.clone(),
+                best_val_error: top.val_error,
+                dense_val_error: dense,
+                best_pruned_model: bp.as_ref().map(|r| r.model.clone()),
+                best_pruned_val_error: bp.as_ref().map(|r| r.val_error),
+                relative_error_reduction: rel,
+            });
+        }
+        Ok(Report { settings: settings.cloned(), rows, optima, runs })
+    }
+
+    /// The table: one line per row, then the optimum per budget.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let searched = self.rows.iter().any(|r| r.search_gflops > 0.0);
+        let _ = writeln!(
+            s,
+            "{:<14} {:>9} {:>6} {:>9} {:>8} {:>5} {:>9} {:>8} {:>15} {:>8} {:>8}{}",
+            "model",
+            "budget GF",
+            "steps",
+            "GF/image",
+            "lr",
+            "seeds",
+            "val error",
+            "+-std",
+            "min..max",
+            "val loss",
+            "train s",
+            if searched { "  search GF" } else { "" }
+        );
+        for r in &self.rows {
+            let _ = writeln!(
+                s,
+                "{:<14} {:>9} {:>6} {:>9.4} {:>8} {:>5} {:>9.4} {:>8.4} {:>15} {:>8.4} {:>8.1}{}",
+                r.model,
+                r.budget_gflops,
+                r.steps,
+                r.train_gflops_per_image,
+                r.lr,
+                r.seeds,
+                r.val_error,
+                r.val_error_std,
+                format!("{:.4}..{:.4}", r.val_error_min, r.val_error_max),
+                r.val_loss,
+                r.wall_s,
+                if searched { format!("  {:>9.1}", r.search_gflops) } else { String::new() }
+            );
+        }
+        if !self.optima.is_empty() {
+            let _ = writeln!(s, "\ncompute-optimal model per budget (lowest mean val error):");
+            for o in &self.optima {
+                let vs = match (
+                    o.dense_val_error,
+                    &o.best_pruned_model,
+                    o.best_pruned_val_error,
+                    o.relative_error_reduction,
+                ) {
+                    (Some(d), Some(p), Some(pe), Some(rel)) => format!(
+                        "; best pruned {p} {pe:.4} vs dense {d:.4}: relative error reduction {:+.1}% {}",
+                        rel * 100.0,
+                        if rel > 0.0 { "(pruning wins)" } else { "(dense wins)" }
+                    ),
+                    _ => String::new(),
+                };
+                let _ =
+                    writeln!(s, "  budget {:>9} GF: {} ({:.4}){vs}", o.budget_gflops, o.best_model, o.best_val_error);
+            }
+        }
+        s
+    }
+
+    /// The report as JSON: `settings`, `rows`, `optima` and `runs` (each run without the
+    /// settings, which are the report's).
+    pub fn to_json(&self) -> serde_json::Value {
+        let runs: Vec<serde_json::Value> = self
+            .runs
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(r).expect("plain values");
+                v.as_object_mut().expect("an object").remove("settings");
+                v
+            })
+            .collect();
+        serde_json::json!({
+            "settings": self.settings,
+            "rows": self.rows,
+            "optima": self.optima,
+            "runs": runs,
+        })
+    }
+
+    /// Writes [`to_json`](Report::to_json) to `path` (atomically).
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let shown = path.display().to_string();
+        let tmp = path.with_extension(format!("json.tmp-{}", std::process::id()));
+        let text = serde_json::to_string_pretty(&self.to_json()).expect("plain values") + "\n";
+        let done = std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|source| Error::Io { path: shown, source });
+        if done.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        done
+    }
+}
+
+/// Assembles the runs folder that one or several shards filled into the report of the whole
+/// experiment. Every `*.json` file in it must be a run of the same experiment, and every
+/// run the experiment plans must be there (the message lists what is missing).
+pub fn merge(dir: &Path) -> Result<Report> {
+    let shown = dir.display();
+    ensure!(dir.is_dir(), "--runs {shown}: no such folder");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|source| Error::Io { path: shown.to_string(), source })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    ensure!(!files.is_empty(), "--runs {shown}: holds no run file (*.json)");
+    let mut runs = Vec::new();
+    let mut settings: Option<(BTreeMap<String, String>, std::path::PathBuf)> = None;
+    for f in &files {
+        let r = RunRecord::read(f)?;
+        match &settings {
+            None => settings = Some((r.settings.clone(), f.clone())),
+            Some((s, first)) => ensure!(
+                *s == r.settings,
+                "{} and {} are runs of different experiments ({})",
+                first.display(),
+                f.display(),
+                settings_diff(s, &r.settings)
+            ),
+        }
+        runs.push(r);
+    }
+    let (settings, _) = settings.expect("at least one file");
+    let get = |k: &str| settings.get(k).ok_or_else(|| invalid!("the run files lack the setting '{k}'"));
+    let models = parse_models(get("models")?)?;
+    let budgets = parse_positive_list("budgets", get("budgets")?)?;
+    let lrs = parse_positive_list("lrs", get("lrs")?)?;
+    let seeds: Vec<u64> = {
+        let s = get("seeds")?;
+        let (a, b) = s.split_once("..").ok_or_else(|| invalid!("bad seeds setting '{s}'"))?;
+        let (a, b): (u64, u64) =
+            (a.parse().map_err(|_| invalid!("bad seeds '{s}'"))?, b.parse().map_err(|_| invalid!("bad seeds '{s}'"))?);
+        (a..b).collect()
+    };
+    let first_seed = *seeds.first().ok_or_else(|| invalid!("the run files name no seed"))?;
+    let mut missing = Vec::new();
+    for m in &models {
+        for &b in &budgets {
+            let of = |k: RunKind| {
+                runs.iter().filter(move |r| r.kind == k && r.model == m.to_string() && r.budget_gflops == b)
+            };
+            let lr = if lrs.len() > 1 {
+                let searched: Vec<RunRecord> = of(RunKind::Search).filter(|r| r.seed == first_seed).cloned().collect();
+                let absent: Vec<String> =
+                    lrs.iter().filter(|l| !searched.iter().any(|r| r.lr == **l)).map(|l| format!("lr {l}")).collect();
+                if !absent.is_empty() {
+                    missing.push(format!("{m} at budget {b}: search runs for {}", absent.join(", ")));
+                    continue;
+                }
+                chosen_lr(&searched).expect("every rate searched")
+            } else {
+                lrs[0]
+            };
+            for &s in &seeds {
+                if !of(RunKind::Final).any(|r| r.seed == s && r.lr == lr) {
+                    missing.push(format!("{m} at budget {b}: seed {s} (lr {lr})"));
+                }
+            }
+            if let Some(r) = of(RunKind::Final).find(|r| r.lr != lr) {
+                return Err(invalid!("{m} at budget {b}: a final run with lr {} where the search chose {lr}", r.lr));
+            }
+        }
+    }
+    ensure!(
+        missing.is_empty(),
+        "--runs {shown}: {} runs of the experiment are missing (run the shards that own them): {}{}",
+        missing.len(),
+        missing.iter().take(5).cloned().collect::<Vec<_>>().join("; "),
+        if missing.len() > 5 { "; ..." } else { "" }
+    );
+    Report::from_records(runs, &models, &budgets, Some(&settings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(model: &str, budget: f64, seed: u64, kind: RunKind, lr: f64, err: f64) -> RunRecord {
+        let m: ModelSpec = model.parse().unwrap();
+        RunRecord {
+            format: super::super::RUN_FORMAT,
+            kind,
+            model: model.into(),
+            mode: m.mode(),
+            sparsity: m.sparsity(),
+            budget_gflops: budget,
+            seed,
+            lr,
+            steps: 3,
+            train_gflops: budget * 0.9,
+            train_gflops_per_image: 0.1,
+            params: 10,
+            val_error: err,
+            val_loss: err * 2.0,
+            val_images: 100,
+            last_train_loss: 1.0,
+            wall_s: 1.0,
+            eval_s: 0.5,
+            device: "cpu".into(),
+            settings: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn rows_optima_and_the_relative_error_reduction() {
+        let models = parse_models("dense,filters:0.5,channels:0.5").unwrap();
+        let f = RunKind::Final;
+        let runs = vec![
+            rec("dense", 10.0, 0, f, 0.1, 0.40),
+            rec("dense", 10.0, 1, f, 0.1, 0.60),
+            rec("filters:0.5", 10.0, 0, f, 0.1, 0.30),
+            rec("filters:0.5", 10.0, 1, f, 0.1, 0.34),
+            rec("channels:0.5", 10.0, 0, f, 0.1, 0.35),
+            rec("channels:0.5", 10.0, 1, f, 0.1, 0.35),
+            rec("dense", 20.0, 0, f, 0.1, 0.20),
+            rec("dense", 20.0, 1, f, 0.1, 0.20),
+            rec("filters:0.5", 20.0, 0, f, 0.1, 0.25),
+            rec("filters:0.5", 20.0, 1, f, 0.1, 0.25),
+            rec("filters:0.5", 20.0, 0, RunKind::Search, 0.1, 0.1),
+            rec("filters:0.5", 20.0, 0, RunKind::Search, 0.3, 0.2),
+        ];
+        let r = Report::from_records(runs, &models, &[10.0, 20.0], None).unwrap();
+        assert_eq!(r.rows.len(), 5, "channels:0.5 did not run at 20");
+        let d10 = &r.rows[0];
+        assert_eq!((d10.model.as_str(), d10.budget_gflops), ("dense", 10.0));
+        assert!((d10.val_error - 0.5).abs() < 1e-12);
+        assert!((d10.val_error_std - 0.02f64.sqrt()).abs() < 1e-12, "{}", d10.val_error_std);
+        assert_eq!((d10.val_error_min, d10.val_error_max), (0.4, 0.6));
+        let f20 = r.rows.iter().find(|x| x.model == "filters:0.5" && x.budget_gflops == 20.0).unwrap();
+        assert!((f20.search_gflops - 36.0).abs() < 1e-12);
+        let o10 = &r.optima[0];
+        assert_eq!(o10.best_model, "filters:0.5");
+        assert!((o10.relative_error_reduction.unwrap() - (0.5 - 0.32) / 0.5).abs() < 1e-12);
+        let o20 = &r.optima[1];
+        assert_eq!(o20.best_model, "dense");
+        assert!((o20.relative_error_reduction.unwrap() + 0.25).abs() < 1e-12, "dense wins: negative");
+        let t = r.table();
+        assert!(t.contains("relative error reduction +36.0% (pruning wins)"), "{t}");
+        assert!(t.contains("(dense wins)"), "{t}");
+        // Final runs of one pair with different rates are an error.
+        let bad = vec![rec("dense", 10.0, 0, f, 0.1, 0.4), rec("dense", 10.0, 1, f, 0.2, 0.4)];
+        assert!(Report::from_records(bad, &models, &[10.0], None).is_err());
+    }
+
+    #[test]
+    fn the_search_picks_the_lowest_error_then_loss_then_the_first() {
+        let s = RunKind::Search;
+        let mut a = rec("dense", 1.0, 0, s, 0.1, 0.3);
+        let mut b = rec("dense", 1.0, 0, s, 0.2, 0.3);
+        assert_eq!(chosen_lr(&[a.clone(), b.clone()]), Some(0.1));
+        b.val_loss = 0.1;
+        assert_eq!(chosen_lr(&[a.clone(), b.clone()]), Some(0.2));
+        a.val_loss = f64::NAN;
+        b.val_loss = 5.0;
+        assert_eq!(chosen_lr(&[a.clone(), b.clone()]), Some(0.2));
+        b.val_error = 0.5;
+        assert_eq!(chosen_lr(&[a, b]), Some(0.1));
+        assert_eq!(chosen_lr(&[]), None);
+    }
+}

@@ -1,0 +1,261 @@
+//! `prunekit transfer` end to end on tiny data built here (IDX files of four classes of gray
+//! levels, 16x16) and a tiny pretrained network (`--layers 1,1,1,1 --width 8`, 10 classes,
+//! so the classifier is swapped): the report's fields, the learning-rate search, re-runs
+//! that skip finished runs, shards merged into the single run's report, bad inputs refused
+//! before any work, and one run through the emulation.
+
+mod common;
+
+use common::cli::{fails, ok, prunekit, tiny_idx};
+use prunekit::model::{init::torchvision_init, Arch};
+use serde_json::Value;
+use std::path::Path;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    data: String,
+    weights: String,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let data = tiny_idx(dir.path(), 160);
+        let weights = dir.path().join("pretrained.safetensors").display().to_string();
+        torchvision_init(&Arch::bottleneck_width([1, 1, 1, 1], 8, 10), 7).write(Path::new(&weights)).unwrap();
+        Fixture { dir, data, weights }
+    }
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+    /// `transfer` with the tiny data's defaults for the flags `extra` lacks.
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut a = vec!["transfer", "--weights", &self.weights, "--data", &self.data];
+        let defaults = [
+            ("--device", "cpu"),
+            ("--size", "16"),
+            ("--batch", "8"),
+            ("--augment", "none"),
+            ("--val-fraction", "0.25"),
+            ("--threads", "2"),
+            ("--models", "dense,filters:0.5,channels:0.5"),
+            ("--budgets", "0.05,0.1"),
+        ];
+        for (k, v) in defaults {
+            if !extra.contains(&k) {
+                a.extend([k, v]);
+            }
+        }
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect()
+    }
+    fn run(&self, extra: &[&str]) -> std::process::Output {
+        prunekit(&self.args(extra).iter().map(String::as_str).collect::<Vec<_>>())
+    }
+}
+
+fn json(path: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The report without the measured times (which differ between runs).
+fn untimed(mut v: Value) -> Value {
+    fn strip(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                for k in ["wall_s", "eval_s", "search_wall_s"] {
+                    m.remove(k);
+                }
+                m.values_mut().for_each(strip);
+            }
+            Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut v);
+    v
+}
+
+#[test]
+fn report_has_every_documented_field_and_search_picks_a_searched_rate() {
+    let f = Fixture::new();
+    let (j, svg, runs) = (f.path("t.json"), f.path("t.svg"), f.path("runs"));
+    let out = ok(&f.run(&["--seeds", "2", "--lrs", "0.02,0.05", "--json", &j, "--plot", &svg, "--runs", &runs]));
+    assert!(out.contains("compute-optimal model per budget"), "{out}");
+    let v = json(&j);
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "3 models x 2 budgets: {v}");
+    for k in [
+        "model",
+        "mode",
+        "sparsity",
+        "budget_gflops",
+        "steps",
+        "val_error",
+        "val_error_std",
+        "val_error_min",
+        "val_error_max",
+        "val_errors",
+        "val_loss",
+        "wall_s",
+        "train_gflops_per_image",
+        "train_gflops",
+        "lr",
+        "seeds",
+        "search_gflops",
+        "params",
+    ] {
+        assert!(rows.iter().all(|r| !r[k].is_null()), "{k} missing: {}", rows[0]);
+    }
+    for r in rows {
+        let e = r["val_errors"].as_array().unwrap();
+        assert_eq!(e.len(), 2);
+        let (lo, hi, mean) = (
+            r["val_error_min"].as_f64().unwrap(),
+            r["val_error_max"].as_f64().unwrap(),
+            r["val_error"].as_f64().unwrap(),
+        );
+        assert!(lo <= mean && mean <= hi && (0.0..=1.0).contains(&mean), "{r}");
+        // The budget holds: steps x batch x FLOPs per image never exceed it, one more step would.
+        let (b, gpi, steps) = (
+            r["budget_gflops"].as_f64().unwrap(),
+            r["train_gflops_per_image"].as_f64().unwrap(),
+            r["steps"].as_u64().unwrap(),
+        );
+        let step = gpi * 8.0;
+        assert!(steps as f64 * step <= b * (1.0 + 1e-9) && (steps + 1) as f64 * step > b, "{r}");
+        assert!((r["train_gflops"].as_f64().unwrap() - steps as f64 * step).abs() < 1e-9 * b, "{r}");
+        // Two rates searched at the pair's budget: the search's compute is two runs' worth.
+        assert!((r["search_gflops"].as_f64().unwrap() - 2.0 * r["train_gflops"].as_f64().unwrap()).abs() < 1e-9, "{r}");
+        assert!([0.02, 0.05].contains(&r["lr"].as_f64().unwrap()), "{r}");
+    }
+    // Pruned models are cheaper per image, so the same budget buys more steps.
+    let steps = |m: &str| {
+        rows.iter().find(|r| r["model"] == m && r["budget_gflops"] == 0.1).unwrap()["steps"].as_u64().unwrap()
+    };
+    assert!(steps("filters:0.5") > steps("dense") && steps("channels:0.5") > steps("filters:0.5"));
+    let optima = v["optima"].as_array().unwrap();
+    assert_eq!(optima.len(), 2);
+    for o in optima {
+        let (d, p) = (o["dense_val_error"].as_f64().unwrap(), o["best_pruned_val_error"].as_f64().unwrap());
+        if d > 0.0 {
+            let rel = o["relative_error_reduction"].as_f64().unwrap();
+            assert!((rel - (d - p) / d).abs() < 1e-12, "{o}");
+        }
+        let best = o["best_val_error"].as_f64().unwrap();
+        assert!(best <= d && best <= p, "{o}");
+    }
+    // Every run is in the report: 6 pairs x (2 search + 2 final), and as files.
+    assert_eq!(v["runs"].as_array().unwrap().len(), 24);
+    assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 24);
+    assert_eq!(v["settings"]["lrs"], "0.02,0.05");
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("compute-optimal"), "{}", &plot[..200.min(plot.len())]);
+
+    // A re-run finds every run done and reports the same.
+    let j2 = f.path("again.json");
+    let out = ok(&f.run(&["--seeds", "2", "--lrs", "0.02,0.05", "--json", &j2, "--runs", &runs]));
+    assert_eq!(out.matches("done before").count(), 24, "{out}");
+    assert_eq!(json(&j2), v);
+    // Other settings against the same folder are refused, naming the difference.
+    let e = fails(&f.run(&["--seeds", "2", "--lrs", "0.02,0.06", "--runs", &runs]), "another experiment");
+    assert!(e.contains("lrs"), "{e}");
+}
+
+#[test]
+fn shards_merge_into_the_single_runs_report() {
+    let f = Fixture::new();
+    let common = ["--seeds", "2", "--models", "dense,filters:0.5", "--budgets", "0.05,0.1,0.2"];
+    let single = f.path("single.json");
+    let mut a = common.to_vec();
+    a.extend(["--json", &single]);
+    ok(&f.run(&a));
+    let runs = f.path("shards");
+    // 6 pairs (models outer) over 3 shards: shard i takes pairs i and i + 3; shard 2 owns
+    // both models' largest budget.
+    for i in 0..3 {
+        let shard = format!("{i}/3");
+        let mut a = common.to_vec();
+        a.extend(["--shard", &shard, "--runs", &runs]);
+        let out = ok(&f.run(&a));
+        assert!(out.contains("transfer merge --runs"), "{out}");
+        if i == 1 {
+            // Before the last shard ran, merge says what is missing and writes nothing.
+            let partial = f.path("partial.json");
+            let e = fails(&prunekit(&["transfer", "merge", "--runs", &runs, "--json", &partial]), "are missing");
+            assert!(e.contains("dense at budget 0.2") && e.contains("filters:0.5 at budget 0.2"), "{e}");
+            assert!(!e.contains("budget 0.1"), "{e}");
+            assert!(!Path::new(&partial).exists());
+        }
+    }
+    let merged = f.path("merged.json");
+    let svg = f.path("merged.svg");
+    let out = ok(&prunekit(&["transfer", "merge", "--runs", &runs, "--json", &merged, "--plot", &svg]));
+    assert!(out.contains("compute-optimal"), "{out}");
+    let (s, m) = (untimed(json(&single)), untimed(json(&merged)));
+    assert_eq!(s["rows"], m["rows"]);
+    assert_eq!(s["optima"], m["optima"]);
+    assert_eq!(s["runs"], m["runs"]);
+    assert_eq!(s["settings"], m["settings"]);
+    assert!(Path::new(&svg).exists());
+}
+
+#[test]
+fn bad_inputs_are_refused_before_any_work() {
+    let f = Fixture::new();
+    let missing = f.path("no/such/dir/out.json");
+    for (extra, needle) in [
+        (vec!["--models", "dense,sparse:0.5"], "the mode must be filters or channels"),
+        (vec!["--models", "dense,filters"], "expected dense, filters:SPARSITY"),
+        (vec!["--models", "filters:1.5"], "filters:1.5"),
+        (vec!["--models", "dense,dense"], "twice"),
+        (vec!["--budgets", "0"], "--budgets"),
+        (vec!["--budgets", "0.0001"], "smaller than one training step"),
+        (vec!["--seeds", "0"], "--seeds"),
+        (vec!["--lrs", "0.1,-1"], "--lrs"),
+        (vec!["--shard", "2/2", "--runs", "x"], "--shard"),
+        (vec!["--shard", "0/2"], "--shard needs --runs"),
+        (vec!["--json", missing.as_str()], "does not exist"),
+        (vec!["--plot", "out.png"], "SVG"),
+        (vec!["--runs", missing.as_str()], "does not exist"),
+        (vec!["--lrs", "0.1,0.2", "--search-fraction", "0.95"], "learning-rate search trains on"),
+        (vec!["--lrs", "0.1,0.2", "--search-fraction", "1"], "--search-fraction"),
+        (vec!["--batch", "1000"], "fewer than one batch"),
+        (vec!["--classes", "0-5"], "class"),
+        (vec!["--val-fraction", "0"], "validation split is empty"),
+    ] {
+        let o = f.run(&extra);
+        fails(&o, needle);
+    }
+    fails(
+        &prunekit(&["transfer", "--weights", &f.path("none.safetensors"), "--data", &f.data, "--budgets", "1"]),
+        "none.safetensors",
+    );
+    fails(&prunekit(&["transfer", "merge", "--runs", &f.path("nothing")]), "no such folder");
+    let empty = f.path("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails(&prunekit(&["transfer", "merge", "--runs", &empty]), "holds no run file");
+    std::fs::write(f.path("empty/junk.json"), "{}").unwrap();
+    fails(&prunekit(&["transfer", "merge", "--runs", &empty]), "not a prunekit transfer run file");
+}
+
+#[test]
+fn transfer_runs_through_the_emulation() {
+    let f = Fixture::new();
+    let j = f.path("emu.json");
+    ok(&f.run(&[
+        "--device",
+        "emu",
+        "--models",
+        "dense,filters:0.5",
+        "--budgets",
+        "0.05",
+        "--batch",
+        "4",
+        "--json",
+        &j,
+    ]));
+    let v = json(&j);
+    assert_eq!(v["rows"].as_array().unwrap().len(), 2);
+    assert!(v["runs"][0]["device"].as_str().unwrap().starts_with("emu"), "{v}");
+}
