@@ -139,20 +139,40 @@ pub fn check_training_memory(
     size: usize,
     host_extra: f64,
 ) -> Result<MemoryNeed> {
+    check_run_memory(dev, arch, precision, batch, size, None, host_extra)
+}
+
+/// [`check_training_memory`] for a run that also evaluates with a batch of `eval_batch`
+/// images in a second workspace (when `Some` and not the training batch).
+pub fn check_run_memory(
+    dev: &Device,
+    arch: &Arch,
+    precision: PrecisionKind,
+    batch: usize,
+    size: usize,
+    eval_batch: Option<usize>,
+    host_extra: f64,
+) -> Result<MemoryNeed> {
     let need = training_memory(arch, precision, batch, size, size);
+    let eval_ws = match eval_batch {
+        Some(e) if e != batch => training_memory(arch, precision, e, size, size).workspace,
+        _ => 0.0,
+    };
     let on_host = !matches!(dev.gpu().map(|g| g.kind()), Some(crate::gpu::BackendKind::Cuda));
-    let total = need.total() + if on_host { host_extra } else { 0.0 };
+    let total = need.total() + eval_ws + if on_host { host_extra } else { 0.0 };
     if let Some((avail, what)) = available_memory(dev) {
         crate::ensure!(
             matches!(total.partial_cmp(&avail), Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)),
-            "batch {batch} of {size}x{size} images needs about {} ({} for the workspace, {} for the model{}), \
-             more than the {} of {what} on {}; use a smaller --batch or --size",
+            "batch {batch} of {size}x{size} images needs about {} ({} for the workspace, {} for the model{}{}), \
+             more than the {} of {what} on {}; use a smaller --batch{} or --size",
             gb(total),
             gb(need.workspace),
             gb(need.model),
+            if eval_ws > 0.0 { format!(", {} for the evaluation workspace", gb(eval_ws)) } else { String::new() },
             if on_host && host_extra > 0.0 { format!(", {} for input batches", gb(host_extra)) } else { String::new() },
             gb(avail),
-            dev.name()
+            dev.name(),
+            if eval_ws > 0.0 { ", --eval-batch" } else { "" }
         );
     }
     Ok(need)

@@ -442,3 +442,18 @@ fn trains_through_the_emulation() {
     let sd = StateDict::read(Path::new(&out)).unwrap();
     assert_eq!(Arch::from_state(&sd).unwrap(), tiny_arch(4));
 }
+
+#[test]
+fn a_separate_evaluation_batch_gives_the_same_evaluation() {
+    let f = Fixture::new();
+    let val = |extra: &[&str]| -> String {
+        let mut a = vec!["--steps", "4"];
+        a.extend_from_slice(extra);
+        let out = ok(&f.train(&a));
+        out.lines().find(|l| l.starts_with("done:")).unwrap().split("val error").nth(1).unwrap().to_string()
+    };
+    let same = val(&[]);
+    assert_eq!(val(&["--eval-batch", "7"]), same, "7 does not divide the 40 val images: a padded last batch");
+    assert_eq!(val(&["--eval-batch", "64"]), same);
+    fails(&f.train(&["--steps", "1", "--eval-batch", "0"]), "--eval-batch must be at least 1");
+}

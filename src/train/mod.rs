@@ -148,6 +148,10 @@ pub struct TrainConfig {
     pub length: Length,
     /// Images per step.
     pub batch: usize,
+    /// Images per evaluation batch (`None`: the training batch). A different size gets its
+    /// own workspace: a larger one evaluates faster where small batches leave the device
+    /// (or the CPU's GEMMs) underused; eval-mode results do not depend on it.
+    pub eval_batch: Option<usize>,
     /// Side of the square training and evaluation images.
     pub size: usize,
     /// Peak learning rate.
@@ -198,6 +202,7 @@ impl Default for TrainConfig {
         TrainConfig {
             length: Length::Steps(100),
             batch: 32,
+            eval_batch: None,
             size: 32,
             lr: 0.1,
             momentum: 0.9,
@@ -227,6 +232,7 @@ impl TrainConfig {
     /// that can be written (so a long run is not refused at its end).
     pub fn check(&self) -> Result<()> {
         ensure!(self.batch >= 1, "--batch must be at least 1");
+        ensure!(self.eval_batch != Some(0), "--eval-batch must be at least 1");
         ensure!(self.size >= 1, "--size must be at least 1");
         ensure!(self.lr.is_finite() && self.lr > 0.0, "--lr must be finite and positive, not {}", self.lr);
         ensure!(

@@ -129,8 +129,10 @@ pub fn train(
         threads: cfg.threads,
         ..LoaderConfig::default()
     };
-    let loader_bytes = 2.0 * (lc.prefetch + 3) as f64 * (batch * 3 * size * size * 4) as f64;
-    crate::limits::check_training_memory(dev, &arch, cfg.precision, batch, size, loader_bytes)?;
+    let eval_batch = cfg.eval_batch.unwrap_or(batch);
+    let elc = LoaderConfig { batch: eval_batch, ..lc.clone() };
+    let loader_bytes = (lc.prefetch + 3) as f64 * ((batch + eval_batch) * 3 * size * size * 4) as f64;
+    crate::limits::check_run_memory(dev, &arch, cfg.precision, batch, size, Some(eval_batch), loader_bytes)?;
     let now = settings(cfg, total, data, &arch);
     let resumed = momentum.is_some();
     if let Some((_, saved, path)) = &momentum {
@@ -150,9 +152,14 @@ pub fn train(
     }
     let mut ws = model.workspace(batch, size, size)?;
     let mut train_loader = Loader::train(&data.train, &lc, progress.position)?;
-    let mut val_loader = if data.val.is_empty() { None } else { Some(Loader::eval(&data.val, &lc)?) };
+    let mut val_loader = if data.val.is_empty() { None } else { Some(Loader::eval(&data.val, &elc)?) };
     let mut b = train_loader.new_batch();
-    let mut vb = train_loader.new_batch();
+    let mut vb = match &val_loader {
+        Some(v) => v.new_batch(),
+        None => train_loader.new_batch(),
+    };
+    // The evaluation's own workspace, when its batch differs (made at the first evaluation).
+    let mut eval_ws = None;
     let mut log = match &cfg.log {
         Some(p) => Some(JsonLog::open(p, resumed)?),
         None => None,
@@ -257,7 +264,14 @@ pub fn train(
             if at_eval {
                 if let Some(vl) = val_loader.as_mut() {
                     let te = Instant::now();
-                    let r = evaluate(&mut model, &mut ws, vl, &mut vb)?;
+                    let r = if eval_batch == batch {
+                        evaluate(&mut model, &mut ws, vl, &mut vb)?
+                    } else {
+                        if eval_ws.is_none() {
+                            eval_ws = Some(model.workspace(eval_batch, size, size)?);
+                        }
+                        evaluate(&mut model, eval_ws.as_mut().expect("made above"), vl, &mut vb)?
+                    };
                     eval_s += te.elapsed().as_secs_f64();
                     rec.val_error = Some(r.error);
                     rec.val_loss = Some(r.loss);
