@@ -201,6 +201,34 @@ pub fn check_output_path(flag: &str, path: &Path) -> Result<()> {
     }
 }
 
+/// [`check_output_path`] for `--plot`, which also wants a file name ending in `.svg`.
+pub fn check_svg_path(path: &Path) -> Result<()> {
+    ensure!(
+        path.extension().and_then(|e| e.to_str()) == Some("svg"),
+        "--plot writes SVG: give a file name ending in .svg (got {})",
+        path.display()
+    );
+    check_output_path("--plot", path)
+}
+
+/// Writes `text` to `path` atomically: a temporary file in the same folder, then a rename
+/// (a failure leaves no partial file).
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let shown = path.display().to_string();
+    let name = path.file_name().ok_or_else(|| crate::invalid!("{shown}: not a file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let done = std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| crate::Error::Io { path: shown, source });
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

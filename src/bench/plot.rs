@@ -2,18 +2,13 @@
 //! lines per mode, drawn with plotters (SVG backend).
 
 use super::train::BenchRow;
-use crate::{ensure, invalid, Result};
+use crate::{invalid, Result};
 use plotters::prelude::*;
 use std::path::Path;
 
 /// Checks, before a run, that `path` names an SVG file in a folder that can be written.
 pub fn check_path(path: &Path) -> Result<()> {
-    ensure!(
-        path.extension().and_then(|e| e.to_str()) == Some("svg"),
-        "--plot writes SVG: give a file name ending in .svg (got {})",
-        path.display()
-    );
-    crate::limits::check_output_path("--plot", path)
+    crate::limits::check_svg_path(path)
 }
 
 /// Draws the plot of a bench's rows to an SVG file.

@@ -265,16 +265,7 @@ impl RunRecord {
 
     /// Writes the file atomically (a temporary file in the same folder, then a rename).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let shown = path.display().to_string();
-        let tmp = path.with_extension(format!("json.tmp-{}", std::process::id()));
-        let text = serde_json::to_string_pretty(self).expect("plain values") + "\n";
-        let done = std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|source| Error::Io { path: shown, source });
-        if done.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        done
+        crate::limits::write_atomic(path, &(serde_json::to_string_pretty(self).expect("plain values") + "\n"))
     }
 }
 

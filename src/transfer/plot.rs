@@ -12,12 +12,7 @@ type Panel<'a, 'b> = (&'b DrawingArea<SVGBackend<'a>, plotters::coord::Shift>, &
 
 /// Checks, before a run, that `path` names an SVG file in a folder that can be written.
 pub fn check_plot_path(path: &Path) -> Result<()> {
-    ensure!(
-        path.extension().and_then(|e| e.to_str()) == Some("svg"),
-        "--plot writes SVG: give a file name ending in .svg (got {})",
-        path.display()
-    );
-    crate::limits::check_output_path("--plot", path)
+    crate::limits::check_svg_path(path)
 }
 
 /// Draws the report to an SVG file.
