@@ -157,6 +157,28 @@ fn report_has_every_documented_field_and_search_picks_a_searched_rate() {
     let out = ok(&f.run(&["--seeds", "2", "--lrs", "0.02,0.05", "--json", &j2, "--runs", &runs]));
     assert_eq!(out.matches("done before").count(), 24, "{out}");
     assert_eq!(json(&j2), v);
+    // A larger plan over the same folder runs only what is new (one more budget: 3 pairs x
+    // 4 runs), and merge reads the union of the plans.
+    let j3 = f.path("more.json");
+    let out = ok(&f.run(&[
+        "--seeds",
+        "2",
+        "--lrs",
+        "0.02,0.05",
+        "--budgets",
+        "0.05,0.1,0.2",
+        "--json",
+        &j3,
+        "--runs",
+        &runs,
+    ]));
+    assert_eq!(out.matches("done before").count(), 24, "{out}");
+    assert_eq!(out.lines().filter(|l| l.contains("budget 0.2 GFLOPs") && l.contains("val error")).count(), 12, "{out}");
+    let merged = f.path("merged.json");
+    ok(&prunekit(&["transfer", "merge", "--runs", &runs, "--json", &merged]));
+    assert_eq!(json(&merged)["rows"], json(&j3)["rows"]);
+    assert_eq!(json(&merged)["rows"].as_array().unwrap().len(), 9);
+    assert_eq!(json(&j3)["plan"]["budgets"], serde_json::json!([0.05, 0.1, 0.2]));
     // Other settings against the same folder are refused, naming the difference.
     let e = fails(&f.run(&["--seeds", "2", "--lrs", "0.02,0.06", "--runs", &runs]), "another experiment");
     assert!(e.contains("lrs"), "{e}");
@@ -237,6 +259,8 @@ fn bad_inputs_are_refused_before_any_work() {
     fails(&prunekit(&["transfer", "merge", "--runs", &empty]), "holds no run file");
     std::fs::write(f.path("empty/junk.json"), "{}").unwrap();
     fails(&prunekit(&["transfer", "merge", "--runs", &empty]), "not a prunekit transfer run file");
+    std::fs::write(f.path("empty/junk.json"), r#"{"format": 1}"#).unwrap();
+    fails(&prunekit(&["transfer", "merge", "--runs", &empty]), "this prunekit reads format 2");
 }
 
 #[test]

@@ -43,7 +43,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Format version of the run files.
-const RUN_FORMAT: u32 = 1;
+const RUN_FORMAT: u32 = 2;
 
 /// An experiment: what to compare and how to fine-tune.
 #[derive(Clone, Debug)]
@@ -121,8 +121,9 @@ impl Experiment {
         Ok(())
     }
 
-    /// The settings every run of the experiment shares; run files record them and a re-run
-    /// or a merge refuses files whose settings differ.
+    /// The settings every run of the experiment shares (everything but the plan: models,
+    /// budgets and seeds); run files record them and a re-run or a merge refuses files whose
+    /// settings differ. A plan may grow (more budgets, models or seeds) over the same runs.
     pub fn settings(&self, data: &Dataset) -> BTreeMap<String, String> {
         let r = &self.recipe;
         let mut m = BTreeMap::new();
@@ -130,11 +131,9 @@ impl Experiment {
             m.insert(k.to_string(), v);
         };
         put("weights", self.weights_id.clone());
-        put("models", self.models.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(","));
-        put("budgets", self.budgets.iter().map(|b| format!("{b:?}")).collect::<Vec<_>>().join(","));
-        put("seeds", format!("{}..{}", r.seed, r.seed + self.seeds as u64));
         put("lrs", self.lrs.iter().map(|l| format!("{l:?}")).collect::<Vec<_>>().join(","));
         put("search_fraction", format!("{:?}", self.search_fraction));
+        put("search_seed", r.seed.to_string());
         put("round_to", self.round_to.to_string());
         put("criterion", format!("{:?}", self.criterion));
         put("data", data.origin.clone());
@@ -152,6 +151,15 @@ impl Experiment {
         put("normalize", format!("{:?}", r.norm));
         put("precision", r.precision.to_string());
         m
+    }
+
+    /// The plan: models, budgets and seeds.
+    pub fn plan(&self) -> Plan {
+        Plan {
+            models: self.models.iter().map(|m| m.to_string()).collect(),
+            budgets: self.budgets.clone(),
+            seeds: self.seed_list(),
+        }
     }
 
     /// The seeds of the fine-tuning runs.
@@ -185,6 +193,41 @@ pub fn check_runs_dir(dir: &Path) -> Result<()> {
         crate::limits::check_output_path("--runs", &dir.join("probe.json"))
     } else {
         crate::limits::check_output_path("--runs", dir)
+    }
+}
+
+/// What an experiment runs: its models, budgets and seeds. Run files record the plan they
+/// were made under; [`merge`] expects the union of the plans it finds.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Plan {
+    /// The model specs, in the table's order.
+    pub models: Vec<String>,
+    /// The budgets in GFLOPs.
+    pub budgets: Vec<f64>,
+    /// The seeds of the final runs.
+    pub seeds: Vec<u64>,
+}
+
+impl Plan {
+    /// Adds what `other` has and this plan lacks: models in order, budgets and seeds sorted.
+    pub fn extend(&mut self, other: &Plan) {
+        for m in &other.models {
+            if !self.models.contains(m) {
+                self.models.push(m.clone());
+            }
+        }
+        for &b in &other.budgets {
+            if !self.budgets.contains(&b) {
+                self.budgets.push(b);
+            }
+        }
+        for &s in &other.seeds {
+            if !self.seeds.contains(&s) {
+                self.seeds.push(s);
+            }
+        }
+        self.budgets.sort_by(f64::total_cmp);
+        self.seeds.sort_unstable();
     }
 }
 
@@ -241,6 +284,8 @@ pub struct RunRecord {
     pub device: String,
     /// The experiment's settings (see [`Experiment::settings`]).
     pub settings: BTreeMap<String, String>,
+    /// The plan of the experiment that made the run.
+    pub plan: Plan,
 }
 
 impl RunRecord {
@@ -257,10 +302,16 @@ impl RunRecord {
     pub fn read(path: &Path) -> Result<RunRecord> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: shown.clone(), source })?;
-        let r: RunRecord = serde_json::from_str(&text)
-            .map_err(|e| invalid!("{shown}: not a prunekit transfer run file ({e}); move it out of the runs folder"))?;
-        ensure!(r.format == RUN_FORMAT, "{shown}: run file format {} (this prunekit writes {RUN_FORMAT})", r.format);
-        Ok(r)
+        let not_ours = |e: &dyn std::fmt::Display| {
+            invalid!("{shown}: not a prunekit transfer run file ({e}); move it out of the runs folder")
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| not_ours(&e))?;
+        let format = v.get("format").and_then(|f| f.as_u64()).ok_or_else(|| not_ours(&"no format"))?;
+        ensure!(
+            format == RUN_FORMAT as u64,
+            "{shown}: a run file of format {format}; this prunekit reads format {RUN_FORMAT}"
+        );
+        serde_json::from_value(v).map_err(|e| not_ours(&e))
     }
 
     /// Writes the file atomically (a temporary file in the same folder, then a rename).
@@ -406,7 +457,7 @@ pub fn run_experiment(dev: &Device, exp: &Experiment, data: &Dataset, say: &mut 
             )?);
         }
     }
-    Report::from_records(records, &exp.models, &exp.budgets, Some(&settings))
+    Report::from_records(records, &exp.models, &exp.budgets, Some(&settings), Some(&exp.plan()))
 }
 
 /// One fine-tuning run, or its record from the runs folder.
@@ -494,6 +545,7 @@ fn one_run(
         eval_s: s.eval_s,
         device: dev.name(),
         settings: settings.clone(),
+        plan: exp.plan(),
     };
     say(&format!(
         "{what}: {} steps, {:.1} GFLOPs, val error {:.4}, val loss {:.4} ({:.1} s + {:.1} s eval)",

@@ -3,7 +3,7 @@
 //! a text table and JSON; and [`merge`], which builds it from a runs folder.
 
 use super::spec::{parse_models, parse_positive_list, ModelSpec};
-use super::{settings_diff, RunKind, RunRecord};
+use super::{settings_diff, Plan, RunKind, RunRecord};
 use crate::{ensure, invalid, Error, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -77,6 +77,8 @@ pub struct Optimum {
 pub struct Report {
     /// The experiment's settings (absent only for an empty report).
     pub settings: Option<BTreeMap<String, String>>,
+    /// Its plan: models, budgets, seeds.
+    pub plan: Option<Plan>,
     /// One per (model, budget) that ran, models outer in the experiment's order.
     pub rows: Vec<Row>,
     /// One per budget that has rows.
@@ -110,6 +112,7 @@ impl Report {
         models: &[ModelSpec],
         budgets: &[f64],
         settings: Option<&BTreeMap<String, String>>,
+        plan: Option<&Plan>,
     ) -> Result<Report> {
         let order = |r: &RunRecord| {
             (
@@ -196,7 +199,7 @@ impl Report {
                 relative_error_reduction: rel,
             });
         }
-        Ok(Report { settings: settings.cloned(), rows, optima, runs })
+        Ok(Report { settings: settings.cloned(), plan: plan.cloned(), rows, optima, runs })
     }
 
     /// The table: one line per row, then the optimum per budget.
@@ -260,20 +263,23 @@ impl Report {
         s
     }
 
-    /// The report as JSON: `settings`, `rows`, `optima` and `runs` (each run without the
-    /// settings, which are the report's).
+    /// The report as JSON: `settings`, `plan`, `rows`, `optima` and `runs` (each run without
+    /// the settings and plan, which are the report's).
     pub fn to_json(&self) -> serde_json::Value {
         let runs: Vec<serde_json::Value> = self
             .runs
             .iter()
             .map(|r| {
                 let mut v = serde_json::to_value(r).expect("plain values");
-                v.as_object_mut().expect("an object").remove("settings");
+                let o = v.as_object_mut().expect("an object");
+                o.remove("settings");
+                o.remove("plan");
                 v
             })
             .collect();
         serde_json::json!({
             "settings": self.settings,
+            "plan": self.plan,
             "rows": self.rows,
             "optima": self.optima,
             "runs": runs,
@@ -304,6 +310,7 @@ pub fn merge(dir: &Path) -> Result<Report> {
     ensure!(!files.is_empty(), "--runs {shown}: holds no run file (*.json)");
     let mut runs = Vec::new();
     let mut settings: Option<(BTreeMap<String, String>, std::path::PathBuf)> = None;
+    let mut plan: Option<Plan> = None;
     for f in &files {
         let r = RunRecord::read(f)?;
         match &settings {
@@ -316,21 +323,25 @@ pub fn merge(dir: &Path) -> Result<Report> {
                 settings_diff(s, &r.settings)
             ),
         }
+        match &mut plan {
+            None => plan = Some(r.plan.clone()),
+            Some(p) => p.extend(&r.plan),
+        }
         runs.push(r);
     }
     let (settings, _) = settings.expect("at least one file");
-    let get = |k: &str| settings.get(k).ok_or_else(|| invalid!("the run files lack the setting '{k}'"));
-    let models = parse_models(get("models")?)?;
-    let budgets = parse_positive_list("budgets", get("budgets")?)?;
-    let lrs = parse_positive_list("lrs", get("lrs")?)?;
-    let seeds: Vec<u64> = {
-        let s = get("seeds")?;
-        let (a, b) = s.split_once("..").ok_or_else(|| invalid!("bad seeds setting '{s}'"))?;
-        let (a, b): (u64, u64) =
-            (a.parse().map_err(|_| invalid!("bad seeds '{s}'"))?, b.parse().map_err(|_| invalid!("bad seeds '{s}'"))?);
-        (a..b).collect()
-    };
-    let first_seed = *seeds.first().ok_or_else(|| invalid!("the run files name no seed"))?;
+    let plan = plan.expect("at least one file");
+    let models = parse_models(&plan.models.join(","))?;
+    let budgets = plan.budgets.clone();
+    let seeds = plan.seeds.clone();
+    let lrs = parse_positive_list(
+        "lrs",
+        settings.get("lrs").ok_or_else(|| invalid!("the run files lack the setting 'lrs'"))?,
+    )?;
+    let search_seed: u64 = settings
+        .get("search_seed")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| invalid!("the run files lack the setting 'search_seed'"))?;
     let mut missing = Vec::new();
     for m in &models {
         for &b in &budgets {
@@ -338,7 +349,7 @@ pub fn merge(dir: &Path) -> Result<Report> {
                 runs.iter().filter(move |r| r.kind == k && r.model == m.to_string() && r.budget_gflops == b)
             };
             let lr = if lrs.len() > 1 {
-                let searched: Vec<RunRecord> = of(RunKind::Search).filter(|r| r.seed == first_seed).cloned().collect();
+                let searched: Vec<RunRecord> = of(RunKind::Search).filter(|r| r.seed == search_seed).cloned().collect();
                 let absent: Vec<String> =
                     lrs.iter().filter(|l| !searched.iter().any(|r| r.lr == **l)).map(|l| format!("lr {l}")).collect();
                 if !absent.is_empty() {
@@ -366,7 +377,7 @@ pub fn merge(dir: &Path) -> Result<Report> {
         missing.iter().take(5).cloned().collect::<Vec<_>>().join("; "),
         if missing.len() > 5 { "; ..." } else { "" }
     );
-    Report::from_records(runs, &models, &budgets, Some(&settings))
+    Report::from_records(runs, &models, &budgets, Some(&settings), Some(&plan))
 }
 
 #[cfg(test)]
@@ -396,6 +407,7 @@ mod tests {
             eval_s: 0.5,
             device: "cpu".into(),
             settings: BTreeMap::new(),
+            plan: Plan { models: vec![], budgets: vec![], seeds: vec![] },
         }
     }
 
@@ -417,7 +429,7 @@ mod tests {
             rec("filters:0.5", 20.0, 0, RunKind::Search, 0.1, 0.1),
             rec("filters:0.5", 20.0, 0, RunKind::Search, 0.3, 0.2),
         ];
-        let r = Report::from_records(runs, &models, &[10.0, 20.0], None).unwrap();
+        let r = Report::from_records(runs, &models, &[10.0, 20.0], None, None).unwrap();
         assert_eq!(r.rows.len(), 5, "channels:0.5 did not run at 20");
         let d10 = &r.rows[0];
         assert_eq!((d10.model.as_str(), d10.budget_gflops), ("dense", 10.0));
@@ -437,7 +449,7 @@ mod tests {
         assert!(t.contains("(dense wins)"), "{t}");
         // Final runs of one pair with different rates are an error.
         let bad = vec![rec("dense", 10.0, 0, f, 0.1, 0.4), rec("dense", 10.0, 1, f, 0.2, 0.4)];
-        assert!(Report::from_records(bad, &models, &[10.0], None).is_err());
+        assert!(Report::from_records(bad, &models, &[10.0], None, None).is_err());
     }
 
     #[test]
