@@ -35,9 +35,9 @@ if [ ! -f "$PRE" ]; then
 fi
 
 # 2. Transfer: classes 5-9, 50 training images per class, evaluated on their 5000 test images.
-log "$BIN transfer --weights $PRE --data $TRAIN --val $TEST --classes 5-9 --per-class 50 --models dense,filters:0.25,filters:0.5,filters:0.75,channels:0.5 --budgets 3,6,12,24,48,96,192 --seeds 3 --lrs 0.01,0.03,0.1 --batch 16 --eval-batch 100 --size 28 --augment none --device $DEVICE --runs $OUT/runs --json $OUT/transfer.json --plot $OUT/transfer.svg"
+log "$BIN transfer --weights $PRE --data $TRAIN --val $TEST --classes 5-9 --per-class 50 --models dense,filters:0.25,filters:0.5,filters:0.75,channels:0.5 --budgets 3,6,12,24,48,96,192,384,768 --seeds 3 --lrs 0.01,0.03,0.1 --batch 16 --eval-batch 100 --size 28 --augment none --device $DEVICE --runs $OUT/runs --json $OUT/transfer.json --plot $OUT/transfer.svg"
 "$BIN" transfer --weights "$PRE" --data "$TRAIN" --val "$TEST" --classes 5-9 --per-class 50 \
-  --models dense,filters:0.25,filters:0.5,filters:0.75,channels:0.5 --budgets 3,6,12,24,48,96,192 \
+  --models dense,filters:0.25,filters:0.5,filters:0.75,channels:0.5 --budgets 3,6,12,24,48,96,192,384,768 \
   --seeds 3 --lrs 0.01,0.03,0.1 --batch 16 --eval-batch 100 --size 28 --augment none --device "$DEVICE" \
   --runs "$OUT/runs" --json "$OUT/transfer.json" --plot "$OUT/transfer.svg" 2>&1 | tee "$OUT/transfer.txt"
 log "done in $(( $(date +%s) - start )) s (stages found done were skipped)"
