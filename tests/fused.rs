@@ -402,8 +402,83 @@ fn bad_inputs_are_errors() {
     }
 }
 
+/// A small bottleneck ResNet with odd widths (tests/profile.rs' tiny_arch): identity and
+/// downsample blocks; small enough that no wgrad splits (split-K adds with atomics, whose
+/// order varies on a GPU, and bitwise comparison would not be a check).
+fn tiny_arch() -> prunekit::model::Arch {
+    use prunekit::model::{Arch, Block};
+    let b = |stage, index, cin, w1, w2, cout, stride, downsample| Block {
+        stage,
+        index,
+        cin,
+        w1,
+        w2,
+        cout,
+        stride,
+        downsample,
+    };
+    Arch {
+        stem: 8,
+        classes: 5,
+        blocks: vec![
+            b(1, 0, 8, 3, 5, 6, 1, true),
+            b(1, 1, 6, 4, 4, 6, 1, false),
+            b(2, 0, 6, 4, 3, 10, 2, true),
+            b(3, 0, 10, 3, 3, 7, 2, true),
+            b(4, 0, 7, 5, 4, 12, 2, true),
+        ],
+    }
+}
+
+/// Three steps with `train_step_graphed` and three with `train_step` from the same weights
+/// and batch end with the same bits in every parameter and momentum.
+fn check_graphed_steps(dev: &Device, precision: prunekit::model::PrecisionKind) {
+    use prunekit::model::{init::torchvision_init, Model, Sgd};
+    let sd = torchvision_init(&tiny_arch(), 3);
+    let sgd = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 };
+    let mut r = Rng::new(5);
+    let images = r.vec(2 * 3 * 28 * 28, -1.0, 1.0);
+    let targets = vec![1i64, 4];
+    let run = |graphed: bool| {
+        let mut m = Model::from_state(dev, &sd, precision).unwrap();
+        let mut ws = m.workspace(2, 28, 28).unwrap();
+        m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
+        for _ in 0..3 {
+            if graphed {
+                m.train_step_graphed(&mut ws, &sgd).unwrap();
+            } else {
+                m.train_step(&mut ws, &sgd).unwrap();
+            }
+        }
+        (m.loss(&ws).unwrap(), m.to_state().unwrap(), m.momentum_state().unwrap())
+    };
+    let (a, b) = (run(false), run(true));
+    assert_eq!(a.0.to_bits(), b.0.to_bits(), "loss on {}", dev.name());
+    for (x, y) in [(&a.1, &b.1), (&a.2, &b.2)] {
+        for (name, t) in &x.tensors {
+            let (u, v) = (t.as_f32().unwrap(), y.tensors[name].as_f32().unwrap());
+            assert!(u.iter().zip(v).all(|(p, q)| p.to_bits() == q.to_bits()), "{name} differs on {}", dev.name());
+        }
+    }
+}
+
+#[test]
+fn emu_graphed_step_is_the_plain_step() {
+    // The emulation runs the launches directly: the same sequence, the same bits.
+    check_graphed_steps(&emu(Schedule::Forward), prunekit::model::PrecisionKind::F32);
+    check_graphed_steps(&Device::Cpu, prunekit::model::PrecisionKind::F32);
+}
+
 mod cuda {
     use super::*;
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_graphed_step_is_the_plain_step() {
+        let dev = common::cuda_device();
+        check_graphed_steps(&dev, prunekit::model::PrecisionKind::F32);
+        check_graphed_steps(&dev, prunekit::model::PrecisionKind::Bf16);
+    }
 
     #[test]
     #[ignore = "needs a CUDA GPU"]
