@@ -129,9 +129,16 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
     let fin_cost = || Cost::bn_finalize_tiles(m, c, tiles);
     timed(dev, Family::BnForward, fin_cost, || match dev {
         Device::Cpu => {
-            let ys: Vec<f32> =
-                y.host().ok_or_else(|| invalid!("y is not on the cpu"))?.iter().map(|v| v.to_f32()).collect();
-            let (mean, var) = cpu_bn::batch_stats(m, c, &ys);
+            let yh = y.host().ok_or_else(|| invalid!("y is not on the cpu"))?;
+            // f32 as is; 16-bit types widened (exactly) to f32 for the f64 statistics.
+            let widened: Vec<f32>;
+            let ys: &[f32] = if T::NAME == "f32" {
+                bytemuck::cast_slice(yh)
+            } else {
+                widened = yh.iter().map(|v| v.to_f32()).collect();
+                &widened
+            };
+            let (mean, var) = cpu_bn::batch_stats(m, c, ys);
             fn h<'b>(b: &'b mut Buf<f32>) -> Result<&'b mut [f32]> {
                 b.host_mut().ok_or_else(|| invalid!("a statistics buffer is not on the cpu"))
             }
