@@ -139,7 +139,7 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
                 &widened
             };
             let (mean, var) = cpu_bn::batch_stats(m, c, ys);
-            fn h<'b>(b: &'b mut Buf<f32>) -> Result<&'b mut [f32]> {
+            fn h(b: &mut Buf<f32>) -> Result<&mut [f32]> {
                 b.host_mut().ok_or_else(|| invalid!("a statistics buffer is not on the cpu"))
             }
             let (sm, si) = (h(save_mean)?, h(save_invstd)?);
