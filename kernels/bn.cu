@@ -8,13 +8,22 @@
 //                          (mean, M2) per channel and chunk
 //   bn_stats_finalize_f32  per channel, one warp: Chan merges over the chunks in a fixed
 //                          order; save_mean, save_invstd, running statistics
-//   bn_apply_<T>           y = (x - mean) * (gamma * invstd) + beta, then the ReLU
+//   bn_apply_<T>           y = (x - mean) * (gamma * invstd) + beta (+ residual), then
+//                          the ReLU
+// Fused with the convolution (src/ops/fused.rs): conv2d_fprop_* with bn_stats writes the
+// per-row-tile (mean, M2) of its output in its epilogue (conv.cu), in the layout that
+// bn_stats_<T> uses, so the train forward is the conv, bn_stats_finalize_f32 and
+// bn_apply_<T> (which also adds a bottleneck's residual before the ReLU): the conv output
+// is read once instead of twice, and the block's last BN, residual add and ReLU are one pass.
 // Eval forward: bn_apply_<T> alone, from the running statistics.
 // Backward, three launches:
 //   bn_backward_reduce_<T>   per (channel vector, row chunk): sums of g and g * (x - mean),
 //                            g = dy masked by the fused ReLU's output
 //   bn_backward_finalize_f32 per channel: dbeta = sum g, dgamma = invstd * sum g (x - mean)
 //   bn_backward_dx_<T>       dx = gamma invstd (g - dbeta / m - (x - mean) invstd dgamma / m)
+// With grad_out (= dy), the reduce also stores g over dy, in the thread that read it (a
+// bottleneck's output gradient through its last ReLU, which the shortcut needs too), and the
+// dx pass reads g unmasked: the separate relu_backward pass is gone (src/ops/layers/bn.rs, bn_backward_masking_dy).
 // Every reduction is in a fixed order: results do not depend on scheduling. The
 // per-chunk partials are parked in the bytes of y (dx), which the last launch overwrites,
 // so a training step allocates nothing; with one chunk they go to the [c] outputs.
@@ -177,14 +186,21 @@ __device__ __forceinline__ void bn_apply(const PkBnParams& p) {
     beta[k] = p.beta[ch];
   }
   const T* x = static_cast<const T*>(p.x) + (int64_t)pl.j * V;
+  const T* res = p.residual ? static_cast<const T*>(p.residual) + (int64_t)pl.j * V : nullptr;
   T* y = static_cast<T*>(p.out) + (int64_t)pl.j * V;
 #pragma unroll 2
   for (int64_t r = pl.r0; r < pl.r1; r += pl.step) {
-    float v[V];
+    float v[V], a[V];
     load_vec<T, V>(x + r * p.c, v);
+    if (res) {
+      load_vec<T, V>(res + r * p.c, a);
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) a[k] = 0.0f;
+    }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      v[k] = fmaf(v[k] - mean[k], scale[k], beta[k]);
+      v[k] = fmaf(v[k] - mean[k], scale[k], beta[k]) + a[k];
       if (p.relu) v[k] = relu_f(v[k]);
     }
     store_vec<T, V>(y + r * p.c, v);
@@ -227,6 +243,7 @@ __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
       float v[V], g[V];
       load_vec<T, V>(x + off, v);
       bn_load_grad<T, V>(p, off, g);
+      if (p.grad_out) store_vec<T, V>(static_cast<T*>(p.grad_out) + off, g);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         sg[k] += g[k];

@@ -439,6 +439,49 @@ __device__ __forceinline__ void fill_rows(const PkConvParams& p, const Geo& g, R
   for (int i = tid; i < BM; i += NT) rows[i] = decode_row<PASS>(p, g, m0 + i);
 }
 
+// ---------------------------------------------------------------- BN statistics
+// fprop with p.bn_stats: per-channel statistics of the block's output tile for the batch
+// norm that follows, so that its train forward does not read y for them. Two passes over
+// the accumulators (still in registers): the tile mean of each column, then the sum of
+// squared deviations from it (M2), both over the values as stored (rounded to T) and over
+// the tile's valid rows only. Each thread sums its own rows of a column; the threads that
+// share a column ("row groups", RG of them) meet in shared memory and one thread per
+// column adds them in row-group order, so the result does not depend on scheduling and no
+// atomics are used. Tile b's pair goes to bn_part[k * gridDim.x + b] (the layout of
+// bn_stats_<T>'s per-chunk partials, with rows_per_chunk = BM), or, with one row tile, to
+// bn_mean / bn_m2 (as bn_stats_<T> with one chunk); bn_stats_finalize_f32 merges them.
+// `red` is RG * BN + BN floats of shared memory that nothing else uses any more.
+template <class T>
+__device__ __forceinline__ float stored(float v) {
+  return to_f32(from_f32<T>(v));
+}
+
+// One pass of the column reduction after every thread wrote red[rg * BN + col]; pass 0
+// leaves the tile means in cmean, pass 1 writes the results. Barriers around it are the
+// caller's.
+template <int BN, int RG, int NT>
+__device__ __forceinline__ void bn_stats_columns(const PkConvParams& p, const float* red, float* cmean, int tid,
+                                                 int n0, int vrows, int pass) {
+  for (int c = tid; c < BN; c += NT) {
+    float s = 0.0f;
+#pragma unroll 4
+    for (int g = 0; g < RG; ++g) s += red[g * BN + c];
+    if (pass == 0) {
+      cmean[c] = s / (float)vrows;
+    } else {
+      const int col = n0 + c;
+      if (col < p.gemm_n) {
+        if (gridDim.x == 1) {
+          p.bn_mean[col] = cmean[c];
+          p.bn_m2[col] = s;
+        } else {
+          static_cast<float2*>(p.bn_part)[(int64_t)col * gridDim.x + blockIdx.x] = make_float2(cmean[c], s);
+        }
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- tensor-core kernel
 template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, bool VEC_, int MIN_BLOCKS_>
 struct TcCfg {
@@ -577,6 +620,39 @@ __device__ __forceinline__ void conv_tc(const PkConvParams& p) {
       store_pair<PASS, T>(p, rows, rl, m0 + rl, col, acc[mi][ni][0], acc[mi][ni][1]);
       store_pair<PASS, T>(p, rows, rl + 8, m0 + rl + 8, col, acc[mi][ni][2], acc[mi][ni][3]);
     }
+  if (PASS == PK_FPROP && p.bn_stats) {
+    // Row group of the thread: (wm, g); its columns: wn * WTN + ni * 8 + 2t + e.
+    constexpr int RG = Cfg::WARPS_M * 8;
+    static_assert((RG + 1) * BN * 4 <= STAGES * S::A_ELEMS * 2, "the statistics fit in the A stages");
+    float* red = reinterpret_cast<float*>(As);
+    float* cmean = red + RG * BN;
+    const int vrows = min(BM, geo.gemm_m - m0);
+    const int rg = wm * 8 + g;
+    __syncthreads();  // every warp is done with the stages
+#pragma unroll 1
+    for (int pass = 0; pass < 2; ++pass) {
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int cl = wn * WTN + ni * 8 + 2 * t + e;
+          const float mu = pass ? cmean[cl] : 0.0f;
+          float sum = 0.0f;
+#pragma unroll
+          for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int rl = wm * WTM + mi * 16 + h * 8 + g;
+              const float d = stored<T>(acc[mi][ni][h * 2 + e]) - mu;
+              if (rl < vrows) sum = pass ? fmaf(d, d, sum) : sum + d;
+            }
+          red[rg * BN + cl] = sum;
+        }
+      __syncthreads();
+      bn_stats_columns<BN, RG, NT>(p, red, cmean, tid, n0, vrows, pass);
+      __syncthreads();
+    }
+  }
 }
 
 // ---------------------------------------------------------------- SIMT kernel (f32)
@@ -674,6 +750,33 @@ __device__ __forceinline__ void conv_simt(const PkConvParams& p) {
 #pragma unroll
     for (int j = 0; j < TN; j += 2)
       store_pair<PASS, float>(p, rows, ty * TM + i, m0 + ty * TM + i, n0 + tx * TN + j, acc[i][j], acc[i][j + 1]);
+  if (PASS == PK_FPROP && p.bn_stats) {
+    // Row group of the thread: ty; its columns: tx * TN + j.
+    constexpr int RG = BM / TM;
+    static_assert((RG + 1) * BN <= STAGES * BK * LDA, "the statistics fit in the A stages");
+    float* red = As;
+    float* cmean = red + RG * BN;
+    const int vrows = min(BM, geo.gemm_m - m0);
+    __syncthreads();  // every thread is done with the stages
+#pragma unroll 1
+    for (int pass = 0; pass < 2; ++pass) {
+#pragma unroll
+      for (int j = 0; j < TN; ++j) {
+        const int cl = tx * TN + j;
+        const float mu = pass ? cmean[cl] : 0.0f;
+        float sum = 0.0f;
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+          const float d = acc[i][j] - mu;
+          if (ty * TM + i < vrows) sum = pass ? fmaf(d, d, sum) : sum + d;
+        }
+        red[ty * BN + cl] = sum;
+      }
+      __syncthreads();
+      bn_stats_columns<BN, RG, NT>(p, red, cmean, tid, n0, vrows, pass);
+      __syncthreads();
+    }
+  }
 }
 
 // ---------------------------------------------------------------- entry points

@@ -126,6 +126,15 @@ typedef struct {
   int32_t k_tiles_per_split;  // k-tiles per blockIdx.z (all of them when not split)
   int32_t pad0;
   PkFastDiv div_c, div_k, div_s, div_q, div_pq, div_w, div_hw;
+  // fprop with bn_stats = 1: the epilogue also writes per-channel statistics of the stored
+  // y over each block's rows (see conv.cu, "BN statistics"): with one row tile
+  // (gridDim.x == 1) the tile mean to bn_mean[k] and its M2 to bn_m2[k], else the pair
+  // (mean, M2) of row tile b to bn_part[k * gridDim.x + b]. bn_stats_finalize_f32 merges them.
+  void* bn_part;   // [K][gridDim.x] float2, or null
+  float* bn_mean;  // [K], or null
+  float* bn_m2;    // [K], or null
+  int32_t bn_stats;
+  int32_t pad1;
 } PkConvParams;
 
 // transpose_<dtype>: dst[b][j][i] = src[b][i][j] for batch matrices of rows x cols.
@@ -171,6 +180,9 @@ typedef struct {
   float eps;
   int32_t eval;          // forward apply: normalize with running_mean/running_var
   int32_t pad0;
+  const void* residual;  // forward apply: [m, c] added after the normalization, before the
+                         // ReLU (a bottleneck's last BN + residual add + ReLU), or null
+  void* grad_out;        // backward reduce: [m, c] g (dy through the ReLU mask) written, or null
 } PkBnParams;
 
 // elementwise.cu: out[i] = f(a[i], b[i]) for i < n, `vec` elements per vector access

@@ -51,6 +51,8 @@ static const PkFieldLayout kLayout[] = {
     PK_F(PkConvParams, gemm_k) PK_F(PkConvParams, k_tiles_per_split) PK_F(PkConvParams, pad0)
     PK_F(PkConvParams, div_c) PK_F(PkConvParams, div_k) PK_F(PkConvParams, div_s) PK_F(PkConvParams, div_q)
     PK_F(PkConvParams, div_pq) PK_F(PkConvParams, div_w) PK_F(PkConvParams, div_hw)
+    PK_F(PkConvParams, bn_part) PK_F(PkConvParams, bn_mean) PK_F(PkConvParams, bn_m2)
+    PK_F(PkConvParams, bn_stats) PK_F(PkConvParams, pad1)
 
     PK_F(PkTransposeParams, src) PK_F(PkTransposeParams, dst) PK_F(PkTransposeParams, batch)
     PK_F(PkTransposeParams, rows) PK_F(PkTransposeParams, cols) PK_F(PkTransposeParams, pad0)
@@ -61,7 +63,7 @@ static const PkFieldLayout kLayout[] = {
     PK_F(PkBnParams, running_mean) PK_F(PkBnParams, running_var) PK_F(PkBnParams, dgamma)
     PK_F(PkBnParams, dbeta) PK_F(PkBnParams, m) PK_F(PkBnParams, rows_per_chunk) PK_F(PkBnParams, c)
     PK_F(PkBnParams, vec) PK_F(PkBnParams, chunks) PK_F(PkBnParams, relu) PK_F(PkBnParams, momentum)
-    PK_F(PkBnParams, eps) PK_F(PkBnParams, eval) PK_F(PkBnParams, pad0)
+    PK_F(PkBnParams, eps) PK_F(PkBnParams, eval) PK_F(PkBnParams, pad0) PK_F(PkBnParams, residual) PK_F(PkBnParams, grad_out)
 
     PK_F(PkElementwiseParams, a) PK_F(PkElementwiseParams, b) PK_F(PkElementwiseParams, out)
     PK_F(PkElementwiseParams, n) PK_F(PkElementwiseParams, vec) PK_F(PkElementwiseParams, pad0)

@@ -260,6 +260,72 @@ impl CudaBackend {
     }
 }
 
+/// An instantiated CUDA graph (captured from the stream).
+pub struct CudaGraph {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+}
+// SAFETY: graph handles may be used from any thread that binds the context.
+unsafe impl Send for CudaGraph {}
+unsafe impl Sync for CudaGraph {}
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: created by end_capture, destroyed once.
+        unsafe {
+            let _ = result::graph::exec_destroy(self.exec);
+            let _ = result::graph::destroy(self.graph);
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Whether launches can be captured (not with synchronous launches, which wait on the
+    /// stream).
+    pub fn can_capture(&self) -> bool {
+        !self.sync_launches
+    }
+
+    /// Starts capturing the stream's work into a graph (relaxed mode: the lazy module
+    /// loading of a first launch is allowed meanwhile).
+    pub fn begin_capture(&self) -> Result<(), GpuError> {
+        if !self.can_capture() {
+            return Err(GpuError::Invalid("cannot capture a graph with synchronous launches (PK_CUDA_SYNC)".into()));
+        }
+        self.bind()?;
+        // SAFETY: our stream.
+        unsafe { result::stream::begin_capture(self.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }
+            .map_err(|e| driver_err("cuStreamBeginCapture", e))
+    }
+
+    /// Ends the capture and instantiates the graph.
+    pub fn end_capture(&self) -> Result<CudaGraph, GpuError> {
+        self.bind()?;
+        // SAFETY: our stream, capturing; the graph is instantiated once and owned by the
+        // returned value.
+        unsafe {
+            let graph = result::stream::end_capture(self.stream).map_err(|e| driver_err("cuStreamEndCapture", e))?;
+            match result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) {
+                Ok(exec) => Ok(CudaGraph { graph, exec }),
+                Err(e) => {
+                    let _ = result::graph::destroy(graph);
+                    Err(driver_err("cuGraphInstantiate", e))
+                }
+            }
+        }
+    }
+
+    /// Queues one replay of `g` on the stream.
+    pub fn launch_graph(&self, g: &CudaGraph) -> Result<(), GpuError> {
+        self.bind()?;
+        // SAFETY: an instantiated graph of this context, our stream.
+        unsafe { result::graph::launch(g.exec, self.stream) }.map_err(|e| driver_err("cuGraphLaunch", e))?;
+        if self.sync_launches {
+            self.synchronize()?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         if self.bind().is_ok() {

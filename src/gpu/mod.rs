@@ -130,6 +130,19 @@ enum Backend {
     Emu(emu::EmuBackend),
 }
 
+/// A captured CUDA graph ([`Gpu::capture`]), replayed with [`Gpu::replay`]; it keeps its
+/// device alive.
+pub struct Graph {
+    graph: cuda::CudaGraph,
+    backend: Arc<Backend>,
+}
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Graph")
+    }
+}
+
 /// A handle to a kernel device (cheap to clone). All work is ordered on one stream.
 #[derive(Clone)]
 pub struct Gpu {
@@ -336,6 +349,42 @@ impl Gpu {
         match &*self.backend {
             Backend::Cuda(c) => c.launch(kernel, cfg, params as *const P as *mut std::ffi::c_void, bytes.len()),
             Backend::Emu(e) => e.launch(kernel, cfg, bytes),
+        }
+    }
+
+    /// Whether [`capture`](Self::capture) works here: on the cuda back end (without
+    /// synchronous launches); the emulation runs launches as they come.
+    pub fn can_capture(&self) -> bool {
+        match &*self.backend {
+            Backend::Cuda(c) => c.can_capture(),
+            Backend::Emu(_) => false,
+        }
+    }
+
+    /// Captures every launch, copy and memset that `f` queues on the stream into one CUDA
+    /// graph instead of running them (stream capture), and returns `f`'s result with the
+    /// graph, which [`replay`](Self::replay) runs. `f` must not wait for the device, read
+    /// results back or allocate. An error of `f` ends the capture and is returned. Only on
+    /// the cuda back end (see [`can_capture`](Self::can_capture)).
+    pub fn capture<R, E: From<GpuError>>(&self, f: impl FnOnce() -> Result<R, E>) -> Result<(R, Graph), E> {
+        let Backend::Cuda(c) = &*self.backend else {
+            return Err(GpuError::Invalid("graph capture needs the cuda back end".into()).into());
+        };
+        c.begin_capture()?;
+        let r = f();
+        let g = c.end_capture();
+        let r = r?;
+        Ok((r, Graph { graph: g?, backend: self.backend.clone() }))
+    }
+
+    /// Queues one run of a graph that [`capture`](Self::capture) made on this device.
+    pub fn replay(&self, g: &Graph) -> Result<(), GpuError> {
+        if !Arc::ptr_eq(&self.backend, &g.backend) {
+            return Err(GpuError::Invalid("the graph was captured on another device".into()));
+        }
+        match &*self.backend {
+            Backend::Cuda(c) => c.launch_graph(&g.graph),
+            Backend::Emu(_) => Err(GpuError::Invalid("graph replay needs the cuda back end".into())),
         }
     }
 

@@ -13,6 +13,7 @@ use super::state::{StateDict, Tensor};
 use crate::device::{Buf, Device};
 use crate::gpu::Elem;
 use crate::ops::conv::{self, ConvElem, ConvShape};
+use crate::ops::fused;
 use crate::ops::layers::{self as layers, CastElem, LayerElem};
 use crate::{ensure, invalid, Result};
 use half::bf16;
@@ -219,6 +220,10 @@ pub struct Workspace<T: Precision> {
     pool: Pool<T>,
     /// Set once targets were given (a train forward needs them).
     has_targets: bool,
+    /// [`ResNet::train_step_graphed`]: the model (by [`ResNet::graph_key`]) whose step ran
+    /// once on this workspace, and the captured forward + backward.
+    graph_warm: Option<(u64, u64)>,
+    graph: Option<((u64, u64), crate::gpu::Graph)>,
 }
 
 impl<T: Precision> Workspace<T> {
@@ -422,6 +427,8 @@ impl<T: Precision> ResNet<T> {
             targets: dev.zeros(n)?,
             pool: Pool { busy: vec![false; bufs.len()], bufs },
             has_targets: false,
+            graph_warm: None,
+            graph: None,
         })
     }
 
@@ -463,15 +470,81 @@ impl<T: Precision> ResNet<T> {
             layers::cast(&dev, &ws.input_nhwc, low)?;
         }
         let x0: &Buf<T> = T::pick(&ws.input_nhwc, &ws.input_low)?;
-        conv::conv2d_fprop(&dev, &ws.stem_sh, x0, self.stem.weight()?, &mut ws.t0)?;
-        let m0 = n * ws.stem_h * ws.stem_w;
-        bn_fwd(&dev, bnc, &mut self.stem_bn, m0, &ws.t0, &mut ws.a0, &mut ws.s0, train, true)?;
+        if train {
+            let sh = ws.stem_sh;
+            conv_bn_train(
+                &dev,
+                bnc,
+                &sh,
+                x0,
+                &self.stem,
+                &mut self.stem_bn,
+                &mut ws.t0,
+                None,
+                true,
+                &mut ws.a0,
+                &mut ws.s0,
+            )?;
+        } else {
+            conv::conv2d_fprop(&dev, &ws.stem_sh, x0, self.stem.weight()?, &mut ws.t0)?;
+            let m0 = n * ws.stem_h * ws.stem_w;
+            bn_fwd(&dev, bnc, &mut self.stem_bn, m0, &ws.t0, &mut ws.a0, &mut ws.s0, train, true)?;
+        }
         layers::maxpool_forward(&dev, n, ws.stem_h, ws.stem_w, self.arch.stem, &ws.a0, &mut ws.p0)?;
         for bi in 0..self.blocks.len() {
             let (before, rest) = ws.blocks.split_at_mut(bi);
             let acts = &mut rest[0];
             let x: &Buf<T> = if bi == 0 { &ws.p0 } else { &before[bi - 1].out };
             let bp = &mut self.blocks[bi];
+            if train {
+                // Fused (ops::fused): BN statistics in the conv epilogues, the last BN, the
+                // residual add and the ReLU in one pass.
+                let (a, t) = (&mut acts.a1, &mut acts.t1);
+                conv_bn_train(&dev, bnc, &acts.sh1, x, &bp.conv1, &mut bp.bn1, t, None, true, a, &mut acts.s1)?;
+                let (a, t) = (&mut acts.a2, &mut acts.t2);
+                conv_bn_train(&dev, bnc, &acts.sh2, &acts.a1, &bp.conv2, &mut bp.bn2, t, None, true, a, &mut acts.s2)?;
+                match (&mut bp.down, acts.shd, acts.td.as_mut(), acts.sd.as_mut()) {
+                    (Some((dconv, dbn)), Some(shd), Some(td), Some(sd)) => {
+                        let bd = ws.pool.take(acts.out.len())?;
+                        let bdb = &mut ws.pool.bufs[bd];
+                        conv_bn_train(&dev, bnc, &shd, x, dconv, dbn, td, None, false, bdb, sd)?;
+                        let (o, t) = (&mut acts.out, &mut acts.t3);
+                        let r = Some(&ws.pool.bufs[bd]);
+                        conv_bn_train(
+                            &dev,
+                            bnc,
+                            &acts.sh3,
+                            &acts.a2,
+                            &bp.conv3,
+                            &mut bp.bn3,
+                            t,
+                            r,
+                            true,
+                            o,
+                            &mut acts.s3,
+                        )?;
+                        ws.pool.give(bd);
+                    }
+                    (None, None, None, None) => {
+                        let (o, t) = (&mut acts.out, &mut acts.t3);
+                        conv_bn_train(
+                            &dev,
+                            bnc,
+                            &acts.sh3,
+                            &acts.a2,
+                            &bp.conv3,
+                            &mut bp.bn3,
+                            t,
+                            Some(x),
+                            true,
+                            o,
+                            &mut acts.s3,
+                        )?;
+                    }
+                    _ => return Err(invalid!("internal: downsample buffers out of step")),
+                }
+                continue;
+            }
             let m1 = acts.sh1.n * acts.sh1.p() * acts.sh1.q();
             let m2 = acts.sh2.n * acts.sh2.p() * acts.sh2.q();
             conv::conv2d_fprop(&dev, &acts.sh1, x, bp.conv1.weight()?, &mut acts.t1)?;
@@ -535,18 +608,28 @@ impl<T: Precision> ResNet<T> {
             let (l_in, l1, l2, l_out) = (acts.sh1.x_len(), acts.sh1.y_len(), acts.sh2.y_len(), acts.sh3.y_len());
             let m1 = acts.sh1.n * acts.sh1.p() * acts.sh1.q();
             let m2 = acts.sh2.n * acts.sh2.p() * acts.sh2.q();
-            // Through the final ReLU: the gradient of both branches of the sum.
-            let dsum = pool.take(l_out)?;
-            {
-                let [gb, ds] = pool.bufs.get_disjoint_mut([g, dsum]).expect("distinct");
-                layers::relu_backward(&dev, &acts.out, gb, ds)?;
-            }
-            pool.give(g);
-            // conv3 and bn3.
+            // Through the final ReLU to bn3 and conv3: bn3's backward masks g in place, which
+            // leaves dsum, the gradient of both branches of the sum.
+            let dsum = g;
             let dt3 = pool.take(l_out)?;
             {
                 let [ds, d3] = pool.bufs.get_disjoint_mut([dsum, dt3]).expect("distinct");
-                bn_bwd(&dev, &mut bp.bn3, m2, &acts.t3, None, ds, &acts.s3, d3)?;
+                let b = &mut bp.bn3;
+                let (s, t) = (&acts.s3, &acts.t3);
+                layers::bn_backward_masking_dy(
+                    &dev,
+                    m2,
+                    b.c,
+                    t,
+                    &acts.out,
+                    ds,
+                    &b.gamma,
+                    &s.mean,
+                    &s.invstd,
+                    d3,
+                    &mut b.dgamma,
+                    &mut b.dbeta,
+                )?;
             }
             let da2 = pool.take(l2)?;
             {
@@ -674,6 +757,53 @@ impl<T: Precision> ResNet<T> {
         self.forward(ws, true)?;
         self.backward(ws)?;
         self.sgd_step(sgd)
+    }
+
+    /// [`train_step`](Self::train_step) with the forward and backward as one CUDA graph on
+    /// the cuda device: the first call on a workspace runs them as usual (loading every
+    /// kernel), the second captures them into a graph kept in the workspace (for this
+    /// model), and every call from then on replays it: one launch instead of several
+    /// hundred. The SGD step (whose learning rate may change) is launched as usual. Every
+    /// buffer a step touches is fixed when the workspace is planned, so the replay does
+    /// the same work; the launch sequence is the same as [`train_step`]'s. On the CPU, the
+    /// emulation, inside a profile scope (which times each op), or with synchronous
+    /// launches, this is [`train_step`].
+    pub fn train_step_graphed(&mut self, ws: &mut Workspace<T>, sgd: &Sgd) -> Result<()> {
+        ensure!(ws.has_targets, "a train-mode forward needs targets (set_batch with targets)");
+        let gpu = match &self.dev {
+            Device::Gpu(g) if g.can_capture() && !crate::ops::profile::active() => g.clone(),
+            _ => return self.train_step(ws, sgd),
+        };
+        let key = self.graph_key();
+        match &ws.graph {
+            Some((k, g)) if *k == key => gpu.replay(g)?,
+            _ if ws.graph_warm != Some(key) => {
+                ws.graph = None;
+                self.forward(ws, true)?;
+                self.backward(ws)?;
+                ws.graph_warm = Some(key);
+            }
+            _ => {
+                let ((), g) = gpu.capture(|| -> Result<()> {
+                    self.forward(ws, true)?;
+                    self.backward(ws)
+                })?;
+                gpu.replay(&g)?;
+                ws.graph = Some((key, g));
+            }
+        }
+        self.sgd_step(sgd)
+    }
+
+    /// What a captured step depends on besides the workspace: the device addresses of the
+    /// model's parameters (the stem's and the classifier's weights stand for all of them,
+    /// which are allocated with the model).
+    fn graph_key(&self) -> (u64, u64) {
+        let ptr = |b: &Buf<f32>| match b {
+            Buf::Gpu(g) => g.ptr(),
+            Buf::Host(_) => 0,
+        };
+        (ptr(&self.stem.w), ptr(&self.fc_w))
     }
 
     /// The loss of the last train-mode forward (waits for the device).
@@ -862,6 +992,33 @@ fn bn_fwd<T: Precision>(
     } else {
         layers::bn_forward_eval(dev, m, bn.c, x, &bn.gamma, &bn.beta, &bn.mean, &bn.var, cfg.eps, relu, y)
     }
+}
+
+/// Train-mode conv + BN (+ residual) (+ ReLU) through [`fused::conv_bn_forward_train`]:
+/// `t` = the conv output (kept for backward), `out` = the BN output.
+#[allow(clippy::too_many_arguments)]
+fn conv_bn_train<T: Precision>(
+    dev: &Device,
+    cfg: BnConfig,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    cv: &Conv<T>,
+    bn: &mut Bn,
+    t: &mut Buf<T>,
+    residual: Option<&Buf<T>>,
+    relu: bool,
+    out: &mut Buf<T>,
+    s: &mut Saved,
+) -> Result<()> {
+    let p = fused::BnTrain {
+        gamma: &bn.gamma,
+        beta: &bn.beta,
+        running_mean: &mut bn.mean,
+        running_var: &mut bn.var,
+        momentum: cfg.momentum,
+        eps: cfg.eps,
+    };
+    fused::conv_bn_forward_train(dev, sh, x, cv.weight()?, t, p, residual, relu, out, &mut s.mean, &mut s.invstd)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -144,6 +144,11 @@ impl Model {
         pair!(self, ws, m, w => m.train_step(w, sgd))
     }
 
+    /// See [`ResNet::train_step_graphed`].
+    pub fn train_step_graphed(&mut self, ws: &mut AnyWorkspace, sgd: &Sgd) -> Result<()> {
+        pair!(self, ws, m, w => m.train_step_graphed(w, sgd))
+    }
+
     /// See [`ResNet::loss`].
     pub fn loss(&self, ws: &AnyWorkspace) -> Result<f32> {
         pair!(self, ws, m, w => m.loss(w))

@@ -296,7 +296,7 @@ fn check_host_or_dev<T: Elem>(dev: &Device, b: &Buf<T>, what: &str, want: usize)
 }
 
 /// Checks the shape, and the device and length of the three buffers.
-fn prepare<T: ConvElem, O: Elem>(
+pub(crate) fn prepare<T: ConvElem, O: Elem>(
     dev: &Device,
     sh: &ConvShape,
     a: (&Buf<T>, &str, usize),
@@ -309,7 +309,18 @@ fn prepare<T: ConvElem, O: Elem>(
     check_host_or_dev(dev, out.0, out.1, out.2)
 }
 
-fn launch<T: ConvElem, O: Elem>(
+/// Where an fprop's epilogue writes the BN statistics of its output (device addresses; see
+/// `PkConvParams::bn_stats`): the per-row-tile pairs, or with one row tile the means and M2.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StatsOut {
+    pub part: u64,
+    pub mean: u64,
+    pub m2: u64,
+}
+
+/// Launches one pass; returns the row tiles (grid.x) and the tile's BM.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch<T: ConvElem, O: Elem>(
     gpu: &Gpu,
     pass: Pass,
     sh: &ConvShape,
@@ -317,7 +328,9 @@ fn launch<T: ConvElem, O: Elem>(
     b: &Buf<T>,
     out: &mut Buf<O>,
     forced: Option<Plan>,
-) -> Result<()> {
+    stats: Option<StatsOut>,
+) -> Result<(usize, usize)> {
+    ensure!(stats.is_none() || pass == Pass::Fprop, "only fprop computes BN statistics");
     let plan = forced.unwrap_or_else(|| plan::<T>(pass, sh));
     let kernel = T::kernel(pass, plan.tile)
         .ok_or_else(|| invalid!("no {} kernel with tile {:?} for {}", pass.name(), plan.tile, T::NAME))?;
@@ -384,6 +397,11 @@ fn launch<T: ConvElem, O: Elem>(
         div_pq: fd(p_ * q_, "p*q")?,
         div_w: fd(sh.w, "w")?,
         div_hw: fd(sh.h * sh.w, "h*w")?,
+        bn_part: stats.map_or(0, |st| st.part),
+        bn_mean: stats.map_or(0, |st| st.mean),
+        bn_m2: stats.map_or(0, |st| st.m2),
+        bn_stats: stats.is_some() as i32,
+        pad1: 0,
     };
     let cfg = LaunchConfig {
         grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
@@ -400,8 +418,10 @@ fn launch<T: ConvElem, O: Elem>(
     // SAFETY: every buffer was checked to live on this device and to hold exactly the
     // elements of its tensor; the kernels read and write only inside the tensors of the
     // shape (every load is predicated on the tensor's bounds, every store on M and N).
+    // With statistics the epilogue also writes K pairs per row tile through bn_part, or K
+    // floats through bn_mean and bn_m2 (one row tile); the caller sized those.
     unsafe { gpu.launch(kernel, cfg, &params)? };
-    Ok(())
+    Ok((grid.0, bm))
 }
 
 fn widen<T: ConvElem>(b: &Buf<T>) -> Vec<f32> {
@@ -430,7 +450,7 @@ pub fn conv2d_fprop_with<T: ConvElem>(
             cpu_run(x, w, y, sh.y_len(), |a, b, o| cpu::fprop(sh, a, b, o));
             Ok(())
         }
-        Device::Gpu(gpu) => launch(gpu, Pass::Fprop, sh, x, w, y, plan),
+        Device::Gpu(gpu) => launch(gpu, Pass::Fprop, sh, x, w, y, plan, None).map(|_| ()),
     })
 }
 
@@ -460,7 +480,7 @@ pub fn conv2d_dgrad_with<T: ConvElem>(
             cpu_run(dy, w, dx, sh.x_len(), |a, b, o| cpu::dgrad(sh, a, b, o));
             Ok(())
         }
-        Device::Gpu(gpu) => launch(gpu, Pass::Dgrad, sh, dy, w, dx, plan),
+        Device::Gpu(gpu) => launch(gpu, Pass::Dgrad, sh, dy, w, dx, plan, None).map(|_| ()),
     })
 }
 
@@ -495,7 +515,7 @@ pub fn conv2d_wgrad_with<T: ConvElem>(
             }
             Ok(())
         }
-        Device::Gpu(gpu) => launch(gpu, Pass::Wgrad, sh, dy, x, dw, plan),
+        Device::Gpu(gpu) => launch(gpu, Pass::Wgrad, sh, dy, x, dw, plan, None).map(|_| ()),
     })
 }
 
@@ -505,7 +525,7 @@ fn f32s<T: ConvElem>(h: &[T]) -> Option<&[f32]> {
 }
 
 /// Runs a CPU pass on host buffers: in place for f32, through f32 copies for 16-bit types.
-fn cpu_run<T: ConvElem>(
+pub(crate) fn cpu_run<T: ConvElem>(
     a: &Buf<T>,
     b: &Buf<T>,
     out: &mut Buf<T>,

@@ -4,6 +4,7 @@
 //! its buffers.
 
 pub mod conv;
+pub mod fused;
 pub mod layers;
 pub mod params;
 pub mod profile;

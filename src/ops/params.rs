@@ -244,6 +244,17 @@ params!(
         div_w: FastDiv,
         /// Division by H*W.
         div_hw: FastDiv,
+        /// fprop with `bn_stats`: device address of the `[K][gridDim.x]` float2 (mean, M2)
+        /// per row tile, used when there is more than one row tile (else 0).
+        bn_part: u64,
+        /// fprop with `bn_stats` and one row tile: device address of the `[K]` f32 tile means.
+        bn_mean: u64,
+        /// fprop with `bn_stats` and one row tile: device address of the `[K]` f32 tile M2.
+        bn_m2: u64,
+        /// 1: the fprop epilogue writes per-channel BN statistics of its output.
+        bn_stats: i32,
+        /// Padding to a multiple of 8 bytes.
+        pad1: i32,
     }
 );
 params!(
@@ -325,6 +336,13 @@ params!(
         eval: i32,
         /// Padding to a multiple of 8 bytes.
         pad0: i32,
+        /// Forward apply: device address of an `[m, c]` tensor added after the
+        /// normalisation and before the ReLU (the residual of a bottleneck), or 0 (null).
+        residual: u64,
+        /// Backward reduce: device address of an `[m, c]` tensor that receives g, the output
+        /// gradient through the fused ReLU's mask (for the other consumers of a bottleneck's
+        /// sum), or 0 (null).
+        grad_out: u64,
     }
 );
 params!(

@@ -173,6 +173,35 @@ impl Cost {
         Cost { flops: mc * (5 + relu as u64), bytes: 3 * mc * u(elem) + 8 * u(c) * F32 }
     }
 
+    /// A convolution forward whose epilogue also computes batch statistics of y
+    /// ([`crate::ops::fused::conv2d_fprop_bn_stats`]): the fprop's count, plus per
+    /// channel and row tile one (mean, M2) pair written (8 bytes); y is not read again.
+    /// FLOPs: the GEMM's only (the conv families count GEMM FLOPs, which add up to the
+    /// model's); the statistics' FLOPs are counted with the BN ([`Cost::bn_finalize_tiles`]).
+    pub fn conv_bn_stats(sh: &ConvShape, elem: usize, tiles: usize) -> Cost {
+        let c = Cost::conv(Pass::Fprop, sh, elem);
+        Cost { flops: c.flops, bytes: c.bytes + 8 * u(tiles) * u(sh.k) }
+    }
+
+    /// The BN statistics of an `[m, c]` conv output computed in the conv's epilogue, merged
+    /// by `bn_stats_finalize_f32`: reads `tiles` pairs per channel (8 bytes each; with one
+    /// tile the two [c] buffers), reads and writes the running mean and variance, writes
+    /// the saved mean and inverse deviation (6 f32 per channel). FLOPs: 3 per element
+    /// (sum, deviation, fused square: done in the epilogue), 10 per pair.
+    pub fn bn_finalize_tiles(m: usize, c: usize, tiles: usize) -> Cost {
+        Cost { flops: 3 * u(m) * u(c) + 10 * u(tiles) * u(c), bytes: 8 * u(tiles) * u(c) + 6 * u(c) * F32 }
+    }
+
+    /// The normalisation of a train forward from saved statistics
+    /// ([`crate::ops::layers::bn_apply_saved`]): reads x (and the residual) and writes y;
+    /// per channel gamma, beta, the saved mean and inverse deviation (4 f32). FLOPs per
+    /// element: 2, +1 for the residual add, +1 for the ReLU.
+    pub fn bn_apply(m: usize, c: usize, elem: usize, residual: bool, relu: bool) -> Cost {
+        let mc = u(m) * u(c);
+        let (r, l) = (residual as u64, relu as u64);
+        Cost { flops: mc * (2 + r + l), bytes: (2 + r) * mc * u(elem) + 4 * u(c) * F32 }
+    }
+
     /// Batch norm eval forward over `[m, c]`: one pass reads x and writes y; per channel
     /// 4 f32 are read. FLOPs per element: 2 (+1 for a fused ReLU).
     pub fn bn_forward_eval(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
@@ -187,6 +216,16 @@ impl Cost {
     pub fn bn_backward(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
         let (mc, r) = (u(m) * u(c), relu as u64);
         Cost { flops: mc * (11 + 2 * r), bytes: (2 * (2 + r) + 1) * mc * u(elem) + 5 * u(c) * F32 }
+    }
+
+    /// Batch norm backward through a ReLU whose masked gradient g is kept
+    /// ([`crate::ops::layers::bn_backward_masking_dy`]): the reduction reads x, dy and the
+    /// ReLU's output and writes g over dy, the dx pass reads x and g and writes dx; per channel 5
+    /// f32 as [`Cost::bn_backward`]. FLOPs per element: 1 for the mask, 5 in the reduction,
+    /// 6 for dx.
+    pub fn bn_backward_masking_dy(m: usize, c: usize, elem: usize) -> Cost {
+        let mc = u(m) * u(c);
+        Cost { flops: mc * 12, bytes: 7 * mc * u(elem) + 5 * u(c) * F32 }
     }
 
     /// `out = max(a + b, 0)` over n elements: reads 2, writes 1; 2 FLOPs per element.

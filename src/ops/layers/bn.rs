@@ -366,3 +366,228 @@ fn launch_backward<T: LayerElem>(gpu: &Gpu, g: &Grid, c: usize, p: &BnParams) ->
     }
     Ok(())
 }
+
+/// Merges the per-row-tile statistics that a convolution's epilogue wrote (see
+/// [`crate::ops::fused`]) into `save_mean` and `save_invstd`, and updates the running
+/// statistics: `bn_stats_finalize_f32` on `tiles` chunks of `rows_per_tile` rows. With one
+/// tile the epilogue wrote the mean to `save_mean` and M2 to `save_invstd`; with more, the
+/// `[c][tiles]` float2 pairs are at `part` (the bytes of a buffer of at least
+/// `8 * tiles * c` bytes that the caller owns).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bn_launch_finalize_tiles(
+    gpu: &Gpu,
+    m: usize,
+    c: usize,
+    tiles: usize,
+    rows_per_tile: usize,
+    part: u64,
+    running_mean: u64,
+    running_var: u64,
+    save_mean: u64,
+    save_invstd: u64,
+    momentum: f32,
+    eps: f32,
+) -> Result<()> {
+    ensure!(tiles >= 1 && tiles * rows_per_tile >= m, "internal: {tiles} tiles of {rows_per_tile} rows for {m}");
+    let p = BnParams {
+        m: i64_of(m, "m")?,
+        rows_per_chunk: i64_of(rows_per_tile, "rows per tile")?,
+        c: i32_of(c, "c")?,
+        vec: 1,
+        chunks: i32_of(tiles, "row tiles")?,
+        out: part,
+        mean: save_mean,
+        invstd: save_invstd,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        ..BnParams::default()
+    };
+    // SAFETY: the finalize kernel reads tiles * c pairs at `part` (tiles > 1) or the [c]
+    // save buffers (one tile), and writes the four [c] buffers, all checked by the caller.
+    unsafe { gpu.launch(Kernel::new(MODULE, "bn_stats_finalize_f32"), finalize_cfg(c), &p)? };
+    Ok(())
+}
+
+/// The normalisation of a train-mode forward from statistics already computed (by
+/// [`bn_forward_train`]'s first kernels or by a convolution's epilogue, see
+/// [`crate::ops::fused`]): `y = gamma * (x - save_mean) * save_invstd + beta`, plus
+/// `residual` if given (a bottleneck's shortcut, added before the ReLU), then `max(y, 0)`
+/// if `relu`. One pass on a kernel device (`bn_apply_<dtype>`): the block's last BN, the
+/// residual add and the ReLU read `x` and `residual` and write `y` once.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_apply_saved<T: LayerElem>(
+    dev: &Device,
+    m: usize,
+    c: usize,
+    x: &Buf<T>,
+    gamma: &Buf<f32>,
+    beta: &Buf<f32>,
+    save_mean: &Buf<f32>,
+    save_invstd: &Buf<f32>,
+    residual: Option<&Buf<T>>,
+    relu: bool,
+    y: &mut Buf<T>,
+) -> Result<()> {
+    let mc = mul(m, c, "the batch norm input")?;
+    check_len(x, mc, "x")?;
+    check_len(y, mc, "y")?;
+    check_on(x, dev, "x")?;
+    check_on(y, dev, "y")?;
+    if let Some(r) = residual {
+        check_len(r, mc, "residual")?;
+        check_on(r, dev, "residual")?;
+    }
+    for (b, what) in [(gamma, "gamma"), (beta, "beta"), (save_mean, "save_mean"), (save_invstd, "save_invstd")] {
+        check_len(b, c, what)?;
+        check_on(b, dev, what)?;
+    }
+    if mc == 0 {
+        return Ok(());
+    }
+    let cost = || Cost::bn_apply(m, c, std::mem::size_of::<T>(), residual.is_some(), relu);
+    timed(dev, Family::BnForward, cost, || match dev {
+        Device::Cpu => {
+            let (xs, ys) = (host(x, "x")?, host_mut(y, "y")?);
+            let (g, b) = (host(gamma, "gamma")?, host(beta, "beta")?);
+            let (mean, invstd) = (host(save_mean, "save_mean")?, host(save_invstd, "save_invstd")?);
+            match residual {
+                None => cpu::bn_apply(m, c, xs, g, b, mean, invstd, relu, ys),
+                Some(r) => {
+                    let rs = host(r, "residual")?;
+                    for row in 0..m {
+                        for ch in 0..c {
+                            let i = row * c + ch;
+                            let v = (xs[i].to_f32() - mean[ch]).mul_add(g[ch] * invstd[ch], b[ch]) + rs[i].to_f32();
+                            ys[i] = T::from_f32(if relu { crate::cpu::layers::relu(v) } else { v });
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let (xp, yp) = (dptr(x, gpu, "x")?, dptr(y, gpu, "y")?);
+            let rp = match residual {
+                Some(r) => dptr(r, gpu, "residual")?,
+                None => 0,
+            };
+            let vec = vec_width::<T>(c, &[xp, yp, rp]);
+            let g = grid(m, c, vec, std::mem::size_of::<T>());
+            let p = BnParams {
+                x: xp,
+                out: yp,
+                residual: rp,
+                gamma: dptr(gamma, gpu, "gamma")?,
+                beta: dptr(beta, gpu, "beta")?,
+                mean: dptr(save_mean, gpu, "save_mean")?,
+                invstd: dptr(save_invstd, gpu, "save_invstd")?,
+                relu: relu as i32,
+                ..base_params(m, c, vec, &g)?
+            };
+            // SAFETY: x, residual (when not null) and y hold m*c elements, the [c] buffers c;
+            // the apply kernel reads and writes rows below m and channels below c.
+            unsafe { gpu.launch(T::BN_APPLY, g.per_channel(), &p)? };
+            Ok(())
+        }
+    })
+}
+
+/// [`bn_backward`] through a fused ReLU whose masked gradient is also needed elsewhere (a
+/// bottleneck's last BN: the gradient of the block's sum feeds the BN and the shortcut):
+/// replaces `dy` in place by `g = relu_out > 0 ? dy : 0` and returns the BN's `dx`,
+/// `dgamma`, `dbeta` of that `g`. The same values as [`crate::ops::layers::relu_backward`]
+/// then [`bn_backward`] without a mask, in one pass less and no extra buffer on a kernel
+/// device: the reduction reads x, dy and relu_out and writes g over dy (each element by the
+/// thread that read it), the dx pass reads x and g (7 tensor passes instead of 8, and one
+/// launch less).
+#[allow(clippy::too_many_arguments)]
+pub fn bn_backward_masking_dy<T: LayerElem>(
+    dev: &Device,
+    m: usize,
+    c: usize,
+    x: &Buf<T>,
+    relu_out: &Buf<T>,
+    dy: &mut Buf<T>,
+    gamma: &Buf<f32>,
+    save_mean: &Buf<f32>,
+    save_invstd: &Buf<f32>,
+    dx: &mut Buf<T>,
+    dgamma: &mut Buf<f32>,
+    dbeta: &mut Buf<f32>,
+) -> Result<()> {
+    ensure!(m >= 1, "batch norm backward of an empty batch");
+    let mc = mul(m, c, "the batch norm input")?;
+    for (b, what) in [(x, "x"), (relu_out, "relu_out"), (&*dy, "dy"), (&*dx, "dx")] {
+        check_len(b, mc, what)?;
+        check_on(b, dev, what)?;
+    }
+    for (b, what) in [
+        (gamma, "gamma"),
+        (save_mean, "save_mean"),
+        (save_invstd, "save_invstd"),
+        (&*dgamma, "dgamma"),
+        (&*dbeta, "dbeta"),
+    ] {
+        check_len(b, c, what)?;
+        check_on(b, dev, what)?;
+    }
+    if c == 0 {
+        return Ok(());
+    }
+    let cost = || Cost::bn_backward_masking_dy(m, c, std::mem::size_of::<T>());
+    timed(dev, Family::BnBackward, cost, || match dev {
+        Device::Cpu => {
+            let gh = host_mut(dy, "dy")?;
+            for (g, &o) in gh.iter_mut().zip(host(relu_out, "relu_out")?) {
+                *g = T::from_f32(crate::cpu::layers::relu_grad(o.to_f32(), g.to_f32()));
+            }
+            cpu::bn_backward(
+                m,
+                c,
+                host(x, "x")?,
+                None,
+                gh,
+                host(gamma, "gamma")?,
+                host(save_mean, "save_mean")?,
+                host(save_invstd, "save_invstd")?,
+                host_mut(dx, "dx")?,
+                host_mut(dgamma, "dgamma")?,
+                host_mut(dbeta, "dbeta")?,
+            );
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let (xp, dyp, dxp) = (dptr(x, gpu, "x")?, dptr(dy, gpu, "dy")?, dptr(dx, gpu, "dx")?);
+            let rp = dptr(relu_out, gpu, "relu_out")?;
+            let vec = vec_width::<T>(c, &[xp, dyp, dxp, rp]);
+            let g = grid(m, c, vec, std::mem::size_of::<T>());
+            let p = BnParams {
+                x: xp,
+                dy: dyp,
+                relu_out: rp,
+                grad_out: dyp,
+                out: dxp,
+                gamma: dptr(gamma, gpu, "gamma")?,
+                mean: dptr(save_mean, gpu, "save_mean")?,
+                invstd: dptr(save_invstd, gpu, "save_invstd")?,
+                dgamma: dptr(dgamma, gpu, "dgamma")?,
+                dbeta: dptr(dbeta, gpu, "dbeta")?,
+                ..base_params(m, c, vec, &g)?
+            };
+            // The dx pass reads the stored g, unmasked.
+            let pdx = BnParams { relu_out: 0, grad_out: 0, ..p };
+            // SAFETY: x, dy, relu_out and dx hold m*c elements, the [c] buffers c; the
+            // partials (chunks * c float2) fit in dx's bytes (see grid()); the reduction
+            // writes g over dy element by element in the thread that read it, and the dx
+            // pass reads it after (stream order).
+            unsafe {
+                gpu.launch(T::BN_BACKWARD_REDUCE, g.per_channel(), &p)?;
+                gpu.launch(Kernel::new(MODULE, "bn_backward_finalize_f32"), finalize_cfg(c), &p)?;
+                gpu.launch(T::BN_BACKWARD_DX, g.per_channel(), &pdx)?;
+            }
+            Ok(())
+        }
+    })
+}

@@ -1,0 +1,156 @@
+//! The fused ops of the training step (`prunekit::ops::fused`) against the unfused
+//! sequences they replace, at a ResNet50 stage-1 shape (conv3 of a bottleneck: 1x1,
+//! 64 -> 256 channels on 56x56, and its filters-0.5 pruned twin 32 -> 256), on the CPU and,
+//! where there is one, on the GPU (`cuda:0`):
+//! - `conv_bn_relu`: conv fprop + BN train forward + ReLU (the bn1/bn2 pattern);
+//! - `block_end`: conv fprop + BN train forward + residual add + ReLU (the bn3 pattern).
+//!
+//! GPU timings are CUDA events around a batch of launches. Batch sizes: 256 on the GPU;
+//! on the CPU `PK_BENCH_CPU_BATCH` (default 2).
+//!
+//! ```sh
+//! cargo bench --bench fused
+//! cargo bench --bench fused -- cuda
+//! ```
+
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
+use half::bf16;
+use prunekit::gpu::{Elem, Gpu};
+use prunekit::ops::conv::{self, ConvElem, ConvShape};
+use prunekit::ops::fused::{self, BnTrain};
+use prunekit::ops::layers::{self as layers, LayerElem};
+use prunekit::{Buf, Device};
+use std::time::{Duration, Instant};
+
+fn devices() -> Vec<(Device, usize)> {
+    let cpu_batch = std::env::var("PK_BENCH_CPU_BATCH").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let mut d = vec![(Device::Cpu, cpu_batch)];
+    match Gpu::cuda(0) {
+        Ok(g) => d.push((Device::Gpu(g), 256)),
+        Err(e) => eprintln!("fused bench: no cuda device ({e}); CPU only"),
+    }
+    d
+}
+
+fn filled<T: ConvElem>(dev: &Device, n: usize, seed: u32, lo: f32, hi: f32) -> Buf<T> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+    let v: Vec<T> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            T::from_f32(lo + (hi - lo) * ((s >> 8) as f32 / (1u32 << 24) as f32))
+        })
+        .collect();
+    dev.upload(v).unwrap()
+}
+
+/// Times `op` on `dev`: wall clock on the CPU, CUDA events around `iters` launches on a GPU.
+fn bench<F: FnMut()>(g: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>, id: &str, dev: &Device, mut op: F) {
+    let name = format!("{id}/{}", dev.kind());
+    match dev {
+        Device::Cpu => {
+            g.bench_function(name, |b| b.iter(&mut op));
+        }
+        Device::Gpu(gpu) => {
+            op(); // warm-up: loads the modules
+            gpu.synchronize().unwrap();
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let start = gpu.record().unwrap();
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        op();
+                    }
+                    let end = gpu.record().unwrap();
+                    match gpu.elapsed_ms(&start, &end) {
+                        Ok(ms) => Duration::from_secs_f64(ms / 1e3),
+                        Err(_) => t.elapsed(),
+                    }
+                })
+            });
+        }
+    }
+}
+
+fn fused_benches<T: ConvElem + LayerElem>(c: &mut Criterion) {
+    for (what, cin) in [("dense", 64), ("filters0.5", 32)] {
+        let mut g = c.benchmark_group(format!("fused_layer1_conv3_{what}_{}", <T as Elem>::NAME));
+        g.sample_size(10);
+        for (dev, batch) in devices() {
+            let sh = ConvShape { n: batch, h: 56, w: 56, c: cin, k: 256, r: 1, s: 1, stride: 1, pad: 0 };
+            let (m, k) = (batch * 56 * 56, sh.k);
+            let x = filled::<T>(&dev, sh.x_len(), 1, 0.0, 1.0);
+            let w = filled::<T>(&dev, sh.w_len(), 2, -0.1, 0.1);
+            let res = filled::<T>(&dev, sh.y_len(), 3, -1.0, 1.0);
+            let gamma = dev.upload(vec![1.0f32; k]).unwrap();
+            let beta = dev.zeros::<f32>(k).unwrap();
+            let mut rm = dev.zeros::<f32>(k).unwrap();
+            let mut rv = dev.upload(vec![1.0f32; k]).unwrap();
+            let mut y = dev.uninit::<T>(sh.y_len()).unwrap();
+            let mut out = dev.uninit::<T>(sh.y_len()).unwrap();
+            let mut tmp = dev.uninit::<T>(sh.y_len()).unwrap();
+            let (mut sm, mut si) = (dev.uninit::<f32>(k).unwrap(), dev.uninit::<f32>(k).unwrap());
+            bench(&mut g, &format!("conv_bn_relu_unfused/m{m}"), &dev, || {
+                conv::conv2d_fprop(&dev, &sh, &x, &w, &mut y).unwrap();
+                layers::bn_forward_train(
+                    &dev, m, k, &y, &gamma, &beta, &mut rm, &mut rv, 0.1, 1e-5, true, &mut out, &mut sm, &mut si,
+                )
+                .unwrap();
+            });
+            bench(&mut g, &format!("conv_bn_relu_fused/m{m}"), &dev, || {
+                let bn = BnTrain {
+                    gamma: &gamma,
+                    beta: &beta,
+                    running_mean: &mut rm,
+                    running_var: &mut rv,
+                    momentum: 0.1,
+                    eps: 1e-5,
+                };
+                fused::conv_bn_forward_train(&dev, &sh, &x, &w, &mut y, bn, None, true, &mut out, &mut sm, &mut si)
+                    .unwrap();
+            });
+            bench(&mut g, &format!("block_end_unfused/m{m}"), &dev, || {
+                conv::conv2d_fprop(&dev, &sh, &x, &w, &mut y).unwrap();
+                layers::bn_forward_train(
+                    &dev, m, k, &y, &gamma, &beta, &mut rm, &mut rv, 0.1, 1e-5, false, &mut tmp, &mut sm, &mut si,
+                )
+                .unwrap();
+                layers::add_relu(&dev, &tmp, &res, &mut out).unwrap();
+            });
+            bench(&mut g, &format!("block_end_fused/m{m}"), &dev, || {
+                let bn = BnTrain {
+                    gamma: &gamma,
+                    beta: &beta,
+                    running_mean: &mut rm,
+                    running_var: &mut rv,
+                    momentum: 0.1,
+                    eps: 1e-5,
+                };
+                fused::conv_bn_forward_train(
+                    &dev,
+                    &sh,
+                    &x,
+                    &w,
+                    &mut y,
+                    bn,
+                    Some(&res),
+                    true,
+                    &mut out,
+                    &mut sm,
+                    &mut si,
+                )
+                .unwrap();
+            });
+        }
+        g.finish();
+    }
+}
+
+fn all(c: &mut Criterion) {
+    fused_benches::<bf16>(c);
+    fused_benches::<f32>(c);
+}
+
+criterion_group!(benches, all);
+criterion_main!(benches);

@@ -1,0 +1,230 @@
+//! Fused ops of the training step: the memory-bound work around the convolutions folded
+//! into fewer passes over the activations (issue 10, part 3).
+//!
+//! - [`conv2d_fprop_bn_stats`]: a convolution whose epilogue also computes the batch
+//!   statistics of its output for the batch norm that follows (per row tile of the GEMM:
+//!   the tile mean and the sum of squared deviations from it, over the values as stored),
+//!   then `bn_stats_finalize_f32` merges the tiles in a fixed order into the saved mean and
+//!   inverse deviation and updates the running statistics. Deterministic: no atomics, the
+//!   per-tile pairs go to a workspace (the bytes of the BN's own output, which the apply
+//!   overwrites afterwards, so nothing is allocated).
+//! - [`conv_bn_forward_train`]: that, then one pass `y = relu?(bn(conv) + residual?)`
+//!   ([`crate::ops::layers::bn_apply_saved`]): a train-mode conv + BN (+ ReLU) reads the
+//!   conv output once instead of twice, and a bottleneck's last BN, residual add and ReLU
+//!   are one pass instead of two.
+//!
+//! On the CPU device the same ops run the CPU implementations (the statistics in f64, as
+//! [`crate::cpu::layers::bn::bn_forward_train`]). Profile counts are the same on every
+//! device: the conv pass counts its epilogue's pairs, the finalize reads them.
+
+use super::conv::{self, ConvElem, ConvShape, Pass, Plan, StatsOut};
+use super::layers::{bn_apply_saved, LayerElem};
+use super::profile::{timed, Cost, Family};
+use super::{check_len, check_on};
+use crate::cpu::layers::bn as cpu_bn;
+use crate::device::{Buf, Device};
+use crate::{ensure, invalid, Result};
+
+/// Row tiles the fprop of `sh` runs on a kernel device for elements of `T`, and the rows of
+/// each (the tile's BM): the number of per-tile statistics pairs per channel.
+pub fn stats_tiles<T: ConvElem>(sh: &ConvShape, plan: Option<Plan>) -> (usize, usize) {
+    let (bm, _, _) = plan.unwrap_or_else(|| conv::plan::<T>(Pass::Fprop, sh)).tile.dims::<T>();
+    let m = sh.n * sh.p() * sh.q();
+    (m.div_ceil(bm), bm)
+}
+
+/// `y = conv(x, w)` as [`conv::conv2d_fprop`], and the train-mode batch statistics of `y`
+/// (`[m = N*P*Q, K]`) as [`crate::ops::layers::bn_forward_train`] computes them:
+/// `save_mean`, `save_invstd = 1 / sqrt(var + eps)` (biased variance) and the running
+/// statistics updated with `momentum` (the variance unbiased). Needs `m >= 2`.
+///
+/// `workspace` (as many elements as `y`) holds the per-tile statistics between the two
+/// launches; its contents are left undefined. The BN's output buffer is the natural
+/// choice: the apply overwrites it next. On a kernel device: two launches (the conv with
+/// the statistics epilogue, then `bn_stats_finalize_f32`).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_fprop_bn_stats<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    w: &Buf<T>,
+    y: &mut Buf<T>,
+    workspace: &mut Buf<T>,
+    running_mean: &mut Buf<f32>,
+    running_var: &mut Buf<f32>,
+    momentum: f32,
+    eps: f32,
+    save_mean: &mut Buf<f32>,
+    save_invstd: &mut Buf<f32>,
+) -> Result<()> {
+    conv2d_fprop_bn_stats_with(
+        dev,
+        sh,
+        x,
+        w,
+        y,
+        workspace,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+        save_mean,
+        save_invstd,
+        None,
+    )
+}
+
+/// [`conv2d_fprop_bn_stats`] with a given conv plan on a kernel device (`None`: the
+/// default; the CPU ignores it). For tests and benchmarks of every tile.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    w: &Buf<T>,
+    y: &mut Buf<T>,
+    workspace: &mut Buf<T>,
+    running_mean: &mut Buf<f32>,
+    running_var: &mut Buf<f32>,
+    momentum: f32,
+    eps: f32,
+    save_mean: &mut Buf<f32>,
+    save_invstd: &mut Buf<f32>,
+    plan: Option<Plan>,
+) -> Result<()> {
+    conv::prepare(dev, sh, (x, "x", sh.x_len()), (w, "w", sh.w_len()), (&*y, "y", sh.y_len()))?;
+    let (m, c) = (sh.n * sh.p() * sh.q(), sh.k);
+    ensure!(m >= 2, "batch norm in train mode needs more than one value per channel (m = {m})");
+    check_len(workspace, sh.y_len(), "workspace")?;
+    check_on(workspace, dev, "workspace")?;
+    for (b, what) in [
+        (&*running_mean, "running_mean"),
+        (&*running_var, "running_var"),
+        (&*save_mean, "save_mean"),
+        (&*save_invstd, "save_invstd"),
+    ] {
+        check_len(b, c, what)?;
+        check_on(b, dev, what)?;
+    }
+    let (tiles, bm) = stats_tiles::<T>(sh, plan);
+    let elem = std::mem::size_of::<T>();
+    // The pairs fit in the workspace: 8 * tiles <= elem * m whenever tiles > 1 (BM >= 64).
+    ensure!(tiles == 1 || 8 * tiles * c <= elem * sh.y_len(), "internal: the statistics do not fit the workspace");
+    let conv_cost = || Cost::conv_bn_stats(sh, elem, tiles);
+    timed(dev, Family::ConvFprop, conv_cost, || match dev {
+        Device::Cpu => {
+            // Not conv2d_fprop: that would record the pass a second time inside a profile.
+            conv::cpu_run(x, w, y, sh.y_len(), |a, b, o| crate::cpu::conv::fprop(sh, a, b, o));
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let ptr = |b: &Buf<f32>, what: &str| super::on_gpu(b, gpu, what).map(|g| g.ptr());
+            let part = super::on_gpu(workspace, gpu, "workspace")?.ptr();
+            let out = StatsOut { part, mean: ptr(save_mean, "save_mean")?, m2: ptr(save_invstd, "save_invstd")? };
+            let (t, b) = conv::launch(gpu, Pass::Fprop, sh, x, w, y, plan, Some(out))?;
+            ensure!((t, b) == (tiles, bm), "internal: the fprop ran {t} tiles of {b} rows, not {tiles} of {bm}");
+            Ok(())
+        }
+    })?;
+    let fin_cost = || Cost::bn_finalize_tiles(m, c, tiles);
+    timed(dev, Family::BnForward, fin_cost, || match dev {
+        Device::Cpu => {
+            let yh = y.host().ok_or_else(|| invalid!("y is not on the cpu"))?;
+            // f32 as is; 16-bit types widened (exactly) to f32 for the f64 statistics.
+            let widened: Vec<f32>;
+            let ys: &[f32] = if T::NAME == "f32" {
+                bytemuck::cast_slice(yh)
+            } else {
+                widened = yh.iter().map(|v| v.to_f32()).collect();
+                &widened
+            };
+            let (mean, var) = cpu_bn::batch_stats(m, c, ys);
+            fn h(b: &mut Buf<f32>) -> Result<&mut [f32]> {
+                b.host_mut().ok_or_else(|| invalid!("a statistics buffer is not on the cpu"))
+            }
+            let (sm, si) = (h(save_mean)?, h(save_invstd)?);
+            let (rm, rv) = (h(running_mean)?, h(running_var)?);
+            for ch in 0..c {
+                sm[ch] = mean[ch] as f32;
+                si[ch] = (1.0 / (var[ch] + eps as f64).sqrt()) as f32;
+                let unbiased = (var[ch] * m as f64 / (m as f64 - 1.0)) as f32;
+                rm[ch] = (1.0 - momentum) * rm[ch] + momentum * mean[ch] as f32;
+                rv[ch] = (1.0 - momentum) * rv[ch] + momentum * unbiased;
+            }
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let ptr = |b: &Buf<f32>, what: &str| super::on_gpu(b, gpu, what).map(|g| g.ptr());
+            let part = super::on_gpu(workspace, gpu, "workspace")?.ptr();
+            super::layers::bn_launch_finalize_tiles(
+                gpu,
+                m,
+                c,
+                tiles,
+                bm,
+                part,
+                ptr(running_mean, "running_mean")?,
+                ptr(running_var, "running_var")?,
+                ptr(save_mean, "save_mean")?,
+                ptr(save_invstd, "save_invstd")?,
+                momentum,
+                eps,
+            )
+        }
+    })
+}
+
+/// A batch norm's parameters and running statistics for [`conv_bn_forward_train`].
+pub struct BnTrain<'a> {
+    /// `[K]` scale.
+    pub gamma: &'a Buf<f32>,
+    /// `[K]` shift.
+    pub beta: &'a Buf<f32>,
+    /// `[K]` running mean, updated.
+    pub running_mean: &'a mut Buf<f32>,
+    /// `[K]` running variance, updated.
+    pub running_var: &'a mut Buf<f32>,
+    /// Weight of the batch statistic in the running update.
+    pub momentum: f32,
+    /// Added to the variance before the square root.
+    pub eps: f32,
+}
+
+/// A train-mode conv + batch norm (+ residual) (+ ReLU): `y = conv(x, w)` (kept for the
+/// backward), then `out = bn(y)`, plus `residual` if given, then `max(out, 0)` if `relu`;
+/// `save_mean` and `save_invstd` as [`crate::ops::layers::bn_forward_train`] keeps them.
+/// The same values as [`conv::conv2d_fprop`], [`crate::ops::layers::bn_forward_train`] and
+/// [`crate::ops::layers::add_relu`] (up to the rounding of one intermediate less), in three
+/// launches on a kernel device instead of four or five, reading `y` once.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bn_forward_train<T: ConvElem + LayerElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    w: &Buf<T>,
+    y: &mut Buf<T>,
+    bn: BnTrain<'_>,
+    residual: Option<&Buf<T>>,
+    relu: bool,
+    out: &mut Buf<T>,
+    save_mean: &mut Buf<f32>,
+    save_invstd: &mut Buf<f32>,
+) -> Result<()> {
+    check_len(out, sh.y_len(), "out")?;
+    conv2d_fprop_bn_stats(
+        dev,
+        sh,
+        x,
+        w,
+        y,
+        out,
+        bn.running_mean,
+        bn.running_var,
+        bn.momentum,
+        bn.eps,
+        save_mean,
+        save_invstd,
+    )?;
+    let m = sh.n * sh.p() * sh.q();
+    bn_apply_saved(dev, m, sh.k, y, bn.gamma, bn.beta, save_mean, save_invstd, residual, relu, out)
+}
