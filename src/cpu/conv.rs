@@ -7,6 +7,7 @@
 //! Shapes follow CUTLASS: x is `[N, H, W, C]`, w is `[K, R, S, C]`, y is `[N, P, Q, K]`
 //! with `y[n,p,q,k] = sum_{r,s,c} x[n, p*stride-pad+r, q*stride-pad+s, c] * w[k,r,s,c]`.
 
+use super::gemm::{sgemm, threads, Mat};
 use crate::{ensure, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -193,53 +194,6 @@ pub fn wgrad_oracle(sh: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
 }
 
 // ---------------------------------------------------------------- fast path
-
-/// A matrix operand for [`sgemm`]: base pointer, row stride, column stride (elements).
-#[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
-}
-// SAFETY: a Mat is a read-only view of a slice that outlives the parallel loop using it.
-unsafe impl Send for Mat {}
-unsafe impl Sync for Mat {}
-
-/// `dst[m x n] (row stride ldd) = (acc ? dst : 0) + a[m x k] * b[k x n]`.
-///
-/// # Safety
-/// Every operand must cover the elements its strides address.
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm(m: usize, n: usize, k: usize, dst: *mut f32, ldd: usize, acc: bool, a: Mat, b: Mat, par: Parallelism) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        ldd as isize,
-        acc,
-        a.ptr,
-        a.cs,
-        a.rs,
-        b.ptr,
-        b.cs,
-        b.rs,
-        1.0f32,
-        1.0f32,
-        false,
-        false,
-        false,
-        par,
-    );
-}
-
-fn threads() -> usize {
-    rayon::current_num_threads().max(1)
-}
 
 // Scratch buffers (im2col, compacted weights, partial sums), kept per thread and slot so
 // that a training step allocates nothing once its shapes have been seen. A buffer is taken
@@ -513,9 +467,7 @@ pub fn dgrad(sh: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
             let imgs = dxb.len() / hwc;
             let a = Mat { ptr: dy[bi * nb * pq * k..].as_ptr(), rs: k as isize, cs: 1 };
             // SAFETY: a is (imgs pq) x k, b is k x width, dcol holds (imgs pq) x width.
-            unsafe {
-                sgemm(imgs * pq, width, k, dcol.as_mut_ptr(), width, false, a, b, Parallelism::Rayon(threads()))
-            };
+            unsafe { sgemm(imgs * pq, width, k, dcol.as_mut_ptr(), width, false, a, b, Parallelism::Rayon(threads())) };
             let dcol = &dcol[..imgs * pq * width];
             dxb.par_chunks_mut(hwc).zip(dcol.par_chunks(pq * width)).for_each(|(dxi, d)| col2im(sh, t, d, dxi));
         }
