@@ -270,6 +270,34 @@ fn cpu_fast_path_matches_oracle() {
     }
 }
 
+/// The fast path's thin GEMMs (few output rows: small images, small batches) and filter
+/// taps that only ever read padding, against the oracle: N P Q from 1 up, odd C and K,
+/// stride 2, batch 1, and more rows than one block of the blocked dgrad.
+#[test]
+fn cpu_fast_path_thin_shapes_and_dead_taps() {
+    let shapes = [
+        shape(1, 1, 1, 37, 61, 1, 1, 0),    // one row: a GEMV
+        shape(1, 1, 1, 300, 33, 3, 1, 1),   // 3x3 on a 1x1 image: only the centre tap is live
+        shape(7, 1, 1, 45, 129, 3, 1, 1),   // the same, 7 rows
+        shape(3, 2, 2, 131, 67, 3, 2, 1),   // 3x3 stride 2 on 2x2: 2x2 live taps, 1x1 output
+        shape(5, 2, 2, 19, 23, 3, 1, 1),    // 3x3 stride 1 on 2x2: every tap live, 4 rows per image
+        shape(5, 3, 3, 19, 23, 1, 2, 0),    // 1x1 stride 2 on 3x3 (a thin downsample)
+        shape(1, 2, 2, 513, 1029, 1, 2, 0), // 1x1 stride 2, batch 1, one output row, wide
+        shape(64, 1, 1, 515, 257, 1, 1, 0), // layer4's thin 1x1: 64 rows, odd widths
+        shape(2, 3, 1, 9, 11, 3, 2, 1),     // live rows differ from live columns
+        shape(2, 1, 1, 5, 7, 1, 2, 1),      // every output reads padding only: zeros
+        shape(9, 8, 8, 1000, 8, 3, 1, 1),   // dgrad over two blocks of images
+    ];
+    for (i, sh) in shapes.iter().enumerate() {
+        let d = data::<f32>(sh, 900 + i as u64);
+        for pass in Pass::ALL {
+            let got = run_pass::<f32>(&Device::Cpu, pass, sh, &d, None);
+            let what = format!("cpu {} {sh:?}", pass.name());
+            check_close(&what, &got, &oracle(pass, sh, &d), false, true, pass.gemm(sh).2);
+        }
+    }
+}
+
 #[test]
 fn layouts_on_every_device() {
     for dev in [Device::Cpu, emu(Schedule::Forward), emu(Schedule::Reverse)] {

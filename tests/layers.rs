@@ -634,7 +634,8 @@ fn avgpool_oracle_gradient_matches_finite_differences() {
 
 // ---------------------------------------------------------------- fully connected
 
-const FC_SHAPES: &[(usize, usize, usize)] = &[(1, 1, 1), (2, 3, 5), (3, 70, 13), (65, 130, 67), (4, 33, 129)];
+const FC_SHAPES: &[(usize, usize, usize)] =
+    &[(1, 1, 1), (2, 3, 5), (3, 70, 13), (65, 130, 67), (4, 33, 129), (1, 515, 37), (64, 517, 1001)];
 
 fn check_fc(dev: &Device) {
     for (si, &(n, cin, cout)) in FC_SHAPES.iter().enumerate() {

@@ -1,13 +1,17 @@
 //! Convolution on the CPU, activations NHWC and weights KRSC: the naive direct oracle of
-//! every pass (f64 accumulation), and the fast path the CPU device runs (im2col, or
-//! nothing for 1x1 convolutions, on top of the `gemm` crate, parallel with rayon).
+//! every pass (f64 accumulation), and the fast path the CPU device runs (im2col over the
+//! filter taps that read the image, or nothing for 1x1 convolutions, on top of the `gemm`
+//! crate, parallel with rayon: over row blocks when there are many rows, inside the GEMM,
+//! over its columns too, when there are few).
 //!
 //! Shapes follow CUTLASS: x is `[N, H, W, C]`, w is `[K, R, S, C]`, y is `[N, P, Q, K]`
 //! with `y[n,p,q,k] = sum_{r,s,c} x[n, p*stride-pad+r, q*stride-pad+s, c] * w[k,r,s,c]`.
 
+use super::gemm::{sgemm, threads, Mat};
 use crate::{ensure, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::cell::Cell;
 
 /// The shape of one 2-D convolution (NHWC activations, KRSC weights, square padding and
 /// stride).
@@ -191,69 +195,157 @@ pub fn wgrad_oracle(sh: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
 
 // ---------------------------------------------------------------- fast path
 
-/// A matrix operand for [`sgemm`]: base pointer, row stride, column stride (elements).
-#[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
+// Scratch buffers (im2col, compacted weights, partial sums), kept per thread and slot so
+// that a training step allocates nothing once its shapes have been seen. A buffer is taken
+// out of its slot while in use and put back when dropped: a rayon task that runs on the same
+// thread in the meantime (a parallel GEMM lets the waiting thread steal work) finds the slot
+// empty and allocates its own.
+thread_local! {
+    static SCRATCH: [Cell<Vec<f32>>; 3] = const { [Cell::new(Vec::new()), Cell::new(Vec::new()), Cell::new(Vec::new())] };
 }
-// SAFETY: a Mat is a read-only view of a slice that outlives the parallel loop using it.
-unsafe impl Send for Mat {}
-unsafe impl Sync for Mat {}
 
-/// `dst[m x n] (row stride ldd) = (acc ? dst : 0) + a[m x k] * b[k x n]`.
-///
-/// # Safety
-/// Every operand must cover the elements its strides address.
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm(m: usize, n: usize, k: usize, dst: *mut f32, ldd: usize, acc: bool, a: Mat, b: Mat, par: Parallelism) {
-    if m == 0 || n == 0 {
-        return;
+/// A scratch buffer of at least `len` elements, its contents unspecified.
+struct Scratch {
+    slot: usize,
+    buf: Vec<f32>,
+}
+
+fn scratch(slot: usize, len: usize) -> Scratch {
+    let mut buf = SCRATCH.with(|s| s[slot].take());
+    if buf.len() < len {
+        buf.clear();
+        buf.resize(len, 0.0);
     }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        ldd as isize,
-        acc,
-        a.ptr,
-        a.cs,
-        a.rs,
-        b.ptr,
-        b.cs,
-        b.rs,
-        1.0f32,
-        1.0f32,
-        false,
-        false,
-        false,
-        par,
-    );
+    Scratch { slot, buf }
 }
 
-fn threads() -> usize {
-    rayon::current_num_threads().max(1)
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        // Keep the larger of this buffer and one a nested task may have put back meanwhile.
+        let _ = SCRATCH.try_with(|s| {
+            let old = s[self.slot].take();
+            s[self.slot].set(if old.capacity() > buf.capacity() { old } else { buf });
+        });
+    }
 }
 
-/// im2col of output rows `m0 .. m0 + rows` (m = (n, p, q)) into `col` (`[rows][R*S*C]`).
-fn im2col(sh: &ConvShape, x: &[f32], m0: usize, rows: usize, col: &mut [f32]) {
+impl std::ops::Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buf
+    }
+}
+
+/// The filter taps `[t0, t1)` along one dimension that read the input at some output
+/// position; on small images (layer4 of a 32x32 input) the others only ever see padding,
+/// and the GEMMs leave them out. Empty (`t0 == t1`) when every tap reads padding.
+fn live(out: usize, len: usize, f: usize, stride: usize, pad: usize) -> (usize, usize) {
+    let hit = |t: usize| (0..out).any(|o| in_coord(o, t, stride, pad, len).is_some());
+    let t0 = (0..f).find(|&t| hit(t)).unwrap_or(f);
+    let t1 = (t0..f).rev().find(|&t| hit(t)).map_or(t0, |t| t + 1);
+    (t0, t1)
+}
+
+/// The live taps of a convolution: rows `r0..r1`, columns `s0..s1` of the filter.
+#[derive(Clone, Copy, Debug)]
+struct Taps {
+    r0: usize,
+    r1: usize,
+    s0: usize,
+    s1: usize,
+}
+
+impl Taps {
+    fn of(sh: &ConvShape) -> Taps {
+        let (r0, r1) = live(sh.p(), sh.h, sh.r, sh.stride, sh.pad);
+        let (s0, s1) = live(sh.q(), sh.w, sh.s, sh.stride, sh.pad);
+        Taps { r0, r1, s0, s1 }
+    }
+    fn all(&self, sh: &ConvShape) -> bool {
+        self.r0 == 0 && self.r1 == sh.r && self.s0 == 0 && self.s1 == sh.s
+    }
+    /// The GEMM's reduction length over these taps: `R' S' C`.
+    fn width(&self, c: usize) -> usize {
+        (self.r1 - self.r0) * (self.s1 - self.s0) * c
+    }
+    /// `wc[k][r'][s'][c] = w[k][r0 + r'][s0 + s'][c]`.
+    fn gather(&self, sh: &ConvShape, w: &[f32], wc: &mut [f32]) {
+        let (run, width) = ((self.s1 - self.s0) * sh.c, self.width(sh.c));
+        wc[..sh.k * width].par_chunks_mut(width).enumerate().for_each(|(k, d)| {
+            for (i, r) in (self.r0..self.r1).enumerate() {
+                d[i * run..][..run].copy_from_slice(&w[((k * sh.r + r) * sh.s + self.s0) * sh.c..][..run]);
+            }
+        });
+    }
+    /// The inverse of `gather`, with zeros at the dead taps.
+    fn scatter(&self, sh: &ConvShape, wc: &[f32], w: &mut [f32]) {
+        let (run, width, rsc) = ((self.s1 - self.s0) * sh.c, self.width(sh.c), sh.r * sh.s * sh.c);
+        w.par_chunks_mut(rsc).enumerate().for_each(|(k, d)| {
+            d.fill(0.0);
+            for (i, r) in (self.r0..self.r1).enumerate() {
+                d[(r * sh.s + self.s0) * sh.c..][..run].copy_from_slice(&wc[k * width + i * run..][..run]);
+            }
+        });
+    }
+}
+
+/// im2col of output rows `m0 .. m0 + rows` (m = (n, p, q)) over the live taps into `col`
+/// (`[rows][R' S' C]`).
+fn im2col(sh: &ConvShape, t: Taps, x: &[f32], m0: usize, rows: usize, col: &mut [f32]) {
     let (p_, q_) = (sh.p(), sh.q());
-    let rsc = sh.r * sh.s * sh.c;
+    let (ss, width) = (t.s1 - t.s0, t.width(sh.c));
     for i in 0..rows {
         let m = m0 + i;
         let (n, pq) = (m / (p_ * q_), m % (p_ * q_));
         let (p, q) = (pq / q_, pq % q_);
-        let dst = &mut col[i * rsc..(i + 1) * rsc];
-        for r in 0..sh.r {
+        let dst = &mut col[i * width..(i + 1) * width];
+        for r in t.r0..t.r1 {
             let h = in_coord(p, r, sh.stride, sh.pad, sh.h);
-            for s in 0..sh.s {
-                let d = &mut dst[(r * sh.s + s) * sh.c..][..sh.c];
+            for s in t.s0..t.s1 {
+                let d = &mut dst[((r - t.r0) * ss + s - t.s0) * sh.c..][..sh.c];
                 match (h, in_coord(q, s, sh.stride, sh.pad, sh.w)) {
                     (Some(h), Some(w)) => d.copy_from_slice(&x[((n * sh.h + h) * sh.w + w) * sh.c..][..sh.c]),
                     _ => d.fill(0.0),
+                }
+            }
+        }
+    }
+}
+
+/// [`im2col`] split over the threads (for a GEMM that is parallel inside).
+fn im2col_par(sh: &ConvShape, t: Taps, x: &[f32], m0: usize, rows: usize, col: &mut [f32]) {
+    let width = t.width(sh.c);
+    let chunk = 32.max(rows.div_ceil(4 * threads()));
+    col[..rows * width]
+        .par_chunks_mut(chunk * width)
+        .enumerate()
+        .for_each(|(i, cb)| im2col(sh, t, x, m0 + i * chunk, cb.len() / width, cb));
+}
+
+/// `dxi = col2im(dcol)` for one image: the sum of every live tap's column into the input
+/// position it read (overwrites dxi).
+fn col2im(sh: &ConvShape, t: Taps, dcol: &[f32], dxi: &mut [f32]) {
+    let (q_, c) = (sh.q(), sh.c);
+    let (ss, width) = (t.s1 - t.s0, t.width(c));
+    dxi.fill(0.0);
+    for p in 0..sh.p() {
+        for q in 0..q_ {
+            let src = &dcol[(p * q_ + q) * width..][..width];
+            for r in t.r0..t.r1 {
+                let Some(h) = in_coord(p, r, sh.stride, sh.pad, sh.h) else { continue };
+                for s in t.s0..t.s1 {
+                    let Some(wi) = in_coord(q, s, sh.stride, sh.pad, sh.w) else { continue };
+                    let d = &mut dxi[(h * sh.w + wi) * c..][..c];
+                    for (o, v) in d.iter_mut().zip(&src[((r - t.r0) * ss + s - t.s0) * c..][..c]) {
+                        *o += v;
+                    }
                 }
             }
         }
@@ -266,156 +358,191 @@ fn row_block(rows: usize) -> usize {
 }
 
 /// True when there are enough output rows for independent row blocks on every thread;
-/// otherwise each GEMM is parallel inside (the weights dominate and are packed once).
+/// otherwise each GEMM is parallel inside, over its columns too (the weights dominate and
+/// are packed once; thin GEMMs of small images and batches).
 fn rows_parallel(rows: usize) -> bool {
     rows >= 1024 * threads()
 }
 
+/// The weights of the live taps: `w` itself when every tap is live, else a compact copy.
+fn live_weights<'a>(sh: &ConvShape, t: Taps, w: &'a [f32], store: &'a mut Option<Scratch>) -> &'a [f32] {
+    if t.all(sh) {
+        return w;
+    }
+    let wc = store.insert(scratch(1, sh.k * t.width(sh.c)));
+    t.gather(sh, w, wc);
+    &wc[..sh.k * t.width(sh.c)]
+}
+
 /// The fast fprop: `y = conv(x, w)` (overwrites y).
 pub fn fprop(sh: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
-    let (k, rsc) = (sh.k, sh.r * sh.s * sh.c);
-    let m = sh.n * sh.p() * sh.q();
     debug_assert!(x.len() == sh.x_len() && w.len() == sh.w_len() && y.len() == sh.y_len());
-    // B[kk][k] = w[k][kk], transposed once so that the GEMM reads it row-major.
-    let mut wt = vec![0.0f32; w.len()];
-    transpose(w, &mut wt, 1, k, rsc);
-    let b = Mat { ptr: wt.as_ptr(), rs: k as isize, cs: 1 };
+    let t = Taps::of(sh);
+    let (k, width) = (sh.k, t.width(sh.c));
+    let m = sh.n * sh.p() * sh.q();
+    if width == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let mut store = None;
+    let wc = live_weights(sh, t, w, &mut store);
+    // B[kk][k] = wc[k][kk]: a strided view that the GEMM packs (no transposed copy).
+    let b = Mat { ptr: wc.as_ptr(), rs: 1, cs: width as isize };
+    // A 1x1 stride-1 convolution reads x itself (NHWC is the GEMM's A); the others gather.
     let pointwise = sh.is_pointwise();
-    let block = |m0: usize, yb: &mut [f32], col: &mut Vec<f32>, par: Parallelism| {
+    let block = |m0: usize, yb: &mut [f32], par: Parallelism| {
         let rows = yb.len() / k;
+        let mut col = None;
         let a = if pointwise {
-            Mat { ptr: x[m0 * rsc..].as_ptr(), rs: rsc as isize, cs: 1 }
+            Mat { ptr: x[m0 * width..].as_ptr(), rs: width as isize, cs: 1 }
         } else {
-            col.resize(rows * rsc, 0.0);
-            im2col(sh, x, m0, rows, col);
-            Mat { ptr: col.as_ptr(), rs: rsc as isize, cs: 1 }
+            let col = col.insert(scratch(0, rows * width));
+            match par {
+                Parallelism::None => im2col(sh, t, x, m0, rows, col),
+                _ => im2col_par(sh, t, x, m0, rows, col),
+            }
+            Mat { ptr: col.as_ptr(), rs: width as isize, cs: 1 }
         };
-        // SAFETY: a is rows x rsc, b is rsc x k, yb is rows x k.
-        unsafe { sgemm(rows, k, rsc, yb.as_mut_ptr(), k, false, a, b, par) };
+        // SAFETY: a is rows x width, b is width x k, yb is rows x k.
+        unsafe { sgemm(rows, k, width, yb.as_mut_ptr(), k, false, a, b, par) };
     };
     if rows_parallel(m) {
         let mb = row_block(m);
-        y.par_chunks_mut(mb * k)
-            .enumerate()
-            .for_each_init(Vec::new, |col, (bi, yb)| block(bi * mb, yb, col, Parallelism::None));
+        y.par_chunks_mut(mb * k).enumerate().for_each(|(bi, yb)| block(bi * mb, yb, Parallelism::None));
     } else {
         // Blocks of at most ~16 MB of im2col, one after the other, each GEMM parallel.
-        let mb = if pointwise { m } else { (4 << 20) / rsc.max(1) }.max(256);
-        let mut col = Vec::new();
+        let mb = if pointwise { m } else { (4 << 20) / width }.max(256);
         for (bi, yb) in y.chunks_mut(mb * k).enumerate() {
-            block(bi * mb, yb, &mut col, Parallelism::Rayon(threads()));
+            block(bi * mb, yb, Parallelism::Rayon(threads()));
         }
     }
 }
 
 /// The fast dgrad: `dx = dgrad(dy, w)` (overwrites dx).
 pub fn dgrad(sh: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
-    let (k, c, rsc) = (sh.k, sh.c, sh.r * sh.s * sh.c);
-    let (p_, q_) = (sh.p(), sh.q());
-    let pq = p_ * q_;
     debug_assert!(dy.len() == sh.y_len() && w.len() == sh.w_len() && dx.len() == sh.x_len());
+    let t = Taps::of(sh);
+    let (k, c, width) = (sh.k, sh.c, t.width(sh.c));
+    let pq = sh.p() * sh.q();
+    if width == 0 {
+        dx.fill(0.0);
+        return;
+    }
+    let mut store = None;
+    let wc = live_weights(sh, t, w, &mut store);
+    let b = Mat { ptr: wc.as_ptr(), rs: width as isize, cs: 1 };
     if sh.is_pointwise() {
         // dx[m][c] = dy[m][k] * w[k][c]
         let m = sh.n * pq;
-        let mb = row_block(m);
-        let b = Mat { ptr: w.as_ptr(), rs: c as isize, cs: 1 };
-        dx.par_chunks_mut(mb * c).enumerate().for_each(|(bi, db)| {
-            let rows = db.len() / c;
-            let a = Mat { ptr: dy[bi * mb * k..].as_ptr(), rs: k as isize, cs: 1 };
-            // SAFETY: a is rows x k, b is k x c, db is rows x c.
-            unsafe { sgemm(rows, c, k, db.as_mut_ptr(), c, false, a, b, Parallelism::None) };
-        });
+        let a = |m0: usize| Mat { ptr: dy[m0 * k..].as_ptr(), rs: k as isize, cs: 1 };
+        if rows_parallel(m) {
+            let mb = row_block(m);
+            dx.par_chunks_mut(mb * c).enumerate().for_each(|(bi, db)| {
+                // SAFETY: a is rows x k, b is k x c, db is rows x c.
+                unsafe { sgemm(db.len() / c, c, k, db.as_mut_ptr(), c, false, a(bi * mb), b, Parallelism::None) };
+            });
+        } else {
+            // SAFETY: as above, over all rows.
+            unsafe { sgemm(m, c, k, dx.as_mut_ptr(), c, false, a(0), b, Parallelism::Rayon(threads())) };
+        }
         return;
     }
-    // Per image: dcol[pq][rsc] = dy[pq][k] * w[k][rsc], then col2im adds dcol into dx.
+    // dcol[rows][width] = dy[rows][k] * wc[k][width], then col2im adds dcol into dx.
     let hwc = sh.h * sh.w * c;
-    let per_image = |n: usize, dxi: &mut [f32], dcol: &mut Vec<f32>, par: Parallelism| {
-        dcol.resize(pq * rsc, 0.0);
-        let a = Mat { ptr: dy[n * pq * k..].as_ptr(), rs: k as isize, cs: 1 };
-        let b = Mat { ptr: w.as_ptr(), rs: rsc as isize, cs: 1 };
-        // SAFETY: a is pq x k, b is k x rsc, dcol is pq x rsc.
-        unsafe { sgemm(pq, rsc, k, dcol.as_mut_ptr(), rsc, false, a, b, par) };
-        dxi.fill(0.0);
-        for p in 0..p_ {
-            for q in 0..q_ {
-                let src = &dcol[(p * q_ + q) * rsc..][..rsc];
-                for r in 0..sh.r {
-                    let Some(h) = in_coord(p, r, sh.stride, sh.pad, sh.h) else { continue };
-                    for s in 0..sh.s {
-                        let Some(wi) = in_coord(q, s, sh.stride, sh.pad, sh.w) else { continue };
-                        let d = &mut dxi[(h * sh.w + wi) * c..][..c];
-                        for (o, v) in d.iter_mut().zip(&src[(r * sh.s + s) * c..][..c]) {
-                            *o += v;
-                        }
-                    }
-                }
-            }
-        }
-    };
-    if sh.n >= threads() {
-        dx.par_chunks_mut(hwc)
-            .enumerate()
-            .for_each_init(Vec::new, |dcol, (n, dxi)| per_image(n, dxi, dcol, Parallelism::None));
+    if sh.n >= threads() && pq >= 256 {
+        // Large images: one image per task.
+        dx.par_chunks_mut(hwc).enumerate().for_each(|(n, dxi)| {
+            let mut dcol = scratch(0, pq * width);
+            let a = Mat { ptr: dy[n * pq * k..].as_ptr(), rs: k as isize, cs: 1 };
+            // SAFETY: a is pq x k, b is k x width, dcol is pq x width.
+            unsafe { sgemm(pq, width, k, dcol.as_mut_ptr(), width, false, a, b, Parallelism::None) };
+            col2im(sh, t, &dcol, dxi);
+        });
     } else {
-        let mut dcol = Vec::new();
-        for (n, dxi) in dx.chunks_mut(hwc).enumerate() {
-            per_image(n, dxi, &mut dcol, Parallelism::Rayon(threads()));
+        // Small images: the rows of a block of images in one GEMM that is parallel inside
+        // (the weights are read once per block, not once per image), then col2im per image.
+        let nb = ((4 << 20) / (pq * width).max(1)).clamp(1, sh.n);
+        let mut dcol = scratch(0, nb * pq * width);
+        for (bi, dxb) in dx.chunks_mut(nb * hwc).enumerate() {
+            let imgs = dxb.len() / hwc;
+            let a = Mat { ptr: dy[bi * nb * pq * k..].as_ptr(), rs: k as isize, cs: 1 };
+            // SAFETY: a is (imgs pq) x k, b is k x width, dcol holds (imgs pq) x width.
+            unsafe { sgemm(imgs * pq, width, k, dcol.as_mut_ptr(), width, false, a, b, Parallelism::Rayon(threads())) };
+            let dcol = &dcol[..imgs * pq * width];
+            dxb.par_chunks_mut(hwc).zip(dcol.par_chunks(pq * width)).for_each(|(dxi, d)| col2im(sh, t, d, dxi));
         }
     }
 }
 
 /// The fast wgrad: `dw = wgrad(x, dy)` (overwrites dw).
 pub fn wgrad(sh: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
-    let (k, rsc) = (sh.k, sh.r * sh.s * sh.c);
-    let pq = sh.p() * sh.q();
-    let m = sh.n * pq;
     debug_assert!(x.len() == sh.x_len() && dy.len() == sh.y_len() && dw.len() == sh.w_len());
+    let t = Taps::of(sh);
+    if t.all(sh) {
+        wgrad_taps(sh, t, x, dy, dw);
+    } else {
+        let mut dwc = scratch(1, sh.k * t.width(sh.c));
+        let dwc = &mut dwc[..sh.k * t.width(sh.c)];
+        wgrad_taps(sh, t, x, dy, dwc);
+        t.scatter(sh, dwc, dw);
+    }
+}
+
+/// wgrad of the live taps `t` into `dw` (`[K][R' S' C]`).
+fn wgrad_taps(sh: &ConvShape, t: Taps, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let (k, width) = (sh.k, t.width(sh.c));
+    let m = sh.n * sh.p() * sh.q();
+    if width == 0 {
+        return;
+    }
     // dw[k][kk] += dyT[k][rows] * col[rows][kk] over blocks of rows (m = (n, p, q)).
     let pointwise = sh.is_pointwise();
-    let t = threads();
-    let block = |m0: usize, rows: usize, acc: &mut [f32], col: &mut Vec<f32>, first: bool, par: Parallelism| {
+    let nt = threads();
+    let block = |m0: usize, rows: usize, acc: &mut [f32], first: bool, par: Parallelism| {
+        let mut col = None;
         let b = if pointwise {
-            Mat { ptr: x[m0 * rsc..].as_ptr(), rs: rsc as isize, cs: 1 }
+            Mat { ptr: x[m0 * width..].as_ptr(), rs: width as isize, cs: 1 }
         } else {
-            col.resize(rows * rsc, 0.0);
-            im2col(sh, x, m0, rows, col);
-            Mat { ptr: col.as_ptr(), rs: rsc as isize, cs: 1 }
+            let col = col.insert(scratch(0, rows * width));
+            match par {
+                Parallelism::None => im2col(sh, t, x, m0, rows, col),
+                _ => im2col_par(sh, t, x, m0, rows, col),
+            }
+            Mat { ptr: col.as_ptr(), rs: width as isize, cs: 1 }
         };
         let a = Mat { ptr: dy[m0 * k..].as_ptr(), rs: 1, cs: k as isize };
-        // SAFETY: a is k x rows (dy transposed), b is rows x rsc, acc is k x rsc.
-        unsafe { sgemm(k, rsc, rows, acc.as_mut_ptr(), rsc, !first, a, b, par) };
+        // SAFETY: a is k x rows (dy transposed), b is rows x width, acc is k x width.
+        unsafe { sgemm(k, width, rows, acc.as_mut_ptr(), width, !first, a, b, par) };
     };
     // Few long reductions: one partial sum per task, then a tree sum.
-    let mb = 256.max(m.div_ceil(8 * t)).min(4096);
+    let mb = 256.max(m.div_ceil(8 * nt)).min(4096);
     let nblocks = m.div_ceil(mb);
-    if nblocks < t {
-        let mut col = Vec::new();
+    if nblocks < nt {
         for bi in 0..nblocks {
             let m0 = bi * mb;
-            block(m0, mb.min(m - m0), dw, &mut col, bi == 0, Parallelism::Rayon(t));
+            block(m0, mb.min(m - m0), dw, bi == 0, Parallelism::Rayon(nt));
         }
         return;
     }
-    let per_task = nblocks.div_ceil(t);
-    let partials: Vec<Vec<f32>> = (0..t)
+    let per_task = nblocks.div_ceil(nt);
+    let partials: Vec<Scratch> = (0..nt)
         .into_par_iter()
         .filter_map(|ti| {
             let (b0, b1) = (ti * per_task, ((ti + 1) * per_task).min(nblocks));
             if b0 >= b1 {
                 return None;
             }
-            let mut acc = vec![0.0f32; k * rsc];
-            let mut col = Vec::new();
+            let mut acc = scratch(2, k * width);
             for bi in b0..b1 {
                 let m0 = bi * mb;
-                block(m0, mb.min(m - m0), &mut acc, &mut col, bi == b0, Parallelism::None);
+                block(m0, mb.min(m - m0), &mut acc[..k * width], bi == b0, Parallelism::None);
             }
             Some(acc)
         })
         .collect();
-    dw.copy_from_slice(&partials[0]);
+    dw.copy_from_slice(&partials[0][..k * width]);
     for part in &partials[1..] {
-        dw.par_chunks_mut(4096).zip(part.par_chunks(4096)).for_each(|(d, s)| {
+        dw.par_chunks_mut(4096).zip(part[..k * width].par_chunks(4096)).for_each(|(d, s)| {
             for (o, v) in d.iter_mut().zip(s) {
                 *o += v;
             }

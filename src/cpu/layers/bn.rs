@@ -29,25 +29,27 @@ where
         )
 }
 
-/// Batch mean and biased variance of every channel, two passes in f64.
+/// Batch mean and biased variance of every channel, in f64 and one pass over x: the sums
+/// of `x - shift` and of its square, shift being the channel's value in the first row (a
+/// value of the channel, so the square sum does not cancel when the mean is far from 0).
 pub fn batch_stats<T: Real>(m: usize, c: usize, x: &[T]) -> (Vec<f64>, Vec<f64>) {
-    let sum = channel_sums(m, c, 1, |rows, acc| {
+    if m == 0 {
+        return (vec![f64::NAN; c], vec![f64::NAN; c]);
+    }
+    let shift: Vec<f64> = x[..c].iter().map(|v| v.to_f32() as f64).collect();
+    let sums = channel_sums(m, c, 2, |rows, acc| {
+        let (s1, s2) = acc.split_at_mut(c);
         for r in rows {
-            for (a, v) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]) {
-                *a += v.to_f32() as f64;
+            for (((a1, a2), v), sh) in s1.iter_mut().zip(s2.iter_mut()).zip(&x[r * c..(r + 1) * c]).zip(&shift) {
+                let d = v.to_f32() as f64 - sh;
+                *a1 += d;
+                *a2 += d * d;
             }
         }
     });
-    let mean: Vec<f64> = sum.iter().map(|s| s / m as f64).collect();
-    let sq = channel_sums(m, c, 1, |rows, acc| {
-        for r in rows {
-            for ((a, v), mu) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mean) {
-                let d = v.to_f32() as f64 - mu;
-                *a += d * d;
-            }
-        }
-    });
-    let var = sq.iter().map(|s| s / m as f64).collect();
+    let (s1, s2) = sums.split_at(c);
+    let mean = s1.iter().zip(&shift).map(|(s, sh)| sh + s / m as f64).collect();
+    let var = s1.iter().zip(s2).map(|(s, q)| (q / m as f64 - (s / m as f64) * (s / m as f64)).max(0.0)).collect();
     (mean, var)
 }
 

@@ -1,47 +1,25 @@
 //! The fully connected layer `y[n, o] = sum_i x[n, i] * w[o, i] + b[o]` (w is
 //! torchvision's `fc.weight`, `[out, in]`) and its gradients.
 //!
-//! The fast paths use plain multiply-adds (not `mul_add`, which is a libm call on CPUs
-//! built without FMA) so that the compiler vectorizes them, and split the work over the
-//! outputs so that a batch of one still uses every core.
+//! The fast paths are GEMMs of the `gemm` crate on the operands as they lie (no transposed
+//! copies), parallel inside over rows and columns, so that a batch of one still uses every
+//! core.
 
-use rayon::prelude::*;
-
-/// Dot product with eight independent f32 accumulators.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut s = ra.iter().zip(rb).fold(0.0f32, |s, (x, y)| s + x * y);
-    for v in acc {
-        s += v;
-    }
-    s
-}
-
-/// `y += alpha * x`.
-#[inline]
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * *x;
-    }
-}
+use crate::cpu::gemm::{sgemm, threads, Mat};
+use gemm::Parallelism;
 
 /// Forward: `y = x w^T + b`, x `[n, cin]`, w `[cout, cin]`, y `[n, cout]`.
 pub fn fc_forward(n: usize, cin: usize, cout: usize, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
     if n * cout == 0 {
         return;
     }
-    y.par_iter_mut().enumerate().with_min_len(64).for_each(|(e, v)| {
-        let (r, o) = (e / cout, e % cout);
-        *v = dot(&x[r * cin..(r + 1) * cin], &w[o * cin..(o + 1) * cin]) + b[o];
-    });
+    for row in y.chunks_mut(cout) {
+        row.copy_from_slice(&b[..cout]);
+    }
+    let a = Mat { ptr: x.as_ptr(), rs: cin as isize, cs: 1 };
+    let wt = Mat { ptr: w.as_ptr(), rs: 1, cs: cin as isize };
+    // SAFETY: x is n x cin, w^T is cin x cout (w read transposed), y is n x cout.
+    unsafe { sgemm(n, cout, cin, y.as_mut_ptr(), cout, true, a, wt, Parallelism::Rayon(threads())) };
 }
 
 /// Backward: `dx = dy w`, `dw = dy^T x`, `db = sum_n dy` (all overwritten).
@@ -58,22 +36,31 @@ pub fn fc_backward(
     db: &mut [f32],
 ) {
     if cin > 0 {
-        const COLS: usize = 512;
-        dx.par_chunks_mut(cin).enumerate().for_each(|(r, dxr)| {
-            dxr.par_chunks_mut(COLS).enumerate().for_each(|(k, part)| {
-                part.fill(0.0);
-                let i0 = k * COLS;
-                for o in 0..cout {
-                    axpy(dy[r * cout + o], &w[o * cin + i0..o * cin + i0 + part.len()], part);
-                }
-            });
-        });
-        dw.par_chunks_mut(cin).enumerate().for_each(|(o, dwr)| {
-            dwr.fill(0.0);
-            for r in 0..n {
-                axpy(dy[r * cout + o], &x[r * cin..(r + 1) * cin], dwr);
-            }
-        });
+        let par = Parallelism::Rayon(threads());
+        let g = Mat { ptr: dy.as_ptr(), rs: cout as isize, cs: 1 };
+        let gt = Mat { ptr: dy.as_ptr(), rs: 1, cs: cout as isize };
+        // SAFETY: dy is n x cout, w is cout x cin, dx is n x cin.
+        unsafe {
+            sgemm(n, cin, cout, dx.as_mut_ptr(), cin, false, g, Mat { ptr: w.as_ptr(), rs: cin as isize, cs: 1 }, par)
+        };
+        if n == 0 {
+            dw.fill(0.0);
+        } else {
+            // SAFETY: dy^T is cout x n, x is n x cin, dw is cout x cin.
+            unsafe {
+                sgemm(
+                    cout,
+                    cin,
+                    n,
+                    dw.as_mut_ptr(),
+                    cin,
+                    false,
+                    gt,
+                    Mat { ptr: x.as_ptr(), rs: cin as isize, cs: 1 },
+                    par,
+                )
+            };
+        }
     }
     for (o, d) in db.iter_mut().enumerate() {
         *d = (0..n).map(|r| dy[r * cout + o]).sum();

@@ -36,22 +36,66 @@ fn window_argmax<F: Fn(usize, usize) -> f64>(h: usize, w: usize, oy: usize, ox: 
     best.expect("every window has an in-range tap")
 }
 
+/// The maxima of window (oy, ox) of every channel into `best`, and where they are (the input
+/// pixel `ih * w + iw`) into `arg`: the same rule as [`window_argmax`], over the channels at
+/// once (contiguous in NHWC, so the comparisons vectorize).
+#[inline]
+fn window_max_all<T: Real>(
+    xi: &[T],
+    w: usize,
+    c: usize,
+    taps: (std::ops::Range<usize>, std::ops::Range<usize>),
+    best: &mut [f32],
+    arg: &mut [usize],
+) {
+    let mut first = true;
+    for ih in taps.0 {
+        for iw in taps.1.clone() {
+            let pix = ih * w + iw;
+            let xr = &xi[pix * c..][..c];
+            if first {
+                for ((b, a), v) in best.iter_mut().zip(arg.iter_mut()).zip(xr) {
+                    *b = v.to_f32();
+                    *a = pix;
+                }
+                first = false;
+            } else {
+                for ((b, a), v) in best.iter_mut().zip(arg.iter_mut()).zip(xr) {
+                    let v = v.to_f32();
+                    if v > *b || v.is_nan() {
+                        *b = v;
+                        *a = pix;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The input rows and columns that window (oy, ox) reads.
+fn window(h: usize, w: usize, oy: usize, ox: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    ((2 * oy).saturating_sub(1)..(2 * oy + 2).min(h), (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w))
+}
+
 /// Max pool forward: `[n, h, w, c] -> [n, oh, ow, c]`.
 pub fn maxpool_forward<T: Real>(n: usize, h: usize, w: usize, c: usize, x: &[T], y: &mut [T]) {
     let (oh, ow) = (maxpool_out(h), maxpool_out(w));
     if n * oh * ow * c == 0 {
         return;
     }
-    y.par_chunks_mut(ow * c).enumerate().for_each(|(row, yr)| {
-        let (img, oy) = (row / oh, row % oh);
-        let xi = &x[img * h * w * c..(img + 1) * h * w * c];
-        for ox in 0..ow {
-            for ch in 0..c {
-                let (_, v) = window_argmax(h, w, oy, ox, |ih, iw| xi[(ih * w + iw) * c + ch].to_f32() as f64);
-                yr[ox * c + ch] = T::from_f32(v as f32);
+    y.par_chunks_mut(ow * c).enumerate().for_each_init(
+        || (vec![0.0f32; c], vec![0usize; c]),
+        |(best, arg), (row, yr)| {
+            let (img, oy) = (row / oh, row % oh);
+            let xi = &x[img * h * w * c..(img + 1) * h * w * c];
+            for ox in 0..ow {
+                window_max_all(xi, w, c, window(h, w, oy, ox), best, arg);
+                for (o, b) in yr[ox * c..][..c].iter_mut().zip(best.iter()) {
+                    *o = T::from_f32(*b);
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 /// Max pool backward: `dx` (overwritten) gets each output's gradient at its window's
@@ -61,23 +105,27 @@ pub fn maxpool_backward<T: Real>(n: usize, h: usize, w: usize, c: usize, x: &[T]
     if n * h * w * c == 0 {
         return;
     }
-    dx.par_chunks_mut(h * w * c).enumerate().for_each(|(img, dxi)| {
-        let xi = &x[img * h * w * c..(img + 1) * h * w * c];
-        let dyi = &dy[img * oh * ow * c..(img + 1) * oh * ow * c];
-        let mut acc = vec![0.0f32; h * w * c];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                for ch in 0..c {
-                    let ((ih, iw), _) =
-                        window_argmax(h, w, oy, ox, |ih, iw| xi[(ih * w + iw) * c + ch].to_f32() as f64);
-                    acc[(ih * w + iw) * c + ch] += dyi[(oy * ow + ox) * c + ch].to_f32();
+    dx.par_chunks_mut(h * w * c).enumerate().for_each_init(
+        || (Vec::new(), vec![0.0f32; c], vec![0usize; c]),
+        |(acc, best, arg), (img, dxi)| {
+            let xi = &x[img * h * w * c..(img + 1) * h * w * c];
+            let dyi = &dy[img * oh * ow * c..(img + 1) * oh * ow * c];
+            acc.clear();
+            acc.resize(h * w * c, 0.0f32);
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    window_max_all(xi, w, c, window(h, w, oy, ox), best, arg);
+                    let g = &dyi[(oy * ow + ox) * c..][..c];
+                    for (ch, (a, gv)) in arg.iter().zip(g).enumerate() {
+                        acc[*a * c + ch] += gv.to_f32();
+                    }
                 }
             }
-        }
-        for (d, a) in dxi.iter_mut().zip(&acc) {
-            *d = T::from_f32(*a);
-        }
-    });
+            for (d, a) in dxi.iter_mut().zip(acc.iter()) {
+                *d = T::from_f32(*a);
+            }
+        },
+    );
 }
 
 /// Global average pool forward: `[n, hw, c] -> [n, c]` in f32 (sums in row order).
