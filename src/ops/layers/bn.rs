@@ -286,26 +286,9 @@ pub fn bn_backward<T: LayerElem>(
     dgamma: &mut Buf<f32>,
     dbeta: &mut Buf<f32>,
 ) -> Result<()> {
-    ensure!(m >= 1, "batch norm backward of an empty batch");
-    let mc = mul(m, c, "the batch norm input")?;
-    for (b, what) in [(x, "x"), (dy, "dy"), (&*dx, "dx")] {
-        check_len(b, mc, what)?;
-        check_on(b, dev, what)?;
-    }
-    if let Some(o) = relu_out {
-        check_len(o, mc, "relu_out")?;
-        check_on(o, dev, "relu_out")?;
-    }
-    for (b, what) in [
-        (gamma, "gamma"),
-        (save_mean, "save_mean"),
-        (save_invstd, "save_invstd"),
-        (&*dgamma, "dgamma"),
-        (&*dbeta, "dbeta"),
-    ] {
-        check_len(b, c, what)?;
-        check_on(b, dev, what)?;
-    }
+    let big: Vec<(&Buf<T>, &str)> =
+        [(x, "x"), (dy, "dy"), (&*dx, "dx")].into_iter().chain(relu_out.map(|o| (o, "relu_out"))).collect();
+    check_backward(dev, m, c, &big, [gamma, save_mean, save_invstd, &*dgamma, &*dbeta])?;
     if c == 0 {
         return Ok(());
     }
@@ -332,28 +315,68 @@ pub fn bn_backward<T: LayerElem>(
             Ok(())
         }
         Device::Gpu(gpu) => {
-            let (xp, dyp, dxp) = (dptr(x, gpu, "x")?, dptr(dy, gpu, "dy")?, dptr(dx, gpu, "dx")?);
-            let rp = match relu_out {
-                Some(o) => dptr(o, gpu, "relu_out")?,
-                None => 0,
-            };
-            let vec = vec_width::<T>(c, &[xp, dyp, dxp, rp]);
-            let g = grid(m, c, vec, std::mem::size_of::<T>());
-            let p = BnParams {
-                x: xp,
-                dy: dyp,
-                relu_out: rp,
-                out: dxp,
-                gamma: dptr(gamma, gpu, "gamma")?,
-                mean: dptr(save_mean, gpu, "save_mean")?,
-                invstd: dptr(save_invstd, gpu, "save_invstd")?,
-                dgamma: dptr(dgamma, gpu, "dgamma")?,
-                dbeta: dptr(dbeta, gpu, "dbeta")?,
-                ..base_params(m, c, vec, &g)?
-            };
+            let (g, p) =
+                backward_params(gpu, m, c, x, dy, relu_out, dx, [gamma, save_mean, save_invstd, dgamma, dbeta])?;
             launch_backward::<T>(gpu, &g, c, &p)
         }
     })
+}
+
+/// The checks of both backward entry points: the `[m, c]` tensors `big` and the `[c]`
+/// tensors gamma, save_mean, save_invstd, dgamma, dbeta, all on `dev`.
+fn check_backward<T: LayerElem>(
+    dev: &Device,
+    m: usize,
+    c: usize,
+    big: &[(&Buf<T>, &str)],
+    small: [&Buf<f32>; 5],
+) -> Result<()> {
+    ensure!(m >= 1, "batch norm backward of an empty batch");
+    let mc = mul(m, c, "the batch norm input")?;
+    for &(b, what) in big {
+        check_len(b, mc, what)?;
+        check_on(b, dev, what)?;
+    }
+    for (b, what) in small.into_iter().zip(["gamma", "save_mean", "save_invstd", "dgamma", "dbeta"]) {
+        check_len(b, c, what)?;
+        check_on(b, dev, what)?;
+    }
+    Ok(())
+}
+
+/// The launch grid and parameters of a backward on a kernel device (`relu_out` null when
+/// there is no fused ReLU); `small` as in [`check_backward`].
+#[allow(clippy::too_many_arguments)]
+fn backward_params<T: LayerElem>(
+    gpu: &Gpu,
+    m: usize,
+    c: usize,
+    x: &Buf<T>,
+    dy: &Buf<T>,
+    relu_out: Option<&Buf<T>>,
+    dx: &Buf<T>,
+    [gamma, save_mean, save_invstd, dgamma, dbeta]: [&Buf<f32>; 5],
+) -> Result<(Grid, BnParams)> {
+    let (xp, dyp, dxp) = (dptr(x, gpu, "x")?, dptr(dy, gpu, "dy")?, dptr(dx, gpu, "dx")?);
+    let rp = match relu_out {
+        Some(o) => dptr(o, gpu, "relu_out")?,
+        None => 0,
+    };
+    let vec = vec_width::<T>(c, &[xp, dyp, dxp, rp]);
+    let g = grid(m, c, vec, std::mem::size_of::<T>());
+    let p = BnParams {
+        x: xp,
+        dy: dyp,
+        relu_out: rp,
+        out: dxp,
+        gamma: dptr(gamma, gpu, "gamma")?,
+        mean: dptr(save_mean, gpu, "save_mean")?,
+        invstd: dptr(save_invstd, gpu, "save_invstd")?,
+        dgamma: dptr(dgamma, gpu, "dgamma")?,
+        dbeta: dptr(dbeta, gpu, "dbeta")?,
+        ..base_params(m, c, vec, &g)?
+    };
+    Ok((g, p))
 }
 
 fn launch_backward<T: LayerElem>(gpu: &Gpu, g: &Grid, c: usize, p: &BnParams) -> Result<()> {
@@ -517,22 +540,8 @@ pub fn bn_backward_masking_dy<T: LayerElem>(
     dgamma: &mut Buf<f32>,
     dbeta: &mut Buf<f32>,
 ) -> Result<()> {
-    ensure!(m >= 1, "batch norm backward of an empty batch");
-    let mc = mul(m, c, "the batch norm input")?;
-    for (b, what) in [(x, "x"), (relu_out, "relu_out"), (&*dy, "dy"), (&*dx, "dx")] {
-        check_len(b, mc, what)?;
-        check_on(b, dev, what)?;
-    }
-    for (b, what) in [
-        (gamma, "gamma"),
-        (save_mean, "save_mean"),
-        (save_invstd, "save_invstd"),
-        (&*dgamma, "dgamma"),
-        (&*dbeta, "dbeta"),
-    ] {
-        check_len(b, c, what)?;
-        check_on(b, dev, what)?;
-    }
+    let big = [(x, "x"), (relu_out, "relu_out"), (&*dy, "dy"), (&*dx, "dx")];
+    check_backward(dev, m, c, &big, [gamma, save_mean, save_invstd, &*dgamma, &*dbeta])?;
     if c == 0 {
         return Ok(());
     }
@@ -559,23 +568,10 @@ pub fn bn_backward_masking_dy<T: LayerElem>(
             Ok(())
         }
         Device::Gpu(gpu) => {
-            let (xp, dyp, dxp) = (dptr(x, gpu, "x")?, dptr(dy, gpu, "dy")?, dptr(dx, gpu, "dx")?);
-            let rp = dptr(relu_out, gpu, "relu_out")?;
-            let vec = vec_width::<T>(c, &[xp, dyp, dxp, rp]);
-            let g = grid(m, c, vec, std::mem::size_of::<T>());
-            let p = BnParams {
-                x: xp,
-                dy: dyp,
-                relu_out: rp,
-                grad_out: dyp,
-                out: dxp,
-                gamma: dptr(gamma, gpu, "gamma")?,
-                mean: dptr(save_mean, gpu, "save_mean")?,
-                invstd: dptr(save_invstd, gpu, "save_invstd")?,
-                dgamma: dptr(dgamma, gpu, "dgamma")?,
-                dbeta: dptr(dbeta, gpu, "dbeta")?,
-                ..base_params(m, c, vec, &g)?
-            };
+            let params = [gamma, save_mean, save_invstd, &*dgamma, &*dbeta];
+            let (g, p) = backward_params(gpu, m, c, x, dy, Some(relu_out), dx, params)?;
+            // The reduction writes the masked gradient over dy.
+            let p = BnParams { grad_out: p.dy, ..p };
             // The dx pass reads the stored g, unmasked.
             let pdx = BnParams { relu_out: 0, grad_out: 0, ..p };
             // SAFETY: x, dy, relu_out and dx hold m*c elements, the [c] buffers c; the
