@@ -904,10 +904,11 @@ fn write_report(
     if let Some(p) = plot {
         let title = match &report.settings {
             Some(s) => format!(
-                "transfer: {} ({} train images), {} classes",
-                s.get("data").map_or("", String::as_str),
+                "transfer to {} classes ({}): {} training images, {} validation images",
+                s.get("classes").map_or(0, |c| c.split(',').count()),
+                s.get("classes").map_or("", String::as_str),
                 s.get("train_images").map_or("?", String::as_str),
-                s.get("classes").map_or(0, |c| c.split(',').count())
+                s.get("val_images").map_or("?", String::as_str)
             ),
             None => "transfer".to_string(),
         };
