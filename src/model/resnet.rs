@@ -765,9 +765,9 @@ impl<T: Precision> ResNet<T> {
     /// model), and every call from then on replays it: one launch instead of several
     /// hundred. The SGD step (whose learning rate may change) is launched as usual. Every
     /// buffer a step touches is fixed when the workspace is planned, so the replay does
-    /// the same work; the launch sequence is the same as [`train_step`]'s. On the CPU, the
+    /// the same work; the launch sequence is the same as [`train_step`](Self::train_step)'s. On the CPU, the
     /// emulation, inside a profile scope (which times each op), or with synchronous
-    /// launches, this is [`train_step`].
+    /// launches, this is [`train_step`](Self::train_step).
     pub fn train_step_graphed(&mut self, ws: &mut Workspace<T>, sgd: &Sgd) -> Result<()> {
         ensure!(ws.has_targets, "a train-mode forward needs targets (set_batch with targets)");
         let gpu = match &self.dev {

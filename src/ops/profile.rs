@@ -185,7 +185,7 @@ impl Cost {
 
     /// The BN statistics of an `[m, c]` conv output computed in the conv's epilogue, merged
     /// by `bn_stats_finalize_f32`: reads `tiles` pairs per channel (8 bytes each; with one
-    /// tile the two [c] buffers), reads and writes the running mean and variance, writes
+    /// tile the two `[c]` buffers), reads and writes the running mean and variance, writes
     /// the saved mean and inverse deviation (6 f32 per channel). FLOPs: 3 per element
     /// (sum, deviation, fused square: done in the epilogue), 10 per pair.
     pub fn bn_finalize_tiles(m: usize, c: usize, tiles: usize) -> Cost {
