@@ -20,7 +20,7 @@
 use super::conv::{self, ConvElem, ConvShape, Pass, Plan, StatsOut};
 use super::layers::{bn_apply_saved, LayerElem};
 use super::profile::{timed, Cost, Family};
-use super::{check_len, check_on};
+use super::{check_bufs, check_len, check_on};
 use crate::cpu::layers::bn as cpu_bn;
 use crate::device::{Buf, Device};
 use crate::{ensure, invalid, Result};
@@ -97,15 +97,16 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
     ensure!(m >= 2, "batch norm in train mode needs more than one value per channel (m = {m})");
     check_len(workspace, sh.y_len(), "workspace")?;
     check_on(workspace, dev, "workspace")?;
-    for (b, what) in [
-        (&*running_mean, "running_mean"),
-        (&*running_var, "running_var"),
-        (&*save_mean, "save_mean"),
-        (&*save_invstd, "save_invstd"),
-    ] {
-        check_len(b, c, what)?;
-        check_on(b, dev, what)?;
-    }
+    check_bufs(
+        dev,
+        c,
+        &[
+            (&*running_mean, "running_mean"),
+            (&*running_var, "running_var"),
+            (&*save_mean, "save_mean"),
+            (&*save_invstd, "save_invstd"),
+        ],
+    )?;
     let (tiles, bm) = stats_tiles::<T>(sh, plan);
     let elem = std::mem::size_of::<T>();
     // The pairs fit in the workspace: 8 * tiles <= elem * m whenever tiles > 1 (BM >= 64).

@@ -42,6 +42,15 @@ pub(crate) fn check_len<T: Elem>(b: &Buf<T>, len: usize, what: &str) -> Result<(
     Ok(())
 }
 
+/// [`check_len`] and [`check_on`] for each buffer, in order.
+pub(crate) fn check_bufs<T: Elem>(dev: &Device, len: usize, bufs: &[(&Buf<T>, &str)]) -> Result<()> {
+    for &(b, what) in bufs {
+        check_len(b, len, what)?;
+        check_on(b, dev, what)?;
+    }
+    Ok(())
+}
+
 /// A count as the i32 the kernels take.
 pub(crate) fn i32_of(x: usize, what: &str) -> Result<i32> {
     i32::try_from(x).map_err(|_| invalid!("{what} = {x} is too large for the kernels (at most {})", i32::MAX))

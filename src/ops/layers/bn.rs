@@ -7,7 +7,7 @@ use crate::device::{Buf, Device};
 use crate::gpu::{Gpu, Kernel, LaunchConfig};
 use crate::ops::params::BnParams;
 use crate::ops::profile::{timed, Cost, Family};
-use crate::ops::{check_on, i32_of};
+use crate::ops::{check_bufs, check_on, i32_of};
 use crate::{ensure, Result};
 
 const MODULE: &str = "bn";
@@ -125,17 +125,18 @@ pub fn bn_forward_train<T: LayerElem>(
     let mc = mul(m, c, "the batch norm input")?;
     check_len(x, mc, "x")?;
     check_len(y, mc, "y")?;
-    for (b, what) in [
-        (gamma, "gamma"),
-        (beta, "beta"),
-        (&*running_mean, "running_mean"),
-        (&*running_var, "running_var"),
-        (&*save_mean, "save_mean"),
-        (&*save_invstd, "save_invstd"),
-    ] {
-        check_len(b, c, what)?;
-        check_on(b, dev, what)?;
-    }
+    check_bufs(
+        dev,
+        c,
+        &[
+            (gamma, "gamma"),
+            (beta, "beta"),
+            (&*running_mean, "running_mean"),
+            (&*running_var, "running_var"),
+            (&*save_mean, "save_mean"),
+            (&*save_invstd, "save_invstd"),
+        ],
+    )?;
     check_on(x, dev, "x")?;
     check_on(y, dev, "y")?;
     if c == 0 {
@@ -211,10 +212,11 @@ pub fn bn_forward_eval<T: LayerElem>(
     let mc = mul(m, c, "the batch norm input")?;
     check_len(x, mc, "x")?;
     check_len(y, mc, "y")?;
-    for (b, what) in [(gamma, "gamma"), (beta, "beta"), (running_mean, "running_mean"), (running_var, "running_var")] {
-        check_len(b, c, what)?;
-        check_on(b, dev, what)?;
-    }
+    check_bufs(
+        dev,
+        c,
+        &[(gamma, "gamma"), (beta, "beta"), (running_mean, "running_mean"), (running_var, "running_var")],
+    )?;
     check_on(x, dev, "x")?;
     check_on(y, dev, "y")?;
     if mc == 0 {
@@ -333,15 +335,19 @@ fn check_backward<T: LayerElem>(
 ) -> Result<()> {
     ensure!(m >= 1, "batch norm backward of an empty batch");
     let mc = mul(m, c, "the batch norm input")?;
-    for &(b, what) in big {
-        check_len(b, mc, what)?;
-        check_on(b, dev, what)?;
-    }
-    for (b, what) in small.into_iter().zip(["gamma", "save_mean", "save_invstd", "dgamma", "dbeta"]) {
-        check_len(b, c, what)?;
-        check_on(b, dev, what)?;
-    }
-    Ok(())
+    check_bufs(dev, mc, big)?;
+    let [gamma, save_mean, save_invstd, dgamma, dbeta] = small;
+    check_bufs(
+        dev,
+        c,
+        &[
+            (gamma, "gamma"),
+            (save_mean, "save_mean"),
+            (save_invstd, "save_invstd"),
+            (dgamma, "dgamma"),
+            (dbeta, "dbeta"),
+        ],
+    )
 }
 
 /// The launch grid and parameters of a backward on a kernel device (`relu_out` null when
@@ -462,10 +468,7 @@ pub fn bn_apply_saved<T: LayerElem>(
         check_len(r, mc, "residual")?;
         check_on(r, dev, "residual")?;
     }
-    for (b, what) in [(gamma, "gamma"), (beta, "beta"), (save_mean, "save_mean"), (save_invstd, "save_invstd")] {
-        check_len(b, c, what)?;
-        check_on(b, dev, what)?;
-    }
+    check_bufs(dev, c, &[(gamma, "gamma"), (beta, "beta"), (save_mean, "save_mean"), (save_invstd, "save_invstd")])?;
     if mc == 0 {
         return Ok(());
     }
