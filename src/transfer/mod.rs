@@ -4,8 +4,8 @@
 //! budget, evaluate, and compare the error reached per budget.
 //!
 //! - Every (model, budget) pair runs `seeds` fine-tunings (seeds `seed`, `seed + 1`, ...:
-//!   the fresh classifier and the data order differ); a row reports the mean and the spread
-//!   of their validation error.
+//!   the data order differs, and a replaced classifier's initialisation); a row reports the
+//!   mean and the spread of their validation error.
 //! - With several learning rates, each pair first picks its rate on a split carved from the
 //!   target's *training* data (`search_fraction` of each class held out; never the
 //!   validation split): one run per rate with the first seed, on the rest, for the same
