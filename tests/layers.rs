@@ -98,8 +98,10 @@ fn check(what: &str, dev: &Device, got: &[f64], want: &[f64], atol: f64, rtol: f
 
 // ---------------------------------------------------------------- batch norm
 
-/// Shapes (m, c) of the BN tests: c = 1, 3, 5, 13, 64, 2048, m not a multiple of anything.
-const BN_SHAPES: &[(usize, usize)] = &[(2, 1), (7, 3), (300, 5), (1001, 13), (517, 64), (37, 2048), (3, 2048)];
+/// Shapes (m, c) of the BN tests: c = 1, 3, 5, 13, 45, 64, 2048 (45 = 16 + 16 + 8 + 4 + 1:
+/// every channel block width of the CPU reductions), m not a multiple of anything.
+const BN_SHAPES: &[(usize, usize)] =
+    &[(2, 1), (7, 3), (300, 5), (1001, 13), (211, 45), (517, 64), (37, 2048), (3, 2048)];
 
 struct BnCase {
     x: Vec<f32>,

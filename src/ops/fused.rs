@@ -131,27 +131,13 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
     timed(dev, Family::BnForward, fin_cost, || match dev {
         Device::Cpu => {
             let yh = y.host().ok_or_else(|| invalid!("y is not on the cpu"))?;
-            // f32 as is; 16-bit types widened (exactly) to f32 for the f64 statistics.
-            let widened: Vec<f32>;
-            let ys: &[f32] = if T::NAME == "f32" {
-                bytemuck::cast_slice(yh)
-            } else {
-                widened = yh.iter().map(|v| v.to_f32()).collect();
-                &widened
-            };
-            let (mean, var) = cpu_bn::batch_stats(m, c, ys);
+            let (mean, var) = cpu_bn::batch_stats_by(m, c, yh, T::to_f32);
             fn h(b: &mut Buf<f32>) -> Result<&mut [f32]> {
                 b.host_mut().ok_or_else(|| invalid!("a statistics buffer is not on the cpu"))
             }
             let (sm, si) = (h(save_mean)?, h(save_invstd)?);
             let (rm, rv) = (h(running_mean)?, h(running_var)?);
-            for ch in 0..c {
-                sm[ch] = mean[ch] as f32;
-                si[ch] = (1.0 / (var[ch] + eps as f64).sqrt()) as f32;
-                let unbiased = (var[ch] * m as f64 / (m as f64 - 1.0)) as f32;
-                rm[ch] = (1.0 - momentum) * rm[ch] + momentum * mean[ch] as f32;
-                rv[ch] = (1.0 - momentum) * rv[ch] + momentum * unbiased;
-            }
+            cpu_bn::finish_stats(m, &mean, &var, momentum, eps, rm, rv, sm, si);
             Ok(())
         }
         Device::Gpu(gpu) => {

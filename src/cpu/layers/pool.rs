@@ -7,6 +7,7 @@
 //! that maximum was found, in row-major output order.
 
 use super::Real;
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Output size of the 3x3 stride 2 padding 1 max pool: `floor((h + 2 - 3) / 2) + 1`
@@ -36,36 +37,43 @@ fn window_argmax<F: Fn(usize, usize) -> f64>(h: usize, w: usize, oy: usize, ox: 
     best.expect("every window has an in-range tap")
 }
 
-/// The maxima of window (oy, ox) of every channel into `best`, and where they are (the input
-/// pixel `ih * w + iw`) into `arg`: the same rule as [`window_argmax`], over the channels at
-/// once (contiguous in NHWC, so the comparisons vectorize).
-#[inline]
-fn window_max_all<T: Real>(
+/// The maxima of window (oy, ox) of every channel into `best` (`c` long), and, with `ARG`,
+/// where they are into `arg` (the input pixel `ih * w + iw`, 32 bits like the values, so
+/// that the selects of both vectorize together): the
+/// same rule as [`window_argmax`], over the channels at once (contiguous in NHWC, so the
+/// comparisons vectorize).
+#[inline(always)]
+fn window_max_all<T: Real, const ARG: bool>(
     xi: &[T],
     w: usize,
     c: usize,
     taps: (std::ops::Range<usize>, std::ops::Range<usize>),
     best: &mut [f32],
-    arg: &mut [usize],
+    arg: &mut [u32],
 ) {
+    let (best, arg) = (&mut best[..c], &mut arg[..if ARG { c } else { 0 }]);
     let mut first = true;
     for ih in taps.0 {
         for iw in taps.1.clone() {
-            let pix = ih * w + iw;
-            let xr = &xi[pix * c..][..c];
+            let t = (ih * w + iw) as u32;
+            let xr = &xi[t as usize * c..][..c];
             if first {
-                for ((b, a), v) in best.iter_mut().zip(arg.iter_mut()).zip(xr) {
+                for (b, v) in best.iter_mut().zip(xr) {
                     *b = v.to_f32();
-                    *a = pix;
                 }
+                arg.iter_mut().for_each(|a| *a = t);
                 first = false;
-            } else {
+            } else if ARG {
                 for ((b, a), v) in best.iter_mut().zip(arg.iter_mut()).zip(xr) {
                     let v = v.to_f32();
-                    if v > *b || v.is_nan() {
-                        *b = v;
-                        *a = pix;
-                    }
+                    let take = v > *b || v.is_nan();
+                    *b = if take { v } else { *b };
+                    *a = if take { t } else { *a };
+                }
+            } else {
+                for (b, v) in best.iter_mut().zip(xr) {
+                    let v = v.to_f32();
+                    *b = if v > *b || v.is_nan() { v } else { *b };
                 }
             }
         }
@@ -84,13 +92,13 @@ pub fn maxpool_forward<T: Real>(n: usize, h: usize, w: usize, c: usize, x: &[T],
         return;
     }
     y.par_chunks_mut(ow * c).enumerate().for_each_init(
-        || (vec![0.0f32; c], vec![0usize; c]),
-        |(best, arg), (row, yr)| {
+        || vec![0.0f32; c],
+        |best, (row, yr)| {
             let (img, oy) = (row / oh, row % oh);
             let xi = &x[img * h * w * c..(img + 1) * h * w * c];
-            for ox in 0..ow {
-                window_max_all(xi, w, c, window(h, w, oy, ox), best, arg);
-                for (o, b) in yr[ox * c..][..c].iter_mut().zip(best.iter()) {
+            for (ox, yo) in yr.chunks_exact_mut(c).enumerate() {
+                window_max_all::<T, false>(xi, w, c, window(h, w, oy, ox), best, &mut []);
+                for (o, b) in yo.iter_mut().zip(best.iter()) {
                     *o = T::from_f32(*b);
                 }
             }
@@ -106,26 +114,43 @@ pub fn maxpool_backward<T: Real>(n: usize, h: usize, w: usize, c: usize, x: &[T]
         return;
     }
     dx.par_chunks_mut(h * w * c).enumerate().for_each_init(
-        || (Vec::new(), vec![0.0f32; c], vec![0usize; c]),
+        || (Vec::new(), vec![0.0f32; c], vec![0u32; c]),
         |(acc, best, arg), (img, dxi)| {
             let xi = &x[img * h * w * c..(img + 1) * h * w * c];
             let dyi = &dy[img * oh * ow * c..(img + 1) * oh * ow * c];
             acc.clear();
             acc.resize(h * w * c, 0.0f32);
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    window_max_all(xi, w, c, window(h, w, oy, ox), best, arg);
-                    let g = &dyi[(oy * ow + ox) * c..][..c];
-                    for (ch, (a, gv)) in arg.iter().zip(g).enumerate() {
-                        acc[*a * c + ch] += gv.to_f32();
-                    }
-                }
-            }
+            backward_image((oh, ow), w, c, xi, dyi, acc, best, arg);
             for (d, a) in dxi.iter_mut().zip(acc.iter()) {
                 *d = T::from_f32(*a);
             }
         },
     );
+}
+
+/// The gradients of one image's max pool added into `acc` (`[h, w, c]`, f32).
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn backward_image<T: Real>(
+    (oh, ow): (usize, usize),
+    w: usize,
+    c: usize,
+    xi: &[T],
+    dyi: &[T],
+    acc: &mut [f32],
+    best: &mut [f32],
+    arg: &mut [u32],
+) {
+    let h = xi.len() / (w * c).max(1);
+    for oy in 0..oh {
+        for ox in 0..ow {
+            window_max_all::<T, true>(xi, w, c, window(h, w, oy, ox), best, arg);
+            let g = &dyi[(oy * ow + ox) * c..][..c];
+            for (ch, (a, gv)) in arg[..c].iter().zip(g).enumerate() {
+                acc[*a as usize * c + ch] += gv.to_f32();
+            }
+        }
+    }
 }
 
 /// Global average pool forward: `[n, hw, c] -> [n, c]` in f32 (sums in row order).

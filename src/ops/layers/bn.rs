@@ -478,19 +478,8 @@ pub fn bn_apply_saved<T: LayerElem>(
             let (xs, ys) = (host(x, "x")?, host_mut(y, "y")?);
             let (g, b) = (host(gamma, "gamma")?, host(beta, "beta")?);
             let (mean, invstd) = (host(save_mean, "save_mean")?, host(save_invstd, "save_invstd")?);
-            match residual {
-                None => cpu::bn_apply(m, c, xs, g, b, mean, invstd, relu, ys),
-                Some(r) => {
-                    let rs = host(r, "residual")?;
-                    for row in 0..m {
-                        for ch in 0..c {
-                            let i = row * c + ch;
-                            let v = (xs[i].to_f32() - mean[ch]).mul_add(g[ch] * invstd[ch], b[ch]) + rs[i].to_f32();
-                            ys[i] = T::from_f32(if relu { crate::cpu::layers::relu(v) } else { v });
-                        }
-                    }
-                }
-            }
+            let rs = residual.map(|r| host(r, "residual")).transpose()?;
+            cpu::bn_apply(m, c, xs, g, b, mean, invstd, rs, relu, ys);
             Ok(())
         }
         Device::Gpu(gpu) => {
@@ -551,16 +540,12 @@ pub fn bn_backward_masking_dy<T: LayerElem>(
     let cost = || Cost::bn_backward_masking_dy(m, c, std::mem::size_of::<T>());
     timed(dev, Family::BnBackward, cost, || match dev {
         Device::Cpu => {
-            let gh = host_mut(dy, "dy")?;
-            for (g, &o) in gh.iter_mut().zip(host(relu_out, "relu_out")?) {
-                *g = T::from_f32(crate::cpu::layers::relu_grad(o.to_f32(), g.to_f32()));
-            }
-            cpu::bn_backward(
+            cpu::bn_backward_masking_dy(
                 m,
                 c,
                 host(x, "x")?,
-                None,
-                gh,
+                host(relu_out, "relu_out")?,
+                host_mut(dy, "dy")?,
                 host(gamma, "gamma")?,
                 host(save_mean, "save_mean")?,
                 host(save_invstd, "save_invstd")?,

@@ -66,6 +66,11 @@ fn launch<T: LayerElem>(
 
 fn check_shape(n: usize, h: usize, w: usize, c: usize) -> Result<(usize, usize)> {
     crate::ensure!(h >= 1 && w >= 1, "max pool of an empty image ({h}x{w})");
+    // The CPU path keeps where each maximum is as a 32-bit pixel index of the image.
+    crate::ensure!(
+        h.checked_mul(w).is_some_and(|hw| hw <= u32::MAX as usize),
+        "max pool of an image of {h}x{w} pixels: at most 2^32 - 1 pixels per image"
+    );
     let (oh, ow) = (maxpool_out(h), maxpool_out(w));
     let x_len = mul(mul(mul(n, h, "the max pool input")?, w, "the max pool input")?, c, "the max pool input")?;
     let y_len = mul(mul(mul(n, oh, "the max pool output")?, ow, "the max pool output")?, c, "the max pool output")?;
