@@ -199,7 +199,7 @@ fn head_is_swapped_when_the_classes_differ() {
     torchvision_init(&tiny_arch(10), 3).write(Path::new(&w)).unwrap();
     let out = f.path("swapped.safetensors");
     let stdout = ok(&f.train(&["--weights", &w, "--steps", "2", "--out", &out]));
-    assert!(stdout.contains("replaced the classifier: the weights have 10 outputs, the data 4 classes"), "{stdout}");
+    assert!(stdout.contains("replaced the classifier (the weights have 10 outputs, the data 4 classes)"), "{stdout}");
     let sd = StateDict::read(Path::new(&out)).unwrap();
     assert_eq!(sd.tensors["fc.weight"].shape, [4, 256]);
     assert_eq!(sd.tensors["fc.bias"].shape, [4]);
@@ -208,6 +208,16 @@ fn head_is_swapped_when_the_classes_differ() {
     torchvision_init(&tiny_arch(4), 3).write(Path::new(&w4)).unwrap();
     let stdout = ok(&f.train(&["--weights", &w4, "--steps", "1"]));
     assert!(!stdout.contains("replaced the classifier"), "{stdout}");
+    // Same classes with --fresh-head: a new classifier all the same (a step of lr 1e-30 leaves
+    // every weight as it was in f32).
+    let fresh = f.path("fresh.safetensors");
+    let stdout = ok(&f.train(&["--weights", &w4, "--steps", "1", "--lr", "1e-30", "--fresh-head", "--out", &fresh]));
+    assert!(stdout.contains("replaced the classifier (a fresh head was asked for)"), "{stdout}");
+    let (before, after) = (StateDict::read(Path::new(&w4)).unwrap(), StateDict::read(Path::new(&fresh)).unwrap());
+    assert_eq!(after.tensors["fc.weight"].shape, [4, 256]);
+    assert_ne!(before.tensors["fc.weight"].data, after.tensors["fc.weight"].data);
+    assert_eq!(before.tensors["conv1.weight"].data, after.tensors["conv1.weight"].data);
+    fails(&f.train(&["--steps", "1", "--fresh-head"]), "--weights");
 }
 
 #[test]

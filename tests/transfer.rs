@@ -28,10 +28,11 @@ impl Fixture {
     fn path(&self, name: &str) -> String {
         self.dir.path().join(name).display().to_string()
     }
-    /// `transfer` with the tiny data's defaults for the flags `extra` lacks.
+    /// `transfer` with the tiny data's defaults (and weights) for the flags `extra` lacks.
     fn args(&self, extra: &[&str]) -> Vec<String> {
-        let mut a = vec!["transfer", "--weights", &self.weights, "--data", &self.data];
+        let mut a = vec!["transfer", "--data", &self.data];
         let defaults = [
+            ("--weights", self.weights.as_str()),
             ("--device", "cpu"),
             ("--size", "16"),
             ("--batch", "8"),
@@ -282,4 +283,30 @@ fn transfer_runs_through_the_emulation() {
     let v = json(&j);
     assert_eq!(v["rows"].as_array().unwrap().len(), 2);
     assert!(v["runs"][0]["device"].as_str().unwrap().starts_with("emu"), "{v}");
+}
+
+/// Weights with as many classes as the target: by default every run still fine-tunes a
+/// fresh classifier (the paper's protocol), `--keep-head` keeps the weights' own; the
+/// choice is part of the settings, so a runs folder never mixes the two.
+#[test]
+fn the_classifier_is_fresh_unless_kept() {
+    let f = Fixture::new();
+    let same = f.path("four-classes.safetensors");
+    torchvision_init(&Arch::bottleneck_width([1, 1, 1, 1], 8, 4), 7).write(Path::new(&same)).unwrap();
+    let (fresh, kept) = (f.path("fresh.json"), f.path("kept.json"));
+    let runs = f.path("runs");
+    std::fs::create_dir(&runs).unwrap();
+    let base = ["--weights", same.as_str(), "--models", "dense", "--budgets", "0.05"];
+    ok(&f.run(&[&base[..], &["--json", &fresh, "--runs", &runs]].concat()));
+    ok(&f.run(&[&base[..], &["--json", &kept, "--keep-head"]].concat()));
+    let (a, b) = (json(&fresh), json(&kept));
+    assert_eq!(a["settings"]["head"], "Fresh", "{a}");
+    assert_eq!(b["settings"]["head"], "KeepIfSameClasses", "{b}");
+    let loss = |v: &Value| v["runs"][0]["val_loss"].as_f64().unwrap();
+    assert_ne!(loss(&a), loss(&b), "a fresh classifier trains to another model than the kept one");
+    // The same seed with a fresh head is reproducible.
+    let again = f.path("again.json");
+    ok(&f.run(&[&base[..], &["--json", &again]].concat()));
+    assert_eq!(loss(&a), loss(&json(&again)));
+    fails(&f.run(&[&base[..], &["--runs", &runs, "--keep-head"]].concat()), "head");
 }

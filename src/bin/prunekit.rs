@@ -184,6 +184,10 @@ struct TransferArgs {
     /// skips the runs it finds there.
     #[arg(long)]
     runs: Option<PathBuf>,
+    /// Keep the weights' classifier where it has as many outputs as the target has classes
+    /// (default: every run fine-tunes a fresh classifier, seeded with its seed).
+    #[arg(long)]
+    keep_head: bool,
 }
 
 #[derive(Subcommand)]
@@ -431,6 +435,11 @@ enum Cmd {
         /// From scratch: base width (default 64: ResNet50).
         #[arg(long)]
         width: Option<usize>,
+        /// With --weights: replace the classifier by a fresh one (seeded with --seed) even
+        /// where it has as many outputs as the data has classes (a new task with as many
+        /// classes); without it the classifier is replaced only when the counts differ.
+        #[arg(long)]
+        fresh_head: bool,
         /// Write the trained model here (torchvision names, keep.* when pruned).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -684,6 +693,7 @@ fn run(cli: Cli) -> prunekit::Result<()> {
             eval_every,
             layers,
             width,
+            fresh_head,
             out,
             log,
             checkpoint,
@@ -697,6 +707,10 @@ fn run(cli: Cli) -> prunekit::Result<()> {
                 (None, None, Some(s)) => Length::Steps(s),
                 _ => return Err(invalid!("give exactly one of --budget, --epochs and --steps")),
             };
+            prunekit::ensure!(
+                !fresh_head || weights.is_some(),
+                "--fresh-head needs --weights (a network from scratch has a fresh classifier already)"
+            );
             let (dev, base) = recipe.config(data.normalize)?;
             let seed = recipe.seed;
             let interrupt = Arc::new(AtomicBool::new(false));
@@ -740,7 +754,8 @@ fn run(cli: Cli) -> prunekit::Result<()> {
                         Some(w) => ModelSource::Weights(StateDict::read(w)?),
                         None => ModelSource::Scratch { layers, width: width.unwrap_or(64) },
                     };
-                    let prep = training::prepare_model(&dev, source, ds.classes().len(), prune.as_ref(), seed)?;
+                    let head = if fresh_head { training::Head::Fresh } else { training::Head::KeepIfSameClasses };
+                    let prep = training::prepare_model(&dev, source, ds.classes().len(), prune.as_ref(), head, seed)?;
                     for n in &prep.notes {
                         println!("{n}");
                     }
@@ -807,6 +822,7 @@ fn run(cli: Cli) -> prunekit::Result<()> {
             exp.recipe = recipe;
             exp.shard = shard;
             exp.runs = a.runs.clone();
+            exp.head = if a.keep_head { training::Head::KeepIfSameClasses } else { training::Head::Fresh };
             exp.check()?;
             let ds = a.data.open(a.recipe.seed)?;
             println!("{}", ds.summary());

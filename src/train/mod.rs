@@ -4,7 +4,8 @@
 //! A run starts from a state dict ([`prepare_model`]: pretrained weights in torchvision's
 //! names, pruned files included, or a fresh bottleneck ResNet with torchvision's
 //! initialisation; optionally pruned zero-shot with [`crate::prune`] first; the classifier
-//! replaced by a fresh one when the data has another number of classes) or from a
+//! replaced by a fresh one when the data has another number of classes, or always, see
+//! [`Head`]) or from a
 //! [`Checkpoint`]. [`train`] then runs SGD on batches of [`crate::data`] for a length
 //! given as a compute budget (the paper's count: training FLOPs per image times images
 //! seen), epochs or steps, with a per-step learning rate ([`Schedule`]), evaluations on
@@ -13,12 +14,12 @@
 //!
 //! ```no_run
 //! use prunekit::data::{Dataset, OpenOptions};
-//! use prunekit::train::{prepare_model, train, Length, ModelSource, Start, TrainConfig};
+//! use prunekit::train::{prepare_model, train, Head, Length, ModelSource, Start, TrainConfig};
 //! # fn main() -> prunekit::Result<()> {
 //! let dev = prunekit::Device::Cpu;
 //! let data = Dataset::open("/data/shapes", &OpenOptions::default())?;
 //! let source = ModelSource::Scratch { layers: [1, 1, 1, 1], width: 8 };
-//! let prepared = prepare_model(&dev, source, data.classes().len(), None, 0)?;
+//! let prepared = prepare_model(&dev, source, data.classes().len(), None, Head::default(), 0)?;
 //! let cfg = TrainConfig { length: Length::Steps(100), batch: 16, size: 32, ..TrainConfig::default() };
 //! let outcome = train(&dev, Start::Fresh(prepared.state), &data, &cfg, &mut |line| println!("{line}"))?;
 //! println!("{outcome:?}");
@@ -84,18 +85,33 @@ pub fn fresh_classifier(fc_in: usize, classes: usize, seed: u64) -> (Tensor, Ten
     (Tensor::f32(vec![classes, fc_in], w), Tensor::f32(vec![classes], bias))
 }
 
+/// What becomes of the weights' classifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Head {
+    /// Kept when it has as many outputs as the data has classes, else replaced by a fresh
+    /// one (`train`'s default: fine-tuning on the task the weights were trained for).
+    #[default]
+    KeepIfSameClasses,
+    /// Always replaced by a fresh one (transfer to a new task: the paper's protocol, and
+    /// `transfer`'s default; a classifier of other classes is no head start).
+    Fresh,
+}
+
 /// The state a fresh run starts from: `source`, pruned zero-shot with `prune` when given
 /// (on `dev`, with the pruning pipeline: the state then holds `keep.*` and the settings),
-/// its classifier replaced by a fresh one when it does not have `classes` outputs.
+/// its classifier replaced by a fresh one (seeded with `seed`) as `head` says.
 pub fn prepare_model(
     dev: &Device,
     source: ModelSource,
     classes: usize,
     prune: Option<&PruneConfig>,
+    head: Head,
     seed: u64,
 ) -> Result<Prepared> {
     ensure!(classes >= 1, "the data has no classes");
     let mut notes = Vec::new();
+    // A fresh network's classifier is fresh already.
+    let from_weights = matches!(source, ModelSource::Weights(_));
     let mut state = match source {
         ModelSource::Weights(sd) => {
             Arch::from_state(&sd)?;
@@ -127,14 +143,18 @@ pub fn prepare_model(
         state = pruned.to_file_state();
     }
     let arch = Arch::from_state(&state)?;
-    if arch.classes != classes {
+    if arch.classes != classes || (head == Head::Fresh && from_weights) {
         let (w, b) = fresh_classifier(arch.fc_in(), classes, seed);
         state.tensors.insert("fc.weight".into(), w);
         state.tensors.insert("fc.bias".into(), b);
+        let why = if arch.classes != classes {
+            format!("the weights have {} outputs, the data {classes} classes", arch.classes)
+        } else {
+            "a fresh head was asked for".to_string()
+        };
         notes.push(format!(
-            "replaced the classifier: the weights have {} outputs, the data {classes} classes; the new fc is \
-             [{classes}, {}] with torchvision's initialisation",
-            arch.classes,
+            "replaced the classifier ({why}): the new fc is [{classes}, {}] with torchvision's initialisation \
+             (seed {seed})",
             arch.fc_in()
         ));
     }

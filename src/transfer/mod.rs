@@ -37,7 +37,7 @@ use crate::data::Dataset;
 use crate::device::Device;
 use crate::model::{Arch, StateDict};
 use crate::prune::{Norm, PruneConfig};
-use crate::train::{prepare_model, steps_for, train, Length, ModelSource, Outcome, Start, TrainConfig};
+use crate::train::{prepare_model, steps_for, train, Head, Length, ModelSource, Outcome, Start, TrainConfig};
 use crate::{ensure, invalid, Error, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -74,6 +74,9 @@ pub struct Experiment {
     pub shard: Shard,
     /// Where each finished run is written (and found again by a re-run).
     pub runs: Option<PathBuf>,
+    /// The classifier: a fresh one per run (the default, seeded with the run's seed), or
+    /// the weights' own where it has as many outputs as the target has classes.
+    pub head: Head,
 }
 
 impl Experiment {
@@ -94,6 +97,7 @@ impl Experiment {
             recipe,
             shard: Shard::ALL,
             runs: None,
+            head: Head::Fresh,
         }
     }
 
@@ -131,6 +135,7 @@ impl Experiment {
             m.insert(k.to_string(), v);
         };
         put("weights", self.weights_id.clone());
+        put("head", format!("{:?}", self.head));
         put("lrs", self.lrs.iter().map(|l| format!("{l:?}")).collect::<Vec<_>>().join(","));
         put("search_fraction", format!("{:?}", self.search_fraction));
         put("search_seed", r.seed.to_string());
@@ -372,7 +377,7 @@ pub fn run_experiment(dev: &Device, exp: &Experiment, data: &Dataset, say: &mut 
     let mut archs = Vec::new();
     for m in &exp.models {
         let prep =
-            prepare_model(dev, ModelSource::Weights(exp.weights.clone()), classes, exp.prune_config(m)?.as_ref(), 0)?;
+            prepare_model(dev, ModelSource::Weights(exp.weights.clone()), classes, exp.prune_config(m)?.as_ref(), exp.head, 0)?;
         let arch = Arch::from_state(&prep.state)?;
         let loader_bytes = 2.0 * 7.0 * (r.batch * 3 * r.size * r.size * 4) as f64;
         crate::limits::check_training_memory(dev, &arch, r.precision, r.batch, r.size, loader_bytes)
@@ -497,6 +502,7 @@ fn one_run(
         ModelSource::Weights(exp.weights.clone()),
         data.classes().len(),
         exp.prune_config(model)?.as_ref(),
+        exp.head,
         seed,
     )?;
     let arch = Arch::from_state(&prep.state)?;
