@@ -373,12 +373,21 @@ pub fn run_experiment(dev: &Device, exp: &Experiment, data: &Dataset, say: &mut 
             r.batch
         );
     }
-    // Every model, pruned once here to check it (and to count its FLOPs for the plan).
-    let mut archs = Vec::new();
+    // Every model, pruned once here: checked (memory, budgets) before any run, and kept
+    // for the runs, which only give it its classifier.
+    let source_classes = Arch::from_state(&exp.weights)?.classes;
+    let mut pruned = Vec::new();
     for m in &exp.models {
-        let prep =
-            prepare_model(dev, ModelSource::Weights(exp.weights.clone()), classes, exp.prune_config(m)?.as_ref(), exp.head, 0)?;
-        let arch = Arch::from_state(&prep.state)?;
+        let prune = exp.prune_config(m)?;
+        let state = match prune {
+            None => exp.weights.clone(),
+            Some(cfg) => {
+                let src = ModelSource::Weights(exp.weights.clone());
+                prepare_model(dev, src, source_classes, Some(&cfg), Head::KeepIfSameClasses, 0)?.state
+            }
+        };
+        // The architecture the runs train: the target's classifier.
+        let arch = Arch { classes, ..Arch::from_state(&state)? };
         let loader_bytes = 2.0 * 7.0 * (r.batch * 3 * r.size * r.size * 4) as f64;
         crate::limits::check_training_memory(dev, &arch, r.precision, r.batch, r.size, loader_bytes)
             .map_err(|e| invalid!("{m}: {e}"))?;
@@ -386,7 +395,7 @@ pub fn run_experiment(dev: &Device, exp: &Experiment, data: &Dataset, say: &mut 
         for &b in &exp.budgets {
             steps_for(Length::Gflops(b), image_flops, r.batch, 1).map_err(|e| invalid!("{m}, budget {b}: {e}"))?;
         }
-        archs.push(arch);
+        pruned.push(state);
     }
     let settings = exp.settings(data);
     if let Some(dir) = &exp.runs {
@@ -427,6 +436,7 @@ pub fn run_experiment(dev: &Device, exp: &Experiment, data: &Dataset, say: &mut 
                     searched.push(one_run(
                         dev,
                         exp,
+                        &pruned[mi],
                         &settings,
                         split,
                         RunKind::Search,
@@ -449,6 +459,7 @@ pub fn run_experiment(dev: &Device, exp: &Experiment, data: &Dataset, say: &mut 
             records.push(one_run(
                 dev,
                 exp,
+                &pruned[mi],
                 &settings,
                 data,
                 RunKind::Final,
@@ -465,11 +476,13 @@ pub fn run_experiment(dev: &Device, exp: &Experiment, data: &Dataset, say: &mut 
     Report::from_records(records, &exp.models, &exp.budgets, Some(&settings), Some(&exp.plan()))
 }
 
-/// One fine-tuning run, or its record from the runs folder.
+/// One fine-tuning run of `model` (`state`: the weights pruned as it says), or its record
+/// from the runs folder.
 #[allow(clippy::too_many_arguments)]
 fn one_run(
     dev: &Device,
     exp: &Experiment,
+    state: &StateDict,
     settings: &BTreeMap<String, String>,
     data: &Dataset,
     kind: RunKind,
@@ -497,14 +510,7 @@ fn one_run(
         say(&format!("{what}: done before ({}), val error {:.4}", p.display(), rec.val_error));
         return Ok(rec);
     }
-    let prep = prepare_model(
-        dev,
-        ModelSource::Weights(exp.weights.clone()),
-        data.classes().len(),
-        exp.prune_config(model)?.as_ref(),
-        exp.head,
-        seed,
-    )?;
+    let prep = prepare_model(dev, ModelSource::Weights(state.clone()), data.classes().len(), None, exp.head, seed)?;
     let arch = Arch::from_state(&prep.state)?;
     let params = arch.params();
     let cfg = TrainConfig {
