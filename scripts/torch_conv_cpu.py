@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch's CPU convolution (oneDNN) on the rows of `prunekit conv-bench --device cpu`.
 
-Reads the JSON rows that conv-bench wrote, times PyTorch on every (shape, pass) with the
+Reads the JSON rows that conv-bench wrote (its --mode filters or channels widths), times PyTorch on every (shape, pass) with the
 same number of threads, in the same layout (channels_last = NHWC activations and KRSC
 weights) and dtype, and prints one line per row plus the summary: the geometric mean of
 torch_ms / prunekit_ms (our throughput relative to PyTorch's) and the ratio of the total
@@ -54,14 +54,14 @@ def main():
         row = dict(r, torch_ms=ms, vs_torch=ms / r["ms"])
         out.append(row)
         print(
-            f'{r["layer"]:<22} s={r["sparsity"]:<4} {r["pass"]} c={c} k={k} {rr}x{s}/{st}: '
+            f'{r["layer"]:<22} {r.get("mode", "filters")[0]} s={r["sparsity"]:<4} {r["pass"]} c={c} k={k} {rr}x{s}/{st}: '
             f'prunekit {r["ms"]:.3f} ms, torch {ms:.3f} ms, ratio {ms / r["ms"]:.2f}'
         )
-    for sp in sorted({r["sparsity"] for r in out}):
-        sel = [r for r in out if r["sparsity"] == sp]
+    for mode, sp in sorted({(r.get("mode", "filters"), r["sparsity"]) for r in out}):
+        sel = [r for r in out if r["sparsity"] == sp and r.get("mode", "filters") == mode]
         g = math.exp(sum(math.log(r["vs_torch"]) for r in sel) / len(sel))
         tot = sum(r["torch_ms"] for r in sel) / sum(r["ms"] for r in sel)
-        print(f"sparsity {sp}: geometric mean of torch_ms/prunekit_ms = {g:.3f}, total-time ratio = {tot:.3f} ({len(sel)} rows)")
+        print(f"{mode} sparsity {sp}: geometric mean of torch_ms/prunekit_ms = {g:.3f}, total-time ratio = {tot:.3f} ({len(sel)} rows)")
     g = math.exp(sum(math.log(r["vs_torch"]) for r in out) / len(out))
     tot = sum(r["torch_ms"] for r in out) / sum(r["ms"] for r in out)
     print(f"all: geometric mean = {g:.3f}, total-time ratio = {tot:.3f} ({len(out)} rows)")

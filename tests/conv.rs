@@ -382,6 +382,7 @@ fn conv_bench_shapes_widths_and_rows() {
     use prunekit::bench::conv::{distinct_convs, resnet50_convs, run, BenchOpts, DType};
     // ResNet50 has 53 convolutions; the dense ones at 224 have these distinct shapes.
     let all = resnet50_convs(2, 224, 0.0, 8).unwrap();
+    let all_at = |n: usize| resnet50_convs(n, 224, 0.0, 8).unwrap();
     assert_eq!(all.len(), 53);
     let dense = distinct_convs(2, 224, 0.0, 8).unwrap();
     let find = |v: &[(String, ConvShape)], name: &str| v.iter().find(|(n, _)| n == name).map(|x| x.1);
@@ -399,11 +400,26 @@ fn conv_bench_shapes_widths_and_rows() {
     assert_eq!((p("layer3.2.conv2").c, p("layer3.2.conv2").k), (80, 80)); // ceil(76.8) = 77 -> 80
     assert_eq!(p("layer2.0.downsample.0").k, 512);
     assert_eq!(p("conv1").k, 64);
+    // Channels mode at 0.5: the stem and the residual stream keep half too, so every input
+    // after the stem is a kept stream width.
+    use prunekit::bench::conv::resnet50_convs_mode;
+    use prunekit::prune::Mode;
+    let ch = resnet50_convs_mode(1, 224, Mode::Channels, 0.5, 8).unwrap();
+    let c = |name: &str| find(&ch, name).unwrap();
+    assert_eq!(ch.len(), 53);
+    assert_eq!(c("conv1").k, 32);
+    assert_eq!((c("layer1.0.conv1").c, c("layer1.0.conv1").k), (32, 32));
+    assert_eq!((c("layer1.0.conv3").c, c("layer1.0.conv3").k), (32, 128));
+    assert_eq!((c("layer1.0.downsample.0").c, c("layer1.0.downsample.0").k), (32, 128));
+    assert_eq!((c("layer2.0.conv1").c, c("layer2.0.conv1").k), (128, 64));
+    assert_eq!((c("layer4.2.conv3").c, c("layer4.2.conv3").k), (256, 1024));
+    assert_eq!(resnet50_convs_mode(1, 224, Mode::Channels, 0.0, 8).unwrap(), all_at(1));
     // Rows on the CPU, with exactly the fields of the issue (plus the cuDNN pair on cuda).
     let opts = BenchOpts {
         batch: 1,
         size: 32,
         sparsities: vec![0.0, 0.5],
+        mode: prunekit::prune::Mode::Filters,
         round_to: 8,
         passes: vec![Pass::Fprop, Pass::Wgrad],
         dtype: DType::F32,
@@ -425,15 +441,17 @@ fn conv_bench_shapes_widths_and_rows() {
         k.sort();
         k
     };
-    let mut want =
-        ["layer", "n", "c", "h", "w", "k", "r", "s", "stride", "pad", "pass", "dtype", "sparsity", "ms", "tflops"]
-            .map(String::from)
-            .to_vec();
+    let mut want = [
+        "layer", "n", "c", "h", "w", "k", "r", "s", "stride", "pad", "pass", "dtype", "sparsity", "mode", "ms",
+        "tflops",
+    ]
+    .map(String::from)
+    .to_vec();
     want.sort();
     assert_eq!(keys(rows[0].to_json(false)), want);
     let j = rows[0].to_json(true);
     assert!(j["cudnn_ms"].is_null() && j["vs_cudnn"].is_null());
-    assert_eq!(keys(j).len(), 17);
+    assert_eq!(keys(j).len(), 18);
     // Bad settings are errors.
     for bad in [
         BenchOpts { batch: 0, ..opts.clone() },
@@ -484,6 +502,7 @@ mod cuda {
             batch: 2,
             size: 64,
             sparsities: vec![0.0, 0.5],
+            mode: prunekit::prune::Mode::Filters,
             round_to: 8,
             passes: Pass::ALL.to_vec(),
             dtype: DType::Bf16,

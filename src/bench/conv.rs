@@ -1,13 +1,13 @@
 //! `prunekit conv-bench`: times every distinct convolution of ResNet50 at a given image
-//! size and batch, dense and with the widths that filters-mode pruning leaves at each
-//! sparsity, for each pass, on the CPU, the emulation or a CUDA GPU; on CUDA side by side
+//! size and batch, dense and with the widths that filters-mode (or channels-mode) pruning
+//! leaves at each sparsity, for each pass, on the CPU, the emulation or a CUDA GPU; on CUDA side by side
 //! with cuDNN (loaded at run time: its fields are null with a note when libcudnn is
 //! missing).
 
 use crate::device::{Buf, Device};
 use crate::gpu::Gpu;
 use crate::ops::conv::{self, ConvElem, ConvShape, Pass};
-use crate::prune::{kept_width, Sparsity};
+use crate::prune::{kept_width, Mode, Sparsity};
 use crate::{ensure, invalid, Result};
 use half::bf16;
 
@@ -47,6 +47,9 @@ pub struct BenchOpts {
     pub size: usize,
     /// Sparsities in [0, 1).
     pub sparsities: Vec<f64>,
+    /// Whose widths the pruned shapes have: filters mode (inner widths) or channels mode
+    /// (inner widths, the residual stream and the stem).
+    pub mode: Mode,
     /// Pruned widths are rounded up to a multiple of this (0 or 1: no rounding).
     pub round_to: usize,
     /// Passes to time.
@@ -63,6 +66,7 @@ impl Default for BenchOpts {
             batch: 32,
             size: 224,
             sparsities: vec![0.0, 0.25, 0.5, 0.75],
+            mode: Mode::Filters,
             round_to: 8,
             passes: Pass::ALL.to_vec(),
             dtype: DType::Bf16,
@@ -84,6 +88,8 @@ pub struct Row {
     pub dtype: DType,
     /// The sparsity whose widths this shape has.
     pub sparsity: f64,
+    /// The pruning mode whose widths this shape has.
+    pub mode: Mode,
     /// Milliseconds per call.
     pub ms: f64,
     /// TFLOP/s (2 N P Q K C R S per call).
@@ -102,7 +108,7 @@ impl Row {
         let mut v = serde_json::json!({
             "layer": self.layer, "n": sh.n, "c": sh.c, "h": sh.h, "w": sh.w, "k": sh.k, "r": sh.r, "s": sh.s,
             "stride": sh.stride, "pad": sh.pad, "pass": self.pass.name(), "dtype": self.dtype.name(),
-            "sparsity": self.sparsity, "ms": self.ms, "tflops": self.tflops,
+            "sparsity": self.sparsity, "mode": self.mode.to_string(), "ms": self.ms, "tflops": self.tflops,
         });
         if with_cudnn {
             v["cudnn_ms"] = serde_json::json!(self.cudnn_ms);
@@ -117,18 +123,38 @@ impl Row {
 /// every bottleneck keep [`kept_width`] filters, the project's one width rule; conv2 and conv3 lose the matching input
 /// channels; the stem, downsample convs and conv3 outputs keep their widths).
 pub fn resnet50_convs(batch: usize, size: usize, sparsity: f64, round_to: usize) -> Result<Vec<(String, ConvShape)>> {
+    resnet50_convs_mode(batch, size, Mode::Filters, sparsity, round_to)
+}
+
+/// [`resnet50_convs`] with the widths of either pruning mode: in channels mode the stem's
+/// 64 channels and each stage's residual stream (downsample and conv3 outputs, the next
+/// block's input) keep [`kept_width`] channels too.
+pub fn resnet50_convs_mode(
+    batch: usize,
+    size: usize,
+    mode: Mode,
+    sparsity: f64,
+    round_to: usize,
+) -> Result<Vec<(String, ConvShape)>> {
+    let sp = Sparsity::from_f64(sparsity)?;
+    let stream = |w: usize| -> Result<usize> {
+        match mode {
+            Mode::Filters => Ok(w),
+            Mode::Channels => kept_width(w, sp, round_to.max(1)),
+        }
+    };
     let mut out = Vec::new();
     let conv = |name: String, h: usize, c: usize, k: usize, r: usize, stride: usize| -> (String, ConvShape) {
         (name, ConvShape { n: batch, h, w: h, c, k, r, s: r, stride, pad: r / 2 })
     };
-    let stem = conv("conv1".into(), size, 3, 64, 7, 2);
+    let stem = conv("conv1".into(), size, 3, stream(64)?, 7, 2);
     let mut h = stem.1.p();
+    let mut c_in = stem.1.k;
     out.push(stem);
     h = if h + 2 >= 3 { (h + 2 - 3) / 2 + 1 } else { 0 }; // max pool 3x3, stride 2, pad 1
-    let mut c_in = 64;
     for (stage, (&blocks, &width)) in [3usize, 4, 6, 3].iter().zip(&[64usize, 128, 256, 512]).enumerate() {
-        let kept = kept_width(width, Sparsity::from_f64(sparsity)?, round_to.max(1))?;
-        let c_out = width * 4;
+        let kept = kept_width(width, sp, round_to.max(1))?;
+        let c_out = stream(width * 4)?;
         for b in 0..blocks {
             let stride = if stage > 0 && b == 0 { 2 } else { 1 };
             let name = |l: &str| format!("layer{}.{b}.{l}", stage + 1);
@@ -152,8 +178,22 @@ pub fn resnet50_convs(batch: usize, size: usize, sparsity: f64, round_to: usize)
 
 /// The distinct shapes of [`resnet50_convs`], each with the name of its first conv.
 pub fn distinct_convs(batch: usize, size: usize, sparsity: f64, round_to: usize) -> Result<Vec<(String, ConvShape)>> {
+    distinct_convs_mode(batch, size, Mode::Filters, sparsity, round_to)
+}
+
+/// The distinct shapes of [`resnet50_convs_mode`], each with the name of its first conv.
+pub fn distinct_convs_mode(
+    batch: usize,
+    size: usize,
+    mode: Mode,
+    sparsity: f64,
+    round_to: usize,
+) -> Result<Vec<(String, ConvShape)>> {
     let mut seen = std::collections::HashSet::new();
-    Ok(resnet50_convs(batch, size, sparsity, round_to)?.into_iter().filter(|(_, sh)| seen.insert(*sh)).collect())
+    Ok(resnet50_convs_mode(batch, size, mode, sparsity, round_to)?
+        .into_iter()
+        .filter(|(_, sh)| seen.insert(*sh))
+        .collect())
 }
 
 /// Uniform values in [-1, 1), seeded.
@@ -242,7 +282,7 @@ pub fn run(dev: &Device, opts: &BenchOpts, mut progress: impl FnMut(&Row)) -> Re
     }
     let mut rows = Vec::new();
     for &sp in &opts.sparsities {
-        for (layer, sh) in distinct_convs(opts.batch, opts.size, sp, opts.round_to)? {
+        for (layer, sh) in distinct_convs_mode(opts.batch, opts.size, opts.mode, sp, opts.round_to)? {
             match opts.dtype {
                 DType::F32 => measure::<f32>(dev, &layer, &sh, sp, opts, warm, iters, cudnn.as_ref(), &mut rows)?,
                 DType::Bf16 => measure::<bf16>(dev, &layer, &sh, sp, opts, warm, iters, cudnn.as_ref(), &mut rows)?,
@@ -280,6 +320,7 @@ fn measure<T: ConvElem + cudnn::CudnnElem>(
             pass,
             dtype: opts.dtype,
             sparsity,
+            mode: opts.mode,
             ms,
             tflops: sh.flops() / (ms * 1e-3) / 1e12,
             cudnn_ms,

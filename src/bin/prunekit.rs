@@ -344,6 +344,10 @@ enum Cmd {
         /// Round pruned widths up to a multiple of this.
         #[arg(long, default_value_t = 8)]
         round_to: usize,
+        /// Whose widths the pruned shapes have: filters (inner widths) or channels (also
+        /// the residual stream and the stem).
+        #[arg(long, default_value = "filters")]
+        mode: String,
         /// Comma-separated passes: fprop, dgrad, wgrad.
         #[arg(long, default_value = "fprop,dgrad,wgrad")]
         passes: String,
@@ -640,7 +644,7 @@ fn run(cli: Cli) -> prunekit::Result<()> {
             }
             Ok(())
         }
-        Cmd::ConvBench { device, batch, size, sparsity, round_to, passes, dtype, iters, json } => {
+        Cmd::ConvBench { device, batch, size, sparsity, round_to, mode, passes, dtype, iters, json } => {
             use prunekit::bench::conv::{self as conv_bench, BenchOpts, DType};
             use prunekit::ops::conv::Pass;
             let list =
@@ -650,7 +654,9 @@ fn run(cli: Cli) -> prunekit::Result<()> {
                 .map(|x| x.parse::<f64>().map_err(|_| prunekit::invalid!("--sparsity: {x:?} is not a number")))
                 .collect::<prunekit::Result<Vec<_>>>()?;
             let passes = list(&passes).iter().map(|p| Pass::parse(p)).collect::<prunekit::Result<Vec<_>>>()?;
-            let opts = BenchOpts { batch, size, sparsities, round_to, passes, dtype: DType::parse(&dtype)?, iters };
+            let mode: prunekit::prune::Mode = mode.parse()?;
+            let opts =
+                BenchOpts { batch, size, sparsities, mode, round_to, passes, dtype: DType::parse(&dtype)?, iters };
             if let Some(p) = &json {
                 prunekit::limits::check_output_path("--json", p)?;
             }

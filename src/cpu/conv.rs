@@ -2,7 +2,9 @@
 //! every pass (f64 accumulation), and the fast path the CPU device runs (im2col over the
 //! filter taps that read the image, or nothing for 1x1 convolutions, on top of the `gemm`
 //! crate, parallel with rayon: over row blocks when there are many rows, inside the GEMM,
-//! over its columns too, when there are few).
+//! over its columns too, when there are few). The dgrad of a stride-1 convolution with
+//! enough input positions is the fprop of dy with the filter flipped; the others scatter
+//! (col2im).
 //!
 //! Shapes follow CUTLASS: x is `[N, H, W, C]`, w is `[K, R, S, C]`, y is `[N, P, Q, K]`
 //! with `y[n,p,q,k] = sum_{r,s,c} x[n, p*stride-pad+r, q*stride-pad+s, c] * w[k,r,s,c]`.
@@ -201,7 +203,8 @@ pub fn wgrad_oracle(sh: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
 // thread in the meantime (a parallel GEMM lets the waiting thread steal work) finds the slot
 // empty and allocates its own.
 thread_local! {
-    static SCRATCH: [Cell<Vec<f32>>; 3] = const { [Cell::new(Vec::new()), Cell::new(Vec::new()), Cell::new(Vec::new())] };
+    static SCRATCH: [Cell<Vec<f32>>; 4] =
+        const { [Cell::new(Vec::new()), Cell::new(Vec::new()), Cell::new(Vec::new()), Cell::new(Vec::new())] };
 }
 
 /// A scratch buffer of at least `len` elements, its contents unspecified.
@@ -296,24 +299,49 @@ impl Taps {
     }
 }
 
+/// The live taps `[s0, s1)` of a tap range that read the input at output column `q`
+/// (the others read padding): `in_coord(q, s) = q stride - pad + s` is in `[0, len)`.
+#[inline]
+fn tap_range(q: usize, stride: usize, pad: usize, len: usize, s0: usize, s1: usize) -> (usize, usize) {
+    let base = q * stride; // in_coord(q, s) = base + s - pad
+    let lo = pad.saturating_sub(base).clamp(s0, s1);
+    let hi = (len + pad).saturating_sub(base).clamp(lo, s1);
+    (lo, hi)
+}
+
 /// im2col of output rows `m0 .. m0 + rows` (m = (n, p, q)) over the live taps into `col`
-/// (`[rows][R' S' C]`).
+/// (`[rows][R' S' C]`). The taps of one filter row that read the image read consecutive
+/// input columns, so each filter row is one contiguous copy of `S'' C` elements (the stem's
+/// 3 channels would otherwise be 7 copies of 3).
 fn im2col(sh: &ConvShape, t: Taps, x: &[f32], m0: usize, rows: usize, col: &mut [f32]) {
-    let (p_, q_) = (sh.p(), sh.q());
-    let (ss, width) = (t.s1 - t.s0, t.width(sh.c));
-    for i in 0..rows {
-        let m = m0 + i;
-        let (n, pq) = (m / (p_ * q_), m % (p_ * q_));
-        let (p, q) = (pq / q_, pq % q_);
-        let dst = &mut col[i * width..(i + 1) * width];
+    let (p_, q_, c) = (sh.p(), sh.q(), sh.c);
+    let (ss, width) = (t.s1 - t.s0, t.width(c));
+    let (mut n, mut p, mut q) = {
+        let pq = m0 % (p_ * q_);
+        (m0 / (p_ * q_), pq / q_, pq % q_)
+    };
+    for dst in col[..rows * width].chunks_exact_mut(width) {
+        let (sa, sb) = tap_range(q, sh.stride, sh.pad, sh.w, t.s0, t.s1);
         for r in t.r0..t.r1 {
-            let h = in_coord(p, r, sh.stride, sh.pad, sh.h);
-            for s in t.s0..t.s1 {
-                let d = &mut dst[((r - t.r0) * ss + s - t.s0) * sh.c..][..sh.c];
-                match (h, in_coord(q, s, sh.stride, sh.pad, sh.w)) {
-                    (Some(h), Some(w)) => d.copy_from_slice(&x[((n * sh.h + h) * sh.w + w) * sh.c..][..sh.c]),
-                    _ => d.fill(0.0),
+            let d = &mut dst[(r - t.r0) * ss * c..][..ss * c];
+            match in_coord(p, r, sh.stride, sh.pad, sh.h) {
+                Some(h) if sa < sb => {
+                    d[..(sa - t.s0) * c].fill(0.0);
+                    let w0 = q * sh.stride + sa - sh.pad;
+                    d[(sa - t.s0) * c..(sb - t.s0) * c]
+                        .copy_from_slice(&x[((n * sh.h + h) * sh.w + w0) * c..][..(sb - sa) * c]);
+                    d[(sb - t.s0) * c..].fill(0.0);
                 }
+                _ => d.fill(0.0),
+            }
+        }
+        q += 1;
+        if q == q_ {
+            q = 0;
+            p += 1;
+            if p == p_ {
+                p = 0;
+                n += 1;
             }
         }
     }
@@ -447,6 +475,15 @@ pub fn dgrad(sh: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
         }
         return;
     }
+    if let Some(tsh) = dgrad_as_fprop(sh).filter(|_| sh.n * sh.h * sh.w >= 4 * sh.k) {
+        // Stride 1: dx is the fprop of dy with the filter turned by 180 degrees and its K and
+        // C swapped: one GEMM of reduction R S K per input position (a short, wide output
+        // instead of R S times dx's size to scatter back), no col2im. Worth its weight
+        // transpose when there are enough input positions per filter (not on layer4's 7x7
+        // and 4x4 images, where the transpose costs as much as the GEMM saves).
+        dgrad_flipped(sh, &tsh, dy, w, dx);
+        return;
+    }
     // dcol[rows][width] = dy[rows][k] * wc[k][width], then col2im adds dcol into dx.
     let hwc = sh.h * sh.w * c;
     if sh.n >= threads() && pq >= 256 {
@@ -472,6 +509,61 @@ pub fn dgrad(sh: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
             dxb.par_chunks_mut(hwc).zip(dcol.par_chunks(pq * width)).for_each(|(dxi, d)| col2im(sh, t, d, dxi));
         }
     }
+}
+
+/// The convolution whose fprop is the dgrad of `sh`, when `sh` has stride 1 and a square
+/// filter with `pad < r` (every 3x3 and 7x7 of ResNet with stride 1): input dy
+/// (`[N, P, Q, K]`), output dx (`[N, H, W, C]`), padding `r - 1 - pad`, weights
+/// [`flip_weights`]. `dx[h][w][c] = sum_{p,q,k} dy[p][q][k] w[k][h + pad - p][w + pad - q][c]`
+/// over the taps inside the filter, which with `r' = r - 1 - (h + pad - p)` is the fprop
+/// `sum dy[h - pad' + r'][..] wt[c][r'][s'][k]`, `pad' = r - 1 - pad`. None otherwise
+/// (1x1 convolutions have their own GEMM, strided ones scatter).
+fn dgrad_as_fprop(sh: &ConvShape) -> Option<ConvShape> {
+    if sh.stride != 1 || sh.r != sh.s || sh.pad >= sh.r || sh.is_pointwise() {
+        return None;
+    }
+    let t = ConvShape {
+        n: sh.n,
+        h: sh.p(),
+        w: sh.q(),
+        c: sh.k,
+        k: sh.c,
+        r: sh.r,
+        s: sh.s,
+        stride: 1,
+        pad: sh.r - 1 - sh.pad,
+    };
+    (t.p() == sh.h && t.q() == sh.w).then_some(t)
+}
+
+/// dgrad as the fprop `tsh` ([`dgrad_as_fprop`]) of dy with [`flip_weights`].
+fn dgrad_flipped(sh: &ConvShape, tsh: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    let mut wt = scratch(3, sh.w_len());
+    flip_weights(sh, w, &mut wt[..sh.w_len()]);
+    fprop(tsh, dy, &wt[..sh.w_len()], dx);
+}
+
+/// `wt[c][r][s][k] = w[k][R-1-r][S-1-s][c]`: the weights of [`dgrad_as_fprop`].
+fn flip_weights(sh: &ConvShape, w: &[f32], wt: &mut [f32]) {
+    let (k_, c_, rs) = (sh.k, sh.c, sh.r * sh.s);
+    // Per tap, the transpose of a K x C matrix into a C x K one, in 16 x 16 tiles (16
+    // cache lines read, 16 written); one task per block of 16 output channels c.
+    const B: usize = 16;
+    wt.par_chunks_mut(B * rs * k_).enumerate().for_each(|(bi, d)| {
+        let c0 = bi * B;
+        let cn = d.len() / (rs * k_);
+        for t in 0..rs {
+            let src_t = rs - 1 - t;
+            for k0 in (0..k_).step_by(B) {
+                for j in 0..cn {
+                    let dst = &mut d[(j * rs + t) * k_..][k0..(k0 + B).min(k_)];
+                    for (i, o) in dst.iter_mut().enumerate() {
+                        *o = w[((k0 + i) * rs + src_t) * c_ + c0 + j];
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// The fast wgrad: `dw = wgrad(x, dy)` (overwrites dw).
@@ -571,4 +663,142 @@ pub fn transpose<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], batch: usize, 
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut v = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                v ^= v << 13;
+                v ^= v >> 7;
+                v ^= v << 17;
+                (v >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn shape(n: usize, h: usize, w: usize, c: usize, k: usize, r: usize, stride: usize, pad: usize) -> ConvShape {
+        ConvShape { n, h, w, c, k, r, s: r, stride, pad }
+    }
+
+    /// The f32 tolerance of tests/conv.rs: atol 1e-5 sqrt(reduction length), rtol 1e-5.
+    fn check_close(what: &str, got: &[f32], want: &[f32], kg: usize) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let (atol, rtol) = (1e-5 * (kg as f32).sqrt(), 1e-5);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let err = (g - w).abs();
+            let tol = atol + rtol * w.abs();
+            assert!(err <= tol, "{what}: element {i} is {g}, expected {w} (error {err} > tolerance {tol})");
+        }
+    }
+
+    /// In a pool of 1 thread (row blocks from 1024 rows on) and of 3 (GEMMs parallel inside
+    /// below 3072 rows), so that both branches of every fast path run.
+    fn in_pools(f: impl Fn(usize) + Sync) {
+        for nt in [1, 3] {
+            rayon::ThreadPoolBuilder::new().num_threads(nt).build().unwrap().install(|| f(nt));
+        }
+    }
+
+    /// Shapes for the new paths: the stem (C = 3, 7x7, stride 2, pad 3), 3x3 with odd widths
+    /// (3, 5, 13), stride 2 with odd H and W, batch 1, 5x5 with pad 1 (dgrad's padding 3) and
+    /// 3x3 with pad 0 (dgrad's padding 2), 7x7 pad 3 at stride 1, 3x3 on a 1x1 and a 2x3 image
+    /// (dead taps), and enough rows for the row-block branch on one thread.
+    fn shapes() -> Vec<ConvShape> {
+        vec![
+            shape(1, 13, 11, 3, 8, 7, 2, 3),
+            shape(2, 25, 23, 3, 5, 3, 1, 1),
+            shape(1, 9, 7, 13, 5, 3, 1, 1),
+            shape(3, 7, 9, 5, 13, 3, 2, 1),
+            shape(2, 8, 11, 5, 3, 5, 1, 1),
+            shape(1, 6, 7, 13, 3, 3, 1, 0),
+            shape(2, 9, 8, 3, 5, 7, 1, 3),
+            shape(3, 1, 1, 13, 5, 3, 1, 1),
+            shape(2, 2, 3, 5, 13, 3, 1, 1),
+            shape(2, 33, 31, 5, 3, 3, 1, 1),
+            shape(2, 31, 33, 13, 8, 1, 2, 0),
+        ]
+    }
+
+    /// im2col at any first row (mid-image, mid-row) against a gather written out per element.
+    #[test]
+    fn im2col_matches_a_naive_gather() {
+        for (i, sh) in shapes().iter().enumerate() {
+            let x = rand_vec(sh.x_len(), 10 + i as u64);
+            let t = Taps::of(sh);
+            let (m, width) = (sh.n * sh.p() * sh.q(), t.width(sh.c));
+            for m0 in [0, 1, sh.q() + 2, m / 2, m - 1] {
+                let rows = m - m0;
+                let mut col = vec![f32::NAN; rows * width];
+                im2col(sh, t, &x, m0, rows, &mut col);
+                let mut want = Vec::with_capacity(rows * width);
+                for mm in m0..m {
+                    let (n, p, q) = (mm / (sh.p() * sh.q()), mm / sh.q() % sh.p(), mm % sh.q());
+                    for r in t.r0..t.r1 {
+                        for s in t.s0..t.s1 {
+                            for c in 0..sh.c {
+                                let h = in_coord(p, r, sh.stride, sh.pad, sh.h);
+                                let w = in_coord(q, s, sh.stride, sh.pad, sh.w);
+                                want.push(match (h, w) {
+                                    (Some(h), Some(w)) => x[((n * sh.h + h) * sh.w + w) * sh.c + c],
+                                    _ => 0.0,
+                                });
+                            }
+                        }
+                    }
+                }
+                assert_eq!(col, want, "{sh:?} from row {m0}");
+            }
+        }
+    }
+
+    /// dgrad as the fprop of dy with flipped weights, forced on every stride-1 shape (the
+    /// fast path takes it only above a size), against the oracle.
+    #[test]
+    fn dgrad_as_fprop_matches_oracle() {
+        let mut covered = 0;
+        for (i, sh) in shapes().iter().enumerate() {
+            let Some(tsh) = dgrad_as_fprop(sh) else {
+                assert!(sh.stride != 1 || sh.r == 1, "{sh:?} should have a flipped dgrad");
+                continue;
+            };
+            covered += 1;
+            assert_eq!(tsh.y_len(), sh.x_len());
+            let dy = rand_vec(sh.y_len(), 20 + i as u64);
+            let w = rand_vec(sh.w_len(), 30 + i as u64);
+            let want = dgrad_oracle(sh, &dy, &w);
+            in_pools(|nt| {
+                let mut dx = vec![f32::NAN; sh.x_len()];
+                dgrad_flipped(sh, &tsh, &dy, &w, &mut dx);
+                check_close(&format!("flipped dgrad {sh:?}, {nt} threads"), &dx, &want, sh.k * sh.r * sh.s);
+            });
+        }
+        assert_eq!(covered, 8);
+    }
+
+    /// Every pass of the fast path on the same shapes against the oracles.
+    #[test]
+    fn fast_passes_match_oracles() {
+        for (i, sh) in shapes().iter().enumerate() {
+            let x = rand_vec(sh.x_len(), 40 + i as u64);
+            let w = rand_vec(sh.w_len(), 50 + i as u64);
+            let dy = rand_vec(sh.y_len(), 60 + i as u64);
+            let (y0, dx0, dw0) = (fprop_oracle(sh, &x, &w), dgrad_oracle(sh, &dy, &w), wgrad_oracle(sh, &x, &dy));
+            in_pools(|nt| {
+                let (mut y, mut dx, mut dw) =
+                    (vec![f32::NAN; sh.y_len()], vec![f32::NAN; sh.x_len()], vec![f32::NAN; sh.w_len()]);
+                fprop(sh, &x, &w, &mut y);
+                dgrad(sh, &dy, &w, &mut dx);
+                wgrad(sh, &x, &dy, &mut dw);
+                check_close(&format!("fprop {sh:?}, {nt} threads"), &y, &y0, sh.c * sh.r * sh.s);
+                check_close(&format!("dgrad {sh:?}, {nt} threads"), &dx, &dx0, sh.k * sh.r * sh.s);
+                check_close(&format!("wgrad {sh:?}, {nt} threads"), &dw, &dw0, sh.n * sh.p() * sh.q());
+            });
+        }
+    }
 }
