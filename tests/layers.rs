@@ -301,6 +301,48 @@ fn bn_variance_is_sound_for_large_means() {
     }
 }
 
+/// The CPU conv epilogue's statistics: the moments of blocks of rows (of any sizes, one
+/// row included), merged in row order, against the f64 oracle's mean and variance, with a
+/// mean far from 0 (1000, spread 1) so that a cancelling formula would show.
+#[test]
+fn block_moments_merge_to_the_batch_statistics() {
+    let mut r = Rng::new(77);
+    for (m, c, cuts) in [
+        (1usize, 3usize, vec![]),
+        (2, 45, vec![1]),
+        (300, 13, vec![1, 2, 150, 299]),
+        (4099, 37, vec![64, 1000, 1001, 4000]),
+        (517, 64, vec![256]),
+    ] {
+        let x: Vec<f32> = r.vec(m * c, 999.0, 1001.0);
+        let mut bounds = vec![0];
+        bounds.extend(&cuts);
+        bounds.push(m);
+        let blocks: Vec<cbn::Moments> =
+            bounds.windows(2).map(|b| cbn::block_moments(c, &x[b[0] * c..b[1] * c])).collect();
+        let (mean, var) = cbn::merge_moments(c, &blocks);
+        let o = cbn::bn_forward_train_oracle(
+            m,
+            c,
+            &d64(&x),
+            &vec![1.0; c],
+            &vec![0.0; c],
+            &vec![0.0; c],
+            &vec![1.0; c],
+            0.0,
+            0.0,
+            false,
+        );
+        for ch in 0..c {
+            assert!((mean[ch] - o.mean[ch]).abs() <= 1e-12 * o.mean[ch].abs(), "{m}x{c} ch {ch}: mean");
+            // invstd with eps 0 is 1 / std: compare the variance.
+            let want = 1.0 / (o.invstd[ch] * o.invstd[ch]);
+            let want = if want.is_finite() { want } else { 0.0 };
+            assert!((var[ch] - want).abs() <= 1e-9 * want.max(1e-3), "{m}x{c} ch {ch}: var {} vs {want}", var[ch]);
+        }
+    }
+}
+
 /// More than 32 row chunks: each lane of the per-channel merge takes several.
 fn check_bn_many_chunks(dev: &Device) {
     let (m, c) = (33001, 8);

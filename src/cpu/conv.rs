@@ -404,12 +404,23 @@ fn live_weights<'a>(sh: &ConvShape, t: Taps, w: &'a [f32], store: &'a mut Option
 
 /// The fast fprop: `y = conv(x, w)` (overwrites y).
 pub fn fprop(sh: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    fprop_then(sh, x, w, y, &|_, _| {});
+}
+
+/// [`fprop`] that calls `after(m0, rows)` on every block of output rows (`[rows, K]`, `m0`
+/// its first row) as soon as the GEMM has written it, while it is still in cache: the
+/// place for an epilogue such as the batch statistics of a BN that follows. The blocks are
+/// disjoint, cover `y`, and may be handed over from several threads at once, in any order.
+pub fn fprop_then(sh: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32], after: &(dyn Fn(usize, &[f32]) + Sync)) {
     debug_assert!(x.len() == sh.x_len() && w.len() == sh.w_len() && y.len() == sh.y_len());
     let t = Taps::of(sh);
     let (k, width) = (sh.k, t.width(sh.c));
     let m = sh.n * sh.p() * sh.q();
     if width == 0 {
         y.fill(0.0);
+        if m > 0 {
+            after(0, y);
+        }
         return;
     }
     let mut store = None;
@@ -433,6 +444,7 @@ pub fn fprop(sh: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
         };
         // SAFETY: a is rows x width, b is width x k, yb is rows x k.
         unsafe { sgemm(rows, k, width, yb.as_mut_ptr(), k, false, a, b, par) };
+        after(m0, yb);
     };
     if rows_parallel(m) {
         let mb = row_block(m);

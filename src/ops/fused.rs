@@ -112,10 +112,21 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
     // The pairs fit in the workspace: 8 * tiles <= elem * m whenever tiles > 1 (BM >= 64).
     ensure!(tiles == 1 || 8 * tiles * c <= elem * sh.y_len(), "internal: the statistics do not fit the workspace");
     let conv_cost = || Cost::conv_bn_stats(sh, elem, tiles);
+    // On the CPU in f32, the moments of each block of rows the GEMM wrote, taken while it is
+    // in cache (16-bit types: over the values as stored, in the pass below).
+    let blocks = std::sync::Mutex::new(Vec::<(usize, cpu_bn::Moments)>::new());
     timed(dev, Family::ConvFprop, conv_cost, || match dev {
         Device::Cpu => {
             // Not conv2d_fprop: that would record the pass a second time inside a profile.
-            conv::cpu_run(x, w, y, sh.y_len(), |a, b, o| crate::cpu::conv::fprop(sh, a, b, o));
+            if T::NAME == "f32" {
+                let after = |m0: usize, rows: &[f32]| {
+                    let mo = cpu_bn::block_moments(c, rows);
+                    blocks.lock().unwrap_or_else(|e| e.into_inner()).push((m0, mo));
+                };
+                conv::cpu_run(x, w, y, sh.y_len(), |a, b, o| crate::cpu::conv::fprop_then(sh, a, b, o, &after));
+            } else {
+                conv::cpu_run(x, w, y, sh.y_len(), |a, b, o| crate::cpu::conv::fprop(sh, a, b, o));
+            }
             Ok(())
         }
         Device::Gpu(gpu) => {
@@ -130,8 +141,20 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
     let fin_cost = || Cost::bn_finalize_tiles(m, c, tiles);
     timed(dev, Family::BnForward, fin_cost, || match dev {
         Device::Cpu => {
-            let yh = y.host().ok_or_else(|| invalid!("y is not on the cpu"))?;
-            let (mean, var) = cpu_bn::batch_stats_by(m, c, yh, T::to_f32);
+            let mut blocks = blocks.into_inner().unwrap_or_else(|e| e.into_inner());
+            let (mean, var) = if T::NAME == "f32" {
+                // Merged in row order: the same statistics whatever order the blocks came in.
+                blocks.sort_by_key(|b| b.0);
+                ensure!(
+                    blocks.iter().map(|b| b.1.n).sum::<usize>() == m,
+                    "internal: the conv's epilogue saw {} rows, not {m}",
+                    blocks.iter().map(|b| b.1.n).sum::<usize>()
+                );
+                cpu_bn::merge_moments(c, blocks.iter().map(|b| &b.1))
+            } else {
+                let yh = y.host().ok_or_else(|| invalid!("y is not on the cpu"))?;
+                cpu_bn::batch_stats_by(m, c, yh, T::to_f32)
+            };
             fn h(b: &mut Buf<f32>) -> Result<&mut [f32]> {
                 b.host_mut().ok_or_else(|| invalid!("a statistics buffer is not on the cpu"))
             }

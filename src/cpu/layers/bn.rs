@@ -102,6 +102,55 @@ where
     (mean, var)
 }
 
+/// The count, mean and sum of squared deviations from the mean (M2) of every channel of a
+/// block of rows: what a convolution's epilogue keeps per block of its output, for
+/// [`merge_moments`] to combine into the batch statistics.
+#[derive(Clone, Debug)]
+pub struct Moments {
+    /// Rows.
+    pub n: usize,
+    /// Mean per channel.
+    pub mean: Vec<f64>,
+    /// Sum of squared deviations from `mean` per channel.
+    pub m2: Vec<f64>,
+}
+
+/// The [`Moments`] of `x` (`[rows, c]`, at least one row), from the same shifted sums as
+/// [`batch_stats`] (shift: the block's first row), in parallel over rows when it is large.
+pub fn block_moments(c: usize, x: &[f32]) -> Moments {
+    let n = x.len() / c.max(1);
+    assert!(n >= 1 && n * c == x.len(), "block_moments of {} values in rows of {c}", x.len());
+    let shift: Vec<f64> = x[..c].iter().map(|&v| v as f64).collect();
+    let widen = |v: f32| v;
+    let sums =
+        channel_sums::<2, _>(n, c, |r0, rows, acc| stats_task(c, &x[r0 * c..(r0 + rows) * c], &shift, &widen, acc));
+    let (s1, s2) = sums.split_at(c);
+    let mean = s1.iter().zip(&shift).map(|(s, sh)| sh + s / n as f64).collect();
+    let m2 = s1.iter().zip(s2).map(|(s, q)| (q - s * s / n as f64).max(0.0)).collect();
+    Moments { n, mean, m2 }
+}
+
+/// Batch mean and biased variance from the moments of disjoint blocks, combined in the
+/// order given (Chan et al.'s pairwise update: deterministic for a fixed order).
+pub fn merge_moments<'a>(c: usize, blocks: impl IntoIterator<Item = &'a Moments>) -> (Vec<f64>, Vec<f64>) {
+    let (mut n, mut mean, mut m2) = (0usize, vec![0.0f64; c], vec![0.0f64; c]);
+    for b in blocks {
+        let nn = n + b.n;
+        let (fa, fb) = (n as f64, b.n as f64);
+        for ch in 0..c {
+            let d = b.mean[ch] - mean[ch];
+            mean[ch] += d * fb / nn as f64;
+            m2[ch] += b.m2[ch] + d * d * fa * fb / nn as f64;
+        }
+        n = nn;
+    }
+    if n == 0 {
+        return (vec![f64::NAN; c], vec![f64::NAN; c]);
+    }
+    let var = m2.iter().map(|v| v / n as f64).collect();
+    (mean, var)
+}
+
 /// The shifted sums of [`batch_stats`] over the rows of `x` (`[rows, c]`) into `acc`
 /// (`[2][c]`), for the best vector unit of this CPU.
 #[multiversion(targets("x86_64+avx2+fma"))]
