@@ -24,6 +24,7 @@ use super::{check_bufs, check_len, check_on};
 use crate::cpu::layers::bn as cpu_bn;
 use crate::device::{Buf, Device};
 use crate::{ensure, invalid, Result};
+use rayon::prelude::*;
 
 /// Row tiles the fprop of `sh` runs on a kernel device for elements of `T`, and the rows of
 /// each (the tile's BM): the number of per-tile statistics pairs per channel.
@@ -287,15 +288,31 @@ impl BnInput<'_> {
         let (mean, invstd) = (h(self.save_mean, "save_mean")?, h(self.save_invstd, "save_invstd")?);
         let scale: Vec<f32> = (0..c).map(|ch| g[ch] * invstd[ch]).collect();
         let xs = x.host().ok_or_else(|| invalid!("x is not on the cpu"))?;
-        Ok(xs
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let ch = i % c;
-                let y = (v.to_f32() - mean[ch]) * scale[ch] + b[ch];
-                T::from_f32(if self.relu { crate::cpu::layers::relu(y) } else { y }).to_f32()
-            })
-            .collect())
+        let mut a = vec![0.0f32; xs.len()];
+        if c == 0 || xs.is_empty() {
+            return Ok(a);
+        }
+        // Rows of c channels, in parallel blocks of about 64 Ki elements.
+        let rows = (65536 / c).max(1) * c;
+        a.par_chunks_mut(rows).zip(xs.par_chunks(rows)).for_each(|(ac, xc)| {
+            for (ar, xr) in ac.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                for ch in 0..c {
+                    let y = (xr[ch].to_f32() - mean[ch]) * scale[ch] + b[ch];
+                    ar[ch] = T::from_f32(if self.relu { crate::cpu::layers::relu(y) } else { y }).to_f32();
+                }
+            }
+        });
+        Ok(a)
+    }
+}
+
+/// A host buffer as f32: borrowed when T is f32, else widened.
+fn host_f32<T: ConvElem>(b: &Buf<T>) -> std::borrow::Cow<'_, [f32]> {
+    let h = b.host().expect("checked to be on the host");
+    if T::NAME == "f32" {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(h))
+    } else {
+        std::borrow::Cow::Owned(h.iter().map(|v| v.to_f32()).collect())
     }
 }
 
@@ -331,11 +348,16 @@ pub fn conv2d_fprop_bn_input_with<T: ConvElem>(
     timed(dev, Family::ConvFprop, cost, || match dev {
         Device::Cpu => {
             let a = bn.apply_host(sh.c, x)?;
-            let wf: Vec<f32> = w.host().expect("checked").iter().map(|v| v.to_f32()).collect();
-            let mut o = vec![0.0f32; sh.y_len()];
-            crate::cpu::conv::fprop(sh, &a, &wf, &mut o);
-            for (d, s) in y.host_mut().expect("checked").iter_mut().zip(&o) {
-                *d = T::from_f32(*s);
+            let wf = host_f32(w);
+            let yh = y.host_mut().expect("checked");
+            if T::NAME == "f32" {
+                crate::cpu::conv::fprop(sh, &a, &wf, bytemuck::cast_slice_mut(yh));
+            } else {
+                let mut o = vec![0.0f32; sh.y_len()];
+                crate::cpu::conv::fprop(sh, &a, &wf, &mut o);
+                for (d, s) in yh.iter_mut().zip(&o) {
+                    *d = T::from_f32(*s);
+                }
             }
             Ok(())
         }
@@ -377,8 +399,7 @@ pub fn conv2d_wgrad_bn_input_with<T: ConvElem>(
     timed(dev, Family::ConvWgrad, cost, || match dev {
         Device::Cpu => {
             let a = bn.apply_host(sh.c, x)?;
-            let d: Vec<f32> = dy.host().expect("checked").iter().map(|v| v.to_f32()).collect();
-            crate::cpu::conv::wgrad(sh, &a, &d, dw.host_mut().expect("checked"));
+            crate::cpu::conv::wgrad(sh, &a, &host_f32(dy), dw.host_mut().expect("checked"));
             Ok(())
         }
         Device::Gpu(gpu) => {
