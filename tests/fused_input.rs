@@ -9,7 +9,9 @@
 //! - against an f64 oracle of conv(bn(x)) with atol = 1e-5 * sum|a*w| (f32 accumulation)
 //!   and the output's rounding (bf16, f16) as rtol;
 //! - padding stays zero after the BN: a shift of +40 on every channel would move every
-//!   border output by 40 * |w| if padding went through the BN;
+//!   border output by 40 * |w| if padding went through the BN (a mutant of conv.cu that
+//!   transforms every chunk of the fprop operand, in bounds or not, fails the four emu
+//!   fprop tests; checked on 2026-11-30);
 //! - odd widths (3, 5, 7, 13, 67), batch 1, 1x1, 3x3 and 7x7 with padding, stride 2, row
 //!   and column tiles, wgrad with split-K;
 //! - bad inputs are errors. `mod cuda` runs the kernel checks on a real GPU.
