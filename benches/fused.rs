@@ -4,6 +4,10 @@
 //! where there is one, on the GPU (`cuda:0`):
 //! - `conv_bn_relu`: conv fprop + BN train forward + ReLU (the bn1/bn2 pattern);
 //! - `block_end`: conv fprop + BN train forward + residual add + ReLU (the bn3 pattern).
+//! - `bn_input` (group `fused_layer1_conv3_input_*`): BN apply + ReLU of the previous conv's
+//!   output, then conv3's fprop and wgrad on it (unfused: `bn_apply_saved` writes the
+//!   activation, both passes read it), against both passes applying the BN as they load x
+//!   (`conv2d_fprop_bn_input`, `conv2d_wgrad_bn_input`).
 //!
 //! GPU timings are CUDA events around a batch of launches. Batch sizes: 256 on the GPU;
 //! on the CPU `PK_BENCH_CPU_BATCH` (default 2).
@@ -17,7 +21,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use half::bf16;
 use prunekit::gpu::{Elem, Gpu};
 use prunekit::ops::conv::{self, ConvElem, ConvShape};
-use prunekit::ops::fused::{self, BnTrain};
+use prunekit::ops::fused::{self, BnInput, BnTrain};
 use prunekit::ops::layers::{self as layers, LayerElem};
 use prunekit::{Buf, Device};
 use std::time::{Duration, Instant};
@@ -147,9 +151,45 @@ fn fused_benches<T: ConvElem + LayerElem>(c: &mut Criterion) {
     }
 }
 
+/// conv3 of layer1 reading bn2 + ReLU of conv2's raw output: apply, fprop, wgrad, unfused
+/// and with the BN in both passes' loads.
+fn bn_input_benches<T: ConvElem + LayerElem>(c: &mut Criterion) {
+    for (what, cin) in [("dense", 64), ("filters0.5", 32)] {
+        let mut g = c.benchmark_group(format!("fused_layer1_conv3_input_{what}_{}", <T as Elem>::NAME));
+        g.sample_size(10);
+        for (dev, batch) in devices() {
+            let sh = ConvShape { n: batch, h: 56, w: 56, c: cin, k: 256, r: 1, s: 1, stride: 1, pad: 0 };
+            let m = batch * 56 * 56;
+            let x = filled::<T>(&dev, sh.x_len(), 1, -1.0, 2.0);
+            let w = filled::<T>(&dev, sh.w_len(), 2, -0.1, 0.1);
+            let dy = filled::<T>(&dev, sh.y_len(), 3, -1.0, 1.0);
+            let gamma = dev.upload(vec![1.0f32; cin]).unwrap();
+            let beta = dev.upload(vec![0.1f32; cin]).unwrap();
+            let mean = dev.upload(vec![0.5f32; cin]).unwrap();
+            let invstd = dev.upload(vec![1.5f32; cin]).unwrap();
+            let mut a = dev.uninit::<T>(sh.x_len()).unwrap();
+            let mut y = dev.uninit::<T>(sh.y_len()).unwrap();
+            let mut dw = dev.uninit::<f32>(sh.w_len()).unwrap();
+            bench(&mut g, &format!("bn_input_unfused/m{m}"), &dev, || {
+                layers::bn_apply_saved(&dev, m, cin, &x, &gamma, &beta, &mean, &invstd, None, true, &mut a).unwrap();
+                conv::conv2d_fprop(&dev, &sh, &a, &w, &mut y).unwrap();
+                conv::conv2d_wgrad(&dev, &sh, &a, &dy, &mut dw).unwrap();
+            });
+            bench(&mut g, &format!("bn_input_fused/m{m}"), &dev, || {
+                let bn = BnInput { gamma: &gamma, beta: &beta, save_mean: &mean, save_invstd: &invstd, relu: true };
+                fused::conv2d_fprop_bn_input(&dev, &sh, &x, &bn, &w, &mut y).unwrap();
+                fused::conv2d_wgrad_bn_input(&dev, &sh, &x, &bn, &dy, &mut dw).unwrap();
+            });
+        }
+        g.finish();
+    }
+}
+
 fn all(c: &mut Criterion) {
     fused_benches::<bf16>(c);
     fused_benches::<f32>(c);
+    bn_input_benches::<bf16>(c);
+    bn_input_benches::<f32>(c);
 }
 
 criterion_group!(benches, all);

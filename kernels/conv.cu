@@ -194,6 +194,51 @@ __device__ __forceinline__ RowInfo decode_row(const PkConvParams& p, const Geo& 
   return ri;
 }
 
+// ---------------------------------------------------------------- BN on the input (bnin)
+// The bnin entry points apply the batch norm (+ ReLU) of the layer before the conv to
+// its x operand while it is loaded (see PkConvParams::in_mean): the BN output is never
+// written or read. The loads stay cp.async straight into shared memory; after a tile's
+// cp_async_wait and before the barrier that publishes it, every thread rewrites in place
+// the chunks it loaded itself (its own copies are complete and visible to it then), so no
+// extra barrier is needed. A loader remembers per stage which of its chunks were in
+// bounds (a bit per chunk, STAGES x NR bits): padding, rows past M and k past the GEMM's
+// K were zero-filled and stay zero (bn(0) is not 0). The value is bn_apply_<T>'s:
+// fmaf(x - mean, gamma * invstd, beta), the ReLU, rounded to T.
+__device__ __forceinline__ float bn_in_value(const PkConvParams& p, float v, float mean, float scale, float beta) {
+  const float y = fmaf(v - mean, scale, beta);
+  return p.in_relu ? (y < 0.0f ? 0.0f : y) : y;
+}
+
+// The per-channel parameters of channels ch .. ch+VW-1.
+template <int VW>
+struct BnIn {
+  float mean[VW], scale[VW], beta[VW];
+  __device__ __forceinline__ void load(const PkConvParams& p, int ch) {
+#pragma unroll
+    for (int i = 0; i < VW; ++i) {
+      mean[i] = p.in_mean[ch + i];
+      scale[i] = p.in_gamma[ch + i] * p.in_invstd[ch + i];
+      beta[i] = p.in_beta[ch + i];
+    }
+  }
+  // Rewrites the VW elements at s (in shared memory) in place.
+  template <class T>
+  __device__ __forceinline__ void apply(const PkConvParams& p, T* s) const {
+    if constexpr (VW * sizeof(T) == 16) {
+      uint4 raw = *reinterpret_cast<const uint4*>(s);
+      T e[VW];
+      memcpy(e, &raw, 16);
+#pragma unroll
+      for (int i = 0; i < VW; ++i) e[i] = from_f32<T>(bn_in_value(p, to_f32(e[i]), mean[i], scale[i], beta[i]));
+      memcpy(&raw, e, 16);
+      *reinterpret_cast<uint4*>(s) = raw;
+    } else {
+#pragma unroll
+      for (int i = 0; i < VW; ++i) s[i] = from_f32<T>(bn_in_value(p, to_f32(s[i]), mean[i], scale[i], beta[i]));
+    }
+  }
+};
+
 // ---------------------------------------------------------------- operand loaders
 // A loader issues the copies of one BK-deep tile of one operand into shared memory.
 // Elements are assigned to threads along the operand's contiguous dimension in chunks of
@@ -207,16 +252,20 @@ __device__ __forceinline__ int sidx(int mn, int kk) {
 // K-contiguous operands: fprop A (im2col of x), dgrad A (dy through the filter taps),
 // fprop B (w, [K][R*S*C]). Each thread owns one chunk column (fixed kk offset within the
 // tile) and walks its kk position (r, s, channel) incrementally from tile to tile.
-template <int PASS, bool IS_A, class T, int BMN, int BK, int VW, int NT, bool SKC, int LD>
+template <int PASS, bool IS_A, class T, int BMN, int BK, int VW, int NT, bool SKC, int LD, bool PRO>
 struct LoaderK {
   static_assert(NT % (BK / VW) == 0, "threads must cover whole chunk columns");
   static constexpr int COLS = BK / VW;
   static constexpr int RSTEP = NT / COLS;
   static_assert(BMN % RSTEP == 0, "rows per thread");
   static constexpr int NR = BMN / RSTEP;
+  static_assert(!PRO || (PASS == PK_FPROP && IS_A), "bnin: only fprop's x goes through the BN");
+  static_assert(!PRO || NR * 4 <= 64, "bnin: a bit per chunk and stage (4 stages at most)");
   int kcol, row0, kk, r, s, ch, sn, kg;
   const T* g;
   int mn0;
+  int cch;          // bnin: the channel of the next tile to transform
+  uint64_t vmask;   // bnin: chunks in bounds, NR bits per stage
 
   __device__ __forceinline__ void init(const PkConvParams& p, const Geo& geo, const T* gptr, int tid, int mn_base,
                                        int kt_begin) {
@@ -236,6 +285,8 @@ struct LoaderK {
       fdivmod(kk, dc, rs, ch);
       fdivmod(rs, geo.div_sn, r, s);
     }
+    cch = ch;
+    vmask = 0;
   }
   __device__ __forceinline__ void advance(const PkConvParams& p) {
     kk += BK;
@@ -251,9 +302,10 @@ struct LoaderK {
       }
     }
   }
-  // Loads the tile at the current position into `sm`, then advances.
-  __device__ __forceinline__ void load(const PkConvParams& p, T* sm, const RowInfo* rows) {
+  // Loads the tile at the current position into `sm` (stage `st`), then advances.
+  __device__ __forceinline__ void load(const PkConvParams& p, T* sm, const RowInfo* rows, int st) {
     const bool kok = kk < kg;
+    uint64_t bits = 0;
 #pragma unroll
     for (int j = 0; j < NR; ++j) {
       const int ml = row0 + j * RSTEP;
@@ -282,20 +334,40 @@ struct LoaderK {
         }
       }
       copy_chunk<T, VW>(sm + sidx<SKC, LD>(ml, kcol), g + (ok ? off : 0), ok);
+      if (PRO) bits |= (uint64_t)ok << j;
     }
+    if (PRO) vmask = (vmask & ~(((1ull << NR) - 1) << (st * NR))) | (bits << (st * NR));
     advance(p);
+  }
+  // bnin: applies the BN to the in-bounds chunks this thread loaded into stage `st` (the
+  // next tile in order), after the wait for its copies.
+  __device__ __forceinline__ void transform(const PkConvParams& p, T* sm, int st) {
+    if (!PRO) return;
+    const uint32_t bits = (uint32_t)(vmask >> (st * NR)) & (uint32_t)((1ull << NR) - 1);
+    if (bits) {
+      BnIn<VW> bn;
+      bn.load(p, cch);
+#pragma unroll
+      for (int j = 0; j < NR; ++j)
+        if (bits >> j & 1u) bn.template apply<T>(p, sm + sidx<SKC, LD>(row0 + j * RSTEP, kcol));
+    }
+    cch += BK;
+    while (cch >= p.c) cch -= p.c;
   }
 };
 
 // M/N-contiguous operands: dgrad B (w[k][r][s][c] along c), wgrad A (dy along k), wgrad B
 // (im2col of x along c). Each thread owns one chunk column; rows (kk) are decoded per tile.
-template <int PASS, bool IS_A, class T, int BMN, int BK, int VW, int NT, bool SKC, int LD>
+template <int PASS, bool IS_A, class T, int BMN, int BK, int VW, int NT, bool SKC, int LD, bool PRO>
 struct LoaderN {
   static constexpr int COLS = BMN / VW;
   static_assert(NT % COLS == 0, "threads must cover whole chunk columns");
   static constexpr int RSTEP = NT / COLS;
   static_assert(BK % RSTEP == 0, "rows per thread");
   static constexpr int NR = BK / RSTEP;
+  static_assert(!PRO || (PASS == PK_WGRAD && !IS_A), "bnin: only wgrad's x goes through the BN");
+  static_assert(!PRO || NR * 4 <= 64, "bnin: a bit per chunk and stage (4 stages at most)");
+  uint64_t vmask;  // bnin: chunks in bounds, NR bits per stage
   int col, row0, k0, kg;
   int cr, cs, cc;  // wgrad B: the column's filter tap and channel
   bool col_ok;
@@ -315,6 +387,7 @@ struct LoaderN {
     k0 = kt_begin * BK;
     const int nn = mn_base + col;
     cr = cs = cc = 0;
+    vmask = 0;
     if (PASS == PK_DGRAD) {
       col_ok = nn < p.c;
       cc = nn;
@@ -328,7 +401,8 @@ struct LoaderN {
       fdivmod(rs, p.div_s, cr, cs);
     }
   }
-  __device__ __forceinline__ void load(const PkConvParams& p, T* sm, const RowInfo*) {
+  __device__ __forceinline__ void load(const PkConvParams& p, T* sm, const RowInfo*, int st) {
+    uint64_t bits = 0;
 #pragma unroll
     for (int j = 0; j < NR; ++j) {
       const int kl = row0 + j * RSTEP;
@@ -352,16 +426,33 @@ struct LoaderN {
         off = ((n * p.h + h) * p.w + w) * p.c + cc;
       }
       copy_chunk<T, VW>(sm + sidx<SKC, LD>(col, kl), g + (ok ? off : 0), ok);
+      if (PRO) bits |= (uint64_t)ok << j;
     }
+    if (PRO) vmask = (vmask & ~(((1ull << NR) - 1) << (st * NR))) | (bits << (st * NR));
     k0 += BK;
+  }
+  // bnin: as LoaderK::transform; the column's channels cc .. cc+VW-1 are fixed.
+  __device__ __forceinline__ void transform(const PkConvParams& p, T* sm, int st) {
+    if (!PRO) return;
+    const uint32_t bits = (uint32_t)(vmask >> (st * NR)) & (uint32_t)((1ull << NR) - 1);
+    if (bits) {
+      BnIn<VW> bn;
+      bn.load(p, cc);
+#pragma unroll
+      for (int j = 0; j < NR; ++j)
+        if (bits >> j & 1u) bn.template apply<T>(p, sm + sidx<SKC, LD>(col, row0 + j * RSTEP));
+    }
   }
 };
 
-template <int PASS, bool IS_A, class T, int BMN, int BK, int VW, int NT, bool SKC, int LD>
+// BNIN: the kernel is a bnin entry point; the operand that is x (fprop A, wgrad B) then
+// goes through the BN.
+template <int PASS, bool IS_A, class T, int BMN, int BK, int VW, int NT, bool SKC, int LD, bool BNIN>
 struct LoaderFor {
   static constexpr bool KC = IS_A ? PASS != PK_WGRAD : PASS == PK_FPROP;
-  using type = typename std::conditional<KC, LoaderK<PASS, IS_A, T, BMN, BK, VW, NT, SKC, LD>,
-                                         LoaderN<PASS, IS_A, T, BMN, BK, VW, NT, SKC, LD>>::type;
+  static constexpr bool PRO = BNIN && (IS_A ? PASS == PK_FPROP : PASS == PK_WGRAD);
+  using type = typename std::conditional<KC, LoaderK<PASS, IS_A, T, BMN, BK, VW, NT, SKC, LD, PRO>,
+                                         LoaderN<PASS, IS_A, T, BMN, BK, VW, NT, SKC, LD, PRO>>::type;
 };
 
 // The two GEMM operands of a pass (see PkConvParams).
@@ -508,7 +599,7 @@ struct TcSmem {
   static constexpr int BYTES = ROWS_BYTES + Cfg::STAGES * (A_ELEMS + B_ELEMS) * 2;
 };
 
-template <int PASS, class T, class Cfg>
+template <int PASS, class T, class Cfg, bool BNIN>
 __device__ __forceinline__ void conv_tc(const PkConvParams& p) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, NT = Cfg::NT, VW = Cfg::VW;
   constexpr bool A_KC = TcLayout<PASS>::A_KC, B_KC = TcLayout<PASS>::B_KC;
@@ -533,8 +624,8 @@ __device__ __forceinline__ void conv_tc(const PkConvParams& p) {
 
   const T *ga, *gb;
   operands<T>(p, ga, gb);
-  typename LoaderFor<PASS, true, T, BM, BK, VW, NT, A_KC, S::LDA>::type la;
-  typename LoaderFor<PASS, false, T, BN, BK, VW, NT, B_KC, S::LDB>::type lb;
+  typename LoaderFor<PASS, true, T, BM, BK, VW, NT, A_KC, S::LDA, BNIN>::type la;
+  typename LoaderFor<PASS, false, T, BN, BK, VW, NT, B_KC, S::LDB, BNIN>::type lb;
   la.init(p, geo, ga, tid, m0, kt0);
   lb.init(p, geo, gb, tid, n0, kt0);
   fill_rows<PASS, BM, NT>(p, geo, rows, m0, tid);
@@ -553,21 +644,26 @@ __device__ __forceinline__ void conv_tc(const PkConvParams& p) {
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
     if (st < nkt) {
-      la.load(p, As + st * S::A_ELEMS, rows);
-      lb.load(p, Bs + st * S::B_ELEMS, rows);
+      la.load(p, As + st * S::A_ELEMS, rows, st);
+      lb.load(p, Bs + st * S::B_ELEMS, rows, st);
     }
     cp_async_commit();
   }
 
   for (int it = 0; it < nkt; ++it) {
     cp_async_wait<STAGES - 2>();
+    if (BNIN) {  // this thread's copies of tile `it` are complete: the BN on them
+      const int cs = it % STAGES;
+      la.transform(p, As + cs * S::A_ELEMS, cs);
+      lb.transform(p, Bs + cs * S::B_ELEMS, cs);
+    }
     __syncthreads();  // tile `it` is visible; everyone is done with tile it-1's stage
     {
       const int nxt = it + STAGES - 1;
       if (nxt < nkt) {
         const int st = nxt % STAGES;
-        la.load(p, As + st * S::A_ELEMS, rows);
-        lb.load(p, Bs + st * S::B_ELEMS, rows);
+        la.load(p, As + st * S::A_ELEMS, rows, st);
+        lb.load(p, Bs + st * S::B_ELEMS, rows, st);
       }
       cp_async_commit();
     }
@@ -665,7 +761,7 @@ struct SimtCfg {
   static constexpr int BYTES = ROWS_BYTES + STAGES * BK * (LDA + LDB) * 4;
 };
 
-template <int PASS, class Cfg>
+template <int PASS, class Cfg, bool BNIN>
 __device__ __forceinline__ void conv_simt(const PkConvParams& p) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, NT = Cfg::NT;
   constexpr int TM = Cfg::TM, TN = Cfg::TN, LDA = Cfg::LDA, LDB = Cfg::LDB;
@@ -683,8 +779,8 @@ __device__ __forceinline__ void conv_simt(const PkConvParams& p) {
   k_range<PASS>(p, geo, BK, kt0, kt1);
   const float *ga, *gb;
   operands<float>(p, ga, gb);
-  typename LoaderFor<PASS, true, float, BM, BK, 1, NT, false, LDA>::type la;
-  typename LoaderFor<PASS, false, float, BN, BK, 1, NT, false, LDB>::type lb;
+  typename LoaderFor<PASS, true, float, BM, BK, 1, NT, false, LDA, BNIN>::type la;
+  typename LoaderFor<PASS, false, float, BN, BK, 1, NT, false, LDB, BNIN>::type lb;
   la.init(p, geo, ga, tid, m0, kt0);
   lb.init(p, geo, gb, tid, n0, kt0);
   fill_rows<PASS, BM, NT>(p, geo, rows, m0, tid);
@@ -700,20 +796,25 @@ __device__ __forceinline__ void conv_simt(const PkConvParams& p) {
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
     if (st < nkt) {
-      la.load(p, As + st * BK * LDA, rows);
-      lb.load(p, Bs + st * BK * LDB, rows);
+      la.load(p, As + st * BK * LDA, rows, st);
+      lb.load(p, Bs + st * BK * LDB, rows, st);
     }
     cp_async_commit();
   }
   for (int it = 0; it < nkt; ++it) {
     cp_async_wait<STAGES - 2>();
+    if (BNIN) {  // as in conv_tc
+      const int cs = it % STAGES;
+      la.transform(p, As + cs * BK * LDA, cs);
+      lb.transform(p, Bs + cs * BK * LDB, cs);
+    }
     __syncthreads();
     {
       const int nxt = it + STAGES - 1;
       if (nxt < nkt) {
         const int st = nxt % STAGES;
-        la.load(p, As + st * BK * LDA, rows);
-        lb.load(p, Bs + st * BK * LDB, rows);
+        la.load(p, As + st * BK * LDA, rows, st);
+        lb.load(p, Bs + st * BK * LDB, rows, st);
       }
       cp_async_commit();
     }
@@ -791,28 +892,36 @@ typedef TcCfg<64, 64, 2, 2, 3, false, 1> TcG;  // scalar loads: any width
 typedef SimtCfg<128, 128> SimtL;
 typedef SimtCfg<64, 64> SimtS;
 
-#define PK_CONV_TC(pass, PASS, tile, Cfg, dt, T) \
-  PK_KERNEL_BOUNDS(conv2d_##pass##_##tile##_##dt, PkConvParams, Cfg::NT, Cfg::MIN_BLOCKS) { conv_tc<PASS, T, Cfg>(p); }
-#define PK_CONV_TC_ALL(pass, PASS, dt, T)  \
-  PK_CONV_TC(pass, PASS, t128x128, TcL, dt, T) \
-  PK_CONV_TC(pass, PASS, t128x64, TcM, dt, T)  \
-  PK_CONV_TC(pass, PASS, t64x64, TcS, dt, T)   \
-  PK_CONV_TC(pass, PASS, t64x64s, TcG, dt, T)
-#define PK_CONV_SIMT(pass, PASS)                                                              \
+// conv2d_fprop_bnin_<tile>_<dtype> and conv2d_wgrad_bnin_<tile>_<dtype>: the same with the
+// BN (+ ReLU) applied to x as it is loaded (see "BN on the input").
+#define PK_CONV_TC(pass, PASS, tile, Cfg, dt, T, BNIN) \
+  PK_KERNEL_BOUNDS(conv2d_##pass##_##tile##_##dt, PkConvParams, Cfg::NT, Cfg::MIN_BLOCKS) { conv_tc<PASS, T, Cfg, BNIN>(p); }
+#define PK_CONV_TC_ALL(pass, PASS, dt, T, BNIN)  \
+  PK_CONV_TC(pass, PASS, t128x128, TcL, dt, T, BNIN) \
+  PK_CONV_TC(pass, PASS, t128x64, TcM, dt, T, BNIN)  \
+  PK_CONV_TC(pass, PASS, t64x64, TcS, dt, T, BNIN)   \
+  PK_CONV_TC(pass, PASS, t64x64s, TcG, dt, T, BNIN)
+#define PK_CONV_SIMT(pass, PASS, BNIN)                                                        \
   PK_KERNEL_BOUNDS(conv2d_##pass##_t128x128_f32, PkConvParams, SimtL::NT, 1) {                \
-    conv_simt<PASS, SimtL>(p);                                                                \
+    conv_simt<PASS, SimtL, BNIN>(p);                                                          \
   }                                                                                           \
-  PK_KERNEL_BOUNDS(conv2d_##pass##_t64x64_f32, PkConvParams, SimtS::NT, 1) { conv_simt<PASS, SimtS>(p); }
+  PK_KERNEL_BOUNDS(conv2d_##pass##_t64x64_f32, PkConvParams, SimtS::NT, 1) { conv_simt<PASS, SimtS, BNIN>(p); }
 
-PK_CONV_TC_ALL(fprop, PK_FPROP, bf16, bf16)
-PK_CONV_TC_ALL(dgrad, PK_DGRAD, bf16, bf16)
-PK_CONV_TC_ALL(wgrad, PK_WGRAD, bf16, bf16)
-PK_CONV_TC_ALL(fprop, PK_FPROP, f16, f16)
-PK_CONV_TC_ALL(dgrad, PK_DGRAD, f16, f16)
-PK_CONV_TC_ALL(wgrad, PK_WGRAD, f16, f16)
-PK_CONV_SIMT(fprop, PK_FPROP)
-PK_CONV_SIMT(dgrad, PK_DGRAD)
-PK_CONV_SIMT(wgrad, PK_WGRAD)
+PK_CONV_TC_ALL(fprop, PK_FPROP, bf16, bf16, false)
+PK_CONV_TC_ALL(dgrad, PK_DGRAD, bf16, bf16, false)
+PK_CONV_TC_ALL(wgrad, PK_WGRAD, bf16, bf16, false)
+PK_CONV_TC_ALL(fprop, PK_FPROP, f16, f16, false)
+PK_CONV_TC_ALL(dgrad, PK_DGRAD, f16, f16, false)
+PK_CONV_TC_ALL(wgrad, PK_WGRAD, f16, f16, false)
+PK_CONV_SIMT(fprop, PK_FPROP, false)
+PK_CONV_SIMT(dgrad, PK_DGRAD, false)
+PK_CONV_SIMT(wgrad, PK_WGRAD, false)
+PK_CONV_TC_ALL(fprop_bnin, PK_FPROP, bf16, bf16, true)
+PK_CONV_TC_ALL(wgrad_bnin, PK_WGRAD, bf16, bf16, true)
+PK_CONV_TC_ALL(fprop_bnin, PK_FPROP, f16, f16, true)
+PK_CONV_TC_ALL(wgrad_bnin, PK_WGRAD, f16, f16, true)
+PK_CONV_SIMT(fprop_bnin, PK_FPROP, true)
+PK_CONV_SIMT(wgrad_bnin, PK_WGRAD, true)
 
 // ---------------------------------------------------------------- layout conversions
 // transpose_<dtype>: dst[b][j][i] = src[b][i][j] for `batch` matrices of rows x cols.

@@ -135,6 +135,16 @@ typedef struct {
   float* bn_m2;    // [K], or null
   int32_t bn_stats;
   int32_t pad1;
+  // conv2d_{fprop,wgrad}_bnin_<tile>_<dtype>: the x operand is the batch norm (+ ReLU) of
+  // the x given, applied as each tile is loaded: relu?((x - in_mean[c]) * (in_gamma[c] *
+  // in_invstd[c]) + in_beta[c]), rounded to the element type, as bn_apply_<T> computes it;
+  // padding and out-of-bounds positions stay zero. Null in the plain entry points.
+  const float* in_mean;    // [C] save_mean of the batch norm
+  const float* in_invstd;  // [C] save_invstd
+  const float* in_gamma;   // [C]
+  const float* in_beta;    // [C]
+  int32_t in_relu;         // apply a ReLU after the batch norm
+  int32_t pad2;
 } PkConvParams;
 
 // transpose_<dtype>: dst[b][j][i] = src[b][i][j] for batch matrices of rows x cols.

@@ -121,6 +121,9 @@ pub trait ConvElem: Elem {
     const TRANSPOSE: Kernel;
     /// The entry point of `pass` with `tile`, if there is one.
     fn kernel(pass: Pass, tile: Tile) -> Option<Kernel>;
+    /// The `bnin` entry point of `pass` with `tile` (fprop and wgrad: the BN of the layer
+    /// before applied to x as it is loaded), if there is one.
+    fn kernel_bnin(pass: Pass, tile: Tile) -> Option<Kernel>;
     /// Widened to f32.
     fn to_f32(self) -> f32;
     /// Rounded from f32 (to nearest even).
@@ -160,9 +163,42 @@ macro_rules! tc_table {
     };
 }
 
+macro_rules! bnin_table {
+    ($pass:ident, $tile:ident, $dt:literal) => {
+        kernel_table!(
+            $pass,
+            $tile,
+            $dt,
+            [
+                (Fprop, "fprop_bnin", T128x128, "t128x128"),
+                (Fprop, "fprop_bnin", T128x64, "t128x64"),
+                (Fprop, "fprop_bnin", T64x64, "t64x64"),
+                (Fprop, "fprop_bnin", T64x64Scalar, "t64x64s"),
+                (Wgrad, "wgrad_bnin", T128x128, "t128x128"),
+                (Wgrad, "wgrad_bnin", T128x64, "t128x64"),
+                (Wgrad, "wgrad_bnin", T64x64, "t64x64"),
+                (Wgrad, "wgrad_bnin", T64x64Scalar, "t64x64s"),
+            ]
+        )
+    };
+}
+
 impl ConvElem for f32 {
     const TENSOR_CORES: bool = false;
     const TRANSPOSE: Kernel = Kernel::new(MODULE, "transpose_f32");
+    fn kernel_bnin(pass: Pass, tile: Tile) -> Option<Kernel> {
+        kernel_table!(
+            pass,
+            tile,
+            "f32",
+            [
+                (Fprop, "fprop_bnin", T128x128, "t128x128"),
+                (Fprop, "fprop_bnin", T64x64, "t64x64"),
+                (Wgrad, "wgrad_bnin", T128x128, "t128x128"),
+                (Wgrad, "wgrad_bnin", T64x64, "t64x64"),
+            ]
+        )
+    }
     fn kernel(pass: Pass, tile: Tile) -> Option<Kernel> {
         kernel_table!(
             pass,
@@ -191,6 +227,9 @@ impl ConvElem for bf16 {
     fn kernel(pass: Pass, tile: Tile) -> Option<Kernel> {
         tc_table!(pass, tile, "bf16")
     }
+    fn kernel_bnin(pass: Pass, tile: Tile) -> Option<Kernel> {
+        bnin_table!(pass, tile, "bf16")
+    }
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
     }
@@ -203,6 +242,9 @@ impl ConvElem for f16 {
     const TRANSPOSE: Kernel = Kernel::new(MODULE, "transpose_f16");
     fn kernel(pass: Pass, tile: Tile) -> Option<Kernel> {
         tc_table!(pass, tile, "f16")
+    }
+    fn kernel_bnin(pass: Pass, tile: Tile) -> Option<Kernel> {
+        bnin_table!(pass, tile, "f16")
     }
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
@@ -318,6 +360,17 @@ pub(crate) struct StatsOut {
     pub m2: u64,
 }
 
+/// The batch norm (+ ReLU) a `bnin` launch applies to its x operand as it loads it
+/// (device addresses of `[C]` f32 vectors; see `PkConvParams::in_mean`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BnInPtrs {
+    pub mean: u64,
+    pub invstd: u64,
+    pub gamma: u64,
+    pub beta: u64,
+    pub relu: bool,
+}
+
 /// Launches one pass; returns the row tiles (grid.x) and the tile's BM.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch<T: ConvElem, O: Elem>(
@@ -330,9 +383,26 @@ pub(crate) fn launch<T: ConvElem, O: Elem>(
     forced: Option<Plan>,
     stats: Option<StatsOut>,
 ) -> Result<(usize, usize)> {
+    launch_bnin(gpu, pass, sh, a, b, out, forced, stats, None)
+}
+
+/// [`launch`], with the BN of `bn_in` applied to x (fprop and wgrad only).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
+    gpu: &Gpu,
+    pass: Pass,
+    sh: &ConvShape,
+    a: &Buf<T>,
+    b: &Buf<T>,
+    out: &mut Buf<O>,
+    forced: Option<Plan>,
+    stats: Option<StatsOut>,
+    bn_in: Option<BnInPtrs>,
+) -> Result<(usize, usize)> {
     ensure!(stats.is_none() || pass == Pass::Fprop, "only fprop computes BN statistics");
+    ensure!(bn_in.is_none() || pass != Pass::Dgrad, "dgrad has no x operand to apply a batch norm to");
     let plan = forced.unwrap_or_else(|| plan::<T>(pass, sh));
-    let kernel = T::kernel(pass, plan.tile)
+    let kernel = if bn_in.is_some() { T::kernel_bnin(pass, plan.tile) } else { T::kernel(pass, plan.tile) }
         .ok_or_else(|| invalid!("no {} kernel with tile {:?} for {}", pass.name(), plan.tile, T::NAME))?;
     if plan.tile.vector() && T::TENSOR_CORES {
         ensure!(vector_ok(pass, sh), "tile {:?} needs channel counts that are multiples of 8 ({sh:?})", plan.tile);
@@ -402,6 +472,12 @@ pub(crate) fn launch<T: ConvElem, O: Elem>(
         bn_m2: stats.map_or(0, |st| st.m2),
         bn_stats: stats.is_some() as i32,
         pad1: 0,
+        in_mean: bn_in.map_or(0, |b| b.mean),
+        in_invstd: bn_in.map_or(0, |b| b.invstd),
+        in_gamma: bn_in.map_or(0, |b| b.gamma),
+        in_beta: bn_in.map_or(0, |b| b.beta),
+        in_relu: bn_in.is_some_and(|b| b.relu) as i32,
+        pad2: 0,
     };
     let cfg = LaunchConfig {
         grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
@@ -419,7 +495,8 @@ pub(crate) fn launch<T: ConvElem, O: Elem>(
     // elements of its tensor; the kernels read and write only inside the tensors of the
     // shape (every load is predicated on the tensor's bounds, every store on M and N).
     // With statistics the epilogue also writes K pairs per row tile through bn_part, or K
-    // floats through bn_mean and bn_m2 (one row tile); the caller sized those.
+    // floats through bn_mean and bn_m2 (one row tile); the caller sized those. A bnin
+    // launch reads C floats through each in_* pointer (the caller checked their lengths).
     unsafe { gpu.launch(kernel, cfg, &params)? };
     Ok((grid.0, bm))
 }

@@ -24,6 +24,7 @@ use super::{check_bufs, check_len, check_on};
 use crate::cpu::layers::bn as cpu_bn;
 use crate::device::{Buf, Device};
 use crate::{ensure, invalid, Result};
+use rayon::prelude::*;
 
 /// Row tiles the fprop of `sh` runs on a kernel device for elements of `T`, and the rows of
 /// each (the tile's BM): the number of per-tile statistics pairs per channel.
@@ -237,4 +238,182 @@ pub fn conv_bn_forward_train<T: ConvElem + LayerElem>(
     )?;
     let m = sh.n * sh.p() * sh.q();
     bn_apply_saved(dev, m, sh.k, y, bn.gamma, bn.beta, save_mean, save_invstd, residual, relu, out)
+}
+
+/// A train-mode batch norm (+ ReLU) given by its parameters and saved statistics, applied
+/// to a convolution's input as the convolution loads it ([`conv2d_fprop_bn_input`],
+/// [`conv2d_wgrad_bn_input`]): the conv sees `relu?((x - save_mean[c]) * (gamma[c] *
+/// save_invstd[c]) + beta[c])`, rounded to the element type, exactly the values
+/// [`crate::ops::layers::bn_apply_saved`] (without residual) writes on the same device;
+/// padding stays zero.
+#[derive(Clone, Copy)]
+pub struct BnInput<'a> {
+    /// `[C]` scale.
+    pub gamma: &'a Buf<f32>,
+    /// `[C]` shift.
+    pub beta: &'a Buf<f32>,
+    /// `[C]` batch mean, as the statistics pass saved it.
+    pub save_mean: &'a Buf<f32>,
+    /// `[C]` inverse standard deviation, as the statistics pass saved it.
+    pub save_invstd: &'a Buf<f32>,
+    /// A ReLU after the batch norm.
+    pub relu: bool,
+}
+
+impl BnInput<'_> {
+    fn check(&self, dev: &Device, c: usize) -> Result<()> {
+        check_bufs(
+            dev,
+            c,
+            &[
+                (self.gamma, "gamma"),
+                (self.beta, "beta"),
+                (self.save_mean, "save_mean"),
+                (self.save_invstd, "save_invstd"),
+            ],
+        )
+    }
+
+    fn ptrs(&self, gpu: &crate::gpu::Gpu) -> Result<conv::BnInPtrs> {
+        let ptr = |b: &Buf<f32>, what: &str| super::on_gpu(b, gpu, what).map(|g| g.ptr());
+        let p = conv::BnInPtrs {
+            mean: ptr(self.save_mean, "save_mean")?,
+            invstd: ptr(self.save_invstd, "save_invstd")?,
+            gamma: ptr(self.gamma, "gamma")?,
+            beta: ptr(self.beta, "beta")?,
+            relu: self.relu,
+        };
+        Ok(p)
+    }
+
+    /// The BN of host `x` (`[.., c]`) in f32, each value rounded through `T` (the CPU path),
+    /// with the arithmetic of the CPU's `bn_apply` (a product, then a sum; the kernels
+    /// fuse them as `bn_apply_<T>` does): on each device the same bits as its unfused apply.
+    fn apply_host<T: ConvElem>(&self, c: usize, x: &Buf<T>) -> Result<Vec<f32>> {
+        fn h<'b>(b: &'b Buf<f32>, what: &str) -> Result<&'b [f32]> {
+            b.host().ok_or_else(|| invalid!("{what} is not on the cpu"))
+        }
+        let (g, b) = (h(self.gamma, "gamma")?, h(self.beta, "beta")?);
+        let (mean, invstd) = (h(self.save_mean, "save_mean")?, h(self.save_invstd, "save_invstd")?);
+        let scale: Vec<f32> = (0..c).map(|ch| g[ch] * invstd[ch]).collect();
+        let xs = x.host().ok_or_else(|| invalid!("x is not on the cpu"))?;
+        let mut a = vec![0.0f32; xs.len()];
+        if c == 0 || xs.is_empty() {
+            return Ok(a);
+        }
+        // Rows of c channels, in parallel blocks of about 64 Ki elements.
+        let rows = (65536 / c).max(1) * c;
+        a.par_chunks_mut(rows).zip(xs.par_chunks(rows)).for_each(|(ac, xc)| {
+            for (ar, xr) in ac.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                for ch in 0..c {
+                    let y = (xr[ch].to_f32() - mean[ch]) * scale[ch] + b[ch];
+                    ar[ch] = T::from_f32(if self.relu { crate::cpu::layers::relu(y) } else { y }).to_f32();
+                }
+            }
+        });
+        Ok(a)
+    }
+}
+
+/// A host buffer as f32: borrowed when T is f32, else widened.
+fn host_f32<T: ConvElem>(b: &Buf<T>) -> std::borrow::Cow<'_, [f32]> {
+    let h = b.host().expect("checked to be on the host");
+    if T::NAME == "f32" {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(h))
+    } else {
+        std::borrow::Cow::Owned(h.iter().map(|v| v.to_f32()).collect())
+    }
+}
+
+/// `y = conv(bn(x), w)` with `bn` the batch norm (+ ReLU) of [`BnInput`], applied while the
+/// convolution loads x: the same values as [`crate::ops::layers::bn_apply_saved`] into a
+/// temporary, then [`conv::conv2d_fprop`] of it (bitwise, with the same tile), without
+/// writing or reading the temporary. `x` is the previous conv's raw output (NHWC), `w` KRSC.
+pub fn conv2d_fprop_bn_input<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    bn: &BnInput<'_>,
+    w: &Buf<T>,
+    y: &mut Buf<T>,
+) -> Result<()> {
+    conv2d_fprop_bn_input_with(dev, sh, x, bn, w, y, None)
+}
+
+/// [`conv2d_fprop_bn_input`] with a given plan on a kernel device (`None`: the default; the
+/// CPU ignores it). For tests and benchmarks of every tile.
+pub fn conv2d_fprop_bn_input_with<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    bn: &BnInput<'_>,
+    w: &Buf<T>,
+    y: &mut Buf<T>,
+    plan: Option<Plan>,
+) -> Result<()> {
+    conv::prepare(dev, sh, (x, "x", sh.x_len()), (w, "w", sh.w_len()), (&*y, "y", sh.y_len()))?;
+    bn.check(dev, sh.c)?;
+    let cost = || Cost::conv_bn_input(Pass::Fprop, sh, std::mem::size_of::<T>(), bn.relu);
+    timed(dev, Family::ConvFprop, cost, || match dev {
+        Device::Cpu => {
+            let a = bn.apply_host(sh.c, x)?;
+            let wf = host_f32(w);
+            let yh = y.host_mut().expect("checked");
+            if T::NAME == "f32" {
+                crate::cpu::conv::fprop(sh, &a, &wf, bytemuck::cast_slice_mut(yh));
+            } else {
+                let mut o = vec![0.0f32; sh.y_len()];
+                crate::cpu::conv::fprop(sh, &a, &wf, &mut o);
+                for (d, s) in yh.iter_mut().zip(&o) {
+                    *d = T::from_f32(*s);
+                }
+            }
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let p = bn.ptrs(gpu)?;
+            conv::launch_bnin(gpu, Pass::Fprop, sh, x, w, y, plan, None, Some(p)).map(|_| ())
+        }
+    })
+}
+
+/// `dw` = the gradient with respect to w of `<dy, conv(bn(x), w)>`, always f32, with `bn`
+/// applied while the pass loads x, as in [`conv2d_fprop_bn_input`]: the values of
+/// [`conv::conv2d_wgrad`] on the BN's output, without that output in memory.
+pub fn conv2d_wgrad_bn_input<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    bn: &BnInput<'_>,
+    dy: &Buf<T>,
+    dw: &mut Buf<f32>,
+) -> Result<()> {
+    conv2d_wgrad_bn_input_with(dev, sh, x, bn, dy, dw, None)
+}
+
+/// [`conv2d_wgrad_bn_input`] with a given plan on a kernel device (see
+/// [`conv2d_fprop_bn_input_with`]).
+pub fn conv2d_wgrad_bn_input_with<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    bn: &BnInput<'_>,
+    dy: &Buf<T>,
+    dw: &mut Buf<f32>,
+    plan: Option<Plan>,
+) -> Result<()> {
+    conv::prepare(dev, sh, (dy, "dy", sh.y_len()), (x, "x", sh.x_len()), (&*dw, "dw", sh.w_len()))?;
+    bn.check(dev, sh.c)?;
+    let cost = || Cost::conv_bn_input(Pass::Wgrad, sh, std::mem::size_of::<T>(), bn.relu);
+    timed(dev, Family::ConvWgrad, cost, || match dev {
+        Device::Cpu => {
+            let a = bn.apply_host(sh.c, x)?;
+            crate::cpu::conv::wgrad(sh, &a, &host_f32(dy), dw.host_mut().expect("checked"));
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let p = bn.ptrs(gpu)?;
+            conv::launch_bnin(gpu, Pass::Wgrad, sh, dy, x, dw, plan, None, Some(p)).map(|_| ())
+        }
+    })
 }

@@ -255,6 +255,19 @@ params!(
         bn_stats: i32,
         /// Padding to a multiple of 8 bytes.
         pad1: i32,
+        /// `bnin` entry points: device address of the `[C]` f32 mean of the batch norm
+        /// applied to x as it is loaded (0 otherwise).
+        in_mean: u64,
+        /// `bnin`: device address of the `[C]` f32 inverse standard deviation.
+        in_invstd: u64,
+        /// `bnin`: device address of the `[C]` f32 gamma.
+        in_gamma: u64,
+        /// `bnin`: device address of the `[C]` f32 beta.
+        in_beta: u64,
+        /// `bnin`: 1 applies a ReLU after the batch norm.
+        in_relu: i32,
+        /// Padding to a multiple of 8 bytes.
+        pad2: i32,
     }
 );
 params!(

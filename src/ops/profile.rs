@@ -183,6 +183,17 @@ impl Cost {
         Cost { flops: c.flops, bytes: c.bytes + 8 * u(tiles) * u(sh.k) }
     }
 
+    /// A convolution pass (fprop or wgrad) whose x operand is the batch norm (+ ReLU) of the
+    /// x it reads, applied as x is loaded ([`crate::ops::fused::conv2d_fprop_bn_input`]):
+    /// the pass's count, plus per input channel the 4 f32 of the BN (gamma, beta, saved
+    /// mean and inverse deviation); FLOPs: 2 per x element loaded once (+1 for the ReLU),
+    /// counted over x's `N*H*W*C` (a 3x3 conv loads an element up to 9 times; the count is
+    /// the work the unfused apply pass did). The BN's output is neither written nor read.
+    pub fn conv_bn_input(pass: Pass, sh: &ConvShape, elem: usize, relu: bool) -> Cost {
+        let c = Cost::conv(pass, sh, elem);
+        Cost { flops: c.flops + u(sh.x_len()) * (2 + relu as u64), bytes: c.bytes + 4 * u(sh.c) * F32 }
+    }
+
     /// The BN statistics of an `[m, c]` conv output computed in the conv's epilogue, merged
     /// by `bn_stats_finalize_f32`: reads `tiles` pairs per channel (8 bytes each; with one
     /// tile the two `[c]` buffers), reads and writes the running mean and variance, writes
