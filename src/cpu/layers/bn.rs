@@ -341,16 +341,29 @@ pub fn bn_backward_masking_dy<T: Real>(
     dbeta: &mut [f32],
 ) {
     let (x, relu_out, dy) = (&x[..m * c], &relu_out[..m * c], &mut dy[..m * c]);
-    // The masking is one streaming pass that the reduction then reads from cache-cold
-    // memory again; cheaper than a strided in-place write inside the channel blocks.
+    // The reduction's tasks mask their rows of dy in place, an L1-sized block at a time,
+    // and sum that block while it is in cache: one pass over x, relu_out and dy.
     let chunk = rows_per_task(m, c) * c;
-    dy.par_chunks_mut(chunk).zip(relu_out.par_chunks(chunk)).for_each(|(g, o)| {
-        for (g, o) in g.iter_mut().zip(o) {
-            *g = T::from_f32(relu_grad(o.to_f32(), g.to_f32()));
-        }
-    });
+    let parts: Vec<Vec<f64>> = dy
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(relu_out.par_chunks(chunk)))
+        .map(|(g, (xc, oc))| {
+            let mut acc = vec![0.0f64; 2 * c];
+            let sub = sub_block(c);
+            for (g, (xs, os)) in g.chunks_mut(sub).zip(xc.chunks(sub).zip(oc.chunks(sub))) {
+                for (g, o) in g.iter_mut().zip(os) {
+                    *g = T::from_f32(relu_grad(o.to_f32(), g.to_f32()));
+                }
+                grad_task::<T, false>(c, xs, xs, g, mean, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut sums = vec![0.0f64; 2 * c];
+    for p in &parts {
+        sums.iter_mut().zip(p).for_each(|(s, v)| *s += v);
+    }
     let dy = &*dy;
-    let sums = grad_sums::<T, false>(m, c, x, dy, dy, mean);
     backward_finish(m, c, x, None, dy, gamma, mean, invstd, &sums, dx, dgamma, dbeta);
 }
 
