@@ -115,7 +115,7 @@ def prunekit_rows(exe, batch, size, modes, sparsities, steps, warmup, round_to):
                "--steps", str(steps), "--warmup", str(warmup), "--json", js]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         rows = json.load(open(js))
-    return {(r["mode"], float(r["sparsity"])): (r["step_ms"], r["params"]) for r in rows}, cmd
+    return {(r["mode"], float(r["sparsity"])): (r["step_ms"], r["params"], r["ideal_speedup"]) for r in rows}, cmd
 
 
 def main():
@@ -154,10 +154,16 @@ def main():
             pk_ms = statistics.median(v[0] for v in pk[k])
             t_ms = statistics.median(v[0] for v in tc[k])
             params, t_params = pk[k][0][1], tc[k][0][1]
+            # Efficiency: measured speedup over the dense row of the same round and side,
+            # divided by the FLOP-ideal speedup; the median over the rounds.
+            dense = ("dense", 0.0)
+            ideal = pk[k][0][2]
+            eff = lambda side: statistics.median(d[0] / v[0] / ideal for d, v in zip(side[dense], side[k]))
             results.append({
                 "config": name, "batch": batch, "size": size, "mode": k[0], "sparsity": k[1],
                 "params": params, "torch_params": t_params, "params_match": params == t_params,
                 "prunekit_ms": pk_ms, "torch_ms": t_ms, "ratio": t_ms / pk_ms,
+                "ideal_speedup": ideal, "prunekit_efficiency": eff(pk), "torch_efficiency": eff(tc),
                 "prunekit_ms_all": [v[0] for v in pk[k]], "torch_ms_all": [v[0] for v in tc[k]],
             })
     finished = datetime.datetime.now(datetime.timezone.utc)
@@ -183,18 +189,23 @@ def main():
           "prunekit side: " + "; ".join(f"`{c}`" for c in commands) + ".", "",
           f"Each side alternates {a.rounds} times per configuration; a row is the median of the rounds' mean "
           "step times. ratio = torch_ms / prunekit_ms (above 1: prunekit is faster). The twin is torchvision's "
-          "resnet50 with prunekit's kept widths (params must match).", "",
+          "resnet50 with prunekit's kept widths (params must match). Efficiency = measured speedup over the "
+          "dense row of the same round and side / FLOP-ideal speedup (prunekit's count), the median over the "
+          "rounds.", "",
           f"Machine load average (1, 5, 15 min): {load_before[0]:.2f}, {load_before[1]:.2f}, {load_before[2]:.2f} "
           f"before, {load_after[0]:.2f}, {load_after[1]:.2f}, {load_after[2]:.2f} after"
           f" (finished {meta['finished']}).", ""]
     if a.note:
         md += [a.note, ""]
-    md += ["| batch | size | mode | sparsity | params | prunekit ms | torch ms | ratio |",
-           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    md += ["| batch | size | mode | sparsity | params | prunekit ms | torch ms | ratio | ideal | "
+           "efficiency prunekit / torch |",
+           "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         pm = "" if r["params_match"] else f" (torch {r['torch_params']})"
         md.append(f"| {r['batch']} | {r['size']} | {r['mode']} | {r['sparsity']} | {r['params']}{pm} | "
-                  f"{r['prunekit_ms']:.1f} | {r['torch_ms']:.1f} | {r['ratio']:.2f} |")
+                  f"{r['prunekit_ms']:.1f} | {r['torch_ms']:.1f} | {r['ratio']:.2f} | {r['ideal_speedup']:.2f} | "
+                  + ("-" if r["mode"] == "dense" else f"{r['prunekit_efficiency']:.2f} / {r['torch_efficiency']:.2f}")
+                  + " |")
     g = math.exp(statistics.mean(math.log(r["ratio"]) for r in results))
     md += ["", f"Geometric mean of the ratios: {g:.2f} over {len(results)} rows.", ""]
     open(a.out + ".md", "w").write("\n".join(md))
