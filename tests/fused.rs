@@ -20,29 +20,7 @@ use prunekit::{Buf, Device};
 
 mod common;
 
-/// splitmix64, uniform in [lo, hi).
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x0F0F_1234_5678_9ABC)
-    }
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
-    }
-    fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(lo, hi)).collect()
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn shape(n: usize, h: usize, w: usize, c: usize, k: usize, r: usize, stride: usize, pad: usize) -> ConvShape {
-    ConvShape { n, h, w, c, k, r, s: r, stride, pad }
-}
+use common::{square_conv as shape, SplitMix as Rng};
 
 /// Odd channels (3, 7, 67), batch 1, 1x1 and 7x7 and odd maps, stride 2, several row
 /// tiles (m > 128), several column tiles (K = 67 > 64), vector and scalar loads.

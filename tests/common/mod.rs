@@ -4,7 +4,34 @@
 pub mod cli;
 
 use prunekit::gpu::{Gpu, Schedule};
+use prunekit::ops::conv::ConvShape;
 use prunekit::Device;
+
+/// splitmix64, uniform in [lo, hi) (the fused ops' tests).
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    pub fn new(seed: u64) -> Self {
+        SplitMix(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x0F0F_1234_5678_9ABC)
+    }
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+}
+
+/// A convolution with a square r x r filter and square stride and padding.
+#[allow(clippy::too_many_arguments)]
+pub fn square_conv(n: usize, h: usize, w: usize, c: usize, k: usize, r: usize, stride: usize, pad: usize) -> ConvShape {
+    ConvShape { n, h, w, c, k, r, s: r, stride, pad }
+}
 
 /// A small deterministic generator (PCG-style LCG), so that tests need no RNG crate.
 pub struct Rng(u64);
