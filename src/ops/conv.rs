@@ -501,8 +501,14 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
     Ok((grid.0, bm))
 }
 
-fn widen<T: ConvElem>(b: &Buf<T>) -> Vec<f32> {
-    b.host().expect("checked to be on the host").iter().map(|v| v.to_f32()).collect()
+/// A host buffer as f32: borrowed when T is f32, else widened (exactly).
+pub(crate) fn host_f32<T: ConvElem>(b: &Buf<T>) -> std::borrow::Cow<'_, [f32]> {
+    let h = b.host().expect("checked to be on the host");
+    if T::NAME == "f32" {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(h))
+    } else {
+        std::borrow::Cow::Owned(h.iter().map(|v| v.to_f32()).collect())
+    }
 }
 
 /// `y[n,p,q,k] = sum_{r,s,c} x[n, p*stride-pad+r, q*stride-pad+s, c] * w[k,r,s,c]`
@@ -585,20 +591,11 @@ pub fn conv2d_wgrad_with<T: ConvElem>(
     prepare(dev, sh, (dy, "dy", sh.y_len()), (x, "x", sh.x_len()), (&*dw, "dw", sh.w_len()))?;
     timed(dev, Family::ConvWgrad, cost::<T>(Pass::Wgrad, sh), || match dev {
         Device::Cpu => {
-            let o = dw.host_mut().expect("checked");
-            match (f32s(x.host().expect("checked")), f32s(dy.host().expect("checked"))) {
-                (Some(xs), Some(d)) => cpu::wgrad(sh, xs, d, o),
-                _ => cpu::wgrad(sh, &widen(x), &widen(dy), o),
-            }
+            cpu::wgrad(sh, &host_f32(x), &host_f32(dy), dw.host_mut().expect("checked"));
             Ok(())
         }
         Device::Gpu(gpu) => launch(gpu, Pass::Wgrad, sh, dy, x, dw, plan, None).map(|_| ()),
     })
-}
-
-/// The slice as f32 when T is f32.
-fn f32s<T: ConvElem>(h: &[T]) -> Option<&[f32]> {
-    (T::NAME == "f32").then(|| bytemuck::cast_slice(h))
 }
 
 /// Runs a CPU pass on host buffers: in place for f32, through f32 copies for 16-bit types.
@@ -609,13 +606,19 @@ pub(crate) fn cpu_run<T: ConvElem>(
     out_len: usize,
     f: impl Fn(&[f32], &[f32], &mut [f32]),
 ) {
-    let (ah, bh) = (a.host().expect("checked"), b.host().expect("checked"));
+    let (a, b) = (host_f32(a), host_f32(b));
+    with_f32_out(out, out_len, |o| f(&a, &b, o));
+}
+
+/// Runs `f` on `out` as f32: `out` itself for f32, else an f32 temporary of `out_len`
+/// elements rounded (to nearest even) into `out` afterwards.
+pub(crate) fn with_f32_out<T: ConvElem>(out: &mut Buf<T>, out_len: usize, f: impl FnOnce(&mut [f32])) {
     let oh = out.host_mut().expect("checked");
     if T::NAME == "f32" {
-        f(bytemuck::cast_slice(ah), bytemuck::cast_slice(bh), bytemuck::cast_slice_mut(oh));
+        f(bytemuck::cast_slice_mut(oh));
     } else {
         let mut o = vec![0.0f32; out_len];
-        f(&widen(a), &widen(b), &mut o);
+        f(&mut o);
         for (d, s) in oh.iter_mut().zip(&o) {
             *d = T::from_f32(*s);
         }

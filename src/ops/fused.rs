@@ -315,16 +315,6 @@ impl BnInput<'_> {
     }
 }
 
-/// A host buffer as f32: borrowed when T is f32, else widened.
-fn host_f32<T: ConvElem>(b: &Buf<T>) -> std::borrow::Cow<'_, [f32]> {
-    let h = b.host().expect("checked to be on the host");
-    if T::NAME == "f32" {
-        std::borrow::Cow::Borrowed(bytemuck::cast_slice(h))
-    } else {
-        std::borrow::Cow::Owned(h.iter().map(|v| v.to_f32()).collect())
-    }
-}
-
 /// `y = conv(bn(x), w)` with `bn` the batch norm (+ ReLU) of [`BnInput`], applied while the
 /// convolution loads x: the same values as [`crate::ops::layers::bn_apply_saved`] into a
 /// temporary, then [`conv::conv2d_fprop`] of it (bitwise, with the same tile), without
@@ -357,17 +347,8 @@ pub fn conv2d_fprop_bn_input_with<T: ConvElem>(
     timed(dev, Family::ConvFprop, cost, || match dev {
         Device::Cpu => {
             let a = bn.apply_host(sh.c, x)?;
-            let wf = host_f32(w);
-            let yh = y.host_mut().expect("checked");
-            if T::NAME == "f32" {
-                crate::cpu::conv::fprop(sh, &a, &wf, bytemuck::cast_slice_mut(yh));
-            } else {
-                let mut o = vec![0.0f32; sh.y_len()];
-                crate::cpu::conv::fprop(sh, &a, &wf, &mut o);
-                for (d, s) in yh.iter_mut().zip(&o) {
-                    *d = T::from_f32(*s);
-                }
-            }
+            let wf = conv::host_f32(w);
+            conv::with_f32_out(y, sh.y_len(), |o| crate::cpu::conv::fprop(sh, &a, &wf, o));
             Ok(())
         }
         Device::Gpu(gpu) => {
@@ -408,7 +389,7 @@ pub fn conv2d_wgrad_bn_input_with<T: ConvElem>(
     timed(dev, Family::ConvWgrad, cost, || match dev {
         Device::Cpu => {
             let a = bn.apply_host(sh.c, x)?;
-            crate::cpu::conv::wgrad(sh, &a, &host_f32(dy), dw.host_mut().expect("checked"));
+            crate::cpu::conv::wgrad(sh, &a, &conv::host_f32(dy), dw.host_mut().expect("checked"));
             Ok(())
         }
         Device::Gpu(gpu) => {
