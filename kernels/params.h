@@ -265,4 +265,6 @@ typedef struct {
   float momentum;
   float weight_decay;
   int32_t first;  // first step: buf = d
+  float grad_scale;  // the gradient is multiplied by this first (1: unscaled)
+  int32_t pad0;
 } PkSgdParams;

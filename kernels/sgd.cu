@@ -1,11 +1,13 @@
 // PyTorch's SGD with momentum and weight decay (dampening 0, no Nesterov), in place on
-// f32 parameters: d = grad + wd * param; buf = d on the first step, else
+// f32 parameters: d = grad + wd * param (grad first multiplied by grad_scale unless it is
+// 1: the scale torch.nn.utils.clip_grad_norm_ applies to the gradients); buf = d on the first step, else
 // buf = momentum * buf + d; param -= lr * buf. With weight_decay == 0 d is grad, and with
 // momentum == 0 the step uses d (as PyTorch, which keeps no buffer then; buf is set to d).
 // CPU version: src/cpu/layers/sgd.rs; wrapper: src/ops/layers/sgd.rs.
 #include "layers.cuh"
 
 __device__ __forceinline__ void sgd_one(const PkSgdParams& p, float& w, float g, float& b) {
+  if (p.grad_scale != 1.0f) g *= p.grad_scale;
   const float d = p.weight_decay != 0.0f ? g + p.weight_decay * w : g;
   if (p.momentum != 0.0f) {
     b = p.first ? d : p.momentum * b + d;

@@ -480,6 +480,11 @@ params!(
         weight_decay: f32,
         /// 1 on the first step: `buf = d` (the old buffer is not read).
         first: i32,
+        /// The gradient is multiplied by this before anything else (gradient clipping);
+        /// 1 leaves it as it is.
+        grad_scale: f32,
+        /// Padding.
+        pad0: i32,
     }
 );
 /// Output tile of the FC GEMM (PK_FC_TILE).

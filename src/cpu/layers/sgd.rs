@@ -1,14 +1,18 @@
 //! PyTorch's `torch.optim.SGD` step (dampening 0, no Nesterov) on one tensor:
 //! `d = grad + weight_decay * param` (just `grad` when weight_decay is 0);
 //! `buf = d` on the first step, else `buf = momentum * buf + d` (just `d` when momentum
-//! is 0: PyTorch keeps no buffer then); `param -= lr * buf`.
+//! is 0: PyTorch keeps no buffer then); `param -= lr * buf`. The scaled step first
+//! multiplies the gradient by a scale (gradient clipping: `torch.nn.utils.clip_grad_norm_`
+//! scales the gradients before the optimizer adds the weight decay).
 
 use rayon::prelude::*;
 
 const TASK: usize = 1 << 16;
 
 #[inline]
-fn step_one(w: &mut f32, g: f32, b: &mut f32, lr: f32, momentum: f32, weight_decay: f32, first: bool) {
+#[allow(clippy::too_many_arguments)]
+fn step_one(w: &mut f32, g: f32, b: &mut f32, lr: f32, momentum: f32, weight_decay: f32, first: bool, scale: f32) {
+    let g = if scale != 1.0 { g * scale } else { g };
     let d = if weight_decay != 0.0 { g + weight_decay * *w } else { g };
     *b = if momentum != 0.0 && !first { momentum * *b + d } else { d };
     *w -= lr * *b;
@@ -24,9 +28,24 @@ pub fn sgd_step(
     weight_decay: f32,
     first_step: bool,
 ) {
+    sgd_step_scaled(param, grad, buf, lr, momentum, weight_decay, first_step, 1.0)
+}
+
+/// [`sgd_step`] on `grad_scale * grad` (1: the plain step, bitwise).
+#[allow(clippy::too_many_arguments)]
+pub fn sgd_step_scaled(
+    param: &mut [f32],
+    grad: &[f32],
+    buf: &mut [f32],
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+    first_step: bool,
+    grad_scale: f32,
+) {
     param.par_chunks_mut(TASK).zip(grad.par_chunks(TASK).zip(buf.par_chunks_mut(TASK))).for_each(|(w, (g, b))| {
         for ((w, g), b) in w.iter_mut().zip(g).zip(b.iter_mut()) {
-            step_one(w, *g, b, lr, momentum, weight_decay, first_step);
+            step_one(w, *g, b, lr, momentum, weight_decay, first_step, grad_scale);
         }
     });
 }

@@ -29,6 +29,25 @@ pub fn sgd_step(
     weight_decay: f32,
     first_step: bool,
 ) -> Result<()> {
+    sgd_step_scaled(dev, param, grad, momentum_buf, lr, momentum, weight_decay, first_step, 1.0)
+}
+
+/// [`sgd_step`] with the gradient multiplied by `grad_scale` first, as after
+/// `torch.nn.utils.clip_grad_norm_`: `d = grad_scale * grad + weight_decay * param`, then
+/// momentum and the update as in [`sgd_step`]. A scale of 1 is the plain step, bitwise.
+#[allow(clippy::too_many_arguments)]
+pub fn sgd_step_scaled(
+    dev: &Device,
+    param: &mut Buf<f32>,
+    grad: &Buf<f32>,
+    momentum_buf: &mut Buf<f32>,
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+    first_step: bool,
+    grad_scale: f32,
+) -> Result<()> {
+    ensure!(grad_scale.is_finite(), "the gradient scale must be finite, not {grad_scale}");
     let n = param.len();
     check_len(grad, n, "grad")?;
     check_len(momentum_buf, n, "momentum_buf")?;
@@ -41,7 +60,7 @@ pub fn sgd_step(
         || Cost::sgd(n, first_step),
         || match dev {
             Device::Cpu => {
-                cpu::sgd_step(
+                cpu::sgd_step_scaled(
                     host_mut(param, "param")?,
                     host(grad, "grad")?,
                     host_mut(momentum_buf, "momentum_buf")?,
@@ -49,6 +68,7 @@ pub fn sgd_step(
                     momentum,
                     weight_decay,
                     first_step,
+                    grad_scale,
                 );
                 Ok(())
             }
@@ -65,6 +85,8 @@ pub fn sgd_step(
                     momentum,
                     weight_decay,
                     first: first_step as i32,
+                    grad_scale,
+                    pad0: 0,
                 };
                 ensure!(aligned16(&[p.param, p.grad, p.buf]), "SGD buffers must be 16-byte aligned");
                 // SAFETY: param, grad and momentum_buf hold n f32 each, 16-byte aligned as the
