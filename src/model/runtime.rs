@@ -139,6 +139,26 @@ impl Model {
         both!(self, m => m.sgd_step(sgd))
     }
 
+    /// See [`ResNet::sgd_step_scaled`].
+    pub fn sgd_step_scaled(&mut self, sgd: &Sgd, grad_scale: f32) -> Result<()> {
+        both!(self, m => m.sgd_step_scaled(sgd, grad_scale))
+    }
+
+    /// See [`ResNet::grad_norm`].
+    pub fn grad_norm(&self, head_only: bool) -> Result<f64> {
+        both!(self, m => m.grad_norm(head_only))
+    }
+
+    /// See [`ResNet::head_forward_backward`].
+    pub fn head_forward_backward(&mut self, ws: &mut AnyWorkspace) -> Result<()> {
+        pair!(self, ws, m, w => m.head_forward_backward(w))
+    }
+
+    /// See [`ResNet::sgd_step_head`].
+    pub fn sgd_step_head(&mut self, sgd: &Sgd, grad_scale: f32) -> Result<()> {
+        both!(self, m => m.sgd_step_head(sgd, grad_scale))
+    }
+
     /// See [`ResNet::train_step`].
     pub fn train_step(&mut self, ws: &mut AnyWorkspace, sgd: &Sgd) -> Result<()> {
         pair!(self, ws, m, w => m.train_step(w, sgd))
