@@ -22,6 +22,9 @@ pub struct Record {
     pub lr: f64,
     /// This step's training loss (mean over the batch, before the update).
     pub loss: f64,
+    /// The global L2 norm of the step's gradients before clipping (with gradient clipping only).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub grad_norm: Option<f64>,
     /// Top-1 error on the validation split (evaluation points only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub val_error: Option<f64>,

@@ -33,11 +33,11 @@ mod log;
 mod run;
 mod schedule;
 
-pub use budget::{steps_for, Length};
+pub use budget::{head_step_flops, phase_steps, steps_for, Length};
 pub use checkpoint::{check_settings, Checkpoint, Progress};
 pub use eval::{evaluate, EvalResult};
 pub use log::{Bar, JsonLog, Record};
-pub use run::{train, Outcome, Start, Summary};
+pub use run::{train, Divergence, Outcome, Start, Summary};
 pub use schedule::{Schedule, ScheduleKind};
 
 use crate::data::{Augment, Normalize};
@@ -182,8 +182,32 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Learning-rate shape after the warm-up.
     pub schedule: ScheduleKind,
-    /// Steps of linear warm-up.
+    /// Steps of linear warm-up (ignored when `warmup_fraction` is set).
     pub warmup: u64,
+    /// Linear warm-up over this fraction of the run's steps (of each phase's, with a
+    /// head-only phase), rounded up and kept shorter than the phase: a warm-up that fits
+    /// every budget. When set it wins over `warmup`.
+    pub warmup_fraction: Option<f64>,
+    /// Clip the gradients to this global L2 norm before each SGD step, as
+    /// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: the norm over every parameter's
+    /// gradient, the gradients multiplied by `max_norm / (norm + 1e-6)` when that is below 1
+    /// (the weight decay and the momentum then act as PyTorch's SGD after clipping).
+    pub clip_grad_norm: Option<f64>,
+    /// The first `floor(head_only_fraction * steps)` steps train only the classifier
+    /// (linear probing, then fine-tuning: LP-FT, Kumar et al. 2022): an eval-mode forward
+    /// (BN on its running statistics), the loss, the classifier's backward and SGD step;
+    /// the backbone (weights, BN statistics, momentum) is not written. Each phase has its own
+    /// schedule (warm-up and decay) fitted to its steps. Such a step is charged the FLOPs
+    /// it computes ([`head_step_flops`]): the forward and the classifier's backward. 0: none.
+    pub head_only_fraction: f64,
+    /// A run whose training loss is not finite, or above this many times the first step's
+    /// loss, has diverged ([`Divergence`]).
+    pub diverge_factor: f64,
+    /// On divergence, stop the run there (the step's update is not applied), evaluate, and
+    /// report it in [`Summary::diverged`]. Without it a non-finite loss is an error, and a
+    /// loss above the factor is reported (a line, and [`Summary::diverged`]) while the run
+    /// goes on.
+    pub stop_on_divergence: bool,
     /// Label smoothing of the training loss, in [0, 1) (PyTorch's `label_smoothing`; the
     /// validation loss is always plain cross-entropy).
     pub label_smoothing: f64,
@@ -229,6 +253,11 @@ impl Default for TrainConfig {
             weight_decay: 5e-4,
             schedule: ScheduleKind::Cosine,
             warmup: 0,
+            warmup_fraction: None,
+            clip_grad_norm: None,
+            head_only_fraction: 0.0,
+            diverge_factor: 10.0,
+            stop_on_divergence: false,
             label_smoothing: 0.0,
             eval_every: None,
             precision: PrecisionKind::F32,
@@ -269,6 +298,22 @@ impl TrainConfig {
             (0.0..1.0).contains(&self.label_smoothing),
             "--label-smoothing must be in [0, 1), not {}",
             self.label_smoothing
+        );
+        if let Some(f) = self.warmup_fraction {
+            ensure!((0.0..1.0).contains(&f), "--warmup-fraction must be in [0, 1), not {f}");
+        }
+        if let Some(c) = self.clip_grad_norm {
+            ensure!(c.is_finite() && c > 0.0, "--clip-grad-norm must be finite and positive, not {c}");
+        }
+        ensure!(
+            (0.0..1.0).contains(&self.head_only_fraction),
+            "--head-only-fraction must be in [0, 1), not {}",
+            self.head_only_fraction
+        );
+        ensure!(
+            self.diverge_factor.is_finite() && self.diverge_factor > 1.0,
+            "the divergence factor must be finite and above 1, not {}",
+            self.diverge_factor
         );
         if let Some(e) = self.eval_every {
             ensure!(e.is_finite() && e > 0.0, "--eval-every must be a positive number of GFLOPs, not {e}");
