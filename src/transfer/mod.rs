@@ -7,13 +7,40 @@
 //!   the data order differs, and a replaced classifier's initialisation); a row reports the
 //!   mean and the spread of their validation error.
 //! - With several learning rates, each pair first picks its rate on a split carved from the
-//!   target's *training* data (`search_fraction` of each class held out; never the
-//!   validation split): one run per rate with the first seed, on the rest, for the same
-//!   budget. The search's compute is reported beside the budget (the Nevis protocol charges
+//!   target's *training* data (`search_fraction` of each class held out, seeded with the
+//!   first seed; never the validation split): one run per rate and seed, on the rest, for
+//!   the same budget; the rate with the lowest mean held-out error over the seeds wins
+//!   (a rate with a diverged run loses to every rate without one: [`chosen_lr`]). The
+//!   search's compute is reported beside the budget (the Nevis protocol charges
 //!   hyperparameter search to the learner).
+//! - The fine-tuning recipe's defaults keep runs stable across budgets and seeds
+//!   ([`Experiment::new`]): a linear warm-up over a tenth of each run's steps, gradients
+//!   clipped to a global L2 norm of 1, and a head-only phase over the first tenth of the
+//!   steps (linear probing, then fine-tuning: LP-FT, Kumar et al. 2022). A run whose
+//!   training loss is not finite or above 10x its first loss stops there and is reported
+//!   as diverged (its record's `diverged`, the row's count); a row's mean leaves diverged
+//!   runs out and says how many there were.
 //! - Every finished training run is one JSON file in the runs folder (written atomically);
 //!   a re-run skips the runs it finds, and [`merge`] assembles a folder that several
 //!   shards ([`Shard`]) filled.
+//!
+//! On a Slurm cluster, a job array runs the shards and a dependent job merges them. Slurm
+//! numbers the array's tasks as `--array` says, so let it count from 0 to N - 1 (with
+//! `--array=1-4`, pass `$((SLURM_ARRAY_TASK_ID - 1))/4` instead); a shard killed (a
+//! preempted or timed-out task) keeps its finished runs, and its rerun skips them:
+//!
+//! ```text
+//! # shards.sbatch
+//! #SBATCH --array=0-3
+//! prunekit transfer --weights pre.safetensors --data ... --budgets 3,6,12 --seeds 3 \
+//!     --runs runs/ --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
+//!
+//! $ jid=$(sbatch --parsable shards.sbatch)
+//! $ sbatch --dependency=afterok:$jid --wrap "prunekit transfer merge --runs runs/ --json transfer.json"
+//! ```
+//!
+//! (`afterok` on an array job waits for every task to succeed; every shard must pass the
+//! same options, or the merge refuses the runs of another experiment.)
 //!
 //! ```no_run
 //! # fn main() -> prunekit::Result<()> {
@@ -30,7 +57,7 @@ mod report;
 mod spec;
 
 pub use plot::{check_plot_path, plot};
-pub use report::{merge, Optimum, Report, Row};
+pub use report::{chosen_lr, merge, Optimum, Report, Row};
 pub use spec::{parse_models, parse_positive_list, ModelSpec, Shard};
 
 use crate::data::Dataset;
@@ -42,8 +69,9 @@ use crate::{ensure, invalid, Error, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Format version of the run files.
-const RUN_FORMAT: u32 = 2;
+/// Format version of the run files (3: the stable recipe's settings, the search over
+/// every seed, divergence and the steps done in each record).
+const RUN_FORMAT: u32 = 3;
 
 /// An experiment: what to compare and how to fine-tune.
 #[derive(Clone, Debug)]
@@ -81,9 +109,18 @@ pub struct Experiment {
 
 impl Experiment {
     /// An experiment with one seed, the recipe's default learning rate, no search, the
-    /// default pruning settings, the whole plan and no runs folder.
+    /// default pruning settings, the whole plan and no runs folder; the recipe is
+    /// [`TrainConfig::default`] with the stable fine-tuning defaults: warm-up over 10% of
+    /// each phase's steps, gradients clipped to norm 1, the first 10% of the steps
+    /// head-only, and a run that diverges stops there and is reported so.
     pub fn new(weights: StateDict, weights_id: &str, models: Vec<ModelSpec>, budgets: Vec<f64>) -> Experiment {
-        let recipe = TrainConfig::default();
+        let recipe = TrainConfig {
+            warmup_fraction: Some(0.1),
+            clip_grad_norm: Some(1.0),
+            head_only_fraction: 0.1,
+            stop_on_divergence: true,
+            ..TrainConfig::default()
+        };
         Experiment {
             weights,
             weights_id: weights_id.to_string(),
@@ -151,6 +188,11 @@ impl Experiment {
         put("wd", format!("{:?}", r.weight_decay));
         put("schedule", r.schedule.to_string());
         put("warmup", r.warmup.to_string());
+        put("warmup_fraction", r.warmup_fraction.map_or("none".into(), |f| format!("{f:?}")));
+        put("clip_grad_norm", r.clip_grad_norm.map_or("none".into(), |c| format!("{c:?}")));
+        put("head_only_fraction", format!("{:?}", r.head_only_fraction));
+        put("diverge_factor", format!("{:?}", r.diverge_factor));
+        put("search_seeds", "all".into());
         put("label_smoothing", format!("{:?}", r.label_smoothing));
         put("augment", r.augment.to_string());
         put("normalize", format!("{:?}", r.norm));
@@ -265,8 +307,12 @@ pub struct RunRecord {
     pub seed: u64,
     /// The peak learning rate.
     pub lr: f64,
-    /// Steps the budget allowed.
+    /// Steps the budget allowed (the schedule's length).
     pub steps: u64,
+    /// Steps run: `steps`, or fewer when the run diverged.
+    pub steps_done: u64,
+    /// The first `head_steps` steps trained the classifier only.
+    pub head_steps: u64,
     /// Training compute spent, in GFLOPs (at most the budget).
     pub train_gflops: f64,
     /// Training FLOPs per image of this model, in GFLOPs.
@@ -275,12 +321,21 @@ pub struct RunRecord {
     pub params: usize,
     /// Top-1 error on the evaluation split (the held-out part for a search run).
     pub val_error: f64,
-    /// Mean cross-entropy there.
+    /// Mean cross-entropy there (not finite for some diverged runs: written as a string).
+    #[serde(with = "lossy_f64")]
     pub val_loss: f64,
     /// Images evaluated.
     pub val_images: usize,
-    /// The loss of the last training step.
+    /// The loss of the last training step applied.
+    #[serde(with = "lossy_f64")]
     pub last_train_loss: f64,
+    /// The loss of the first training step.
+    #[serde(with = "lossy_f64")]
+    pub first_train_loss: f64,
+    /// Why the run diverged (its training loss not finite, or above the divergence factor
+    /// times its first loss): it stopped at that step and was evaluated there. None: it
+    /// did not.
+    pub diverged: Option<String>,
     /// Seconds of training (steps only; evaluation excluded).
     pub wall_s: f64,
     /// Seconds of the final evaluation.
@@ -314,7 +369,13 @@ impl RunRecord {
         let format = v.get("format").and_then(|f| f.as_u64()).ok_or_else(|| not_ours(&"no format"))?;
         ensure!(
             format == RUN_FORMAT as u64,
-            "{shown}: a run file of format {format}; this prunekit reads format {RUN_FORMAT}"
+            "{shown}: a run file of format {format}; this prunekit reads format {RUN_FORMAT}{}",
+            if format < RUN_FORMAT as u64 {
+                " (older runs were made without the stable fine-tuning recipe, the search over every seed and the \
+                 divergence record: run the experiment again into another --runs folder)"
+            } else {
+                " (made by a newer prunekit)"
+            }
         );
         serde_json::from_value(v).map_err(|e| not_ours(&e))
     }
@@ -405,7 +466,7 @@ pub fn run_experiment(dev: &Device, exp: &Experiment, data: &Dataset, say: &mut 
         (0..exp.models.len()).flat_map(|m| (0..exp.budgets.len()).map(move |b| (m, b))).collect();
     let mine: Vec<(usize, usize)> =
         pairs.iter().enumerate().filter(|(i, _)| exp.shard.owns(*i)).map(|(_, &p)| p).collect();
-    let per_pair = exp.seeds + if search.is_some() { exp.lrs.len() } else { 0 };
+    let per_pair = exp.seeds + if search.is_some() { exp.lrs.len() * exp.seeds } else { 0 };
     let total = mine.len() * per_pair;
     say(&format!(
         "transfer: {} models x {} budgets = {} pairs{}; {} training runs ({} seeds{}) on {}, {}",
@@ -416,7 +477,7 @@ pub fn run_experiment(dev: &Device, exp: &Experiment, data: &Dataset, say: &mut 
         total,
         exp.seeds,
         if search.is_some() {
-            format!(", and {} learning rates searched per pair", exp.lrs.len())
+            format!(", and {} learning rates searched per pair with every seed", exp.lrs.len())
         } else {
             String::new()
         },
@@ -432,24 +493,26 @@ pub fn run_experiment(dev: &Device, exp: &Experiment, data: &Dataset, say: &mut 
             Some(split) => {
                 let mut searched = Vec::new();
                 for &lr in &exp.lrs {
-                    done += 1;
-                    searched.push(one_run(
-                        dev,
-                        exp,
-                        &pruned[mi],
-                        &settings,
-                        split,
-                        RunKind::Search,
-                        model,
-                        budget,
-                        r.seed,
-                        lr,
-                        done,
-                        total,
-                        say,
-                    )?);
+                    for seed in exp.seed_list() {
+                        done += 1;
+                        searched.push(one_run(
+                            dev,
+                            exp,
+                            &pruned[mi],
+                            &settings,
+                            split,
+                            RunKind::Search,
+                            model,
+                            budget,
+                            seed,
+                            lr,
+                            done,
+                            total,
+                            say,
+                        )?);
+                    }
                 }
-                let lr = report::chosen_lr(&searched).expect("at least one learning rate");
+                let lr = report::chosen_lr(&searched, &exp.lrs).expect("at least one learning rate");
                 records.extend(searched);
                 lr
             }
@@ -524,6 +587,7 @@ fn one_run(
         eval_every: None,
         progress: false,
         stop_after: None,
+        stop_on_divergence: true,
         ..exp.recipe.clone()
     };
     let outcome = train(dev, Start::Fresh(prep.state), data, &cfg, &mut |_| {}).map_err(|e| invalid!("{what}: {e}"))?;
@@ -545,7 +609,9 @@ fn one_run(
         budget_gflops: budget,
         seed,
         lr,
-        steps: s.steps,
+        steps: s.planned_steps,
+        steps_done: s.steps,
+        head_steps: s.head_steps,
         train_gflops: s.train_gflops,
         train_gflops_per_image: s.gflops_per_image,
         params,
@@ -553,15 +619,23 @@ fn one_run(
         val_loss: eval.loss,
         val_images: eval.images,
         last_train_loss: s.last_loss,
-        wall_s: s.wall_s - s.eval_s,
+        first_train_loss: s.first_loss,
+        diverged: s.diverged.as_ref().map(|d| d.to_string()),
+        wall_s: s.train_s,
         eval_s: s.eval_s,
         device: dev.name(),
         settings: settings.clone(),
         plan: exp.plan(),
     };
     say(&format!(
-        "{what}: {} steps, {:.1} GFLOPs, val error {:.4}, val loss {:.4} ({:.1} s + {:.1} s eval)",
-        rec.steps, rec.train_gflops, rec.val_error, rec.val_loss, rec.wall_s, rec.eval_s
+        "{what}: {} steps, {:.1} GFLOPs, val error {:.4}, val loss {:.4} ({:.1} s + {:.1} s eval){}",
+        rec.steps_done,
+        rec.train_gflops,
+        rec.val_error,
+        rec.val_loss,
+        rec.wall_s,
+        rec.eval_s,
+        rec.diverged.as_ref().map_or(String::new(), |d| format!("; DIVERGED: {d}"))
     ));
     if let Some(p) = &path {
         rec.write(p)?;
@@ -585,4 +659,32 @@ pub(crate) fn settings_diff(a: &BTreeMap<String, String>, b: &BTreeMap<String, S
         })
         .collect();
     diffs.join("; ")
+}
+
+/// Serde for an f64 that may not be finite: JSON has no NaN or infinity, so those are
+/// written as the strings "NaN", "inf" and "-inf" (and read back).
+mod lossy_f64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(x: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if x.is_finite() {
+            s.serialize_f64(*x)
+        } else {
+            s.serialize_str(&x.to_string())
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Num {
+        F(f64),
+        S(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+        match Num::deserialize(d)? {
+            Num::F(x) => Ok(x),
+            Num::S(t) => t.parse().map_err(|_| serde::de::Error::custom(format!("not a number: {t:?}"))),
+        }
+    }
 }

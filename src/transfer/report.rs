@@ -22,13 +22,18 @@ pub struct Row {
     pub budget_gflops: f64,
     /// Steps the budget allowed.
     pub steps: u64,
-    /// Training compute of one run in GFLOPs (at most the budget).
+    /// Training compute of one run in GFLOPs (at most the budget; the mean over the seeds
+    /// when diverged runs stopped early).
     pub train_gflops: f64,
     /// The learning rate (the search's choice when there was one).
     pub lr: f64,
     /// Seeds run.
     pub seeds: usize,
-    /// Mean top-1 validation error over the seeds.
+    /// Seeds whose run diverged (see [`RunRecord::diverged`]): left out of the mean, the
+    /// spread, the min and max and the mean loss (which are NaN, null in JSON, when every
+    /// seed diverged).
+    pub diverged: usize,
+    /// Mean top-1 validation error over the seeds that did not diverge.
     pub val_error: f64,
     /// Its sample standard deviation (0 for one seed).
     pub val_error_std: f64,
@@ -36,8 +41,11 @@ pub struct Row {
     pub val_error_min: f64,
     /// The highest.
     pub val_error_max: f64,
-    /// Each seed's error, in seed order.
+    /// Each seed's error, in seed order (diverged runs included, as evaluated where they
+    /// stopped).
     pub val_errors: Vec<f64>,
+    /// The seeds whose run diverged.
+    pub diverged_seeds: Vec<u64>,
     /// Mean validation cross-entropy over the seeds.
     pub val_loss: f64,
     /// Mean seconds of training of one run (evaluation excluded).
@@ -87,17 +95,38 @@ pub struct Report {
     pub runs: Vec<RunRecord>,
 }
 
-/// The learning rate a search picks: the lowest held-out error, then the lowest held-out
-/// loss (a non-finite loss counts as the worst), then the first given.
-pub fn chosen_lr(searched: &[RunRecord]) -> Option<f64> {
-    let key = |r: &RunRecord| (r.val_error, if r.val_loss.is_finite() { r.val_loss } else { f64::INFINITY });
-    let mut best: Option<&RunRecord> = None;
-    for r in searched {
-        if best.is_none_or(|b| key(r) < key(b)) {
-            best = Some(r);
+/// The learning rate a search picks among `lrs` (in their order) from its runs, each rate
+/// judged over all its runs (one per seed): the fewest diverged runs, then the lowest mean
+/// held-out error over the others, then the lowest mean held-out loss (a non-finite loss
+/// counts as the worst), then the first given. None when no rate has a run.
+pub fn chosen_lr(searched: &[RunRecord], lrs: &[f64]) -> Option<f64> {
+    let mut best: Option<((usize, f64, f64), f64)> = None;
+    for &lr in lrs {
+        let runs: Vec<&RunRecord> = searched.iter().filter(|r| r.lr == lr).collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let ok: Vec<&RunRecord> = runs.iter().copied().filter(|r| r.diverged.is_none()).collect();
+        let (err, loss) = if ok.is_empty() {
+            (f64::INFINITY, f64::INFINITY)
+        } else {
+            let loss = mean(&ok.iter().map(|r| r.val_loss).collect::<Vec<_>>());
+            (
+                mean(&ok.iter().map(|r| r.val_error).collect::<Vec<_>>()),
+                if loss.is_finite() { loss } else { f64::INFINITY },
+            )
+        };
+        let key = (runs.len() - ok.len(), err, loss);
+        if best.is_none_or(|(b, _)| key < b) {
+            best = Some((key, lr));
         }
     }
-    best.map(|b| b.lr)
+    best.map(|(_, lr)| lr)
+}
+
+/// A sum that is +0 for no terms (`Iterator::sum` of f64 gives -0).
+fn total(v: impl Iterator<Item = f64>) -> f64 {
+    v.fold(0.0, |a, x| a + x)
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -143,9 +172,13 @@ impl Report {
                         r.steps
                     );
                 }
-                let errs: Vec<f64> = finals.iter().map(|r| r.val_error).collect();
+                let all_errs: Vec<f64> = finals.iter().map(|r| r.val_error).collect();
+                let ok: Vec<&&RunRecord> = finals.iter().filter(|r| r.diverged.is_none()).collect();
+                let errs: Vec<f64> = ok.iter().map(|r| r.val_error).collect();
                 let mu = mean(&errs);
-                let std = if errs.len() > 1 {
+                let std = if errs.is_empty() {
+                    f64::NAN
+                } else if errs.len() > 1 {
                     (errs.iter().map(|e| (e - mu).powi(2)).sum::<f64>() / (errs.len() - 1) as f64).sqrt()
                 } else {
                     0.0
@@ -156,26 +189,41 @@ impl Report {
                     sparsity: m.sparsity(),
                     budget_gflops: b,
                     steps: first.steps,
-                    train_gflops: first.train_gflops,
+                    train_gflops: if finals.iter().all(|r| r.train_gflops == first.train_gflops) {
+                        first.train_gflops
+                    } else {
+                        mean(&finals.iter().map(|r| r.train_gflops).collect::<Vec<_>>())
+                    },
                     lr: first.lr,
                     seeds: finals.len(),
+                    diverged: finals.len() - ok.len(),
                     val_error: mu,
                     val_error_std: std,
-                    val_error_min: errs.iter().copied().fold(f64::INFINITY, f64::min),
-                    val_error_max: errs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-                    val_errors: errs,
-                    val_loss: mean(&finals.iter().map(|r| r.val_loss).collect::<Vec<_>>()),
+                    val_error_min: if errs.is_empty() {
+                        f64::NAN
+                    } else {
+                        errs.iter().copied().fold(f64::INFINITY, f64::min)
+                    },
+                    val_error_max: if errs.is_empty() {
+                        f64::NAN
+                    } else {
+                        errs.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+                    },
+                    val_errors: all_errs,
+                    diverged_seeds: finals.iter().filter(|r| r.diverged.is_some()).map(|r| r.seed).collect(),
+                    val_loss: mean(&ok.iter().map(|r| r.val_loss).collect::<Vec<_>>()),
                     wall_s: mean(&finals.iter().map(|r| r.wall_s).collect::<Vec<_>>()),
                     train_gflops_per_image: first.train_gflops_per_image,
                     params: first.params,
-                    search_gflops: search.iter().map(|r| r.train_gflops).sum(),
-                    search_wall_s: search.iter().map(|r| r.wall_s).sum(),
+                    search_gflops: total(search.iter().map(|r| r.train_gflops)),
+                    search_wall_s: total(search.iter().map(|r| r.wall_s)),
                 });
             }
         }
         let mut optima = Vec::new();
         for &b in budgets {
-            let at: Vec<&Row> = rows.iter().filter(|r| r.budget_gflops == b).collect();
+            // Rows whose every seed diverged have no mean to compare.
+            let at: Vec<&Row> = rows.iter().filter(|r| r.budget_gflops == b && !r.val_error.is_nan()).collect();
             let best = |rs: &[&Row]| -> Option<Row> {
                 rs.iter()
                     .fold(None::<&Row>, |a, r| if a.is_none_or(|a| r.val_error < a.val_error) { Some(r) } else { a })
@@ -206,13 +254,15 @@ impl Report {
     pub fn table(&self) -> String {
         let mut s = String::new();
         let searched = self.rows.iter().any(|r| r.search_gflops > 0.0);
+        let diverged = self.rows.iter().any(|r| r.diverged > 0);
         let _ = writeln!(
             s,
-            "{:<14} {:>9} {:>6} {:>9} {:>8} {:>5} {:>9} {:>8} {:>15} {:>8} {:>8}{}",
+            "{:<14} {:>9} {:>6} {:>9} {:>9} {:>8} {:>5} {:>9} {:>8} {:>15} {:>8} {:>8}{}{}",
             "model",
             "budget GF",
             "steps",
             "GF/image",
+            "train GF",
             "lr",
             "seeds",
             "val error",
@@ -220,16 +270,18 @@ impl Report {
             "min..max",
             "val loss",
             "train s",
-            if searched { "  search GF" } else { "" }
+            if searched { "  search GF  search s" } else { "" },
+            if diverged { "  diverged" } else { "" }
         );
         for r in &self.rows {
             let _ = writeln!(
                 s,
-                "{:<14} {:>9} {:>6} {:>9.4} {:>8} {:>5} {:>9.4} {:>8.4} {:>15} {:>8.4} {:>8.1}{}",
+                "{:<14} {:>9} {:>6} {:>9.4} {:>9.1} {:>8} {:>5} {:>9.4} {:>8.4} {:>15} {:>8.4} {:>8.1}{}{}",
                 r.model,
                 r.budget_gflops,
                 r.steps,
                 r.train_gflops_per_image,
+                r.train_gflops,
                 r.lr,
                 r.seeds,
                 r.val_error,
@@ -237,7 +289,15 @@ impl Report {
                 format!("{:.4}..{:.4}", r.val_error_min, r.val_error_max),
                 r.val_loss,
                 r.wall_s,
-                if searched { format!("  {:>9.1}", r.search_gflops) } else { String::new() }
+                if searched { format!("  {:>9.1} {:>9.1}", r.search_gflops, r.search_wall_s) } else { String::new() },
+                if diverged { format!("  {:>4} of {}", r.diverged, r.seeds) } else { String::new() }
+            );
+        }
+        if diverged {
+            let _ = writeln!(
+                s,
+                "(diverged runs (training loss not finite or above the divergence factor times the first) stopped \
+                 there; they are left out of the row's mean, spread and loss)"
             );
         }
         if !self.optima.is_empty() {
@@ -338,10 +398,6 @@ pub fn merge(dir: &Path) -> Result<Report> {
         "lrs",
         settings.get("lrs").ok_or_else(|| invalid!("the run files lack the setting 'lrs'"))?,
     )?;
-    let search_seed: u64 = settings
-        .get("search_seed")
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| invalid!("the run files lack the setting 'search_seed'"))?;
     let mut missing = Vec::new();
     for m in &models {
         for &b in &budgets {
@@ -349,14 +405,19 @@ pub fn merge(dir: &Path) -> Result<Report> {
                 runs.iter().filter(move |r| r.kind == k && r.model == m.to_string() && r.budget_gflops == b)
             };
             let lr = if lrs.len() > 1 {
-                let searched: Vec<RunRecord> = of(RunKind::Search).filter(|r| r.seed == search_seed).cloned().collect();
-                let absent: Vec<String> =
-                    lrs.iter().filter(|l| !searched.iter().any(|r| r.lr == **l)).map(|l| format!("lr {l}")).collect();
+                let searched: Vec<RunRecord> =
+                    of(RunKind::Search).filter(|r| seeds.contains(&r.seed)).cloned().collect();
+                let absent: Vec<String> = lrs
+                    .iter()
+                    .flat_map(|l| seeds.iter().map(move |s| (*l, *s)))
+                    .filter(|(l, s)| !searched.iter().any(|r| r.lr == *l && r.seed == *s))
+                    .map(|(l, s)| format!("lr {l} seed {s}"))
+                    .collect();
                 if !absent.is_empty() {
                     missing.push(format!("{m} at budget {b}: search runs for {}", absent.join(", ")));
                     continue;
                 }
-                chosen_lr(&searched).expect("every rate searched")
+                chosen_lr(&searched, &lrs).expect("every rate searched")
             } else {
                 lrs[0]
             };
@@ -396,6 +457,8 @@ mod tests {
             seed,
             lr,
             steps: 3,
+            steps_done: 3,
+            head_steps: 0,
             train_gflops: budget * 0.9,
             train_gflops_per_image: 0.1,
             params: 10,
@@ -403,6 +466,8 @@ mod tests {
             val_loss: err * 2.0,
             val_images: 100,
             last_train_loss: 1.0,
+            first_train_loss: 2.0,
+            diverged: None,
             wall_s: 1.0,
             eval_s: 0.5,
             device: "cpu".into(),
@@ -455,16 +520,111 @@ mod tests {
     #[test]
     fn the_search_picks_the_lowest_error_then_loss_then_the_first() {
         let s = RunKind::Search;
+        let lrs = [0.1, 0.2];
         let mut a = rec("dense", 1.0, 0, s, 0.1, 0.3);
         let mut b = rec("dense", 1.0, 0, s, 0.2, 0.3);
-        assert_eq!(chosen_lr(&[a.clone(), b.clone()]), Some(0.1));
+        assert_eq!(chosen_lr(&[a.clone(), b.clone()], &lrs), Some(0.1));
+        assert_eq!(chosen_lr(&[b.clone(), a.clone()], &lrs), Some(0.1), "ties go to the first of lrs");
         b.val_loss = 0.1;
-        assert_eq!(chosen_lr(&[a.clone(), b.clone()]), Some(0.2));
+        assert_eq!(chosen_lr(&[a.clone(), b.clone()], &lrs), Some(0.2));
         a.val_loss = f64::NAN;
         b.val_loss = 5.0;
-        assert_eq!(chosen_lr(&[a.clone(), b.clone()]), Some(0.2));
+        assert_eq!(chosen_lr(&[a.clone(), b.clone()], &lrs), Some(0.2));
         b.val_error = 0.5;
-        assert_eq!(chosen_lr(&[a, b]), Some(0.1));
-        assert_eq!(chosen_lr(&[]), None);
+        assert_eq!(chosen_lr(&[a, b], &lrs), Some(0.1));
+        assert_eq!(chosen_lr(&[], &lrs), None);
+    }
+
+    #[test]
+    fn the_search_judges_each_rate_by_its_mean_over_every_seed() {
+        let s = RunKind::Search;
+        let lrs = [0.01, 0.1];
+        // 0.1 wins seed 0 by far but loses on the mean over three seeds.
+        let runs = vec![
+            rec("dense", 1.0, 0, s, 0.01, 0.30),
+            rec("dense", 1.0, 1, s, 0.01, 0.30),
+            rec("dense", 1.0, 2, s, 0.01, 0.30),
+            rec("dense", 1.0, 0, s, 0.1, 0.10),
+            rec("dense", 1.0, 1, s, 0.1, 0.50),
+            rec("dense", 1.0, 2, s, 0.1, 0.40),
+        ];
+        assert_eq!(chosen_lr(&runs[3..4], &lrs), Some(0.1), "one seed alone picks 0.1");
+        assert_eq!(chosen_lr(&runs, &lrs), Some(0.01), "mean 0.30 against 0.333");
+        // A rate with a diverged run loses to one without, whatever its mean.
+        let mut runs2 = runs.clone();
+        for r in runs2.iter_mut().filter(|r| r.lr == 0.1) {
+            r.val_error = 0.05;
+        }
+        assert_eq!(chosen_lr(&runs2, &lrs), Some(0.1));
+        runs2[3].diverged = Some("the training loss is not finite (NaN) at step 2".into());
+        assert_eq!(chosen_lr(&runs2, &lrs), Some(0.01));
+    }
+
+    #[test]
+    fn no_search_is_zero_search_gflops_not_minus_zero() {
+        let models = parse_models("dense").unwrap();
+        let r =
+            Report::from_records(vec![rec("dense", 10.0, 0, RunKind::Final, 0.1, 0.4)], &models, &[10.0], None, None)
+                .unwrap();
+        let g = r.rows[0].search_gflops;
+        assert!(g == 0.0 && g.is_sign_positive(), "{g:?}");
+        assert!(r.rows[0].search_wall_s.is_sign_positive());
+        let j = serde_json::to_string(&r.to_json()).unwrap();
+        assert!(!j.contains("-0.0"), "{j}");
+    }
+
+    #[test]
+    fn diverged_runs_are_counted_and_left_out_of_the_mean() {
+        let models = parse_models("dense,filters:0.5").unwrap();
+        let f = RunKind::Final;
+        let mut bad = rec("dense", 10.0, 1, f, 0.1, 0.8);
+        bad.diverged = Some("the training loss 30.0000 at step 4 is above 10x the first step's 2.3000".into());
+        let runs = vec![
+            rec("dense", 10.0, 0, f, 0.1, 0.2),
+            bad.clone(),
+            rec("dense", 10.0, 2, f, 0.1, 0.4),
+            rec("filters:0.5", 10.0, 0, f, 0.1, 0.25),
+        ];
+        let r = Report::from_records(runs, &models, &[10.0], None, None).unwrap();
+        let d = &r.rows[0];
+        assert_eq!((d.seeds, d.diverged, d.diverged_seeds.clone()), (3, 1, vec![1]));
+        assert!((d.val_error - 0.3).abs() < 1e-12, "{}", d.val_error);
+        assert_eq!(d.val_errors, vec![0.2, 0.8, 0.4], "every seed's error is listed");
+        assert_eq!((d.val_error_min, d.val_error_max), (0.2, 0.4));
+        let t = r.table();
+        assert!(t.contains("1 of 3") && t.contains("diverged"), "{t}");
+        // A row whose every seed diverged has no mean and is no optimum.
+        let mut all_bad = bad.clone();
+        all_bad.seed = 0;
+        let r = Report::from_records(
+            vec![all_bad, bad, rec("filters:0.5", 10.0, 0, f, 0.1, 0.9)],
+            &models,
+            &[10.0],
+            None,
+            None,
+        )
+        .unwrap();
+        assert!(r.rows[0].val_error.is_nan());
+        assert_eq!(r.optima[0].best_model, "filters:0.5");
+        assert_eq!(r.optima[0].dense_val_error, None);
+    }
+
+    #[test]
+    fn run_records_keep_non_finite_losses() {
+        let mut a = rec("dense", 1.0, 0, RunKind::Final, 0.1, 0.5);
+        a.val_loss = f64::NAN;
+        a.first_train_loss = f64::INFINITY;
+        a.diverged = Some("x".into());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.json");
+        a.write(&p).unwrap();
+        let b = RunRecord::read(&p).unwrap();
+        assert!(b.val_loss.is_nan() && b.first_train_loss == f64::INFINITY);
+        assert_eq!(b.diverged.as_deref(), Some("x"));
+        // Files of the format before are refused with a message that says what to do.
+        let text = std::fs::read_to_string(&p).unwrap().replace("\"format\": 3", "\"format\": 2");
+        std::fs::write(&p, text).unwrap();
+        let e = RunRecord::read(&p).unwrap_err().to_string();
+        assert!(e.contains("format 2") && e.contains("another --runs folder"), "{e}");
     }
 }
