@@ -467,3 +467,335 @@ fn a_separate_evaluation_batch_gives_the_same_evaluation() {
     assert_eq!(val(&["--eval-batch", "64"]), same);
     fails(&f.train(&["--steps", "1", "--eval-batch", "0"]), "--eval-batch must be at least 1");
 }
+
+// ---- The fine-tuning recipes: warm-up fraction, gradient clipping, the head-only phase,
+// divergence and time budgets, through the library on the tiny data.
+
+mod recipes {
+    use super::tiny_arch;
+    use common::cli::tiny_idx;
+    use prunekit::data::{Dataset, OpenOptions};
+    use prunekit::model::{init::torchvision_init, Model, PrecisionKind, Sgd, StateDict};
+    use prunekit::ops::layers;
+    use prunekit::train::{
+        head_step_flops, phase_steps, steps_for, train, Checkpoint, Length, Outcome, Start, Summary, TrainConfig,
+    };
+    use prunekit::Device;
+    use std::path::Path;
+
+    use super::common;
+
+    fn data(dir: &Path) -> Dataset {
+        let spec = tiny_idx(dir, 200);
+        Dataset::open(&spec, &OpenOptions { val_fraction: 0.2, ..OpenOptions::default() }).unwrap()
+    }
+
+    fn cfg(steps: u64) -> TrainConfig {
+        TrainConfig {
+            length: Length::Steps(steps),
+            batch: 16,
+            size: 16,
+            lr: 0.05,
+            augment: prunekit::data::Augment::None,
+            threads: 2,
+            ..TrainConfig::default()
+        }
+    }
+
+    fn finished(o: Outcome) -> Summary {
+        match o {
+            Outcome::Finished(s) => s,
+            o => panic!("{o:?}"),
+        }
+    }
+
+    fn devices() -> Vec<Device> {
+        vec![Device::Cpu, Device::parse("emu").unwrap()]
+    }
+
+    /// A model with the gradients of one batch of the tiny data.
+    fn with_gradients(dev: &Device, ds: &Dataset) -> (Model, prunekit::model::AnyWorkspace) {
+        let mut m = Model::new(dev, &tiny_arch(4), 3, PrecisionKind::F32).unwrap();
+        let mut ws = m.workspace(8, 16, 16).unwrap();
+        let lc = prunekit::data::LoaderConfig { batch: 8, size: 16, ..Default::default() };
+        let mut l = prunekit::data::Loader::train(&ds.train, &lc, Default::default()).unwrap();
+        let mut b = l.new_batch();
+        l.next(&mut b).unwrap();
+        m.set_batch(&mut ws, &b.images, Some(&b.targets)).unwrap();
+        m.forward(&mut ws, true).unwrap();
+        m.backward(&mut ws).unwrap();
+        (m, ws)
+    }
+
+    fn f32s(sd: &StateDict, name: &str) -> Vec<f32> {
+        sd.get(name).unwrap().as_f32().unwrap().to_vec()
+    }
+
+    #[test]
+    fn the_gradient_norm_is_the_hand_computed_global_l2_norm() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = data(dir.path());
+        for dev in devices() {
+            let (m, _) = with_gradients(&dev, &ds);
+            let g = m.gradients().unwrap();
+            let by_hand: f64 =
+                g.tensors.values().flat_map(|t| t.as_f32().unwrap().iter().map(|&x| x as f64 * x as f64)).sum();
+            let head: f64 =
+                ["fc.weight", "fc.bias"].iter().flat_map(|n| f32s(&g, n)).map(|x| x as f64 * x as f64).sum();
+            let n = m.grad_norm(false).unwrap();
+            assert!((n - by_hand.sqrt()).abs() <= 1e-9 * n, "{}: {n} vs {}", dev.name(), by_hand.sqrt());
+            let h = m.grad_norm(true).unwrap();
+            assert!((h - head.sqrt()).abs() <= 1e-9 * h, "{}: {h} vs {}", dev.name(), head.sqrt());
+            assert!(n > h && h > 0.0);
+        }
+    }
+
+    #[test]
+    fn a_clipped_step_is_sgd_on_the_scaled_gradients() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = data(dir.path());
+        for dev in devices() {
+            let (mut m, _) = with_gradients(&dev, &ds);
+            let before = m.to_state().unwrap();
+            let g = m.gradients().unwrap();
+            let (lr, wd, scale) = (0.1f32, 0.01f32, 0.25f32);
+            m.sgd_step_scaled(&Sgd { lr, momentum: 0.9, weight_decay: wd }, scale).unwrap();
+            let after = m.to_state().unwrap();
+            // The first step: buf = d = scale * g + wd * p; p -= lr * buf (in f32).
+            for name in ["conv1.weight", "layer1.0.conv2.weight", "bn1.weight", "fc.weight", "fc.bias"] {
+                let (p0, g0, p1) = (f32s(&before, name), f32s(&g, name), f32s(&after, name));
+                for i in 0..p0.len() {
+                    let d = g0[i] * scale + wd * p0[i];
+                    let want = p0[i] - lr * d;
+                    assert!((p1[i] - want).abs() <= 1e-6 * (1.0 + want.abs()), "{} {name}[{i}]", dev.name());
+                }
+            }
+        }
+        // The op: a scaled step is bitwise the plain step on gradients scaled beforehand, and
+        // a scale of 1 is the plain step.
+        for dev in devices() {
+            let n = 1003;
+            let p: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
+            let gr: Vec<f32> = (0..n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 32.0).collect();
+            let run = |g: &[f32], scale: f32, first: bool| {
+                let mut pb = dev.upload(p.clone()).unwrap();
+                let mut bb = dev.upload(vec![0.5f32; n]).unwrap();
+                let gb = dev.upload(g.to_vec()).unwrap();
+                layers::sgd_step_scaled(&dev, &mut pb, &gb, &mut bb, 0.1, 0.9, 1e-3, first, scale).unwrap();
+                (pb.to_vec().unwrap(), bb.to_vec().unwrap())
+            };
+            let plain = |g: &[f32], first: bool| {
+                let mut pb = dev.upload(p.clone()).unwrap();
+                let mut bb = dev.upload(vec![0.5f32; n]).unwrap();
+                let gb = dev.upload(g.to_vec()).unwrap();
+                layers::sgd_step(&dev, &mut pb, &gb, &mut bb, 0.1, 0.9, 1e-3, first).unwrap();
+                (pb.to_vec().unwrap(), bb.to_vec().unwrap())
+            };
+            let scaled: Vec<f32> = gr.iter().map(|g| g * 0.3).collect();
+            for first in [true, false] {
+                assert_eq!(run(&gr, 0.3, first), plain(&scaled, first), "{}", dev.name());
+                assert_eq!(run(&gr, 1.0, first), plain(&gr, first), "{}", dev.name());
+            }
+        }
+    }
+
+    #[test]
+    fn clipping_bounds_the_update_and_logs_the_norm() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = data(dir.path());
+        let sd = torchvision_init(&tiny_arch(4), 5);
+        let log = dir.path().join("clip.jsonl");
+        let c = TrainConfig { clip_grad_norm: Some(0.01), log: Some(log.clone()), ..cfg(3) };
+        let s = finished(train(&Device::Cpu, Start::Fresh(sd.clone()), &ds, &c, &mut |_| {}).unwrap());
+        let lines = super::log_lines(log.to_str().unwrap());
+        assert!(lines.iter().all(|l| l["grad_norm"].as_f64().unwrap() > 0.01), "the norm is logged, above the clip");
+        // Clipped to 0.01 with lr 0.05 and no momentum history on the first step, no weight moves
+        // by more than lr * (0.01 + wd * |w|) after it.
+        let c1 = TrainConfig { clip_grad_norm: Some(0.01), momentum: 0.0, ..cfg(1) };
+        let mut out = None;
+        let ck = dir.path().join("one.ckpt");
+        let c1 = TrainConfig { checkpoint: Some(ck.clone()), ..c1 };
+        finished(train(&Device::Cpu, Start::Fresh(sd.clone()), &ds, &c1, &mut |_| {}).unwrap());
+        let after = Checkpoint::read(&ck).unwrap().state;
+        let mut sq = 0.0f64;
+        for (n, t) in &after.tensors {
+            if n.ends_with("running_mean") || n.ends_with("running_var") || n.ends_with("num_batches_tracked") {
+                continue;
+            }
+            let (a, b) = (t.as_f32().unwrap(), sd.get(n).unwrap().as_f32().unwrap());
+            for (x, y) in a.iter().zip(b) {
+                let step = (x - y) as f64 - (-(0.05 * 5e-4) * *y as f64);
+                sq += step * step;
+            }
+            out = Some(());
+        }
+        assert!(out.is_some());
+        assert!((sq.sqrt() - 0.05 * 0.01).abs() < 1e-5, "the clipped step's norm is lr * max_norm: {}", sq.sqrt());
+        assert!(s.steps == 3);
+        // Unclipped (a huge limit) is the same run as no clipping, bitwise.
+        let a = TrainConfig { checkpoint: Some(dir.path().join("a.ckpt")), ..cfg(3) };
+        let b = TrainConfig { checkpoint: Some(dir.path().join("b.ckpt")), clip_grad_norm: Some(1e30), ..cfg(3) };
+        finished(train(&Device::Cpu, Start::Fresh(sd.clone()), &ds, &a, &mut |_| {}).unwrap());
+        finished(train(&Device::Cpu, Start::Fresh(sd), &ds, &b, &mut |_| {}).unwrap());
+        let (sa, sb) = (
+            Checkpoint::read(&dir.path().join("a.ckpt")).unwrap().state,
+            Checkpoint::read(&dir.path().join("b.ckpt")).unwrap().state,
+        );
+        assert_eq!(sa.tensors, sb.tensors);
+    }
+
+    #[test]
+    fn the_warmup_fraction_fits_the_run_and_wins_over_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = data(dir.path());
+        let sd = torchvision_init(&tiny_arch(4), 5);
+        let lrs = |c: TrainConfig| -> Vec<f64> {
+            let log = dir.path().join("w.jsonl");
+            let c = TrainConfig { log: Some(log.clone()), ..c };
+            finished(train(&Device::Cpu, Start::Fresh(sd.clone()), &ds, &c, &mut |_| {}).unwrap());
+            super::log_lines(log.to_str().unwrap()).iter().map(|l| l["lr"].as_f64().unwrap()).collect()
+        };
+        // 0.25 of 8 steps: 2 warm-up steps, then the cosine over the other 6.
+        let base = TrainConfig { warmup_fraction: Some(0.25), ..cfg(8) };
+        let v = lrs(base.clone());
+        assert_eq!(v[0], 0.05 * 0.5);
+        assert_eq!(v[1], 0.05);
+        assert_eq!(v[2], 0.05, "the first step after the warm-up is at the peak");
+        assert!(v[7] < v[3]);
+        // With --warmup too, the fraction wins.
+        assert_eq!(lrs(TrainConfig { warmup: 5, ..base.clone() }), v);
+        // The same fraction of 16 steps is 4 warm-up steps.
+        let v16 = lrs(TrainConfig { length: Length::Steps(16), ..base });
+        assert_eq!(v16[3], 0.05);
+        assert!((v16[0] - 0.05 / 4.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn the_head_only_phase_leaves_the_backbone_bitwise_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = data(dir.path());
+        let sd = torchvision_init(&tiny_arch(4), 5);
+        for dev in devices() {
+            let ck = dir.path().join(format!("head-{}.ckpt", dev.kind()));
+            let log = dir.path().join(format!("head-{}.jsonl", dev.kind()));
+            // 4 steps, half head-only; stopped after the 2nd (the last head-only) step.
+            let c = TrainConfig {
+                head_only_fraction: 0.5,
+                clip_grad_norm: Some(1.0),
+                checkpoint: Some(ck.clone()),
+                log: Some(log.clone()),
+                stop_after: Some(2),
+                ..cfg(4)
+            };
+            let o = train(&dev, Start::Fresh(sd.clone()), &ds, &c, &mut |_| {}).unwrap();
+            assert!(matches!(o, Outcome::Interrupted { step: 2, .. }), "{o:?}");
+            let k = Checkpoint::read(&ck).unwrap();
+            let mut fc_moved = false;
+            for (n, t) in &sd.tensors {
+                let after = k.state.get(n).unwrap();
+                if n.starts_with("fc.") {
+                    fc_moved |= after.as_f32() != t.as_f32();
+                } else {
+                    assert_eq!(after, t, "{}: {n} changed in the head-only phase", dev.name());
+                }
+            }
+            assert!(fc_moved, "{}", dev.name());
+            for (n, t) in &k.momentum.tensors {
+                if !n.starts_with("fc.") {
+                    assert!(t.as_f32().unwrap().iter().all(|&x| x == 0.0), "{n}'s momentum is untouched");
+                }
+            }
+            // Head-only steps are charged the forward and the classifier's backward.
+            let lines = super::log_lines(log.to_str().unwrap());
+            let arch = tiny_arch(4);
+            let head = head_step_flops(&arch, 16, 16) * 16.0 / 1e9;
+            let full = arch.flops_train(16, 16) * 16.0 / 1e9;
+            assert!(head < full / 2.0);
+            assert!((lines[0]["train_gflops"].as_f64().unwrap() - head).abs() < 1e-12);
+            assert!((lines[1]["train_gflops"].as_f64().unwrap() - 2.0 * head).abs() < 1e-12);
+            // Resumed, the full fine-tune moves the backbone.
+            let c2 = TrainConfig { stop_after: None, log: None, ..c };
+            let k = Box::new(Checkpoint::read(&ck).unwrap());
+            let s = finished(train(&dev, Start::Resume(k, ck.clone()), &ds, &c2, &mut |_| {}).unwrap());
+            assert_eq!((s.steps, s.head_steps), (4, 2));
+            assert!((s.train_gflops - (2.0 * head + 2.0 * full)).abs() < 1e-12);
+            let end = Checkpoint::read(&ck).unwrap().state;
+            assert_ne!(end.get("conv1.weight").unwrap(), sd.get("conv1.weight").unwrap());
+        }
+    }
+
+    #[test]
+    fn a_budget_with_a_head_only_phase_buys_more_steps_and_still_holds() {
+        let arch = tiny_arch(4);
+        let (full, head) = (arch.flops_train(16, 16), head_step_flops(&arch, 16, 16));
+        let batch = 16;
+        let budget = 40.0 * full * batch as f64 / 1e9;
+        assert_eq!(phase_steps(Length::Gflops(budget), full, head, batch, 10, 0.0, None).unwrap(), (40, 0));
+        assert_eq!(steps_for(Length::Gflops(budget), full, batch, 10).unwrap(), 40);
+        for f in [0.1, 0.25, 0.5, 0.9] {
+            let (t, h) = phase_steps(Length::Gflops(budget), full, head, batch, 10, f, None).unwrap();
+            assert_eq!(h, (f * t as f64).floor() as u64);
+            let cost = |t: u64, h: u64| (h as f64 * head + (t - h) as f64 * full) * batch as f64 / 1e9;
+            assert!(cost(t, h) <= budget * (1.0 + 1e-9), "{f}");
+            let h1 = (f * (t + 1) as f64).floor() as u64;
+            assert!(cost(t + 1, h1) > budget, "{f}: one more step would fit");
+            assert!(t > 40, "{f}");
+        }
+        assert_eq!(phase_steps(Length::Steps(10), full, head, batch, 10, 0.25, None).unwrap(), (10, 2));
+        // A time budget: the probe's seconds per step.
+        assert_eq!(phase_steps(Length::Seconds(10.0), full, head, batch, 10, 0.0, Some((0.5, 0.1))).unwrap(), (20, 0));
+        let (t, h) = phase_steps(Length::Seconds(10.0), full, head, batch, 10, 0.5, Some((0.5, 0.1))).unwrap();
+        assert!(h as f64 * 0.1 + (t - h) as f64 * 0.5 <= 10.0 + 1e-9 && t > 20, "{t} {h}");
+        assert!(phase_steps(Length::Seconds(0.1), full, head, batch, 10, 0.0, Some((0.5, 0.1))).is_err());
+    }
+
+    #[test]
+    fn divergence_stops_the_run_and_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = data(dir.path());
+        let sd = torchvision_init(&tiny_arch(4), 5);
+        let c = TrainConfig { lr: 1e6, stop_on_divergence: true, ..cfg(50) };
+        let mut said = Vec::new();
+        let s = finished(
+            train(&Device::Cpu, Start::Fresh(sd.clone()), &ds, &c, &mut |l| said.push(l.to_string())).unwrap(),
+        );
+        let d = s.diverged.clone().expect("diverged");
+        assert!(s.steps < 50 && s.planned_steps == 50, "{s:?}");
+        assert_eq!(d.step, s.steps + 1, "the diverged step's update is not applied");
+        assert!(!d.loss.is_finite() || d.loss > 10.0 * s.first_loss, "{d}");
+        assert!(s.first_loss.is_finite() && s.eval.is_some());
+        assert!(said.iter().any(|l| l.contains("diverged")), "{said:?}");
+        // A loss above 10x the first, though finite, is a divergence: a factor just above 1
+        // catches the first rise of a run at a high rate.
+        let c = TrainConfig { lr: 2.0, diverge_factor: 1.0001, stop_on_divergence: true, ..cfg(30) };
+        let s = finished(train(&Device::Cpu, Start::Fresh(sd.clone()), &ds, &c, &mut |_| {}).unwrap());
+        let d = s.diverged.expect("a rise above the first loss");
+        assert!(d.loss.is_finite() && d.loss > 1.0001 * d.first_loss, "{d}");
+        // Without stopping, a finite rise is reported and the run goes on.
+        let c = TrainConfig { lr: 2.0, diverge_factor: 1.0001, ..cfg(30) };
+        let mut said = Vec::new();
+        match train(&Device::Cpu, Start::Fresh(sd), &ds, &c, &mut |l| said.push(l.to_string())) {
+            Ok(Outcome::Finished(s)) => {
+                assert_eq!(s.steps, 30);
+                assert!(s.diverged.is_some());
+                assert!(said.iter().any(|l| l.starts_with("warning:")), "{said:?}");
+            }
+            Err(e) => assert!(e.to_string().contains("not finite"), "{e}"),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn a_time_budget_stops_at_the_budget_with_a_fitted_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let ds = data(dir.path());
+        let sd = torchvision_init(&tiny_arch(4), 5);
+        let c = TrainConfig { length: Length::Seconds(0.5), warmup_fraction: Some(0.1), ..cfg(1) };
+        let s = finished(train(&Device::Cpu, Start::Fresh(sd), &ds, &c, &mut |_| {}).unwrap());
+        assert!(s.steps >= 1 && s.steps <= s.planned_steps, "{s:?}");
+        assert!(s.probe_s > 0.0);
+        // It stops at the step that reaches the budget, or at the fitted end.
+        assert!(s.steps == s.planned_steps || s.train_s >= 0.5, "{s:?}");
+        assert!(s.train_gflops > 0.0 && s.eval.is_some());
+    }
+}

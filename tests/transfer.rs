@@ -126,9 +126,27 @@ fn report_has_every_documented_field_and_search_picks_a_searched_rate() {
         let step = gpi * 8.0;
         assert!(steps as f64 * step <= b * (1.0 + 1e-9) && (steps + 1) as f64 * step > b, "{r}");
         assert!((r["train_gflops"].as_f64().unwrap() - steps as f64 * step).abs() < 1e-9 * b, "{r}");
-        // Two rates searched at the pair's budget: the search's compute is two runs' worth.
-        assert!((r["search_gflops"].as_f64().unwrap() - 2.0 * r["train_gflops"].as_f64().unwrap()).abs() < 1e-9, "{r}");
+        // Two rates searched at the pair's budget with both seeds: the search's compute is
+        // four runs' worth.
+        assert!((r["search_gflops"].as_f64().unwrap() - 4.0 * r["train_gflops"].as_f64().unwrap()).abs() < 1e-9, "{r}");
         assert!([0.02, 0.05].contains(&r["lr"].as_f64().unwrap()), "{r}");
+        // The rate chosen has the lowest mean held-out error over the seeds (the first on ties;
+        // no run diverges here), then the lowest mean loss.
+        let search: Vec<&Value> = v["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["kind"] == "search" && x["model"] == r["model"] && x["budget_gflops"] == r["budget_gflops"])
+            .collect();
+        assert_eq!(search.len(), 4);
+        let mean = |lr: f64, k: &str| {
+            let v: Vec<f64> = search.iter().filter(|x| x["lr"] == lr).map(|x| x[k].as_f64().unwrap()).collect();
+            assert_eq!(v.len(), 2, "one search run per seed");
+            v.iter().sum::<f64>() / 2.0
+        };
+        let key = |lr: f64| (mean(lr, "val_error"), mean(lr, "val_loss"));
+        let want = if key(0.05) < key(0.02) { 0.05 } else { 0.02 };
+        assert_eq!(r["lr"].as_f64().unwrap(), want, "{r}");
     }
     // Pruned models are cheaper per image, so the same budget buys more steps.
     let steps = |m: &str| {
@@ -146,9 +164,9 @@ fn report_has_every_documented_field_and_search_picks_a_searched_rate() {
         let best = o["best_val_error"].as_f64().unwrap();
         assert!(best <= d && best <= p, "{o}");
     }
-    // Every run is in the report: 6 pairs x (2 search + 2 final), and as files.
-    assert_eq!(v["runs"].as_array().unwrap().len(), 24);
-    assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 24);
+    // Every run is in the report: 6 pairs x (2 rates x 2 seeds searched + 2 final), and as files.
+    assert_eq!(v["runs"].as_array().unwrap().len(), 36);
+    assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 36);
     assert_eq!(v["settings"]["lrs"], "0.02,0.05");
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") && plot.contains("compute-optimal"), "{}", &plot[..200.min(plot.len())]);
@@ -156,10 +174,10 @@ fn report_has_every_documented_field_and_search_picks_a_searched_rate() {
     // A re-run finds every run done and reports the same.
     let j2 = f.path("again.json");
     let out = ok(&f.run(&["--seeds", "2", "--lrs", "0.02,0.05", "--json", &j2, "--runs", &runs]));
-    assert_eq!(out.matches("done before").count(), 24, "{out}");
+    assert_eq!(out.matches("done before").count(), 36, "{out}");
     assert_eq!(json(&j2), v);
     // A larger plan over the same folder runs only what is new (one more budget: 3 pairs x
-    // 4 runs), and merge reads the union of the plans.
+    // 6 runs), and merge reads the union of the plans.
     let j3 = f.path("more.json");
     let out = ok(&f.run(&[
         "--seeds",
@@ -173,8 +191,8 @@ fn report_has_every_documented_field_and_search_picks_a_searched_rate() {
         "--runs",
         &runs,
     ]));
-    assert_eq!(out.matches("done before").count(), 24, "{out}");
-    assert_eq!(out.lines().filter(|l| l.contains("budget 0.2 GFLOPs") && l.contains("val error")).count(), 12, "{out}");
+    assert_eq!(out.matches("done before").count(), 36, "{out}");
+    assert_eq!(out.lines().filter(|l| l.contains("budget 0.2 GFLOPs") && l.contains("val error")).count(), 18, "{out}");
     let merged = f.path("merged.json");
     ok(&prunekit(&["transfer", "merge", "--runs", &runs, "--json", &merged]));
     assert_eq!(json(&merged)["rows"], json(&j3)["rows"]);
@@ -261,7 +279,7 @@ fn bad_inputs_are_refused_before_any_work() {
     std::fs::write(f.path("empty/junk.json"), "{}").unwrap();
     fails(&prunekit(&["transfer", "merge", "--runs", &empty]), "not a prunekit transfer run file");
     std::fs::write(f.path("empty/junk.json"), r#"{"format": 1}"#).unwrap();
-    fails(&prunekit(&["transfer", "merge", "--runs", &empty]), "this prunekit reads format 2");
+    fails(&prunekit(&["transfer", "merge", "--runs", &empty]), "this prunekit reads format 3");
 }
 
 #[test]
