@@ -3,12 +3,17 @@
 //! second panel against the measured training time. Drawn with plotters (SVG backend).
 
 use super::report::{Report, Row};
+use crate::plot::{tick_label, LogAxis, LABEL_FONT_PX};
 use crate::{ensure, invalid, Result};
 use plotters::prelude::*;
 use std::path::Path;
 
 /// A panel: where it is drawn, the x axis' description, and the x value of a row.
 type Panel<'a, 'b> = (&'b DrawingArea<SVGBackend<'a>, plotters::coord::Shift>, &'static str, fn(&Row) -> f64);
+
+/// Space around each panel, and the width of its y labels' area, in pixels.
+const MARGIN: u32 = 12;
+const Y_LABELS: u32 = 55;
 
 /// Checks, before a run, that `path` names an SVG file in a folder that can be written.
 pub fn check_plot_path(path: &Path) -> Result<()> {
@@ -39,19 +44,21 @@ pub fn plot(report: &Report, path: &Path, title: &str) -> Result<()> {
     ];
     for (area, xdesc, x) in panels {
         let xs: Vec<f64> = report.rows.iter().map(x).collect();
-        let (xmin, xmax) =
-            (xs.iter().copied().fold(f64::INFINITY, f64::min), xs.iter().copied().fold(0.0f64, f64::max));
-        let (xmin, xmax) = (xmin / 1.3, xmax * 1.3);
+        let axis_px = area.dim_in_pixel().0 as f64 - 2.0 * MARGIN as f64 - Y_LABELS as f64;
+        let xaxis = LogAxis::new(&xs, axis_px, LABEL_FONT_PX as f64, 1.3);
         let mut chart = ChartBuilder::on(area)
-            .margin(12)
+            .margin(MARGIN)
             .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d((xmin..xmax).log_scale(), ymin..ymax)
+            .y_label_area_size(Y_LABELS)
+            .build_cartesian_2d(xaxis.coord(), ymin..ymax)
             .map_err(|e| err(&e))?;
         chart
             .configure_mesh()
             .x_desc(xdesc)
             .y_desc("validation error (mean over seeds)")
+            .label_style(("sans-serif", LABEL_FONT_PX))
+            .x_label_formatter(&|v| tick_label(*v))
+            .y_label_formatter(&|v| tick_label(*v))
             .draw()
             .map_err(|e| err(&e))?;
         for (i, m) in models.iter().enumerate() {
