@@ -3,8 +3,11 @@
 //! text positions, anchors and font sizes), no label ends in `.0` or carries float noise,
 //! and a single value still gets an axis with labelled ticks.
 
-use prunekit::transfer::{Optimum, Report, Row};
+use common::report::{ladder, lawful_report, report};
+use prunekit::transfer::Law;
 use std::collections::BTreeMap;
+
+mod common;
 
 /// A text element of an SVG: position, anchor, font size and content.
 #[derive(Debug, Clone)]
@@ -104,66 +107,6 @@ fn check_axes(svg: &str, what: &str, panel_width: f64, x_axes: usize) {
     }
 }
 
-fn row(model: &str, budget: f64, wall_s: f64, err: f64) -> Row {
-    let (mode, sparsity) = match model.split_once(':') {
-        Some((m, s)) => (m.to_string(), s.parse().unwrap()),
-        None => (model.to_string(), 0.0),
-    };
-    Row {
-        model: model.to_string(),
-        mode,
-        sparsity,
-        budget_gflops: budget,
-        steps: 10,
-        train_gflops: budget,
-        lr: 0.1,
-        seeds: 3,
-        val_error: err,
-        val_error_std: 0.01,
-        val_error_min: err - 0.01,
-        val_error_max: err + 0.01,
-        val_errors: vec![err - 0.01, err, err + 0.01],
-        val_loss: 1.0,
-        wall_s,
-        train_gflops_per_image: 0.1,
-        params: 1000,
-        search_gflops: 0.0,
-        search_wall_s: 0.0,
-    }
-}
-
-fn report(budgets: &[f64], same_time: bool) -> Report {
-    let models = ["dense", "filters:0.25", "filters:0.5", "filters:0.75", "channels:0.5", "channels:0.75"];
-    let mut rows = Vec::new();
-    for (i, m) in models.iter().enumerate() {
-        for &b in budgets {
-            let wall = if same_time { 12.0 } else { b * 0.37 / (1.0 + i as f64) };
-            rows.push(row(m, b, wall, 0.1 + 0.3 / (1.0 + b.ln().max(0.0)) + 0.01 * i as f64));
-        }
-    }
-    let optima = budgets
-        .iter()
-        .map(|&b| Optimum {
-            budget_gflops: b,
-            best_model: "dense".into(),
-            best_val_error: 0.2,
-            dense_val_error: Some(0.2),
-            best_pruned_model: None,
-            best_pruned_val_error: None,
-            relative_error_reduction: None,
-        })
-        .collect();
-    Report { settings: None, plan: None, rows, optima, runs: vec![] }
-}
-
-fn ladder(lo: f64, hi: f64) -> Vec<f64> {
-    let mut v = vec![lo];
-    while *v.last().unwrap() * 2.0 <= hi * 1.0001 {
-        v.push(v.last().unwrap() * 2.0);
-    }
-    v
-}
-
 /// With PK_PLOT_DIR set, the plots are kept there to be looked at.
 fn keep(svg: &str, plot: &str, case: &str) {
     if let Ok(dir) = std::env::var("PK_PLOT_DIR") {
@@ -191,5 +134,28 @@ fn transfer_plot_axes_are_readable_for_every_range() {
         let svg = std::fs::read_to_string(&path).unwrap();
         keep(&svg, "transfer", what);
         check_axes(&svg, what, 600.0, 2);
+    }
+}
+
+#[test]
+fn advice_plot_axes_are_readable_for_every_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let laws = [
+        ("dense", Law { e_inf: 0.05, a: 1.0, b: 0.5, rmse: 0.0 }),
+        ("filters:0.5", Law { e_inf: 0.15, a: 0.5, b: 0.8, rmse: 0.0 }),
+    ];
+    for (what, budgets, at) in [
+        ("3..768 at 3072", ladder(3.0, 768.0), 3072.0),
+        ("50..1600 at 1600", ladder(50.0, 1600.0), 1600.0),
+        ("0.5..4 at 20", ladder(0.5, 4.0), 20.0),
+    ] {
+        let report = lawful_report(&laws, &budgets, 0.01);
+        let advice = prunekit::transfer::advise(&report, at, None).unwrap();
+        let path = dir.path().join("a.svg");
+        prunekit::transfer::plot_advice(&report, &advice, &path, what).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        keep(&svg, "advice", what);
+        assert!(svg.contains("asked budget"), "{what}");
+        check_axes(&svg, what, 800.0, 1);
     }
 }
