@@ -19,6 +19,7 @@ pub mod gpu;
 pub mod limits;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod prune;
 pub mod train;
 pub mod transfer;

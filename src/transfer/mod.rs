@@ -52,11 +52,13 @@
 //! # Ok(()) }
 //! ```
 
+mod advise;
 mod plot;
 mod report;
 mod spec;
 
-pub use plot::{check_plot_path, plot};
+pub use advise::{advise, fit, validate, validation_table, Advice, Check, Crossover, Law, ModelFit, MIN_BUDGETS};
+pub use plot::{check_plot_path, plot, plot_advice};
 pub use report::{chosen_lr, merge, Optimum, Report, Row};
 pub use spec::{parse_models, parse_positive_list, ModelSpec, Shard};
 

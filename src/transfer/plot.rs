@@ -2,13 +2,21 @@
 //! model with its seeds' spread as error bars and the compute-optimal frontier marked; a
 //! second panel against the measured training time. Drawn with plotters (SVG backend).
 
+use super::advise::Advice;
 use super::report::{Report, Row};
+use crate::plot::{tick_label, LogAxis, LABEL_FONT_PX};
 use crate::{ensure, invalid, Result};
 use plotters::prelude::*;
 use std::path::Path;
 
 /// A panel: where it is drawn, the x axis' description, and the x value of a row.
 type Panel<'a, 'b> = (&'b DrawingArea<SVGBackend<'a>, plotters::coord::Shift>, &'static str, fn(&Row) -> f64);
+
+/// Space around each panel, and the width of its y labels' area, in pixels.
+const MARGIN: u32 = 12;
+/// One color per model, in the report's order.
+const COLORS: [RGBColor; 8] = [BLACK, RED, BLUE, GREEN, MAGENTA, CYAN, RGBColor(230, 140, 0), RGBColor(120, 60, 180)];
+const Y_LABELS: u32 = 55;
 
 /// Checks, before a run, that `path` names an SVG file in a folder that can be written.
 pub fn check_plot_path(path: &Path) -> Result<()> {
@@ -32,26 +40,28 @@ pub fn plot(report: &Report, path: &Path, title: &str) -> Result<()> {
     }
     let ymax = report.rows.iter().map(|r| r.val_error_max).fold(0.0f64, f64::max).min(1.0) * 1.08 + 0.01;
     let ymin = (report.rows.iter().map(|r| r.val_error_min).fold(1.0f64, f64::min) * 0.92 - 0.01).max(0.0);
-    let colors = [BLACK, RED, BLUE, GREEN, MAGENTA, CYAN, RGBColor(230, 140, 0), RGBColor(120, 60, 180)];
+    let colors = COLORS;
     let panels: [Panel; 2] = [
         (&left, "training compute (GFLOPs, log)", |r| r.train_gflops),
         (&right, "measured training time per run (s, log)", |r| r.wall_s.max(1e-3)),
     ];
     for (area, xdesc, x) in panels {
         let xs: Vec<f64> = report.rows.iter().map(x).collect();
-        let (xmin, xmax) =
-            (xs.iter().copied().fold(f64::INFINITY, f64::min), xs.iter().copied().fold(0.0f64, f64::max));
-        let (xmin, xmax) = (xmin / 1.3, xmax * 1.3);
+        let axis_px = area.dim_in_pixel().0 as f64 - 2.0 * MARGIN as f64 - Y_LABELS as f64;
+        let xaxis = LogAxis::new(&xs, axis_px, LABEL_FONT_PX as f64, 1.3);
         let mut chart = ChartBuilder::on(area)
-            .margin(12)
+            .margin(MARGIN)
             .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d((xmin..xmax).log_scale(), ymin..ymax)
+            .y_label_area_size(Y_LABELS)
+            .build_cartesian_2d(xaxis.coord(), ymin..ymax)
             .map_err(|e| err(&e))?;
         chart
             .configure_mesh()
             .x_desc(xdesc)
             .y_desc("validation error (mean over seeds)")
+            .label_style(("sans-serif", LABEL_FONT_PX))
+            .x_label_formatter(&|v| tick_label(*v))
+            .y_label_formatter(&|v| tick_label(*v))
             .draw()
             .map_err(|e| err(&e))?;
         for (i, m) in models.iter().enumerate() {
@@ -99,6 +109,98 @@ pub fn plot(report: &Report, path: &Path, title: &str) -> Result<()> {
             .draw()
             .map_err(|e| err(&e))?;
     }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Draws the advisor's fits: each model's measured mean errors (with the seeds' spread) and
+/// its fitted law as a line, from the smallest budget run to past the asked budget, with
+/// the asked budget marked and each prediction's interval as an error bar there.
+pub fn plot_advice(report: &Report, advice: &Advice, path: &Path, title: &str) -> Result<()> {
+    check_plot_path(path)?;
+    ensure!(!advice.fits.is_empty(), "nothing to plot: the advice has no fits");
+    let err = |e: &dyn std::fmt::Display| invalid!("drawing {}: {e}", path.display());
+    let root = SVGBackend::new(path, (800, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let b = advice.budget_gflops;
+    let mut xs: Vec<f64> = advice.fits.iter().flat_map(|f| f.budgets.iter().copied()).collect();
+    xs.push(b);
+    let (xlo, xhi) = (xs.iter().copied().fold(f64::INFINITY, f64::min), xs.iter().copied().fold(0.0f64, f64::max));
+    let rows: Vec<&Row> = report.rows.iter().filter(|r| advice.fits.iter().any(|f| f.model == r.model)).collect();
+    let ys: Vec<f64> = rows
+        .iter()
+        .flat_map(|r| [r.val_error_min, r.val_error_max])
+        .chain(advice.fits.iter().flat_map(|f| [f.interval.0, f.interval.1, f.predicted]))
+        .filter(|y| y.is_finite())
+        .collect();
+    let ymax = ys.iter().copied().fold(0.0f64, f64::max).min(1.0) * 1.08 + 0.01;
+    let ymin = (ys.iter().copied().fold(1.0f64, f64::min) * 0.92 - 0.01).max(0.0);
+    let axis_px = 800.0 - 2.0 * MARGIN as f64 - Y_LABELS as f64;
+    let xaxis = LogAxis::new(&[xlo, xhi], axis_px, LABEL_FONT_PX as f64, 1.3);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(MARGIN)
+        .x_label_area_size(40)
+        .y_label_area_size(Y_LABELS)
+        .build_cartesian_2d(xaxis.coord(), ymin..ymax)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("training compute (GFLOPs, log)")
+        .y_desc("validation error (mean over seeds)")
+        .label_style(("sans-serif", LABEL_FONT_PX))
+        .x_label_formatter(&|v| tick_label(*v))
+        .y_label_formatter(&|v| tick_label(*v))
+        .draw()
+        .map_err(|e| err(&e))?;
+    let (x0, x1) = (xaxis.range.start, xaxis.range.end);
+    chart
+        .draw_series(DashedLineSeries::new(vec![(b, ymin), (b, ymax)], 3, 3, BLACK.mix(0.5).stroke_width(1)))
+        .map_err(|e| err(&e))?
+        .label(format!("asked budget ({})", tick_label(b)))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.5).stroke_width(1)));
+    for (i, f) in advice.fits.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let curve: Vec<(f64, f64)> = (0..=200)
+            .map(|k| x0 * (x1 / x0).powf(k as f64 / 200.0))
+            .map(|c| (c, f.law.at(c).clamp(ymin, ymax)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(curve, color.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(format!("{}: fit, {} at {}", f.model, tick_label((f.predicted * 1e4).round() / 1e4), tick_label(b)))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        let measured = rows.iter().filter(|r| r.model == f.model);
+        chart
+            .draw_series(measured.map(|r| {
+                ErrorBar::new_vertical(
+                    r.budget_gflops,
+                    r.val_error_min,
+                    r.val_error,
+                    r.val_error_max,
+                    color.stroke_width(1),
+                    6,
+                )
+            }))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(std::iter::once(ErrorBar::new_vertical(
+                b,
+                f.interval.0.max(ymin),
+                f.predicted,
+                f.interval.1.min(ymax),
+                color.stroke_width(2),
+                10,
+            )))
+            .map_err(|e| err(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod report;
 
 use prunekit::gpu::{Gpu, Schedule};
 use prunekit::ops::conv::ConvShape;
