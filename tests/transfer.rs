@@ -328,3 +328,159 @@ fn the_classifier_is_fresh_unless_kept() {
     assert_eq!(loss(&a), loss(&json(&again)));
     fails(&f.run(&[&base[..], &["--runs", &runs, "--keep-head"]].concat()), "head");
 }
+
+/// Shards that share one runs folder, one of them killed (SIGKILL) while the others run and
+/// run again: the merge is the single process's report. A killed shard leaves at most a
+/// temporary file (`.NAME.tmp-PID`), which is no run file; its finished runs are skipped
+/// when it runs again.
+#[test]
+fn a_killed_shard_reruns_and_the_merge_matches_one_process() {
+    let f = Fixture::new();
+    let common = ["--seeds", "2", "--models", "dense,filters:0.5", "--budgets", "0.05,0.1,0.2"];
+    let single = f.path("single.json");
+    ok(&f.run(&[&common[..], &["--json", &single]].concat()));
+    let runs = f.path("runs");
+    let spawn = |i: usize| {
+        let shard = format!("{i}/3");
+        let a = f.args(&[&common[..], &["--shard", &shard, "--runs", &runs]].concat());
+        std::process::Command::new(common::cli::bin())
+            .args(&a)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut children: Vec<_> = (0..3).map(spawn).collect();
+    // Kill shard 1 once some run is on disk (or at once, if it is quicker than that).
+    let t0 = std::time::Instant::now();
+    while t0.elapsed().as_secs_f64() < 20.0 {
+        let n = std::fs::read_dir(&runs).map_or(0, |d| d.count());
+        if n > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    children[1].kill().unwrap(); // SIGKILL
+    let status = children[1].wait().unwrap();
+    for i in [0, 2] {
+        assert!(children[i].wait().unwrap().success());
+    }
+    if !status.success() {
+        // Killed before it finished: the merge says what is missing.
+        let e = prunekit(&["transfer", "merge", "--runs", &runs]);
+        if !e.status.success() {
+            fails(&e, "are missing");
+        }
+    }
+    let out = ok(&f.run(&[&common[..], &["--shard", "1/3", "--runs", &runs]].concat()));
+    assert!(out.contains("shard 1/3 done"), "{out}");
+    let merged = f.path("merged.json");
+    ok(&prunekit(&["transfer", "merge", "--runs", &runs, "--json", &merged]));
+    let (s, m) = (untimed(json(&single)), untimed(json(&merged)));
+    assert_eq!(s["rows"], m["rows"]);
+    assert_eq!(s["optima"], m["optima"]);
+    assert_eq!(s["runs"], m["runs"]);
+    assert_eq!(s["settings"], m["settings"]);
+}
+
+/// The library: diverged runs recorded and counted, and time budgets.
+mod library {
+    use common::cli::tiny_idx;
+    use prunekit::data::{Augment, Dataset, OpenOptions};
+    use prunekit::model::{init::torchvision_init, Arch};
+    use prunekit::transfer::{run_experiment, BudgetUnit, Experiment, ModelSpec, RunRecord};
+    use prunekit::Device;
+
+    use super::common;
+
+    fn setup(dir: &std::path::Path, budgets: Vec<f64>) -> (Experiment, Dataset) {
+        let spec = tiny_idx(dir, 160);
+        let ds = Dataset::open(&spec, &OpenOptions { val_fraction: 0.25, ..OpenOptions::default() }).unwrap();
+        let w = torchvision_init(&Arch::bottleneck_width([1, 1, 1, 1], 8, 10), 7);
+        let mut exp = Experiment::new(w, "tiny", vec![ModelSpec::DENSE], budgets);
+        exp.recipe.batch = 8;
+        exp.recipe.size = 16;
+        exp.recipe.augment = Augment::None;
+        exp.recipe.threads = 2;
+        (exp, ds)
+    }
+
+    #[test]
+    fn the_stable_recipe_is_the_default_and_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (exp, ds) = setup(dir.path(), vec![0.05]);
+        let r = &exp.recipe;
+        assert_eq!((r.warmup_fraction, r.clip_grad_norm, r.head_only_fraction), (Some(0.1), Some(1.0), 0.1));
+        assert!(r.stop_on_divergence && r.diverge_factor == 10.0);
+        let s = exp.settings(&ds);
+        for (k, v) in [
+            ("warmup_fraction", "0.1"),
+            ("clip_grad_norm", "1.0"),
+            ("head_only_fraction", "0.1"),
+            ("diverge_factor", "10.0"),
+            ("search_seeds", "all"),
+            ("budget_unit", "gflops"),
+        ] {
+            assert_eq!(s.get(k).map(String::as_str), Some(v), "{k}");
+        }
+    }
+
+    #[test]
+    fn diverged_runs_are_recorded_and_left_out_of_the_mean() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut exp, ds) = setup(dir.path(), vec![0.1]);
+        exp.seeds = 2;
+        exp.lrs = vec![1e6];
+        exp.recipe.clip_grad_norm = None;
+        exp.recipe.head_only_fraction = 0.0;
+        exp.runs = Some(dir.path().join("runs"));
+        let mut said = Vec::new();
+        let rep = run_experiment(&Device::Cpu, &exp, &ds, &mut |l| said.push(l.to_string())).unwrap();
+        let row = &rep.rows[0];
+        assert_eq!((row.seeds, row.diverged), (2, 2), "{said:?}");
+        assert!(row.val_error.is_nan() && row.val_errors.is_empty());
+        assert!(rep.optima.is_empty(), "no row has a mean");
+        assert!(said.iter().any(|l| l.contains("DIVERGED")), "{said:?}");
+        for r in &rep.runs {
+            assert!(r.diverged.is_some() && r.steps_done < r.steps, "{r:?}");
+        }
+        assert!(rep.table().contains("2 of 2"), "{}", rep.table());
+        // The records on disk say so too, and a rerun reads them back.
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(files.len(), 2);
+        assert!(files.iter().all(|p| RunRecord::read(p).unwrap().diverged.is_some()));
+        let again = run_experiment(&Device::Cpu, &exp, &ds, &mut |_| {}).unwrap();
+        assert_eq!(again.rows[0].diverged, 2);
+    }
+
+    #[test]
+    fn a_time_budget_reports_seconds_and_gflops() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut exp, ds) = setup(dir.path(), vec![0.3]);
+        exp.budget_unit = BudgetUnit::Seconds;
+        exp.runs = Some(dir.path().join("runs"));
+        let rep = run_experiment(&Device::Cpu, &exp, &ds, &mut |_| {}).unwrap();
+        let row = &rep.rows[0];
+        assert_eq!(row.budget_seconds, Some(0.3));
+        assert!(row.budget_gflops.is_nan());
+        assert!(row.train_gflops > 0.0 && row.wall_s > 0.0 && row.steps >= 1);
+        let run = &rep.runs[0];
+        assert!(run.probe_s > 0.0 && run.steps_done <= run.steps);
+        assert!(run.steps_done == run.steps || run.wall_s >= 0.3, "{run:?}");
+        let t = rep.table();
+        assert!(t.contains("budget s") && t.contains("train GF"), "{t}");
+        assert_eq!(rep.optima[0].budget_seconds, Some(0.3));
+        let name = std::fs::read_dir(dir.path().join("runs")).unwrap().next().unwrap().unwrap().file_name();
+        assert!(name.to_string_lossy().starts_with("dense-t0.3-"), "{name:?}");
+        let j = rep.to_json();
+        assert_eq!(j["rows"][0]["budget_seconds"], 0.3);
+        assert!(j["runs"][0]["train_gflops"].as_f64().unwrap() > 0.0 && j["runs"][0]["wall_s"].is_number());
+        // GFLOPs runs and time runs never share a folder.
+        exp.budget_unit = BudgetUnit::Gflops;
+        exp.budgets = vec![0.3];
+        let e = run_experiment(&Device::Cpu, &exp, &ds, &mut |_| {});
+        assert!(e.is_ok(), "other file names: {e:?}");
+        let e = prunekit::transfer::merge(&dir.path().join("runs")).unwrap_err().to_string();
+        assert!(e.contains("budget_unit"), "{e}");
+    }
+}

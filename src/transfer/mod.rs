@@ -60,6 +60,7 @@ mod spec;
 pub use advise::{advise, fit, validate, validation_table, Advice, Check, Crossover, Law, ModelFit, MIN_BUDGETS};
 pub use plot::{check_plot_path, plot, plot_advice};
 pub use report::{chosen_lr, merge, Optimum, Report, Row};
+
 pub use spec::{parse_models, parse_positive_list, ModelSpec, Shard};
 
 use crate::data::Dataset;
@@ -85,8 +86,13 @@ pub struct Experiment {
     pub weights_id: String,
     /// The models, in the order of the table.
     pub models: Vec<ModelSpec>,
-    /// Training-compute budgets in GFLOPs.
+    /// Training budgets, in GFLOPs or in seconds (`budget_unit`).
     pub budgets: Vec<f64>,
+    /// What the budgets count: training GFLOPs (the paper's count, the default) or seconds
+    /// of training time on the device ([`Length::Seconds`]: each run's schedule is fitted
+    /// to the steps a timed probe says the budget allows, and the run stops when its
+    /// training time reaches the budget).
+    pub budget_unit: BudgetUnit,
     /// Fine-tuning runs per (model, budget).
     pub seeds: usize,
     /// Learning rates to choose from (one: no search; `recipe.lr` is ignored).
@@ -128,6 +134,7 @@ impl Experiment {
             weights_id: weights_id.to_string(),
             models,
             budgets,
+            budget_unit: BudgetUnit::Gflops,
             seeds: 1,
             lrs: vec![recipe.lr],
             search_fraction: 0.2,
@@ -195,6 +202,7 @@ impl Experiment {
         put("head_only_fraction", format!("{:?}", r.head_only_fraction));
         put("diverge_factor", format!("{:?}", r.diverge_factor));
         put("search_seeds", "all".into());
+        put("budget_unit", self.budget_unit.to_string());
         put("label_smoothing", format!("{:?}", r.label_smoothing));
         put("augment", r.augment.to_string());
         put("normalize", format!("{:?}", r.norm));
@@ -280,6 +288,43 @@ impl Plan {
     }
 }
 
+/// What an experiment's budgets count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BudgetUnit {
+    /// Training compute in GFLOPs.
+    #[default]
+    Gflops,
+    /// Seconds of training on the device.
+    Seconds,
+}
+
+impl BudgetUnit {
+    /// The run length of budget `b`.
+    pub fn length(self, b: f64) -> Length {
+        match self {
+            BudgetUnit::Gflops => Length::Gflops(b),
+            BudgetUnit::Seconds => Length::Seconds(b),
+        }
+    }
+
+    /// "GFLOPs" or "s", after a number.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            BudgetUnit::Gflops => "GFLOPs",
+            BudgetUnit::Seconds => "s",
+        }
+    }
+}
+
+impl std::fmt::Display for BudgetUnit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BudgetUnit::Gflops => "gflops",
+            BudgetUnit::Seconds => "seconds",
+        })
+    }
+}
+
 /// What a fine-tuning run is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -303,8 +348,12 @@ pub struct RunRecord {
     pub mode: String,
     /// The sparsity (0 for dense).
     pub sparsity: f64,
-    /// The budget in GFLOPs.
+    /// The budget in GFLOPs (NaN, written "NaN", for a time budget).
+    #[serde(with = "lossy_f64")]
     pub budget_gflops: f64,
+    /// The budget in seconds of training time (a time budget only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_seconds: Option<f64>,
     /// The seed.
     pub seed: u64,
     /// The peak learning rate.
@@ -342,6 +391,8 @@ pub struct RunRecord {
     pub wall_s: f64,
     /// Seconds of the final evaluation.
     pub eval_s: f64,
+    /// Seconds of the probe that timed the steps of a time budget (0 for GFLOPs).
+    pub probe_s: f64,
     /// The device.
     pub device: String,
     /// The experiment's settings (see [`Experiment::settings`]).
@@ -351,13 +402,23 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
-    /// The record's file name in a runs folder.
-    pub fn file_name(kind: RunKind, model: &ModelSpec, budget: f64, seed: u64, lr: f64) -> String {
+    /// The record's file name in a runs folder (`b` then the budget in GFLOPs, or `t` then
+    /// the budget in seconds).
+    pub fn file_name(kind: RunKind, model: &ModelSpec, budget: f64, unit: BudgetUnit, seed: u64, lr: f64) -> String {
         let kind = match kind {
             RunKind::Search => "search",
             RunKind::Final => "final",
         };
-        format!("{}-b{budget:?}-s{seed}-lr{lr:?}-{kind}.json", model.file_stem())
+        let b = match unit {
+            BudgetUnit::Gflops => "b",
+            BudgetUnit::Seconds => "t",
+        };
+        format!("{}-{b}{budget:?}-s{seed}-lr{lr:?}-{kind}.json", model.file_stem())
+    }
+
+    /// The budget in the experiment's unit: seconds for a time budget, else GFLOPs.
+    pub fn budget(&self) -> f64 {
+        self.budget_seconds.unwrap_or(self.budget_gflops)
     }
 
     /// Reads a run file.
@@ -455,8 +516,10 @@ pub fn run_experiment(dev: &Device, exp: &Experiment, data: &Dataset, say: &mut 
         crate::limits::check_training_memory(dev, &arch, r.precision, r.batch, r.size, loader_bytes)
             .map_err(|e| invalid!("{m}: {e}"))?;
         let image_flops = arch.flops_train(r.size, r.size);
-        for &b in &exp.budgets {
-            steps_for(Length::Gflops(b), image_flops, r.batch, 1).map_err(|e| invalid!("{m}, budget {b}: {e}"))?;
+        if exp.budget_unit == BudgetUnit::Gflops {
+            for &b in &exp.budgets {
+                steps_for(Length::Gflops(b), image_flops, r.batch, 1).map_err(|e| invalid!("{m}, budget {b}: {e}"))?;
+            }
         }
         pruned.push(state);
     }
@@ -560,10 +623,11 @@ fn one_run(
     say: &mut dyn FnMut(&str),
 ) -> Result<RunRecord> {
     let what = format!(
-        "[{n}/{total}] {model}, budget {budget} GFLOPs, seed {seed}, lr {lr}{}",
+        "[{n}/{total}] {model}, budget {budget} {}, seed {seed}, lr {lr}{}",
+        exp.budget_unit.suffix(),
         if kind == RunKind::Search { " (learning-rate search)" } else { "" }
     );
-    let path = exp.runs.as_ref().map(|d| d.join(RunRecord::file_name(kind, model, budget, seed, lr)));
+    let path = exp.runs.as_ref().map(|d| d.join(RunRecord::file_name(kind, model, budget, exp.budget_unit, seed, lr)));
     if let Some(p) = path.as_ref().filter(|p| p.exists()) {
         let rec = RunRecord::read(p)?;
         ensure!(
@@ -579,7 +643,7 @@ fn one_run(
     let arch = Arch::from_state(&prep.state)?;
     let params = arch.params();
     let cfg = TrainConfig {
-        length: Length::Gflops(budget),
+        length: exp.budget_unit.length(budget),
         lr,
         seed,
         out: None,
@@ -608,7 +672,8 @@ fn one_run(
         model: model.to_string(),
         mode: model.mode(),
         sparsity: model.sparsity(),
-        budget_gflops: budget,
+        budget_gflops: if exp.budget_unit == BudgetUnit::Gflops { budget } else { f64::NAN },
+        budget_seconds: (exp.budget_unit == BudgetUnit::Seconds).then_some(budget),
         seed,
         lr,
         steps: s.planned_steps,
@@ -624,6 +689,7 @@ fn one_run(
         first_train_loss: s.first_loss,
         diverged: s.diverged.as_ref().map(|d| d.to_string()),
         wall_s: s.train_s,
+        probe_s: s.probe_s,
         eval_s: s.eval_s,
         device: dev.name(),
         settings: settings.clone(),

@@ -18,9 +18,12 @@ pub struct Row {
     pub mode: String,
     /// The sparsity (0 for dense).
     pub sparsity: f64,
-    /// The budget in GFLOPs.
+    /// The budget in GFLOPs (NaN, null in JSON, for a time budget).
     pub budget_gflops: f64,
-    /// Steps the budget allowed.
+    /// The budget in seconds of training time (time budgets only).
+    pub budget_seconds: Option<f64>,
+    /// Steps the budget allowed (for a time budget, the first seed's: the probe sets each
+    /// run's).
     pub steps: u64,
     /// Training compute of one run in GFLOPs (at most the budget; the mean over the seeds
     /// when diverged runs stopped early).
@@ -41,10 +44,10 @@ pub struct Row {
     pub val_error_min: f64,
     /// The highest.
     pub val_error_max: f64,
-    /// Each seed's error, in seed order (diverged runs included, as evaluated where they
-    /// stopped).
+    /// Each seed's error, in seed order, but for the seeds whose run diverged.
     pub val_errors: Vec<f64>,
-    /// The seeds whose run diverged.
+    /// The seeds whose run diverged (their errors, as evaluated where they stopped, are in
+    /// the run records).
     pub diverged_seeds: Vec<u64>,
     /// Mean validation cross-entropy over the seeds.
     pub val_loss: f64,
@@ -63,8 +66,10 @@ pub struct Row {
 /// The compute-optimal model at one budget.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Optimum {
-    /// The budget in GFLOPs.
+    /// The budget in GFLOPs (NaN, null in JSON, for a time budget).
     pub budget_gflops: f64,
+    /// The budget in seconds (time budgets only).
+    pub budget_seconds: Option<f64>,
     /// The model with the lowest mean validation error (the first in the table's order on ties).
     pub best_model: String,
     /// Its mean error.
@@ -124,6 +129,13 @@ pub fn chosen_lr(searched: &[RunRecord], lrs: &[f64]) -> Option<f64> {
     best.map(|(_, lr)| lr)
 }
 
+impl Row {
+    /// The budget in the experiment's unit: seconds for a time budget, else GFLOPs.
+    pub fn budget(&self) -> f64 {
+        self.budget_seconds.unwrap_or(self.budget_gflops)
+    }
+}
+
 /// A sum that is +0 for no terms (`Iterator::sum` of f64 gives -0).
 fn total(v: impl Iterator<Item = f64>) -> f64 {
     v.fold(0.0, |a, x| a + x)
@@ -146,7 +158,7 @@ impl Report {
         let order = |r: &RunRecord| {
             (
                 models.iter().position(|m| m.to_string() == r.model).unwrap_or(usize::MAX),
-                budgets.iter().position(|&b| b == r.budget_gflops).unwrap_or(usize::MAX),
+                budgets.iter().position(|&b| b == r.budget()).unwrap_or(usize::MAX),
                 r.kind == RunKind::Final,
                 r.seed,
                 r.lr.to_bits(),
@@ -157,14 +169,16 @@ impl Report {
         for m in models {
             for &b in budgets {
                 let of = |k: RunKind| -> Vec<&RunRecord> {
-                    runs.iter().filter(|r| r.kind == k && r.model == m.to_string() && r.budget_gflops == b).collect()
+                    runs.iter().filter(|r| r.kind == k && r.model == m.to_string() && r.budget() == b).collect()
                 };
                 let finals = of(RunKind::Final);
                 let search = of(RunKind::Search);
                 let Some(first) = finals.first() else { continue };
                 for r in &finals {
+                    // A time budget's steps come from each run's probe.
+                    let timed = r.budget_seconds.is_some();
                     ensure!(
-                        r.lr == first.lr && r.steps == first.steps,
+                        r.lr == first.lr && (timed || r.steps == first.steps),
                         "{m} at budget {b}: final runs with different learning rates or steps ({} and {}, {} and {})",
                         first.lr,
                         r.lr,
@@ -172,7 +186,6 @@ impl Report {
                         r.steps
                     );
                 }
-                let all_errs: Vec<f64> = finals.iter().map(|r| r.val_error).collect();
                 let ok: Vec<&&RunRecord> = finals.iter().filter(|r| r.diverged.is_none()).collect();
                 let errs: Vec<f64> = ok.iter().map(|r| r.val_error).collect();
                 let mu = mean(&errs);
@@ -187,7 +200,8 @@ impl Report {
                     model: m.to_string(),
                     mode: m.mode(),
                     sparsity: m.sparsity(),
-                    budget_gflops: b,
+                    budget_gflops: first.budget_gflops,
+                    budget_seconds: first.budget_seconds,
                     steps: first.steps,
                     train_gflops: if finals.iter().all(|r| r.train_gflops == first.train_gflops) {
                         first.train_gflops
@@ -209,7 +223,7 @@ impl Report {
                     } else {
                         errs.iter().copied().fold(f64::NEG_INFINITY, f64::max)
                     },
-                    val_errors: all_errs,
+                    val_errors: errs.clone(),
                     diverged_seeds: finals.iter().filter(|r| r.diverged.is_some()).map(|r| r.seed).collect(),
                     val_loss: mean(&ok.iter().map(|r| r.val_loss).collect::<Vec<_>>()),
                     wall_s: mean(&finals.iter().map(|r| r.wall_s).collect::<Vec<_>>()),
@@ -223,7 +237,7 @@ impl Report {
         let mut optima = Vec::new();
         for &b in budgets {
             // Rows whose every seed diverged have no mean to compare.
-            let at: Vec<&Row> = rows.iter().filter(|r| r.budget_gflops == b && !r.val_error.is_nan()).collect();
+            let at: Vec<&Row> = rows.iter().filter(|r| r.budget() == b && !r.val_error.is_nan()).collect();
             let best = |rs: &[&Row]| -> Option<Row> {
                 rs.iter()
                     .fold(None::<&Row>, |a, r| if a.is_none_or(|a| r.val_error < a.val_error) { Some(r) } else { a })
@@ -238,7 +252,8 @@ impl Report {
                 _ => None,
             };
             optima.push(Optimum {
-                budget_gflops: b,
+                budget_gflops: top.budget_gflops,
+                budget_seconds: top.budget_seconds,
                 best_model: top.model.clone(),
                 best_val_error: top.val_error,
                 dense_val_error: dense,
@@ -259,7 +274,7 @@ impl Report {
             s,
             "{:<14} {:>9} {:>6} {:>9} {:>9} {:>8} {:>5} {:>9} {:>8} {:>15} {:>8} {:>8}{}{}",
             "model",
-            "budget GF",
+            if self.rows.iter().any(|r| r.budget_seconds.is_some()) { "budget s" } else { "budget GF" },
             "steps",
             "GF/image",
             "train GF",
@@ -278,7 +293,7 @@ impl Report {
                 s,
                 "{:<14} {:>9} {:>6} {:>9.4} {:>9.1} {:>8} {:>5} {:>9.4} {:>8.4} {:>15} {:>8.4} {:>8.1}{}{}",
                 r.model,
-                r.budget_gflops,
+                r.budget(),
                 r.steps,
                 r.train_gflops_per_image,
                 r.train_gflops,
@@ -316,8 +331,11 @@ impl Report {
                     ),
                     _ => String::new(),
                 };
-                let _ =
-                    writeln!(s, "  budget {:>9} GF: {} ({:.4}){vs}", o.budget_gflops, o.best_model, o.best_val_error);
+                let (b, unit) = match o.budget_seconds {
+                    Some(t) => (t, "s "),
+                    None => (o.budget_gflops, "GF"),
+                };
+                let _ = writeln!(s, "  budget {b:>9} {unit}: {} ({:.4}){vs}", o.best_model, o.best_val_error);
             }
         }
         s
@@ -401,9 +419,8 @@ pub fn merge(dir: &Path) -> Result<Report> {
     let mut missing = Vec::new();
     for m in &models {
         for &b in &budgets {
-            let of = |k: RunKind| {
-                runs.iter().filter(move |r| r.kind == k && r.model == m.to_string() && r.budget_gflops == b)
-            };
+            let of =
+                |k: RunKind| runs.iter().filter(move |r| r.kind == k && r.model == m.to_string() && r.budget() == b);
             let lr = if lrs.len() > 1 {
                 let searched: Vec<RunRecord> =
                     of(RunKind::Search).filter(|r| seeds.contains(&r.seed)).cloned().collect();
@@ -454,6 +471,7 @@ mod tests {
             mode: m.mode(),
             sparsity: m.sparsity(),
             budget_gflops: budget,
+            budget_seconds: None,
             seed,
             lr,
             steps: 3,
@@ -470,6 +488,7 @@ mod tests {
             diverged: None,
             wall_s: 1.0,
             eval_s: 0.5,
+            probe_s: 0.0,
             device: "cpu".into(),
             settings: BTreeMap::new(),
             plan: Plan { models: vec![], budgets: vec![], seeds: vec![] },
@@ -589,7 +608,7 @@ mod tests {
         let d = &r.rows[0];
         assert_eq!((d.seeds, d.diverged, d.diverged_seeds.clone()), (3, 1, vec![1]));
         assert!((d.val_error - 0.3).abs() < 1e-12, "{}", d.val_error);
-        assert_eq!(d.val_errors, vec![0.2, 0.8, 0.4], "every seed's error is listed");
+        assert_eq!(d.val_errors, vec![0.2, 0.4], "the seeds that did not diverge");
         assert_eq!((d.val_error_min, d.val_error_max), (0.2, 0.4));
         let t = r.table();
         assert!(t.contains("1 of 3") && t.contains("diverged"), "{t}");

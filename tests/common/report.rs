@@ -13,6 +13,7 @@ pub fn row(model: &str, budget: f64, wall_s: f64, err: f64) -> Row {
         mode,
         sparsity,
         budget_gflops: budget,
+        budget_seconds: None,
         steps: 10,
         train_gflops: budget,
         lr: 0.1,
@@ -46,6 +47,7 @@ pub fn report(budgets: &[f64], same_time: bool) -> Report {
         .iter()
         .map(|&b| Optimum {
             budget_gflops: b,
+            budget_seconds: None,
             best_model: "dense".into(),
             best_val_error: 0.2,
             dense_val_error: Some(0.2),
