@@ -47,6 +47,8 @@ pub struct Summary {
     /// The steps planned (the schedule's length); `steps` is less when the run stopped at
     /// a divergence or at the end of a time budget.
     pub planned_steps: u64,
+    /// Training FLOPs per image of a head-only step, in GFLOPs ([`head_step_flops`]).
+    pub head_gflops_per_image: f64,
     /// The head-only steps planned (see [`TrainConfig::head_only_fraction`](super::TrainConfig::head_only_fraction)).
     pub head_steps: u64,
     /// Seconds of training: the steps' wall time, loading included, evaluations excluded
@@ -415,6 +417,7 @@ pub fn train(
             first_loss: first_loss.unwrap_or(f64::NAN),
             planned_steps: total,
             head_steps,
+            head_gflops_per_image: head_image_flops / 1e9,
             train_s,
             probe_s,
             diverged: diverged.clone(),

@@ -368,6 +368,9 @@ pub struct RunRecord {
     pub train_gflops: f64,
     /// Training FLOPs per image of this model, in GFLOPs.
     pub train_gflops_per_image: f64,
+    /// Training FLOPs per image of a head-only step (the forward and the classifier's
+    /// backward), in GFLOPs.
+    pub head_gflops_per_image: f64,
     /// Parameters of the model.
     pub params: usize,
     /// Top-1 error on the evaluation split (the held-out part for a search run).
@@ -681,6 +684,7 @@ fn one_run(
         head_steps: s.head_steps,
         train_gflops: s.train_gflops,
         train_gflops_per_image: s.gflops_per_image,
+        head_gflops_per_image: s.head_gflops_per_image,
         params,
         val_error: eval.error,
         val_loss: eval.loss,

@@ -479,6 +479,7 @@ mod tests {
             head_steps: 0,
             train_gflops: budget * 0.9,
             train_gflops_per_image: 0.1,
+            head_gflops_per_image: 0.04,
             params: 10,
             val_error: err,
             val_loss: err * 2.0,
