@@ -2,8 +2,8 @@
 //! library; see `prunekit --help`.
 
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
-use prunekit::bench::train::{self as trainbench, BenchMode, BenchOptions};
 use prunekit::data::{Augment, ClassSelection, Dataset, Loader, LoaderConfig, Normalize, OpenOptions};
+use prunekit::measure::step::{self as trainbench, BenchMode, BenchOptions};
 use prunekit::model::{Arch, Model, PrecisionKind, StateDict};
 use prunekit::prune::{prune_state, Mode, Norm, PruneConfig, Sparsity};
 use prunekit::train::{self as training, Checkpoint, Length, ModelSource, Outcome, ScheduleKind, Start, TrainConfig};
@@ -558,7 +558,7 @@ fn run(cli: Cli) -> prunekit::Result<()> {
                 prunekit::limits::check_output_path("--json", p)?;
             }
             if let Some(p) = &plot {
-                prunekit::bench::plot::check_path(p)?;
+                prunekit::measure::plot::check_path(p)?;
             }
             let dev = Device::parse(&device)?;
             let mut o = BenchOptions::defaults(&dev);
@@ -598,7 +598,7 @@ fn run(cli: Cli) -> prunekit::Result<()> {
             print!("{}", trainbench::table(&rows));
             if o.profile {
                 println!("\nper-op profile of one training step per row ({}):", dev.kind());
-                print!("{}", prunekit::bench::profile::bench_table(&rows));
+                print!("{}", prunekit::measure::profile_table::bench_table(&rows));
             }
             if rows.iter().any(|r| !r.loss.is_finite()) {
                 println!("note: the loss became non-finite in some rows (synthetic data); the timings stand");
@@ -611,7 +611,7 @@ fn run(cli: Cli) -> prunekit::Result<()> {
             }
             if let Some(path) = plot {
                 let title = format!("ResNet50 training step, {} on {}", o.precision, dev.name());
-                prunekit::bench::plot::plot(&rows, &path, &title)?;
+                prunekit::measure::plot::plot(&rows, &path, &title)?;
                 println!("plot written to {}", path.display());
             }
             Ok(())
@@ -645,7 +645,7 @@ fn run(cli: Cli) -> prunekit::Result<()> {
             Ok(())
         }
         Cmd::ConvBench { device, batch, size, sparsity, round_to, mode, passes, dtype, iters, json } => {
-            use prunekit::bench::conv::{self as conv_bench, BenchOpts, DType};
+            use prunekit::measure::conv::{self as conv_bench, BenchOpts, DType};
             use prunekit::ops::conv::Pass;
             let list =
                 |s: &str| s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect::<Vec<_>>();
