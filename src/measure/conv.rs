@@ -1,8 +1,8 @@
 //! `prunekit conv-bench`: times every distinct convolution of ResNet50 at a given image
 //! size and batch, dense and with the widths that filters-mode (or channels-mode) pruning
-//! leaves at each sparsity, for each pass, on the CPU, the emulation or a CUDA GPU; on CUDA side by side
-//! with cuDNN (loaded at run time: its fields are null with a note when libcudnn is
-//! missing).
+//! leaves at each sparsity, for each pass, on the CPU, the emulation or a CUDA GPU; on
+//! CUDA side by side with cuDNN (loaded at run time: its fields are null with a note when
+//! libcudnn is missing).
 
 use crate::device::{Buf, Device};
 use crate::gpu::Gpu;
@@ -121,8 +121,9 @@ impl Row {
 
 /// Every convolution of torchvision's ResNet50 (v1.5: stride in the 3x3) at image size
 /// `size` and batch `batch`, with filters-mode pruning at `sparsity` (conv1 and conv2 of
-/// every bottleneck keep [`kept_width`] filters, the project's one width rule; conv2 and conv3 lose the matching input
-/// channels; the stem, downsample convs and conv3 outputs keep their widths).
+/// every bottleneck keep [`kept_width`] filters, the project's one width rule; conv2 and
+/// conv3 lose the matching input channels; the stem, downsample convs and conv3 outputs
+/// keep their widths).
 pub fn resnet50_convs(batch: usize, size: usize, sparsity: f64, round_to: usize) -> Result<Vec<(String, ConvShape)>> {
     resnet50_convs_mode(batch, size, Mode::Filters, sparsity, round_to)
 }
