@@ -7,8 +7,8 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
-use prunekit::bench::conv::{distinct_convs, PassBuffers};
 use prunekit::gpu::Gpu;
+use prunekit::measure::conv::{distinct_convs, PassBuffers};
 use prunekit::ops::conv::{ConvElem, Pass};
 use prunekit::Device;
 use std::time::{Duration, Instant};

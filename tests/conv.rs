@@ -379,7 +379,7 @@ fn shape_arithmetic() {
 
 #[test]
 fn conv_bench_shapes_widths_and_rows() {
-    use prunekit::bench::conv::{distinct_convs, resnet50_convs, run, BenchOpts, DType};
+    use prunekit::measure::conv::{distinct_convs, resnet50_convs, run, BenchOpts, DType};
     // ResNet50 has 53 convolutions; the dense ones at 224 have these distinct shapes.
     let all = resnet50_convs(2, 224, 0.0, 8).unwrap();
     let all_at = |n: usize| resnet50_convs(n, 224, 0.0, 8).unwrap();
@@ -402,7 +402,7 @@ fn conv_bench_shapes_widths_and_rows() {
     assert_eq!(p("conv1").k, 64);
     // Channels mode at 0.5: the stem and the residual stream keep half too, so every input
     // after the stem is a kept stream width.
-    use prunekit::bench::conv::resnet50_convs_mode;
+    use prunekit::measure::conv::resnet50_convs_mode;
     use prunekit::prune::Mode;
     let ch = resnet50_convs_mode(1, 224, Mode::Channels, 0.5, 8).unwrap();
     let c = |name: &str| find(&ch, name).unwrap();
@@ -497,7 +497,7 @@ mod cuda {
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn cuda_conv_bench_against_cudnn() {
-        use prunekit::bench::conv::{run, BenchOpts, DType};
+        use prunekit::measure::conv::{run, BenchOpts, DType};
         let opts = BenchOpts {
             batch: 2,
             size: 64,

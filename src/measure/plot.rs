@@ -1,7 +1,7 @@
 //! `--plot FILE.svg`: measured and FLOP-ideal speedup against sparsity, one pair of
 //! lines per mode, drawn with plotters (SVG backend).
 
-use super::train::BenchRow;
+use super::step::BenchRow;
 use crate::{invalid, Result};
 use plotters::prelude::*;
 use std::path::Path;
