@@ -1,5 +1,6 @@
 //! `prunekit transfer`: the paper's compute-optimal transfer experiment (`run`, the
-//! default subcommand) and the assembly of sharded runs (`merge`).
+//! default subcommand), the assembly of sharded runs (`merge`) and the advisor that
+//! predicts the compute-optimal model at a budget from the runs (`advise`).
 
 use crate::args::{DataArgs, RecipeArgs};
 use clap::Subcommand;
@@ -36,6 +37,7 @@ pub struct TransferArgs {
 enum TransferCmd {
     Run(RunArgs),
     Merge(MergeArgs),
+    Advise(AdviseArgs),
 }
 
 /// Run the experiment (or this process's --shard of it); the default.
@@ -100,12 +102,74 @@ struct MergeArgs {
     plot: Option<PathBuf>,
 }
 
-/// Runs `prunekit transfer run` or `prunekit transfer merge`.
+/// Predict from the runs an experiment has: fit each model's validation error against its
+/// budget with a saturating power law e(C) = e_inf + a*C^-b (every seed's error; 90%
+/// bootstrap intervals), then print each model's predicted error at --budget, the
+/// compute-optimal model there (and those within the seeds' noise of it), and the budgets
+/// where the best model crosses another. Each model needs runs at 3 or more budgets.
+/// --validate also fits at the budgets up to B/4 and predicts B, for every B, and scores
+/// the predictions against the measured errors.
+#[derive(clap::Args)]
+struct AdviseArgs {
+    /// The runs folder (of `prunekit transfer --runs`).
+    #[arg(long)]
+    runs: PathBuf,
+    /// The training-compute budget to advise at, in GFLOPs.
+    #[arg(long)]
+    budget: f64,
+    /// Also validate the advisor on these runs (fit up to B/4, predict B, for every B).
+    #[arg(long)]
+    validate: bool,
+    /// Write the advice (and the validation) here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw the fits beside the measured points to this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// Runs `prunekit transfer run`, `merge` or `advise`.
 pub fn run(a: TransferArgs) -> prunekit::Result<()> {
     match a.cmd {
         TransferCmd::Run(a) => run_experiment(a),
         TransferCmd::Merge(a) => merge(a),
+        TransferCmd::Advise(a) => advise(a),
     }
+}
+
+fn advise(a: AdviseArgs) -> prunekit::Result<()> {
+    if let Some(j) = &a.json {
+        prunekit::limits::check_output_path("--json", j)?;
+    }
+    if let Some(p) = &a.plot {
+        transfer::check_plot_path(p)?;
+    }
+    let report = transfer::merge(&a.runs)?;
+    let advice = transfer::advise(&report, a.budget, None)?;
+    print!("{}", advice.table());
+    let checks = if a.validate {
+        let c = transfer::validate(&report)?;
+        println!("\nvalidation: fit at the budgets up to B/4, predict B:");
+        print!("{}", transfer::validation_table(&c));
+        Some(c)
+    } else {
+        None
+    };
+    if let Some(j) = &a.json {
+        let v = serde_json::json!({ "advice": advice, "validation": checks });
+        prunekit::limits::write_atomic(j, &(serde_json::to_string_pretty(&v).expect("plain values") + "\n"))?;
+        println!("wrote the advice to {}", j.display());
+    }
+    if let Some(p) = &a.plot {
+        transfer::plot_advice(
+            &report,
+            &advice,
+            p,
+            &format!("fitted error against compute; advice at {} GFLOPs", a.budget),
+        )?;
+        println!("wrote the plot to {}", p.display());
+    }
+    Ok(())
 }
 
 fn merge(a: MergeArgs) -> prunekit::Result<()> {
@@ -193,7 +257,7 @@ pub fn with_default_run(mut args: Vec<OsString>) -> Vec<OsString> {
     if let Some(i) = args.iter().skip(1).position(|a| !a.to_string_lossy().starts_with('-')).map(|i| i + 1) {
         if args[i] == "transfer" {
             let next = args.get(i + 1).map(|a| a.to_string_lossy().into_owned());
-            if !matches!(next.as_deref(), Some("run" | "merge" | "help")) {
+            if !matches!(next.as_deref(), Some("run" | "merge" | "advise" | "help")) {
                 args.insert(i + 1, "run".into());
             }
         }
