@@ -177,10 +177,13 @@ fn bench_row(mode: &str, sparsity: f64, speedup: f64, ideal: f64) -> prunekit::m
     }
 }
 
+/// A mode's row: mode, sparsity, measured and FLOP-ideal speedup.
+type ModeRow = (&'static str, f64, f64, f64);
+
 #[test]
 fn bench_plot_axes_are_readable_for_every_range() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, Vec<(&str, f64, f64, f64)>)> = vec![
+    let cases: Vec<(&str, Vec<ModeRow>)> = vec![
         ("dense only", vec![]),
         (
             "cpu-like",
