@@ -20,6 +20,7 @@ pub mod limits;
 pub mod model;
 pub mod ops;
 pub mod prune;
+pub mod shape;
 pub mod train;
 pub mod transfer;
 pub mod verify;

@@ -11,9 +11,9 @@ use super::params::{ConvParams, FastDiv, TransposeParams};
 use super::profile::{timed, Cost, Family};
 use super::{check_len, check_on, i32_of, on_gpu};
 use crate::cpu::conv as cpu;
-pub use crate::cpu::conv::ConvShape;
 use crate::device::{Buf, Device};
 use crate::gpu::{Elem, Gpu, Kernel, LaunchConfig};
+pub use crate::shape::{ConvShape, Pass};
 use crate::{ensure, invalid, Result};
 use half::{bf16, f16};
 
@@ -21,48 +21,6 @@ const MODULE: &str = "conv";
 
 /// Streaming multiprocessors the tile heuristics aim to fill (an H100 SXM has 132).
 pub const TARGET_SMS: usize = 132;
-
-/// A convolution pass.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Pass {
-    /// `y = conv(x, w)`.
-    Fprop,
-    /// `dx = dL/dx` from `dy` and `w`.
-    Dgrad,
-    /// `dw = dL/dw` from `x` and `dy`.
-    Wgrad,
-}
-
-impl Pass {
-    /// All three, in order.
-    pub const ALL: [Pass; 3] = [Pass::Fprop, Pass::Dgrad, Pass::Wgrad];
-    /// "fprop", "dgrad" or "wgrad".
-    pub fn name(self) -> &'static str {
-        match self {
-            Pass::Fprop => "fprop",
-            Pass::Dgrad => "dgrad",
-            Pass::Wgrad => "wgrad",
-        }
-    }
-    /// The pass named `s`.
-    pub fn parse(s: &str) -> Result<Pass> {
-        match s {
-            "fprop" => Ok(Pass::Fprop),
-            "dgrad" => Ok(Pass::Dgrad),
-            "wgrad" => Ok(Pass::Wgrad),
-            _ => Err(invalid!("unknown pass {s:?}: expected fprop, dgrad or wgrad")),
-        }
-    }
-    /// (M, N, K) of the implicit GEMM of this pass for `sh`.
-    pub fn gemm(self, sh: &ConvShape) -> (usize, usize, usize) {
-        let (pq, rs) = (sh.p() * sh.q(), sh.r * sh.s);
-        match self {
-            Pass::Fprop => (sh.n * pq, sh.k, rs * sh.c),
-            Pass::Dgrad => (sh.n * sh.h * sh.w, sh.c, rs * sh.k),
-            Pass::Wgrad => (sh.k, rs * sh.c, sh.n * pq),
-        }
-    }
-}
 
 /// A tile configuration of the kernels (see the top of kernels/conv.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,5 +1,5 @@
 //! Fused ops of the training step: the memory-bound work around the convolutions folded
-//! into fewer passes over the activations (issue 10, part 3).
+//! into fewer passes over the activations.
 //!
 //! - [`conv2d_fprop_bn_stats`]: a convolution whose epilogue also computes the batch
 //!   statistics of its output for the batch norm that follows (per row tile of the GEMM:
@@ -17,12 +17,13 @@
 //! [`crate::cpu::layers::bn::bn_forward_train`]). Profile counts are the same on every
 //! device: the conv pass counts its epilogue's pairs, the finalize reads them.
 
-use super::conv::{self, ConvElem, ConvShape, Pass, Plan, StatsOut};
+use super::conv::{self, ConvElem, Plan, StatsOut};
 use super::layers::{bn_apply_saved, LayerElem};
 use super::profile::{timed, Cost, Family};
 use super::{check_bufs, check_len, check_on};
 use crate::cpu::layers::bn as cpu_bn;
 use crate::device::{Buf, Device};
+use crate::shape::{ConvShape, Pass};
 use crate::{ensure, invalid, Result};
 use rayon::prelude::*;
 

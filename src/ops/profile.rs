@@ -45,7 +45,7 @@
 //!   the memory system served.
 
 use crate::device::{Device, Mark};
-use crate::ops::conv::{ConvShape, Pass};
+use crate::shape::{ConvShape, Pass};
 use crate::{ensure, Result};
 use std::cell::{Cell, RefCell};
 

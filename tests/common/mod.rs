@@ -4,7 +4,7 @@
 pub mod cli;
 
 use prunekit::gpu::{Gpu, Schedule};
-use prunekit::ops::conv::ConvShape;
+use prunekit::shape::ConvShape;
 use prunekit::Device;
 
 /// splitmix64, uniform in [lo, hi) (the fused ops' tests).
