@@ -8,7 +8,7 @@
 //! `crate::cpu::conv` (bf16 and f16: converted to f32, computed, rounded).
 
 use super::params::{ConvParams, FastDiv, TransposeParams};
-use super::profile::{timed, Cost, Family};
+use super::profile::{timed, u, Cost, Family, F32};
 use super::{check_len, check_on, i32_of, on_gpu};
 use crate::cpu::conv as cpu;
 use crate::device::{Buf, Device};
@@ -688,6 +688,28 @@ pub fn krsc_to_oihw<T: ConvElem>(
     dst: &mut Buf<T>,
 ) -> Result<()> {
     transpose(dev, k, r.checked_mul(s).ok_or_else(|| invalid!("r*s overflows"))?, c, src, dst)
+}
+
+/// The profile's counts of this module's ops (see [`crate::ops::profile`]).
+impl Cost {
+    /// A convolution pass: FLOPs `2 * N*P*Q * K * C*R*S` for each pass (dgrad of a strided
+    /// conv skips the taps that meet no input, as its phase GEMMs do); bytes: fprop reads
+    /// x and w and writes y, dgrad reads dy and w and writes dx (all in `elem`), wgrad
+    /// reads x and dy (`elem`) and writes dw (f32).
+    pub fn conv(pass: Pass, sh: &ConvShape, elem: usize) -> Cost {
+        let (e, x, w, y) = (u(elem), u(sh.x_len()), u(sh.w_len()), u(sh.y_len()));
+        let macs = u(sh.n) * u(sh.p()) * u(sh.q()) * u(sh.k) * u(sh.c) * u(sh.r) * u(sh.s);
+        let bytes = match pass {
+            Pass::Fprop | Pass::Dgrad => (x + w + y) * e,
+            Pass::Wgrad => (x + y) * e + w * F32,
+        };
+        Cost { flops: 2 * macs, bytes }
+    }
+
+    /// A layout conversion (transpose) of n elements: reads and writes each once.
+    pub fn transpose(n: usize, elem: usize) -> Cost {
+        Cost { flops: 0, bytes: 2 * u(n) * u(elem) }
+    }
 }
 
 #[cfg(test)]
