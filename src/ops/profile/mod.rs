@@ -136,8 +136,9 @@ impl Family {
 
 /// What one op costs, counted from its shapes: floating-point operations and bytes read
 /// plus written (see the module documentation for the model of the bytes). The
-/// constructors are the one place the counts are defined; `elem` is the element size in
-/// bytes of the activations (4 for f32, 2 for bf16).
+/// constructors are the one place the counts are defined, each in an `impl Cost` block
+/// beside its op (`ops::conv`, `ops::fused`, `ops::layers::*`); `elem` is the element size
+/// in bytes of the activations (4 for f32, 2 for bf16).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cost {
     /// Floating-point operations.
