@@ -9,7 +9,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::bf16;
 use prunekit::gpu::Gpu;
 use prunekit::measure::conv::{distinct_convs, PassBuffers};
-use prunekit::ops::conv::{ConvElem, Pass};
+use prunekit::ops::conv::ConvElem;
+use prunekit::shape::Pass;
 use prunekit::Device;
 use std::time::{Duration, Instant};
 

@@ -20,9 +20,10 @@
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use half::bf16;
 use prunekit::gpu::{Elem, Gpu};
-use prunekit::ops::conv::{self, ConvElem, ConvShape};
+use prunekit::ops::conv::{self, ConvElem};
 use prunekit::ops::fused::{self, BnInput, BnTrain};
 use prunekit::ops::layers::{self as layers, LayerElem};
+use prunekit::shape::ConvShape;
 use prunekit::{Buf, Device};
 use std::time::{Duration, Instant};
 

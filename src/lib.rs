@@ -22,6 +22,7 @@ pub mod model;
 pub mod ops;
 pub mod plot;
 pub mod prune;
+pub mod shape;
 pub mod train;
 pub mod transfer;
 pub mod verify;

@@ -10,7 +10,8 @@ mod common;
 
 use half::bf16;
 use prunekit::gpu::{Gpu, Schedule};
-use prunekit::ops::conv::{self, ConvElem, ConvShape, Pass, Plan, Tile};
+use prunekit::ops::conv::{self, ConvElem, Plan, Tile};
+use prunekit::shape::{ConvShape, Pass};
 use prunekit::{Buf, Device};
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {

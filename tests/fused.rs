@@ -13,9 +13,10 @@
 use half::{bf16, f16};
 use prunekit::cpu::layers::bn as cbn;
 use prunekit::gpu::{Gpu, Schedule};
-use prunekit::ops::conv::{self, ConvElem, ConvShape, Pass, Plan, Tile};
+use prunekit::ops::conv::{self, ConvElem, Plan, Tile};
 use prunekit::ops::fused::{self, BnTrain};
 use prunekit::ops::layers::LayerElem;
+use prunekit::shape::{ConvShape, Pass};
 use prunekit::{Buf, Device};
 
 mod common;

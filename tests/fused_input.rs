@@ -18,8 +18,9 @@
 
 use half::{bf16, f16};
 use prunekit::gpu::{Gpu, Schedule};
-use prunekit::ops::conv::{self, ConvElem, ConvShape, Pass, Plan, Tile};
+use prunekit::ops::conv::{self, ConvElem, Plan, Tile};
 use prunekit::ops::fused::{self, BnInput};
+use prunekit::shape::{ConvShape, Pass};
 use prunekit::{Buf, Device};
 
 mod common;

@@ -1,5 +1,5 @@
 //! Fused ops of the training step: the memory-bound work around the convolutions folded
-//! into fewer passes over the activations (issue 10, part 3).
+//! into fewer passes over the activations.
 //!
 //! - [`conv2d_fprop_bn_stats`]: a convolution whose epilogue also computes the batch
 //!   statistics of its output for the batch norm that follows (per row tile of the GEMM:
@@ -17,12 +17,13 @@
 //! [`crate::cpu::layers::bn::bn_forward_train`]). Profile counts are the same on every
 //! device: the conv pass counts its epilogue's pairs, the finalize reads them.
 
-use super::conv::{self, ConvElem, ConvShape, Pass, Plan, StatsOut};
+use super::conv::{self, ConvElem, Plan, StatsOut};
 use super::layers::{bn_apply_saved, LayerElem};
-use super::profile::{timed, Cost, Family};
+use super::profile::{timed, u, Cost, Family, F32};
 use super::{check_bufs, check_len, check_on};
 use crate::cpu::layers::bn as cpu_bn;
 use crate::device::{Buf, Device};
+use crate::shape::{ConvShape, Pass};
 use crate::{ensure, invalid, Result};
 use rayon::prelude::*;
 
@@ -397,4 +398,37 @@ pub fn conv2d_wgrad_bn_input_with<T: ConvElem>(
             conv::launch_bnin(gpu, Pass::Wgrad, sh, dy, x, dw, plan, None, Some(p)).map(|_| ())
         }
     })
+}
+
+/// The profile's counts of this module's ops (see [`crate::ops::profile`]).
+impl Cost {
+    /// A convolution forward whose epilogue also computes batch statistics of y
+    /// ([`crate::ops::fused::conv2d_fprop_bn_stats`]): the fprop's count, plus per
+    /// channel and row tile one (mean, M2) pair written (8 bytes); y is not read again.
+    /// FLOPs: the GEMM's only (the conv families count GEMM FLOPs, which add up to the
+    /// model's); the statistics' FLOPs are counted with the BN ([`Cost::bn_finalize_tiles`]).
+    pub fn conv_bn_stats(sh: &ConvShape, elem: usize, tiles: usize) -> Cost {
+        let c = Cost::conv(Pass::Fprop, sh, elem);
+        Cost { flops: c.flops, bytes: c.bytes + 8 * u(tiles) * u(sh.k) }
+    }
+
+    /// A convolution pass (fprop or wgrad) whose x operand is the batch norm (+ ReLU) of the
+    /// x it reads, applied as x is loaded ([`crate::ops::fused::conv2d_fprop_bn_input`]):
+    /// the pass's count, plus per input channel the 4 f32 of the BN (gamma, beta, saved
+    /// mean and inverse deviation); FLOPs: 2 per x element loaded once (+1 for the ReLU),
+    /// counted over x's `N*H*W*C` (a 3x3 conv loads an element up to 9 times; the count is
+    /// the work the unfused apply pass did). The BN's output is neither written nor read.
+    pub fn conv_bn_input(pass: Pass, sh: &ConvShape, elem: usize, relu: bool) -> Cost {
+        let c = Cost::conv(pass, sh, elem);
+        Cost { flops: c.flops + u(sh.x_len()) * (2 + relu as u64), bytes: c.bytes + 4 * u(sh.c) * F32 }
+    }
+
+    /// The BN statistics of an `[m, c]` conv output computed in the conv's epilogue, merged
+    /// by `bn_stats_finalize_f32`: reads `tiles` pairs per channel (8 bytes each; with one
+    /// tile the two `[c]` buffers), reads and writes the running mean and variance, writes
+    /// the saved mean and inverse deviation (6 f32 per channel). FLOPs: 3 per element
+    /// (sum, deviation, fused square: done in the epilogue), 10 per pair.
+    pub fn bn_finalize_tiles(m: usize, c: usize, tiles: usize) -> Cost {
+        Cost { flops: 3 * u(m) * u(c) + 10 * u(tiles) * u(c), bytes: 8 * u(tiles) * u(c) + 6 * u(c) * F32 }
+    }
 }

@@ -5,7 +5,7 @@ pub mod cli;
 pub mod report;
 
 use prunekit::gpu::{Gpu, Schedule};
-use prunekit::ops::conv::ConvShape;
+use prunekit::shape::ConvShape;
 use prunekit::Device;
 
 /// splitmix64, uniform in [lo, hi) (the fused ops' tests).

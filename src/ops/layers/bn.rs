@@ -6,7 +6,7 @@ use crate::cpu::layers::bn as cpu;
 use crate::device::{Buf, Device};
 use crate::gpu::{Gpu, Kernel, LaunchConfig};
 use crate::ops::params::BnParams;
-use crate::ops::profile::{timed, Cost, Family};
+use crate::ops::profile::{timed, u, Cost, Family, F32};
 use crate::ops::{check_bufs, check_on, i32_of};
 use crate::{ensure, Result};
 
@@ -574,4 +574,53 @@ pub fn bn_backward_masking_dy<T: LayerElem>(
             Ok(())
         }
     })
+}
+
+/// The profile's counts of this module's ops (see [`crate::ops::profile`]).
+impl Cost {
+    /// Batch norm train forward over `[m, c]`: a statistics pass reads x, the apply pass
+    /// reads x and writes y; per channel gamma and beta are read, the running mean and
+    /// variance read and written, the saved mean and inverse deviation written (8 f32).
+    /// FLOPs per element: 3 for the statistics (sum, fused square-sum), 2 to apply
+    /// (`x * scale + shift`), 1 for a fused ReLU.
+    pub fn bn_forward_train(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
+        let mc = u(m) * u(c);
+        Cost { flops: mc * (5 + relu as u64), bytes: 3 * mc * u(elem) + 8 * u(c) * F32 }
+    }
+
+    /// The normalisation of a train forward from saved statistics
+    /// ([`crate::ops::layers::bn_apply_saved`]): reads x (and the residual) and writes y;
+    /// per channel gamma, beta, the saved mean and inverse deviation (4 f32). FLOPs per
+    /// element: 2, +1 for the residual add, +1 for the ReLU.
+    pub fn bn_apply(m: usize, c: usize, elem: usize, residual: bool, relu: bool) -> Cost {
+        let mc = u(m) * u(c);
+        let (r, l) = (residual as u64, relu as u64);
+        Cost { flops: mc * (2 + r + l), bytes: (2 + r) * mc * u(elem) + 4 * u(c) * F32 }
+    }
+
+    /// Batch norm eval forward over `[m, c]`: one pass reads x and writes y; per channel
+    /// 4 f32 are read. FLOPs per element: 2 (+1 for a fused ReLU).
+    pub fn bn_forward_eval(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
+        let mc = u(m) * u(c);
+        Cost { flops: mc * (2 + relu as u64), bytes: 2 * mc * u(elem) + 4 * u(c) * F32 }
+    }
+
+    /// Batch norm backward over `[m, c]`: a reduction pass reads x and dy (and the fused
+    /// ReLU's output), the dx pass reads them again and writes dx; per channel gamma, the
+    /// saved statistics (read) and dgamma, dbeta (written): 5 f32. FLOPs per element: 5 in
+    /// the reduction (`xhat`, two sums), 6 for dx, and 1 per pass for a ReLU mask.
+    pub fn bn_backward(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
+        let (mc, r) = (u(m) * u(c), relu as u64);
+        Cost { flops: mc * (11 + 2 * r), bytes: (2 * (2 + r) + 1) * mc * u(elem) + 5 * u(c) * F32 }
+    }
+
+    /// Batch norm backward through a ReLU whose masked gradient g is kept
+    /// ([`crate::ops::layers::bn_backward_masking_dy`]): the reduction reads x, dy and the
+    /// ReLU's output and writes g over dy, the dx pass reads x and g and writes dx; per channel 5
+    /// f32 as [`Cost::bn_backward`]. FLOPs per element: 1 for the mask, 5 in the reduction,
+    /// 6 for dx.
+    pub fn bn_backward_masking_dy(m: usize, c: usize, elem: usize) -> Cost {
+        let mc = u(m) * u(c);
+        Cost { flops: mc * 12, bytes: 7 * mc * u(elem) + 5 * u(c) * F32 }
+    }
 }
