@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::{square_conv as shape, to_t};
+
 use half::bf16;
 use prunekit::gpu::{Gpu, Schedule};
 use prunekit::ops::conv::{self, ConvElem, Plan, Tile};
@@ -18,12 +20,7 @@ fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
     common::Rng::new(seed).vec(n)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn shape(n: usize, h: usize, w: usize, c: usize, k: usize, r: usize, stride: usize, pad: usize) -> ConvShape {
-    ConvShape { n, h, w, c, k, r, s: r, stride, pad }
-}
-
-/// The odd shapes of the issue, small enough for the emulation.
+/// Odd shapes, small enough for the emulation.
 fn odd_shapes() -> Vec<ConvShape> {
     vec![
         shape(1, 13, 11, 3, 8, 7, 2, 3),  // the stem: C = 3, 7x7, stride 2, pad 3, odd H and W
@@ -38,9 +35,6 @@ fn odd_shapes() -> Vec<ConvShape> {
     ]
 }
 
-fn to_t<T: ConvElem>(v: &[f32]) -> Vec<T> {
-    v.iter().map(|&x| T::from_f32(x)).collect()
-}
 fn to_f<T: ConvElem>(v: &[T]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
@@ -415,7 +409,7 @@ fn conv_bench_shapes_widths_and_rows() {
     assert_eq!((c("layer2.0.conv1").c, c("layer2.0.conv1").k), (128, 64));
     assert_eq!((c("layer4.2.conv3").c, c("layer4.2.conv3").k), (256, 1024));
     assert_eq!(resnet50_convs_mode(1, 224, Mode::Channels, 0.0, 8).unwrap(), all_at(1));
-    // Rows on the CPU, with exactly the fields of the issue (plus the cuDNN pair on cuda).
+    // Rows on the CPU, with exactly the documented fields (plus the cuDNN pair on cuda).
     let opts = BenchOpts {
         batch: 1,
         size: 32,

@@ -110,6 +110,25 @@ struct Bn {
     mom_beta: Buf<f32>,
 }
 
+impl Bn {
+    /// The layer's buffers and settings for the BN ops, with `s` as its saved statistics.
+    fn layer<'a>(&'a mut self, s: &'a mut Saved, cfg: BnConfig) -> layers::BnLayer<'a> {
+        layers::BnLayer {
+            c: self.c,
+            gamma: &self.gamma,
+            beta: &self.beta,
+            running_mean: &mut self.mean,
+            running_var: &mut self.var,
+            save_mean: &mut s.mean,
+            save_invstd: &mut s.invstd,
+            dgamma: &mut self.dgamma,
+            dbeta: &mut self.dbeta,
+            momentum: cfg.momentum,
+            eps: cfg.eps,
+        }
+    }
+}
+
 struct BlockParams<T: Precision> {
     spec: Block,
     conv1: Conv<T>,
@@ -472,23 +491,12 @@ impl<T: Precision> ResNet<T> {
         let x0: &Buf<T> = T::pick(&ws.input_nhwc, &ws.input_low)?;
         if train {
             let sh = ws.stem_sh;
-            conv_bn_train(
-                &dev,
-                bnc,
-                &sh,
-                x0,
-                &self.stem,
-                &mut self.stem_bn,
-                &mut ws.t0,
-                None,
-                true,
-                &mut ws.a0,
-                &mut ws.s0,
-            )?;
+            let bn = &mut self.stem_bn.layer(&mut ws.s0, bnc);
+            conv_bn_train(&dev, &sh, x0, &self.stem, bn, &mut ws.t0, None, true, &mut ws.a0)?;
         } else {
             conv::conv2d_fprop(&dev, &ws.stem_sh, x0, self.stem.weight()?, &mut ws.t0)?;
             let m0 = n * ws.stem_h * ws.stem_w;
-            bn_fwd(&dev, bnc, &mut self.stem_bn, m0, &ws.t0, &mut ws.a0, &mut ws.s0, train, true)?;
+            bn_fwd(&dev, &mut self.stem_bn.layer(&mut ws.s0, bnc), m0, &ws.t0, &mut ws.a0, train, true)?;
         }
         layers::maxpool_forward(&dev, n, ws.stem_h, ws.stem_w, self.arch.stem, &ws.a0, &mut ws.p0)?;
         for bi in 0..self.blocks.len() {
@@ -499,47 +507,23 @@ impl<T: Precision> ResNet<T> {
             if train {
                 // Fused (ops::fused): BN statistics in the conv epilogues, the last BN, the
                 // residual add and the ReLU in one pass.
-                let (a, t) = (&mut acts.a1, &mut acts.t1);
-                conv_bn_train(&dev, bnc, &acts.sh1, x, &bp.conv1, &mut bp.bn1, t, None, true, a, &mut acts.s1)?;
-                let (a, t) = (&mut acts.a2, &mut acts.t2);
-                conv_bn_train(&dev, bnc, &acts.sh2, &acts.a1, &bp.conv2, &mut bp.bn2, t, None, true, a, &mut acts.s2)?;
+                let (a, t, bn) = (&mut acts.a1, &mut acts.t1, &mut bp.bn1.layer(&mut acts.s1, bnc));
+                conv_bn_train(&dev, &acts.sh1, x, &bp.conv1, bn, t, None, true, a)?;
+                let (a, t, bn) = (&mut acts.a2, &mut acts.t2, &mut bp.bn2.layer(&mut acts.s2, bnc));
+                conv_bn_train(&dev, &acts.sh2, &acts.a1, &bp.conv2, bn, t, None, true, a)?;
                 match (&mut bp.down, acts.shd, acts.td.as_mut(), acts.sd.as_mut()) {
                     (Some((dconv, dbn)), Some(shd), Some(td), Some(sd)) => {
                         let bd = ws.pool.take(acts.out.len())?;
                         let bdb = &mut ws.pool.bufs[bd];
-                        conv_bn_train(&dev, bnc, &shd, x, dconv, dbn, td, None, false, bdb, sd)?;
-                        let (o, t) = (&mut acts.out, &mut acts.t3);
+                        conv_bn_train(&dev, &shd, x, dconv, &mut dbn.layer(sd, bnc), td, None, false, bdb)?;
+                        let (o, t, bn) = (&mut acts.out, &mut acts.t3, &mut bp.bn3.layer(&mut acts.s3, bnc));
                         let r = Some(&ws.pool.bufs[bd]);
-                        conv_bn_train(
-                            &dev,
-                            bnc,
-                            &acts.sh3,
-                            &acts.a2,
-                            &bp.conv3,
-                            &mut bp.bn3,
-                            t,
-                            r,
-                            true,
-                            o,
-                            &mut acts.s3,
-                        )?;
+                        conv_bn_train(&dev, &acts.sh3, &acts.a2, &bp.conv3, bn, t, r, true, o)?;
                         ws.pool.give(bd);
                     }
                     (None, None, None, None) => {
-                        let (o, t) = (&mut acts.out, &mut acts.t3);
-                        conv_bn_train(
-                            &dev,
-                            bnc,
-                            &acts.sh3,
-                            &acts.a2,
-                            &bp.conv3,
-                            &mut bp.bn3,
-                            t,
-                            Some(x),
-                            true,
-                            o,
-                            &mut acts.s3,
-                        )?;
+                        let (o, t, bn) = (&mut acts.out, &mut acts.t3, &mut bp.bn3.layer(&mut acts.s3, bnc));
+                        conv_bn_train(&dev, &acts.sh3, &acts.a2, &bp.conv3, bn, t, Some(x), true, o)?;
                     }
                     _ => return Err(invalid!("internal: downsample buffers out of step")),
                 }
@@ -548,17 +532,18 @@ impl<T: Precision> ResNet<T> {
             let m1 = acts.sh1.n * acts.sh1.p() * acts.sh1.q();
             let m2 = acts.sh2.n * acts.sh2.p() * acts.sh2.q();
             conv::conv2d_fprop(&dev, &acts.sh1, x, bp.conv1.weight()?, &mut acts.t1)?;
-            bn_fwd(&dev, bnc, &mut bp.bn1, m1, &acts.t1, &mut acts.a1, &mut acts.s1, train, true)?;
+            bn_fwd(&dev, &mut bp.bn1.layer(&mut acts.s1, bnc), m1, &acts.t1, &mut acts.a1, train, true)?;
             conv::conv2d_fprop(&dev, &acts.sh2, &acts.a1, bp.conv2.weight()?, &mut acts.t2)?;
-            bn_fwd(&dev, bnc, &mut bp.bn2, m2, &acts.t2, &mut acts.a2, &mut acts.s2, train, true)?;
+            bn_fwd(&dev, &mut bp.bn2.layer(&mut acts.s2, bnc), m2, &acts.t2, &mut acts.a2, train, true)?;
             conv::conv2d_fprop(&dev, &acts.sh3, &acts.a2, bp.conv3.weight()?, &mut acts.t3)?;
             let b3 = ws.pool.take(acts.out.len())?;
-            bn_fwd(&dev, bnc, &mut bp.bn3, m2, &acts.t3, &mut ws.pool.bufs[b3], &mut acts.s3, train, false)?;
+            let bn = &mut bp.bn3.layer(&mut acts.s3, bnc);
+            bn_fwd(&dev, bn, m2, &acts.t3, &mut ws.pool.bufs[b3], train, false)?;
             match (&mut bp.down, acts.shd, acts.td.as_mut(), acts.sd.as_mut()) {
                 (Some((dconv, dbn)), Some(shd), Some(td), Some(sd)) => {
                     conv::conv2d_fprop(&dev, &shd, x, dconv.weight()?, td)?;
                     let bd = ws.pool.take(acts.out.len())?;
-                    bn_fwd(&dev, bnc, dbn, m2, td, &mut ws.pool.bufs[bd], sd, train, false)?;
+                    bn_fwd(&dev, &mut dbn.layer(sd, bnc), m2, td, &mut ws.pool.bufs[bd], train, false)?;
                     let [b3b, bdb] = ws.pool.bufs.get_disjoint_mut([b3, bd]).expect("distinct");
                     layers::add_relu(&dev, b3b, bdb, &mut acts.out)?;
                     ws.pool.give(bd);
@@ -583,6 +568,7 @@ impl<T: Precision> ResNet<T> {
     /// gradient (conv weights in KRSC, f32).
     pub fn backward(&mut self, ws: &mut Workspace<T>) -> Result<()> {
         let dev = self.dev.clone();
+        let bnc = self.bn;
         let n = ws.n;
         let (c, k) = (self.arch.fc_in(), ws.classes);
         layers::fc_backward(
@@ -602,8 +588,9 @@ impl<T: Precision> ResNet<T> {
         layers::avgpool_backward(&dev, n, last_len / (n * c), c, &ws.dfeat, &mut ws.pool.bufs[g])?;
         let pool = &mut ws.pool;
         for bi in (0..self.blocks.len()).rev() {
-            let acts = &ws.blocks[bi];
-            let x: &Buf<T> = if bi == 0 { &ws.p0 } else { &ws.blocks[bi - 1].out };
+            let (before, rest) = ws.blocks.split_at_mut(bi);
+            let acts = &mut rest[0];
+            let x: &Buf<T> = if bi == 0 { &ws.p0 } else { &before[bi - 1].out };
             let bp = &mut self.blocks[bi];
             let (l_in, l1, l2, l_out) = (acts.sh1.x_len(), acts.sh1.y_len(), acts.sh2.y_len(), acts.sh3.y_len());
             let m1 = acts.sh1.n * acts.sh1.p() * acts.sh1.q();
@@ -614,22 +601,8 @@ impl<T: Precision> ResNet<T> {
             let dt3 = pool.take(l_out)?;
             {
                 let [ds, d3] = pool.bufs.get_disjoint_mut([dsum, dt3]).expect("distinct");
-                let b = &mut bp.bn3;
-                let (s, t) = (&acts.s3, &acts.t3);
-                layers::bn_backward_masking_dy(
-                    &dev,
-                    m2,
-                    b.c,
-                    t,
-                    &acts.out,
-                    ds,
-                    &b.gamma,
-                    &s.mean,
-                    &s.invstd,
-                    d3,
-                    &mut b.dgamma,
-                    &mut b.dbeta,
-                )?;
+                let bn = &mut bp.bn3.layer(&mut acts.s3, bnc);
+                layers::bn_backward_masking_dy(&dev, m2, &acts.t3, &acts.out, ds, bn, d3)?;
             }
             let da2 = pool.take(l2)?;
             {
@@ -642,7 +615,8 @@ impl<T: Precision> ResNet<T> {
             let dt2 = pool.take(l2)?;
             {
                 let [da, d2] = pool.bufs.get_disjoint_mut([da2, dt2]).expect("distinct");
-                bn_bwd(&dev, &mut bp.bn2, m2, &acts.t2, Some(&acts.a2), da, &acts.s2, d2)?;
+                let bn = &mut bp.bn2.layer(&mut acts.s2, bnc);
+                layers::bn_backward(&dev, m2, &acts.t2, Some(&acts.a2), da, bn, d2)?;
             }
             pool.give(da2);
             let da1 = pool.take(l1)?;
@@ -656,7 +630,8 @@ impl<T: Precision> ResNet<T> {
             let dt1 = pool.take(l1)?;
             {
                 let [da, d1] = pool.bufs.get_disjoint_mut([da1, dt1]).expect("distinct");
-                bn_bwd(&dev, &mut bp.bn1, m1, &acts.t1, Some(&acts.a1), da, &acts.s1, d1)?;
+                let bn = &mut bp.bn1.layer(&mut acts.s1, bnc);
+                layers::bn_backward(&dev, m1, &acts.t1, Some(&acts.a1), da, bn, d1)?;
             }
             pool.give(da1);
             let dx = pool.take(l_in)?;
@@ -667,12 +642,12 @@ impl<T: Precision> ResNet<T> {
             }
             pool.give(dt1);
             // The residual branch.
-            match (&mut bp.down, acts.shd, acts.td.as_ref(), acts.sd.as_ref()) {
+            match (&mut bp.down, acts.shd, acts.td.as_ref(), acts.sd.as_mut()) {
                 (Some((dconv, dbn)), Some(shd), Some(td), Some(sd)) => {
                     let dtd = pool.take(l_out)?;
                     {
                         let [ds, dd] = pool.bufs.get_disjoint_mut([dsum, dtd]).expect("distinct");
-                        bn_bwd(&dev, dbn, m2, td, None, ds, sd, dd)?;
+                        layers::bn_backward(&dev, m2, td, None, ds, &mut dbn.layer(sd, bnc), dd)?;
                     }
                     let tmp = pool.take(l_in)?;
                     {
@@ -704,7 +679,8 @@ impl<T: Precision> ResNet<T> {
         let m0 = n * ws.stem_h * ws.stem_w;
         {
             let [da, d0] = pool.bufs.get_disjoint_mut([da0, dt0]).expect("distinct");
-            bn_bwd(&dev, &mut self.stem_bn, m0, &ws.t0, Some(&ws.a0), da, &ws.s0, d0)?;
+            let bn = &mut self.stem_bn.layer(&mut ws.s0, bnc);
+            layers::bn_backward(&dev, m0, &ws.t0, Some(&ws.a0), da, bn, d0)?;
         }
         pool.give(da0);
         let x0: &Buf<T> = T::pick(&ws.input_nhwc, &ws.input_low)?;
@@ -960,37 +936,20 @@ enum Collect {
     Momentum,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A BN (+ ReLU) forward in train or eval mode.
 fn bn_fwd<T: Precision>(
     dev: &Device,
-    cfg: BnConfig,
-    bn: &mut Bn,
+    bn: &mut layers::BnLayer<'_>,
     m: usize,
     x: &Buf<T>,
     y: &mut Buf<T>,
-    s: &mut Saved,
     train: bool,
     relu: bool,
 ) -> Result<()> {
     if train {
-        layers::bn_forward_train(
-            dev,
-            m,
-            bn.c,
-            x,
-            &bn.gamma,
-            &bn.beta,
-            &mut bn.mean,
-            &mut bn.var,
-            cfg.momentum,
-            cfg.eps,
-            relu,
-            y,
-            &mut s.mean,
-            &mut s.invstd,
-        )
+        layers::bn_forward_train(dev, m, x, bn, relu, y)
     } else {
-        layers::bn_forward_eval(dev, m, bn.c, x, &bn.gamma, &bn.beta, &bn.mean, &bn.var, cfg.eps, relu, y)
+        layers::bn_forward_eval(dev, m, x, bn, relu, y)
     }
 }
 
@@ -999,38 +958,14 @@ fn bn_fwd<T: Precision>(
 #[allow(clippy::too_many_arguments)]
 fn conv_bn_train<T: Precision>(
     dev: &Device,
-    cfg: BnConfig,
     sh: &ConvShape,
     x: &Buf<T>,
     cv: &Conv<T>,
-    bn: &mut Bn,
+    bn: &mut layers::BnLayer<'_>,
     t: &mut Buf<T>,
     residual: Option<&Buf<T>>,
     relu: bool,
     out: &mut Buf<T>,
-    s: &mut Saved,
 ) -> Result<()> {
-    let p = fused::BnTrain {
-        gamma: &bn.gamma,
-        beta: &bn.beta,
-        running_mean: &mut bn.mean,
-        running_var: &mut bn.var,
-        momentum: cfg.momentum,
-        eps: cfg.eps,
-    };
-    fused::conv_bn_forward_train(dev, sh, x, cv.weight()?, t, p, residual, relu, out, &mut s.mean, &mut s.invstd)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn bn_bwd<T: Precision>(
-    dev: &Device,
-    bn: &mut Bn,
-    m: usize,
-    x: &Buf<T>,
-    relu_out: Option<&Buf<T>>,
-    dy: &Buf<T>,
-    s: &Saved,
-    dx: &mut Buf<T>,
-) -> Result<()> {
-    layers::bn_backward(dev, m, bn.c, x, relu_out, dy, &bn.gamma, &s.mean, &s.invstd, dx, &mut bn.dgamma, &mut bn.dbeta)
+    fused::conv_bn_forward_train(dev, sh, x, cv.weight()?, t, bn, residual, relu, out)
 }
