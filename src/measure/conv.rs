@@ -6,8 +6,9 @@
 
 use crate::device::{Buf, Device};
 use crate::gpu::Gpu;
-use crate::ops::conv::{self, ConvElem, ConvShape, Pass};
+use crate::ops::conv::{self, ConvElem};
 use crate::prune::{kept_width, Mode, Sparsity};
+use crate::shape::{ConvShape, Pass};
 use crate::{ensure, invalid, Result};
 use half::bf16;
 

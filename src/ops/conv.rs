@@ -13,7 +13,7 @@ use super::{check_len, check_on, i32_of, on_gpu};
 use crate::cpu::conv as cpu;
 use crate::device::{Buf, Device};
 use crate::gpu::{Elem, Gpu, Kernel, LaunchConfig};
-pub use crate::shape::{ConvShape, Pass};
+use crate::shape::{ConvShape, Pass};
 use crate::{ensure, invalid, Result};
 use half::{bf16, f16};
 

@@ -2,8 +2,8 @@
 //! against cuDNN on cuda).
 
 use prunekit::measure::conv::{self, BenchOpts, DType};
-use prunekit::ops::conv::Pass;
 use prunekit::prune::Mode;
+use prunekit::shape::Pass;
 use prunekit::Device;
 use std::path::PathBuf;
 

@@ -10,7 +10,7 @@
 //! with `y[n,p,q,k] = sum_{r,s,c} x[n, p*stride-pad+r, q*stride-pad+s, c] * w[k,r,s,c]`.
 
 use super::gemm::{sgemm, threads, Mat};
-pub(crate) use crate::shape::ConvShape;
+use crate::shape::ConvShape;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::Cell;
