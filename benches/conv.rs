@@ -7,11 +7,14 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
-use prunekit::bench::conv::{distinct_convs, PassBuffers};
 use prunekit::gpu::Gpu;
-use prunekit::ops::conv::{ConvElem, Pass};
+use prunekit::measure::conv::{distinct_convs, PassBuffers};
+use prunekit::ops::conv::ConvElem;
+use prunekit::shape::Pass;
 use prunekit::Device;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -28,20 +31,9 @@ fn bench_device<T: ConvElem>(c: &mut Criterion, dev: &Device, label: &str, batch
                 g.bench_function(BenchmarkId::new(format!("s{sparsity}"), &layer), |bch| match dev {
                     Device::Gpu(gpu) => bch.iter_custom(|iters| {
                         b.run(dev, pass, &sh).unwrap();
-                        let start = gpu.record().unwrap();
-                        for _ in 0..iters {
-                            b.run(dev, pass, &sh).unwrap();
-                        }
-                        let end = gpu.record().unwrap();
-                        Duration::from_secs_f64(gpu.elapsed_ms(&start, &end).unwrap() / 1e3)
+                        common::gpu_time(gpu, iters, || b.run(dev, pass, &sh).unwrap())
                     }),
-                    Device::Cpu => bch.iter_custom(|iters| {
-                        let t = Instant::now();
-                        for _ in 0..iters {
-                            b.run(dev, pass, &sh).unwrap();
-                        }
-                        t.elapsed()
-                    }),
+                    Device::Cpu => bch.iter_custom(|iters| common::cpu_time(iters, || b.run(dev, pass, &sh).unwrap())),
                 });
             }
         }

@@ -17,23 +17,21 @@
 //! cargo bench --bench fused -- cuda
 //! ```
 
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion};
 use half::bf16;
-use prunekit::gpu::{Elem, Gpu};
-use prunekit::ops::conv::{self, ConvElem, ConvShape};
-use prunekit::ops::fused::{self, BnInput, BnTrain};
-use prunekit::ops::layers::{self as layers, LayerElem};
+use prunekit::gpu::Elem;
+use prunekit::ops::conv::{self, ConvElem};
+use prunekit::ops::fused;
+use prunekit::ops::layers::{self as layers, BnInput, BnLayer, LayerElem};
+use prunekit::shape::ConvShape;
 use prunekit::{Buf, Device};
-use std::time::{Duration, Instant};
+
+mod common;
+
+use common::bench;
 
 fn devices() -> Vec<(Device, usize)> {
-    let cpu_batch = std::env::var("PK_BENCH_CPU_BATCH").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
-    let mut d = vec![(Device::Cpu, cpu_batch)];
-    match Gpu::cuda(0) {
-        Ok(g) => d.push((Device::Gpu(g), 256)),
-        Err(e) => eprintln!("fused bench: no cuda device ({e}); CPU only"),
-    }
-    d
+    common::devices("fused", 2)
 }
 
 fn filled<T: ConvElem>(dev: &Device, n: usize, seed: u32, lo: f32, hi: f32) -> Buf<T> {
@@ -47,34 +45,6 @@ fn filled<T: ConvElem>(dev: &Device, n: usize, seed: u32, lo: f32, hi: f32) -> B
         })
         .collect();
     dev.upload(v).unwrap()
-}
-
-/// Times `op` on `dev`: wall clock on the CPU, CUDA events around `iters` launches on a GPU.
-fn bench<F: FnMut()>(g: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>, id: &str, dev: &Device, mut op: F) {
-    let name = format!("{id}/{}", dev.kind());
-    match dev {
-        Device::Cpu => {
-            g.bench_function(name, |b| b.iter(&mut op));
-        }
-        Device::Gpu(gpu) => {
-            op(); // warm-up: loads the modules
-            gpu.synchronize().unwrap();
-            g.bench_function(name, |b| {
-                b.iter_custom(|iters| {
-                    let start = gpu.record().unwrap();
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        op();
-                    }
-                    let end = gpu.record().unwrap();
-                    match gpu.elapsed_ms(&start, &end) {
-                        Ok(ms) => Duration::from_secs_f64(ms / 1e3),
-                        Err(_) => t.elapsed(),
-                    }
-                })
-            });
-        }
-    }
 }
 
 fn fused_benches<T: ConvElem + LayerElem>(c: &mut Criterion) {
@@ -95,56 +65,34 @@ fn fused_benches<T: ConvElem + LayerElem>(c: &mut Criterion) {
             let mut out = dev.uninit::<T>(sh.y_len()).unwrap();
             let mut tmp = dev.uninit::<T>(sh.y_len()).unwrap();
             let (mut sm, mut si) = (dev.uninit::<f32>(k).unwrap(), dev.uninit::<f32>(k).unwrap());
+            let (mut dg, mut db) = (dev.uninit::<f32>(k).unwrap(), dev.uninit::<f32>(k).unwrap());
+            let mut bn = BnLayer {
+                c: k,
+                gamma: &gamma,
+                beta: &beta,
+                running_mean: &mut rm,
+                running_var: &mut rv,
+                save_mean: &mut sm,
+                save_invstd: &mut si,
+                dgamma: &mut dg,
+                dbeta: &mut db,
+                momentum: 0.1,
+                eps: 1e-5,
+            };
             bench(&mut g, &format!("conv_bn_relu_unfused/m{m}"), &dev, || {
                 conv::conv2d_fprop(&dev, &sh, &x, &w, &mut y).unwrap();
-                layers::bn_forward_train(
-                    &dev, m, k, &y, &gamma, &beta, &mut rm, &mut rv, 0.1, 1e-5, true, &mut out, &mut sm, &mut si,
-                )
-                .unwrap();
+                layers::bn_forward_train(&dev, m, &y, &mut bn, true, &mut out).unwrap();
             });
             bench(&mut g, &format!("conv_bn_relu_fused/m{m}"), &dev, || {
-                let bn = BnTrain {
-                    gamma: &gamma,
-                    beta: &beta,
-                    running_mean: &mut rm,
-                    running_var: &mut rv,
-                    momentum: 0.1,
-                    eps: 1e-5,
-                };
-                fused::conv_bn_forward_train(&dev, &sh, &x, &w, &mut y, bn, None, true, &mut out, &mut sm, &mut si)
-                    .unwrap();
+                fused::conv_bn_forward_train(&dev, &sh, &x, &w, &mut y, &mut bn, None, true, &mut out).unwrap();
             });
             bench(&mut g, &format!("block_end_unfused/m{m}"), &dev, || {
                 conv::conv2d_fprop(&dev, &sh, &x, &w, &mut y).unwrap();
-                layers::bn_forward_train(
-                    &dev, m, k, &y, &gamma, &beta, &mut rm, &mut rv, 0.1, 1e-5, false, &mut tmp, &mut sm, &mut si,
-                )
-                .unwrap();
+                layers::bn_forward_train(&dev, m, &y, &mut bn, false, &mut tmp).unwrap();
                 layers::add_relu(&dev, &tmp, &res, &mut out).unwrap();
             });
             bench(&mut g, &format!("block_end_fused/m{m}"), &dev, || {
-                let bn = BnTrain {
-                    gamma: &gamma,
-                    beta: &beta,
-                    running_mean: &mut rm,
-                    running_var: &mut rv,
-                    momentum: 0.1,
-                    eps: 1e-5,
-                };
-                fused::conv_bn_forward_train(
-                    &dev,
-                    &sh,
-                    &x,
-                    &w,
-                    &mut y,
-                    bn,
-                    Some(&res),
-                    true,
-                    &mut out,
-                    &mut sm,
-                    &mut si,
-                )
-                .unwrap();
+                fused::conv_bn_forward_train(&dev, &sh, &x, &w, &mut y, &mut bn, Some(&res), true, &mut out).unwrap();
             });
         }
         g.finish();
@@ -170,13 +118,13 @@ fn bn_input_benches<T: ConvElem + LayerElem>(c: &mut Criterion) {
             let mut a = dev.uninit::<T>(sh.x_len()).unwrap();
             let mut y = dev.uninit::<T>(sh.y_len()).unwrap();
             let mut dw = dev.uninit::<f32>(sh.w_len()).unwrap();
+            let bn = BnInput { c: cin, gamma: &gamma, beta: &beta, mean: &mean, invstd: &invstd, relu: true };
             bench(&mut g, &format!("bn_input_unfused/m{m}"), &dev, || {
-                layers::bn_apply_saved(&dev, m, cin, &x, &gamma, &beta, &mean, &invstd, None, true, &mut a).unwrap();
+                layers::bn_apply_saved(&dev, m, &x, &bn, None, &mut a).unwrap();
                 conv::conv2d_fprop(&dev, &sh, &a, &w, &mut y).unwrap();
                 conv::conv2d_wgrad(&dev, &sh, &a, &dy, &mut dw).unwrap();
             });
             bench(&mut g, &format!("bn_input_fused/m{m}"), &dev, || {
-                let bn = BnInput { gamma: &gamma, beta: &beta, save_mean: &mean, save_invstd: &invstd, relu: true };
                 fused::conv2d_fprop_bn_input(&dev, &sh, &x, &bn, &w, &mut y).unwrap();
                 fused::conv2d_wgrad_bn_input(&dev, &sh, &x, &bn, &dy, &mut dw).unwrap();
             });

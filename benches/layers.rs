@@ -1,5 +1,5 @@
-//! The memory-bound layer ops at ResNet50 sizes, on the CPU and, where there is one, on
-//! the GPU (`cuda:0`). Throughput is the bytes each op must move at least (every input
+//! The memory-bound layer ops at ResNet50 sizes other than batch norm (benches/bn.rs), on
+//! the CPU and, where there is one, on the GPU (`cuda:0`). Throughput is the bytes each op must move at least (every input
 //! read once, every output written once), so criterion's GB/s compare with the GPU's
 //! memory bandwidth directly.
 //!
@@ -12,104 +12,17 @@
 //! cargo bench --bench layers -- cuda    # GPU only
 //! ```
 
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
-use prunekit::gpu::{Elem, Gpu};
 use prunekit::ops::layers::{self as layers, LayerElem};
-use prunekit::{Buf, Device};
-use std::time::{Duration, Instant};
+use prunekit::Device;
+
+mod common;
+
+use common::{bench, filled};
 
 fn devices() -> Vec<(Device, usize)> {
-    let cpu_batch = std::env::var("PK_BENCH_CPU_BATCH").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
-    let mut d = vec![(Device::Cpu, cpu_batch)];
-    match Gpu::cuda(0) {
-        Ok(g) => d.push((Device::Gpu(g), 256)),
-        Err(e) => eprintln!("layers bench: no cuda device ({e}); CPU only"),
-    }
-    d
-}
-
-fn filled<T: Elem + prunekit::cpu::layers::Real>(dev: &Device, n: usize, seed: u32) -> Buf<T> {
-    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-    let v: Vec<T> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            T::from_f32((s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0)
-        })
-        .collect();
-    dev.upload(v).unwrap()
-}
-
-/// Times `op` on `dev`: wall clock on the CPU, CUDA events around `iters` launches on a GPU.
-fn bench<F: FnMut()>(g: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>, id: &str, dev: &Device, mut op: F) {
-    let name = format!("{id}/{}", dev.kind());
-    match dev {
-        Device::Cpu => {
-            g.bench_function(name, |b| b.iter(&mut op));
-        }
-        Device::Gpu(gpu) => {
-            op(); // warm-up: loads the module
-            gpu.synchronize().unwrap();
-            g.bench_function(name, |b| {
-                b.iter_custom(|iters| {
-                    let start = gpu.record().unwrap();
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        op();
-                    }
-                    let end = gpu.record().unwrap();
-                    match gpu.elapsed_ms(&start, &end) {
-                        Ok(ms) => Duration::from_secs_f64(ms / 1e3),
-                        Err(_) => t.elapsed(),
-                    }
-                })
-            });
-        }
-    }
-}
-
-fn bn_benches<T: LayerElem>(c: &mut Criterion) {
-    let es = std::mem::size_of::<T>() as u64;
-    // (name, h*w, channels): the stem (after conv1), a stage-1 block, the last stage.
-    for (what, hw, ch) in [("stem", 112 * 112, 64), ("layer1", 56 * 56, 256), ("layer4", 7 * 7, 2048)] {
-        let mut g = c.benchmark_group(format!("bn_{what}_{}", T::DTYPE));
-        g.sample_size(10);
-        for (dev, batch) in devices() {
-            let m = batch * hw;
-            let x = filled::<T>(&dev, m * ch, 1);
-            let dy = filled::<T>(&dev, m * ch, 2);
-            let gamma = filled::<f32>(&dev, ch, 3);
-            let beta = filled::<f32>(&dev, ch, 4);
-            let mut rm = dev.zeros::<f32>(ch).unwrap();
-            let mut rv = dev.upload(vec![1.0f32; ch]).unwrap();
-            let mut y = dev.uninit::<T>(m * ch).unwrap();
-            let mut dx = dev.uninit::<T>(m * ch).unwrap();
-            let (mut sm, mut si) = (dev.uninit::<f32>(ch).unwrap(), dev.uninit::<f32>(ch).unwrap());
-            let (mut dg, mut db) = (dev.uninit::<f32>(ch).unwrap(), dev.uninit::<f32>(ch).unwrap());
-            let bytes = (m * ch) as u64 * es;
-            // Train forward: reads x twice (statistics, normalization), writes y.
-            g.throughput(Throughput::Bytes(3 * bytes));
-            bench(&mut g, &format!("forward_train_relu/m{m}"), &dev, || {
-                layers::bn_forward_train(
-                    &dev, m, ch, &x, &gamma, &beta, &mut rm, &mut rv, 0.1, 1e-5, true, &mut y, &mut sm, &mut si,
-                )
-                .unwrap()
-            });
-            g.throughput(Throughput::Bytes(2 * bytes));
-            bench(&mut g, &format!("forward_eval_relu/m{m}"), &dev, || {
-                layers::bn_forward_eval(&dev, m, ch, &x, &gamma, &beta, &rm, &rv, 1e-5, true, &mut y).unwrap()
-            });
-            // Backward with the ReLU mask: reads x, dy, y twice, writes dx.
-            g.throughput(Throughput::Bytes(7 * bytes));
-            bench(&mut g, &format!("backward_relu/m{m}"), &dev, || {
-                layers::bn_backward(&dev, m, ch, &x, Some(&y), &dy, &gamma, &sm, &si, &mut dx, &mut dg, &mut db)
-                    .unwrap()
-            });
-        }
-        g.finish();
-    }
+    common::devices("layers", 8)
 }
 
 fn elementwise_benches<T: LayerElem>(c: &mut Criterion) {
@@ -205,8 +118,6 @@ fn head_benches(c: &mut Criterion) {
 }
 
 fn all(c: &mut Criterion) {
-    bn_benches::<bf16>(c);
-    bn_benches::<f32>(c);
     elementwise_benches::<bf16>(c);
     elementwise_benches::<f32>(c);
     pool_benches::<bf16>(c);

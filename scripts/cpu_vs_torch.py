@@ -18,9 +18,11 @@ Writes OUT.md (a table with the command, the date and the machine load) and OUT.
       --out bench/results/cpu-vs-torch-2026-11-30
 ratio = torch_ms / prunekit_ms: above 1 prunekit is faster.
 
-On a machine that other jobs load, PyTorch's OpenMP threads spin at every barrier while
-their partner is descheduled, and its step time swings several-fold between steps; set
-OMP_WAIT_POLICY=passive there (the file records it, and the load average before and after).
+PyTorch runs with its defaults and both sides get the same warm-up (--warmup, 3 steps by
+default). OMP_WAIT_POLICY changes PyTorch's speed (on a quiet 2-core machine `passive` made
+its rows 10-30% slower; on a loaded one, spinning OpenMP threads can make them swing): run
+the script once without it and once with OMP_WAIT_POLICY=passive and quote, per row,
+PyTorch's faster time (each file records the policy and the load average before and after).
 """
 import argparse
 import datetime
@@ -124,7 +126,7 @@ def main():
     p.add_argument("--configs", default="b8-224,b64-32", help="comma-separated: " + ",".join(CONFIGS))
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per configuration")
     p.add_argument("--steps", default="b8-224:2,b64-32:3", help="timed steps per row, per configuration")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per row, each side (at least 3 for a fair comparison)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--out", required=True, help="OUT.md and OUT.json are written")

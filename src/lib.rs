@@ -7,20 +7,22 @@
 //! wrapper per kernel family, dispatching between the CPU and a kernel device). Beside
 //! them, [`data`] feeds training: image folders and IDX files, augmentation, batches;
 //! [`train`] trains and evaluates models on it (`prunekit train`, `prunekit eval`),
-//! [`transfer`] runs the paper's experiment on top (`prunekit transfer`), and
-//! [`limits`] checks memory and output paths before a command starts its work.
+//! [`transfer`] runs the paper's experiment on top (`prunekit transfer`), [`measure`]
+//! holds the measurements of `prunekit bench` and `prunekit conv-bench`, and [`limits`]
+//! checks memory and output paths before a command starts its work.
 
-pub mod bench;
 pub mod cpu;
 pub mod data;
 pub mod device;
 pub mod error;
 pub mod gpu;
 pub mod limits;
+pub mod measure;
 pub mod model;
 pub mod ops;
 pub mod plot;
 pub mod prune;
+pub mod shape;
 pub mod train;
 pub mod transfer;
 pub mod verify;

@@ -4,14 +4,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn prunekit(args: &[&str]) -> std::process::Output {
-    let bin =
-        std::env::var_os("PRUNEKIT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_prunekit")), PathBuf::from);
-    Command::new(bin).args(args).output().unwrap()
-}
+use common::cli::prunekit;
 
 const FIELDS: &[&str] = &[
     "mode",

@@ -3,11 +3,11 @@
 
 mod common;
 
+use common::cli::prunekit;
 use common::data;
 use prunekit::model::{Model, PrecisionKind, StateDict, Tensor};
 use prunekit::Device;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// The dense model of a prune reference file, written alone to `dir`.
 fn dense_model(dir: &Path, reference: &str) -> (PathBuf, StateDict) {
@@ -17,13 +17,6 @@ fn dense_model(dir: &Path, reference: &str) -> (PathBuf, StateDict) {
     let path = dir.join("dense.safetensors");
     sd.write(&path).unwrap();
     (path, expect)
-}
-
-/// The prunekit binary: `PRUNEKIT_BIN` where the tests run outside the source tree.
-fn prunekit(args: &[&str]) -> std::process::Output {
-    let bin =
-        std::env::var_os("PRUNEKIT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_prunekit")), PathBuf::from);
-    Command::new(bin).args(args).output().unwrap()
 }
 
 #[test]

@@ -8,21 +8,19 @@
 
 mod common;
 
+use common::{square_conv as shape, to_t};
+
 use half::bf16;
 use prunekit::gpu::{Gpu, Schedule};
-use prunekit::ops::conv::{self, ConvElem, ConvShape, Pass, Plan, Tile};
+use prunekit::ops::conv::{self, ConvElem, Plan, Tile};
+use prunekit::shape::{ConvShape, Pass};
 use prunekit::{Buf, Device};
 
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
     common::Rng::new(seed).vec(n)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn shape(n: usize, h: usize, w: usize, c: usize, k: usize, r: usize, stride: usize, pad: usize) -> ConvShape {
-    ConvShape { n, h, w, c, k, r, s: r, stride, pad }
-}
-
-/// The odd shapes of the issue, small enough for the emulation.
+/// Odd shapes, small enough for the emulation.
 fn odd_shapes() -> Vec<ConvShape> {
     vec![
         shape(1, 13, 11, 3, 8, 7, 2, 3),  // the stem: C = 3, 7x7, stride 2, pad 3, odd H and W
@@ -37,9 +35,6 @@ fn odd_shapes() -> Vec<ConvShape> {
     ]
 }
 
-fn to_t<T: ConvElem>(v: &[f32]) -> Vec<T> {
-    v.iter().map(|&x| T::from_f32(x)).collect()
-}
 fn to_f<T: ConvElem>(v: &[T]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()
 }
@@ -379,7 +374,7 @@ fn shape_arithmetic() {
 
 #[test]
 fn conv_bench_shapes_widths_and_rows() {
-    use prunekit::bench::conv::{distinct_convs, resnet50_convs, run, BenchOpts, DType};
+    use prunekit::measure::conv::{distinct_convs, resnet50_convs, run, BenchOpts, DType};
     // ResNet50 has 53 convolutions; the dense ones at 224 have these distinct shapes.
     let all = resnet50_convs(2, 224, 0.0, 8).unwrap();
     let all_at = |n: usize| resnet50_convs(n, 224, 0.0, 8).unwrap();
@@ -402,7 +397,7 @@ fn conv_bench_shapes_widths_and_rows() {
     assert_eq!(p("conv1").k, 64);
     // Channels mode at 0.5: the stem and the residual stream keep half too, so every input
     // after the stem is a kept stream width.
-    use prunekit::bench::conv::resnet50_convs_mode;
+    use prunekit::measure::conv::resnet50_convs_mode;
     use prunekit::prune::Mode;
     let ch = resnet50_convs_mode(1, 224, Mode::Channels, 0.5, 8).unwrap();
     let c = |name: &str| find(&ch, name).unwrap();
@@ -414,7 +409,7 @@ fn conv_bench_shapes_widths_and_rows() {
     assert_eq!((c("layer2.0.conv1").c, c("layer2.0.conv1").k), (128, 64));
     assert_eq!((c("layer4.2.conv3").c, c("layer4.2.conv3").k), (256, 1024));
     assert_eq!(resnet50_convs_mode(1, 224, Mode::Channels, 0.0, 8).unwrap(), all_at(1));
-    // Rows on the CPU, with exactly the fields of the issue (plus the cuDNN pair on cuda).
+    // Rows on the CPU, with exactly the documented fields (plus the cuDNN pair on cuda).
     let opts = BenchOpts {
         batch: 1,
         size: 32,
@@ -497,7 +492,7 @@ mod cuda {
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn cuda_conv_bench_against_cudnn() {
-        use prunekit::bench::conv::{run, BenchOpts, DType};
+        use prunekit::measure::conv::{run, BenchOpts, DType};
         let opts = BenchOpts {
             batch: 2,
             size: 64,

@@ -13,14 +13,16 @@
 use half::{bf16, f16};
 use prunekit::cpu::layers::bn as cbn;
 use prunekit::gpu::{Gpu, Schedule};
-use prunekit::ops::conv::{self, ConvElem, ConvShape, Pass, Plan, Tile};
-use prunekit::ops::fused::{self, BnTrain};
-use prunekit::ops::layers::LayerElem;
+use prunekit::ops::conv::{self, ConvElem, Plan, Tile};
+use prunekit::ops::fused;
+use prunekit::ops::layers::{BnLayer, LayerElem};
+use prunekit::shape::{ConvShape, Pass};
 use prunekit::{Buf, Device};
 
 mod common;
 
-use common::{square_conv as shape, SplitMix as Rng};
+use common::layers::BnBufs;
+use common::{d64, f64s, square_conv as shape, to_t, SplitMix as Rng};
 
 /// Odd channels (3, 7, 67), batch 1, 1x1 and 7x7 and odd maps, stride 2, several row
 /// tiles (m > 128), several column tiles (K = 67 > 64), vector and scalar loads.
@@ -36,15 +38,6 @@ fn shapes() -> Vec<ConvShape> {
     ]
 }
 
-fn to_t<T: ConvElem>(v: &[f32]) -> Vec<T> {
-    v.iter().map(|&x| T::from_f32(x)).collect()
-}
-fn f64s<T: ConvElem>(v: &[T]) -> Vec<f64> {
-    v.iter().map(|x| x.to_f32() as f64).collect()
-}
-fn d64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
-}
 fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0, |a, b| a.max(b.abs()))
 }
@@ -111,25 +104,21 @@ fn run_stats<T: ConvElem>(dev: &Device, sh: &ConvShape, k: &Case, plan: Option<P
     let (x, w) = (up(&k.x), up(&k.w));
     let mut y = dev.uninit::<T>(sh.y_len()).unwrap();
     let mut ws = dev.uninit::<T>(sh.y_len()).unwrap();
-    let (mut rm, mut rv) = (dev.upload(k.rm.clone()).unwrap(), dev.upload(k.rv.clone()).unwrap());
-    let (mut sm, mut si) = (dev.uninit::<f32>(sh.k).unwrap(), dev.uninit::<f32>(sh.k).unwrap());
-    fused::conv2d_fprop_bn_stats_with(
-        dev, sh, &x, &w, &mut y, &mut ws, &mut rm, &mut rv, 0.1, 1e-5, &mut sm, &mut si, plan,
-    )
-    .unwrap();
+    let mut bn = BnBufs::new(dev, vec![1.0; sh.k], vec![0.0; sh.k], k.rm.clone(), k.rv.clone());
+    fused::conv2d_fprop_bn_stats_with(dev, sh, &x, &w, &mut y, &mut ws, &mut bn.layer(), plan).unwrap();
     let yv = y.to_vec().unwrap();
     Stats {
         y: f64s(&yv),
         y_bits: bits(&yv),
-        mean: sm.to_vec().unwrap(),
-        invstd: si.to_vec().unwrap(),
-        rm: rm.to_vec().unwrap(),
-        rv: rv.to_vec().unwrap(),
+        mean: bn.save_mean.to_vec().unwrap(),
+        invstd: bn.save_invstd.to_vec().unwrap(),
+        rm: bn.running_mean.to_vec().unwrap(),
+        rv: bn.running_var.to_vec().unwrap(),
     }
 }
 
 /// The statistics against the oracle on the y the device wrote, with the tolerances of
-/// tests/layers.rs' check_bn_train.
+/// tests/bn.rs' check_bn_train.
 fn check_stats_of(what: &str, sh: &ConvShape, k: &Case, s: &Stats) {
     let (m, c) = (sh.n * sh.p() * sh.q(), sh.k);
     let ones = vec![1.0; c];
@@ -221,7 +210,7 @@ fn emu_stats_are_deterministic() {
 }
 
 /// conv + BN (+ residual) (+ ReLU) against the oracle: y bitwise the unfused conv's, the
-/// statistics, and the output within the tolerance of tests/layers.rs' check_bn_train
+/// statistics, and the output within the tolerance of tests/bn.rs' check_bn_train
 /// (one rounding of the output; the residual adds its own magnitude to the scale).
 fn check_forward<T: ConvElem + LayerElem>(dev: &Device) {
     for (i, sh) in shapes().iter().enumerate() {
@@ -232,21 +221,12 @@ fn check_forward<T: ConvElem + LayerElem>(dev: &Device) {
                 format!("{} {} {sh:?} residual {residual} relu {relu}", dev.name(), <T as prunekit::gpu::Elem>::NAME);
             let up = |v: &[f32]| dev.upload(to_t::<T>(v)).unwrap();
             let (x, w, res) = (up(&k.x), up(&k.w), up(&k.res));
-            let (gamma, beta) = (dev.upload(k.gamma.clone()).unwrap(), dev.upload(k.beta.clone()).unwrap());
-            let (mut rm, mut rv) = (dev.upload(k.rm.clone()).unwrap(), dev.upload(k.rv.clone()).unwrap());
+            let mut bn = BnBufs::new(dev, k.gamma.clone(), k.beta.clone(), k.rm.clone(), k.rv.clone());
             let mut y = dev.uninit::<T>(sh.y_len()).unwrap();
             let mut out = dev.uninit::<T>(sh.y_len()).unwrap();
-            let (mut sm, mut si) = (dev.uninit::<f32>(c).unwrap(), dev.uninit::<f32>(c).unwrap());
-            let bn = BnTrain {
-                gamma: &gamma,
-                beta: &beta,
-                running_mean: &mut rm,
-                running_var: &mut rv,
-                momentum: 0.1,
-                eps: 1e-5,
-            };
             let r: Option<&Buf<T>> = residual.then_some(&res);
-            fused::conv_bn_forward_train(dev, sh, &x, &w, &mut y, bn, r, relu, &mut out, &mut sm, &mut si).unwrap();
+            fused::conv_bn_forward_train(dev, sh, &x, &w, &mut y, &mut bn.layer(), r, relu, &mut out).unwrap();
+            let (sm, si, rv) = (&bn.save_mean, &bn.save_invstd, &bn.running_var);
             let yv = f64s(&y.to_vec().unwrap());
             let mut yref = dev.uninit::<T>(sh.y_len()).unwrap();
             conv::conv2d_fprop(dev, sh, &x, &w, &mut yref).unwrap();
@@ -312,28 +292,29 @@ fn check_backward_masking<T: LayerElem + ConvElem>(dev: &Device) {
         let x = up(r.vec(m * c, -1.0, 2.0));
         let out = up(r.vec(m * c, -1.0, 1.0)); // about half the mask is off
         let dyv = r.vec(m * c, -1.0, 1.0);
-        let (gamma, mean, invstd) = (
-            dev.upload(r.vec(c, 0.5, 1.5)).unwrap(),
-            dev.upload(r.vec(c, 0.0, 1.0)).unwrap(),
-            dev.upload(r.vec(c, 0.5, 2.0)).unwrap(),
-        );
-        let f = |dev: &Device| {
-            (dev.uninit::<T>(m * c).unwrap(), dev.uninit::<f32>(c).unwrap(), dev.uninit::<f32>(c).unwrap())
+        let (gamma, mean, invstd) = (r.vec(c, 0.5, 1.5), r.vec(c, 0.0, 1.0), r.vec(c, 0.5, 2.0));
+        // gamma and the saved statistics; beta and the running statistics are not read.
+        let bn = || {
+            let mut b = BnBufs::new(dev, gamma.clone(), vec![0.0; c], vec![0.0; c], vec![1.0; c]);
+            b.save_mean = dev.upload(mean.clone()).unwrap();
+            b.save_invstd = dev.upload(invstd.clone()).unwrap();
+            b
         };
-        let (mut dx0, mut dg0, mut db0) = f(dev);
+        let (mut bn0, mut bn1) = (bn(), bn());
+        let mut dx0 = dev.uninit::<T>(m * c).unwrap();
         let mut g0 = dev.uninit::<T>(m * c).unwrap();
         l::relu_backward(dev, &out, &up(dyv.clone()), &mut g0).unwrap();
-        l::bn_backward(dev, m, c, &x, None, &g0, &gamma, &mean, &invstd, &mut dx0, &mut dg0, &mut db0).unwrap();
-        let (mut dx1, mut dg1, mut db1) = f(dev);
+        l::bn_backward(dev, m, &x, None, &g0, &mut bn0.layer(), &mut dx0).unwrap();
+        let mut dx1 = dev.uninit::<T>(m * c).unwrap();
         let mut g1 = up(dyv);
-        l::bn_backward_masking_dy(dev, m, c, &x, &out, &mut g1, &gamma, &mean, &invstd, &mut dx1, &mut dg1, &mut db1)
-            .unwrap();
+        l::bn_backward_masking_dy(dev, m, &x, &out, &mut g1, &mut bn1.layer(), &mut dx1).unwrap();
+        let (dg0, db0, dg1, db1) = (&bn0.dgamma, &bn0.dbeta, &bn1.dgamma, &bn1.dbeta);
         let what = format!("{} {} {m}x{c}", dev.name(), <T as prunekit::gpu::Elem>::NAME);
         assert!(bits(&g0.to_vec().unwrap()) == bits(&g1.to_vec().unwrap()), "{what}: g");
         assert!(bits(&dx0.to_vec().unwrap()) == bits(&dx1.to_vec().unwrap()), "{what}: dx");
         let fb = |b: &Buf<f32>| b.to_vec().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(fb(&dg0), fb(&dg1), "{what}: dgamma");
-        assert_eq!(fb(&db0), fb(&db1), "{what}: dbeta");
+        assert_eq!(fb(dg0), fb(dg1), "{what}: dgamma");
+        assert_eq!(fb(db0), fb(db1), "{what}: dbeta");
     }
 }
 
@@ -354,28 +335,22 @@ fn bad_inputs_are_errors() {
         let z = |n: usize| dev.zeros::<f32>(n).unwrap();
         let (x, w) = (z(sh.x_len()), z(sh.w_len()));
         let (mut y, mut ws) = (z(sh.y_len()), z(sh.y_len()));
-        let (mut rm, mut rv, mut sm, mut si) = (z(8), z(8), z(8), z(8));
-        let r = fused::conv2d_fprop_bn_stats(
-            &dev, &sh, &x, &w, &mut y, &mut ws, &mut rm, &mut rv, 0.1, 1e-5, &mut sm, &mut si,
-        );
+        let mut bn = BnBufs::new(&dev, vec![0.0; 8], vec![0.0; 8], vec![0.0; 8], vec![0.0; 8]);
+        let r = fused::conv2d_fprop_bn_stats(&dev, &sh, &x, &w, &mut y, &mut ws, &mut bn.layer());
         assert!(r.is_err(), "m = 1 must be an error on {}", dev.name());
         let sh = shape(2, 3, 3, 8, 8, 1, 1, 0);
         let (x, w) = (z(sh.x_len()), z(sh.w_len()));
         let (mut y, mut ws) = (z(sh.y_len()), z(sh.y_len() - 1));
-        let r = fused::conv2d_fprop_bn_stats(
-            &dev, &sh, &x, &w, &mut y, &mut ws, &mut rm, &mut rv, 0.1, 1e-5, &mut sm, &mut si,
-        );
+        let r = fused::conv2d_fprop_bn_stats(&dev, &sh, &x, &w, &mut y, &mut ws, &mut bn.layer());
         assert!(r.is_err(), "a short workspace must be an error on {}", dev.name());
         let mut ws = z(sh.y_len());
         let mut short = z(7);
-        let r = fused::conv2d_fprop_bn_stats(
-            &dev, &sh, &x, &w, &mut y, &mut ws, &mut rm, &mut rv, 0.1, 1e-5, &mut short, &mut si,
-        );
+        let layer = &mut BnLayer { save_mean: &mut short, ..bn.layer() };
+        let r = fused::conv2d_fprop_bn_stats(&dev, &sh, &x, &w, &mut y, &mut ws, layer);
         assert!(r.is_err(), "a short save_mean must be an error on {}", dev.name());
         let mut out = z(sh.y_len());
-        let (g, b) = (z(8), z(8));
         let res = z(sh.y_len() + 1);
-        let r = prunekit::ops::layers::bn_apply_saved(&dev, 18, 8, &y, &g, &b, &sm, &si, Some(&res), true, &mut out);
+        let r = prunekit::ops::layers::bn_apply_saved(&dev, 18, &y, &bn.layer().input(true), Some(&res), &mut out);
         assert!(r.is_err(), "a residual of the wrong length must be an error on {}", dev.name());
     }
 }

@@ -18,13 +18,15 @@
 
 use half::{bf16, f16};
 use prunekit::gpu::{Gpu, Schedule};
-use prunekit::ops::conv::{self, ConvElem, ConvShape, Pass, Plan, Tile};
-use prunekit::ops::fused::{self, BnInput};
+use prunekit::ops::conv::{self, ConvElem, Plan, Tile};
+use prunekit::ops::fused;
+use prunekit::ops::layers::BnInput;
+use prunekit::shape::{ConvShape, Pass};
 use prunekit::{Buf, Device};
 
 mod common;
 
-use common::{square_conv as shape, SplitMix as Rng};
+use common::{square_conv as shape, to_t, SplitMix as Rng};
 
 /// Odd channels, batch 1, 1x1, 3x3 and 7x7 with padding, stride 2, several row tiles
 /// (m > 128) and column tiles (K = 67), vector (C % 8 == 0) and scalar loads.
@@ -56,9 +58,6 @@ fn tiles<T: ConvElem>(dev: &Device, pass: Pass, sh: &ConvShape) -> Vec<Option<Pl
         .collect()
 }
 
-fn to_t<T: ConvElem>(v: &[f32]) -> Vec<T> {
-    v.iter().map(|&x| T::from_f32(x)).collect()
-}
 fn rounded<T: ConvElem>(v: Vec<f32>) -> Vec<f32> {
     v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
 }
@@ -203,7 +202,14 @@ impl Bn {
         Bn { gamma: up(&k.gamma), beta: up(&k.beta), mean: up(&k.mean), invstd: up(&k.invstd) }
     }
     fn input(&self, relu: bool) -> BnInput<'_> {
-        BnInput { gamma: &self.gamma, beta: &self.beta, save_mean: &self.mean, save_invstd: &self.invstd, relu }
+        BnInput {
+            c: self.gamma.len(),
+            gamma: &self.gamma,
+            beta: &self.beta,
+            mean: &self.mean,
+            invstd: &self.invstd,
+            relu,
+        }
     }
 }
 
@@ -331,10 +337,7 @@ fn emu_fprop_bn_input_is_bn_apply_saved_then_conv() {
         let (x, w) = (up(&k.x), up(&k.w));
         let m = sh.n * sh.h * sh.w;
         let mut a = dev.uninit::<T>(sh.x_len()).unwrap();
-        prunekit::ops::layers::bn_apply_saved(
-            dev, m, sh.c, &x, &bn.gamma, &bn.beta, &bn.mean, &bn.invstd, None, true, &mut a,
-        )
-        .unwrap();
+        prunekit::ops::layers::bn_apply_saved(dev, m, &x, &bn.input(true), None, &mut a).unwrap();
         let (mut y, mut yref) = (dev.uninit::<T>(sh.y_len()).unwrap(), dev.uninit::<T>(sh.y_len()).unwrap());
         conv::conv2d_fprop(dev, &sh, &a, &w, &mut yref).unwrap();
         fused::conv2d_fprop_bn_input(dev, &sh, &x, &bn.input(true), &w, &mut y).unwrap();
@@ -361,7 +364,7 @@ fn bad_inputs_are_errors() {
     let mut dw = dev.uninit::<f32>(sh.w_len()).unwrap();
     assert!(fused::conv2d_wgrad_bn_input(&dev, &sh, &x, &bad, &dy, &mut dw).is_err());
     let host = Buf::Host(vec![1.0f32; 8]);
-    let bad = BnInput { save_invstd: &host, ..bn.input(false) };
+    let bad = BnInput { invstd: &host, ..bn.input(false) };
     assert!(fused::conv2d_fprop_bn_input(&dev, &sh, &x, &bad, &w, &mut y).is_err());
     let mut y_short = dev.uninit::<f32>(sh.y_len() - 1).unwrap();
     assert!(fused::conv2d_fprop_bn_input(&dev, &sh, &x, &bn.input(true), &w, &mut y_short).is_err());

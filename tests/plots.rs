@@ -159,3 +159,57 @@ fn advice_plot_axes_are_readable_for_every_range() {
         check_axes(&svg, what, 800.0, 1);
     }
 }
+
+fn bench_row(mode: &str, sparsity: f64, speedup: f64, ideal: f64) -> prunekit::measure::step::BenchRow {
+    prunekit::measure::step::BenchRow {
+        mode: mode.into(),
+        sparsity,
+        params: 1000,
+        gflops_forward_per_image: 1.0 / ideal,
+        gflops_train_per_image: 3.0 / ideal,
+        step_ms: 100.0 / speedup,
+        images_per_s: 10.0 * speedup,
+        speedup,
+        ideal_speedup: ideal,
+        efficiency: speedup / ideal,
+        loss: 2.3,
+        profile: None,
+    }
+}
+
+/// A mode's row: mode, sparsity, measured and FLOP-ideal speedup.
+type ModeRow = (&'static str, f64, f64, f64);
+
+#[test]
+fn bench_plot_axes_are_readable_for_every_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, Vec<ModeRow>)> = vec![
+        ("dense only", vec![]),
+        (
+            "cpu-like",
+            vec![
+                ("filters", 0.25, 1.29, 1.45),
+                ("filters", 0.5, 2.21, 2.27),
+                ("filters", 0.75, 3.11, 4.07),
+                ("channels", 0.25, 1.41, 1.77),
+                ("channels", 0.5, 2.79, 3.92),
+                ("channels", 0.75, 7.84, 15.1),
+                ("masked", 0.25, 0.81, 1.0),
+                ("masked", 0.5, 0.94, 1.0),
+            ],
+        ),
+        ("slowdown", vec![("filters", 0.5, 0.6, 1.1), ("filters", 0.9, 0.9, 1.2)]),
+        ("wide", vec![("channels", 0.5, 3.0, 4.0), ("channels", 0.95, 150.0, 400.0)]),
+    ];
+    for (what, rest) in cases {
+        let mut rows = vec![bench_row("dense", 0.0, 1.0, 1.0)];
+        rows.extend(rest.into_iter().map(|(m, s, a, i)| bench_row(m, s, a, i)));
+        let path = dir.path().join("b.svg");
+        prunekit::measure::plot::plot(&rows, &path, what).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        keep(&svg, "bench", what);
+        check_axes(&svg, what, 800.0, 1);
+        let (_, ys) = axes(&svg, 800.0);
+        assert!(ys.iter().any(|a| a.len() >= 2), "{what}: the speedup axis has fewer than two labels");
+    }
+}

@@ -148,7 +148,8 @@ fn profiled_step_in_the_emulation_counts_what_the_cpu_counts() {
 
 #[test]
 fn no_wgrad_is_split() {
-    use prunekit::ops::conv::{plan, Pass};
+    use prunekit::ops::conv::plan;
+    use prunekit::shape::Pass;
     for l in tiny_arch().convs(SIZE, SIZE) {
         let sh = l.shape(N);
         assert_eq!(plan::<f32>(Pass::Wgrad, &sh).splits, 1, "{}", l.name);

@@ -12,8 +12,8 @@ use prunekit::ops::prune::{
 };
 use prunekit::{Buf, Device};
 
-/// (filters, elements per filter): the widths of the issue (1, 7, 13, 2048, 4096) with
-/// odd filter lengths.
+/// (filters, elements per filter): widths 1, 7, 13, 2048 and 4096 (and 64) with odd
+/// filter lengths.
 const SHAPES: &[(usize, usize)] = &[(1, 27), (7, 1), (13, 33), (2048, 9), (4096, 3), (64, 147)];
 
 fn weights<T: Copy>(conv: impl Fn(f32) -> T, seed: u64) -> Vec<(Vec<T>, usize)> {

@@ -1,6 +1,6 @@
 //! `prunekit verify` against the model references PyTorch wrote: they pass on the CPU
 //! and through the kernels in the emulation, in f32 and bf16; a wrong expectation fails
-//! (each of the planted errors); a real kernel bug planted in the emulation fails;
+//! (each of the planted errors); a real kernel bug planted in the emulation fails;
 //! a file of another kind is a clear error.
 
 mod common;
@@ -216,9 +216,7 @@ fn other_files_are_clear_errors() {
 #[test]
 fn help_states_the_tolerances_in_use() {
     use prunekit::verify::{tolerance, MATH, NOISE_MULTIPLE};
-    let bin = std::env::var_os("PRUNEKIT_BIN")
-        .map_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_prunekit")), std::path::PathBuf::from);
-    let out = std::process::Command::new(bin).args(["verify", "--help"]).output().unwrap();
+    let out = common::cli::prunekit(&["verify", "--help"]);
     let help = String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(help.contains(&format!("{:e} * scale + {:e} * |expected|", MATH.atol, MATH.rtol)), "{help}");
     assert!(help.contains(&format!("+ {} * noise,", MATH.k)), "{help}");

@@ -83,8 +83,8 @@ impl ConvLayer {
         2.0 * (self.cin * self.cout * self.kernel * self.kernel) as f64 * (self.out_h() * self.out_w()) as f64
     }
     /// The convolution's shape for a batch of `n` images.
-    pub fn shape(&self, n: usize) -> crate::cpu::conv::ConvShape {
-        crate::cpu::conv::ConvShape {
+    pub fn shape(&self, n: usize) -> crate::shape::ConvShape {
+        crate::shape::ConvShape {
             n,
             h: self.h,
             w: self.w,

@@ -8,12 +8,12 @@
 //! `crate::cpu::conv` (bf16 and f16: converted to f32, computed, rounded).
 
 use super::params::{ConvParams, FastDiv, TransposeParams};
-use super::profile::{timed, Cost, Family};
+use super::profile::{timed, u, Cost, Family, F32};
 use super::{check_len, check_on, i32_of, on_gpu};
 use crate::cpu::conv as cpu;
-pub use crate::cpu::conv::ConvShape;
 use crate::device::{Buf, Device};
 use crate::gpu::{Elem, Gpu, Kernel, LaunchConfig};
+use crate::shape::{ConvShape, Pass};
 use crate::{ensure, invalid, Result};
 use half::{bf16, f16};
 
@@ -21,48 +21,6 @@ const MODULE: &str = "conv";
 
 /// Streaming multiprocessors the tile heuristics aim to fill (an H100 SXM has 132).
 pub const TARGET_SMS: usize = 132;
-
-/// A convolution pass.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Pass {
-    /// `y = conv(x, w)`.
-    Fprop,
-    /// `dx = dL/dx` from `dy` and `w`.
-    Dgrad,
-    /// `dw = dL/dw` from `x` and `dy`.
-    Wgrad,
-}
-
-impl Pass {
-    /// All three, in order.
-    pub const ALL: [Pass; 3] = [Pass::Fprop, Pass::Dgrad, Pass::Wgrad];
-    /// "fprop", "dgrad" or "wgrad".
-    pub fn name(self) -> &'static str {
-        match self {
-            Pass::Fprop => "fprop",
-            Pass::Dgrad => "dgrad",
-            Pass::Wgrad => "wgrad",
-        }
-    }
-    /// The pass named `s`.
-    pub fn parse(s: &str) -> Result<Pass> {
-        match s {
-            "fprop" => Ok(Pass::Fprop),
-            "dgrad" => Ok(Pass::Dgrad),
-            "wgrad" => Ok(Pass::Wgrad),
-            _ => Err(invalid!("unknown pass {s:?}: expected fprop, dgrad or wgrad")),
-        }
-    }
-    /// (M, N, K) of the implicit GEMM of this pass for `sh`.
-    pub fn gemm(self, sh: &ConvShape) -> (usize, usize, usize) {
-        let (pq, rs) = (sh.p() * sh.q(), sh.r * sh.s);
-        match self {
-            Pass::Fprop => (sh.n * pq, sh.k, rs * sh.c),
-            Pass::Dgrad => (sh.n * sh.h * sh.w, sh.c, rs * sh.k),
-            Pass::Wgrad => (sh.k, rs * sh.c, sh.n * pq),
-        }
-    }
-}
 
 /// A tile configuration of the kernels (see the top of kernels/conv.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -730,6 +688,28 @@ pub fn krsc_to_oihw<T: ConvElem>(
     dst: &mut Buf<T>,
 ) -> Result<()> {
     transpose(dev, k, r.checked_mul(s).ok_or_else(|| invalid!("r*s overflows"))?, c, src, dst)
+}
+
+/// The profile's counts of this module's ops (see [`crate::ops::profile`]).
+impl Cost {
+    /// A convolution pass: FLOPs `2 * N*P*Q * K * C*R*S` for each pass (dgrad of a strided
+    /// conv skips the taps that meet no input, as its phase GEMMs do); bytes: fprop reads
+    /// x and w and writes y, dgrad reads dy and w and writes dx (all in `elem`), wgrad
+    /// reads x and dy (`elem`) and writes dw (f32).
+    pub fn conv(pass: Pass, sh: &ConvShape, elem: usize) -> Cost {
+        let (e, x, w, y) = (u(elem), u(sh.x_len()), u(sh.w_len()), u(sh.y_len()));
+        let macs = u(sh.n) * u(sh.p()) * u(sh.q()) * u(sh.k) * u(sh.c) * u(sh.r) * u(sh.s);
+        let bytes = match pass {
+            Pass::Fprop | Pass::Dgrad => (x + w + y) * e,
+            Pass::Wgrad => (x + y) * e + w * F32,
+        };
+        Cost { flops: 2 * macs, bytes }
+    }
+
+    /// A layout conversion (transpose) of n elements: reads and writes each once.
+    pub fn transpose(n: usize, elem: usize) -> Cost {
+        Cost { flops: 0, bytes: 2 * u(n) * u(elem) }
+    }
 }
 
 #[cfg(test)]

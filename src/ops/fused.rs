@@ -1,5 +1,5 @@
 //! Fused ops of the training step: the memory-bound work around the convolutions folded
-//! into fewer passes over the activations (issue 10, part 3).
+//! into fewer passes over the activations.
 //!
 //! - [`conv2d_fprop_bn_stats`]: a convolution whose epilogue also computes the batch
 //!   statistics of its output for the batch norm that follows (per row tile of the GEMM:
@@ -17,14 +17,14 @@
 //! [`crate::cpu::layers::bn::bn_forward_train`]). Profile counts are the same on every
 //! device: the conv pass counts its epilogue's pairs, the finalize reads them.
 
-use super::conv::{self, ConvElem, ConvShape, Pass, Plan, StatsOut};
-use super::layers::{bn_apply_saved, LayerElem};
-use super::profile::{timed, Cost, Family};
+use super::conv::{self, ConvElem, Plan, StatsOut};
+use super::layers::{bn_apply_saved, BnInput, BnLayer, LayerElem};
+use super::profile::{timed, u, Cost, Family, F32};
 use super::{check_bufs, check_len, check_on};
 use crate::cpu::layers::bn as cpu_bn;
 use crate::device::{Buf, Device};
+use crate::shape::{ConvShape, Pass};
 use crate::{ensure, invalid, Result};
-use rayon::prelude::*;
 
 /// Row tiles the fprop of `sh` runs on a kernel device for elements of `T`, and the rows of
 /// each (the tile's BM): the number of per-tile statistics pairs per channel.
@@ -35,15 +35,15 @@ pub fn stats_tiles<T: ConvElem>(sh: &ConvShape, plan: Option<Plan>) -> (usize, u
 }
 
 /// `y = conv(x, w)` as [`conv::conv2d_fprop`], and the train-mode batch statistics of `y`
-/// (`[m = N*P*Q, K]`) as [`crate::ops::layers::bn_forward_train`] computes them:
-/// `save_mean`, `save_invstd = 1 / sqrt(var + eps)` (biased variance) and the running
-/// statistics updated with `momentum` (the variance unbiased). Needs `m >= 2`.
+/// (`[m = N*P*Q, K]`, `K = bn.c`) as [`crate::ops::layers::bn_forward_train`] computes
+/// them: `bn.save_mean`, `bn.save_invstd = 1 / sqrt(var + eps)` (biased variance) and
+/// `bn`'s running statistics updated with `bn.momentum` (the variance unbiased). Needs
+/// `m >= 2`.
 ///
 /// `workspace` (as many elements as `y`) holds the per-tile statistics between the two
 /// launches; its contents are left undefined. The BN's output buffer is the natural
 /// choice: the apply overwrites it next. On a kernel device: two launches (the conv with
 /// the statistics epilogue, then `bn_stats_finalize_f32`).
-#[allow(clippy::too_many_arguments)]
 pub fn conv2d_fprop_bn_stats<T: ConvElem>(
     dev: &Device,
     sh: &ConvShape,
@@ -51,28 +51,9 @@ pub fn conv2d_fprop_bn_stats<T: ConvElem>(
     w: &Buf<T>,
     y: &mut Buf<T>,
     workspace: &mut Buf<T>,
-    running_mean: &mut Buf<f32>,
-    running_var: &mut Buf<f32>,
-    momentum: f32,
-    eps: f32,
-    save_mean: &mut Buf<f32>,
-    save_invstd: &mut Buf<f32>,
+    bn: &mut BnLayer<'_>,
 ) -> Result<()> {
-    conv2d_fprop_bn_stats_with(
-        dev,
-        sh,
-        x,
-        w,
-        y,
-        workspace,
-        running_mean,
-        running_var,
-        momentum,
-        eps,
-        save_mean,
-        save_invstd,
-        None,
-    )
+    conv2d_fprop_bn_stats_with(dev, sh, x, w, y, workspace, bn, None)
 }
 
 /// [`conv2d_fprop_bn_stats`] with a given conv plan on a kernel device (`None`: the
@@ -85,16 +66,12 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
     w: &Buf<T>,
     y: &mut Buf<T>,
     workspace: &mut Buf<T>,
-    running_mean: &mut Buf<f32>,
-    running_var: &mut Buf<f32>,
-    momentum: f32,
-    eps: f32,
-    save_mean: &mut Buf<f32>,
-    save_invstd: &mut Buf<f32>,
+    bn: &mut BnLayer<'_>,
     plan: Option<Plan>,
 ) -> Result<()> {
     conv::prepare(dev, sh, (x, "x", sh.x_len()), (w, "w", sh.w_len()), (&*y, "y", sh.y_len()))?;
     let (m, c) = (sh.n * sh.p() * sh.q(), sh.k);
+    ensure!(bn.c == c, "the batch norm has {} channels, the conv's output {c}", bn.c);
     ensure!(m >= 2, "batch norm in train mode needs more than one value per channel (m = {m})");
     check_len(workspace, sh.y_len(), "workspace")?;
     check_on(workspace, dev, "workspace")?;
@@ -102,10 +79,10 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
         dev,
         c,
         &[
-            (&*running_mean, "running_mean"),
-            (&*running_var, "running_var"),
-            (&*save_mean, "save_mean"),
-            (&*save_invstd, "save_invstd"),
+            (&*bn.running_mean, "running_mean"),
+            (&*bn.running_var, "running_var"),
+            (&*bn.save_mean, "save_mean"),
+            (&*bn.save_invstd, "save_invstd"),
         ],
     )?;
     let (tiles, bm) = stats_tiles::<T>(sh, plan);
@@ -133,7 +110,7 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
         Device::Gpu(gpu) => {
             let ptr = |b: &Buf<f32>, what: &str| super::on_gpu(b, gpu, what).map(|g| g.ptr());
             let part = super::on_gpu(workspace, gpu, "workspace")?.ptr();
-            let out = StatsOut { part, mean: ptr(save_mean, "save_mean")?, m2: ptr(save_invstd, "save_invstd")? };
+            let out = StatsOut { part, mean: ptr(bn.save_mean, "save_mean")?, m2: ptr(bn.save_invstd, "save_invstd")? };
             let (t, b) = conv::launch(gpu, Pass::Fprop, sh, x, w, y, plan, Some(out))?;
             ensure!((t, b) == (tiles, bm), "internal: the fprop ran {t} tiles of {b} rows, not {tiles} of {bm}");
             Ok(())
@@ -156,57 +133,23 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
                 let yh = y.host().ok_or_else(|| invalid!("y is not on the cpu"))?;
                 cpu_bn::batch_stats_by(m, c, yh, T::to_f32)
             };
-            fn h(b: &mut Buf<f32>) -> Result<&mut [f32]> {
-                b.host_mut().ok_or_else(|| invalid!("a statistics buffer is not on the cpu"))
-            }
-            let (sm, si) = (h(save_mean)?, h(save_invstd)?);
-            let (rm, rv) = (h(running_mean)?, h(running_var)?);
-            cpu_bn::finish_stats(m, &mean, &var, momentum, eps, rm, rv, sm, si);
+            cpu_bn::finish_stats(m, &mean, &var, &mut bn.host()?);
             Ok(())
         }
         Device::Gpu(gpu) => {
-            let ptr = |b: &Buf<f32>, what: &str| super::on_gpu(b, gpu, what).map(|g| g.ptr());
             let part = super::on_gpu(workspace, gpu, "workspace")?.ptr();
-            super::layers::bn_launch_finalize_tiles(
-                gpu,
-                m,
-                c,
-                tiles,
-                bm,
-                part,
-                ptr(running_mean, "running_mean")?,
-                ptr(running_var, "running_var")?,
-                ptr(save_mean, "save_mean")?,
-                ptr(save_invstd, "save_invstd")?,
-                momentum,
-                eps,
-            )
+            super::layers::bn_launch_finalize_tiles(gpu, m, tiles, bm, part, bn)
         }
     })
 }
 
-/// A batch norm's parameters and running statistics for [`conv_bn_forward_train`].
-pub struct BnTrain<'a> {
-    /// `[K]` scale.
-    pub gamma: &'a Buf<f32>,
-    /// `[K]` shift.
-    pub beta: &'a Buf<f32>,
-    /// `[K]` running mean, updated.
-    pub running_mean: &'a mut Buf<f32>,
-    /// `[K]` running variance, updated.
-    pub running_var: &'a mut Buf<f32>,
-    /// Weight of the batch statistic in the running update.
-    pub momentum: f32,
-    /// Added to the variance before the square root.
-    pub eps: f32,
-}
-
 /// A train-mode conv + batch norm (+ residual) (+ ReLU): `y = conv(x, w)` (kept for the
 /// backward), then `out = bn(y)`, plus `residual` if given, then `max(out, 0)` if `relu`;
-/// `save_mean` and `save_invstd` as [`crate::ops::layers::bn_forward_train`] keeps them.
-/// The same values as [`conv::conv2d_fprop`], [`crate::ops::layers::bn_forward_train`] and
-/// [`crate::ops::layers::add_relu`] (up to the rounding of one intermediate less), in three
-/// launches on a kernel device instead of four or five, reading `y` once.
+/// `bn.save_mean` and `bn.save_invstd` as [`crate::ops::layers::bn_forward_train`] keeps
+/// them, and `bn`'s running statistics updated. The same values as [`conv::conv2d_fprop`],
+/// [`crate::ops::layers::bn_forward_train`] and [`crate::ops::layers::add_relu`] (up to
+/// the rounding of one intermediate less), in three launches on a kernel device instead of
+/// four or five, reading `y` once.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_bn_forward_train<T: ConvElem + LayerElem>(
     dev: &Device,
@@ -214,71 +157,30 @@ pub fn conv_bn_forward_train<T: ConvElem + LayerElem>(
     x: &Buf<T>,
     w: &Buf<T>,
     y: &mut Buf<T>,
-    bn: BnTrain<'_>,
+    bn: &mut BnLayer<'_>,
     residual: Option<&Buf<T>>,
     relu: bool,
     out: &mut Buf<T>,
-    save_mean: &mut Buf<f32>,
-    save_invstd: &mut Buf<f32>,
 ) -> Result<()> {
     check_len(out, sh.y_len(), "out")?;
-    conv2d_fprop_bn_stats(
-        dev,
-        sh,
-        x,
-        w,
-        y,
-        out,
-        bn.running_mean,
-        bn.running_var,
-        bn.momentum,
-        bn.eps,
-        save_mean,
-        save_invstd,
-    )?;
+    conv2d_fprop_bn_stats(dev, sh, x, w, y, out, bn)?;
     let m = sh.n * sh.p() * sh.q();
-    bn_apply_saved(dev, m, sh.k, y, bn.gamma, bn.beta, save_mean, save_invstd, residual, relu, out)
+    bn_apply_saved(dev, m, y, &bn.input(relu), residual, out)
 }
 
-/// A train-mode batch norm (+ ReLU) given by its parameters and saved statistics, applied
-/// to a convolution's input as the convolution loads it ([`conv2d_fprop_bn_input`],
-/// [`conv2d_wgrad_bn_input`]): the conv sees `relu?((x - save_mean[c]) * (gamma[c] *
-/// save_invstd[c]) + beta[c])`, rounded to the element type, exactly the values
-/// [`crate::ops::layers::bn_apply_saved`] (without residual) writes on the same device;
-/// padding stays zero.
-#[derive(Clone, Copy)]
-pub struct BnInput<'a> {
-    /// `[C]` scale.
-    pub gamma: &'a Buf<f32>,
-    /// `[C]` shift.
-    pub beta: &'a Buf<f32>,
-    /// `[C]` batch mean, as the statistics pass saved it.
-    pub save_mean: &'a Buf<f32>,
-    /// `[C]` inverse standard deviation, as the statistics pass saved it.
-    pub save_invstd: &'a Buf<f32>,
-    /// A ReLU after the batch norm.
-    pub relu: bool,
-}
-
+/// A convolution's input pass ([`conv2d_fprop_bn_input`], [`conv2d_wgrad_bn_input`])
+/// applies a batch norm (+ ReLU) given by its parameters and saved statistics
+/// ([`BnInput`], from [`BnLayer::input`]) as it loads x: the conv sees
+/// `relu?((x - mean[c]) * (gamma[c] * invstd[c]) + beta[c])`, rounded to the element type,
+/// exactly the values [`crate::ops::layers::bn_apply_saved`] (without residual) writes on
+/// the same device; padding stays zero.
 impl BnInput<'_> {
-    fn check(&self, dev: &Device, c: usize) -> Result<()> {
-        check_bufs(
-            dev,
-            c,
-            &[
-                (self.gamma, "gamma"),
-                (self.beta, "beta"),
-                (self.save_mean, "save_mean"),
-                (self.save_invstd, "save_invstd"),
-            ],
-        )
-    }
-
+    /// The kernels' pointers.
     fn ptrs(&self, gpu: &crate::gpu::Gpu) -> Result<conv::BnInPtrs> {
         let ptr = |b: &Buf<f32>, what: &str| super::on_gpu(b, gpu, what).map(|g| g.ptr());
         let p = conv::BnInPtrs {
-            mean: ptr(self.save_mean, "save_mean")?,
-            invstd: ptr(self.save_invstd, "save_invstd")?,
+            mean: ptr(self.mean, "save_mean")?,
+            invstd: ptr(self.invstd, "save_invstd")?,
             gamma: ptr(self.gamma, "gamma")?,
             beta: ptr(self.beta, "beta")?,
             relu: self.relu,
@@ -286,36 +188,20 @@ impl BnInput<'_> {
         Ok(p)
     }
 
-    /// The BN of host `x` (`[.., c]`) in f32, each value rounded through `T` (the CPU path),
-    /// with the arithmetic of the CPU's `bn_apply` (a product, then a sum; the kernels
-    /// fuse them as `bn_apply_<T>` does): on each device the same bits as its unfused apply.
-    fn apply_host<T: ConvElem>(&self, c: usize, x: &Buf<T>) -> Result<Vec<f32>> {
-        fn h<'b>(b: &'b Buf<f32>, what: &str) -> Result<&'b [f32]> {
-            b.host().ok_or_else(|| invalid!("{what} is not on the cpu"))
-        }
-        let (g, b) = (h(self.gamma, "gamma")?, h(self.beta, "beta")?);
-        let (mean, invstd) = (h(self.save_mean, "save_mean")?, h(self.save_invstd, "save_invstd")?);
-        let scale: Vec<f32> = (0..c).map(|ch| g[ch] * invstd[ch]).collect();
+    /// The BN of host `x` (`[.., c]`) in f32, each value rounded through `T` (the CPU path):
+    /// the CPU's [`cpu_bn::bn_apply_by`] (a product, then a sum; the kernels fuse them as
+    /// `bn_apply_<T>` does), so on each device the same bits as its unfused apply.
+    fn apply_host<T: ConvElem>(&self, x: &Buf<T>) -> Result<Vec<f32>> {
+        let bn = self.host()?;
         let xs = x.host().ok_or_else(|| invalid!("x is not on the cpu"))?;
         let mut a = vec![0.0f32; xs.len()];
-        if c == 0 || xs.is_empty() {
-            return Ok(a);
-        }
-        // Rows of c channels, in parallel blocks of about 64 Ki elements.
-        let rows = (65536 / c).max(1) * c;
-        a.par_chunks_mut(rows).zip(xs.par_chunks(rows)).for_each(|(ac, xc)| {
-            for (ar, xr) in ac.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
-                for ch in 0..c {
-                    let y = (xr[ch].to_f32() - mean[ch]) * scale[ch] + b[ch];
-                    ar[ch] = T::from_f32(if self.relu { crate::cpu::layers::relu(y) } else { y }).to_f32();
-                }
-            }
-        });
+        let m = xs.len() / bn.c.max(1);
+        cpu_bn::bn_apply_by(m, xs, None, &bn, &mut a, (T::to_f32, |v| T::from_f32(v).to_f32()));
         Ok(a)
     }
 }
 
-/// `y = conv(bn(x), w)` with `bn` the batch norm (+ ReLU) of [`BnInput`], applied while the
+/// `y = conv(bn(x), w)` with `bn` a batch norm (+ ReLU) ([`BnInput`]), applied while the
 /// convolution loads x: the same values as [`crate::ops::layers::bn_apply_saved`] into a
 /// temporary, then [`conv::conv2d_fprop`] of it (bitwise, with the same tile), without
 /// writing or reading the temporary. `x` is the previous conv's raw output (NHWC), `w` KRSC.
@@ -342,11 +228,12 @@ pub fn conv2d_fprop_bn_input_with<T: ConvElem>(
     plan: Option<Plan>,
 ) -> Result<()> {
     conv::prepare(dev, sh, (x, "x", sh.x_len()), (w, "w", sh.w_len()), (&*y, "y", sh.y_len()))?;
-    bn.check(dev, sh.c)?;
+    ensure!(bn.c == sh.c, "the batch norm has {} channels, the conv's input {}", bn.c, sh.c);
+    bn.check(dev)?;
     let cost = || Cost::conv_bn_input(Pass::Fprop, sh, std::mem::size_of::<T>(), bn.relu);
     timed(dev, Family::ConvFprop, cost, || match dev {
         Device::Cpu => {
-            let a = bn.apply_host(sh.c, x)?;
+            let a = bn.apply_host(x)?;
             let wf = conv::host_f32(w);
             conv::with_f32_out(y, sh.y_len(), |o| crate::cpu::conv::fprop(sh, &a, &wf, o));
             Ok(())
@@ -384,11 +271,12 @@ pub fn conv2d_wgrad_bn_input_with<T: ConvElem>(
     plan: Option<Plan>,
 ) -> Result<()> {
     conv::prepare(dev, sh, (dy, "dy", sh.y_len()), (x, "x", sh.x_len()), (&*dw, "dw", sh.w_len()))?;
-    bn.check(dev, sh.c)?;
+    ensure!(bn.c == sh.c, "the batch norm has {} channels, the conv's input {}", bn.c, sh.c);
+    bn.check(dev)?;
     let cost = || Cost::conv_bn_input(Pass::Wgrad, sh, std::mem::size_of::<T>(), bn.relu);
     timed(dev, Family::ConvWgrad, cost, || match dev {
         Device::Cpu => {
-            let a = bn.apply_host(sh.c, x)?;
+            let a = bn.apply_host(x)?;
             crate::cpu::conv::wgrad(sh, &a, &conv::host_f32(dy), dw.host_mut().expect("checked"));
             Ok(())
         }
@@ -397,4 +285,37 @@ pub fn conv2d_wgrad_bn_input_with<T: ConvElem>(
             conv::launch_bnin(gpu, Pass::Wgrad, sh, dy, x, dw, plan, None, Some(p)).map(|_| ())
         }
     })
+}
+
+/// The profile's counts of this module's ops (see [`crate::ops::profile`]).
+impl Cost {
+    /// A convolution forward whose epilogue also computes batch statistics of y
+    /// ([`crate::ops::fused::conv2d_fprop_bn_stats`]): the fprop's count, plus per
+    /// channel and row tile one (mean, M2) pair written (8 bytes); y is not read again.
+    /// FLOPs: the GEMM's only (the conv families count GEMM FLOPs, which add up to the
+    /// model's); the statistics' FLOPs are counted with the BN ([`Cost::bn_finalize_tiles`]).
+    pub fn conv_bn_stats(sh: &ConvShape, elem: usize, tiles: usize) -> Cost {
+        let c = Cost::conv(Pass::Fprop, sh, elem);
+        Cost { flops: c.flops, bytes: c.bytes + 8 * u(tiles) * u(sh.k) }
+    }
+
+    /// A convolution pass (fprop or wgrad) whose x operand is the batch norm (+ ReLU) of the
+    /// x it reads, applied as x is loaded ([`crate::ops::fused::conv2d_fprop_bn_input`]):
+    /// the pass's count, plus per input channel the 4 f32 of the BN (gamma, beta, saved
+    /// mean and inverse deviation); FLOPs: 2 per x element loaded once (+1 for the ReLU),
+    /// counted over x's `N*H*W*C` (a 3x3 conv loads an element up to 9 times; the count is
+    /// the work the unfused apply pass did). The BN's output is neither written nor read.
+    pub fn conv_bn_input(pass: Pass, sh: &ConvShape, elem: usize, relu: bool) -> Cost {
+        let c = Cost::conv(pass, sh, elem);
+        Cost { flops: c.flops + u(sh.x_len()) * (2 + relu as u64), bytes: c.bytes + 4 * u(sh.c) * F32 }
+    }
+
+    /// The BN statistics of an `[m, c]` conv output computed in the conv's epilogue, merged
+    /// by `bn_stats_finalize_f32`: reads `tiles` pairs per channel (8 bytes each; with one
+    /// tile the two `[c]` buffers), reads and writes the running mean and variance, writes
+    /// the saved mean and inverse deviation (6 f32 per channel). FLOPs: 3 per element
+    /// (sum, deviation, fused square: done in the epilogue), 10 per pair.
+    pub fn bn_finalize_tiles(m: usize, c: usize, tiles: usize) -> Cost {
+        Cost { flops: 3 * u(m) * u(c) + 10 * u(tiles) * u(c), bytes: 8 * u(tiles) * u(c) + 6 * u(c) * F32 }
+    }
 }

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The prunekit binary: `PRUNEKIT_BIN` where the tests run outside the source tree.
 pub fn bin() -> PathBuf {
     std::env::var_os("PRUNEKIT_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_prunekit")), PathBuf::from)
 }

@@ -180,101 +180,132 @@ fn sub_block(c: usize) -> usize {
     (2048 / c).max(8) * c
 }
 
-/// Train-mode forward: batch statistics, running statistics updated in place, `y`,
-/// `save_mean` and `save_invstd` (`1 / sqrt(var + eps)`) written. Needs `m >= 2`.
-#[allow(clippy::too_many_arguments)]
-pub fn bn_forward_train<T: Real>(
-    m: usize,
-    c: usize,
-    x: &[T],
-    gamma: &[f32],
-    beta: &[f32],
-    running_mean: &mut [f32],
-    running_var: &mut [f32],
-    momentum: f32,
-    eps: f32,
-    relu: bool,
-    y: &mut [T],
-    save_mean: &mut [f32],
-    save_invstd: &mut [f32],
-) {
-    let (mean, var) = batch_stats(m, c, x);
-    finish_stats(m, &mean, &var, momentum, eps, running_mean, running_var, save_mean, save_invstd);
-    bn_apply(m, c, x, gamma, beta, save_mean, save_invstd, None, relu, y);
+/// The buffers of one batch-norm layer of `c` channels, borrowed for one call, and the
+/// layer's settings. `B` is `[f32]` for the host functions here and
+/// [`crate::device::Buf<f32>`] for [`crate::ops::layers`]; every buffer holds `c` values.
+/// Each op reads and writes the fields its documentation names.
+pub struct BnLayer<'a, B: ?Sized = [f32]> {
+    /// Channels.
+    pub c: usize,
+    /// Scale.
+    pub gamma: &'a B,
+    /// Shift.
+    pub beta: &'a B,
+    /// Running mean: updated by a train-mode forward, read in eval mode.
+    pub running_mean: &'a mut B,
+    /// Running variance: updated by a train-mode forward, read in eval mode.
+    pub running_var: &'a mut B,
+    /// Batch mean, written by a train-mode forward for the backward.
+    pub save_mean: &'a mut B,
+    /// `1 / sqrt(biased batch variance + eps)`, written by a train-mode forward for the
+    /// backward.
+    pub save_invstd: &'a mut B,
+    /// Gradient of gamma, written by the backward.
+    pub dgamma: &'a mut B,
+    /// Gradient of beta, written by the backward.
+    pub dbeta: &'a mut B,
+    /// Weight of the batch statistic in the running update:
+    /// `running = (1 - momentum) * running + momentum * batch`.
+    pub momentum: f32,
+    /// Added to the variance before the square root.
+    pub eps: f32,
 }
 
-/// From the batch mean and biased variance of `m` values per channel: `save_mean`,
-/// `save_invstd = 1 / sqrt(var + eps)`, and the running statistics updated with
-/// `momentum` (the variance unbiased, `m / (m - 1)`).
-#[allow(clippy::too_many_arguments)]
-pub fn finish_stats(
-    m: usize,
-    mean: &[f64],
-    var: &[f64],
-    momentum: f32,
-    eps: f32,
-    running_mean: &mut [f32],
-    running_var: &mut [f32],
-    save_mean: &mut [f32],
-    save_invstd: &mut [f32],
-) {
-    for ch in 0..mean.len() {
-        save_mean[ch] = mean[ch] as f32;
-        save_invstd[ch] = (1.0 / (var[ch] + eps as f64).sqrt()) as f32;
-        let unbiased = (var[ch] * m as f64 / (m as f64 - 1.0)) as f32;
-        running_mean[ch] = (1.0 - momentum) * running_mean[ch] + momentum * mean[ch] as f32;
-        running_var[ch] = (1.0 - momentum) * running_var[ch] + momentum * unbiased;
+impl<B: ?Sized> BnLayer<'_, B> {
+    /// The layer's normalization with its saved batch statistics (what a train-mode
+    /// forward applies), then the ReLU if `relu`.
+    pub fn input(&self, relu: bool) -> BnInput<'_, B> {
+        BnInput { c: self.c, gamma: self.gamma, beta: self.beta, mean: self.save_mean, invstd: self.save_invstd, relu }
     }
 }
 
-/// Eval-mode forward: normalizes with the running statistics.
-#[allow(clippy::too_many_arguments)]
-pub fn bn_forward_eval<T: Real>(
-    m: usize,
-    c: usize,
-    x: &[T],
-    gamma: &[f32],
-    beta: &[f32],
-    running_mean: &[f32],
-    running_var: &[f32],
-    eps: f32,
-    relu: bool,
-    y: &mut [T],
-) {
-    let invstd: Vec<f32> = running_var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    bn_apply(m, c, x, gamma, beta, running_mean, &invstd, None, relu, y);
+/// A batch norm (+ ReLU) as applied from given statistics, read only:
+/// `y = (x - mean) * (gamma * invstd) + beta`, then `max(y, 0)` if `relu`. Built from a
+/// [`BnLayer`] by [`BnLayer::input`] (the saved batch statistics); `B` as there.
+pub struct BnInput<'a, B: ?Sized = [f32]> {
+    /// Channels.
+    pub c: usize,
+    /// `[c]` scale.
+    pub gamma: &'a B,
+    /// `[c]` shift.
+    pub beta: &'a B,
+    /// `[c]` mean.
+    pub mean: &'a B,
+    /// `[c]` inverse standard deviation.
+    pub invstd: &'a B,
+    /// A ReLU after the batch norm.
+    pub relu: bool,
+}
+
+impl<B: ?Sized> Clone for BnInput<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: ?Sized> Copy for BnInput<'_, B> {}
+
+/// Train-mode forward: batch statistics, `bn`'s running statistics updated in place, `y`,
+/// `bn.save_mean` and `bn.save_invstd` (`1 / sqrt(var + eps)`) written. Needs `m >= 2`.
+pub fn bn_forward_train<T: Real>(m: usize, x: &[T], bn: &mut BnLayer<'_>, relu: bool, y: &mut [T]) {
+    let (mean, var) = batch_stats(m, bn.c, x);
+    finish_stats(m, &mean, &var, bn);
+    bn_apply(m, x, &bn.input(relu), None, y);
+}
+
+/// From the batch mean and biased variance of `m` values per channel: `bn.save_mean`,
+/// `bn.save_invstd = 1 / sqrt(var + eps)`, and the running statistics updated with
+/// `bn.momentum` (the variance unbiased, `m / (m - 1)`).
+pub fn finish_stats(m: usize, mean: &[f64], var: &[f64], bn: &mut BnLayer<'_>) {
+    let (momentum, eps) = (bn.momentum, bn.eps);
+    for ch in 0..mean.len() {
+        bn.save_mean[ch] = mean[ch] as f32;
+        bn.save_invstd[ch] = (1.0 / (var[ch] + eps as f64).sqrt()) as f32;
+        let unbiased = (var[ch] * m as f64 / (m as f64 - 1.0)) as f32;
+        bn.running_mean[ch] = (1.0 - momentum) * bn.running_mean[ch] + momentum * mean[ch] as f32;
+        bn.running_var[ch] = (1.0 - momentum) * bn.running_var[ch] + momentum * unbiased;
+    }
+}
+
+/// Eval-mode forward: normalizes with `bn`'s running statistics.
+pub fn bn_forward_eval<T: Real>(m: usize, x: &[T], bn: &BnLayer<'_>, relu: bool, y: &mut [T]) {
+    let invstd: Vec<f32> = bn.running_var.iter().map(|v| 1.0 / (v + bn.eps).sqrt()).collect();
+    let norm = BnInput { c: bn.c, gamma: bn.gamma, beta: bn.beta, mean: bn.running_mean, invstd: &invstd, relu };
+    bn_apply(m, x, &norm, None, y);
 }
 
 /// `y = (x - mean) * (gamma * invstd) + beta`, plus `residual` if given, then the ReLU
-/// if asked: one pass over the rows.
-#[allow(clippy::too_many_arguments)]
-pub fn bn_apply<T: Real>(
-    m: usize,
-    c: usize,
-    x: &[T],
-    gamma: &[f32],
-    beta: &[f32],
-    mean: &[f32],
-    invstd: &[f32],
-    residual: Option<&[T]>,
-    relu_after: bool,
-    y: &mut [T],
-) {
+/// if `bn.relu`: one pass over the rows.
+pub fn bn_apply<T: Real>(m: usize, x: &[T], bn: &BnInput<'_>, residual: Option<&[T]>, y: &mut [T]) {
+    bn_apply_by(m, x, residual, bn, y, (T::to_f32, T::from_f32));
+}
+
+/// [`bn_apply`] of elements of any type, through a widen/narrow pair: `widen` turns an
+/// input element exactly into f32, `narrow` the f32 result into an output element (the
+/// convolutions' 16-bit types too, and an output type other than the input's).
+pub fn bn_apply_by<X, Y, W, N>(m: usize, x: &[X], residual: Option<&[X]>, bn: &BnInput<'_>, y: &mut [Y], pair: (W, N))
+where
+    X: Copy + Sync,
+    Y: Send,
+    W: Fn(X) -> f32 + Sync,
+    N: Fn(f32) -> Y + Sync,
+{
+    let c = bn.c;
     if m == 0 || c == 0 {
         return;
     }
-    let scale: Vec<f32> = gamma[..c].iter().zip(&invstd[..c]).map(|(g, s)| g * s).collect();
-    let k = Coef { mean: &mean[..c], scale: &scale, beta: &beta[..c] };
+    let scale: Vec<f32> = bn.gamma[..c].iter().zip(&bn.invstd[..c]).map(|(g, s)| g * s).collect();
+    let k = Coef { mean: &bn.mean[..c], scale: &scale, beta: &bn.beta[..c] };
     let (x, y) = (&x[..m * c], &mut y[..m * c]);
-    match (residual, relu_after) {
-        (None, false) => apply_rows::<T, false, false>(c, x, x, k, y),
-        (None, true) => apply_rows::<T, false, true>(c, x, x, k, y),
-        (Some(r), false) => apply_rows::<T, true, false>(c, x, &r[..m * c], k, y),
-        (Some(r), true) => apply_rows::<T, true, true>(c, x, &r[..m * c], k, y),
+    match (residual, bn.relu) {
+        (None, false) => apply_rows::<X, Y, W, N, false, false>(c, x, x, k, y, &pair),
+        (None, true) => apply_rows::<X, Y, W, N, false, true>(c, x, x, k, y, &pair),
+        (Some(r), false) => apply_rows::<X, Y, W, N, true, false>(c, x, &r[..m * c], k, y, &pair),
+        (Some(r), true) => apply_rows::<X, Y, W, N, true, true>(c, x, &r[..m * c], k, y, &pair),
     }
 }
 
-/// Per-channel coefficients of [`bn_apply`], each `c` long.
+/// Per-channel coefficients of [`bn_apply_by`], each `c` long.
 #[derive(Clone, Copy)]
 struct Coef<'a> {
     mean: &'a [f32],
@@ -282,65 +313,61 @@ struct Coef<'a> {
     beta: &'a [f32],
 }
 
-fn apply_rows<T: Real, const RES: bool, const RELU: bool>(c: usize, x: &[T], r: &[T], k: Coef<'_>, y: &mut [T]) {
+fn apply_rows<X, Y, W, N, const RES: bool, const RELU: bool>(
+    c: usize,
+    x: &[X],
+    r: &[X],
+    k: Coef<'_>,
+    y: &mut [Y],
+    (widen, narrow): &(W, N),
+) where
+    X: Copy + Sync,
+    Y: Send,
+    W: Fn(X) -> f32 + Sync,
+    N: Fn(f32) -> Y + Sync,
+{
     let chunk = rows_per_task(x.len() / c, c) * c;
     y.par_chunks_mut(chunk).zip(x.par_chunks(chunk).zip(r.par_chunks(chunk))).for_each(|(yc, (xc, rc))| {
         for ((yr, xr), rr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).zip(rc.chunks_exact(c)) {
             let coef = k.mean.iter().zip(k.scale).zip(k.beta);
-            for (((o, v), res), ((mu, s), b)) in yr.iter_mut().zip(xr).zip(rr).zip(coef) {
-                let mut v = (v.to_f32() - mu) * s + b;
+            for (((o, &v), &res), ((mu, s), b)) in yr.iter_mut().zip(xr).zip(rr).zip(coef) {
+                let mut v = (widen(v) - mu) * s + b;
                 if RES {
-                    v += res.to_f32();
+                    v += widen(res);
                 }
-                *o = T::from_f32(if RELU { relu(v) } else { v });
+                *o = narrow(if RELU { relu(v) } else { v });
             }
         }
     });
 }
 
-/// Backward of train mode with the saved statistics: `dbeta = sum g`,
-/// `dgamma = sum g * xhat`, `dx = gamma * invstd * (g - dbeta / m - xhat * dgamma / m)`,
+/// Backward of train mode with `bn`'s saved statistics: `bn.dbeta = sum g`,
+/// `bn.dgamma = sum g * xhat`, `dx = gamma * invstd * (g - dbeta / m - xhat * dgamma / m)`,
 /// where `g` is `dy` masked by `relu_out` (the output of a fused ReLU) when given.
-#[allow(clippy::too_many_arguments)]
-pub fn bn_backward<T: Real>(
-    m: usize,
-    c: usize,
-    x: &[T],
-    relu_out: Option<&[T]>,
-    dy: &[T],
-    gamma: &[f32],
-    mean: &[f32],
-    invstd: &[f32],
-    dx: &mut [T],
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
-) {
+pub fn bn_backward<T: Real>(m: usize, x: &[T], relu_out: Option<&[T]>, dy: &[T], bn: &mut BnLayer<'_>, dx: &mut [T]) {
+    let c = bn.c;
     let (x, dy) = (&x[..m * c], &dy[..m * c]);
     let sums = match relu_out {
-        Some(o) => grad_sums::<T, true>(m, c, x, &o[..m * c], dy, mean),
-        None => grad_sums::<T, false>(m, c, x, dy, dy, mean),
+        Some(o) => grad_sums::<T, true>(m, c, x, &o[..m * c], dy, bn.save_mean),
+        None => grad_sums::<T, false>(m, c, x, dy, dy, bn.save_mean),
     };
-    backward_finish(m, c, x, relu_out, dy, gamma, mean, invstd, &sums, dx, dgamma, dbeta);
+    backward_finish(m, x, relu_out, dy, bn, &sums, dx);
 }
 
 /// [`bn_backward`] of `g = relu_out > 0 ? dy : 0`, written over `dy` by the reduction
 /// (a bottleneck's last BN, whose masked gradient also goes to the shortcut): the same
 /// `dx`, `dgamma` and `dbeta` as [`bn_backward`] with `relu_out`, and `dy` holds `g`.
-#[allow(clippy::too_many_arguments)]
 pub fn bn_backward_masking_dy<T: Real>(
     m: usize,
-    c: usize,
     x: &[T],
     relu_out: &[T],
     dy: &mut [T],
-    gamma: &[f32],
-    mean: &[f32],
-    invstd: &[f32],
+    bn: &mut BnLayer<'_>,
     dx: &mut [T],
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
 ) {
+    let c = bn.c;
     let (x, relu_out, dy) = (&x[..m * c], &relu_out[..m * c], &mut dy[..m * c]);
+    let mean: &[f32] = bn.save_mean;
     // The reduction's tasks mask their rows of dy in place, an L1-sized block at a time,
     // and sum that block while it is in cache: one pass over x, relu_out and dy.
     let chunk = rows_per_task(m, c) * c;
@@ -364,7 +391,7 @@ pub fn bn_backward_masking_dy<T: Real>(
         sums.iter_mut().zip(p).for_each(|(s, v)| *s += v);
     }
     let dy = &*dy;
-    backward_finish(m, c, x, None, dy, gamma, mean, invstd, &sums, dx, dgamma, dbeta);
+    backward_finish(m, x, None, dy, bn, &sums, dx);
 }
 
 /// `[sum g; sum g * (x - mean)]` per channel (`[2][c]`), `g = MASK ? (o > 0 ? dy : 0) : dy`.
@@ -400,22 +427,19 @@ fn grad_task<T: Real, const MASK: bool>(c: usize, x: &[T], o: &[T], dy: &[T], me
     }
 }
 
-/// The parameter gradients from the sums, then the dx pass.
-#[allow(clippy::too_many_arguments)]
+/// The parameter gradients from the sums (into `bn.dgamma`, `bn.dbeta`), then the dx pass.
 fn backward_finish<T: Real>(
     m: usize,
-    c: usize,
     x: &[T],
     relu_out: Option<&[T]>,
     dy: &[T],
-    gamma: &[f32],
-    mean: &[f32],
-    invstd: &[f32],
+    bn: &mut BnLayer<'_>,
     sums: &[f64],
     dx: &mut [T],
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
 ) {
+    let c = bn.c;
+    let (gamma, mean, invstd): (&[f32], &[f32], &[f32]) = (bn.gamma, bn.save_mean, bn.save_invstd);
+    let (dgamma, dbeta) = (&mut *bn.dgamma, &mut *bn.dbeta);
     for ch in 0..c {
         dbeta[ch] = sums[ch] as f32;
         dgamma[ch] = (sums[c + ch] * invstd[ch] as f64) as f32;

@@ -6,7 +6,7 @@ use crate::cpu::layers::bn as cpu;
 use crate::device::{Buf, Device};
 use crate::gpu::{Gpu, Kernel, LaunchConfig};
 use crate::ops::params::BnParams;
-use crate::ops::profile::{timed, Cost, Family};
+use crate::ops::profile::{timed, u, Cost, Family, F32};
 use crate::ops::{check_bufs, check_on, i32_of};
 use crate::{ensure, Result};
 
@@ -93,34 +93,79 @@ fn base_params(m: usize, c: usize, vec: usize, g: &Grid) -> Result<BnParams> {
     })
 }
 
-/// Train-mode forward: normalizes each channel of `x` (`[m, c]`) with its batch mean and
-/// biased batch variance, `y = gamma * (x - mean) * invstd + beta` (then `max(y, 0)` if
-/// `relu`), updates `running = (1 - momentum) * running + momentum * batch` (the variance
-/// unbiased, times `m / (m - 1)`), and keeps `save_mean` and `save_invstd =
-/// 1 / sqrt(var + eps)` for [`bn_backward`]. Needs `m >= 2` (as PyTorch).
+/// The buffers of one batch-norm layer on a device, borrowed for one call: see
+/// [`crate::cpu::layers::bn::BnLayer`]. Every buffer holds `c` values and lives on the
+/// device of the call.
+pub type BnLayer<'a> = cpu::BnLayer<'a, Buf<f32>>;
+
+/// A batch norm (+ ReLU) applied from given statistics, on a device: see
+/// [`crate::cpu::layers::bn::BnInput`]; [`BnLayer::input`] builds it from a layer's
+/// saved statistics.
+pub type BnInput<'a> = cpu::BnInput<'a, Buf<f32>>;
+
+impl BnLayer<'_> {
+    /// The host slices of every buffer (all must live on the CPU).
+    pub(crate) fn host(&mut self) -> Result<cpu::BnLayer<'_>> {
+        Ok(cpu::BnLayer {
+            c: self.c,
+            gamma: host(self.gamma, "gamma")?,
+            beta: host(self.beta, "beta")?,
+            running_mean: host_mut(self.running_mean, "running_mean")?,
+            running_var: host_mut(self.running_var, "running_var")?,
+            save_mean: host_mut(self.save_mean, "save_mean")?,
+            save_invstd: host_mut(self.save_invstd, "save_invstd")?,
+            dgamma: host_mut(self.dgamma, "dgamma")?,
+            dbeta: host_mut(self.dbeta, "dbeta")?,
+            momentum: self.momentum,
+            eps: self.eps,
+        })
+    }
+}
+
+impl BnInput<'_> {
+    /// Checks that every buffer holds `c` values and lives on `dev`.
+    pub(crate) fn check(&self, dev: &Device) -> Result<()> {
+        check_bufs(
+            dev,
+            self.c,
+            &[(self.gamma, "gamma"), (self.beta, "beta"), (self.mean, "save_mean"), (self.invstd, "save_invstd")],
+        )
+    }
+
+    /// The host slices of every buffer (all must live on the CPU).
+    pub(crate) fn host(&self) -> Result<cpu::BnInput<'_>> {
+        Ok(cpu::BnInput {
+            c: self.c,
+            gamma: host(self.gamma, "gamma")?,
+            beta: host(self.beta, "beta")?,
+            mean: host(self.mean, "save_mean")?,
+            invstd: host(self.invstd, "save_invstd")?,
+            relu: self.relu,
+        })
+    }
+}
+
+/// Train-mode forward: normalizes each channel of `x` (`[m, c]`, `c = bn.c`) with its
+/// batch mean and biased batch variance, `y = gamma * (x - mean) * invstd + beta` (then
+/// `max(y, 0)` if `relu`), updates `running = (1 - momentum) * running + momentum * batch`
+/// (the variance unbiased, times `m / (m - 1)`), and keeps `bn.save_mean` and
+/// `bn.save_invstd = 1 / sqrt(var + eps)` for [`bn_backward`]. Reads gamma and beta; the
+/// gradients are not touched. Needs `m >= 2` (as PyTorch).
 ///
 /// On a kernel device: three launches (statistics per row chunk, a per-channel merge that
 /// also updates the running statistics, the normalization). The per-chunk partial
 /// statistics are kept in the bytes of `y` until the normalization overwrites it, so no
 /// workspace is needed; `y` must therefore not be read until this call's work is done,
 /// which stream order guarantees.
-#[allow(clippy::too_many_arguments)]
 pub fn bn_forward_train<T: LayerElem>(
     dev: &Device,
     m: usize,
-    c: usize,
     x: &Buf<T>,
-    gamma: &Buf<f32>,
-    beta: &Buf<f32>,
-    running_mean: &mut Buf<f32>,
-    running_var: &mut Buf<f32>,
-    momentum: f32,
-    eps: f32,
+    bn: &mut BnLayer<'_>,
     relu: bool,
     y: &mut Buf<T>,
-    save_mean: &mut Buf<f32>,
-    save_invstd: &mut Buf<f32>,
 ) -> Result<()> {
+    let c = bn.c;
     ensure!(m >= 2, "batch norm in train mode needs more than one value per channel (m = {m})");
     let mc = mul(m, c, "the batch norm input")?;
     check_len(x, mc, "x")?;
@@ -129,12 +174,12 @@ pub fn bn_forward_train<T: LayerElem>(
         dev,
         c,
         &[
-            (gamma, "gamma"),
-            (beta, "beta"),
-            (&*running_mean, "running_mean"),
-            (&*running_var, "running_var"),
-            (&*save_mean, "save_mean"),
-            (&*save_invstd, "save_invstd"),
+            (bn.gamma, "gamma"),
+            (bn.beta, "beta"),
+            (&*bn.running_mean, "running_mean"),
+            (&*bn.running_var, "running_var"),
+            (&*bn.save_mean, "save_mean"),
+            (&*bn.save_invstd, "save_invstd"),
         ],
     )?;
     check_on(x, dev, "x")?;
@@ -145,21 +190,7 @@ pub fn bn_forward_train<T: LayerElem>(
     let cost = || Cost::bn_forward_train(m, c, std::mem::size_of::<T>(), relu);
     timed(dev, Family::BnForward, cost, || match dev {
         Device::Cpu => {
-            cpu::bn_forward_train(
-                m,
-                c,
-                host(x, "x")?,
-                host(gamma, "gamma")?,
-                host(beta, "beta")?,
-                host_mut(running_mean, "running_mean")?,
-                host_mut(running_var, "running_var")?,
-                momentum,
-                eps,
-                relu,
-                host_mut(y, "y")?,
-                host_mut(save_mean, "save_mean")?,
-                host_mut(save_invstd, "save_invstd")?,
-            );
+            cpu::bn_forward_train(m, host(x, "x")?, &mut bn.host()?, relu, host_mut(y, "y")?);
             Ok(())
         }
         Device::Gpu(gpu) => {
@@ -169,15 +200,15 @@ pub fn bn_forward_train<T: LayerElem>(
             let p = BnParams {
                 x: xp,
                 out: yp,
-                gamma: dptr(gamma, gpu, "gamma")?,
-                beta: dptr(beta, gpu, "beta")?,
-                mean: dptr(save_mean, gpu, "save_mean")?,
-                invstd: dptr(save_invstd, gpu, "save_invstd")?,
-                running_mean: dptr(running_mean, gpu, "running_mean")?,
-                running_var: dptr(running_var, gpu, "running_var")?,
+                gamma: dptr(bn.gamma, gpu, "gamma")?,
+                beta: dptr(bn.beta, gpu, "beta")?,
+                mean: dptr(bn.save_mean, gpu, "save_mean")?,
+                invstd: dptr(bn.save_invstd, gpu, "save_invstd")?,
+                running_mean: dptr(bn.running_mean, gpu, "running_mean")?,
+                running_var: dptr(bn.running_var, gpu, "running_var")?,
                 relu: relu as i32,
-                momentum,
-                eps,
+                momentum: bn.momentum,
+                eps: bn.eps,
                 ..base_params(m, c, vec, &g)?
             };
             // SAFETY: x and y hold m*c elements and every [c] buffer c; the kernels read
@@ -194,28 +225,29 @@ pub fn bn_forward_train<T: LayerElem>(
 }
 
 /// Eval-mode forward: `y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta`
-/// (then `max(y, 0)` if `relu`). One launch on a kernel device.
-#[allow(clippy::too_many_arguments)]
+/// (then `max(y, 0)` if `relu`), `c = bn.c`. Reads gamma, beta, the running statistics
+/// and eps of `bn`, writes nothing of it. One launch on a kernel device.
 pub fn bn_forward_eval<T: LayerElem>(
     dev: &Device,
     m: usize,
-    c: usize,
     x: &Buf<T>,
-    gamma: &Buf<f32>,
-    beta: &Buf<f32>,
-    running_mean: &Buf<f32>,
-    running_var: &Buf<f32>,
-    eps: f32,
+    bn: &mut BnLayer<'_>,
     relu: bool,
     y: &mut Buf<T>,
 ) -> Result<()> {
+    let c = bn.c;
     let mc = mul(m, c, "the batch norm input")?;
     check_len(x, mc, "x")?;
     check_len(y, mc, "y")?;
     check_bufs(
         dev,
         c,
-        &[(gamma, "gamma"), (beta, "beta"), (running_mean, "running_mean"), (running_var, "running_var")],
+        &[
+            (bn.gamma, "gamma"),
+            (bn.beta, "beta"),
+            (&*bn.running_mean, "running_mean"),
+            (&*bn.running_var, "running_var"),
+        ],
     )?;
     check_on(x, dev, "x")?;
     check_on(y, dev, "y")?;
@@ -225,18 +257,7 @@ pub fn bn_forward_eval<T: LayerElem>(
     let cost = || Cost::bn_forward_eval(m, c, std::mem::size_of::<T>(), relu);
     timed(dev, Family::BnForward, cost, || match dev {
         Device::Cpu => {
-            cpu::bn_forward_eval(
-                m,
-                c,
-                host(x, "x")?,
-                host(gamma, "gamma")?,
-                host(beta, "beta")?,
-                host(running_mean, "running_mean")?,
-                host(running_var, "running_var")?,
-                eps,
-                relu,
-                host_mut(y, "y")?,
-            );
+            cpu::bn_forward_eval(m, host(x, "x")?, &bn.host()?, relu, host_mut(y, "y")?);
             Ok(())
         }
         Device::Gpu(gpu) => {
@@ -246,12 +267,12 @@ pub fn bn_forward_eval<T: LayerElem>(
             let p = BnParams {
                 x: xp,
                 out: yp,
-                gamma: dptr(gamma, gpu, "gamma")?,
-                beta: dptr(beta, gpu, "beta")?,
-                mean: dptr(running_mean, gpu, "running_mean")?,
-                invstd: dptr(running_var, gpu, "running_var")?,
+                gamma: dptr(bn.gamma, gpu, "gamma")?,
+                beta: dptr(bn.beta, gpu, "beta")?,
+                mean: dptr(bn.running_mean, gpu, "running_mean")?,
+                invstd: dptr(bn.running_var, gpu, "running_var")?,
                 relu: relu as i32,
-                eps,
+                eps: bn.eps,
                 eval: 1,
                 ..base_params(m, c, vec, &g)?
             };
@@ -263,34 +284,29 @@ pub fn bn_forward_eval<T: LayerElem>(
     })
 }
 
-/// Train-mode backward from the statistics [`bn_forward_train`] saved:
+/// Train-mode backward from the statistics [`bn_forward_train`] saved in `bn`:
 /// `dbeta = sum g`, `dgamma = sum g * xhat`,
 /// `dx = gamma * invstd * (g - dbeta / m - xhat * dgamma / m)` with
 /// `xhat = (x - save_mean) * save_invstd` and `g = dy`, or, if `relu_out` is the output
-/// of a fused ReLU, `g = relu_out > 0 ? dy : 0`. `dx`, `dgamma` and `dbeta` are
-/// overwritten.
+/// of a fused ReLU, `g = relu_out > 0 ? dy : 0`. `dx`, `bn.dgamma` and `bn.dbeta` are
+/// overwritten; the rest of `bn` is read (gamma, the saved statistics) or not touched.
 ///
 /// On a kernel device: three launches (sums per row chunk, a per-channel merge, dx); the
 /// per-chunk partial sums are kept in the bytes of `dx` until the last launch overwrites
 /// it.
-#[allow(clippy::too_many_arguments)]
 pub fn bn_backward<T: LayerElem>(
     dev: &Device,
     m: usize,
-    c: usize,
     x: &Buf<T>,
     relu_out: Option<&Buf<T>>,
     dy: &Buf<T>,
-    gamma: &Buf<f32>,
-    save_mean: &Buf<f32>,
-    save_invstd: &Buf<f32>,
+    bn: &mut BnLayer<'_>,
     dx: &mut Buf<T>,
-    dgamma: &mut Buf<f32>,
-    dbeta: &mut Buf<f32>,
 ) -> Result<()> {
+    let c = bn.c;
     let big: Vec<(&Buf<T>, &str)> =
         [(x, "x"), (dy, "dy"), (&*dx, "dx")].into_iter().chain(relu_out.map(|o| (o, "relu_out"))).collect();
-    check_backward(dev, m, c, &big, [gamma, save_mean, save_invstd, &*dgamma, &*dbeta])?;
+    check_backward(dev, m, &big, bn)?;
     if c == 0 {
         return Ok(());
     }
@@ -301,68 +317,47 @@ pub fn bn_backward<T: LayerElem>(
                 Some(o) => Some(host(o, "relu_out")?),
                 None => None,
             };
-            cpu::bn_backward(
-                m,
-                c,
-                host(x, "x")?,
-                relu_out,
-                host(dy, "dy")?,
-                host(gamma, "gamma")?,
-                host(save_mean, "save_mean")?,
-                host(save_invstd, "save_invstd")?,
-                host_mut(dx, "dx")?,
-                host_mut(dgamma, "dgamma")?,
-                host_mut(dbeta, "dbeta")?,
-            );
+            cpu::bn_backward(m, host(x, "x")?, relu_out, host(dy, "dy")?, &mut bn.host()?, host_mut(dx, "dx")?);
             Ok(())
         }
         Device::Gpu(gpu) => {
-            let (g, p) =
-                backward_params(gpu, m, c, x, dy, relu_out, dx, [gamma, save_mean, save_invstd, dgamma, dbeta])?;
+            let (g, p) = backward_params(gpu, m, x, dy, relu_out, dx, bn)?;
             launch_backward::<T>(gpu, &g, c, &p)
         }
     })
 }
 
 /// The checks of both backward entry points: the `[m, c]` tensors `big` and the `[c]`
-/// tensors gamma, save_mean, save_invstd, dgamma, dbeta, all on `dev`.
-fn check_backward<T: LayerElem>(
-    dev: &Device,
-    m: usize,
-    c: usize,
-    big: &[(&Buf<T>, &str)],
-    small: [&Buf<f32>; 5],
-) -> Result<()> {
+/// tensors gamma, save_mean, save_invstd, dgamma, dbeta of `bn`, all on `dev`.
+fn check_backward<T: LayerElem>(dev: &Device, m: usize, big: &[(&Buf<T>, &str)], bn: &BnLayer<'_>) -> Result<()> {
     ensure!(m >= 1, "batch norm backward of an empty batch");
-    let mc = mul(m, c, "the batch norm input")?;
+    let mc = mul(m, bn.c, "the batch norm input")?;
     check_bufs(dev, mc, big)?;
-    let [gamma, save_mean, save_invstd, dgamma, dbeta] = small;
     check_bufs(
         dev,
-        c,
+        bn.c,
         &[
-            (gamma, "gamma"),
-            (save_mean, "save_mean"),
-            (save_invstd, "save_invstd"),
-            (dgamma, "dgamma"),
-            (dbeta, "dbeta"),
+            (bn.gamma, "gamma"),
+            (&*bn.save_mean, "save_mean"),
+            (&*bn.save_invstd, "save_invstd"),
+            (&*bn.dgamma, "dgamma"),
+            (&*bn.dbeta, "dbeta"),
         ],
     )
 }
 
 /// The launch grid and parameters of a backward on a kernel device (`relu_out` null when
-/// there is no fused ReLU); `small` as in [`check_backward`].
-#[allow(clippy::too_many_arguments)]
+/// there is no fused ReLU).
 fn backward_params<T: LayerElem>(
     gpu: &Gpu,
     m: usize,
-    c: usize,
     x: &Buf<T>,
     dy: &Buf<T>,
     relu_out: Option<&Buf<T>>,
     dx: &Buf<T>,
-    [gamma, save_mean, save_invstd, dgamma, dbeta]: [&Buf<f32>; 5],
+    bn: &BnLayer<'_>,
 ) -> Result<(Grid, BnParams)> {
+    let c = bn.c;
     let (xp, dyp, dxp) = (dptr(x, gpu, "x")?, dptr(dy, gpu, "dy")?, dptr(dx, gpu, "dx")?);
     let rp = match relu_out {
         Some(o) => dptr(o, gpu, "relu_out")?,
@@ -375,11 +370,11 @@ fn backward_params<T: LayerElem>(
         dy: dyp,
         relu_out: rp,
         out: dxp,
-        gamma: dptr(gamma, gpu, "gamma")?,
-        mean: dptr(save_mean, gpu, "save_mean")?,
-        invstd: dptr(save_invstd, gpu, "save_invstd")?,
-        dgamma: dptr(dgamma, gpu, "dgamma")?,
-        dbeta: dptr(dbeta, gpu, "dbeta")?,
+        gamma: dptr(bn.gamma, gpu, "gamma")?,
+        mean: dptr(bn.save_mean, gpu, "save_mean")?,
+        invstd: dptr(bn.save_invstd, gpu, "save_invstd")?,
+        dgamma: dptr(bn.dgamma, gpu, "dgamma")?,
+        dbeta: dptr(bn.dbeta, gpu, "dbeta")?,
         ..base_params(m, c, vec, &g)?
     };
     Ok((g, p))
@@ -397,26 +392,20 @@ fn launch_backward<T: LayerElem>(gpu: &Gpu, g: &Grid, c: usize, p: &BnParams) ->
 }
 
 /// Merges the per-row-tile statistics that a convolution's epilogue wrote (see
-/// [`crate::ops::fused`]) into `save_mean` and `save_invstd`, and updates the running
-/// statistics: `bn_stats_finalize_f32` on `tiles` chunks of `rows_per_tile` rows. With one
-/// tile the epilogue wrote the mean to `save_mean` and M2 to `save_invstd`; with more, the
-/// `[c][tiles]` float2 pairs are at `part` (the bytes of a buffer of at least
+/// [`crate::ops::fused`]) into `bn.save_mean` and `bn.save_invstd`, and updates the
+/// running statistics: `bn_stats_finalize_f32` on `tiles` chunks of `rows_per_tile` rows.
+/// With one tile the epilogue wrote the mean to `save_mean` and M2 to `save_invstd`; with
+/// more, the `[c][tiles]` float2 pairs are at `part` (the bytes of a buffer of at least
 /// `8 * tiles * c` bytes that the caller owns).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn bn_launch_finalize_tiles(
     gpu: &Gpu,
     m: usize,
-    c: usize,
     tiles: usize,
     rows_per_tile: usize,
     part: u64,
-    running_mean: u64,
-    running_var: u64,
-    save_mean: u64,
-    save_invstd: u64,
-    momentum: f32,
-    eps: f32,
+    bn: &mut BnLayer<'_>,
 ) -> Result<()> {
+    let c = bn.c;
     ensure!(tiles >= 1 && tiles * rows_per_tile >= m, "internal: {tiles} tiles of {rows_per_tile} rows for {m}");
     let p = BnParams {
         m: i64_of(m, "m")?,
@@ -425,12 +414,12 @@ pub(crate) fn bn_launch_finalize_tiles(
         vec: 1,
         chunks: i32_of(tiles, "row tiles")?,
         out: part,
-        mean: save_mean,
-        invstd: save_invstd,
-        running_mean,
-        running_var,
-        momentum,
-        eps,
+        mean: dptr(bn.save_mean, gpu, "save_mean")?,
+        invstd: dptr(bn.save_invstd, gpu, "save_invstd")?,
+        running_mean: dptr(bn.running_mean, gpu, "running_mean")?,
+        running_var: dptr(bn.running_var, gpu, "running_var")?,
+        momentum: bn.momentum,
+        eps: bn.eps,
         ..BnParams::default()
     };
     // SAFETY: the finalize kernel reads tiles * c pairs at `part` (tiles > 1) or the [c]
@@ -441,24 +430,20 @@ pub(crate) fn bn_launch_finalize_tiles(
 
 /// The normalisation of a train-mode forward from statistics already computed (by
 /// [`bn_forward_train`]'s first kernels or by a convolution's epilogue, see
-/// [`crate::ops::fused`]): `y = gamma * (x - save_mean) * save_invstd + beta`, plus
-/// `residual` if given (a bottleneck's shortcut, added before the ReLU), then `max(y, 0)`
-/// if `relu`. One pass on a kernel device (`bn_apply_<dtype>`): the block's last BN, the
-/// residual add and the ReLU read `x` and `residual` and write `y` once.
-#[allow(clippy::too_many_arguments)]
+/// [`crate::ops::fused`]): `y = gamma * (x - mean) * invstd + beta` with `bn`'s
+/// parameters and statistics (`c = bn.c`; [`BnLayer::input`] gives a layer's saved ones),
+/// plus `residual` if given (a bottleneck's shortcut, added before the ReLU), then
+/// `max(y, 0)` if `bn.relu`. One pass on a kernel device (`bn_apply_<dtype>`): the block's
+/// last BN, the residual add and the ReLU read `x` and `residual` and write `y` once.
 pub fn bn_apply_saved<T: LayerElem>(
     dev: &Device,
     m: usize,
-    c: usize,
     x: &Buf<T>,
-    gamma: &Buf<f32>,
-    beta: &Buf<f32>,
-    save_mean: &Buf<f32>,
-    save_invstd: &Buf<f32>,
+    bn: &BnInput<'_>,
     residual: Option<&Buf<T>>,
-    relu: bool,
     y: &mut Buf<T>,
 ) -> Result<()> {
+    let c = bn.c;
     let mc = mul(m, c, "the batch norm input")?;
     check_len(x, mc, "x")?;
     check_len(y, mc, "y")?;
@@ -468,18 +453,17 @@ pub fn bn_apply_saved<T: LayerElem>(
         check_len(r, mc, "residual")?;
         check_on(r, dev, "residual")?;
     }
-    check_bufs(dev, c, &[(gamma, "gamma"), (beta, "beta"), (save_mean, "save_mean"), (save_invstd, "save_invstd")])?;
+    bn.check(dev)?;
     if mc == 0 {
         return Ok(());
     }
+    let relu = bn.relu;
     let cost = || Cost::bn_apply(m, c, std::mem::size_of::<T>(), residual.is_some(), relu);
     timed(dev, Family::BnForward, cost, || match dev {
         Device::Cpu => {
             let (xs, ys) = (host(x, "x")?, host_mut(y, "y")?);
-            let (g, b) = (host(gamma, "gamma")?, host(beta, "beta")?);
-            let (mean, invstd) = (host(save_mean, "save_mean")?, host(save_invstd, "save_invstd")?);
             let rs = residual.map(|r| host(r, "residual")).transpose()?;
-            cpu::bn_apply(m, c, xs, g, b, mean, invstd, rs, relu, ys);
+            cpu::bn_apply(m, xs, &bn.host()?, rs, ys);
             Ok(())
         }
         Device::Gpu(gpu) => {
@@ -494,10 +478,10 @@ pub fn bn_apply_saved<T: LayerElem>(
                 x: xp,
                 out: yp,
                 residual: rp,
-                gamma: dptr(gamma, gpu, "gamma")?,
-                beta: dptr(beta, gpu, "beta")?,
-                mean: dptr(save_mean, gpu, "save_mean")?,
-                invstd: dptr(save_invstd, gpu, "save_invstd")?,
+                gamma: dptr(bn.gamma, gpu, "gamma")?,
+                beta: dptr(bn.beta, gpu, "beta")?,
+                mean: dptr(bn.mean, gpu, "save_mean")?,
+                invstd: dptr(bn.invstd, gpu, "save_invstd")?,
                 relu: relu as i32,
                 ..base_params(m, c, vec, &g)?
             };
@@ -511,53 +495,36 @@ pub fn bn_apply_saved<T: LayerElem>(
 
 /// [`bn_backward`] through a fused ReLU whose masked gradient is also needed elsewhere (a
 /// bottleneck's last BN: the gradient of the block's sum feeds the BN and the shortcut):
-/// replaces `dy` in place by `g = relu_out > 0 ? dy : 0` and returns the BN's `dx`,
-/// `dgamma`, `dbeta` of that `g`. The same values as [`crate::ops::layers::relu_backward`]
-/// then [`bn_backward`] without a mask, in one pass less and no extra buffer on a kernel
-/// device: the reduction reads x, dy and relu_out and writes g over dy (each element by the
-/// thread that read it), the dx pass reads x and g (7 tensor passes instead of 8, and one
-/// launch less).
-#[allow(clippy::too_many_arguments)]
+/// replaces `dy` in place by `g = relu_out > 0 ? dy : 0` and writes the BN's `dx`,
+/// `bn.dgamma`, `bn.dbeta` of that `g`. The same values as
+/// [`crate::ops::layers::relu_backward`] then [`bn_backward`] without a mask, in one pass
+/// less and no extra buffer on a kernel device: the reduction reads x, dy and relu_out and
+/// writes g over dy (each element by the thread that read it), the dx pass reads x and g
+/// (7 tensor passes instead of 8, and one launch less).
 pub fn bn_backward_masking_dy<T: LayerElem>(
     dev: &Device,
     m: usize,
-    c: usize,
     x: &Buf<T>,
     relu_out: &Buf<T>,
     dy: &mut Buf<T>,
-    gamma: &Buf<f32>,
-    save_mean: &Buf<f32>,
-    save_invstd: &Buf<f32>,
+    bn: &mut BnLayer<'_>,
     dx: &mut Buf<T>,
-    dgamma: &mut Buf<f32>,
-    dbeta: &mut Buf<f32>,
 ) -> Result<()> {
+    let c = bn.c;
     let big = [(x, "x"), (relu_out, "relu_out"), (&*dy, "dy"), (&*dx, "dx")];
-    check_backward(dev, m, c, &big, [gamma, save_mean, save_invstd, &*dgamma, &*dbeta])?;
+    check_backward(dev, m, &big, bn)?;
     if c == 0 {
         return Ok(());
     }
     let cost = || Cost::bn_backward_masking_dy(m, c, std::mem::size_of::<T>());
     timed(dev, Family::BnBackward, cost, || match dev {
         Device::Cpu => {
-            cpu::bn_backward_masking_dy(
-                m,
-                c,
-                host(x, "x")?,
-                host(relu_out, "relu_out")?,
-                host_mut(dy, "dy")?,
-                host(gamma, "gamma")?,
-                host(save_mean, "save_mean")?,
-                host(save_invstd, "save_invstd")?,
-                host_mut(dx, "dx")?,
-                host_mut(dgamma, "dgamma")?,
-                host_mut(dbeta, "dbeta")?,
-            );
+            let (xs, os) = (host(x, "x")?, host(relu_out, "relu_out")?);
+            cpu::bn_backward_masking_dy(m, xs, os, host_mut(dy, "dy")?, &mut bn.host()?, host_mut(dx, "dx")?);
             Ok(())
         }
         Device::Gpu(gpu) => {
-            let params = [gamma, save_mean, save_invstd, &*dgamma, &*dbeta];
-            let (g, p) = backward_params(gpu, m, c, x, dy, Some(relu_out), dx, params)?;
+            let (g, p) = backward_params(gpu, m, x, dy, Some(relu_out), dx, bn)?;
             // The reduction writes the masked gradient over dy.
             let p = BnParams { grad_out: p.dy, ..p };
             // The dx pass reads the stored g, unmasked.
@@ -574,4 +541,53 @@ pub fn bn_backward_masking_dy<T: LayerElem>(
             Ok(())
         }
     })
+}
+
+/// The profile's counts of this module's ops (see [`crate::ops::profile`]).
+impl Cost {
+    /// Batch norm train forward over `[m, c]`: a statistics pass reads x, the apply pass
+    /// reads x and writes y; per channel gamma and beta are read, the running mean and
+    /// variance read and written, the saved mean and inverse deviation written (8 f32).
+    /// FLOPs per element: 3 for the statistics (sum, fused square-sum), 2 to apply
+    /// (`x * scale + shift`), 1 for a fused ReLU.
+    pub fn bn_forward_train(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
+        let mc = u(m) * u(c);
+        Cost { flops: mc * (5 + relu as u64), bytes: 3 * mc * u(elem) + 8 * u(c) * F32 }
+    }
+
+    /// The normalisation of a train forward from saved statistics
+    /// ([`crate::ops::layers::bn_apply_saved`]): reads x (and the residual) and writes y;
+    /// per channel gamma, beta, the saved mean and inverse deviation (4 f32). FLOPs per
+    /// element: 2, +1 for the residual add, +1 for the ReLU.
+    pub fn bn_apply(m: usize, c: usize, elem: usize, residual: bool, relu: bool) -> Cost {
+        let mc = u(m) * u(c);
+        let (r, l) = (residual as u64, relu as u64);
+        Cost { flops: mc * (2 + r + l), bytes: (2 + r) * mc * u(elem) + 4 * u(c) * F32 }
+    }
+
+    /// Batch norm eval forward over `[m, c]`: one pass reads x and writes y; per channel
+    /// 4 f32 are read. FLOPs per element: 2 (+1 for a fused ReLU).
+    pub fn bn_forward_eval(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
+        let mc = u(m) * u(c);
+        Cost { flops: mc * (2 + relu as u64), bytes: 2 * mc * u(elem) + 4 * u(c) * F32 }
+    }
+
+    /// Batch norm backward over `[m, c]`: a reduction pass reads x and dy (and the fused
+    /// ReLU's output), the dx pass reads them again and writes dx; per channel gamma, the
+    /// saved statistics (read) and dgamma, dbeta (written): 5 f32. FLOPs per element: 5 in
+    /// the reduction (`xhat`, two sums), 6 for dx, and 1 per pass for a ReLU mask.
+    pub fn bn_backward(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
+        let (mc, r) = (u(m) * u(c), relu as u64);
+        Cost { flops: mc * (11 + 2 * r), bytes: (2 * (2 + r) + 1) * mc * u(elem) + 5 * u(c) * F32 }
+    }
+
+    /// Batch norm backward through a ReLU whose masked gradient g is kept
+    /// ([`crate::ops::layers::bn_backward_masking_dy`]): the reduction reads x, dy and the
+    /// ReLU's output and writes g over dy, the dx pass reads x and g and writes dx; per channel 5
+    /// f32 as [`Cost::bn_backward`]. FLOPs per element: 1 for the mask, 5 in the reduction,
+    /// 6 for dx.
+    pub fn bn_backward_masking_dy(m: usize, c: usize, elem: usize) -> Cost {
+        let mc = u(m) * u(c);
+        Cost { flops: mc * 12, bytes: 7 * mc * u(elem) + 5 * u(c) * F32 }
+    }
 }

@@ -7,7 +7,7 @@ use crate::device::{Buf, Device};
 use crate::gpu::{Gpu, Kernel, LaunchConfig};
 use crate::ops::check_on;
 use crate::ops::params::ElementwiseParams;
-use crate::ops::profile::{timed, Cost, Family};
+use crate::ops::profile::{timed, u, Cost, Family};
 use crate::{invalid, Result};
 
 const THREADS: u32 = 256;
@@ -137,4 +137,27 @@ pub fn cast<A: CastElem, B: CastElem>(dev: &Device, src: &Buf<A>, dst: &mut Buf<
             launch(gpu, k, dptr(src, gpu, "src")?, 0, dptr(dst, gpu, "dst")?, n)
         }
     })
+}
+
+/// The profile's counts of this module's ops (see [`crate::ops::profile`]).
+impl Cost {
+    /// `out = max(a + b, 0)` over n elements: reads 2, writes 1; 2 FLOPs per element.
+    pub fn add_relu(n: usize, elem: usize) -> Cost {
+        Cost { flops: 2 * u(n), bytes: 3 * u(n) * u(elem) }
+    }
+
+    /// ReLU backward over n elements: reads the output and dy, writes dx; 1 FLOP each.
+    pub fn relu_backward(n: usize, elem: usize) -> Cost {
+        Cost { flops: u(n), bytes: 3 * u(n) * u(elem) }
+    }
+
+    /// `dst += src` over n elements: reads 2, writes 1; 1 FLOP each.
+    pub fn add_assign(n: usize, elem: usize) -> Cost {
+        Cost { flops: u(n), bytes: 3 * u(n) * u(elem) }
+    }
+
+    /// A conversion of n elements from `from`-byte to `to`-byte elements: no FLOPs.
+    pub fn cast(n: usize, from: usize, to: usize) -> Cost {
+        Cost { flops: 0, bytes: u(n) * u(from + to) }
+    }
 }

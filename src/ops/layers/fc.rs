@@ -6,7 +6,7 @@ use crate::cpu::layers::fc as cpu;
 use crate::device::{Buf, Device};
 use crate::gpu::{Gpu, Kernel, LaunchConfig};
 use crate::ops::params::{FcParams, FC_THREADS, FC_TILE};
-use crate::ops::profile::{timed, Cost, Family};
+use crate::ops::profile::{timed, u, Cost, Family, F32};
 use crate::ops::{check_on, i32_of};
 use crate::{ensure, Result};
 
@@ -180,4 +180,21 @@ pub fn fc_backward(
             }
         },
     )
+}
+
+/// The profile's counts of this module's ops (see [`crate::ops::profile`]).
+impl Cost {
+    /// The fc forward `[n, cin] x [cout, cin]^T + b` (f32): `2 n cin cout` FLOPs (the bias
+    /// add is not counted, as in `Arch`); reads x, w and b, writes y.
+    pub fn fc_forward(n: usize, cin: usize, cout: usize) -> Cost {
+        let (n, cin, cout) = (u(n), u(cin), u(cout));
+        Cost { flops: 2 * n * cin * cout, bytes: (n * cin + cout * cin + cout + n * cout) * F32 }
+    }
+
+    /// The fc backward: dx and dw are two GEMMs, `4 n cin cout` FLOPs (the bias gradient is
+    /// not counted); reads x, w and dy, writes dx, dw and db.
+    pub fn fc_backward(n: usize, cin: usize, cout: usize) -> Cost {
+        let (n, cin, cout) = (u(n), u(cin), u(cout));
+        Cost { flops: 4 * n * cin * cout, bytes: (2 * n * cin + 2 * cout * cin + n * cout + cout) * F32 }
+    }
 }

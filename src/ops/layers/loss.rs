@@ -5,7 +5,7 @@ use crate::cpu::layers::loss as cpu;
 use crate::device::{Buf, Device};
 use crate::gpu::{Kernel, LaunchConfig};
 use crate::ops::params::LossParams;
-use crate::ops::profile::{timed, Cost, Family};
+use crate::ops::profile::{timed, u, Cost, Family, F32};
 use crate::ops::{check_on, i32_of};
 use crate::{ensure, Result};
 
@@ -102,4 +102,14 @@ pub fn softmax_cross_entropy_smoothed(
             }
         },
     )
+}
+
+/// The profile's counts of this module's ops (see [`crate::ops::profile`]).
+impl Cost {
+    /// Softmax cross-entropy of `[n, classes]` logits: reads logits and targets (i32),
+    /// writes dlogits and the loss; 5 FLOPs per logit (max, subtract, exp, sum, scale).
+    pub fn softmax_cross_entropy(n: usize, classes: usize) -> Cost {
+        let nc = u(n) * u(classes);
+        Cost { flops: 5 * nc, bytes: (2 * nc + u(n) + 1) * F32 }
+    }
 }

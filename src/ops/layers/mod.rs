@@ -27,7 +27,10 @@ mod pool;
 mod sgd;
 
 pub(crate) use bn::bn_launch_finalize_tiles;
-pub use bn::{bn_apply_saved, bn_backward, bn_backward_masking_dy, bn_forward_eval, bn_forward_train, bn_row_chunks};
+pub use bn::{
+    bn_apply_saved, bn_backward, bn_backward_masking_dy, bn_forward_eval, bn_forward_train, bn_row_chunks, BnInput,
+    BnLayer,
+};
 pub use elementwise::{add_assign, add_relu, cast, relu_backward};
 pub use fc::{fc_backward, fc_forward};
 pub use loss::{check_targets, softmax_cross_entropy, softmax_cross_entropy_smoothed};

@@ -6,7 +6,7 @@ use crate::cpu::layers::pool as cpu;
 use crate::device::{Buf, Device};
 use crate::gpu::{Gpu, Kernel, LaunchConfig};
 use crate::ops::params::PoolParams;
-use crate::ops::profile::{timed, Cost, Family};
+use crate::ops::profile::{timed, u, Cost, Family, F32};
 use crate::ops::{check_on, i32_of};
 use crate::Result;
 
@@ -218,4 +218,33 @@ pub fn avgpool_backward<T: LayerElem>(
             }
         },
     )
+}
+
+/// The profile's counts of this module's ops (see [`crate::ops::profile`]).
+impl Cost {
+    /// Max pool 3x3 forward from `inputs` to `outputs` elements: reads x, writes y; 9
+    /// comparisons per output.
+    pub fn maxpool_forward(inputs: usize, outputs: usize, elem: usize) -> Cost {
+        Cost { flops: 9 * u(outputs), bytes: (u(inputs) + u(outputs)) * u(elem) }
+    }
+
+    /// Max pool 3x3 backward: reads x and dy, writes dx; per output 9 comparisons to find
+    /// its maximum and 1 add.
+    pub fn maxpool_backward(inputs: usize, outputs: usize, elem: usize) -> Cost {
+        Cost { flops: 10 * u(outputs), bytes: (2 * u(inputs) + u(outputs)) * u(elem) }
+    }
+
+    /// Global average pool forward of `[n, hw, c]` into f32 `[n, c]`: 1 add per input and
+    /// 1 multiply per output.
+    pub fn avgpool_forward(n: usize, hw: usize, c: usize, elem: usize) -> Cost {
+        let (x, y) = (u(n) * u(hw) * u(c), u(n) * u(c));
+        Cost { flops: x + y, bytes: x * u(elem) + y * F32 }
+    }
+
+    /// Global average pool backward: reads f32 dy `[n, c]`, writes dx `[n, hw, c]`; 1
+    /// multiply per output.
+    pub fn avgpool_backward(n: usize, hw: usize, c: usize, elem: usize) -> Cost {
+        let (x, y) = (u(n) * u(hw) * u(c), u(n) * u(c));
+        Cost { flops: x, bytes: x * u(elem) + y * F32 }
+    }
 }

@@ -6,7 +6,7 @@ use crate::device::{Buf, Device};
 use crate::gpu::{Kernel, LaunchConfig};
 use crate::ops::check_on;
 use crate::ops::params::SgdParams;
-use crate::ops::profile::{timed, Cost, Family};
+use crate::ops::profile::{timed, u, Cost, Family, F32};
 use crate::{ensure, Result};
 
 const KERNEL: Kernel = Kernel::new("sgd", "sgd_step_f32");
@@ -98,4 +98,14 @@ pub fn sgd_step_scaled(
             }
         },
     )
+}
+
+/// The profile's counts of this module's ops (see [`crate::ops::profile`]).
+impl Cost {
+    /// An SGD step on n f32 parameters: reads param and grad, writes param and the
+    /// momentum buffer, and reads the buffer except on the first step; 6 FLOPs per
+    /// parameter (weight decay, momentum, update: a multiply and an add each).
+    pub fn sgd(n: usize, first_step: bool) -> Cost {
+        Cost { flops: 6 * u(n), bytes: u(n) * F32 * (4 + !first_step as u64) }
+    }
 }

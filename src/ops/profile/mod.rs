@@ -45,9 +45,13 @@
 //!   the memory system served.
 
 use crate::device::{Device, Mark};
-use crate::ops::conv::{ConvShape, Pass};
+use crate::shape::Pass;
 use crate::{ensure, Result};
 use std::cell::{Cell, RefCell};
+
+mod aggregate;
+
+pub use aggregate::{Call, FamilyProfile, Profile};
 
 /// A family of ops in the profile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -132,8 +136,9 @@ impl Family {
 
 /// What one op costs, counted from its shapes: floating-point operations and bytes read
 /// plus written (see the module documentation for the model of the bytes). The
-/// constructors are the one place the counts are defined; `elem` is the element size in
-/// bytes of the activations (4 for f32, 2 for bf16).
+/// constructors are the one place the counts are defined, each in an `impl Cost` block
+/// beside its op (`ops::conv`, `ops::fused`, `ops::layers::*`); `elem` is the element size
+/// in bytes of the activations (4 for f32, 2 for bf16).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cost {
     /// Floating-point operations.
@@ -142,281 +147,13 @@ pub struct Cost {
     pub bytes: u64,
 }
 
-fn u(x: usize) -> u64 {
+/// A count as `u64`, for the cost formulas.
+pub(crate) fn u(x: usize) -> u64 {
     x as u64
 }
 
-const F32: u64 = 4;
-
-impl Cost {
-    /// A convolution pass: FLOPs `2 * N*P*Q * K * C*R*S` for each pass (dgrad of a strided
-    /// conv skips the taps that meet no input, as its phase GEMMs do); bytes: fprop reads
-    /// x and w and writes y, dgrad reads dy and w and writes dx (all in `elem`), wgrad
-    /// reads x and dy (`elem`) and writes dw (f32).
-    pub fn conv(pass: Pass, sh: &ConvShape, elem: usize) -> Cost {
-        let (e, x, w, y) = (u(elem), u(sh.x_len()), u(sh.w_len()), u(sh.y_len()));
-        let macs = u(sh.n) * u(sh.p()) * u(sh.q()) * u(sh.k) * u(sh.c) * u(sh.r) * u(sh.s);
-        let bytes = match pass {
-            Pass::Fprop | Pass::Dgrad => (x + w + y) * e,
-            Pass::Wgrad => (x + y) * e + w * F32,
-        };
-        Cost { flops: 2 * macs, bytes }
-    }
-
-    /// Batch norm train forward over `[m, c]`: a statistics pass reads x, the apply pass
-    /// reads x and writes y; per channel gamma and beta are read, the running mean and
-    /// variance read and written, the saved mean and inverse deviation written (8 f32).
-    /// FLOPs per element: 3 for the statistics (sum, fused square-sum), 2 to apply
-    /// (`x * scale + shift`), 1 for a fused ReLU.
-    pub fn bn_forward_train(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
-        let mc = u(m) * u(c);
-        Cost { flops: mc * (5 + relu as u64), bytes: 3 * mc * u(elem) + 8 * u(c) * F32 }
-    }
-
-    /// A convolution forward whose epilogue also computes batch statistics of y
-    /// ([`crate::ops::fused::conv2d_fprop_bn_stats`]): the fprop's count, plus per
-    /// channel and row tile one (mean, M2) pair written (8 bytes); y is not read again.
-    /// FLOPs: the GEMM's only (the conv families count GEMM FLOPs, which add up to the
-    /// model's); the statistics' FLOPs are counted with the BN ([`Cost::bn_finalize_tiles`]).
-    pub fn conv_bn_stats(sh: &ConvShape, elem: usize, tiles: usize) -> Cost {
-        let c = Cost::conv(Pass::Fprop, sh, elem);
-        Cost { flops: c.flops, bytes: c.bytes + 8 * u(tiles) * u(sh.k) }
-    }
-
-    /// A convolution pass (fprop or wgrad) whose x operand is the batch norm (+ ReLU) of the
-    /// x it reads, applied as x is loaded ([`crate::ops::fused::conv2d_fprop_bn_input`]):
-    /// the pass's count, plus per input channel the 4 f32 of the BN (gamma, beta, saved
-    /// mean and inverse deviation); FLOPs: 2 per x element loaded once (+1 for the ReLU),
-    /// counted over x's `N*H*W*C` (a 3x3 conv loads an element up to 9 times; the count is
-    /// the work the unfused apply pass did). The BN's output is neither written nor read.
-    pub fn conv_bn_input(pass: Pass, sh: &ConvShape, elem: usize, relu: bool) -> Cost {
-        let c = Cost::conv(pass, sh, elem);
-        Cost { flops: c.flops + u(sh.x_len()) * (2 + relu as u64), bytes: c.bytes + 4 * u(sh.c) * F32 }
-    }
-
-    /// The BN statistics of an `[m, c]` conv output computed in the conv's epilogue, merged
-    /// by `bn_stats_finalize_f32`: reads `tiles` pairs per channel (8 bytes each; with one
-    /// tile the two `[c]` buffers), reads and writes the running mean and variance, writes
-    /// the saved mean and inverse deviation (6 f32 per channel). FLOPs: 3 per element
-    /// (sum, deviation, fused square: done in the epilogue), 10 per pair.
-    pub fn bn_finalize_tiles(m: usize, c: usize, tiles: usize) -> Cost {
-        Cost { flops: 3 * u(m) * u(c) + 10 * u(tiles) * u(c), bytes: 8 * u(tiles) * u(c) + 6 * u(c) * F32 }
-    }
-
-    /// The normalisation of a train forward from saved statistics
-    /// ([`crate::ops::layers::bn_apply_saved`]): reads x (and the residual) and writes y;
-    /// per channel gamma, beta, the saved mean and inverse deviation (4 f32). FLOPs per
-    /// element: 2, +1 for the residual add, +1 for the ReLU.
-    pub fn bn_apply(m: usize, c: usize, elem: usize, residual: bool, relu: bool) -> Cost {
-        let mc = u(m) * u(c);
-        let (r, l) = (residual as u64, relu as u64);
-        Cost { flops: mc * (2 + r + l), bytes: (2 + r) * mc * u(elem) + 4 * u(c) * F32 }
-    }
-
-    /// Batch norm eval forward over `[m, c]`: one pass reads x and writes y; per channel
-    /// 4 f32 are read. FLOPs per element: 2 (+1 for a fused ReLU).
-    pub fn bn_forward_eval(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
-        let mc = u(m) * u(c);
-        Cost { flops: mc * (2 + relu as u64), bytes: 2 * mc * u(elem) + 4 * u(c) * F32 }
-    }
-
-    /// Batch norm backward over `[m, c]`: a reduction pass reads x and dy (and the fused
-    /// ReLU's output), the dx pass reads them again and writes dx; per channel gamma, the
-    /// saved statistics (read) and dgamma, dbeta (written): 5 f32. FLOPs per element: 5 in
-    /// the reduction (`xhat`, two sums), 6 for dx, and 1 per pass for a ReLU mask.
-    pub fn bn_backward(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
-        let (mc, r) = (u(m) * u(c), relu as u64);
-        Cost { flops: mc * (11 + 2 * r), bytes: (2 * (2 + r) + 1) * mc * u(elem) + 5 * u(c) * F32 }
-    }
-
-    /// Batch norm backward through a ReLU whose masked gradient g is kept
-    /// ([`crate::ops::layers::bn_backward_masking_dy`]): the reduction reads x, dy and the
-    /// ReLU's output and writes g over dy, the dx pass reads x and g and writes dx; per channel 5
-    /// f32 as [`Cost::bn_backward`]. FLOPs per element: 1 for the mask, 5 in the reduction,
-    /// 6 for dx.
-    pub fn bn_backward_masking_dy(m: usize, c: usize, elem: usize) -> Cost {
-        let mc = u(m) * u(c);
-        Cost { flops: mc * 12, bytes: 7 * mc * u(elem) + 5 * u(c) * F32 }
-    }
-
-    /// `out = max(a + b, 0)` over n elements: reads 2, writes 1; 2 FLOPs per element.
-    pub fn add_relu(n: usize, elem: usize) -> Cost {
-        Cost { flops: 2 * u(n), bytes: 3 * u(n) * u(elem) }
-    }
-
-    /// ReLU backward over n elements: reads the output and dy, writes dx; 1 FLOP each.
-    pub fn relu_backward(n: usize, elem: usize) -> Cost {
-        Cost { flops: u(n), bytes: 3 * u(n) * u(elem) }
-    }
-
-    /// `dst += src` over n elements: reads 2, writes 1; 1 FLOP each.
-    pub fn add_assign(n: usize, elem: usize) -> Cost {
-        Cost { flops: u(n), bytes: 3 * u(n) * u(elem) }
-    }
-
-    /// A conversion of n elements from `from`-byte to `to`-byte elements: no FLOPs.
-    pub fn cast(n: usize, from: usize, to: usize) -> Cost {
-        Cost { flops: 0, bytes: u(n) * u(from + to) }
-    }
-
-    /// A layout conversion (transpose) of n elements: reads and writes each once.
-    pub fn transpose(n: usize, elem: usize) -> Cost {
-        Cost { flops: 0, bytes: 2 * u(n) * u(elem) }
-    }
-
-    /// Max pool 3x3 forward from `inputs` to `outputs` elements: reads x, writes y; 9
-    /// comparisons per output.
-    pub fn maxpool_forward(inputs: usize, outputs: usize, elem: usize) -> Cost {
-        Cost { flops: 9 * u(outputs), bytes: (u(inputs) + u(outputs)) * u(elem) }
-    }
-
-    /// Max pool 3x3 backward: reads x and dy, writes dx; per output 9 comparisons to find
-    /// its maximum and 1 add.
-    pub fn maxpool_backward(inputs: usize, outputs: usize, elem: usize) -> Cost {
-        Cost { flops: 10 * u(outputs), bytes: (2 * u(inputs) + u(outputs)) * u(elem) }
-    }
-
-    /// Global average pool forward of `[n, hw, c]` into f32 `[n, c]`: 1 add per input and
-    /// 1 multiply per output.
-    pub fn avgpool_forward(n: usize, hw: usize, c: usize, elem: usize) -> Cost {
-        let (x, y) = (u(n) * u(hw) * u(c), u(n) * u(c));
-        Cost { flops: x + y, bytes: x * u(elem) + y * F32 }
-    }
-
-    /// Global average pool backward: reads f32 dy `[n, c]`, writes dx `[n, hw, c]`; 1
-    /// multiply per output.
-    pub fn avgpool_backward(n: usize, hw: usize, c: usize, elem: usize) -> Cost {
-        let (x, y) = (u(n) * u(hw) * u(c), u(n) * u(c));
-        Cost { flops: x, bytes: x * u(elem) + y * F32 }
-    }
-
-    /// The fc forward `[n, cin] x [cout, cin]^T + b` (f32): `2 n cin cout` FLOPs (the bias
-    /// add is not counted, as in `Arch`); reads x, w and b, writes y.
-    pub fn fc_forward(n: usize, cin: usize, cout: usize) -> Cost {
-        let (n, cin, cout) = (u(n), u(cin), u(cout));
-        Cost { flops: 2 * n * cin * cout, bytes: (n * cin + cout * cin + cout + n * cout) * F32 }
-    }
-
-    /// The fc backward: dx and dw are two GEMMs, `4 n cin cout` FLOPs (the bias gradient is
-    /// not counted); reads x, w and dy, writes dx, dw and db.
-    pub fn fc_backward(n: usize, cin: usize, cout: usize) -> Cost {
-        let (n, cin, cout) = (u(n), u(cin), u(cout));
-        Cost { flops: 4 * n * cin * cout, bytes: (2 * n * cin + 2 * cout * cin + n * cout + cout) * F32 }
-    }
-
-    /// Softmax cross-entropy of `[n, classes]` logits: reads logits and targets (i32),
-    /// writes dlogits and the loss; 5 FLOPs per logit (max, subtract, exp, sum, scale).
-    pub fn softmax_cross_entropy(n: usize, classes: usize) -> Cost {
-        let nc = u(n) * u(classes);
-        Cost { flops: 5 * nc, bytes: (2 * nc + u(n) + 1) * F32 }
-    }
-
-    /// An SGD step on n f32 parameters: reads param and grad, writes param and the
-    /// momentum buffer, and reads the buffer except on the first step; 6 FLOPs per
-    /// parameter (weight decay, momentum, update: a multiply and an add each).
-    pub fn sgd(n: usize, first_step: bool) -> Cost {
-        Cost { flops: 6 * u(n), bytes: u(n) * F32 * (4 + !first_step as u64) }
-    }
-}
-
-/// One recorded op of a profile.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Call {
-    /// Its family.
-    pub family: Family,
-    /// Its counted cost.
-    pub cost: Cost,
-    /// Its time in milliseconds (events on a GPU, the wall clock elsewhere).
-    pub ms: f64,
-}
-
-/// One family's line of a [`Profile`].
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct FamilyProfile {
-    /// The family (in JSON its [`Family::name`]).
-    pub family: Family,
-    /// Ops of this family that ran.
-    pub calls: usize,
-    /// Their time in milliseconds.
-    pub ms: f64,
-    /// `ms` over the profile's `step_ms` (a fraction, not a percentage).
-    pub share: f64,
-    /// Counted FLOPs.
-    pub flops: u64,
-    /// Counted bytes read and written.
-    pub bytes: u64,
-    /// Achieved GFLOP/s: `flops / ms`.
-    pub gflop_per_s: f64,
-    /// Achieved GB/s (10^9 bytes): `bytes / ms`.
-    pub gb_per_s: f64,
-}
-
-/// The profile of one scope (one training step, say), from [`profile`].
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Profile {
-    /// The device kind: cpu, emu or cuda.
-    pub device: String,
-    /// Milliseconds of the whole scope (device marks around it).
-    pub step_ms: f64,
-    /// The sum of the ops' times.
-    pub ops_ms: f64,
-    /// `step_ms - ops_ms`: time between the ops (host work, launch gaps).
-    pub other_ms: f64,
-    /// Counted FLOPs of every op.
-    pub flops: u64,
-    /// Counted bytes read and written by every op.
-    pub bytes: u64,
-    /// One line per family that ran, in [`Family::ALL`]'s order.
-    pub families: Vec<FamilyProfile>,
-    /// Every op in the order it ran (not in JSON).
-    #[serde(skip)]
-    pub calls: Vec<Call>,
-}
-
-impl Profile {
-    /// A profile of `calls` in a scope of `step_ms` on a `device` kind.
-    pub fn from_calls(device: &str, step_ms: f64, calls: Vec<Call>) -> Profile {
-        let families = Family::ALL
-            .iter()
-            .filter_map(|&family| {
-                let of: Vec<&Call> = calls.iter().filter(|c| c.family == family).collect();
-                if of.is_empty() {
-                    return None;
-                }
-                let ms: f64 = of.iter().map(|c| c.ms).sum();
-                let flops: u64 = of.iter().map(|c| c.cost.flops).sum();
-                let bytes: u64 = of.iter().map(|c| c.cost.bytes).sum();
-                let per_s = |x: u64| if ms > 0.0 { x as f64 / (ms * 1e6) } else { 0.0 };
-                Some(FamilyProfile {
-                    family,
-                    calls: of.len(),
-                    ms,
-                    share: if step_ms > 0.0 { ms / step_ms } else { 0.0 },
-                    flops,
-                    bytes,
-                    gflop_per_s: per_s(flops),
-                    gb_per_s: per_s(bytes),
-                })
-            })
-            .collect::<Vec<_>>();
-        let ops_ms: f64 = calls.iter().map(|c| c.ms).sum();
-        Profile {
-            device: device.to_string(),
-            step_ms,
-            ops_ms,
-            other_ms: step_ms - ops_ms,
-            flops: calls.iter().map(|c| c.cost.flops).sum(),
-            bytes: calls.iter().map(|c| c.cost.bytes).sum(),
-            families,
-            calls,
-        }
-    }
-
-    /// The line of `family`, if any op of it ran.
-    pub fn family(&self, family: Family) -> Option<&FamilyProfile> {
-        self.families.iter().find(|f| f.family == family)
-    }
-}
+/// Bytes of an f32.
+pub(crate) const F32: u64 = 4;
 
 /// An op recorded in the scope, its marks not yet read.
 struct Pending {
@@ -501,6 +238,7 @@ pub fn active() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shape::ConvShape;
 
     #[test]
     fn conv_counts() {

@@ -3,7 +3,7 @@
 //! dense model's, with the ratios to the dense model that show where the removed FLOPs
 //! did not come back as time.
 
-use super::train::BenchRow;
+use super::step::BenchRow;
 use crate::ops::profile::{Family, Profile};
 
 /// A row's name in the profile table: `dense`, or the mode and the sparsity (`filters 0.5`).
@@ -29,21 +29,20 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-/// One line of the table; `dense` is the same line of the first profile.
-#[allow(clippy::too_many_arguments)]
-fn line(
-    family: &str,
-    model: &str,
-    calls: Option<usize>,
+/// What a line of the table measures: time, FLOPs and bytes moved.
+#[derive(Clone, Copy)]
+struct Amount {
     ms: f64,
-    share: f64,
     flops: u64,
     bytes: u64,
-    dense: Option<(f64, u64, u64)>,
-) -> String {
+}
+
+/// One line of the table; `dense` is the same line of the first profile.
+fn line(family: &str, model: &str, calls: Option<usize>, share: f64, a: Amount, dense: Option<Amount>) -> String {
+    let Amount { ms, flops, bytes } = a;
     let per_s = |x: u64| if ms > 0.0 { x as f64 / (ms * 1e6) } else { 0.0 };
     let (t, f, b) = match dense {
-        Some((dms, dfl, dby)) => (ratio(ms, dms), ratio(flops as f64, dfl as f64), ratio(bytes as f64, dby as f64)),
+        Some(d) => (ratio(ms, d.ms), ratio(flops as f64, d.flops as f64), ratio(bytes as f64, d.bytes as f64)),
         None => ("-".into(), "-".into(), "-".into()),
     };
     format!(
@@ -92,22 +91,27 @@ pub fn table(profiles: &[(String, &Profile)]) -> String {
         if profiles.iter().all(|(_, p)| p.family(family).is_none()) {
             continue;
         }
-        let dense = first.family(family).map(|f| (f.ms, f.flops, f.bytes));
+        let dense = first.family(family).map(|f| Amount { ms: f.ms, flops: f.flops, bytes: f.bytes });
         for (name, p) in profiles {
             match p.family(family) {
-                Some(f) => s += &line(family.name(), name, Some(f.calls), f.ms, f.share, f.flops, f.bytes, dense),
-                None => s += &line(family.name(), name, Some(0), 0.0, 0.0, 0, 0, dense),
+                Some(f) => {
+                    let a = Amount { ms: f.ms, flops: f.flops, bytes: f.bytes };
+                    s += &line(family.name(), name, Some(f.calls), f.share, a, dense)
+                }
+                None => s += &line(family.name(), name, Some(0), 0.0, Amount { ms: 0.0, flops: 0, bytes: 0 }, dense),
             }
         }
     }
     let share = |p: &Profile, ms: f64| if p.step_ms > 0.0 { ms / p.step_ms } else { 0.0 };
     for (name, p) in profiles {
-        let dense = Some((first.other_ms, 0, 0));
-        s += &line("other", name, None, p.other_ms, share(p, p.other_ms), 0, 0, dense);
+        let dense = Some(Amount { ms: first.other_ms, flops: 0, bytes: 0 });
+        let a = Amount { ms: p.other_ms, flops: 0, bytes: 0 };
+        s += &line("other", name, None, share(p, p.other_ms), a, dense);
     }
     for (name, p) in profiles {
-        let dense = Some((first.step_ms, first.flops, first.bytes));
-        s += &line("step", name, Some(p.calls.len()), p.step_ms, share(p, p.step_ms), p.flops, p.bytes, dense);
+        let dense = Some(Amount { ms: first.step_ms, flops: first.flops, bytes: first.bytes });
+        let a = Amount { ms: p.step_ms, flops: p.flops, bytes: p.bytes };
+        s += &line("step", name, Some(p.calls.len()), share(p, p.step_ms), a, dense);
     }
     s
 }

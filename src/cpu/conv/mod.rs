@@ -1,198 +1,29 @@
 //! Convolution on the CPU, activations NHWC and weights KRSC: the naive direct oracle of
-//! every pass (f64 accumulation), and the fast path the CPU device runs (im2col over the
-//! filter taps that read the image, or nothing for 1x1 convolutions, on top of the `gemm`
-//! crate, parallel with rayon: over row blocks when there are many rows, inside the GEMM,
-//! over its columns too, when there are few). The dgrad of a stride-1 convolution with
-//! enough input positions is the fprop of dy with the filter flipped; the others scatter
-//! (col2im).
+//! every pass (f64 accumulation, in oracle.rs), and the fast path the CPU device runs
+//! (im2col over the filter taps that read the image, or nothing for 1x1 convolutions, on
+//! top of the `gemm` crate, parallel with rayon: over row blocks when there are many rows,
+//! inside the GEMM, over its columns too, when there are few). The dgrad of a stride-1
+//! convolution with enough input positions is the fprop of dy with the filter flipped; the
+//! others scatter (col2im).
 //!
 //! Shapes follow CUTLASS: x is `[N, H, W, C]`, w is `[K, R, S, C]`, y is `[N, P, Q, K]`
 //! with `y[n,p,q,k] = sum_{r,s,c} x[n, p*stride-pad+r, q*stride-pad+s, c] * w[k,r,s,c]`.
 
 use super::gemm::{sgemm, threads, Mat};
-use crate::{ensure, Result};
+use crate::shape::ConvShape;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::Cell;
 
-/// The shape of one 2-D convolution (NHWC activations, KRSC weights, square padding and
-/// stride).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConvShape {
-    /// Batch.
-    pub n: usize,
-    /// Input height.
-    pub h: usize,
-    /// Input width.
-    pub w: usize,
-    /// Input channels.
-    pub c: usize,
-    /// Output channels (filters).
-    pub k: usize,
-    /// Filter height.
-    pub r: usize,
-    /// Filter width.
-    pub s: usize,
-    /// Stride (both directions).
-    pub stride: usize,
-    /// Zero padding (all four sides).
-    pub pad: usize,
-}
+mod oracle;
 
-impl ConvShape {
-    /// Output height: `(h + 2 pad - r) / stride + 1`, or 0 when the filter does not fit.
-    pub fn p(&self) -> usize {
-        out_len(self.h, self.r, self.stride, self.pad)
-    }
-    /// Output width: `(w + 2 pad - s) / stride + 1`, or 0 when the filter does not fit.
-    pub fn q(&self) -> usize {
-        out_len(self.w, self.s, self.stride, self.pad)
-    }
-    /// Elements of x (NHWC).
-    pub fn x_len(&self) -> usize {
-        self.n.saturating_mul(self.h).saturating_mul(self.w).saturating_mul(self.c)
-    }
-    /// Elements of w (KRSC).
-    pub fn w_len(&self) -> usize {
-        self.k.saturating_mul(self.r).saturating_mul(self.s).saturating_mul(self.c)
-    }
-    /// Elements of y (NPQK).
-    pub fn y_len(&self) -> usize {
-        self.n.saturating_mul(self.p()).saturating_mul(self.q()).saturating_mul(self.k)
-    }
-    /// A clear error for zero sizes, a zero stride, an empty output or sizes whose element
-    /// counts overflow.
-    pub fn validate(&self) -> Result<()> {
-        let ConvShape { n, h, w, c, k, r, s, stride, pad } = *self;
-        ensure!(
-            n > 0 && h > 0 && w > 0 && c > 0 && k > 0 && r > 0 && s > 0,
-            "convolution {self:?}: every size (n, h, w, c, k, r, s) must be at least 1"
-        );
-        ensure!(stride > 0, "convolution {self:?}: stride must be at least 1");
-        ensure!(
-            h.checked_add(pad.saturating_mul(2)).is_some_and(|x| x >= r)
-                && w.checked_add(pad.saturating_mul(2)).is_some_and(|x| x >= s),
-            "convolution {self:?}: the {r}x{s} filter does not fit the padded {h}x{w} input (empty output)"
-        );
-        let mul = |v: &[usize]| v.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
-        ensure!(
-            mul(&[n, h, w, c]).is_some()
-                && mul(&[k, r, s, c]).is_some()
-                && mul(&[n, self.p(), self.q(), k]).is_some()
-                && mul(&[n, self.p(), self.q(), r, s, c, k, 2]).is_some(),
-            "convolution {self:?}: sizes overflow"
-        );
-        Ok(())
-    }
-    /// Multiply-adds times two: `2 N P Q K C R S`.
-    pub fn flops(&self) -> f64 {
-        2.0 * self.n as f64
-            * self.p() as f64
-            * self.q() as f64
-            * self.k as f64
-            * self.c as f64
-            * self.r as f64
-            * self.s as f64
-    }
-    /// A 1x1 convolution with stride 1 and no padding: a plain GEMM.
-    pub fn is_pointwise(&self) -> bool {
-        self.r == 1 && self.s == 1 && self.stride == 1 && self.pad == 0
-    }
-}
-
-fn out_len(x: usize, f: usize, stride: usize, pad: usize) -> usize {
-    match x.checked_add(pad.saturating_mul(2)) {
-        Some(padded) if padded >= f && stride > 0 => (padded - f) / stride + 1,
-        _ => 0,
-    }
-}
+pub use oracle::{dgrad_oracle, fprop_oracle, wgrad_oracle};
 
 /// Input coordinate of output position `o`, tap `f`, or None in the padding.
 #[inline]
 fn in_coord(o: usize, f: usize, stride: usize, pad: usize, len: usize) -> Option<usize> {
     let v = (o * stride + f).checked_sub(pad)?;
     (v < len).then_some(v)
-}
-
-// ---------------------------------------------------------------- oracles
-
-/// Naive direct fprop in f64: `y[n,p,q,k]` (NPQK).
-pub fn fprop_oracle(sh: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
-    let (p_, q_) = (sh.p(), sh.q());
-    let mut y = vec![0.0f32; sh.y_len()];
-    for n in 0..sh.n {
-        for p in 0..p_ {
-            for q in 0..q_ {
-                for k in 0..sh.k {
-                    let mut acc = 0.0f64;
-                    for r in 0..sh.r {
-                        let Some(h) = in_coord(p, r, sh.stride, sh.pad, sh.h) else { continue };
-                        for s in 0..sh.s {
-                            let Some(wi) = in_coord(q, s, sh.stride, sh.pad, sh.w) else { continue };
-                            for c in 0..sh.c {
-                                acc += x[((n * sh.h + h) * sh.w + wi) * sh.c + c] as f64
-                                    * w[((k * sh.r + r) * sh.s + s) * sh.c + c] as f64;
-                            }
-                        }
-                    }
-                    y[((n * p_ + p) * q_ + q) * sh.k + k] = acc as f32;
-                }
-            }
-        }
-    }
-    y
-}
-
-/// Naive dgrad in f64 (the adjoint of fprop in x): `dx[n,h,w,c]` (NHWC).
-pub fn dgrad_oracle(sh: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
-    let (p_, q_) = (sh.p(), sh.q());
-    let mut dx = vec![0.0f64; sh.x_len()];
-    for n in 0..sh.n {
-        for p in 0..p_ {
-            for q in 0..q_ {
-                for k in 0..sh.k {
-                    let g = dy[((n * p_ + p) * q_ + q) * sh.k + k] as f64;
-                    for r in 0..sh.r {
-                        let Some(h) = in_coord(p, r, sh.stride, sh.pad, sh.h) else { continue };
-                        for s in 0..sh.s {
-                            let Some(wi) = in_coord(q, s, sh.stride, sh.pad, sh.w) else { continue };
-                            for c in 0..sh.c {
-                                dx[((n * sh.h + h) * sh.w + wi) * sh.c + c] +=
-                                    g * w[((k * sh.r + r) * sh.s + s) * sh.c + c] as f64;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    dx.into_iter().map(|v| v as f32).collect()
-}
-
-/// Naive wgrad in f64 (the adjoint of fprop in w): `dw[k,r,s,c]` (KRSC).
-pub fn wgrad_oracle(sh: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    let (p_, q_) = (sh.p(), sh.q());
-    let mut dw = vec![0.0f64; sh.w_len()];
-    for n in 0..sh.n {
-        for p in 0..p_ {
-            for q in 0..q_ {
-                for k in 0..sh.k {
-                    let g = dy[((n * p_ + p) * q_ + q) * sh.k + k] as f64;
-                    for r in 0..sh.r {
-                        let Some(h) = in_coord(p, r, sh.stride, sh.pad, sh.h) else { continue };
-                        for s in 0..sh.s {
-                            let Some(wi) = in_coord(q, s, sh.stride, sh.pad, sh.w) else { continue };
-                            for c in 0..sh.c {
-                                dw[((k * sh.r + r) * sh.s + s) * sh.c + c] +=
-                                    g * x[((n * sh.h + h) * sh.w + wi) * sh.c + c] as f64;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    dw.into_iter().map(|v| v as f32).collect()
 }
 
 // ---------------------------------------------------------------- fast path

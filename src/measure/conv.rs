@@ -1,13 +1,14 @@
 //! `prunekit conv-bench`: times every distinct convolution of ResNet50 at a given image
 //! size and batch, dense and with the widths that filters-mode (or channels-mode) pruning
-//! leaves at each sparsity, for each pass, on the CPU, the emulation or a CUDA GPU; on CUDA side by side
-//! with cuDNN (loaded at run time: its fields are null with a note when libcudnn is
-//! missing).
+//! leaves at each sparsity, for each pass, on the CPU, the emulation or a CUDA GPU; on
+//! CUDA side by side with cuDNN (loaded at run time: its fields are null with a note when
+//! libcudnn is missing).
 
 use crate::device::{Buf, Device};
 use crate::gpu::Gpu;
-use crate::ops::conv::{self, ConvElem, ConvShape, Pass};
+use crate::ops::conv::{self, ConvElem};
 use crate::prune::{kept_width, Mode, Sparsity};
+use crate::shape::{ConvShape, Pass};
 use crate::{ensure, invalid, Result};
 use half::bf16;
 
@@ -101,8 +102,9 @@ pub struct Row {
 }
 
 impl Row {
-    /// The row as a JSON object with the fields of the issue; `cudnn_ms` and `vs_cudnn`
-    /// are present (null when unknown) only when `with_cudnn`.
+    /// The row as a JSON object: layer, shape (n, c, h, w, k, r, s, stride, pad), pass,
+    /// dtype, sparsity, mode, ms and tflops; `cudnn_ms` and `vs_cudnn` are present (null
+    /// when unknown) only when `with_cudnn`.
     pub fn to_json(&self, with_cudnn: bool) -> serde_json::Value {
         let sh = &self.shape;
         let mut v = serde_json::json!({
@@ -120,8 +122,9 @@ impl Row {
 
 /// Every convolution of torchvision's ResNet50 (v1.5: stride in the 3x3) at image size
 /// `size` and batch `batch`, with filters-mode pruning at `sparsity` (conv1 and conv2 of
-/// every bottleneck keep [`kept_width`] filters, the project's one width rule; conv2 and conv3 lose the matching input
-/// channels; the stem, downsample convs and conv3 outputs keep their widths).
+/// every bottleneck keep [`kept_width`] filters, the project's one width rule; conv2 and
+/// conv3 lose the matching input channels; the stem, downsample convs and conv3 outputs
+/// keep their widths).
 pub fn resnet50_convs(batch: usize, size: usize, sparsity: f64, round_to: usize) -> Result<Vec<(String, ConvShape)>> {
     resnet50_convs_mode(batch, size, Mode::Filters, sparsity, round_to)
 }
@@ -238,19 +241,27 @@ impl<T: ConvElem> PassBuffers<T> {
     }
 }
 
-/// Milliseconds per call of `f`: `warm` untimed calls, then `iters` timed ones (CUDA
-/// events on a kernel device, the wall clock on the CPU).
-fn time_ms(dev: &Device, warm: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..warm {
+/// How often a measurement calls what it times: `warm` untimed calls, then `iters` timed
+/// ones.
+#[derive(Clone, Copy)]
+struct Reps {
+    warm: usize,
+    iters: usize,
+}
+
+/// Milliseconds per call of `f` (CUDA events on a kernel device, the wall clock on the
+/// CPU).
+fn time_ms(dev: &Device, reps: Reps, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..reps.warm {
         f()?;
     }
     dev.synchronize()?;
     let start = dev.mark()?;
-    for _ in 0..iters {
+    for _ in 0..reps.iters {
         f()?;
     }
     let end = dev.mark()?;
-    Ok(dev.elapsed_ms(&start, &end)? / iters as f64)
+    Ok(dev.elapsed_ms(&start, &end)? / reps.iters as f64)
 }
 
 /// Runs the benchmark; `progress` sees each row as it is measured. Returns the rows and
@@ -265,10 +276,10 @@ pub fn run(dev: &Device, opts: &BenchOpts, mut progress: impl FnMut(&Row)) -> Re
         ensure!(s.is_finite() && (0.0..1.0).contains(&s), "sparsity {s} is outside [0, 1)");
     }
     let is_cuda = dev.kind() == "cuda";
-    let (warm, iters) = match dev.kind() {
-        "cuda" => (3, opts.iters.unwrap_or(20)),
-        "emu" => (0, opts.iters.unwrap_or(1)),
-        _ => (1, opts.iters.unwrap_or(3)),
+    let reps = match dev.kind() {
+        "cuda" => Reps { warm: 3, iters: opts.iters.unwrap_or(20) },
+        "emu" => Reps { warm: 0, iters: opts.iters.unwrap_or(1) },
+        _ => Reps { warm: 1, iters: opts.iters.unwrap_or(3) },
     };
     let mut cudnn = None;
     let mut note = None;
@@ -283,35 +294,35 @@ pub fn run(dev: &Device, opts: &BenchOpts, mut progress: impl FnMut(&Row)) -> Re
     let mut rows = Vec::new();
     for &sp in &opts.sparsities {
         for (layer, sh) in distinct_convs_mode(opts.batch, opts.size, opts.mode, sp, opts.round_to)? {
-            match opts.dtype {
-                DType::F32 => measure::<f32>(dev, &layer, &sh, sp, opts, warm, iters, cudnn.as_ref(), &mut rows)?,
-                DType::Bf16 => measure::<bf16>(dev, &layer, &sh, sp, opts, warm, iters, cudnn.as_ref(), &mut rows)?,
-            }
-            for r in &rows[rows.len() - opts.passes.len()..] {
+            let shape_rows = match opts.dtype {
+                DType::F32 => measure::<f32>(dev, &layer, &sh, sp, opts, reps, cudnn.as_ref())?,
+                DType::Bf16 => measure::<bf16>(dev, &layer, &sh, sp, opts, reps, cudnn.as_ref())?,
+            };
+            for r in &shape_rows {
                 progress(r);
             }
+            rows.extend(shape_rows);
         }
     }
     Ok((rows, note))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The rows of one shape: each pass of `opts`, timed on `dev` (and by cuDNN when given).
 fn measure<T: ConvElem + cudnn::CudnnElem>(
     dev: &Device,
     layer: &str,
     sh: &ConvShape,
     sparsity: f64,
     opts: &BenchOpts,
-    warm: usize,
-    iters: usize,
+    reps: Reps,
     cudnn: Option<&cudnn::Cudnn>,
-    rows: &mut Vec<Row>,
-) -> Result<()> {
+) -> Result<Vec<Row>> {
     let mut b = PassBuffers::<T>::new(dev, sh)?;
+    let mut rows = Vec::with_capacity(opts.passes.len());
     for &pass in &opts.passes {
-        let ms = time_ms(dev, warm, iters, || b.run(dev, pass, sh))?;
+        let ms = time_ms(dev, reps, || b.run(dev, pass, sh))?;
         let cudnn_ms = match (cudnn, dev.gpu()) {
-            (Some(c), Some(g)) => Some(c.time_ms::<T>(g, pass, sh, &b.x, &b.w, &b.dy, warm, iters)?),
+            (Some(c), Some(g)) => Some(c.time_ms::<T>(g, pass, sh, &b, reps)?),
             _ => None,
         };
         rows.push(Row {
@@ -327,7 +338,7 @@ fn measure<T: ConvElem + cudnn::CudnnElem>(
             vs_cudnn: cudnn_ms.map(|c| c / ms),
         });
     }
-    Ok(())
+    Ok(rows)
 }
 
 /// The rows as a table (one line per row), with geometric means of `vs_cudnn` per
@@ -485,26 +496,23 @@ mod cudnn {
             Ok(Cudnn { handle })
         }
 
-        /// cuDNN's best algorithm for `pass` (cudnnFind*, which times them all), timed
-        /// with CUDA events on the legacy stream that the handle uses.
-        #[allow(clippy::too_many_arguments)]
+        /// cuDNN's best algorithm for `pass` (cudnnFind*, which times them all) on the
+        /// inputs of `bufs`, timed with CUDA events on the legacy stream that the handle
+        /// uses.
         pub fn time_ms<T: ConvElem + CudnnElem>(
             &self,
             gpu: &Gpu,
             pass: Pass,
             sh: &ConvShape,
-            x: &Buf<T>,
-            w: &Buf<T>,
-            dy: &Buf<T>,
-            warm: usize,
-            iters: usize,
+            bufs: &PassBuffers<T>,
+            reps: Reps,
         ) -> Result<f64> {
             gpu.synchronize()?;
             let d = descs::<T>(sh)?;
             let p = |b: &Buf<T>| -> Result<*mut c_void> {
                 Ok(b.gpu_buf().ok_or_else(|| invalid!("buffer not on the GPU"))?.ptr() as *mut c_void)
             };
-            let (xp, wp, dyp) = (p(x)?, p(w)?, p(dy)?);
+            let (xp, wp, dyp) = (p(&bufs.x)?, p(&bufs.w)?, p(&bufs.dy)?);
             // Outputs of cuDNN's own (same dtype as the inputs, also for dw).
             let out_len = match pass {
                 Pass::Fprop => sh.y_len(),
@@ -608,7 +616,7 @@ mod cudnn {
             let ws = gpu.alloc::<u8>(ws_bytes.max(1))?;
             let wsp = ws.ptr() as *mut c_void;
             let call = || -> Result<()> { run(wsp, ws_bytes).result().map_err(|e| err(pass.name(), e)) };
-            for _ in 0..warm {
+            for _ in 0..reps.warm {
                 call()?;
             }
             let ev = |f| dr::event::create(f).map_err(|e| err("cuEventCreate", e));
@@ -618,7 +626,7 @@ mod cudnn {
             let ms = unsafe {
                 let r = (|| -> Result<f64> {
                     dr::event::record(start, null).map_err(|e| err("cuEventRecord", e))?;
-                    for _ in 0..iters {
+                    for _ in 0..reps.iters {
                         call()?;
                     }
                     dr::event::record(end, null).map_err(|e| err("cuEventRecord", e))?;
@@ -632,7 +640,7 @@ mod cudnn {
             // The buffers must outlive the queued work.
             dr::ctx::synchronize().map_err(|e| err("cuCtxSynchronize", e))?;
             drop((out, ws));
-            Ok(ms / iters as f64)
+            Ok(ms / reps.iters as f64)
         }
     }
 }

@@ -1,7 +1,8 @@
-//! `--plot FILE.svg`: measured and FLOP-ideal speedup against sparsity, one pair of
-//! lines per mode, drawn with plotters (SVG backend).
+//! `--plot FILE.svg`: measured and FLOP-ideal speedup (log axis) against sparsity, one
+//! pair of lines per mode, drawn with plotters (SVG backend).
 
-use super::train::BenchRow;
+use super::step::BenchRow;
+use crate::plot::{tick_label, LogAxis, LABEL_FONT_PX};
 use crate::{invalid, Result};
 use plotters::prelude::*;
 use std::path::Path;
@@ -21,22 +22,28 @@ pub fn plot(rows: &[BenchRow], path: &Path, title: &str) -> Result<()> {
         m.dedup();
         m
     };
-    let ymax =
-        rows.iter().map(|r| r.speedup.max(r.ideal_speedup)).filter(|x| x.is_finite()).fold(1.0f64, f64::max) * 1.1;
+    let speedups: Vec<f64> = rows.iter().flat_map(|r| [r.speedup, r.ideal_speedup]).chain([1.0]).collect();
     let xmax = rows.iter().map(|r| r.sparsity).fold(0.5f64, f64::max) + 0.05;
-    let root = SVGBackend::new(path, (800, 560)).into_drawing_area();
+    let (height, margin, x_labels) = (560u32, 12u32, 40u32);
+    // The plotting area's height: the figure less the caption (about 30 px), margins and x labels.
+    let axis_px = (height - 2 * margin - x_labels - 30) as f64;
+    let yaxis = LogAxis::new(&speedups, axis_px, LABEL_FONT_PX as f64, 1.15);
+    let root = SVGBackend::new(path, (800, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(40)
+        .margin(margin)
+        .x_label_area_size(x_labels)
         .y_label_area_size(50)
-        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+        .build_cartesian_2d(0f64..xmax, yaxis.coord())
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
         .x_desc("sparsity")
-        .y_desc("speedup over dense (training step)")
+        .y_desc("speedup over dense (training step, log)")
+        .label_style(("sans-serif", LABEL_FONT_PX))
+        .x_label_formatter(&|v| tick_label(*v))
+        .y_label_formatter(&|v| tick_label(*v))
         .draw()
         .map_err(|e| err(&e))?;
     let colors = [RED, BLUE, GREEN, MAGENTA, CYAN];

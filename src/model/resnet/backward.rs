@@ -1,0 +1,182 @@
+//! The backward pass and the SGD step.
+
+use super::*;
+
+impl<T: Precision> ResNet<T> {
+    /// The backward pass after a train-mode [`forward`](Self::forward): every parameter's
+    /// gradient (conv weights in KRSC, f32).
+    pub fn backward(&mut self, ws: &mut Workspace<T>) -> Result<()> {
+        let dev = self.dev.clone();
+        let bnc = self.bn;
+        let n = ws.n;
+        let (c, k) = (self.arch.fc_in(), ws.classes);
+        layers::fc_backward(
+            &dev,
+            n,
+            c,
+            k,
+            &ws.feat,
+            &self.fc_w,
+            &ws.dlogits,
+            &mut ws.dfeat,
+            &mut self.dfc_w,
+            &mut self.dfc_b,
+        )?;
+        let last_len = ws.blocks.last().map_or(ws.p0.len(), |b| b.out.len());
+        let mut g = ws.scratch.take(last_len)?;
+        layers::avgpool_backward(&dev, n, last_len / (n * c), c, &ws.dfeat, &mut ws.scratch.bufs[g])?;
+        let scratch = &mut ws.scratch;
+        for bi in (0..self.blocks.len()).rev() {
+            let (before, rest) = ws.blocks.split_at_mut(bi);
+            let acts = &mut rest[0];
+            let x: &Buf<T> = if bi == 0 { &ws.p0 } else { &before[bi - 1].out };
+            let bp = &mut self.blocks[bi];
+            let (l_in, l1, l2, l_out) = (acts.sh1.x_len(), acts.sh1.y_len(), acts.sh2.y_len(), acts.sh3.y_len());
+            let m1 = acts.sh1.n * acts.sh1.p() * acts.sh1.q();
+            let m2 = acts.sh2.n * acts.sh2.p() * acts.sh2.q();
+            // Through the final ReLU to bn3 and conv3: bn3's backward masks g in place, which
+            // leaves dsum, the gradient of both branches of the sum.
+            let dsum = g;
+            let dt3 = scratch.take(l_out)?;
+            {
+                let [ds, d3] = scratch.bufs.get_disjoint_mut([dsum, dt3]).expect("distinct");
+                let bn = &mut bp.bn3.layer(&mut acts.s3, bnc);
+                layers::bn_backward_masking_dy(&dev, m2, &acts.t3, &acts.out, ds, bn, d3)?;
+            }
+            let da2 = scratch.take(l2)?;
+            {
+                let [d3, da] = scratch.bufs.get_disjoint_mut([dt3, da2]).expect("distinct");
+                conv::conv2d_wgrad(&dev, &acts.sh3, &acts.a2, d3, &mut bp.conv3.dw)?;
+                conv::conv2d_dgrad(&dev, &acts.sh3, d3, bp.conv3.weight()?, da)?;
+            }
+            scratch.give(dt3);
+            // conv2 and bn2 (with its ReLU).
+            let dt2 = scratch.take(l2)?;
+            {
+                let [da, d2] = scratch.bufs.get_disjoint_mut([da2, dt2]).expect("distinct");
+                let bn = &mut bp.bn2.layer(&mut acts.s2, bnc);
+                layers::bn_backward(&dev, m2, &acts.t2, Some(&acts.a2), da, bn, d2)?;
+            }
+            scratch.give(da2);
+            let da1 = scratch.take(l1)?;
+            {
+                let [d2, da] = scratch.bufs.get_disjoint_mut([dt2, da1]).expect("distinct");
+                conv::conv2d_wgrad(&dev, &acts.sh2, &acts.a1, d2, &mut bp.conv2.dw)?;
+                conv::conv2d_dgrad(&dev, &acts.sh2, d2, bp.conv2.weight()?, da)?;
+            }
+            scratch.give(dt2);
+            // conv1 and bn1 (with its ReLU).
+            let dt1 = scratch.take(l1)?;
+            {
+                let [da, d1] = scratch.bufs.get_disjoint_mut([da1, dt1]).expect("distinct");
+                let bn = &mut bp.bn1.layer(&mut acts.s1, bnc);
+                layers::bn_backward(&dev, m1, &acts.t1, Some(&acts.a1), da, bn, d1)?;
+            }
+            scratch.give(da1);
+            let dx = scratch.take(l_in)?;
+            {
+                let [d1, dxb] = scratch.bufs.get_disjoint_mut([dt1, dx]).expect("distinct");
+                conv::conv2d_wgrad(&dev, &acts.sh1, x, d1, &mut bp.conv1.dw)?;
+                conv::conv2d_dgrad(&dev, &acts.sh1, d1, bp.conv1.weight()?, dxb)?;
+            }
+            scratch.give(dt1);
+            // The residual branch.
+            match (&mut bp.down, acts.shd, acts.td.as_ref(), acts.sd.as_mut()) {
+                (Some((dconv, dbn)), Some(shd), Some(td), Some(sd)) => {
+                    let dtd = scratch.take(l_out)?;
+                    {
+                        let [ds, dd] = scratch.bufs.get_disjoint_mut([dsum, dtd]).expect("distinct");
+                        layers::bn_backward(&dev, m2, td, None, ds, &mut dbn.layer(sd, bnc), dd)?;
+                    }
+                    let tmp = scratch.take(l_in)?;
+                    {
+                        let [dd, t, dxb] = scratch.bufs.get_disjoint_mut([dtd, tmp, dx]).expect("distinct");
+                        conv::conv2d_wgrad(&dev, &shd, x, dd, &mut dconv.dw)?;
+                        conv::conv2d_dgrad(&dev, &shd, dd, dconv.weight()?, t)?;
+                        layers::add_assign(&dev, dxb, t)?;
+                    }
+                    scratch.give(tmp);
+                    scratch.give(dtd);
+                }
+                (None, None, None, None) => {
+                    let [dxb, ds] = scratch.bufs.get_disjoint_mut([dx, dsum]).expect("distinct");
+                    layers::add_assign(&dev, dxb, ds)?;
+                }
+                _ => return Err(invalid!("internal: downsample buffers out of step")),
+            }
+            scratch.give(dsum);
+            g = dx;
+        }
+        // The stem: max pool, BN + ReLU, conv (no input gradient).
+        let da0 = scratch.take(ws.a0.len())?;
+        {
+            let [gb, da] = scratch.bufs.get_disjoint_mut([g, da0]).expect("distinct");
+            layers::maxpool_backward(&dev, n, ws.stem_h, ws.stem_w, self.arch.stem, &ws.a0, gb, da)?;
+        }
+        scratch.give(g);
+        let dt0 = scratch.take(ws.t0.len())?;
+        let m0 = n * ws.stem_h * ws.stem_w;
+        {
+            let [da, d0] = scratch.bufs.get_disjoint_mut([da0, dt0]).expect("distinct");
+            let bn = &mut self.stem_bn.layer(&mut ws.s0, bnc);
+            layers::bn_backward(&dev, m0, &ws.t0, Some(&ws.a0), da, bn, d0)?;
+        }
+        scratch.give(da0);
+        let x0: &Buf<T> = T::pick(&ws.input_nhwc, &ws.input_low)?;
+        conv::conv2d_wgrad(&dev, &ws.stem_sh, x0, &scratch.bufs[dt0], &mut self.stem.dw)?;
+        scratch.give(dt0);
+        Ok(())
+    }
+
+    /// One SGD step on every parameter with the gradients of the last backward (the
+    /// first step sets the momentum buffers to the gradients, as PyTorch).
+    pub fn sgd_step(&mut self, sgd: &Sgd) -> Result<()> {
+        self.sgd_step_scaled(sgd, 1.0)
+    }
+
+    /// [`sgd_step`](Self::sgd_step) on the gradients multiplied by `grad_scale` (gradient
+    /// clipping; 1 is the plain step, bitwise).
+    pub fn sgd_step_scaled(&mut self, sgd: &Sgd, grad_scale: f32) -> Result<()> {
+        let dev = self.dev.clone();
+        let first = self.steps == 0;
+        let step = |p: &mut Buf<f32>, g: &Buf<f32>, m: &mut Buf<f32>| -> Result<()> {
+            layers::sgd_step_scaled(&dev, p, g, m, sgd.lr, sgd.momentum, sgd.weight_decay, first, grad_scale)
+        };
+        let conv_step = |c: &mut Conv<T>| -> Result<()> {
+            step(&mut c.w, &c.dw, &mut c.mom)?;
+            if let Some(low) = c.low.as_mut() {
+                layers::cast(&dev, &c.w, low)?;
+            }
+            Ok(())
+        };
+        let bn_step = |b: &mut Bn| -> Result<()> {
+            step(&mut b.gamma, &b.dgamma, &mut b.mom_gamma)?;
+            step(&mut b.beta, &b.dbeta, &mut b.mom_beta)
+        };
+        conv_step(&mut self.stem)?;
+        bn_step(&mut self.stem_bn)?;
+        for b in &mut self.blocks {
+            conv_step(&mut b.conv1)?;
+            bn_step(&mut b.bn1)?;
+            conv_step(&mut b.conv2)?;
+            bn_step(&mut b.bn2)?;
+            conv_step(&mut b.conv3)?;
+            bn_step(&mut b.bn3)?;
+            if let Some((c, bn)) = b.down.as_mut() {
+                conv_step(c)?;
+                bn_step(bn)?;
+            }
+        }
+        step(&mut self.fc_w, &self.dfc_w, &mut self.mom_fc_w)?;
+        step(&mut self.fc_b, &self.dfc_b, &mut self.mom_fc_b)?;
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// Forward (train mode), backward and one SGD step on the batch in `ws`.
+    pub fn train_step(&mut self, ws: &mut Workspace<T>, sgd: &Sgd) -> Result<()> {
+        self.forward(ws, true)?;
+        self.backward(ws)?;
+        self.sgd_step(sgd)
+    }
+}

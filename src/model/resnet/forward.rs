@@ -1,0 +1,153 @@
+//! The forward pass (train mode: conv + BN fused, statistics saved for backward; eval mode:
+//! running statistics) and what it leaves to read: loss, logits, ReLU outputs.
+
+use super::*;
+
+impl<T: Precision> ResNet<T> {
+    /// The forward pass: train mode (batch statistics, running statistics updated, loss
+    /// and its gradient computed) or eval mode (running statistics).
+    pub fn forward(&mut self, ws: &mut Workspace<T>, train: bool) -> Result<()> {
+        ensure!(!train || ws.has_targets, "a train-mode forward needs targets (set_batch with targets)");
+        let dev = self.dev.clone();
+        let bnc = self.bn;
+        let n = ws.n;
+        conv::nchw_to_nhwc(&dev, n, 3, ws.h, ws.w, &ws.input, &mut ws.input_nhwc)?;
+        if let Some(low) = ws.input_low.as_mut() {
+            layers::cast(&dev, &ws.input_nhwc, low)?;
+        }
+        let x0: &Buf<T> = T::pick(&ws.input_nhwc, &ws.input_low)?;
+        if train {
+            let sh = ws.stem_sh;
+            let bn = &mut self.stem_bn.layer(&mut ws.s0, bnc);
+            conv_bn_train(&dev, &sh, x0, &self.stem, bn, &mut ws.t0, None, true, &mut ws.a0)?;
+        } else {
+            conv::conv2d_fprop(&dev, &ws.stem_sh, x0, self.stem.weight()?, &mut ws.t0)?;
+            let m0 = n * ws.stem_h * ws.stem_w;
+            bn_fwd(&dev, &mut self.stem_bn.layer(&mut ws.s0, bnc), m0, &ws.t0, &mut ws.a0, train, true)?;
+        }
+        layers::maxpool_forward(&dev, n, ws.stem_h, ws.stem_w, self.arch.stem, &ws.a0, &mut ws.p0)?;
+        for bi in 0..self.blocks.len() {
+            let (before, rest) = ws.blocks.split_at_mut(bi);
+            let acts = &mut rest[0];
+            let x: &Buf<T> = if bi == 0 { &ws.p0 } else { &before[bi - 1].out };
+            let bp = &mut self.blocks[bi];
+            if train {
+                // Fused (ops::fused): BN statistics in the conv epilogues, the last BN, the
+                // residual add and the ReLU in one pass.
+                let (a, t, bn) = (&mut acts.a1, &mut acts.t1, &mut bp.bn1.layer(&mut acts.s1, bnc));
+                conv_bn_train(&dev, &acts.sh1, x, &bp.conv1, bn, t, None, true, a)?;
+                let (a, t, bn) = (&mut acts.a2, &mut acts.t2, &mut bp.bn2.layer(&mut acts.s2, bnc));
+                conv_bn_train(&dev, &acts.sh2, &acts.a1, &bp.conv2, bn, t, None, true, a)?;
+                match (&mut bp.down, acts.shd, acts.td.as_mut(), acts.sd.as_mut()) {
+                    (Some((dconv, dbn)), Some(shd), Some(td), Some(sd)) => {
+                        let bd = ws.scratch.take(acts.out.len())?;
+                        let bdb = &mut ws.scratch.bufs[bd];
+                        conv_bn_train(&dev, &shd, x, dconv, &mut dbn.layer(sd, bnc), td, None, false, bdb)?;
+                        let (o, t, bn) = (&mut acts.out, &mut acts.t3, &mut bp.bn3.layer(&mut acts.s3, bnc));
+                        let r = Some(&ws.scratch.bufs[bd]);
+                        conv_bn_train(&dev, &acts.sh3, &acts.a2, &bp.conv3, bn, t, r, true, o)?;
+                        ws.scratch.give(bd);
+                    }
+                    (None, None, None, None) => {
+                        let (o, t, bn) = (&mut acts.out, &mut acts.t3, &mut bp.bn3.layer(&mut acts.s3, bnc));
+                        conv_bn_train(&dev, &acts.sh3, &acts.a2, &bp.conv3, bn, t, Some(x), true, o)?;
+                    }
+                    _ => return Err(invalid!("internal: downsample buffers out of step")),
+                }
+                continue;
+            }
+            let m1 = acts.sh1.n * acts.sh1.p() * acts.sh1.q();
+            let m2 = acts.sh2.n * acts.sh2.p() * acts.sh2.q();
+            conv::conv2d_fprop(&dev, &acts.sh1, x, bp.conv1.weight()?, &mut acts.t1)?;
+            bn_fwd(&dev, &mut bp.bn1.layer(&mut acts.s1, bnc), m1, &acts.t1, &mut acts.a1, train, true)?;
+            conv::conv2d_fprop(&dev, &acts.sh2, &acts.a1, bp.conv2.weight()?, &mut acts.t2)?;
+            bn_fwd(&dev, &mut bp.bn2.layer(&mut acts.s2, bnc), m2, &acts.t2, &mut acts.a2, train, true)?;
+            conv::conv2d_fprop(&dev, &acts.sh3, &acts.a2, bp.conv3.weight()?, &mut acts.t3)?;
+            let b3 = ws.scratch.take(acts.out.len())?;
+            let bn = &mut bp.bn3.layer(&mut acts.s3, bnc);
+            bn_fwd(&dev, bn, m2, &acts.t3, &mut ws.scratch.bufs[b3], train, false)?;
+            match (&mut bp.down, acts.shd, acts.td.as_mut(), acts.sd.as_mut()) {
+                (Some((dconv, dbn)), Some(shd), Some(td), Some(sd)) => {
+                    conv::conv2d_fprop(&dev, &shd, x, dconv.weight()?, td)?;
+                    let bd = ws.scratch.take(acts.out.len())?;
+                    bn_fwd(&dev, &mut dbn.layer(sd, bnc), m2, td, &mut ws.scratch.bufs[bd], train, false)?;
+                    let [b3b, bdb] = ws.scratch.bufs.get_disjoint_mut([b3, bd]).expect("distinct");
+                    layers::add_relu(&dev, b3b, bdb, &mut acts.out)?;
+                    ws.scratch.give(bd);
+                }
+                (None, None, None, None) => layers::add_relu(&dev, &ws.scratch.bufs[b3], x, &mut acts.out)?,
+                _ => return Err(invalid!("internal: downsample buffers out of step")),
+            }
+            ws.scratch.give(b3);
+        }
+        let last = ws.blocks.last().map_or(&ws.p0, |b| &b.out);
+        let hw = last.len() / (n * self.arch.fc_in());
+        layers::avgpool_forward(&dev, n, hw, self.arch.fc_in(), last, &mut ws.feat)?;
+        layers::fc_forward(&dev, n, self.arch.fc_in(), ws.classes, &ws.feat, &self.fc_w, &self.fc_b, &mut ws.logits)?;
+        if train {
+            let (z, t, e) = (&ws.logits, &ws.targets, self.label_smoothing);
+            layers::softmax_cross_entropy_smoothed(&dev, n, ws.classes, z, t, e, &mut ws.loss, &mut ws.dlogits)?;
+        }
+        Ok(())
+    }
+
+    /// The loss of the last train-mode forward (waits for the device).
+    pub fn loss(&self, ws: &Workspace<T>) -> Result<f32> {
+        Ok(ws.loss.to_vec()?[0])
+    }
+
+    /// The logits of the last forward, `[n, classes]` (waits for the device).
+    pub fn logits(&self, ws: &Workspace<T>) -> Result<Vec<f32>> {
+        ws.logits.to_vec()
+    }
+
+    /// The output of every ReLU of the last forward pass, as f32 NHWC, in forward order and
+    /// named as `verify`'s gates: `relu` (the stem's), then per block `layerS.I.bn1`,
+    /// `layerS.I.bn2` and `layerS.I.out` (after the residual add). `verify` reads the
+    /// device's ReLU and max-pool decisions off them.
+    pub fn relu_outputs(&self, ws: &Workspace<T>) -> Result<Vec<(String, Vec<f32>)>> {
+        let f = |b: &Buf<T>| -> Result<Vec<f32>> { Ok(b.to_vec()?.into_iter().map(ConvElem::to_f32).collect()) };
+        let mut out = vec![("relu".to_string(), f(&ws.a0)?)];
+        for (bp, acts) in self.blocks.iter().zip(&ws.blocks) {
+            let p = bp.spec.prefix();
+            out.push((format!("{p}.bn1"), f(&acts.a1)?));
+            out.push((format!("{p}.bn2"), f(&acts.a2)?));
+            out.push((format!("{p}.out"), f(&acts.out)?));
+        }
+        Ok(out)
+    }
+}
+
+/// A BN (+ ReLU) forward in train or eval mode.
+pub(super) fn bn_fwd<T: Precision>(
+    dev: &Device,
+    bn: &mut layers::BnLayer<'_>,
+    m: usize,
+    x: &Buf<T>,
+    y: &mut Buf<T>,
+    train: bool,
+    relu: bool,
+) -> Result<()> {
+    if train {
+        layers::bn_forward_train(dev, m, x, bn, relu, y)
+    } else {
+        layers::bn_forward_eval(dev, m, x, bn, relu, y)
+    }
+}
+
+/// Train-mode conv + BN (+ residual) (+ ReLU) through [`fused::conv_bn_forward_train`]:
+/// `t` = the conv output (kept for backward), `out` = the BN output.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv_bn_train<T: Precision>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    cv: &Conv<T>,
+    bn: &mut layers::BnLayer<'_>,
+    t: &mut Buf<T>,
+    residual: Option<&Buf<T>>,
+    relu: bool,
+    out: &mut Buf<T>,
+) -> Result<()> {
+    fused::conv_bn_forward_train(dev, sh, x, cv.weight()?, t, bn, residual, relu, out)
+}

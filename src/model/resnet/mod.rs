@@ -1,0 +1,265 @@
+//! The ResNet training stack on a device: forward (train and eval), backward, and SGD,
+//! with the same code on the CPU and on a kernel device (cuda or emu).
+//!
+//! Parameters live on the device in the kernels' layouts (conv weights KRSC, f32 master
+//! copies; in bf16 precision also a bf16 copy for the convs). Activations and gradients
+//! live in a [`Workspace`] planned once per batch size and image size; a training step
+//! allocates nothing. Layouts: activations NHWC; torchvision's NCHW and OIHW appear only
+//! at the boundary (images in, state dicts in and out).
+
+mod backward;
+mod forward;
+mod graph;
+mod io;
+mod tune;
+mod workspace;
+
+use super::arch::{Arch, Block};
+use super::init::torchvision_init;
+use super::state::{StateDict, Tensor};
+use crate::device::{Buf, Device};
+use crate::gpu::Elem;
+use crate::ops::conv::{self, ConvElem};
+use crate::ops::fused;
+use crate::ops::layers::{self as layers, CastElem, LayerElem};
+use crate::shape::ConvShape;
+use crate::{ensure, invalid, Result};
+use half::bf16;
+
+/// The element type of the convolutions' activations and weights: f32, or bf16 (with f32
+/// master weights, f32 BN statistics, classifier and loss).
+pub trait Precision: ConvElem + LayerElem + CastElem {
+    /// "f32" or "bf16".
+    const NAME: &'static str;
+    /// Whether convs need a low-precision copy of the f32 master weights.
+    const LOW: bool;
+    /// The buffer in this precision: the f32 buffer itself (f32), or its low-precision
+    /// copy (bf16). Conv weights (master and copy) and input images come in such pairs.
+    fn pick<'a>(full: &'a Buf<f32>, low: &'a Option<Buf<Self>>) -> Result<&'a Buf<Self>>;
+}
+
+impl Precision for f32 {
+    const NAME: &'static str = "f32";
+    const LOW: bool = false;
+    fn pick<'a>(full: &'a Buf<f32>, _: &'a Option<Buf<f32>>) -> Result<&'a Buf<f32>> {
+        Ok(full)
+    }
+}
+
+impl Precision for bf16 {
+    const NAME: &'static str = "bf16";
+    const LOW: bool = true;
+    fn pick<'a>(_: &'a Buf<f32>, low: &'a Option<Buf<bf16>>) -> Result<&'a Buf<bf16>> {
+        low.as_ref().ok_or_else(|| invalid!("internal: the bf16 copy is missing"))
+    }
+}
+
+/// Batch norm settings (PyTorch's defaults: momentum 0.1, eps 1e-5).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BnConfig {
+    /// Weight of the batch statistic in the running-statistics update:
+    /// `running = (1 - momentum) * running + momentum * batch`.
+    pub momentum: f32,
+    /// Added to the variance before the square root: `x_hat = (x - mean) / sqrt(var + eps)`.
+    pub eps: f32,
+}
+
+impl Default for BnConfig {
+    fn default() -> Self {
+        BnConfig { momentum: 0.1, eps: 1e-5 }
+    }
+}
+
+/// SGD with momentum and weight decay, as PyTorch's (dampening 0, no Nesterov).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sgd {
+    /// Learning rate: `param -= lr * buf`.
+    pub lr: f32,
+    /// Momentum factor: `buf = momentum * buf + d`.
+    pub momentum: f32,
+    /// L2 penalty added to the gradient: `d = grad + weight_decay * param`.
+    pub weight_decay: f32,
+}
+
+/// A conv layer's parameters: master weights (KRSC, f32), gradient, momentum.
+struct Conv<T: Precision> {
+    name: String,
+    k: usize,
+    c: usize,
+    r: usize,
+    stride: usize,
+    pad: usize,
+    w: Buf<f32>,
+    low: Option<Buf<T>>,
+    dw: Buf<f32>,
+    mom: Buf<f32>,
+}
+
+impl<T: Precision> Conv<T> {
+    fn shape(&self, n: usize, h: usize, w: usize) -> ConvShape {
+        ConvShape { n, h, w, c: self.c, k: self.k, r: self.r, s: self.r, stride: self.stride, pad: self.pad }
+    }
+    fn weight(&self) -> Result<&Buf<T>> {
+        T::pick(&self.w, &self.low)
+    }
+}
+
+/// A batch norm's parameters, running statistics, gradients and momenta.
+struct Bn {
+    name: String,
+    c: usize,
+    gamma: Buf<f32>,
+    beta: Buf<f32>,
+    mean: Buf<f32>,
+    var: Buf<f32>,
+    dgamma: Buf<f32>,
+    dbeta: Buf<f32>,
+    mom_gamma: Buf<f32>,
+    mom_beta: Buf<f32>,
+}
+
+impl Bn {
+    /// The layer's buffers and settings for the BN ops, with `s` as its saved statistics.
+    fn layer<'a>(&'a mut self, s: &'a mut Saved, cfg: BnConfig) -> layers::BnLayer<'a> {
+        layers::BnLayer {
+            c: self.c,
+            gamma: &self.gamma,
+            beta: &self.beta,
+            running_mean: &mut self.mean,
+            running_var: &mut self.var,
+            save_mean: &mut s.mean,
+            save_invstd: &mut s.invstd,
+            dgamma: &mut self.dgamma,
+            dbeta: &mut self.dbeta,
+            momentum: cfg.momentum,
+            eps: cfg.eps,
+        }
+    }
+}
+
+struct BlockParams<T: Precision> {
+    spec: Block,
+    conv1: Conv<T>,
+    bn1: Bn,
+    conv2: Conv<T>,
+    bn2: Bn,
+    conv3: Conv<T>,
+    bn3: Bn,
+    down: Option<(Conv<T>, Bn)>,
+}
+
+/// A bottleneck ResNet on a device, ready to train.
+pub struct ResNet<T: Precision> {
+    dev: Device,
+    arch: Arch,
+    stem: Conv<T>,
+    stem_bn: Bn,
+    blocks: Vec<BlockParams<T>>,
+    fc_w: Buf<f32>,
+    fc_b: Buf<f32>,
+    dfc_w: Buf<f32>,
+    dfc_b: Buf<f32>,
+    mom_fc_w: Buf<f32>,
+    mom_fc_b: Buf<f32>,
+    steps: u64,
+    /// Batch norm momentum and epsilon.
+    pub bn: BnConfig,
+    /// Label smoothing of the training loss, in [0, 1) (0: plain cross-entropy).
+    pub label_smoothing: f32,
+}
+
+fn f32_of<'a>(sd: &'a StateDict, name: &str) -> Result<&'a [f32]> {
+    sd.get(name)?.as_f32().ok_or_else(|| invalid!("tensor {name} is not F32"))
+}
+
+/// Scratch buffers for one step, checked out by length: gradients during backward and
+/// temporaries during forward. Sized when the workspace is made.
+struct Scratch<T: Elem> {
+    bufs: Vec<Buf<T>>,
+    busy: Vec<bool>,
+}
+
+/// Saved batch statistics of one BN for its backward.
+struct Saved {
+    mean: Buf<f32>,
+    invstd: Buf<f32>,
+}
+
+/// Activations of one block kept for backward. The numbers name the block's layers
+/// (conv1/bn1, conv2/bn2, conv3/bn3), `d` its downsample branch.
+struct BlockActs<T: Elem> {
+    /// The shapes of conv1, conv2, conv3 and the downsample conv.
+    sh1: ConvShape,
+    sh2: ConvShape,
+    sh3: ConvShape,
+    shd: Option<ConvShape>,
+    /// conv1's output (`t1`, BN input) and bn1 + ReLU's output (`a1`, conv2's input).
+    t1: Buf<T>,
+    a1: Buf<T>,
+    /// conv2's output and bn2 + ReLU's output (conv3's input).
+    t2: Buf<T>,
+    a2: Buf<T>,
+    /// conv3's output and the downsample conv's output (BN inputs).
+    t3: Buf<T>,
+    td: Option<Buf<T>>,
+    /// The block's output: ReLU(bn3(t3) + shortcut).
+    out: Buf<T>,
+    /// The batch statistics bn1, bn2, bn3 and the downsample BN saved for backward.
+    s1: Saved,
+    s2: Saved,
+    s3: Saved,
+    sd: Option<Saved>,
+}
+
+/// Activations and gradient buffers for one batch size and image size.
+pub struct Workspace<T: Precision> {
+    n: usize,
+    h: usize,
+    w: usize,
+    classes: usize,
+    /// Images, NCHW f32, as the caller gives them.
+    input: Buf<f32>,
+    /// Images, NHWC f32.
+    input_nhwc: Buf<f32>,
+    /// Images, NHWC, in the convs' precision (bf16 only).
+    input_low: Option<Buf<T>>,
+    stem_sh: ConvShape,
+    /// Stem conv output, BN+ReLU output, max pool output.
+    t0: Buf<T>,
+    a0: Buf<T>,
+    p0: Buf<T>,
+    s0: Saved,
+    stem_h: usize,
+    stem_w: usize,
+    blocks: Vec<BlockActs<T>>,
+    feat: Buf<f32>,
+    logits: Buf<f32>,
+    dlogits: Buf<f32>,
+    dfeat: Buf<f32>,
+    loss: Buf<f32>,
+    targets: Buf<i32>,
+    scratch: Scratch<T>,
+    /// Set once targets were given (a train forward needs them).
+    has_targets: bool,
+    /// [`ResNet::train_step_graphed`]: the model (by [`ResNet::graph_key`]) whose step ran
+    /// once on this workspace, and the captured forward + backward.
+    graph_warm: Option<(u64, u64)>,
+    graph: Option<((u64, u64), crate::gpu::Graph)>,
+}
+
+impl<T: Precision> ResNet<T> {
+    /// The architecture (widths as read from the weights).
+    pub fn arch(&self) -> &Arch {
+        &self.arch
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// SGD steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+}

@@ -1,0 +1,366 @@
+//! Batch norm (`prunekit::ops::layers::bn_*` with a `BnLayer`) on every device against
+//! the f64 oracles of `prunekit::cpu::layers::bn`: the CUDA kernels through the host
+//! emulation in forward, reverse and shuffled fiber order (outputs start as poison there,
+//! so every element must be written), and the CPU fast path; the CPU conv epilogue's
+//! moments; the oracles' gradients by finite differences; bad inputs. `mod cuda` runs the
+//! kernel checks on a real GPU.
+
+use half::bf16;
+use prunekit::cpu::layers::bn as cbn;
+use prunekit::cpu::layers::Real;
+use prunekit::gpu::{Gpu, Schedule};
+use prunekit::ops::layers::{self as layers, BnLayer, LayerElem};
+use prunekit::Device;
+
+mod common;
+
+use common::layers::{all_devices, check, down, f64s, fresh, max_abs, numeric_grad, rtol, to_t, up, BnBufs};
+use common::{d64, SplitMix};
+
+/// Shapes (m, c) of the BN tests: c = 1, 3, 5, 13, 45, 64, 2048 (45 = 16 + 16 + 8 + 4 + 1:
+/// every channel block width of the CPU reductions), m not a multiple of anything.
+const BN_SHAPES: &[(usize, usize)] =
+    &[(2, 1), (7, 3), (300, 5), (1001, 13), (211, 45), (517, 64), (37, 2048), (3, 2048)];
+
+struct BnCase {
+    x: Vec<f32>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    rm: Vec<f32>,
+    rv: Vec<f32>,
+}
+
+fn bn_case<T: Real>(m: usize, c: usize, seed: u64, mean: f32) -> BnCase {
+    let mut r = SplitMix::for_layers(seed);
+    // Per-channel offsets and scales, so that every channel has its own statistics.
+    let off = r.vec(c, mean - 2.0, mean + 2.0);
+    let scale = r.vec(c, 0.2, 3.0);
+    let x: Vec<f32> = (0..m * c).map(|i| off[i % c] + scale[i % c] * r.uniform(-1.0, 1.0)).collect();
+    let x = to_t::<T>(&x).iter().map(|v| v.to_f32()).collect();
+    BnCase { x, gamma: r.vec(c, 0.5, 1.5), beta: r.vec(c, -0.5, 0.5), rm: r.vec(c, -1.0, 1.0), rv: r.vec(c, 0.5, 2.0) }
+}
+
+fn check_bn_train<T: LayerElem>(dev: &Device, m: usize, c: usize, relu: bool, seed: u64, mean: f32) {
+    let k = bn_case::<T>(m, c, seed, mean);
+    let x = up(dev, to_t::<T>(&k.x));
+    let mut bn = BnBufs::new(dev, k.gamma.clone(), k.beta.clone(), k.rm.clone(), k.rv.clone());
+    let mut y = fresh::<T>(dev, m * c);
+    layers::bn_forward_train(dev, m, &x, &mut bn.layer(), relu, &mut y).unwrap();
+    let o = cbn::bn_forward_train_oracle(
+        m,
+        c,
+        &d64(&k.x),
+        &d64(&k.gamma),
+        &d64(&k.beta),
+        &d64(&k.rm),
+        &d64(&k.rv),
+        0.1,
+        1e-5,
+        relu,
+    );
+    let what = |s: &str| format!("bn train {s} ({m}x{c}, {}, relu {relu})", T::DTYPE);
+    // Beyond the output's own rounding: the mean is an f32 (as in PyTorch), off by up to
+    // half an ulp, which moves y by that times gamma * invstd.
+    let mean_ulp = (0..c).map(|ch| o.mean[ch].abs() * o.invstd[ch] * k.gamma[ch] as f64).fold(0.0, f64::max) * 1.2e-7;
+    check(&what("y"), dev, &down(&y), &o.y, 2e-5 * max_abs(&o.y) + mean_ulp, rtol::<T>());
+    check(&what("save_mean"), dev, &down(&bn.save_mean), &o.mean, 1e-5 * max_abs(&o.mean), 1e-5);
+    check(&what("save_invstd"), dev, &down(&bn.save_invstd), &o.invstd, 0.0, 2e-5);
+    let rm = down(&bn.running_mean);
+    check(&what("running_mean"), dev, &rm, &o.running_mean, 1e-5 * max_abs(&o.running_mean), 1e-5);
+    check(&what("running_var"), dev, &down(&bn.running_var), &o.running_var, 0.0, 2e-5);
+}
+
+fn check_bn_eval<T: LayerElem>(dev: &Device, m: usize, c: usize, relu: bool, seed: u64) {
+    let k = bn_case::<T>(m, c, seed, 0.5);
+    let x = up(dev, to_t::<T>(&k.x));
+    let mut y = fresh::<T>(dev, m * c);
+    let mut bn = BnBufs::new(dev, k.gamma.clone(), k.beta.clone(), k.rm.clone(), k.rv.clone());
+    layers::bn_forward_eval(dev, m, &x, &mut bn.layer(), relu, &mut y).unwrap();
+    let want = cbn::bn_forward_eval_oracle(
+        m,
+        c,
+        &d64(&k.x),
+        &d64(&k.gamma),
+        &d64(&k.beta),
+        &d64(&k.rm),
+        &d64(&k.rv),
+        1e-5,
+        relu,
+    );
+    let what = format!("bn eval y ({m}x{c}, {}, relu {relu})", T::DTYPE);
+    check(&what, dev, &down(&y), &want, 2e-5 * max_abs(&want), rtol::<T>());
+}
+
+fn check_bn_backward<T: LayerElem>(dev: &Device, m: usize, c: usize, relu: bool, seed: u64) {
+    let k = bn_case::<T>(m, c, seed, -1.0);
+    let mut r = SplitMix::for_layers(seed ^ 0xB4C);
+    let dy: Vec<f32> = to_t::<T>(&r.vec(m * c, -1.0, 1.0)).iter().map(|v| v.to_f32()).collect();
+    let fwd = cbn::bn_forward_train_oracle(
+        m,
+        c,
+        &d64(&k.x),
+        &d64(&k.gamma),
+        &d64(&k.beta),
+        &d64(&k.rm),
+        &d64(&k.rv),
+        0.1,
+        1e-5,
+        true,
+    );
+    // What the forward saved, as the f32 (and T) values the backward gets.
+    let mean: Vec<f32> = fwd.mean.iter().map(|&v| v as f32).collect();
+    let invstd: Vec<f32> = fwd.invstd.iter().map(|&v| v as f32).collect();
+    let y_t: Vec<T> = fwd.y.iter().map(|&v| T::from_f32(v as f32)).collect();
+    let relu_out = relu.then(|| up(dev, y_t.clone()));
+    let mut dx = fresh::<T>(dev, m * c);
+    let mut bn = BnBufs::new(dev, k.gamma.clone(), k.beta.clone(), k.rm.clone(), k.rv.clone());
+    (bn.save_mean, bn.save_invstd) = (up(dev, mean.clone()), up(dev, invstd.clone()));
+    let (x, dyb) = (up(dev, to_t::<T>(&k.x)), up(dev, to_t::<T>(&dy)));
+    layers::bn_backward(dev, m, &x, relu_out.as_ref(), &dyb, &mut bn.layer(), &mut dx).unwrap();
+    let (dg, db) = (&bn.dgamma, &bn.dbeta);
+    let y64 = f64s(&y_t);
+    let o = cbn::bn_backward_oracle(
+        m,
+        c,
+        &d64(&k.x),
+        relu.then_some(&y64[..]),
+        &d64(&dy),
+        &d64(&k.gamma),
+        &d64(&mean),
+        &d64(&invstd),
+    );
+    // The sums over m rows are f32: bound their error by the sum of the terms' magnitudes.
+    let abs_sum = |f: &dyn Fn(usize) -> f64| -> f64 { (0..m * c).map(|i| f(i).abs()).sum::<f64>() / c as f64 };
+    let g = |i: usize| if relu && y64[i] <= 0.0 { 0.0 } else { dy[i] as f64 };
+    let sg = abs_sum(&|i| g(i));
+    let sgx = abs_sum(&|i| g(i) * (k.x[i] as f64 - mean[i % c] as f64) * invstd[i % c] as f64);
+    let what = |s: &str| format!("bn backward {s} ({m}x{c}, {}, relu {relu})", T::DTYPE);
+    check(&what("dbeta"), dev, &down(db), &o.dbeta, 2e-6 * sg, 1e-5);
+    check(&what("dgamma"), dev, &down(dg), &o.dgamma, 2e-6 * sgx, 2e-5);
+    // dx = gamma invstd (g - mean g - xhat mean(g xhat)) cancels: bound its error by the
+    // size of the terms, not of the result.
+    let k1 = (0..c).map(|ch| (k.gamma[ch] * invstd[ch]).abs() as f64).fold(0.0, f64::max);
+    check(&what("dx"), dev, &down(&dx), &o.dx, 1e-5 * k1 * max_abs(&d64(&dy)), rtol::<T>());
+}
+
+fn run_bn<T: LayerElem>(dev: &Device) {
+    for (i, &(m, c)) in BN_SHAPES.iter().enumerate() {
+        let relu = i % 2 == 1;
+        check_bn_train::<T>(dev, m, c, relu, 100 + i as u64, 0.7);
+        check_bn_train::<T>(dev, m, c, !relu, 200 + i as u64, -3.0);
+        check_bn_eval::<T>(dev, m, c, relu, 300 + i as u64);
+        check_bn_backward::<T>(dev, m, c, relu, 400 + i as u64);
+        check_bn_backward::<T>(dev, m, c, !relu, 500 + i as u64);
+    }
+}
+
+#[test]
+fn bn_shapes_cover_one_and_many_row_chunks() {
+    // The multi-chunk path (partials parked in y / dx, merged per channel) and the
+    // single-chunk one are both exercised by BN_SHAPES.
+    assert_eq!(layers::bn_row_chunks::<f32>(7, 3), 1);
+    assert_eq!(layers::bn_row_chunks::<f32>(2, 1), 1);
+    for (m, c) in [(300, 5), (1001, 13), (517, 64), (37, 2048)] {
+        assert!(layers::bn_row_chunks::<f32>(m, c) > 1, "{m}x{c}");
+        assert!(layers::bn_row_chunks::<bf16>(m, c) > 1, "{m}x{c}");
+    }
+    // At ResNet50 sizes the statistics use many blocks.
+    assert!(layers::bn_row_chunks::<bf16>(256 * 112 * 112, 64) >= 512);
+    assert!(layers::bn_row_chunks::<bf16>(256 * 7 * 7, 2048) * 2048 / 8 / 32 >= 512);
+}
+
+#[test]
+fn bn_f32_matches_oracle_on_every_device() {
+    for dev in all_devices() {
+        run_bn::<f32>(&dev);
+    }
+}
+
+#[test]
+fn bn_bf16_matches_oracle_on_every_device() {
+    for dev in all_devices() {
+        run_bn::<bf16>(&dev);
+    }
+}
+
+#[test]
+fn bn_variance_is_sound_for_large_means() {
+    // Mean 1000, spread 1: a one-pass sum of squares in f32 would lose most digits of the
+    // variance; Welford + Chan keep it within f32 rounding.
+    for dev in all_devices() {
+        check_bn_train::<f32>(&dev, 4099, 8, false, 7, 1000.0);
+    }
+}
+
+/// The CPU conv epilogue's statistics: the moments of blocks of rows (of any sizes, one
+/// row included), merged in row order, against the f64 oracle's mean and variance, with a
+/// mean far from 0 (1000, spread 1) so that a cancelling formula would show.
+#[test]
+fn block_moments_merge_to_the_batch_statistics() {
+    let mut r = SplitMix::for_layers(77);
+    for (m, c, cuts) in [
+        (1usize, 3usize, vec![]),
+        (2, 45, vec![1]),
+        (300, 13, vec![1, 2, 150, 299]),
+        (4099, 37, vec![64, 1000, 1001, 4000]),
+        (517, 64, vec![256]),
+    ] {
+        let x: Vec<f32> = r.vec(m * c, 999.0, 1001.0);
+        let mut bounds = vec![0];
+        bounds.extend(&cuts);
+        bounds.push(m);
+        let blocks: Vec<cbn::Moments> =
+            bounds.windows(2).map(|b| cbn::block_moments(c, &x[b[0] * c..b[1] * c])).collect();
+        let (mean, var) = cbn::merge_moments(c, &blocks);
+        let o = cbn::bn_forward_train_oracle(
+            m,
+            c,
+            &d64(&x),
+            &vec![1.0; c],
+            &vec![0.0; c],
+            &vec![0.0; c],
+            &vec![1.0; c],
+            0.0,
+            0.0,
+            false,
+        );
+        for ch in 0..c {
+            assert!((mean[ch] - o.mean[ch]).abs() <= 1e-12 * o.mean[ch].abs(), "{m}x{c} ch {ch}: mean");
+            // invstd with eps 0 is 1 / std: compare the variance.
+            let want = 1.0 / (o.invstd[ch] * o.invstd[ch]);
+            let want = if want.is_finite() { want } else { 0.0 };
+            assert!((var[ch] - want).abs() <= 1e-9 * want.max(1e-3), "{m}x{c} ch {ch}: var {} vs {want}", var[ch]);
+        }
+    }
+}
+
+/// More than 32 row chunks: each lane of the per-channel merge takes several.
+fn check_bn_many_chunks(dev: &Device) {
+    let (m, c) = (33001, 8);
+    assert!(layers::bn_row_chunks::<f32>(m, c) > 32 && layers::bn_row_chunks::<bf16>(m, c) > 32);
+    check_bn_train::<f32>(dev, m, c, true, 21, 2.0);
+    check_bn_backward::<f32>(dev, m, c, true, 22);
+    check_bn_train::<bf16>(dev, m, c, false, 23, 2.0);
+    check_bn_backward::<bf16>(dev, m, c, false, 24);
+}
+
+#[test]
+fn bn_merges_more_chunks_than_a_warp_has_lanes() {
+    for dev in all_devices() {
+        check_bn_many_chunks(&dev);
+    }
+}
+
+#[test]
+fn bn_updates_running_stats_with_unbiased_variance() {
+    // Hand-computed: one channel, x = [1, 3]: mean 2, biased var 1, unbiased var 2.
+    // running_mean = 0.9 * 0.5 + 0.1 * 2 = 0.65; running_var = 0.9 * 1 + 0.1 * 2 = 1.1;
+    // invstd = 1 / sqrt(1 + 1e-5); y = (x - 2) * invstd = -+0.999995.
+    for dev in all_devices() {
+        let mut bn = BnBufs::new(&dev, vec![1.0], vec![0.0], vec![0.5], vec![1.0]);
+        let mut y = fresh::<f32>(&dev, 2);
+        let x = up(&dev, vec![1.0f32, 3.0]);
+        layers::bn_forward_train(&dev, 2, &x, &mut bn.layer(), false, &mut y).unwrap();
+        let invstd = 1.0 / (1.0f64 + 1e-5).sqrt();
+        check("running_mean", &dev, &down(&bn.running_mean), &[0.65], 0.0, 1e-6);
+        check("running_var", &dev, &down(&bn.running_var), &[1.1], 0.0, 1e-6);
+        check("save_mean", &dev, &down(&bn.save_mean), &[2.0], 0.0, 1e-7);
+        check("save_invstd", &dev, &down(&bn.save_invstd), &[invstd], 0.0, 1e-6);
+        check("y", &dev, &down(&y), &[-invstd, invstd], 0.0, 1e-6);
+    }
+}
+
+#[test]
+fn bn_oracle_gradients_match_finite_differences() {
+    let (m, c) = (5, 3);
+    let k = bn_case::<f32>(m, c, 9, 0.3);
+    let r: Vec<f64> = d64(&SplitMix::for_layers(10).vec(m * c, -1.0, 1.0));
+    let (x, gamma, beta) = (d64(&k.x), d64(&k.gamma), d64(&k.beta));
+    let (rm, rv) = (d64(&k.rm), d64(&k.rv));
+    let loss = |x: &[f64], g: &[f64], b: &[f64]| -> f64 {
+        let o = cbn::bn_forward_train_oracle(m, c, x, g, b, &rm, &rv, 0.1, 1e-5, false);
+        o.y.iter().zip(&r).map(|(y, r)| y * r).sum()
+    };
+    let fwd = cbn::bn_forward_train_oracle(m, c, &x, &gamma, &beta, &rm, &rv, 0.1, 1e-5, false);
+    let grads = cbn::bn_backward_oracle(m, c, &x, None, &r, &gamma, &fwd.mean, &fwd.invstd);
+    let dev = Device::Cpu;
+    check("fd dx", &dev, &grads.dx, &numeric_grad(&x, &|x| loss(x, &gamma, &beta)), 1e-7, 1e-5);
+    check("fd dgamma", &dev, &grads.dgamma, &numeric_grad(&gamma, &|g| loss(&x, g, &beta)), 1e-7, 1e-5);
+    check("fd dbeta", &dev, &grads.dbeta, &numeric_grad(&beta, &|b| loss(&x, &gamma, b)), 1e-7, 1e-5);
+    // With the fused ReLU, away from its kink: the loss through relu(bn(x)).
+    let fwd = cbn::bn_forward_train_oracle(m, c, &x, &gamma, &beta, &rm, &rv, 0.1, 1e-5, true);
+    let grads = cbn::bn_backward_oracle(m, c, &x, Some(&fwd.y), &r, &gamma, &fwd.mean, &fwd.invstd);
+    let loss_relu = |x: &[f64]| -> f64 {
+        let o = cbn::bn_forward_train_oracle(m, c, x, &gamma, &beta, &rm, &rv, 0.1, 1e-5, true);
+        o.y.iter().zip(&r).map(|(y, r)| y * r).sum()
+    };
+    check("fd dx (relu)", &dev, &grads.dx, &numeric_grad(&x, &loss_relu), 1e-7, 1e-5);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let gpu = Gpu::emu_with(Schedule::Forward);
+    let emu = Device::Gpu(gpu);
+    let other = Device::Gpu(Gpu::emu_with(Schedule::Forward));
+    let cpu = Device::Cpu;
+    for dev in [&cpu, &emu] {
+        let b = |n: usize| fresh::<f32>(dev, n);
+        let (m, c) = (6, 4);
+        let x = up(dev, vec![1.0f32; m * c]);
+        let mut bn = BnBufs::new(dev, vec![1.0; c], vec![0.0; c], vec![0.0; c], vec![0.0; c]);
+        (bn.running_mean, bn.running_var) = (b(c), b(c));
+        // Wrong lengths.
+        let mut y = b(m * c - 1);
+        assert!(layers::bn_forward_train(dev, m, &x, &mut bn.layer(), false, &mut y).is_err());
+        let mut y = b(m * c);
+        let mut short = b(c - 1);
+        let bad = &mut BnLayer { save_mean: &mut short, ..bn.layer() };
+        assert!(layers::bn_forward_train(dev, m, &x, bad, false, &mut y).is_err());
+        // m = 1 in train mode (PyTorch: "Expected more than 1 value per channel").
+        let x1 = up(dev, vec![1.0f32; c]);
+        let mut y1 = b(c);
+        let err = layers::bn_forward_train(dev, 1, &x1, &mut bn.layer(), false, &mut y1).unwrap_err();
+        assert!(err.to_string().contains("more than one value"), "{err}");
+        // Shapes whose element count overflows.
+        let mut bn3 = BnBufs::new(dev, vec![1.0; 3], vec![0.0; 3], vec![1.0; 3], vec![1.0; 3]);
+        assert!(layers::bn_forward_eval(dev, usize::MAX / 2, &x, &mut bn3.layer(), false, &mut y).is_err());
+        // The good call works.
+        layers::bn_forward_train(dev, m, &x, &mut bn.layer(), true, &mut y).unwrap();
+        let mut dx = b(m * c);
+        assert!(layers::bn_backward(dev, m, &x, Some(&x1), &x, &mut bn.layer(), &mut dx).is_err());
+        assert!(layers::bn_backward(dev, m, &x, None, &x1, &mut bn.layer(), &mut dx).is_err());
+        assert!(layers::bn_backward(dev, 0, &x1, None, &x1, &mut bn.layer(), &mut dx).is_err());
+        layers::bn_backward(dev, m, &x, Some(&y), &x, &mut bn.layer(), &mut dx).unwrap();
+    }
+    // Buffers on the wrong device: host buffers on emu, emu buffers on the CPU, buffers
+    // of another emu instance.
+    for (dev, wrong) in [(&emu, &cpu), (&cpu, &emu), (&emu, &other)] {
+        let (m, c) = (4, 2);
+        let ok = |n: usize| up(dev, vec![1.0f32; n]);
+        let bad = |n: usize| up(wrong, vec![1.0f32; n]);
+        let mut bn = BnBufs::new(dev, vec![1.0; c], vec![1.0; c], vec![1.0; c], vec![1.0; c]);
+        (bn.save_mean, bn.save_invstd) = (ok(c), ok(c));
+        let mut y = ok(m * c);
+        let err = layers::bn_forward_train(dev, m, &bad(m * c), &mut bn.layer(), false, &mut y).unwrap_err();
+        assert!(err.to_string().contains("not on the device"), "{err}");
+        let mut bad_y = bad(m * c);
+        assert!(layers::bn_forward_eval(dev, m, &ok(m * c), &mut bn.layer(), false, &mut bad_y).is_err());
+        let mut bad_mean = bad(2);
+        let bad_layer = &mut BnLayer { save_mean: &mut bad_mean, ..bn.layer() };
+        assert!(layers::bn_backward(dev, m, &ok(8), None, &ok(8), bad_layer, &mut y).is_err());
+    }
+}
+
+mod cuda {
+    use super::*;
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_bn() {
+        let d = common::cuda_device();
+        run_bn::<f32>(&d);
+        run_bn::<bf16>(&d);
+        check_bn_train::<f32>(&d, 4099, 8, false, 7, 1000.0);
+        check_bn_many_chunks(&d);
+    }
+}
