@@ -454,6 +454,26 @@ fn trains_through_the_emulation() {
 }
 
 #[test]
+fn the_recipe_flags_of_train() {
+    let f = Fixture::new();
+    let log = f.path("recipe.jsonl");
+    let a = ["--steps", "10", "--warmup-fraction", "0.5", "--clip-grad-norm", "0.5", "--head-only-fraction", "0.2"];
+    let out = ok(&f.train(&[&a[..], &["--log", &log]].concat()));
+    assert!(out.contains("first 2 steps head-only") && out.contains("clipped to norm 0.5"), "{out}");
+    let l = log_lines(&log);
+    assert!(l.iter().all(|x| x["grad_norm"].is_number()), "{:?}", l[0]);
+    // The head-only phase (2 steps) warms up over 1 step (then the cosine's first step, at
+    // the peak), the full phase (8) over 4.
+    let lr = |i: usize| l[i]["lr"].as_f64().unwrap();
+    assert_eq!((lr(0), lr(1)), (0.05, 0.05));
+    assert_eq!((lr(2), lr(5), lr(6)), (0.05 / 4.0, 0.05, 0.05));
+    // train's defaults: none of them.
+    let plain = f.path("plain.jsonl");
+    ok(&f.train(&["--steps", "2", "--log", &plain]));
+    assert!(log_lines(&plain)[0].get("grad_norm").is_none());
+}
+
+#[test]
 fn a_separate_evaluation_batch_gives_the_same_evaluation() {
     let f = Fixture::new();
     let val = |extra: &[&str]| -> String {

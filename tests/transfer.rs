@@ -43,7 +43,8 @@ impl Fixture {
             ("--budgets", "0.05,0.1"),
         ];
         for (k, v) in defaults {
-            if !extra.contains(&k) {
+            let timed = k == "--budgets" && extra.contains(&"--budgets-seconds");
+            if !extra.contains(&k) && !timed {
                 a.extend([k, v]);
             }
         }
@@ -117,15 +118,29 @@ fn report_has_every_documented_field_and_search_picks_a_searched_rate() {
             r["val_error"].as_f64().unwrap(),
         );
         assert!(lo <= mean && mean <= hi && (0.0..=1.0).contains(&mean), "{r}");
-        // The budget holds: steps x batch x FLOPs per image never exceed it, one more step would.
+        // The budget holds: the steps' FLOPs (the first 10% head-only, charged less: the
+        // forward and the classifier's backward) never exceed it, one more step would.
         let (b, gpi, steps) = (
             r["budget_gflops"].as_f64().unwrap(),
             r["train_gflops_per_image"].as_f64().unwrap(),
             r["steps"].as_u64().unwrap(),
         );
         let step = gpi * 8.0;
-        assert!(steps as f64 * step <= b * (1.0 + 1e-9) && (steps + 1) as f64 * step > b, "{r}");
-        assert!((r["train_gflops"].as_f64().unwrap() - steps as f64 * step).abs() < 1e-9 * b, "{r}");
+        let run = v["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["kind"] == "final" && x["model"] == r["model"] && x["budget_gflops"] == r["budget_gflops"])
+            .unwrap();
+        let head = run["head_steps"].as_u64().unwrap();
+        assert_eq!(head, steps / 10, "{run}");
+        assert_eq!(run["steps_done"].as_u64().unwrap(), steps, "{run}");
+        let spent = r["train_gflops"].as_f64().unwrap();
+        let head_step = run["head_gflops_per_image"].as_f64().unwrap() * 8.0;
+        assert!(head_step < step / 2.0, "{r}");
+        assert!((spent - (head as f64 * head_step + (steps - head) as f64 * step)).abs() < 1e-9 * b, "{r}");
+        let next = if (steps + 1) / 10 > head { head_step } else { step };
+        assert!(spent <= b * (1.0 + 1e-9) && spent + next > b, "{r}");
         // Two rates searched at the pair's budget with both seeds: the search's compute is
         // four runs' worth.
         assert!((r["search_gflops"].as_f64().unwrap() - 4.0 * r["train_gflops"].as_f64().unwrap()).abs() < 1e-9, "{r}");
@@ -483,4 +498,35 @@ mod library {
         let e = prunekit::transfer::merge(&dir.path().join("runs")).unwrap_err().to_string();
         assert!(e.contains("budget_unit"), "{e}");
     }
+}
+
+/// The recipe's flags: transfer's stable defaults, each one turned off or set, recorded in
+/// the settings; a time budget through `--budgets-seconds`.
+#[test]
+fn the_recipe_flags_reach_the_settings_and_time_budgets_run() {
+    let f = Fixture::new();
+    let base = ["--models", "dense", "--budgets", "0.05"];
+    let (d, o) = (f.path("default.json"), f.path("off.json"));
+    ok(&f.run(&[&base[..], &["--json", &d]].concat()));
+    let v = json(&d);
+    assert_eq!(v["settings"]["warmup_fraction"], "0.1");
+    assert_eq!(v["settings"]["clip_grad_norm"], "1.0");
+    assert_eq!(v["settings"]["head_only_fraction"], "0.1");
+    let off = ["--warmup", "2", "--clip-grad-norm", "0", "--head-only-fraction", "0", "--json", &o];
+    ok(&f.run(&[&base[..], &off[..]].concat()));
+    let v = json(&o);
+    assert_eq!(v["settings"]["warmup_fraction"], "none", "--warmup alone: steps, no fraction");
+    assert_eq!(v["settings"]["warmup"], "2");
+    assert_eq!(v["settings"]["clip_grad_norm"], "none");
+    assert_eq!(v["runs"][0]["head_steps"], 0);
+    let t = f.path("time.json");
+    let out = ok(&f.run(&["--models", "dense", "--budgets-seconds", "0.3", "--json", &t]));
+    assert!(out.contains("budget s"), "{out}");
+    let v = json(&t);
+    assert_eq!(v["settings"]["budget_unit"], "seconds");
+    assert_eq!(v["rows"][0]["budget_seconds"], 0.3);
+    assert!(v["runs"][0]["train_gflops"].as_f64().unwrap() > 0.0 && v["runs"][0]["wall_s"].is_number());
+    fails(&f.run(&["--budgets", "1", "--budgets-seconds", "1"]), "cannot be used with");
+    fails(&f.run(&["--budgets", "0.05", "--warmup-fraction", "1.5"]), "--warmup-fraction");
+    fails(&f.run(&["--budgets", "0.05", "--clip-grad-norm=-1"]), "--clip-grad-norm");
 }

@@ -103,9 +103,22 @@ pub struct RecipeArgs {
     /// cosine (fitted to the run's steps) or constant.
     #[arg(long, default_value = "cosine")]
     schedule: ScheduleKind,
-    /// Steps of linear learning-rate warm-up.
-    #[arg(long, default_value_t = 0)]
-    warmup: u64,
+    /// Steps of linear learning-rate warm-up (default 0; transfer: see --warmup-fraction).
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Linear warm-up over this fraction of each run's steps (of each phase's with
+    /// --head-only-fraction); wins over --warmup when both are given. Default: none for
+    /// train; 0.1 for transfer unless --warmup is given.
+    #[arg(long)]
+    warmup_fraction: Option<f64>,
+    /// Clip the gradients to this global L2 norm before each step (as
+    /// torch.nn.utils.clip_grad_norm_); 0: no clipping. Default: 0 for train, 1 for transfer.
+    #[arg(long)]
+    clip_grad_norm: Option<f64>,
+    /// Train only the classifier for this fraction of the steps first (on the eval-mode
+    /// backbone; LP-FT), then everything. Default: 0 for train, 0.1 for transfer.
+    #[arg(long)]
+    head_only_fraction: Option<f64>,
     /// Label smoothing of the training loss, in [0, 1).
     #[arg(long, default_value_t = 0.0)]
     label_smoothing: f64,
@@ -125,8 +138,10 @@ pub struct RecipeArgs {
 
 impl RecipeArgs {
     /// The device and a training config with this recipe (the precision's default follows
-    /// the device); the caller sets length, lr and outputs.
-    pub fn config(&self, norm: Normalize) -> prunekit::Result<(Device, TrainConfig)> {
+    /// the device); the caller sets length, lr and outputs. `stable`: transfer's defaults
+    /// for the options not given (warm-up over 10% of the steps unless --warmup is given,
+    /// gradients clipped to norm 1, the first 10% of the steps head-only).
+    pub fn config(&self, norm: Normalize, stable: bool) -> prunekit::Result<(Device, TrainConfig)> {
         let (dev, precision) = self.device.open()?;
         let cfg = TrainConfig {
             batch: self.batch,
@@ -135,7 +150,10 @@ impl RecipeArgs {
             momentum: self.momentum,
             weight_decay: self.wd,
             schedule: self.schedule,
-            warmup: self.warmup,
+            warmup: self.warmup.unwrap_or(0),
+            warmup_fraction: self.warmup_fraction.or((stable && self.warmup.is_none()).then_some(0.1)),
+            clip_grad_norm: self.clip_grad_norm.or(stable.then_some(1.0)).filter(|&c| c != 0.0),
+            head_only_fraction: self.head_only_fraction.unwrap_or(if stable { 0.1 } else { 0.0 }),
             label_smoothing: self.label_smoothing,
             precision,
             seed: self.seed,

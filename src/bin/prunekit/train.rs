@@ -97,7 +97,7 @@ pub fn run(a: TrainArgs) -> prunekit::Result<()> {
         !a.fresh_head || a.weights.is_some(),
         "--fresh-head needs --weights (a network from scratch has a fresh classifier already)"
     );
-    let (dev, base) = a.recipe.config(a.data.normalize)?;
+    let (dev, base) = a.recipe.config(a.data.normalize, false)?;
     let seed = a.recipe.seed;
     let interrupt = Arc::new(AtomicBool::new(false));
     let cfg = TrainConfig {

@@ -54,8 +54,13 @@ struct RunArgs {
     #[arg(long, default_value = "dense,filters:0.25,filters:0.5,filters:0.75,channels:0.5")]
     models: String,
     /// Training-compute budgets in GFLOPs, comma-separated.
+    #[arg(long, required_unless_present = "budgets_seconds", conflicts_with = "budgets_seconds")]
+    budgets: Option<String>,
+    /// Budgets of training time in seconds on the device, comma-separated, instead of
+    /// GFLOPs: each run's schedule is fitted to the steps a short timed probe of the step
+    /// says fit, and the run stops when its training time reaches the budget.
     #[arg(long)]
-    budgets: String,
+    budgets_seconds: Option<String>,
     /// Fine-tuning runs per (model, budget): seeds --seed, --seed + 1, ...
     #[arg(long, default_value_t = 1)]
     seeds: usize,
@@ -180,10 +185,14 @@ fn merge(a: MergeArgs) -> prunekit::Result<()> {
 }
 
 fn run_experiment(a: RunArgs) -> prunekit::Result<()> {
-    let (dev, recipe) = a.recipe.config(a.data.normalize)?;
+    let (dev, recipe) = a.recipe.config(a.data.normalize, true)?;
     check_report_outputs(a.json.as_deref(), a.plot.as_deref())?;
     let models = transfer::parse_models(&a.models)?;
-    let budgets = transfer::parse_positive_list("--budgets", &a.budgets)?;
+    let (budgets, unit) = match (&a.budgets, &a.budgets_seconds) {
+        (Some(b), None) => (transfer::parse_positive_list("--budgets", b)?, transfer::BudgetUnit::Gflops),
+        (None, Some(t)) => (transfer::parse_positive_list("--budgets-seconds", t)?, transfer::BudgetUnit::Seconds),
+        _ => return Err(invalid!("give one of --budgets and --budgets-seconds")),
+    };
     let lrs = match &a.lrs {
         Some(l) => transfer::parse_positive_list("--lrs", l)?,
         None => vec![a.lr],
@@ -194,6 +203,7 @@ fn run_experiment(a: RunArgs) -> prunekit::Result<()> {
     }
     let weights = StateDict::read(&a.weights)?;
     let mut exp = Experiment::new(weights, &transfer::weights_identity(&a.weights)?, models, budgets);
+    exp.budget_unit = unit;
     exp.seeds = a.seeds;
     exp.lrs = lrs;
     exp.search_fraction = a.search_fraction;
