@@ -84,6 +84,7 @@ static const PkFieldLayout kLayout[] = {
 
     PK_F(PkSgdParams, param) PK_F(PkSgdParams, grad) PK_F(PkSgdParams, buf) PK_F(PkSgdParams, n)
     PK_F(PkSgdParams, lr) PK_F(PkSgdParams, momentum) PK_F(PkSgdParams, weight_decay) PK_F(PkSgdParams, first)
+    PK_F(PkSgdParams, grad_scale) PK_F(PkSgdParams, pad0)
 };
 
 
