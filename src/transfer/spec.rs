@@ -2,6 +2,7 @@
 //! budgets, seeds, learning rates, and the shard of the (model, budget) pairs a process runs.
 
 use crate::prune::{Mode, Sparsity};
+use crate::train::Length;
 use crate::{ensure, invalid, Error, Result};
 use std::fmt;
 use std::str::FromStr;
@@ -120,6 +121,43 @@ impl FromStr for Shard {
 impl fmt::Display for Shard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// What an experiment's budgets count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BudgetUnit {
+    /// Training compute in GFLOPs.
+    #[default]
+    Gflops,
+    /// Seconds of training on the device.
+    Seconds,
+}
+
+impl BudgetUnit {
+    /// The run length of budget `b`.
+    pub fn length(self, b: f64) -> Length {
+        match self {
+            BudgetUnit::Gflops => Length::Gflops(b),
+            BudgetUnit::Seconds => Length::Seconds(b),
+        }
+    }
+
+    /// "GFLOPs" or "s", after a number.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            BudgetUnit::Gflops => "GFLOPs",
+            BudgetUnit::Seconds => "s",
+        }
+    }
+}
+
+impl std::fmt::Display for BudgetUnit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BudgetUnit::Gflops => "gflops",
+            BudgetUnit::Seconds => "seconds",
+        })
     }
 }
 
