@@ -144,8 +144,12 @@ fn settings(cfg: &TrainConfig, total: u64, data: &Dataset, arch: &Arch) -> BTree
 ///
 /// Before any big allocation it checks the settings and output paths
 /// ([`TrainConfig::check`]), that the model and workspace fit in the device's memory, and
-/// that the length is at least one step. A non-finite training loss stops the run with an
-/// error that names the step.
+/// that the length is at least one step. A diverged training loss (not finite, or above
+/// [`TrainConfig::diverge_factor`](super::TrainConfig::diverge_factor) times the first)
+/// stops the run with [`Summary::diverged`] set when
+/// [`TrainConfig::stop_on_divergence`](super::TrainConfig::stop_on_divergence); without it
+/// a non-finite loss is an error that names the step, and a finite one is reported and the
+/// run goes on.
 pub fn train(
     dev: &Device,
     start: Start,
