@@ -28,7 +28,7 @@ fn the_optimum_and_the_crossover_of_known_curves_are_predicted() {
     let truth = (100..10_000_000).map(|i| i as f64 * 0.01).find(|&c| dense.at(c) < pruned.at(c)).unwrap();
     let c = &high.crossovers;
     assert_eq!(c.len(), 1, "{}", high.table());
-    assert!((c[0].budget_gflops / truth - 1.0).abs() < 0.15, "{} vs {truth}", c[0].budget_gflops);
+    assert!((c[0].budget / truth - 1.0).abs() < 0.15, "{} vs {truth}", c[0].budget);
     assert_eq!((c[0].better_below.as_str(), c[0].better_above.as_str()), ("filters:0.5", "dense"));
     assert!(c[0].extrapolated, "the crossover lies past the largest budget run");
     for f in &high.fits {
@@ -55,7 +55,7 @@ fn noisy_seeds_of_a_known_law_are_fitted_close_to_it() {
 fn validation_of_a_predictable_experiment_hits_every_budget() {
     let report = lawful_report(&laws(), &ladder(1.0, 1024.0), 0.001);
     let checks = validate(&report).unwrap();
-    assert_eq!(checks.first().unwrap().budget_gflops, 16.0, "the first B with 3 budgets up to B/4");
+    assert_eq!(checks.first().unwrap().budget, 16.0, "the first B with 3 budgets up to B/4");
     assert!(checks.iter().all(|c| c.hit), "{}", validation_table(&checks));
     assert!(checks.iter().all(|c| c.mean_abs_error < 0.01), "{}", validation_table(&checks));
     assert!(validation_table(&checks).contains(&format!("at {} of {} budgets", checks.len(), checks.len())));

@@ -530,3 +530,33 @@ fn the_recipe_flags_reach_the_settings_and_time_budgets_run() {
     fails(&f.run(&["--budgets", "0.05", "--warmup-fraction", "1.5"]), "--warmup-fraction");
     fails(&f.run(&["--budgets", "0.05", "--clip-grad-norm=-1"]), "--clip-grad-norm");
 }
+
+#[test]
+fn advise_predicts_from_a_runs_folder_and_refuses_a_grid_too_small() {
+    let f = Fixture::new();
+    let runs = f.path("runs");
+    ok(&f.run(&["--models", "dense,filters:0.5", "--budgets", "0.03,0.06", "--seeds", "2", "--runs", &runs]));
+    let few = fails(&prunekit(&["transfer", "advise", "--runs", &runs, "--budget", "1"]), "3 or more budgets");
+    assert!(few.contains("--budgets"), "{few}");
+    // One budget more over the same runs folder: three budgets, a fit.
+    ok(&f.run(&["--models", "dense,filters:0.5", "--budgets", "0.03,0.06,0.12", "--seeds", "2", "--runs", &runs]));
+    let (j, svg) = (f.path("advice.json"), f.path("advice.svg"));
+    let out = ok(&prunekit(&["transfer", "advise", "--runs", &runs, "--budget", "1", "--json", &j, "--plot", &svg]));
+    assert!(out.contains("compute-optimal at 1 GFLOPs:"), "{out}");
+    let v = json(&j);
+    let fits = v["advice"]["fits"].as_array().unwrap();
+    assert_eq!(fits.len(), 2);
+    for fit in fits {
+        let (lo, p, hi) = (
+            fit["interval"][0].as_f64().unwrap(),
+            fit["predicted"].as_f64().unwrap(),
+            fit["interval"][1].as_f64().unwrap(),
+        );
+        assert!(lo <= p + 1e-12 && p <= hi + 1e-12 && (0.0..=1.0).contains(&p), "{fit}");
+    }
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("asked budget"));
+    // --validate needs budgets spanning a factor of 16.
+    fails(&prunekit(&["transfer", "advise", "--runs", &runs, "--budget", "1", "--validate"]), "factor of 16");
+    fails(&prunekit(&["transfer", "advise", "--runs", &runs, "--budget", "-1"]), "--budget");
+    fails(&prunekit(&["transfer", "advise", "--runs", &f.path("none"), "--budget", "1"]), "no such folder");
+}

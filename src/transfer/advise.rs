@@ -2,7 +2,8 @@
 //! model's error at a budget it has not run, the compute-optimal model there, and the
 //! budgets where one model overtakes another.
 //!
-//! Each model's validation error against its training compute C (the budget, GFLOPs) is
+//! Each model's validation error against its training compute C (the budget: GFLOPs, or
+//! device seconds for an experiment run with `--budgets-seconds`) is
 //! fitted with a saturating power law, the form of neural scaling laws in data and compute
 //! (Hestness et al. 2017; Kaplan et al. 2020; Hoffmann et al. 2022):
 //!
@@ -49,7 +50,7 @@ pub struct Law {
 }
 
 impl Law {
-    /// The predicted error at compute `c` (GFLOPs).
+    /// The predicted error at budget `c`.
     pub fn at(&self, c: f64) -> f64 {
         self.e_inf + self.a * c.powf(-self.b)
     }
@@ -185,8 +186,8 @@ pub struct ModelFit {
 /// A budget where one model's predicted error crosses another's.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Crossover {
-    /// The budget, GFLOPs.
-    pub budget_gflops: f64,
+    /// The budget, in the advice's unit.
+    pub budget: f64,
     /// The model that is better below it.
     pub better_below: String,
     /// The model that is better above it.
@@ -198,8 +199,11 @@ pub struct Crossover {
 /// The advice at one budget.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Advice {
-    /// The budget asked about, GFLOPs.
-    pub budget_gflops: f64,
+    /// The budgets' unit: `GFLOPs` (training compute) or `s` (device seconds, for an
+    /// experiment run with time budgets).
+    pub unit: &'static str,
+    /// The budget asked about, in `unit`.
+    pub budget: f64,
     /// Every model's fit, in the report's order.
     pub fits: Vec<ModelFit>,
     /// The model with the lowest predicted error.
@@ -217,7 +221,7 @@ pub struct Advice {
 fn observations(rows: &[Row]) -> Vec<(String, Vec<(f64, f64)>)> {
     let mut out: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for r in rows {
-        let obs: Vec<(f64, f64)> = r.val_errors.iter().map(|&e| (r.budget_gflops, e)).collect();
+        let obs: Vec<(f64, f64)> = r.val_errors.iter().map(|&e| (r.budget(), e)).collect();
         match out.iter_mut().find(|(m, _)| *m == r.model) {
             Some((_, o)) => o.extend(obs),
             None => out.push((r.model.clone(), obs)),
@@ -258,16 +262,23 @@ fn roots(f: impl Fn(f64) -> f64, lo: f64, hi: f64) -> Vec<f64> {
     out
 }
 
+/// The unit of a report's budgets; a report mixing both is refused.
+fn budget_unit(rows: &[Row]) -> Result<&'static str> {
+    let timed = rows.iter().filter(|r| r.budget_seconds.is_some()).count();
+    ensure!(
+        timed == 0 || timed == rows.len(),
+        "the runs mix GFLOPs and time budgets: advise on the runs of one kind of budget"
+    );
+    Ok(if timed > 0 { "s" } else { "GFLOPs" })
+}
+
 /// Advises at `budget` from the rows of `report` whose budget is at most `fit_up_to`
 /// (`None`: every row).
 pub fn advise(report: &Report, budget: f64, fit_up_to: Option<f64>) -> Result<Advice> {
     ensure!(budget.is_finite() && budget > 0.0, "--budget must be positive and finite, not {budget}");
-    let rows: Vec<Row> = report
-        .rows
-        .iter()
-        .filter(|r| fit_up_to.is_none_or(|u| r.budget_gflops <= u * (1.0 + 1e-12)))
-        .cloned()
-        .collect();
+    let rows: Vec<Row> =
+        report.rows.iter().filter(|r| fit_up_to.is_none_or(|u| r.budget() <= u * (1.0 + 1e-12))).cloned().collect();
+    let unit = budget_unit(&report.rows)?;
     let models = observations(&rows);
     ensure!(
         !models.is_empty(),
@@ -291,7 +302,7 @@ pub fn advise(report: &Report, budget: f64, fit_up_to: Option<f64>) -> Result<Ad
         let measured = report
             .rows
             .iter()
-            .find(|r| r.model == *model && (r.budget_gflops / budget - 1.0).abs() < 1e-9)
+            .find(|r| r.model == *model && (r.budget() / budget - 1.0).abs() < 1e-9)
             .map(|r| r.val_error);
         fits.push(ModelFit { model: model.clone(), budgets, law, predicted: law.at(budget), interval, measured });
     }
@@ -307,15 +318,15 @@ pub fn advise(report: &Report, budget: f64, fit_up_to: Option<f64>) -> Result<Ad
             let below = best.law.at(c / 1.01) < other.law.at(c / 1.01);
             let (b, a) = if below { (&best.model, &other.model) } else { (&other.model, &best.model) };
             crossovers.push(Crossover {
-                budget_gflops: c,
+                budget: c,
                 better_below: b.clone(),
                 better_above: a.clone(),
                 extrapolated: c > hi,
             });
         }
     }
-    crossovers.sort_by(|a, b| a.budget_gflops.total_cmp(&b.budget_gflops));
-    Ok(Advice { budget_gflops: budget, best: best.model.clone(), contenders, crossovers, fits })
+    crossovers.sort_by(|a, b| a.budget.total_cmp(&b.budget));
+    Ok(Advice { budget, unit, best: best.model.clone(), contenders, crossovers, fits })
 }
 
 impl Advice {
@@ -324,8 +335,8 @@ impl Advice {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "prediction at {} GFLOPs (fit e(C) = e_inf + a*C^-b over every seed's error):",
-            self.budget_gflops
+            "prediction at {} {} (fit e(C) = e_inf + a*C^-b over every seed's error):",
+            self.budget, self.unit
         );
         let _ = writeln!(
             s,
@@ -347,7 +358,7 @@ impl Advice {
                 f.budgets.iter().map(|b| format!("{b}")).collect::<Vec<_>>().join(",")
             );
         }
-        let _ = writeln!(s, "compute-optimal at {} GFLOPs: {}", self.budget_gflops, self.best);
+        let _ = writeln!(s, "compute-optimal at {} {}: {}", self.budget, self.unit, self.best);
         if self.contenders.len() > 1 {
             let _ = writeln!(s, "within the seeds' noise of it: {}", self.contenders.join(", "));
         }
@@ -357,8 +368,9 @@ impl Advice {
         for c in &self.crossovers {
             let _ = writeln!(
                 s,
-                "crossover at {:.4} GFLOPs: {} below, {} above{}",
-                c.budget_gflops,
+                "crossover at {:.4} {}: {} below, {} above{}",
+                c.budget,
+                self.unit,
                 c.better_below,
                 c.better_above,
                 if c.extrapolated { " (beyond the largest budget run: extrapolated)" } else { "" }
@@ -371,8 +383,8 @@ impl Advice {
 /// One line of the advisor's validation: fit at budgets up to B/4, predict at B.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Check {
-    /// The budget predicted, GFLOPs.
-    pub budget_gflops: f64,
+    /// The budget predicted, in the experiment's unit.
+    pub budget: f64,
     /// The largest budget fitted.
     pub fit_up_to: f64,
     /// The predicted optimum.
@@ -389,7 +401,7 @@ pub struct Check {
 /// The advisor's validation on a report: for every budget B with at least [`MIN_BUDGETS`]
 /// budgets at or below B/4, fit there, predict at B and compare with what was measured.
 pub fn validate(report: &Report) -> Result<Vec<Check>> {
-    let mut budgets: Vec<f64> = report.rows.iter().map(|r| r.budget_gflops).collect();
+    let mut budgets: Vec<f64> = report.rows.iter().map(|r| r.budget()).collect();
     budgets.sort_by(f64::total_cmp);
     budgets.dedup();
     let mut out = Vec::new();
@@ -398,7 +410,7 @@ pub fn validate(report: &Report) -> Result<Vec<Check>> {
         if below.len() < MIN_BUDGETS {
             continue;
         }
-        let measured: Vec<&Row> = report.rows.iter().filter(|r| r.budget_gflops == b).collect();
+        let measured: Vec<&Row> = report.rows.iter().filter(|r| r.budget() == b).collect();
         let Ok(adv) = advise(report, b, Some(b / 4.0)) else { continue };
         let mbest = measured.iter().min_by(|x, y| x.val_error.total_cmp(&y.val_error)).expect("rows at b");
         let se = |r: &Row| r.val_error_std / (r.seeds.max(1) as f64).sqrt();
@@ -409,7 +421,7 @@ pub fn validate(report: &Report) -> Result<Vec<Check>> {
                 .is_some_and(|p| p.val_error - mbest.val_error <= 2.0 * (se(p).powi(2) + se(mbest).powi(2)).sqrt());
         let errs: Vec<f64> = adv.fits.iter().filter_map(|f| f.measured.map(|m| (f.predicted - m).abs())).collect();
         out.push(Check {
-            budget_gflops: b,
+            budget: b,
             fit_up_to: *below.last().expect("non-empty"),
             predicted_best: adv.best.clone(),
             measured_best: mbest.model.clone(),
@@ -437,7 +449,7 @@ pub fn validation_table(checks: &[Check]) -> String {
         let _ = writeln!(
             s,
             "{:>10} {:>10}  {:<14} {:<14} {:>4} {:>9.4}",
-            c.budget_gflops,
+            c.budget,
             c.fit_up_to,
             c.predicted_best,
             c.measured_best,

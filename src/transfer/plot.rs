@@ -91,7 +91,13 @@ pub fn plot(report: &Report, path: &Path, title: &str) -> Result<()> {
         let mut front: Vec<(f64, f64)> = report
             .optima
             .iter()
-            .filter_map(|o| report.rows.iter().find(|r| r.budget_gflops == o.budget_gflops && r.model == o.best_model))
+            .filter_map(|o| {
+                report.rows.iter().find(|r| {
+                    r.budget_gflops.to_bits() == o.budget_gflops.to_bits()
+                        && r.budget_seconds == o.budget_seconds
+                        && r.model == o.best_model
+                })
+            })
             .map(|r| (x(r), r.val_error))
             .collect();
         front.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -122,7 +128,7 @@ pub fn plot_advice(report: &Report, advice: &Advice, path: &Path, title: &str) -
     let err = |e: &dyn std::fmt::Display| invalid!("drawing {}: {e}", path.display());
     let root = SVGBackend::new(path, (800, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let b = advice.budget_gflops;
+    let b = advice.budget;
     let mut xs: Vec<f64> = advice.fits.iter().flat_map(|f| f.budgets.iter().copied()).collect();
     xs.push(b);
     let (xlo, xhi) = (xs.iter().copied().fold(f64::INFINITY, f64::min), xs.iter().copied().fold(0.0f64, f64::max));
@@ -146,7 +152,7 @@ pub fn plot_advice(report: &Report, advice: &Advice, path: &Path, title: &str) -
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
-        .x_desc("training compute (GFLOPs, log)")
+        .x_desc(if advice.unit == "s" { "training time budget (s, log)" } else { "training compute (GFLOPs, log)" })
         .y_desc("validation error (mean over seeds)")
         .label_style(("sans-serif", LABEL_FONT_PX))
         .x_label_formatter(&|v| tick_label(*v))
@@ -174,7 +180,7 @@ pub fn plot_advice(report: &Report, advice: &Advice, path: &Path, title: &str) -
         chart
             .draw_series(measured.map(|r| {
                 ErrorBar::new_vertical(
-                    r.budget_gflops,
+                    r.budget(),
                     r.val_error_min,
                     r.val_error,
                     r.val_error_max,

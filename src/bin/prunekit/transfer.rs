@@ -119,7 +119,8 @@ struct AdviseArgs {
     /// The runs folder (of `prunekit transfer --runs`).
     #[arg(long)]
     runs: PathBuf,
-    /// The training-compute budget to advise at, in GFLOPs.
+    /// The budget to advise at, in the runs' unit: GFLOPs, or seconds for runs made with
+    /// --budgets-seconds.
     #[arg(long)]
     budget: f64,
     /// Also validate the advisor on these runs (fit up to B/4, predict B, for every B).
