@@ -106,7 +106,7 @@ def _like(state: Dict[str, np.ndarray], template: Any) -> Dict[str, Any]:
         isinstance(template, dict) and torch is not None and any(isinstance(v, torch.Tensor) for v in template.values())
     )
     if as_torch:
-        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+        return {k: torch.from_numpy(np.asarray(v, order="C")) for k, v in state.items()}
     return dict(state)
 
 

@@ -89,7 +89,7 @@ def module_from_state(state: Mapping[str, Any], layers: Optional[Sequence[int]] 
     from torchvision.models.resnet import Bottleneck, ResNet
 
     tensors = {
-        k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v)))
+        k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v, order="C")))
         for k, v in state.items()
         if not k.startswith("keep.")
     }

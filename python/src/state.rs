@@ -53,10 +53,12 @@ pub(crate) fn state_from_py(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<
 pub(crate) fn state_to_py<'py>(py: Python<'py>, sd: StateDict) -> PyResult<Bound<'py, PyDict>> {
     let out = PyDict::new(py);
     for (name, t) in sd.tensors {
-        let arr = match t.data {
-            Data::F32(v) => PyArray1::from_vec(py, v).reshape(t.shape.clone())?.into_any(),
-            Data::I64(v) => PyArray1::from_vec(py, v).reshape(t.shape.clone())?.into_any(),
+        let flat = match t.data {
+            Data::F32(v) => PyArray1::from_vec(py, v).into_any(),
+            Data::I64(v) => PyArray1::from_vec(py, v).into_any(),
         };
+        // numpy's own reshape: it also makes 0-d arrays (shape [], e.g. num_batches_tracked).
+        let arr = flat.call_method1("reshape", (pyo3::types::PyTuple::new(py, &t.shape)?,))?;
         out.set_item(name, arr)?;
     }
     Ok(out)
