@@ -9,6 +9,7 @@ the NHWC kernels as channels-last views where their memory already is, else one 
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -47,10 +48,18 @@ def _parent(root: nn.Module, name: str) -> Tuple[nn.Module, str]:
 
 def resize_like(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """A copy of ``module`` whose convolutions, batch norms and linear layers have the
-    shapes of ``state`` (e.g. a pruned state dict), with ``state`` loaded (strictly).
-    Strides, paddings, eps, momentum, bias flags and the training mode are kept; the
-    original module is left as it was."""
-    new = copy.deepcopy(module)
+    shapes of ``state`` (e.g. a pruned state dict), holding copies of ``state``'s tensors
+    (every parameter and buffer must be in it). Strides, paddings, eps, momentum, bias
+    flags, ``requires_grad`` and the training mode are kept; the original module is left as
+    it was. The copy is made without copying (or initialising) the original's parameters:
+    its structure is copied with empty "meta" tensors, which ``state`` then replaces."""
+    memo: Dict[int, Any] = {}
+    device = torch.device("cpu")
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        device = t.device
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    new = copy.deepcopy(module, memo)
     for name, m in list(new.named_modules()):
         w = state.get(f"{name}.weight")
         if w is None:
@@ -61,23 +70,26 @@ def resize_like(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Modu
                 raise ValueError(f"{name}: grouped convolutions cannot be resized")
             repl: nn.Module = nn.Conv2d(
                 i, o, (kh, kw), stride=m.stride, padding=m.padding, dilation=m.dilation,
-                bias=m.bias is not None, padding_mode=m.padding_mode,
-                device=m.weight.device, dtype=m.weight.dtype,
+                bias=m.bias is not None, padding_mode=m.padding_mode, device="meta", dtype=m.weight.dtype,
             )
         elif isinstance(m, nn.BatchNorm2d) and w.shape[0] != m.num_features:
             repl = nn.BatchNorm2d(
                 w.shape[0], eps=m.eps, momentum=m.momentum, affine=m.affine,
-                track_running_stats=m.track_running_stats, device=m.weight.device, dtype=m.weight.dtype,
+                track_running_stats=m.track_running_stats, device="meta", dtype=m.weight.dtype,
             )
         elif isinstance(m, nn.Linear) and tuple(w.shape) != tuple(m.weight.shape):
-            repl = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+            repl = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device="meta", dtype=m.weight.dtype)
         else:
             continue
         repl.train(m.training)
+        for n, p in repl.named_parameters():
+            p.requires_grad_(getattr(m, n).requires_grad)
         parent, attr = _parent(new, name)
         setattr(parent, attr, repl)
-    device = next(new.parameters()).device
-    new.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    new.load_state_dict({k: v.to(device, copy=True) for k, v in state.items()}, strict=True, assign=True)
+    left = [n for n, t in itertools.chain(new.named_parameters(), new.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"the state has no tensor for {', '.join(left)}")
     return new
 
 

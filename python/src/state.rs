@@ -27,7 +27,10 @@ pub(crate) fn state_from_py(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<
             k.extract().map_err(|_| PyValueError::new_err("weights: every key must be a string (a tensor name)"))?;
         let t = if let Ok(a) = v.cast::<PyArrayDyn<f32>>() {
             let a = a.readonly();
-            let data = a.as_array().iter().copied().collect::<Vec<f32>>();
+            let data = match a.as_slice() {
+                Ok(s) => s.to_vec(),
+                Err(_) => a.as_array().iter().copied().collect::<Vec<f32>>(),
+            };
             if let Some(i) = data.iter().position(|x| !x.is_finite()) {
                 return Err(PyValueError::new_err(format!(
                     "weights: tensor {name} holds a non-finite value ({}) at flat index {i}",
@@ -37,7 +40,11 @@ pub(crate) fn state_from_py(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<
             Tensor::f32(a.shape().to_vec(), data)
         } else if let Ok(a) = v.cast::<PyArrayDyn<i64>>() {
             let a = a.readonly();
-            Tensor::i64(a.shape().to_vec(), a.as_array().iter().copied().collect())
+            let data = match a.as_slice() {
+                Ok(s) => s.to_vec(),
+                Err(_) => a.as_array().iter().copied().collect(),
+            };
+            Tensor::i64(a.shape().to_vec(), data)
         } else {
             let dtype = v.getattr("dtype").map(|d| d.to_string()).unwrap_or_else(|_| v.get_type().to_string());
             return Err(PyValueError::new_err(format!(
