@@ -3,8 +3,9 @@
 Rust: `prunekit conv-bench --device cpu --dtype f32` gives every distinct ResNet50
 convolution's fprop, dgrad and wgrad time (1 warm-up call, then the mean of --iters calls);
 this script times the same shapes, the same way, through prunekit.conv2d and its two
-gradients on numpy arrays (NHWC, zero-copy), and through prunekit.torch.Conv2d (forward, and
-backward for dgrad + wgrad) on channels-last tensors. Rounds alternate CLI and Python; each
+gradients on numpy arrays (NHWC, zero-copy, written into preallocated out= arrays as the
+Rust bench reuses its buffers), and through prunekit.torch.Conv2d (forward, and backward for
+dgrad + wgrad, new outputs each call) on channels-last tensors. Rounds alternate CLI and Python; each
 side keeps its fastest round per row.
 
   python3 scripts/py_conv_bench.py --cli target/release/prunekit [--batch 8 --size 112 --iters 5 --rounds 2]
@@ -42,16 +43,18 @@ def python_rows(rows, iters):
         y = prunekit.conv2d(x, wt, st, pad)
         dy = rng.standard_normal(y.shape, dtype=np.float32)
         key = (r["layer"], r["pass"])
+        # The functions write into preallocated outputs (out=), as the Rust bench does.
+        ybuf, dxbuf, dwbuf = np.empty_like(y), np.empty_like(x), np.empty_like(wt)
         if r["pass"] == "fprop":
-            out[key] = mean_ms(lambda: prunekit.conv2d(x, wt, st, pad), iters)
+            out[key] = mean_ms(lambda: prunekit.conv2d(x, wt, st, pad, out=ybuf), iters)
             conv = Conv2d(c, k, kr, stride=st, padding=pad)
             xt = torch.from_numpy(x).permute(0, 3, 1, 2)  # channels-last NCHW view
             with torch.no_grad():
                 out[key + ("module",)] = mean_ms(lambda: conv(xt), iters)
         elif r["pass"] == "dgrad":
-            out[key] = mean_ms(lambda: prunekit.conv2d_backward_input(dy, wt, (h, w), st, pad), iters)
+            out[key] = mean_ms(lambda: prunekit.conv2d_backward_input(dy, wt, (h, w), st, pad, out=dxbuf), iters)
         else:
-            out[key] = mean_ms(lambda: prunekit.conv2d_backward_weight(x, dy, (kr, kr), st, pad), iters)
+            out[key] = mean_ms(lambda: prunekit.conv2d_backward_weight(x, dy, (kr, kr), st, pad, out=dwbuf), iters)
             conv = Conv2d(c, k, kr, stride=st, padding=pad)
             xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
             dyt = torch.from_numpy(dy).permute(0, 3, 1, 2)

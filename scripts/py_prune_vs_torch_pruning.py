@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Pruning torchvision's ResNet50 from Python end to end: prunekit.prune (a new nn.Module
-with the kept widths) against Torch-Pruning's MagnitudePruner (L1 magnitude, the same
-groups: each bottleneck's conv1 and conv2 outputs at ratio 0.5, rounded to 8; the stem,
-conv3, downsample and fc ignored), measured side by side, alternating.
+with the kept widths) against Torch-Pruning's MagnitudePruner with the same selection (the
+L1 norm of the root conv's output filters, group_reduction="first"; each bottleneck's conv1
+and conv2 outputs at ratio 0.5, rounded to 8; the stem, conv3, downsample and fc ignored),
+measured side by side, alternating. Both pick the same filters: the two pruned models give
+the same logits.
 
 Both sides start from the same dense module and end with a pruned nn.Module; Torch-Pruning
 prunes in place, so its timing includes a deepcopy of the dense model (prunekit's includes
@@ -35,7 +37,7 @@ def torch_pruning(dense: torch.nn.Module) -> torch.nn.Module:
     pruner = tp.pruner.MagnitudePruner(
         model,
         torch.zeros(1, 3, 224, 224),
-        importance=tp.importance.MagnitudeImportance(p=1),
+        importance=tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None),
         pruning_ratio=0.5,
         ignored_layers=ignored,
         round_to=8,

@@ -232,8 +232,9 @@ def logits(weights: Any, images: Any, train: bool = False, device: str = "cpu", 
     return torch.from_numpy(out) if is_tensor else out
 
 
-def _data(data: Any, val: Any = None, **kw: Any) -> Data:
-    """``data`` as a :class:`Data` (a path or ``idx:`` spec, or ``(images, labels)``)."""
+def _data(data: Any, seed: int = 0, val: Any = None, **kw: Any) -> Data:
+    """``data`` as a :class:`Data` (a path or ``idx:`` spec, or ``(images, labels)``);
+    ``seed`` seeds the validation split and the per-class sample, as the CLI's ``--seed``."""
     if isinstance(data, Data):
         if val is not None or any(v is not None for v in kw.values()):
             raise ValueError("data is a prunekit.Data already: give val, classes, ... when making it")
@@ -243,7 +244,7 @@ def _data(data: Any, val: Any = None, **kw: Any) -> Data:
     if isinstance(val, os.PathLike):
         val = os.fspath(val)
     kw = {k: v for k, v in kw.items() if v is not None}
-    return Data(data, val, **kw)
+    return Data(data, val, seed=seed, **kw)
 
 
 def batches(
@@ -261,7 +262,7 @@ def batches(
     targets, as torch tensors when PyTorch is installed. ``steps`` limits how many;
     ``split="val"`` gives the evaluation batches."""
     torch = _torch()
-    it = Batches(_data(data, **data_options), batch, size, seed, augment, steps, split)
+    it = Batches(_data(data, seed, **data_options), batch, size, seed, augment, steps, split)
     for x, y in it:
         yield (torch.from_numpy(x), torch.from_numpy(y)) if torch is not None else (x, y)
 
@@ -414,7 +415,7 @@ def train(
     stop_after = rest.pop("stop_after", None)
     if rest:
         raise TypeError(f"train() got unexpected keyword arguments: {', '.join(sorted(rest))}")
-    d = _data(data, **data_opts)
+    d = _data(data, recipe["seed"], **data_opts)
     tmp = None
     if log is None:
         tmp = tempfile.TemporaryDirectory(prefix="prunekit-train-")
@@ -462,7 +463,7 @@ def evaluate(
 ) -> Dict[str, Any]:
     """``prunekit eval`` in-process: top-1 error and mean loss on the validation split of
     ``data`` (eval-mode batch norm). Returns ``{"error", "loss", "images"}``."""
-    d = _data(data, seed=seed, **data_options) if not isinstance(data, Data) else data
+    d = _data(data, seed, **data_options)
     error, loss, images = _prunekit.evaluate(_to_numpy_state(weights), d, batch, size, device, precision, seed)
     return {"error": error, "loss": loss, "images": images}
 
@@ -502,7 +503,7 @@ def transfer(
     recipe, data_opts, rest = _split_options(options)
     if rest:
         raise TypeError(f"transfer() got unexpected keyword arguments: {', '.join(sorted(rest))}")
-    d = _data(data, **data_opts)
+    d = _data(data, recipe["seed"], **data_opts)
     job = _prunekit.transfer_start(
         d,
         recipe,
@@ -561,26 +562,37 @@ def _back(y: np.ndarray, as_tensor: bool):
     return _torch().from_numpy(y) if as_tensor else y
 
 
-def conv2d(x: Any, w: Any, stride: int = 1, padding: int = 0):
+def _out(out: Any) -> Any:
+    return None if out is None else _as_numpy(out, "out")[0]
+
+
+def conv2d(x: Any, w: Any, stride: int = 1, padding: int = 0, out: Any = None):
     """``y = conv2d(x, w)`` on the CPU kernels: x ``[N, H, W, C]`` (NHWC), w
     ``[K, R, S, C]`` (KRSC), float32, C-contiguous (read in place, never copied); returns
-    y ``[N, P, Q, K]`` of the kind of ``x`` (numpy array or CPU tensor)."""
+    y ``[N, P, Q, K]`` of the kind of ``x`` (numpy array or CPU tensor). ``out``, a
+    C-contiguous float32 array or tensor of y's shape, receives y instead of a new array."""
     xa, t = _as_numpy(x, "x")
     wa, _ = _as_numpy(w, "w")
-    return _back(_prunekit.conv2d(xa, wa, stride, padding), t)
+    return _back(_prunekit.conv2d(xa, wa, stride, padding, _out(out)), t)
 
 
-def conv2d_backward_input(dy: Any, w: Any, input_size: Tuple[int, int], stride: int = 1, padding: int = 0):
+def conv2d_backward_input(
+    dy: Any, w: Any, input_size: Tuple[int, int], stride: int = 1, padding: int = 0, out: Any = None
+):
     """The gradient of :func:`conv2d` with respect to x: dx ``[N, H, W, C]`` from dy
-    ``[N, P, Q, K]`` and w ``[K, R, S, C]``; ``input_size`` is ``(H, W)``."""
+    ``[N, P, Q, K]`` and w ``[K, R, S, C]``; ``input_size`` is ``(H, W)``; ``out`` as in
+    :func:`conv2d`."""
     da, t = _as_numpy(dy, "dy")
     wa, _ = _as_numpy(w, "w")
-    return _back(_prunekit.conv2d_backward_input(da, wa, tuple(input_size), stride, padding), t)
+    return _back(_prunekit.conv2d_backward_input(da, wa, tuple(input_size), stride, padding, _out(out)), t)
 
 
-def conv2d_backward_weight(x: Any, dy: Any, kernel_size: Tuple[int, int], stride: int = 1, padding: int = 0):
+def conv2d_backward_weight(
+    x: Any, dy: Any, kernel_size: Tuple[int, int], stride: int = 1, padding: int = 0, out: Any = None
+):
     """The gradient of :func:`conv2d` with respect to w: dw ``[K, R, S, C]`` from x
-    ``[N, H, W, C]`` and dy ``[N, P, Q, K]``; ``kernel_size`` is ``(R, S)``."""
+    ``[N, H, W, C]`` and dy ``[N, P, Q, K]``; ``kernel_size`` is ``(R, S)``; ``out`` as in
+    :func:`conv2d`."""
     xa, t = _as_numpy(x, "x")
     da, _ = _as_numpy(dy, "dy")
-    return _back(_prunekit.conv2d_backward_weight(xa, da, tuple(kernel_size), stride, padding), t)
+    return _back(_prunekit.conv2d_backward_weight(xa, da, tuple(kernel_size), stride, padding, _out(out)), t)

@@ -42,7 +42,11 @@ def logits(
     precision: Optional[str] = None,
 ) -> npt.NDArray[np.float32]: ...
 def conv2d(
-    x: npt.NDArray[np.float32], w: npt.NDArray[np.float32], stride: int = 1, padding: int = 0
+    x: npt.NDArray[np.float32],
+    w: npt.NDArray[np.float32],
+    stride: int = 1,
+    padding: int = 0,
+    out: Optional[npt.NDArray[np.float32]] = None,
 ) -> npt.NDArray[np.float32]: ...
 def conv2d_backward_input(
     dy: npt.NDArray[np.float32],
@@ -50,6 +54,7 @@ def conv2d_backward_input(
     input_size: Tuple[int, int],
     stride: int = 1,
     padding: int = 0,
+    out: Optional[npt.NDArray[np.float32]] = None,
 ) -> npt.NDArray[np.float32]: ...
 def conv2d_backward_weight(
     x: npt.NDArray[np.float32],
@@ -57,6 +62,7 @@ def conv2d_backward_weight(
     kernel_size: Tuple[int, int],
     stride: int = 1,
     padding: int = 0,
+    out: Optional[npt.NDArray[np.float32]] = None,
 ) -> npt.NDArray[np.float32]: ...
 
 class Data:

@@ -116,8 +116,9 @@ class _ConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+        """y = conv(x, weight) with prunekit.conv2d; saves the NHWC input and KRSC weight."""
         xn = x.detach().permute(0, 2, 3, 1).contiguous()  # NHWC: a view for channels-last input
-        wn = weight.detach().permute(0, 2, 3, 1).contiguous()  # OIHW -> KRSC
+        wn = weight.detach().permute(0, 2, 3, 1).contiguous()  # KRSC: a view for channels-last weights
         y = _prunekit.conv2d(xn.numpy(), wn.numpy(), stride, padding)
         ctx.save_for_backward(xn, wn)
         ctx.conf = (stride, padding, x.shape[2], x.shape[3], weight.shape[2], weight.shape[3])
@@ -125,6 +126,7 @@ class _ConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
+        """dx and dweight with prunekit's two gradient kernels (only those asked for)."""
         xn, wn = ctx.saved_tensors
         stride, padding, h, w, r, s = ctx.conf
         dyn = dy.permute(0, 2, 3, 1).contiguous().numpy()
@@ -134,7 +136,7 @@ class _ConvFunction(torch.autograd.Function):
             dx = dx.permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
             dw = torch.from_numpy(_prunekit.conv2d_backward_weight(xn.numpy(), dyn, (r, s), stride, padding))
-            dw = dw.permute(0, 3, 1, 2).contiguous()
+            dw = dw.permute(0, 3, 1, 2)  # OIHW in channels-last memory, as the weight
         return dx, dw, None, None
 
 
@@ -149,8 +151,8 @@ def _pair(v: Union[int, Tuple[int, int]], what: str) -> int:
 class Conv2d(nn.Module):
     """A drop-in for ``nn.Conv2d`` (float32, CPU, groups 1, dilation 1, square stride and
     padding) whose forward and backward run prunekit's CPU kernels. Its weight is OIHW as
-    PyTorch's, so state dicts load unchanged; the bias, when there is one, is added by
-    PyTorch. Inputs in channels-last memory (``x.to(memory_format=torch.channels_last)``)
+    PyTorch's (held in channels-last memory, which is the kernels' KRSC layout), so state
+    dicts load unchanged; the bias, when there is one, is added by PyTorch. Inputs in channels-last memory (``x.to(memory_format=torch.channels_last)``)
     reach the kernels without a copy, and outputs are channels-last."""
 
     def __init__(
@@ -168,7 +170,8 @@ class Conv2d(nn.Module):
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
         ref = nn.Conv2d(in_channels, out_channels, (kh, kw), bias=bias)  # PyTorch's initialisation
-        self.weight = nn.Parameter(ref.weight.detach().clone())
+        # OIHW, in channels-last memory: KRSC, the kernels' layout, without a copy per call.
+        self.weight = nn.Parameter(ref.weight.detach().contiguous(memory_format=torch.channels_last))
         self.bias = nn.Parameter(ref.bias.detach().clone()) if bias else None
 
     @classmethod
@@ -184,6 +187,8 @@ class Conv2d(nn.Module):
         new.kernel_size = tuple(conv.kernel_size)
         new.stride = _pair(tuple(conv.stride), "stride")
         new.padding = _pair(tuple(conv.padding), "padding")
+        # The shared weight moves to channels-last memory (KRSC), the kernels' layout.
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
         new.weight = conv.weight
         new.bias = conv.bias
         return new

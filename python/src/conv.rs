@@ -1,6 +1,7 @@
 //! The CPU convolution kernels (`prunekit::cpu::conv`) on numpy arrays: activations
 //! NHWC, weights KRSC, float32, C-contiguous. The inputs are read in place (no copy) and
-//! the output is written straight into a new numpy array, with the GIL released.
+//! the output is written straight into a new numpy array (or the caller's `out`), with
+//! the GIL released.
 
 use crate::guarded;
 use numpy::{PyArray4, PyArrayMethods, PyReadonlyArray4, PyUntypedArrayMethods};
@@ -45,14 +46,32 @@ fn shape(
     Ok(sh)
 }
 
+/// Runs `f` on the output (GIL released): `out` when given (rank 4, float32,
+/// C-contiguous, writeable, of the output's shape; overwritten), else a new array.
 fn run<'py>(
     py: Python<'py>,
     out_dims: [usize; 4],
+    out: Option<&Bound<'py, PyAny>>,
     f: impl FnOnce(&mut [f32]) + Send,
 ) -> PyResult<Bound<'py, PyArray4<f32>>> {
-    let out = PyArray4::<f32>::zeros(py, out_dims, false);
+    let out = match out {
+        None => PyArray4::<f32>::zeros(py, out_dims, false),
+        Some(o) => {
+            let ro = array4(o, "out")?;
+            if dims(&ro) != out_dims {
+                return Err(PyValueError::new_err(format!("out has shape {:?}, the result {out_dims:?}", ro.shape())));
+            }
+            drop(ro);
+            o.cast::<PyArray4<f32>>().expect("checked").clone()
+        }
+    };
     {
-        let mut rw = out.readwrite();
+        // Refused when read-only or overlapping an input (which is borrowed read-only).
+        let mut rw = out.try_readwrite().map_err(|e| {
+            PyValueError::new_err(format!(
+                "out cannot be written ({e}): it must be writeable and share no memory with the inputs"
+            ))
+        })?;
         let y = rw.as_slice_mut().expect("a new array is contiguous");
         guarded(py, move || {
             f(y);
@@ -64,13 +83,14 @@ fn run<'py>(
 
 /// `y = conv2d(x, w)`: x `[N, H, W, C]`, w `[K, R, S, C]`, y `[N, P, Q, K]` (NHWC).
 #[pyfunction]
-#[pyo3(signature = (x, w, stride=1, padding=0))]
+#[pyo3(signature = (x, w, stride=1, padding=0, out=None))]
 fn conv2d<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     w: &Bound<'py, PyAny>,
     stride: usize,
     padding: usize,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArray4<f32>>> {
     crate::catch(|| {
         let (xa, wa) = (array4(x, "x")?, array4(w, "w")?);
@@ -80,14 +100,14 @@ fn conv2d<'py>(
         }
         let sh = shape(n, (h, wd, c), (k, r, s), stride, padding)?;
         let (xs, ws) = (xa.as_slice().expect("checked"), wa.as_slice().expect("checked"));
-        run(py, [n, sh.p(), sh.q(), k], move |y| fprop(&sh, xs, ws, y))
+        run(py, [n, sh.p(), sh.q(), k], out, move |y| fprop(&sh, xs, ws, y))
     })
 }
 
 /// The gradient of conv2d's input: dx `[N, H, W, C]` from dy `[N, P, Q, K]` and w
 /// `[K, R, S, C]`; `input_size` is `(H, W)`.
 #[pyfunction]
-#[pyo3(signature = (dy, w, input_size, stride=1, padding=0))]
+#[pyo3(signature = (dy, w, input_size, stride=1, padding=0, out=None))]
 fn conv2d_backward_input<'py>(
     py: Python<'py>,
     dy: &Bound<'py, PyAny>,
@@ -95,6 +115,7 @@ fn conv2d_backward_input<'py>(
     input_size: (usize, usize),
     stride: usize,
     padding: usize,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArray4<f32>>> {
     crate::catch(|| {
         let (da, wa) = (array4(dy, "dy")?, array4(w, "w")?);
@@ -113,14 +134,14 @@ fn conv2d_backward_input<'py>(
             )));
         }
         let (ds, ws) = (da.as_slice().expect("checked"), wa.as_slice().expect("checked"));
-        run(py, [n, sh.h, sh.w, c], move |dx| dgrad(&sh, ds, ws, dx))
+        run(py, [n, sh.h, sh.w, c], out, move |dx| dgrad(&sh, ds, ws, dx))
     })
 }
 
 /// The gradient of conv2d's weight: dw `[K, R, S, C]` from x `[N, H, W, C]` and dy
 /// `[N, P, Q, K]`; `kernel_size` is `(R, S)`.
 #[pyfunction]
-#[pyo3(signature = (x, dy, kernel_size, stride=1, padding=0))]
+#[pyo3(signature = (x, dy, kernel_size, stride=1, padding=0, out=None))]
 fn conv2d_backward_weight<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
@@ -128,6 +149,7 @@ fn conv2d_backward_weight<'py>(
     kernel_size: (usize, usize),
     stride: usize,
     padding: usize,
+    out: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArray4<f32>>> {
     crate::catch(|| {
         let (xa, da) = (array4(x, "x")?, array4(dy, "dy")?);
@@ -144,7 +166,7 @@ fn conv2d_backward_weight<'py>(
             )));
         }
         let (xs, ds) = (xa.as_slice().expect("checked"), da.as_slice().expect("checked"));
-        run(py, [k, sh.r, sh.s, c], move |dw| wgrad(&sh, xs, ds, dw))
+        run(py, [k, sh.r, sh.s, c], out, move |dw| wgrad(&sh, xs, ds, dw))
     })
 }
 

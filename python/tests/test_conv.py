@@ -79,3 +79,21 @@ def test_channels_last_input_and_convert():
     y = ours(x)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert close(y.detach(), ref.detach())
+
+
+def test_out_arrays():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 9, 9, 4), dtype=np.float32)
+    w = rng.standard_normal((6, 3, 3, 4), dtype=np.float32)
+    out = np.full((2, 9, 9, 6), np.nan, np.float32)
+    y = prunekit.conv2d(x, w, 1, 1, out=out)
+    assert np.shares_memory(y, out) and np.array_equal(out, prunekit.conv2d(x, w, 1, 1))
+    with pytest.raises(ValueError, match="shape"):
+        prunekit.conv2d(x, w, 1, 0, out=out)
+    ro = np.zeros((2, 9, 9, 6), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="cannot be written"):
+        prunekit.conv2d(x, w, 1, 1, out=ro)
+    sq = rng.standard_normal((1, 5, 5, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="cannot be written"):  # out is the input itself
+        prunekit.conv2d(sq, np.ones((3, 1, 1, 3), np.float32), out=sq)

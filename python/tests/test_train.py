@@ -137,3 +137,35 @@ def test_small_transfer_sweep(tiny_arrays, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["rows"] == rows
     assert len(os.listdir(tmp_path / "runs")) == 4
     assert lines
+
+
+def write_idx(path, a: np.ndarray) -> None:
+    """An IDX file (MNIST's format) of unsigned bytes."""
+    header = bytes([0, 0, 8, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+    path.write_bytes(header + a.astype(np.uint8).tobytes())
+
+
+def test_train_is_the_cli_in_process(tiny_arrays, prunekit_bin, tmp_path):
+    (ti, tl), (vi, vl) = tiny_arrays
+    for name, a in [("ti", ti[..., 0]), ("tl", tl), ("vi", vi[..., 0]), ("vl", vl)]:
+        write_idx(tmp_path / name, a)
+    data = f"idx:{tmp_path / 'ti'},{tmp_path / 'tl'}"
+    val = f"idx:{tmp_path / 'vi'},{tmp_path / 'vl'}"
+    subprocess.run(
+        [prunekit_bin, "train", "--data", data, "--val", val, "--layers", "1,1,1,1", "--width", "8",
+         "--mode", "filters", "--sparsity", "0.5", "--round-to", "2", "--steps", "4", "--batch", "8",
+         "--size", "32", "--device", "cpu", "--out", str(tmp_path / "cli.safetensors"), "--log",
+         str(tmp_path / "cli.jsonl")],
+        check=True, capture_output=True,
+    )
+    run = prunekit.train(data, val=val, layers=[1, 1, 1, 1], width=8, mode="filters", sparsity=0.5, round_to=2,
+                         steps=4, batch=8, size=32, out=tmp_path / "py.safetensors", log=tmp_path / "py.jsonl")
+    from safetensors.numpy import load_file
+    a, b = load_file(str(tmp_path / "cli.safetensors")), load_file(str(tmp_path / "py.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    cli_rows = [json.loads(l) for l in (tmp_path / "cli.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+    assert strip(cli_rows) == strip(run.rows)
+    assert any("pruned zero-shot" in n for n in run.notes)
