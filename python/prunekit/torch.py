@@ -1,0 +1,225 @@
+"""PyTorch glue for prunekit: modules with the kept widths, and ``Conv2d``, an
+``nn.Module`` whose forward and backward run prunekit's CPU convolution kernels.
+
+Nothing here computes: the shapes come from prunekit's pruned state dicts, and the
+convolutions from ``prunekit.conv2d`` and its two gradients (NCHW tensors are handed to
+the NHWC kernels as channels-last views where their memory already is, else one copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import _prunekit
+
+__all__ = ["Conv2d", "convert", "resize_like", "module_from_state", "check_bottleneck_resnet"]
+
+
+def check_bottleneck_resnet(module: nn.Module) -> None:
+    """Raises ``ValueError`` unless ``module`` is shaped like torchvision's bottleneck
+    ResNet (conv1, bn1, layer1..layer4 of blocks with conv1..conv3, fc)."""
+    missing = [n for n in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc") if not hasattr(module, n)]
+    if missing:
+        raise ValueError(
+            f"{type(module).__name__} is not a torchvision ResNet: it has no {', '.join(missing)} "
+            "(prunekit prunes the bottleneck family: resnet50, resnet101, resnet152, wide_resnet50_2, ...)"
+        )
+    for s in range(1, 5):
+        for i, block in enumerate(getattr(module, f"layer{s}")):
+            if not hasattr(block, "conv3"):
+                raise ValueError(
+                    f"layer{s}.{i} is a {type(block).__name__}, not a Bottleneck: prunekit prunes the bottleneck "
+                    "ResNets (resnet50, resnet101, resnet152, ...), not resnet18/34"
+                )
+
+
+def _parent(root: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    *path, last = name.split(".")
+    m = root
+    for p in path:
+        m = getattr(m, p)
+    return m, last
+
+
+def resize_like(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``module`` whose convolutions, batch norms and linear layers have the
+    shapes of ``state`` (e.g. a pruned state dict), holding copies of ``state``'s tensors
+    (every parameter and buffer must be in it). Strides, paddings, eps, momentum, bias
+    flags, ``requires_grad`` and the training mode are kept; the original module is left as
+    it was. The copy is made without copying (or initialising) the original's parameters:
+    its structure is copied with empty "meta" tensors, which ``state`` then replaces."""
+    memo: Dict[int, Any] = {}
+    device = torch.device("cpu")
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        device = t.device
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    new = copy.deepcopy(module, memo)
+    for name, m in list(new.named_modules()):
+        w = state.get(f"{name}.weight")
+        if w is None:
+            continue
+        if isinstance(m, nn.Conv2d) and tuple(w.shape) != tuple(m.weight.shape):
+            o, i, kh, kw = w.shape
+            if m.groups != 1:
+                raise ValueError(f"{name}: grouped convolutions cannot be resized")
+            repl: nn.Module = nn.Conv2d(
+                i, o, (kh, kw), stride=m.stride, padding=m.padding, dilation=m.dilation,
+                bias=m.bias is not None, padding_mode=m.padding_mode, device="meta", dtype=m.weight.dtype,
+            )
+        elif isinstance(m, nn.BatchNorm2d) and w.shape[0] != m.num_features:
+            repl = nn.BatchNorm2d(
+                w.shape[0], eps=m.eps, momentum=m.momentum, affine=m.affine,
+                track_running_stats=m.track_running_stats, device="meta", dtype=m.weight.dtype,
+            )
+        elif isinstance(m, nn.Linear) and tuple(w.shape) != tuple(m.weight.shape):
+            repl = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device="meta", dtype=m.weight.dtype)
+        else:
+            continue
+        repl.train(m.training)
+        for n, p in repl.named_parameters():
+            p.requires_grad_(getattr(m, n).requires_grad)
+        parent, attr = _parent(new, name)
+        setattr(parent, attr, repl)
+    new.load_state_dict({k: v.to(device, copy=True) for k, v in state.items()}, strict=True, assign=True)
+    left = [n for n, t in itertools.chain(new.named_parameters(), new.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"the state has no tensor for {', '.join(left)}")
+    return new
+
+
+def module_from_state(state: Mapping[str, Any], layers: Optional[Sequence[int]] = None) -> nn.Module:
+    """A torchvision bottleneck ResNet with the shapes of ``state`` (dense, pruned or of
+    another base width, as ``prunekit.init_weights`` makes) and its tensors loaded.
+    ``keep.*`` entries are ignored. Needs torchvision."""
+    import numpy as np
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    tensors = {
+        k: (v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v, order="C")))
+        for k, v in state.items()
+        if not k.startswith("keep.")
+    }
+    info = _prunekit.flops({k: v.detach().cpu().contiguous().numpy() for k, v in tensors.items()}, 224)
+    layers = list(layers) if layers is not None else list(info["layers"])
+    template = ResNet(Bottleneck, layers, num_classes=int(info["classes"]))
+    return resize_like(template, tensors)
+
+
+class _ConvFunction(torch.autograd.Function):
+    """prunekit's CPU convolution as an autograd function (NCHW at the boundary)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+        """y = conv(x, weight) with prunekit.conv2d; saves the NHWC input and KRSC weight."""
+        xn = x.detach().permute(0, 2, 3, 1).contiguous()  # NHWC: a view for channels-last input
+        wn = weight.detach().permute(0, 2, 3, 1).contiguous()  # KRSC: a view for channels-last weights
+        y = _prunekit.conv2d(xn.numpy(), wn.numpy(), stride, padding)
+        ctx.save_for_backward(xn, wn)
+        ctx.conf = (stride, padding, x.shape[2], x.shape[3], weight.shape[2], weight.shape[3])
+        return torch.from_numpy(y).permute(0, 3, 1, 2)  # NCHW view of NHWC memory (channels-last)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor):
+        """dx and dweight with prunekit's two gradient kernels (only those asked for)."""
+        xn, wn = ctx.saved_tensors
+        stride, padding, h, w, r, s = ctx.conf
+        dyn = dy.permute(0, 2, 3, 1).contiguous().numpy()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.from_numpy(_prunekit.conv2d_backward_input(dyn, wn.numpy(), (h, w), stride, padding))
+            dx = dx.permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:
+            dw = torch.from_numpy(_prunekit.conv2d_backward_weight(xn.numpy(), dyn, (r, s), stride, padding))
+            dw = dw.permute(0, 3, 1, 2)  # OIHW in channels-last memory, as the weight
+        return dx, dw, None, None
+
+
+def _pair(v: Union[int, Tuple[int, int]], what: str) -> int:
+    if isinstance(v, tuple):
+        if len(v) != 2 or v[0] != v[1]:
+            raise ValueError(f"{what}: prunekit's kernels take the same {what} in both directions, got {v}")
+        return int(v[0])
+    return int(v)
+
+
+class Conv2d(nn.Module):
+    """A drop-in for ``nn.Conv2d`` (float32, CPU, groups 1, dilation 1, square stride and
+    padding) whose forward and backward run prunekit's CPU kernels. Its weight is OIHW as
+    PyTorch's (held in channels-last memory, which is the kernels' KRSC layout), so state
+    dicts load unchanged; the bias, when there is one, is added by PyTorch. Inputs in channels-last memory (``x.to(memory_format=torch.channels_last)``)
+    reach the kernels without a copy, and outputs are channels-last."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Union[int, Tuple[int, int]],
+        stride: Union[int, Tuple[int, int]] = 1,
+        padding: Union[int, Tuple[int, int]] = 0,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        ref = nn.Conv2d(in_channels, out_channels, (kh, kw), bias=bias)  # PyTorch's initialisation
+        # OIHW, in channels-last memory: KRSC, the kernels' layout, without a copy per call.
+        self.weight = nn.Parameter(ref.weight.detach().contiguous(memory_format=torch.channels_last))
+        self.bias = nn.Parameter(ref.bias.detach().clone()) if bias else None
+
+    @classmethod
+    def from_torch(cls, conv: nn.Conv2d) -> "Conv2d":
+        """A prunekit ``Conv2d`` with ``conv``'s settings and (shared) parameters."""
+        if conv.groups != 1 or conv.dilation not in ((1, 1), 1) or conv.padding_mode != "zeros":
+            raise ValueError("prunekit's Conv2d takes groups=1, dilation=1 and zero padding")
+        if isinstance(conv.padding, str):
+            raise ValueError("prunekit's Conv2d takes a numeric padding, not 'same'/'valid'")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_channels, new.out_channels = conv.in_channels, conv.out_channels
+        new.kernel_size = tuple(conv.kernel_size)
+        new.stride = _pair(tuple(conv.stride), "stride")
+        new.padding = _pair(tuple(conv.padding), "padding")
+        # The shared weight moves to channels-last memory (KRSC), the kernels' layout.
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of NCHW ``x`` (float32, CPU)."""
+        if x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            raise ValueError(f"prunekit's Conv2d takes float32, got input {x.dtype}, weight {self.weight.dtype}")
+        if x.device.type != "cpu":
+            raise ValueError(f"prunekit's Conv2d runs on the CPU, got a {x.device.type} tensor")
+        if x.dim() != 4:
+            raise ValueError(f"prunekit's Conv2d takes NCHW input, got rank {x.dim()}")
+        y = _ConvFunction.apply(x, self.weight, self.stride, self.padding)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, bias={self.bias is not None}"
+        )
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Replaces every ``nn.Conv2d`` of ``module`` (in place) by a prunekit ``Conv2d``
+    sharing its parameters; returns ``module``."""
+    for name, m in list(module.named_modules()):
+        if isinstance(m, nn.Conv2d):
+            parent, attr = _parent(module, name) if name else (None, "")
+            if parent is None:
+                return Conv2d.from_torch(m)
+            setattr(parent, attr, Conv2d.from_torch(m))
+    return module

@@ -1,0 +1,99 @@
+"""prunekit's CPU convolution kernels from Python against torch.nn.functional.conv2d."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prunekit
+from prunekit.torch import Conv2d, convert
+
+# (batch, channels in, height, width, filters, kernel, stride, padding)
+SHAPES = [
+    (1, 3, 17, 13, 8, 7, 2, 3),  # the stem's kind: 7x7 stride 2, odd sizes, batch 1
+    (2, 16, 9, 9, 24, 3, 1, 1),
+    (3, 5, 11, 7, 6, 3, 2, 1),  # 3x3 stride 2 on odd sizes
+    (2, 32, 8, 8, 16, 1, 1, 0),  # 1x1: a plain GEMM
+    (1, 12, 15, 15, 20, 1, 2, 0),  # 1x1 stride 2 (a downsample)
+    (2, 4, 6, 5, 3, 5, 1, 0),
+]
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = b.abs().max().item()
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-30) + 1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_module_forward_and_both_gradients(shape):
+    n, c, h, w, k, r, stride, pad = shape
+    g = torch.Generator().manual_seed(hash(shape) % 1000)
+    x = torch.randn(n, c, h, w, generator=g, requires_grad=True)
+    conv = Conv2d(c, k, r, stride=stride, padding=pad)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(k, c, r, r, generator=g))
+    y = conv(x)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref_w = conv.weight.detach().clone().requires_grad_(True)
+    ref = F.conv2d(ref_x, ref_w, stride=stride, padding=pad)
+    assert y.shape == ref.shape
+    assert close(y.detach(), ref.detach())
+    dy = torch.randn(ref.shape, generator=g)
+    y.backward(dy)
+    ref.backward(dy)
+    assert close(x.grad, ref_x.grad)
+    assert close(conv.weight.grad, ref_w.grad)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_numpy_functions_nhwc(shape):
+    n, c, h, w, k, r, stride, pad = shape
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+    wt = rng.standard_normal((k, r, r, c), dtype=np.float32)
+    y = prunekit.conv2d(x, wt, stride=stride, padding=pad)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+    wtt = torch.from_numpy(wt).permute(0, 3, 1, 2)
+    ref = F.conv2d(xt, wtt, stride=stride, padding=pad).permute(0, 2, 3, 1)
+    assert isinstance(y, np.ndarray) and close(torch.from_numpy(y), ref)
+    dy = rng.standard_normal(y.shape, dtype=np.float32)
+    dx = prunekit.conv2d_backward_input(dy, wt, (h, w), stride=stride, padding=pad)
+    dw = prunekit.conv2d_backward_weight(x, dy, (r, r), stride=stride, padding=pad)
+    xr = xt.clone().requires_grad_(True)
+    wr = wtt.clone().requires_grad_(True)
+    F.conv2d(xr, wr, stride=stride, padding=pad).backward(torch.from_numpy(dy).permute(0, 3, 1, 2))
+    assert close(torch.from_numpy(dx), xr.grad.permute(0, 2, 3, 1))
+    assert close(torch.from_numpy(dw), wr.grad.permute(0, 2, 3, 1))
+    # CPU tensors in, tensors out.
+    yt = prunekit.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=stride, padding=pad)
+    assert isinstance(yt, torch.Tensor) and torch.equal(yt, torch.from_numpy(y))
+
+
+def test_channels_last_input_and_convert():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 3, 10, 10).to(memory_format=torch.channels_last)
+    ref = net(x)
+    ours = convert(net)
+    assert isinstance(ours[0], Conv2d) and ours[0].bias is not None
+    y = ours(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert close(y.detach(), ref.detach())
+
+
+def test_out_arrays():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 9, 9, 4), dtype=np.float32)
+    w = rng.standard_normal((6, 3, 3, 4), dtype=np.float32)
+    out = np.full((2, 9, 9, 6), np.nan, np.float32)
+    y = prunekit.conv2d(x, w, 1, 1, out=out)
+    assert np.shares_memory(y, out) and np.array_equal(out, prunekit.conv2d(x, w, 1, 1))
+    with pytest.raises(ValueError, match="shape"):
+        prunekit.conv2d(x, w, 1, 0, out=out)
+    ro = np.zeros((2, 9, 9, 6), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="cannot be written"):
+        prunekit.conv2d(x, w, 1, 1, out=ro)
+    sq = rng.standard_normal((1, 5, 5, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="cannot be written"):  # out is the input itself
+        prunekit.conv2d(sq, np.ones((3, 1, 1, 3), np.float32), out=sq)
