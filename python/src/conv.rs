@@ -5,7 +5,8 @@
 
 use crate::guarded;
 use numpy::{PyArray4, PyArrayMethods, PyReadonlyArray4, PyUntypedArrayMethods};
-use prunekit::cpu::conv::{dgrad, fprop, wgrad, ConvShape};
+use prunekit::cpu::conv::{dgrad, fprop, wgrad};
+use prunekit::shape::ConvShape;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
