@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-# (batch, size, modes, sparsities): the rows of issue 10 (batch 8 224x224: dense, filters
+# (batch, size, modes, sparsities): the compared rows (batch 8 224x224: dense, filters
 # 0.5, channels 0.5, 0.75; batch 64 32x32: dense, filters 0.5), plus what the same bench
 # invocation measures anyway.
 CONFIGS = {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Bytes per training step of the memory-bound families (BN forward, BN backward,
-ReLU/add) before and after the fused ops of ops::fused (issue 10, part 3), by the
-formulas of src/ops/profile.rs (Cost), for ResNet50 dense and filters 0.5.
+ReLU/add) before and after the fused ops of ops::fused, by the
+formulas of src/ops/profile/ (Cost), for ResNet50 dense and filters 0.5.
 
 It reproduces exactly what `prunekit bench --device emu --mode filters --sparsity 0,0.5
 --steps 1 --warmup 0 --profile` counted before and after (2 x 32x32, f32), and evaluates
