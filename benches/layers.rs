@@ -111,7 +111,7 @@ fn head_benches(c: &mut Criterion) {
         let (mut p, gr, mut buf) = (filled::<f32>(&dev, n, 13), filled::<f32>(&dev, n, 14), filled::<f32>(&dev, n, 15));
         g.throughput(Throughput::Bytes(5 * n as u64 * 4));
         bench(&mut g, &format!("sgd_step/n{n}"), &dev, || {
-            layers::sgd_step(&dev, &mut p, &gr, &mut buf, 1e-6, 0.9, 1e-4, false).unwrap()
+            layers::sgd_step(&dev, &mut p, &gr, &mut buf, &layers::SgdStep::new(1e-6, 0.9, 1e-4, false)).unwrap()
         });
     }
     g.finish();

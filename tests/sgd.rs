@@ -24,7 +24,14 @@ fn check_sgd(dev: &Device) {
             let (mut wp, mut wb) = (d64(&p0), vec![f64::NAN; n]);
             for step in 0..3 {
                 let g = r.vec(n, -1.0, 1.0);
-                layers::sgd_step(dev, &mut param, &up(dev, g.clone()), &mut buf, lr, mom, wd, step == 0).unwrap();
+                layers::sgd_step(
+                    dev,
+                    &mut param,
+                    &up(dev, g.clone()),
+                    &mut buf,
+                    &layers::SgdStep::new(lr, mom, wd, step == 0),
+                )
+                .unwrap();
                 (wp, wb) = csgd::sgd_step_oracle(&wp, &d64(&g), &wb, lr as f64, mom as f64, wd as f64, step == 0);
                 let what = |s: &str| format!("sgd {s} (n = {n}, step {step}, lr {lr}, momentum {mom}, wd {wd})");
                 check(&what("param"), dev, &down(&param), &wp, 1e-6, 1e-6);
@@ -48,10 +55,12 @@ fn sgd_known_values() {
     // = 0.26849, p = 0.949 - 0.026849 = 0.922151.
     for dev in all_devices() {
         let (mut p, mut b) = (up(&dev, vec![1.0f32]), fresh::<f32>(&dev, 1));
-        layers::sgd_step(&dev, &mut p, &up(&dev, vec![0.5f32]), &mut b, 0.1, 0.9, 0.01, true).unwrap();
+        layers::sgd_step(&dev, &mut p, &up(&dev, vec![0.5f32]), &mut b, &layers::SgdStep::new(0.1, 0.9, 0.01, true))
+            .unwrap();
         check("p1", &dev, &down(&p), &[0.949], 0.0, 1e-6);
         check("b1", &dev, &down(&b), &[0.51], 0.0, 1e-6);
-        layers::sgd_step(&dev, &mut p, &up(&dev, vec![-0.2f32]), &mut b, 0.1, 0.9, 0.01, false).unwrap();
+        layers::sgd_step(&dev, &mut p, &up(&dev, vec![-0.2f32]), &mut b, &layers::SgdStep::new(0.1, 0.9, 0.01, false))
+            .unwrap();
         check("p2", &dev, &down(&p), &[0.922151], 0.0, 1e-6);
         check("b2", &dev, &down(&b), &[0.26849], 0.0, 1e-5);
     }
@@ -67,7 +76,14 @@ fn check_against_pytorch(dev: &Device) {
             let mut buf = fresh::<f32>(dev, param0.len());
             let mut param = up(dev, param0);
             let grad = up(dev, r.f32s(&format!("expect.grad.{p}")));
-            layers::sgd_step(dev, &mut param, &grad, &mut buf, r.lr, r.momentum, r.weight_decay, true).unwrap();
+            layers::sgd_step(
+                dev,
+                &mut param,
+                &grad,
+                &mut buf,
+                &layers::SgdStep::new(r.lr, r.momentum, r.weight_decay, true),
+            )
+            .unwrap();
             let want = d64(&r.f32s(&format!("expect.step.{p}")));
             check(&what(&format!("SGD step of {p}")), dev, &down(&param), &want, 1e-7, 1e-6);
         }
@@ -89,14 +105,15 @@ fn bad_inputs_are_errors() {
     let cpu = Device::Cpu;
     for dev in [&cpu, &emu] {
         let b = |n: usize| fresh::<f32>(dev, n);
-        assert!(layers::sgd_step(dev, &mut b(5), &b(5), &mut b(4), 0.1, 0.9, 0.0, true).is_err());
+        assert!(layers::sgd_step(dev, &mut b(5), &b(5), &mut b(4), &layers::SgdStep::new(0.1, 0.9, 0.0, true)).is_err());
     }
     // Buffers on the wrong device: host buffers on emu, emu buffers on the CPU, buffers
     // of another emu instance.
     for (dev, wrong) in [(&emu, &cpu), (&cpu, &emu), (&emu, &other)] {
         let ok = |n: usize| up(dev, vec![1.0f32; n]);
         let bad = |n: usize| up(wrong, vec![1.0f32; n]);
-        assert!(layers::sgd_step(dev, &mut ok(3), &ok(3), &mut bad(3), 0.1, 0.9, 0.0, false).is_err());
+        assert!(layers::sgd_step(dev, &mut ok(3), &ok(3), &mut bad(3), &layers::SgdStep::new(0.1, 0.9, 0.0, false))
+            .is_err());
     }
 }
 

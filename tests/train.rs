@@ -601,14 +601,21 @@ mod recipes {
                 let mut pb = dev.upload(p.clone()).unwrap();
                 let mut bb = dev.upload(vec![0.5f32; n]).unwrap();
                 let gb = dev.upload(g.to_vec()).unwrap();
-                layers::sgd_step_scaled(&dev, &mut pb, &gb, &mut bb, 0.1, 0.9, 1e-3, first, scale).unwrap();
+                layers::sgd_step(
+                    &dev,
+                    &mut pb,
+                    &gb,
+                    &mut bb,
+                    &layers::SgdStep::new(0.1, 0.9, 1e-3, first).scaled(scale),
+                )
+                .unwrap();
                 (pb.to_vec().unwrap(), bb.to_vec().unwrap())
             };
             let plain = |g: &[f32], first: bool| {
                 let mut pb = dev.upload(p.clone()).unwrap();
                 let mut bb = dev.upload(vec![0.5f32; n]).unwrap();
                 let gb = dev.upload(g.to_vec()).unwrap();
-                layers::sgd_step(&dev, &mut pb, &gb, &mut bb, 0.1, 0.9, 1e-3, first).unwrap();
+                layers::sgd_step(&dev, &mut pb, &gb, &mut bb, &layers::SgdStep::new(0.1, 0.9, 1e-3, first)).unwrap();
                 (pb.to_vec().unwrap(), bb.to_vec().unwrap())
             };
             let scaled: Vec<f32> = gr.iter().map(|g| g * 0.3).collect();

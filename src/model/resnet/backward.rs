@@ -139,8 +139,9 @@ impl<T: Precision> ResNet<T> {
     pub fn sgd_step_scaled(&mut self, sgd: &Sgd, grad_scale: f32) -> Result<()> {
         let dev = self.dev.clone();
         let first = self.steps == 0;
+        let settings = layers::SgdStep::new(sgd.lr, sgd.momentum, sgd.weight_decay, first).scaled(grad_scale);
         let step = |p: &mut Buf<f32>, g: &Buf<f32>, m: &mut Buf<f32>| -> Result<()> {
-            layers::sgd_step_scaled(&dev, p, g, m, sgd.lr, sgd.momentum, sgd.weight_decay, first, grad_scale)
+            layers::sgd_step(&dev, p, g, m, &settings)
         };
         let conv_step = |c: &mut Conv<T>| -> Result<()> {
             step(&mut c.w, &c.dw, &mut c.mom)?;

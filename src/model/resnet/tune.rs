@@ -62,29 +62,9 @@ impl<T: Precision> ResNet<T> {
     /// make its first full step a plain `buf = d`, as PyTorch's for a parameter unfrozen then.
     pub fn sgd_step_head(&mut self, sgd: &Sgd, grad_scale: f32) -> Result<()> {
         let first = self.steps == 0;
-        let (lr, m, wd) = (sgd.lr, sgd.momentum, sgd.weight_decay);
-        layers::sgd_step_scaled(
-            &self.dev,
-            &mut self.fc_w,
-            &self.dfc_w,
-            &mut self.mom_fc_w,
-            lr,
-            m,
-            wd,
-            first,
-            grad_scale,
-        )?;
-        layers::sgd_step_scaled(
-            &self.dev,
-            &mut self.fc_b,
-            &self.dfc_b,
-            &mut self.mom_fc_b,
-            lr,
-            m,
-            wd,
-            first,
-            grad_scale,
-        )?;
+        let step = layers::SgdStep::new(sgd.lr, sgd.momentum, sgd.weight_decay, first).scaled(grad_scale);
+        layers::sgd_step(&self.dev, &mut self.fc_w, &self.dfc_w, &mut self.mom_fc_w, &step)?;
+        layers::sgd_step(&self.dev, &mut self.fc_b, &self.dfc_b, &mut self.mom_fc_b, &step)?;
         self.steps += 1;
         Ok(())
     }

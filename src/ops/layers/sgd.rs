@@ -2,6 +2,7 @@
 
 use super::{aligned16, check_len, dptr, host, host_mut, i64_of, stride_blocks};
 use crate::cpu::layers::sgd as cpu;
+pub use crate::cpu::layers::sgd::SgdStep;
 use crate::device::{Buf, Device};
 use crate::gpu::{Kernel, LaunchConfig};
 use crate::ops::check_on;
@@ -13,40 +14,20 @@ const KERNEL: Kernel = Kernel::new("sgd", "sgd_step_f32");
 const THREADS: u32 = 256;
 
 /// One step of `torch.optim.SGD(lr, momentum, weight_decay)` (dampening 0, no Nesterov)
-/// on one parameter tensor, in place:
-/// `d = grad + weight_decay * param`; `buf = d` on the first step (`first_step`), else
-/// `buf = momentum * buf + d`; `param -= lr * buf`. As PyTorch, a zero weight decay adds
-/// nothing and a zero momentum steps with `d` (the buffer is then set to `d`). On the
-/// first step the old contents of `momentum_buf` are not read.
-#[allow(clippy::too_many_arguments)]
+/// on one parameter tensor, in place, with the gradient first multiplied by
+/// `step.grad_scale` (as after `torch.nn.utils.clip_grad_norm_`; 1 is the plain step,
+/// bitwise): `d = grad_scale * grad + weight_decay * param`; `buf = d` on the first step
+/// (`step.first`), else `buf = momentum * buf + d`; `param -= lr * buf`. As PyTorch, a zero
+/// weight decay adds nothing and a zero momentum steps with `d` (the buffer is then set to
+/// `d`). On the first step the old contents of `momentum_buf` are not read.
 pub fn sgd_step(
     dev: &Device,
     param: &mut Buf<f32>,
     grad: &Buf<f32>,
     momentum_buf: &mut Buf<f32>,
-    lr: f32,
-    momentum: f32,
-    weight_decay: f32,
-    first_step: bool,
+    step: &SgdStep,
 ) -> Result<()> {
-    sgd_step_scaled(dev, param, grad, momentum_buf, lr, momentum, weight_decay, first_step, 1.0)
-}
-
-/// [`sgd_step`] with the gradient multiplied by `grad_scale` first, as after
-/// `torch.nn.utils.clip_grad_norm_`: `d = grad_scale * grad + weight_decay * param`, then
-/// momentum and the update as in [`sgd_step`]. A scale of 1 is the plain step, bitwise.
-#[allow(clippy::too_many_arguments)]
-pub fn sgd_step_scaled(
-    dev: &Device,
-    param: &mut Buf<f32>,
-    grad: &Buf<f32>,
-    momentum_buf: &mut Buf<f32>,
-    lr: f32,
-    momentum: f32,
-    weight_decay: f32,
-    first_step: bool,
-    grad_scale: f32,
-) -> Result<()> {
+    let SgdStep { lr, momentum, weight_decay, first: first_step, grad_scale } = *step;
     ensure!(grad_scale.is_finite(), "the gradient scale must be finite, not {grad_scale}");
     let n = param.len();
     check_len(grad, n, "grad")?;
@@ -60,15 +41,11 @@ pub fn sgd_step_scaled(
         || Cost::sgd(n, first_step),
         || match dev {
             Device::Cpu => {
-                cpu::sgd_step_scaled(
+                cpu::sgd_step(
                     host_mut(param, "param")?,
                     host(grad, "grad")?,
                     host_mut(momentum_buf, "momentum_buf")?,
-                    lr,
-                    momentum,
-                    weight_decay,
-                    first_step,
-                    grad_scale,
+                    step,
                 );
                 Ok(())
             }
