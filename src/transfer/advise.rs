@@ -27,6 +27,8 @@
 
 use super::report::{Report, Row};
 use crate::{ensure, Result};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use std::fmt::Write as _;
 
 /// Fewest distinct budgets a model needs for a fit: three parameters need three.
@@ -118,18 +120,6 @@ pub fn fit(obs: &[(f64, f64)]) -> Result<Law> {
     Ok(Law { e_inf, a, b, rmse: (s / obs.len() as f64).sqrt() })
 }
 
-/// splitmix64: the bootstrap's deterministic resampling.
-struct Mix(u64);
-impl Mix {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % n as u64) as usize
-    }
-}
-
 /// The 5th and 95th percentiles of the law's prediction at each of `at`, over bootstrap
 /// refits of the observations resampled within each compute value.
 fn bootstrap(obs: &[(f64, f64)], at: &[f64]) -> Vec<(f64, f64)> {
@@ -140,12 +130,12 @@ fn bootstrap(obs: &[(f64, f64)], at: &[f64]) -> Vec<(f64, f64)> {
             None => groups.push((c, vec![e])),
         }
     }
-    let mut rng = Mix(0x00AD_015E);
+    let mut rng = StdRng::seed_from_u64(0x00AD_015E);
     let mut preds: Vec<Vec<f64>> = vec![Vec::with_capacity(RESAMPLES); at.len()];
     for _ in 0..RESAMPLES {
         let sample: Vec<(f64, f64)> = groups
             .iter()
-            .flat_map(|(c, es)| (0..es.len()).map(|_| (*c, es[rng.below(es.len())])).collect::<Vec<_>>())
+            .flat_map(|(c, es)| (0..es.len()).map(|_| (*c, es[rng.random_range(0..es.len())])).collect::<Vec<_>>())
             .collect();
         if let Ok(law) = fit(&sample) {
             for (p, &c) in preds.iter_mut().zip(at) {
@@ -474,12 +464,10 @@ mod tests {
 
     /// Observations from a known law with deterministic noise of amplitude `noise`.
     fn synth(law: Law, budgets: &[f64], seeds: usize, noise: f64) -> Vec<(f64, f64)> {
-        let mut m = Mix(7);
+        let mut m = StdRng::seed_from_u64(7);
         budgets
             .iter()
-            .flat_map(|&c| {
-                (0..seeds).map(|_| (c, law.at(c) + noise * (m.below(2001) as f64 / 1000.0 - 1.0))).collect::<Vec<_>>()
-            })
+            .flat_map(|&c| (0..seeds).map(|_| (c, law.at(c) + noise * m.random_range(-1.0..=1.0))).collect::<Vec<_>>())
             .collect()
     }
 

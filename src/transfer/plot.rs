@@ -6,6 +6,8 @@ use super::advise::Advice;
 use super::report::{Report, Row};
 use crate::plot::{tick_label, LogAxis, LABEL_FONT_PX};
 use crate::{ensure, invalid, Result};
+use plotters::coord::combinators::{LogCoord, WithKeyPoints};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -17,6 +19,33 @@ const MARGIN: u32 = 12;
 /// One color per model, in the report's order.
 const COLORS: [RGBColor; 8] = [BLACK, RED, BLUE, GREEN, MAGENTA, CYAN, RGBColor(230, 140, 0), RGBColor(120, 60, 180)];
 const Y_LABELS: u32 = 55;
+
+/// A chart of validation error against a budget on a log axis.
+type ErrorChart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<WithKeyPoints<LogCoord<f64>>, RangedCoordf64>>;
+
+/// The mesh of an error chart: the log x axis' ticks, both axes' labels and descriptions.
+fn draw_axes(chart: &mut ErrorChart<'_, '_>, xdesc: &str) -> std::result::Result<(), String> {
+    chart
+        .configure_mesh()
+        .x_desc(xdesc)
+        .y_desc("validation error (mean over seeds)")
+        .label_style(("sans-serif", LABEL_FONT_PX))
+        .x_label_formatter(&|v| tick_label(*v))
+        .y_label_formatter(&|v| tick_label(*v))
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
+/// The legend of an error chart, upper right.
+fn draw_legend<'a, 'b: 'a>(chart: &mut ErrorChart<'a, 'b>) -> std::result::Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())
+}
 
 /// Checks, before a run, that `path` names an SVG file in a folder that can be written.
 pub fn check_plot_path(path: &Path) -> Result<()> {
@@ -55,15 +84,7 @@ pub fn plot(report: &Report, path: &Path, title: &str) -> Result<()> {
             .y_label_area_size(Y_LABELS)
             .build_cartesian_2d(xaxis.coord(), ymin..ymax)
             .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc(xdesc)
-            .y_desc("validation error (mean over seeds)")
-            .label_style(("sans-serif", LABEL_FONT_PX))
-            .x_label_formatter(&|v| tick_label(*v))
-            .y_label_formatter(&|v| tick_label(*v))
-            .draw()
-            .map_err(|e| err(&e))?;
+        draw_axes(&mut chart, xdesc).map_err(|e| err(&e))?;
         for (i, m) in models.iter().enumerate() {
             let color = colors[i % colors.len()];
             let mut rows: Vec<&Row> = report.rows.iter().filter(|r| r.model == *m).collect();
@@ -107,13 +128,7 @@ pub fn plot(report: &Report, path: &Path, title: &str) -> Result<()> {
             .label("compute-optimal (best per budget)")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.6).stroke_width(1)));
         chart.draw_series(front.iter().map(|&p| Circle::new(p, 6, BLACK.stroke_width(2)))).map_err(|e| err(&e))?;
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
+        draw_legend(&mut chart).map_err(|e| err(&e))?;
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())
@@ -150,15 +165,8 @@ pub fn plot_advice(report: &Report, advice: &Advice, path: &Path, title: &str) -
         .y_label_area_size(Y_LABELS)
         .build_cartesian_2d(xaxis.coord(), ymin..ymax)
         .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc(if advice.unit == "s" { "training time budget (s, log)" } else { "training compute (GFLOPs, log)" })
-        .y_desc("validation error (mean over seeds)")
-        .label_style(("sans-serif", LABEL_FONT_PX))
-        .x_label_formatter(&|v| tick_label(*v))
-        .y_label_formatter(&|v| tick_label(*v))
-        .draw()
-        .map_err(|e| err(&e))?;
+    let xdesc = if advice.unit == "s" { "training time budget (s, log)" } else { "training compute (GFLOPs, log)" };
+    draw_axes(&mut chart, xdesc).map_err(|e| err(&e))?;
     let (x0, x1) = (xaxis.range.start, xaxis.range.end);
     chart
         .draw_series(DashedLineSeries::new(vec![(b, ymin), (b, ymax)], 3, 3, BLACK.mix(0.5).stroke_width(1)))
@@ -200,13 +208,7 @@ pub fn plot_advice(report: &Report, advice: &Advice, path: &Path, title: &str) -
             )))
             .map_err(|e| err(&e))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
+    draw_legend(&mut chart).map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
