@@ -120,9 +120,8 @@ pub fn fit(obs: &[(f64, f64)]) -> Result<Law> {
     Ok(Law { e_inf, a, b, rmse: (s / obs.len() as f64).sqrt() })
 }
 
-/// The 5th and 95th percentiles of the law's prediction at each of `at`, over bootstrap
-/// refits of the observations resampled within each compute value.
-fn bootstrap(obs: &[(f64, f64)], at: &[f64]) -> Vec<(f64, f64)> {
+/// Observations grouped by compute value.
+fn groups(obs: &[(f64, f64)]) -> Vec<(f64, Vec<f64>)> {
     let mut groups: Vec<(f64, Vec<f64>)> = Vec::new();
     for &(c, e) in obs {
         match groups.iter_mut().find(|g| g.0 == c) {
@@ -130,30 +129,63 @@ fn bootstrap(obs: &[(f64, f64)], at: &[f64]) -> Vec<(f64, f64)> {
             None => groups.push((c, vec![e])),
         }
     }
+    groups
+}
+
+/// One bootstrap resample: each compute value's errors drawn with replacement.
+fn resample(groups: &[(f64, Vec<f64>)], rng: &mut StdRng) -> Vec<(f64, f64)> {
+    groups
+        .iter()
+        .flat_map(|(c, es)| (0..es.len()).map(|_| (*c, es[rng.random_range(0..es.len())])).collect::<Vec<_>>())
+        .collect()
+}
+
+/// The 5th and 95th percentiles of sorted values.
+fn percentiles(mut p: Vec<f64>) -> (f64, f64) {
+    if p.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    p.sort_by(f64::total_cmp);
+    let q = |f: f64| p[((p.len() - 1) as f64 * f).round() as usize];
+    (q(0.05), q(0.95))
+}
+
+/// The 5th and 95th percentiles of the law's prediction at each of `at`, over bootstrap
+/// refits of the observations resampled within each compute value.
+fn bootstrap(obs: &[(f64, f64)], at: &[f64]) -> Vec<(f64, f64)> {
+    let groups = groups(obs);
     let mut rng = StdRng::seed_from_u64(0x00AD_015E);
     let mut preds: Vec<Vec<f64>> = vec![Vec::with_capacity(RESAMPLES); at.len()];
     for _ in 0..RESAMPLES {
-        let sample: Vec<(f64, f64)> = groups
-            .iter()
-            .flat_map(|(c, es)| (0..es.len()).map(|_| (*c, es[rng.random_range(0..es.len())])).collect::<Vec<_>>())
-            .collect();
-        if let Ok(law) = fit(&sample) {
+        if let Ok(law) = fit(&resample(&groups, &mut rng)) {
             for (p, &c) in preds.iter_mut().zip(at) {
                 p.push(law.at(c));
             }
         }
     }
-    preds
-        .into_iter()
-        .map(|mut p| {
-            if p.is_empty() {
-                return (f64::NAN, f64::NAN);
-            }
-            p.sort_by(f64::total_cmp);
-            let q = |f: f64| p[((p.len() - 1) as f64 * f).round() as usize];
-            (q(0.05), q(0.95))
-        })
-        .collect()
+    preds.into_iter().map(percentiles).collect()
+}
+
+/// The seeds' spread of the crossover near `near` between two models: both models'
+/// observations are resampled (independently, within each compute value), both laws
+/// refitted, and the root in [lo, hi] nearest `near` (in log compute) taken. Returns the
+/// 5th and 95th percentiles of those roots and the fraction of resamples that cross in
+/// [lo, hi] at all.
+fn crossover_spread(x: &[(f64, f64)], y: &[(f64, f64)], near: f64, lo: f64, hi: f64) -> ((f64, f64), f64) {
+    let (gx, gy) = (groups(x), groups(y));
+    let mut rng = StdRng::seed_from_u64(0x0C05_50E5);
+    let mut found = Vec::with_capacity(RESAMPLES);
+    let mut tried = 0usize;
+    for _ in 0..RESAMPLES {
+        let (Ok(lx), Ok(ly)) = (fit(&resample(&gx, &mut rng)), fit(&resample(&gy, &mut rng))) else { continue };
+        tried += 1;
+        let nearest = roots(|c| lx.at(c) - ly.at(c), lo, hi)
+            .into_iter()
+            .min_by(|a, b| (a / near).ln().abs().total_cmp(&(b / near).ln().abs()));
+        found.extend(nearest);
+    }
+    let share = if tried == 0 { 0.0 } else { found.len() as f64 / tried as f64 };
+    (percentiles(found), share)
 }
 
 /// One model's fit and its prediction at the asked budget.
@@ -184,6 +216,11 @@ pub struct Crossover {
     pub better_above: String,
     /// Whether it lies beyond the largest budget that was run (an extrapolation).
     pub extrapolated: bool,
+    /// The seeds' spread: the 5th and 95th percentiles of the crossover over bootstrap
+    /// refits of both models (the seeds' errors resampled within each budget).
+    pub interval: (f64, f64),
+    /// The fraction of those refits that cross in the searched range at all.
+    pub resamples_crossing: f64,
 }
 
 /// The advice at one budget.
@@ -303,15 +340,21 @@ pub fn advise(report: &Report, budget: f64, fit_up_to: Option<f64>) -> Result<Ad
     let (lo, hi) =
         (all_budgets.iter().copied().fold(f64::INFINITY, f64::min), all_budgets.iter().copied().fold(0.0, f64::max));
     let mut crossovers = Vec::new();
+    let obs_of = |m: &str| &models.iter().find(|(n, _)| n == m).expect("every fit has its observations").1;
+    let range = (lo, hi.max(budget) * 100.0);
     for other in fits.iter().filter(|f| f.model != best.model) {
-        for c in roots(|c| best.law.at(c) - other.law.at(c), lo, hi.max(budget) * 100.0) {
+        for c in roots(|c| best.law.at(c) - other.law.at(c), range.0, range.1) {
             let below = best.law.at(c / 1.01) < other.law.at(c / 1.01);
             let (b, a) = if below { (&best.model, &other.model) } else { (&other.model, &best.model) };
+            let (interval, resamples_crossing) =
+                crossover_spread(obs_of(&best.model), obs_of(&other.model), c, range.0, range.1);
             crossovers.push(Crossover {
                 budget: c,
                 better_below: b.clone(),
                 better_above: a.clone(),
                 extrapolated: c > hi,
+                interval,
+                resamples_crossing,
             });
         }
     }
@@ -358,9 +401,12 @@ impl Advice {
         for c in &self.crossovers {
             let _ = writeln!(
                 s,
-                "crossover at {:.4} {}: {} below, {} above{}",
+                "crossover at {:.4} {} (seeds' 90% interval [{:.4}, {:.4}], {:.0}% of resamples cross): {} below, {} above{}",
                 c.budget,
                 self.unit,
+                c.interval.0,
+                c.interval.1,
+                100.0 * c.resamples_crossing,
                 c.better_below,
                 c.better_above,
                 if c.extrapolated { " (beyond the largest budget run: extrapolated)" } else { "" }
@@ -514,5 +560,22 @@ mod tests {
         let c = roots(|c| pruned.at(c) - dense.at(c), 1.0, 1e6);
         assert_eq!(c.len(), 1, "{c:?}");
         assert!((pruned.at(c[0]) - dense.at(c[0])).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_crossover_from_noisy_seeds_has_an_interval_around_the_true_one() {
+        let pruned = Law { e_inf: 0.15, a: 0.5, b: 0.8, rmse: 0.0 };
+        let dense = Law { e_inf: 0.05, a: 1.0, b: 0.5, rmse: 0.0 };
+        let truth = roots(|c| pruned.at(c) - dense.at(c), 1.0, 1e6)[0];
+        let budgets: Vec<f64> = (0..10).map(|i| 2f64.powi(i)).collect();
+        let (p, d) = (synth(pruned, &budgets, 3, 0.005), synth(dense, &budgets, 3, 0.005));
+        let ((lo, hi), share) = crossover_spread(&p, &d, truth, 1.0, 1e5);
+        assert!(share > 0.9, "{share}");
+        assert!(lo <= truth && truth <= hi && hi / lo < 10.0, "[{lo}, {hi}] vs {truth}");
+        // Without noise every refit is the same law: the interval is the point.
+        let (p0, d0) = (synth(pruned, &budgets, 3, 0.0), synth(dense, &budgets, 3, 0.0));
+        let ((lo, hi), share) = crossover_spread(&p0, &d0, truth, 1.0, 1e5);
+        assert_eq!(share, 1.0);
+        assert!((lo / truth - 1.0).abs() < 1e-3 && (hi / truth - 1.0).abs() < 1e-3, "[{lo}, {hi}] vs {truth}");
     }
 }
