@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The tests: the crate's (`cargo test --release`), then the Python package's. Builds the
 # wheel with maturin into dist/, installs it into a fresh venv (.venv-test) with torch,
-# torchvision, numpy, safetensors and pytest from PyPI, and runs python/tests against the
+# torchvision, numpy, safetensors, pytest and tqdm from PyPI, and runs python/tests against the
 # CLI binary that cargo built. No GPU needed. Set PRUNEKIT_SKIP_CARGO=1 to run only the
 # Python part (the CLI must be built already).
 set -euo pipefail
@@ -24,7 +24,7 @@ venv=$root/.venv-test/bin
 rm -rf dist/prunekit-*.whl
 (cd python && "$venv/maturin" build --release --out "$root/dist")
 wheel=$(ls dist/prunekit-*.whl | head -n 1)
-"$venv/pip" install -q "$wheel" torch torchvision numpy safetensors pytest
+"$venv/pip" install -q "$wheel" torch torchvision numpy safetensors pytest tqdm
 
 # Run from outside the source tree, so that the installed wheel is what is imported.
 cd "$root/python/tests"

@@ -88,6 +88,18 @@ fn verify(
     })
 }
 
+/// Panics on purpose, inside the GIL-released compute (`released=True`) or with the GIL
+/// held: the tests' proof that a panic reaches Python as a `RuntimeError`.
+#[pyfunction]
+#[pyo3(signature = (released=true))]
+fn _panic_for_tests(py: Python<'_>, released: bool) -> PyResult<()> {
+    if released {
+        guarded(py, || -> prunekit::Result<()> { panic!("a deliberate panic (released)") })
+    } else {
+        catch(|| -> PyResult<()> { panic!("a deliberate panic (held)") })
+    }
+}
+
 /// The crate's version.
 #[pyfunction]
 fn version() -> &'static str {
@@ -99,6 +111,7 @@ fn version() -> &'static str {
 fn _prunekit(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     state::register(m)?;
     conv::register(m)?;
     data::register(m)?;

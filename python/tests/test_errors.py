@@ -109,3 +109,13 @@ def test_evaluate_and_verify_errors(small, tiny_arrays, tmp_path):
         prunekit.verify(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="device"):
         prunekit.verify(tmp_path / "missing.safetensors", device="tpu")
+
+
+@pytest.mark.parametrize("released", [True, False])
+def test_a_rust_panic_is_a_runtime_error(released):
+    # A panic in the GIL-released compute and one with the GIL held both reach Python as
+    # RuntimeError (not pyo3's PanicException, a BaseException), carrying the panic's text.
+    from prunekit import _prunekit
+
+    with pytest.raises(RuntimeError, match="prunekit failed internally: a deliberate panic"):
+        _prunekit._panic_for_tests(released)
