@@ -21,12 +21,27 @@ impl Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "emu" => Ok(Device::Gpu(Gpu::emu()?)),
+            "emu:count" => Err(invalid!(
+                "emu:count counts a step's FLOPs and bytes and computes nothing (every result is zero): \
+                 only `prunekit bench` takes it"
+            )),
             "cuda" => Ok(Device::Gpu(Gpu::cuda(0)?)),
             "auto" => Ok(Device::auto()),
             _ => match s.strip_prefix("cuda:").map(|n| n.parse::<usize>()) {
                 Some(Ok(n)) => Ok(Device::Gpu(Gpu::cuda(n)?)),
                 _ => Err(invalid!("unknown device {s:?}: expected cpu, emu, cuda, cuda:N or auto")),
             },
+        }
+    }
+
+    /// As [`Device::parse`], and also `emu:count`: the emulation's counting mode, in which
+    /// no kernel runs and every result is zero, but the ops layer's FLOP and byte counts
+    /// (and so a profile's) are those of the cuda device, for any batch and image size.
+    /// For measuring bytes and FLOPs only.
+    pub fn parse_counting(s: &str) -> Result<Device> {
+        match s {
+            "emu:count" => Ok(Device::Gpu(Gpu::emu_count())),
+            _ => Device::parse(s),
         }
     }
 
@@ -60,6 +75,11 @@ impl Device {
                 BackendKind::Emu => "emu",
             },
         }
+    }
+
+    /// Whether this is the emulation's counting mode (`emu:count`): ops are counted, not run.
+    pub fn counts_only(&self) -> bool {
+        self.gpu().is_some_and(Gpu::counts_only)
     }
 
     /// The kernel device, or `None` on the CPU.

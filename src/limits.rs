@@ -160,7 +160,8 @@ pub fn check_run_memory(
     };
     let on_host = !matches!(dev.gpu().map(|g| g.kind()), Some(crate::gpu::BackendKind::Cuda));
     let total = need.total() + eval_ws + if on_host { host_extra } else { 0.0 };
-    if let Some((avail, what)) = available_memory(dev) {
+    // The counting mode maps its buffers but never fills them: no memory to check.
+    if let Some((avail, what)) = available_memory(dev).filter(|_| !dev.counts_only()) {
         crate::ensure!(
             matches!(total.partial_cmp(&avail), Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)),
             "batch {batch} of {size}x{size} images needs about {} ({} for the workspace, {} for the model{}{}), \

@@ -183,3 +183,74 @@ fn bench_refuses_bad_arguments() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// The `step` lines of the roofline table: (model, GB, limit ms, roofline-ideal, FLOP-ideal).
+fn roofline_steps(stdout: &str) -> Vec<(String, f64, f64, f64, f64)> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("step ") && !l.contains("limit ms"))
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            // step, model (one or two words), GFLOP, GB, limit, roofline, FLOP, eff roof, eff FLOP
+            let n = w.len();
+            let f = |i: usize| w[i].parse::<f64>().unwrap();
+            (w[1..n - 7].join(" "), f(n - 6), f(n - 5), f(n - 4), f(n - 3))
+        })
+        .collect()
+}
+
+#[test]
+fn bench_counts_a_full_size_step_without_running_it() {
+    // 256 x 224x224 bf16, ResNet50: the emulation would take hours and 60 GB; counting
+    // takes seconds and maps its buffers without touching them.
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("rows.json");
+    let o = prunekit(&[
+        "bench",
+        "--device",
+        "emu:count",
+        "--mode",
+        "filters,channels",
+        "--sparsity",
+        "0,0.5",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("batch 256, 224x224, bf16") && stdout.contains("roofline of h200"), "{stdout}");
+    assert!(!stdout.contains("img/s"), "no timing table when nothing ran: {stdout}");
+    let steps = roofline_steps(&stdout);
+    assert_eq!(steps.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(), ["dense", "filters 0.5", "channels 0.5"]);
+    let (dense, filters, channels) = (&steps[0], &steps[1], &steps[2]);
+    assert_eq!((dense.3, dense.4), (1.0, 1.0));
+    // Filters keep the residual stream's width: their bytes fall far less than their FLOPs.
+    assert!(filters.1 < dense.1 && filters.1 > 0.7 * dense.1, "{steps:?}");
+    assert!(1.0 < filters.3 && filters.3 < filters.4, "roofline-ideal below FLOP-ideal: {steps:?}");
+    assert!(channels.3 > filters.3, "{steps:?}");
+    // The step's limit is the dense limit over the roofline-ideal speedup.
+    assert!((dense.2 / filters.3 - filters.2).abs() < 0.01, "{steps:?}");
+    // The JSON rows carry the counts, and null for what was not measured.
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for r in &rows {
+        assert!(r["step_ms"].is_null() && r["speedup"].is_null(), "{r}");
+        let gb = r["profile"]["bytes"].as_f64().unwrap() / 1e9;
+        assert!(steps.iter().any(|s| (s.1 - gb).abs() < 0.006), "{gb} GB not in {steps:?}");
+    }
+    for (args, needle) in
+        [(vec!["--plot", "x.svg"], "leave out --plot"), (vec!["--roofline", "v100"], "known are h200, h100, a100")]
+    {
+        let mut a = vec!["bench", "--device", "emu:count", "--sparsity", "0"];
+        a.extend(args);
+        let o = prunekit(&a);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(needle), "{stderr}");
+    }
+    // Only bench counts: a command that computes refuses it.
+    let o = prunekit(&["eval", "--device", "emu:count", "--weights", "x.safetensors", "--data", "x"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("only `prunekit bench`"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -147,6 +147,24 @@ fn profiled_step_in_the_emulation_counts_what_the_cpu_counts() {
 }
 
 #[test]
+fn the_counting_mode_counts_what_the_emulation_runs_and_computes_nothing() {
+    let count = Device::parse_counting("emu:count").unwrap();
+    assert!(count.counts_only() && !Device::parse("emu").unwrap().counts_only());
+    let emu = Device::Gpu(Gpu::emu_with(Schedule::Forward));
+    for precision in [PrecisionKind::F32, PrecisionKind::Bf16] {
+        let sd = torchvision_init(&tiny_arch(), 11);
+        let (mut m, mut ws) = model(&count, &sd, precision);
+        let ((), p) = profile(&count, || m.train_step(&mut ws, &SGD)).unwrap();
+        assert_eq!(counts(&p), counts(&profiled_step(&emu, precision)), "{precision}");
+        // Nothing ran: no loss was computed (a real step's is about ln 5).
+        assert_eq!(m.loss(&ws).unwrap(), 0.0);
+    }
+    // Only bench takes it: a command that would compute refuses it.
+    let e = Device::parse("emu:count").unwrap_err().to_string();
+    assert!(e.contains("only `prunekit bench`"), "{e}");
+}
+
+#[test]
 fn no_wgrad_is_split() {
     use prunekit::ops::conv::plan;
     use prunekit::shape::Pass;

@@ -1,5 +1,12 @@
 //! The emu back end: kernels compiled for the host against kernels/emu, run by the
 //! emulation's runtime (kernels/emu/runtime.cpp). Launches are synchronous.
+//!
+//! In counting mode (`emu:count`) nothing runs: a launch only checks that the kernel
+//! exists and takes its parameters, buffers are mapped but never touched by a kernel
+//! (they stay zero), and fills and device copies are skipped. The ops layer counts each
+//! op's FLOPs and bytes from its shapes as on every device, so a profile of a step in
+//! counting mode gives the bytes and FLOPs of any batch and image size without a GPU and
+//! without the memory or the time the emulation would need.
 
 use super::{module_source, GpuError, Kernel, LaunchConfig, ModuleSource};
 use std::collections::HashMap;
@@ -95,18 +102,32 @@ pub struct EmuBackend {
     entries: Mutex<HashMap<Kernel, Entry>>,
     /// A module replaced by a variant with a planted bug (tests only).
     fault: Option<(&'static str, &'static ModuleSource)>,
+    /// Counting mode: launches, fills and device copies do nothing.
+    count_only: bool,
 }
 
 impl EmuBackend {
     pub fn new(schedule: Schedule) -> Self {
-        EmuBackend { schedule, entries: Mutex::new(HashMap::new()), fault: None }
+        EmuBackend { schedule, entries: Mutex::new(HashMap::new()), fault: None, count_only: false }
     }
 
     pub fn with_fault(schedule: Schedule, module: &'static str, variant: &'static ModuleSource) -> Self {
-        EmuBackend { schedule, entries: Mutex::new(HashMap::new()), fault: Some((module, variant)) }
+        EmuBackend { schedule, entries: Mutex::new(HashMap::new()), fault: Some((module, variant)), count_only: false }
+    }
+
+    /// Counting mode: see the module's documentation.
+    pub fn counting() -> Self {
+        EmuBackend { count_only: true, ..EmuBackend::new(Schedule::Forward) }
+    }
+
+    pub fn counts_only(&self) -> bool {
+        self.count_only
     }
 
     pub fn name(&self) -> String {
+        if self.count_only {
+            return "emu:count (counts the ops' FLOPs and bytes; runs no kernel)".to_string();
+        }
         let s = match self.schedule {
             Schedule::Forward => "forward".to_string(),
             Schedule::Reverse => "reverse".to_string(),
@@ -121,7 +142,8 @@ impl EmuBackend {
     pub fn alloc(&self, bytes: usize, zeroed: bool) -> Result<u64, GpuError> {
         // SAFETY: plain allocation; the runtime maps fresh pages (zero) and poisons them
         // unless asked for zeros.
-        let p = unsafe { pk_emu_alloc(bytes, if zeroed { 0 } else { 1 }) };
+        // Counting mode never poisons: its buffers' pages are then never touched.
+        let p = unsafe { pk_emu_alloc(bytes, if zeroed || self.count_only { 0 } else { 1 }) };
         if p.is_null() {
             return Err(GpuError::OutOfMemory { bytes });
         }
@@ -147,6 +169,9 @@ impl EmuBackend {
     }
 
     pub fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<(), GpuError> {
+        if self.count_only {
+            return Ok(());
+        }
         // SAFETY: as htod; distinct buffers or ranges may overlap only if the same buffer
         // is passed twice, so copy as memmove.
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
@@ -154,6 +179,9 @@ impl EmuBackend {
     }
 
     pub fn memset_zero(&self, dst: u64, bytes: usize) -> Result<(), GpuError> {
+        if self.count_only {
+            return Ok(());
+        }
         // SAFETY: as htod.
         unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
         Ok(())
@@ -192,6 +220,9 @@ impl EmuBackend {
                 expected: e.param_size,
                 got: params.len(),
             });
+        }
+        if self.count_only {
+            return Ok(());
         }
         let (order, seed) = self.schedule.code();
         let mut err = vec![0 as c_char; 4096];

@@ -174,6 +174,18 @@ impl Gpu {
         Gpu { backend: Arc::new(Backend::Emu(emu::EmuBackend::new(schedule))), allocations: Default::default() }
     }
 
+    /// The host emulation in counting mode (`emu:count`): every launch is checked and
+    /// skipped, so that the ops layer's FLOP and byte counts of any shape come without the
+    /// work (see the emu back end's documentation).
+    pub fn emu_count() -> Gpu {
+        Gpu { backend: Arc::new(Backend::Emu(emu::EmuBackend::counting())), allocations: Default::default() }
+    }
+
+    /// Whether this is the emulation's counting mode, whose results are all zeros.
+    pub fn counts_only(&self) -> bool {
+        matches!(&*self.backend, Backend::Emu(e) if e.counts_only())
+    }
+
     /// The host emulation with one module replaced by a variant with a planted bug (see
     /// [`emu_fault_variants`]), for tests that show a real kernel bug is caught.
     #[doc(hidden)]

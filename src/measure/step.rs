@@ -85,6 +85,7 @@ impl BenchOptions {
     /// that finishes in about a minute on a small CPU, a tiny one in the emulation.
     pub fn defaults(dev: &Device) -> BenchOptions {
         let (batch, size, warmup, steps, precision) = match dev.kind() {
+            _ if dev.counts_only() => (256, 224, 0, 1, PrecisionKind::Bf16),
             "cuda" => (256, 224, 3, 20, PrecisionKind::Bf16),
             "emu" => (2, 32, 0, 1, PrecisionKind::F32),
             _ => (8, 224, 1, 2, PrecisionKind::F32),

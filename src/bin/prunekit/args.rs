@@ -24,9 +24,18 @@ pub struct DeviceArgs {
 impl DeviceArgs {
     /// The device and the precision; the precision's default follows the device.
     pub fn open(&self) -> prunekit::Result<(Device, PrecisionKind)> {
-        let dev = Device::parse(&self.device)?;
-        let precision =
-            self.precision.unwrap_or(if dev.kind() == "cuda" { PrecisionKind::Bf16 } else { PrecisionKind::F32 });
+        self.with(Device::parse(&self.device)?)
+    }
+
+    /// As [`DeviceArgs::open`], and also the emulation's counting mode `emu:count`
+    /// (`bench`), whose precision defaults to the cuda device's.
+    pub fn open_counting(&self) -> prunekit::Result<(Device, PrecisionKind)> {
+        self.with(Device::parse_counting(&self.device)?)
+    }
+
+    fn with(&self, dev: Device) -> prunekit::Result<(Device, PrecisionKind)> {
+        let cuda_like = dev.kind() == "cuda" || dev.counts_only();
+        let precision = self.precision.unwrap_or(if cuda_like { PrecisionKind::Bf16 } else { PrecisionKind::F32 });
         Ok((dev, precision))
     }
 }

@@ -3,8 +3,9 @@
 
 use crate::args::DeviceArgs;
 use prunekit::invalid;
+use prunekit::measure::roofline::Roofline;
 use prunekit::measure::step::{self, BenchMode, BenchOptions};
-use prunekit::measure::{plot, profile_table};
+use prunekit::measure::{plot, profile_table, roofline};
 use prunekit::model::StateDict;
 use prunekit::prune::Sparsity;
 use std::path::PathBuf;
@@ -21,6 +22,11 @@ use std::path::PathBuf;
 ///
 /// Defaults depend on the device: cuda 256 x 224x224 bf16, 20 steps; cpu 8 x 224x224 f32,
 /// 2 steps (about a minute on two cores); emu 2 x 32x32 f32, 1 step.
+///
+/// `--device emu:count` runs no kernel: it counts the FLOPs and bytes of one step per row
+/// (256 x 224x224 bf16 by default, as cuda) and prints them per op family against the
+/// roofline of a GPU (`--roofline`, default h200), with the roofline-ideal speedups, on any
+/// machine and in seconds.
 #[derive(clap::Args)]
 pub struct BenchArgs {
     #[command(flatten)]
@@ -64,6 +70,11 @@ pub struct BenchArgs {
     /// a "profile" object.
     #[arg(long)]
     profile: bool,
+    /// The GPU whose peak FLOP/s and bandwidth the profile is set against (h200, h100,
+    /// a100): per family and step the least time its FLOPs and bytes allow, and the
+    /// roofline-ideal speedups. Default: the cuda device's, if known; h200 with emu:count.
+    #[arg(long)]
+    roofline: Option<String>,
 }
 
 /// Runs `prunekit bench`: the rows as a table (and the profile table with --profile), then
@@ -75,7 +86,16 @@ pub fn run(a: BenchArgs) -> prunekit::Result<()> {
     if let Some(p) = &a.plot {
         plot::check_path(p)?;
     }
-    let (dev, precision) = a.device.open()?;
+    let (dev, precision) = a.device.open_counting()?;
+    let counting = dev.counts_only();
+    if counting && a.plot.is_some() {
+        return Err(invalid!("--plot draws measured speedups, and emu:count measures no time: leave out --plot"));
+    }
+    let roof = match &a.roofline {
+        Some(name) => Some(Roofline::named(name)?),
+        None if counting => Some(Roofline::named("h200")?),
+        None => Roofline::of_device(&dev.name()),
+    };
     let mut o = BenchOptions::defaults(&dev);
     if let Some(w) = &a.weights {
         o.weights = Some(StateDict::read(w)?);
@@ -88,7 +108,7 @@ pub fn run(a: BenchArgs) -> prunekit::Result<()> {
     o.steps = a.steps.unwrap_or(o.steps);
     o.warmup = a.warmup.unwrap_or(o.warmup);
     o.precision = precision;
-    o.profile = a.profile;
+    o.profile = a.profile || counting;
     let plan = step::bench_plan(&o);
     println!(
         "prunekit bench on {}: batch {}, {}x{}, {}, {} warm-up + {} timed steps per row, {} rows",
@@ -109,13 +129,25 @@ pub fn run(a: BenchArgs) -> prunekit::Result<()> {
     );
     let rows = step::run(&dev, &o, &mut || bar.inc(1));
     bar.finish_and_clear();
-    let rows = rows?;
-    print!("{}", step::table(&rows));
-    if o.profile {
-        println!("\nper-op profile of one training step per row ({}):", dev.kind());
-        print!("{}", profile_table::bench_table(&rows));
+    let mut rows = rows?;
+    if counting {
+        // Nothing ran: no time, no loss.
+        for r in &mut rows {
+            (r.step_ms, r.images_per_s, r.speedup, r.efficiency, r.loss) =
+                (f64::NAN, f64::NAN, f64::NAN, f64::NAN, f32::NAN);
+        }
+    } else {
+        print!("{}", step::table(&rows));
+        if o.profile {
+            println!("\nper-op profile of one training step per row ({}):", dev.kind());
+            print!("{}", profile_table::bench_table(&rows));
+        }
     }
-    if rows.iter().any(|r| !r.loss.is_finite()) {
+    if let (true, Some(r)) = (o.profile, roof) {
+        println!();
+        print!("{}", roofline::table(&rows, &r, o.precision, !counting));
+    }
+    if !counting && rows.iter().any(|r| !r.loss.is_finite()) {
         println!("note: the loss became non-finite in some rows (synthetic data); the timings stand");
     }
     if let Some(path) = a.json {
