@@ -7,7 +7,7 @@
 #
 #   few-shot  50 training images per class; the learning rate is picked per (model, budget)
 #             from 0.01, 0.03 and 0.1 over all three seeds on a held-out split of them.
-#             Budgets 3 to 384 GFLOPs: the low-compute regime, where pruned models win.
+#             Budgets 3 to 768 GFLOPs: the low-compute regime, where pruned models win.
 #   full      1000 training images per class; budgets 16 to 4096 GFLOPs (7 epochs of the
 #             dense model), one learning rate (0.02) for every run, with no search, so that
 #             the hour goes to the budgets: the regime where the dense model's capacity can
@@ -58,7 +58,7 @@ COMMON=(--weights "$PRE" --data "$TRAIN" --val "$TEST" --classes 5-9 --seeds 3 -
   --eval-batch 500 --augment none --device "$DEVICE" --runs "$OUT/runs"
   --json "$OUT/transfer.json" --plot "$OUT/transfer.svg")
 if [ "$REGIME" = few-shot ]; then
-  BUDGETS=3,6,12,24,48,96,192,384
+  BUDGETS=3,6,12,24,48,96,192,384,768
   run "$OUT" transfer "$BIN" transfer "${COMMON[@]}" --per-class 50 --batch 16 \
     --models dense,filters:0.25,filters:0.5,filters:0.75,channels:0.5 --budgets $BUDGETS \
     --lrs 0.01,0.03,0.1
