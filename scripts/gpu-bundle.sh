@@ -4,7 +4,7 @@
 # prunekit binary, the test data, the PyTorch comparison scripts, and run.sh.
 #
 #   scripts/gpu-bundle.sh            -> dist/gpu-bundle/ and dist/gpu-bundle.tar.xz
-#   (on the GPU machine) dist/gpu-bundle/run.sh [--quick]   -> report.txt
+#   (on the GPU machine) dist/gpu-bundle/run.sh [phase ...]   -> results/report.txt
 #
 # The target needs x86-64 Linux, an NVIDIA driver (580 or newer) and libstdc++; Python
 # with PyTorch only for the comparison runs.

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # run.sh of the GPU bundle (made by scripts/gpu-bundle.sh). On a machine with an NVIDIA
-# GPU it runs, by phase (each phase fits in a few minutes; default: all of them):
-#   tests      every test binary with --include-ignored (the GPU tests too)
+# GPU it runs, by phase (default: tests verify bench step conv, about 6 minutes on an H200;
+# PyTorch's anchors run with its defaults plus cudnn.benchmark and channels_last):
+#   tests      the GPU tests of every test binary (--ignored; CI runs the others)
 #   verify     prunekit verify --device cuda on every model reference, f32 and bf16
-#   bench      the main job: prunekit bench --device cuda (JSON and plot)
-#   step       ResNet50 training step, prunekit vs PyTorch (scripts/torch_train_step.py),
-#              batch 32/64/128/256, f32 and bf16, with the ratio
-#   conv       prunekit conv-bench --device cuda against cuDNN, bf16 and f32
+#   bench      the main job with its profile and roofline: prunekit bench --device cuda
+#              --profile (JSON and plot)
+#   step       ResNet50 training step, prunekit vs PyTorch eager (AMP for bf16;
+#              scripts/torch_train_step.py), batch 64 and 256, bf16 and f32, with the ratio;
+#              at 256 bf16 both profiles side by side, per op family
+#   compile    the same step against torch.compile's (256 bf16; compiling takes minutes)
+#   conv       prunekit conv-bench --device cuda at batch 256 and 64, bf16,
+#              against PyTorch's own convolution per shape-pass (scripts/torch_conv.py)
 #   criterion  the criterion benches (criterion:NAME runs one: prune, conv, layers, train_step;
 #              all of them may take more than ten minutes)
 # Results go to $RESULTS (default ./results): report.txt, log.txt and the JSON files.
@@ -21,9 +26,10 @@ REPORT="$RESULTS/report.txt"
 LOG="$RESULTS/log.txt"
 PK="$HERE/bin/prunekit"
 phases=("$@")
-[[ ${#phases[@]} -eq 0 ]] && phases=(tests verify bench step conv criterion)
+[[ ${#phases[@]} -eq 0 ]] && phases=(tests verify bench step conv)
 status=0
 say() { echo "$*" | tee -a "$REPORT"; }
+started=$(date +%s)
 
 {
     echo "# prunekit GPU run, $(date -u +%Y-%m-%dT%H:%M:%SZ), phases: ${phases[*]}"
@@ -38,9 +44,9 @@ for phase in "${phases[@]}"; do
     case $phase in
     tests)
         for t in tests/*; do
-            # The long emulation slice of the differential tests is for CPU machines; the
-            # cuda one runs here.
-            out=$("./$t" --include-ignored --skip long_slice --test-threads=1 2>&1)
+            # The GPU tests (the others run in CI); the long emulation slice of the
+            # differential tests is for CPU machines, the cuda one runs here.
+            out=$("./$t" --ignored --skip long_slice --test-threads=1 2>&1)
             rc=$?
             echo "$out" >> "$LOG"
             summary=$(echo "$out" | grep -E "^test result:" | tail -1)
@@ -63,35 +69,46 @@ for phase in "${phases[@]}"; do
         done
         ;;
     bench)
-        "$PK" bench --device cuda --json "$RESULTS/bench-cuda.json" --plot "$RESULTS/bench-cuda.svg" 2>&1 | tee -a "$REPORT" || status=1
+        "$PK" bench --device cuda --steps 10 --warmup 3 --profile --json "$RESULTS/bench-cuda.json" \
+            --plot "$RESULTS/bench-cuda.svg" 2>&1 | tee -a "$REPORT" || status=1
         ;;
     step)
         say "$(printf '%-6s %-9s %12s %12s %12s %12s %8s' batch precision 'prunekit ms' 'img/s' 'torch ms' 'img/s' ratio)"
-        for p in f32 bf16; do
-            for b in 32 64 128 256; do
-                "$PK" bench --device cuda --sparsity 0 --batch "$b" --precision "$p" --steps 10 --warmup 3 \
+        for p in bf16 f32; do
+            for b in 256 64; do
+                prof=()
+                [[ $p == bf16 && $b == 256 ]] && prof=(--profile)
+                "$PK" bench --device cuda --sparsity 0 --batch "$b" --precision "$p" --steps 10 --warmup 3 "${prof[@]}" \
                     --json "$RESULTS/step-$p-$b.json" >> "$LOG" 2>&1
                 ours=$(python3 -c "import json;r=json.load(open('$RESULTS/step-$p-$b.json'))[0];print(r['step_ms'])" 2>/dev/null || echo nan)
-                theirs=$(python3 scripts/torch_train_step.py --batch "$b" --precision "$p" --steps 10 --warmup 3 2>>"$LOG" | tee -a "$RESULTS/torch-steps.jsonl" \
-                    | python3 -c "import json,sys;r=json.loads(sys.stdin.read());print(r.get('step_ms','nan'))" 2>/dev/null || echo nan)
+                tprof=()
+                [[ ${#prof[@]} -gt 0 ]] && tprof=(--profile --against "$RESULTS/step-$p-$b.json")
+                python3 scripts/torch_train_step.py --batch "$b" --precision "$p" --steps 10 --warmup 3 "${tprof[@]}" \
+                    > "$RESULTS/torch-step-$p-$b.txt" 2>>"$LOG"
+                head -n 1 "$RESULTS/torch-step-$p-$b.txt" >> "$RESULTS/torch-steps.jsonl"
+                theirs=$(head -n 1 "$RESULTS/torch-step-$p-$b.txt" | python3 -c "import json,sys;print(json.loads(sys.stdin.read()).get('step_ms','nan'))" 2>/dev/null || echo nan)
                 say "$(python3 -c "
 o,t=float('$ours'),float('$theirs');b=$b
 f=lambda x:'%12.2f'%x
 print('%-6d %-9s'%(b,'$p'),f(o),f(b/o*1e3),f(t),f(b/t*1e3),'%8.2f'%(t/o))")"
+                [[ ${#prof[@]} -gt 0 ]] && tail -n +2 "$RESULTS/torch-step-$p-$b.txt" | tee -a "$REPORT"
             done
         done
         say "(ratio = PyTorch's step time over prunekit's: above 1, prunekit is faster)"
         ;;
+    compile)
+        python3 scripts/torch_train_step.py --batch 256 --precision bf16 --steps 10 --warmup 3 --compile 2>>"$LOG" \
+            | tee -a "$RESULTS/torch-steps.jsonl" | tee -a "$REPORT"
+        ;;
     conv)
-        for d in bf16 f32; do
-            "$PK" conv-bench --device cuda --dtype "$d" --batch 64 --sparsity 0,0.5 --json "$RESULTS/conv-$d.json" 2>&1 | tail -40 | tee -a "$REPORT"
-            python3 - "$RESULTS/conv-$d.json" <<'PY' 2>&1 | tee -a "$REPORT"
-import json, math, sys
-rows = json.load(open(sys.argv[1]))
-r = [x["vs_cudnn"] for x in rows if x.get("vs_cudnn")]
-if r:
-    print(f"{sys.argv[1]}: geometric mean of vs_cudnn over {len(r)} rows: {math.exp(sum(map(math.log, r)) / len(r)):.3f}")
-PY
+        for cfg in bf16:256 bf16:64; do
+            d=${cfg%:*} b=${cfg#*:}
+            rows="$RESULTS/conv-$d-$b.json"
+            "$PK" conv-bench --device cuda --dtype "$d" --batch "$b" --sparsity 0,0.5 --json "$rows" > "$RESULTS/conv-$d-$b.txt" 2>&1 || status=1
+            tail -3 "$RESULTS/conv-$d-$b.txt" | tee -a "$REPORT"
+            python3 scripts/torch_conv.py "$rows" --device cuda --warmup 3 --iters 10 --out "$RESULTS/conv-$d-$b-vs-torch.json" \
+                > "$RESULTS/conv-$d-$b-vs-torch.txt" 2>>"$LOG" || status=1
+            grep -E "geometric mean" "$RESULTS/conv-$d-$b-vs-torch.txt" | sed "s/^/$d batch $b: /" | tee -a "$REPORT"
         done
         ;;
     criterion | criterion:*)
@@ -111,5 +128,5 @@ PY
     esac
 done
 say ""
-say "exit status: $status"
+say "exit status: $status ($(( $(date +%s) - started )) s)"
 exit $status
