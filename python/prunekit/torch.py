@@ -111,6 +111,10 @@ def module_from_state(state: Mapping[str, Any], layers: Optional[Sequence[int]] 
     return resize_like(template, tensors)
 
 
+def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1 if stride > 0 else 0
+
+
 class _ConvFunction(torch.autograd.Function):
     """prunekit's CPU convolution as an autograd function (NCHW at the boundary)."""
 
@@ -119,10 +123,14 @@ class _ConvFunction(torch.autograd.Function):
         """y = conv(x, weight) with prunekit.conv2d; saves the NHWC input and KRSC weight."""
         xn = x.detach().permute(0, 2, 3, 1).contiguous()  # NHWC: a view for channels-last input
         wn = weight.detach().permute(0, 2, 3, 1).contiguous()  # KRSC: a view for channels-last weights
-        y = _prunekit.conv2d(xn.numpy(), wn.numpy(), stride, padding)
+        (n, h, w, _), (k, r, s, _) = xn.shape, wn.shape
+        p, q = _out_size(h, r, stride, padding), _out_size(w, s, stride, padding)
+        # The kernels overwrite every element: an uninitialised output saves a zeroing pass.
+        y = torch.empty((n, p, q, k), dtype=torch.float32) if p > 0 and q > 0 else None
+        _prunekit.conv2d(xn.numpy(), wn.numpy(), stride, padding, out=None if y is None else y.numpy())
         ctx.save_for_backward(xn, wn)
-        ctx.conf = (stride, padding, x.shape[2], x.shape[3], weight.shape[2], weight.shape[3])
-        return torch.from_numpy(y).permute(0, 3, 1, 2)  # NCHW view of NHWC memory (channels-last)
+        ctx.conf = (stride, padding, h, w, r, s)
+        return y.permute(0, 3, 1, 2)  # NCHW view of NHWC memory (channels-last)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
@@ -132,10 +140,12 @@ class _ConvFunction(torch.autograd.Function):
         dyn = dy.permute(0, 2, 3, 1).contiguous().numpy()
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = torch.from_numpy(_prunekit.conv2d_backward_input(dyn, wn.numpy(), (h, w), stride, padding))
+            dx = torch.empty(xn.shape, dtype=torch.float32)  # overwritten by the kernel
+            _prunekit.conv2d_backward_input(dyn, wn.numpy(), (h, w), stride, padding, out=dx.numpy())
             dx = dx.permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
-            dw = torch.from_numpy(_prunekit.conv2d_backward_weight(xn.numpy(), dyn, (r, s), stride, padding))
+            dw = torch.empty(wn.shape, dtype=torch.float32)  # overwritten by the kernel
+            _prunekit.conv2d_backward_weight(xn.numpy(), dyn, (r, s), stride, padding, out=dw.numpy())
             dw = dw.permute(0, 3, 1, 2)  # OIHW in channels-last memory, as the weight
         return dx, dw, None, None
 
