@@ -20,7 +20,8 @@
 # FMNIST=DIR holding its four .gz IDX files. The pretrained source model is kept in
 # SOURCE_DIR (default bench/results/transfer-fmnist-source) and shared by both regimes.
 # Finished stages and runs are skipped, so an interrupted reproduction continues where it
-# stopped. Each regime ends by checking the stability criteria and validating the advisor.
+# stopped. Each regime ends by validating the advisor and checking the stability criteria
+# (scripts/transfer_check.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REGIME=${1:-}
@@ -73,5 +74,7 @@ fi
 LAST=${BUDGETS##*,}
 run "$OUT" advise "$BIN" transfer advise --runs "$OUT/runs" --budget "$LAST" --validate \
   --json "$OUT/advise.json" --plot "$OUT/advise.svg"
+# 4. The stability criteria and the measured crossovers, with the seeds' spread.
+run "$OUT" check python3 scripts/transfer_check.py "$OUT/transfer.json" --json "$OUT/check.json" || true
 echo "[$(date -u +%H:%M:%S)] done in $(( $(date +%s) - start )) s (stages found done were skipped)" \
   | tee -a "$OUT/commands.txt"
