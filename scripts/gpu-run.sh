@@ -92,6 +92,13 @@ o,t=float('$ours'),float('$theirs');b=$b
 f=lambda x:'%12.2f'%x
 print('%-6d %-9s'%(b,'$p'),f(o),f(b/o*1e3),f(t),f(b/t*1e3),'%8.2f'%(t/o))")"
                 [[ ${#prof[@]} -gt 0 ]] && tail -n +2 "$RESULTS/torch-step-$p-$b.txt" | tee -a "$REPORT"
+                if [[ $p == bf16 && $b == 256 ]]; then
+                    # The same step captured as one CUDA graph (tests: cuda_graphed_step_is_the_plain_step).
+                    "$PK" bench --device cuda --sparsity 0 --batch 256 --precision bf16 --steps 10 --warmup 3 --graph \
+                        --json "$RESULTS/step-bf16-256-graph.json" >> "$LOG" 2>&1
+                    g=$(python3 -c "import json;print(json.load(open('$RESULTS/step-bf16-256-graph.json'))[0]['step_ms'])" 2>/dev/null || echo nan)
+                    say "$(python3 -c "g,t=float('$g'),float('$theirs');print('256    bf16 graph %12.2f %12.2f %12.2f %12.2f %8.2f'%(g,256/g*1e3,t,256/t*1e3,t/g))")"
+                fi
             done
         done
         say "(ratio = PyTorch's step time over prunekit's: above 1, prunekit is faster)"

@@ -4,7 +4,7 @@
 //! the FLOP-ideal speedup (dense train FLOPs over pruned train FLOPs).
 
 use crate::device::Device;
-use crate::model::{init::torchvision_init, Arch, Model, PrecisionKind, Sgd, StateDict};
+use crate::model::{init::torchvision_init, AnyWorkspace, Arch, Model, PrecisionKind, Sgd, StateDict};
 use crate::ops::profile::{profile, Profile};
 use crate::prune::{prune_state, Mode, Norm, Plan, PruneConfig, Sparsity};
 use crate::{ensure, invalid, Result};
@@ -78,6 +78,9 @@ pub struct BenchOptions {
     /// After the timed steps, profile one more step per row ([`crate::ops::profile`]):
     /// [`BenchRow::profile`].
     pub profile: bool,
+    /// Time the step captured as one CUDA graph and replayed
+    /// ([`Model::train_step_graphed`]; the plain step where there is no capture).
+    pub graph: bool,
 }
 
 impl BenchOptions {
@@ -103,6 +106,7 @@ impl BenchOptions {
             precision,
             seed: 0,
             profile: false,
+            graph: false,
         }
     }
 }
@@ -174,14 +178,23 @@ fn time_steps(
     let targets: Vec<i64> = (0..o.batch).map(|_| rng.random_range(0..classes)).collect();
     model.set_batch(&mut ws, &images, Some(&targets))?;
     let sgd = Sgd { lr: 0.01, momentum: 0.9, weight_decay: 1e-4 };
-    for _ in 0..o.warmup {
-        model.train_step(&mut ws, &sgd)?;
+    // A graphed step runs plainly once, then is captured: two steps before the timing.
+    let warmup = if o.graph { o.warmup.max(2) } else { o.warmup };
+    let step = |model: &mut Model, ws: &mut AnyWorkspace| {
+        if o.graph {
+            model.train_step_graphed(ws, &sgd)
+        } else {
+            model.train_step(ws, &sgd)
+        }
+    };
+    for _ in 0..warmup {
+        step(&mut model, &mut ws)?;
         tick();
     }
     dev.synchronize()?;
     let start = dev.mark()?;
     for _ in 0..o.steps {
-        model.train_step(&mut ws, &sgd)?;
+        step(&mut model, &mut ws)?;
         tick();
     }
     let end = dev.mark()?;

@@ -75,6 +75,10 @@ pub struct BenchArgs {
     /// roofline-ideal speedups. Default: the cuda device's, if known; h200 with emu:count.
     #[arg(long)]
     roofline: Option<String>,
+    /// Time the training step captured as one CUDA graph and replayed (cuda; elsewhere the
+    /// plain step). The profiled step is never graphed: it times each op.
+    #[arg(long)]
+    graph: bool,
 }
 
 /// Runs `prunekit bench`: the rows as a table (and the profile table with --profile), then
@@ -109,9 +113,13 @@ pub fn run(a: BenchArgs) -> prunekit::Result<()> {
     o.warmup = a.warmup.unwrap_or(o.warmup);
     o.precision = precision;
     o.profile = a.profile || counting;
+    o.graph = a.graph;
+    if o.graph {
+        o.warmup = o.warmup.max(2); // one plain step, then the capture
+    }
     let plan = step::bench_plan(&o);
     println!(
-        "prunekit bench on {}: batch {}, {}x{}, {}, {} warm-up + {} timed steps per row, {} rows",
+        "prunekit bench on {}: batch {}, {}x{}, {}, {} warm-up + {} timed{} steps per row, {} rows",
         dev.name(),
         o.batch,
         o.size,
@@ -119,6 +127,7 @@ pub fn run(a: BenchArgs) -> prunekit::Result<()> {
         o.precision,
         o.warmup,
         o.steps,
+        if o.graph { " graphed" } else { "" },
         plan.len()
     );
     let per_row = o.warmup + o.steps + usize::from(o.profile);
