@@ -105,18 +105,9 @@ def build(batch, size, precision, compile_, classes=1000):
 
 
 def step_ms(step, steps, warmup):
-    import torch
+    from torch_conv import timer  # CUDA events after the warm-up, as the convolutions' anchor
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
+    return timer("cuda", warmup, steps)(step)
 
 
 def profile_families(step, steps=3):
