@@ -75,6 +75,9 @@ def test_pytorch_loop_and_prunekit_train_agree(pruned_small, tiny_arrays, tmp_pa
 SIGINT_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, numpy as np, prunekit
+    # Ctrl-C raises KeyboardInterrupt, as in any interactive Python, even where the parent
+    # (a CI runner in the background) left SIGINT ignored, which a child inherits.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ck, out = sys.argv[1], sys.argv[2]
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (72, 32, 32, 3), dtype=np.uint8)
