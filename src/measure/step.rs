@@ -109,6 +109,16 @@ impl BenchOptions {
             graph: false,
         }
     }
+
+    /// The untimed steps per row: `warmup`, and at least two with `graph` (one plain step,
+    /// then the capture), so that the timed steps are replays.
+    pub fn warmup_steps(&self) -> usize {
+        if self.graph {
+            self.warmup.max(2)
+        } else {
+            self.warmup
+        }
+    }
 }
 
 /// One row of the bench table (and of its JSON).
@@ -162,7 +172,7 @@ fn masked_state(sd: &StateDict, plan: &Plan, keep: &std::collections::BTreeMap<S
     out
 }
 
-/// Times `steps` training steps of `sd` (after `warmup` untimed ones); returns ms per step,
+/// Times `steps` training steps of `sd` (after [`BenchOptions::warmup_steps`] untimed ones); returns ms per step,
 /// the last loss and, with `o.profile`, the profile of one more step.
 fn time_steps(
     dev: &Device,
@@ -178,8 +188,6 @@ fn time_steps(
     let targets: Vec<i64> = (0..o.batch).map(|_| rng.random_range(0..classes)).collect();
     model.set_batch(&mut ws, &images, Some(&targets))?;
     let sgd = Sgd { lr: 0.01, momentum: 0.9, weight_decay: 1e-4 };
-    // A graphed step runs plainly once, then is captured: two steps before the timing.
-    let warmup = if o.graph { o.warmup.max(2) } else { o.warmup };
     let step = |model: &mut Model, ws: &mut AnyWorkspace| {
         if o.graph {
             model.train_step_graphed(ws, &sgd)
@@ -187,7 +195,7 @@ fn time_steps(
             model.train_step(ws, &sgd)
         }
     };
-    for _ in 0..warmup {
+    for _ in 0..o.warmup_steps() {
         step(&mut model, &mut ws)?;
         tick();
     }

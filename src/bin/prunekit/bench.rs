@@ -114,9 +114,6 @@ pub fn run(a: BenchArgs) -> prunekit::Result<()> {
     o.precision = precision;
     o.profile = a.profile || counting;
     o.graph = a.graph;
-    if o.graph {
-        o.warmup = o.warmup.max(2); // one plain step, then the capture
-    }
     let plan = step::bench_plan(&o);
     println!(
         "prunekit bench on {}: batch {}, {}x{}, {}, {} warm-up + {} timed{} steps per row, {} rows",
@@ -125,12 +122,12 @@ pub fn run(a: BenchArgs) -> prunekit::Result<()> {
         o.size,
         o.size,
         o.precision,
-        o.warmup,
+        o.warmup_steps(),
         o.steps,
         if o.graph { " graphed" } else { "" },
         plan.len()
     );
-    let per_row = o.warmup + o.steps + usize::from(o.profile);
+    let per_row = o.warmup_steps() + o.steps + usize::from(o.profile);
     let bar = indicatif::ProgressBar::new((per_row * plan.len()) as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps, {elapsed} elapsed, ~{eta} left")
