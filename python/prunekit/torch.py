@@ -17,7 +17,7 @@ from torch import nn
 
 from . import _prunekit
 
-__all__ = ["Conv2d", "convert", "resize_like", "module_from_state", "check_bottleneck_resnet"]
+__all__ = ["Conv2d", "convert", "resize_like", "module_from_state", "check_bottleneck_resnet", "empty_cache", "cache_info"]
 
 
 def check_bottleneck_resnet(module: nn.Module) -> None:
@@ -115,6 +115,27 @@ def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1 if stride > 0 else 0
 
 
+def _empty(shape: Sequence[int]) -> torch.Tensor:
+    """An uninitialised float32 tensor whose memory prunekit reuses after it is freed."""
+    return torch.from_numpy(_prunekit.empty(list(shape)))
+
+
+def empty_cache() -> None:
+    """Frees the memory that prunekit keeps for reuse. ``Conv2d``'s outputs and gradients
+    (and ``prunekit.conv2d``'s new arrays) take memory from an idle list, to which it returns
+    when they are freed, as PyTorch's caching allocator does for CUDA memory: a training loop
+    asks for the same sizes every step, and memory already mapped saves the page faults of
+    fresh allocations. The list holds at most 1 GiB; tensors in use are not affected."""
+    _prunekit.empty_buffer_cache()
+
+
+def cache_info() -> Dict[str, int]:
+    """The reuse cache: ``idle_bytes`` and ``idle_blocks`` kept for reuse, ``hits`` (requests
+    served from it) and ``misses`` (new allocations of a cached size class)."""
+    b, n, h, m = _prunekit.buffer_cache()
+    return {"idle_bytes": b, "idle_blocks": n, "hits": h, "misses": m}
+
+
 class _ConvFunction(torch.autograd.Function):
     """prunekit's CPU convolution as an autograd function (NCHW at the boundary)."""
 
@@ -125,8 +146,9 @@ class _ConvFunction(torch.autograd.Function):
         wn = weight.detach().permute(0, 2, 3, 1).contiguous()  # KRSC: a view for channels-last weights
         (n, h, w, _), (k, r, s, _) = xn.shape, wn.shape
         p, q = _out_size(h, r, stride, padding), _out_size(w, s, stride, padding)
-        # The kernels overwrite every element: an uninitialised output saves a zeroing pass.
-        y = torch.empty((n, p, q, k), dtype=torch.float32) if p > 0 and q > 0 else None
+        # The kernels overwrite every element: an output of reused memory (see empty_cache)
+        # needs no zeroing and no fresh pages.
+        y = _empty((n, p, q, k)) if p > 0 and q > 0 else None
         _prunekit.conv2d(xn.numpy(), wn.numpy(), stride, padding, out=None if y is None else y.numpy())
         ctx.save_for_backward(xn, wn)
         ctx.conf = (stride, padding, h, w, r, s)
@@ -140,11 +162,11 @@ class _ConvFunction(torch.autograd.Function):
         dyn = dy.permute(0, 2, 3, 1).contiguous().numpy()
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = torch.empty(xn.shape, dtype=torch.float32)  # overwritten by the kernel
+            dx = _empty(xn.shape)  # overwritten by the kernel
             _prunekit.conv2d_backward_input(dyn, wn.numpy(), (h, w), stride, padding, out=dx.numpy())
             dx = dx.permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
-            dw = torch.empty(wn.shape, dtype=torch.float32)  # overwritten by the kernel
+            dw = _empty(wn.shape)  # overwritten by the kernel
             _prunekit.conv2d_backward_weight(xn.numpy(), dyn, (r, s), stride, padding, out=dw.numpy())
             dw = dw.permute(0, 3, 1, 2)  # OIHW in channels-last memory, as the weight
         return dx, dw, None, None

@@ -1,7 +1,7 @@
 //! The CPU convolution kernels (`prunekit::cpu::conv`) on numpy arrays: activations
 //! NHWC, weights KRSC, float32, C-contiguous. The inputs are read in place (no copy) and
-//! the output is written straight into a new numpy array (or the caller's `out`), with
-//! the GIL released.
+//! the output is written straight into a new numpy array (from the reused buffers of
+//! `buffers`) or the caller's `out`, with the GIL released.
 
 use crate::guarded;
 use numpy::{PyArray4, PyArrayMethods, PyReadonlyArray4, PyUntypedArrayMethods};
@@ -56,7 +56,8 @@ fn run<'py>(
     f: impl FnOnce(&mut [f32]) + Send,
 ) -> PyResult<Bound<'py, PyArray4<f32>>> {
     let out = match out {
-        None => PyArray4::<f32>::zeros(py, out_dims, false),
+        // Every element is overwritten: a reused buffer's old values never show.
+        None => crate::buffers::empty(py, &out_dims)?.cast_into::<PyArray4<f32>>().map_err(PyErr::from)?,
         Some(o) => {
             let ro = array4(o, "out")?;
             if dims(&ro) != out_dims {

@@ -6,6 +6,7 @@
 //! crosses into Python (it becomes a `RuntimeError`). The Python package
 //! (`python/prunekit/`) wraps these functions for PyTorch users.
 
+mod buffers;
 mod conv;
 mod data;
 mod jobs;
@@ -113,6 +114,7 @@ fn _prunekit(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     state::register(m)?;
+    buffers::register(m)?;
     conv::register(m)?;
     data::register(m)?;
     jobs::register(m)?;

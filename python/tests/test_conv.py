@@ -97,3 +97,44 @@ def test_out_arrays():
     sq = rng.standard_normal((1, 5, 5, 3), dtype=np.float32)
     with pytest.raises(ValueError, match="cannot be written"):  # out is the input itself
         prunekit.conv2d(sq, np.ones((3, 1, 1, 3), np.float32), out=sq)
+
+
+def test_reused_memory_never_shows_old_values():
+    """Outputs come from memory freed by earlier outputs (prunekit.torch.empty_cache): a
+    block left full of NaN must be overwritten everywhere, including the input positions a
+    strided 1x1 convolution's windows never touch (their gradient is zero)."""
+    from prunekit import _prunekit
+    from prunekit.torch import cache_info, empty_cache
+
+    n, c, h, w, k = 2, 64, 33, 33, 128  # x, dx and y over the cache's 256 KiB minimum
+    torch.manual_seed(3)
+    x = torch.randn(n, c, h, w).to(memory_format=torch.channels_last).requires_grad_(True)
+    conv = Conv2d(c, k, 1, stride=2)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref_w = conv.weight.detach().clone().requires_grad_(True)
+    ref = F.conv2d(ref_x, ref_w, stride=2)
+    dy = torch.randn(ref.shape)
+    ref.backward(dy)
+    empty_cache()
+    for size in (x.numel(), ref.numel()):  # dx's and y's sizes, poisoned and freed
+        block = _prunekit.empty([size])
+        block[:] = np.nan
+        del block
+    before = cache_info()
+    assert before["idle_blocks"] == 2 and before["idle_bytes"] == 4 * (x.numel() + ref.numel())
+    for _ in range(2):
+        x.grad = None
+        conv.weight.grad = None
+        y = conv(x)
+        y.backward(dy)
+        assert torch.isfinite(y).all() and close(y.detach(), ref.detach())
+        assert torch.isfinite(x.grad).all() and close(x.grad, ref_x.grad)
+        assert close(conv.weight.grad, ref_w.grad)
+        del y
+    assert cache_info()["hits"] >= before["hits"] + 2
+    # Arrays in use keep their memory; emptying the cache frees only idle blocks.
+    kept = x.grad.clone()
+    empty_cache()
+    assert cache_info()["idle_bytes"] == 0 and torch.equal(x.grad, kept)
+    with pytest.raises(ValueError, match="too large"):
+        _prunekit.empty([1 << 40, 1 << 40])
