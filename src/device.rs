@@ -177,6 +177,14 @@ impl<T: Elem> Buf<T> {
             Buf::Gpu(b) => Ok(b.gpu().download(b)?),
         }
     }
+    /// The elements on the host: the buffer's own memory on the CPU (no copy), a
+    /// download from a kernel device.
+    pub fn into_vec(self) -> Result<Vec<T>> {
+        match self {
+            Buf::Host(v) => Ok(v),
+            Buf::Gpu(b) => Ok(b.gpu().download(&b)?),
+        }
+    }
     /// The elements, if the buffer is in host memory.
     pub fn host(&self) -> Option<&[T]> {
         match self {

@@ -6,7 +6,7 @@ mod common;
 
 use prunekit::cpu::prune::Norm;
 use prunekit::model::StateDict;
-use prunekit::prune::{prune_state, Mode, PruneConfig};
+use prunekit::prune::{prune_owned_state, prune_state, Mode, PruneConfig, Pruned};
 use prunekit::Device;
 
 fn load(name: &str) -> (StateDict, StateDict, PruneConfig) {
@@ -28,9 +28,14 @@ fn load(name: &str) -> (StateDict, StateDict, PruneConfig) {
     (sd, expect, cfg)
 }
 
+/// Both entry points (the state borrowed, and taken) against the reference.
 fn check(dev: &Device, file: &str) {
     let (sd, expect, cfg) = load(file);
-    let pruned = prune_state(dev, &sd, &cfg).unwrap();
+    check_pruned(dev, file, &expect, prune_state(dev, &sd, &cfg).unwrap());
+    check_pruned(dev, file, &expect, prune_owned_state(dev, sd, &cfg).unwrap());
+}
+
+fn check_pruned(dev: &Device, file: &str, expect: &StateDict, pruned: Pruned) {
     let mut groups = 0;
     for (name, t) in &expect.tensors {
         if let Some(g) = name.strip_prefix("keep.") {

@@ -123,7 +123,8 @@ class Pruned:
             widths (for a module), a dict of torch tensors (for torch tensors), or a dict of
             numpy arrays (for numpy arrays or a path).
         state_dict: the compacted tensors (torchvision's names) as torch tensors or numpy
-            arrays, as ``weights`` holds them.
+            arrays, as ``weights`` holds them (for a module, its tensors: they share memory
+            with its parameters and buffers, as ``module.state_dict()`` does).
         keep: the kept indices of the dense model per group (``layer1.0.conv1``, ...).
         widths: per group, ``(width before, width kept)``.
         flops: forward FLOPs per 224x224 image (2 x multiply-adds of convs and fc),
@@ -195,7 +196,7 @@ def prune(
     if _is_module(weights):
         from .torch import resize_like
 
-        out: Any = resize_like(weights, _model_tensors(sd))
+        out: Any = resize_like(weights, _model_tensors(sd), copy_tensors=False)  # new tensors: shared, not copied
     else:
         out = sd
     return Pruned(out, sd, keep, widths, flops_, params, r)

@@ -46,13 +46,16 @@ def _parent(root: nn.Module, name: str) -> Tuple[nn.Module, str]:
     return m, last
 
 
-def resize_like(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+def resize_like(module: nn.Module, state: Mapping[str, torch.Tensor], copy_tensors: bool = True) -> nn.Module:
     """A copy of ``module`` whose convolutions, batch norms and linear layers have the
     shapes of ``state`` (e.g. a pruned state dict), holding copies of ``state``'s tensors
-    (every parameter and buffer must be in it). Strides, paddings, eps, momentum, bias
-    flags, ``requires_grad`` and the training mode are kept; the original module is left as
-    it was. The copy is made without copying (or initialising) the original's parameters:
-    its structure is copied with empty "meta" tensors, which ``state`` then replaces."""
+    (every parameter and buffer must be in it), or ``state``'s tensors themselves with
+    ``copy_tensors=False`` where they are on the module's device (the module then shares their
+    memory, as a ``state_dict()`` shares its module's). Strides, paddings, eps, momentum,
+    bias flags, ``requires_grad`` and the training mode are kept; the original module is
+    left as it was. The copy is made without copying (or initialising) the original's
+    parameters: its structure is copied with empty "meta" tensors, which ``state`` then
+    replaces."""
     memo: Dict[int, Any] = {}
     device = torch.device("cpu")
     for t in itertools.chain(module.parameters(), module.buffers()):
@@ -86,7 +89,7 @@ def resize_like(module: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Modu
             p.requires_grad_(getattr(m, n).requires_grad)
         parent, attr = _parent(new, name)
         setattr(parent, attr, repl)
-    new.load_state_dict({k: v.to(device, copy=True) for k, v in state.items()}, strict=True, assign=True)
+    new.load_state_dict({k: v.to(device, copy=copy_tensors) for k, v in state.items()}, strict=True, assign=True)
     left = [n for n, t in itertools.chain(new.named_parameters(), new.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"the state has no tensor for {', '.join(left)}")

@@ -4,7 +4,7 @@
 use crate::{catch, guarded, to_py};
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArray4, PyUntypedArrayMethods};
 use prunekit::model::{Arch, Data, Model, StateDict, Tensor};
-use prunekit::prune::{prune_state, Mode, Norm, PruneConfig, Pruned, Sparsity};
+use prunekit::prune::{prune_owned_state, Mode, Norm, PruneConfig, Pruned, Sparsity};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
@@ -189,7 +189,7 @@ impl PruneResult {
 }
 
 /// Prunes a bottleneck ResNet zero-shot by weight magnitude: the crate's
-/// `prune::prune_state` pipeline on `device` (the CPU by default).
+/// `prune::prune_owned_state` pipeline on `device` (the CPU by default).
 #[pyfunction]
 #[pyo3(signature = (weights, mode="filters", sparsity=None, round_to=8, criterion="l1", device="cpu"))]
 fn prune(
@@ -206,7 +206,7 @@ fn prune(
         let config = prune_config(mode, sparsity.unwrap_or(&half), round_to, criterion)?;
         let dev = crate::device(device)?;
         let sd = state_from_py(py, weights)?;
-        let pruned = guarded(py, move || prune_state(&dev, &sd, &config))?;
+        let pruned = guarded(py, move || prune_owned_state(&dev, sd, &config))?;
         Ok(PruneResult { pruned })
     })
 }

@@ -10,6 +10,6 @@ mod plan;
 mod sparsity;
 
 pub use crate::cpu::prune::Norm;
-pub use pipeline::{prune_state, prune_state_with, DeviceState, Pruned};
+pub use pipeline::{prune_owned_state, prune_state, prune_state_with, DeviceState, Pruned};
 pub use plan::{GroupPlan, Mode, Plan, PruneConfig};
 pub use sparsity::{kept_width, Sparsity};

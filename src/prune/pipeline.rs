@@ -7,6 +7,7 @@ use crate::device::{Buf, Device};
 use crate::model::{Arch, Data, StateDict, Tensor};
 use crate::ops::prune::{filter_norms, gather, group_sums, topk, Gather, Group, Keep, Selection, Weight};
 use crate::{ensure, invalid, Result};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// Named device buffers.
@@ -26,6 +27,21 @@ impl DeviceState {
             let t = sd.get(n)?;
             let v = t.as_f32().ok_or_else(|| invalid!("tensor {n} is not F32"))?;
             index.insert(n.to_string(), (t.shape.clone(), dev.upload(v.to_vec())?));
+        }
+        Ok(DeviceState { dev: dev.clone(), index })
+    }
+
+    /// As [`DeviceState::upload`], taking the tensors out of `sd` (no copy on the CPU).
+    pub fn upload_taken<'a>(
+        dev: &Device,
+        sd: &mut StateDict,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<DeviceState> {
+        let mut index = BTreeMap::new();
+        for n in names {
+            let t = sd.tensors.remove(n).ok_or_else(|| invalid!("missing tensor {n}"))?;
+            let Data::F32(v) = t.data else { return Err(invalid!("tensor {n} is not F32")) };
+            index.insert(n.to_string(), (t.shape, dev.upload(v)?));
         }
         Ok(DeviceState { dev: dev.clone(), index })
     }
@@ -160,7 +176,14 @@ impl Pruned {
 
 /// Prunes a model given as a state dict with torchvision's names, on `dev`.
 pub fn prune_state(dev: &Device, sd: &StateDict, config: &PruneConfig) -> Result<Pruned> {
-    prune_state_with(dev, sd, None, config)
+    prune_cow(dev, Cow::Borrowed(sd), None, config)
+}
+
+/// As [`prune_state`], taking the state: its tensors move into the result (on the CPU
+/// device the dense weights are read where they are and the untouched tensors are not
+/// copied), which saves copying the model twice.
+pub fn prune_owned_state(dev: &Device, sd: StateDict, config: &PruneConfig) -> Result<Pruned> {
+    prune_cow(dev, Cow::Owned(sd), None, config)
 }
 
 /// As [`prune_state`], and compacts `optimizer` (tensors named and shaped like the
@@ -171,7 +194,16 @@ pub fn prune_state_with(
     optimizer: Option<&StateDict>,
     config: &PruneConfig,
 ) -> Result<Pruned> {
-    let arch = Arch::from_state(sd)?;
+    prune_cow(dev, Cow::Borrowed(sd), optimizer, config)
+}
+
+fn prune_cow(
+    dev: &Device,
+    sd: Cow<'_, StateDict>,
+    optimizer: Option<&StateDict>,
+    config: &PruneConfig,
+) -> Result<Pruned> {
+    let arch = Arch::from_state(&sd)?;
     let plan = Plan::new(&arch, config)?;
     let specs = arch.tensor_specs();
     let shape_of: BTreeMap<&str, &Vec<usize>> = specs.iter().map(|s| (s.name.as_str(), &s.shape)).collect();
@@ -183,32 +215,39 @@ pub fn prune_state_with(
         }
     }
     // Upload what is scored or compacted: every tensor with a pruned dimension (which
-    // includes every producer's weight).
+    // includes every producer's weight). The model's tensors are read in place; with an
+    // optimizer's, both go into one state under distinct names.
     let touched = |n: &str| touched(&plan, n);
-    let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).filter(|n| touched(n)).collect();
-    let mut combined = sd.clone();
-    let mut jobs: Vec<(String, String)> = names.iter().map(|n| (n.to_string(), n.to_string())).collect();
+    let names: Vec<String> = specs.iter().map(|s| s.name.clone()).filter(|n| touched(n)).collect();
+    let mut combined = sd;
+    let mut jobs: Vec<(String, String)> = names.iter().map(|n| (n.clone(), n.clone())).collect();
     if let Some(opt) = optimizer {
         for n in opt.tensors.keys().filter(|n| touched(n)) {
             let stored = format!("optimizer.{n}");
-            combined.tensors.insert(stored.clone(), opt.tensors[n].clone());
+            combined.to_mut().tensors.insert(stored.clone(), opt.tensors[n].clone());
             jobs.push((stored, n.clone()));
         }
     }
-    let mut upload_names: Vec<&str> = names.clone();
-    upload_names.extend(jobs.iter().skip(names.len()).map(|(s, _)| s.as_str()));
-    let ds = DeviceState::upload(dev, &combined, upload_names)?;
+    let upload_names: Vec<&str> = jobs.iter().map(|(s, _)| s.as_str()).collect();
+    let (ds, rest) = match combined {
+        Cow::Borrowed(sd) => (DeviceState::upload(dev, sd, upload_names)?, Cow::Borrowed(sd)),
+        Cow::Owned(mut sd) => {
+            let ds = DeviceState::upload_taken(dev, &mut sd, upload_names)?;
+            (ds, Cow::Owned(sd))
+        }
+    };
     let keep = ds.select(&plan)?;
     let job_refs: Vec<(&str, &str)> =
         jobs.iter().filter(|(_, p)| touched(p)).map(|(s, p)| (s.as_str(), p.as_str())).collect();
     let out = ds.compact(&plan, &keep, &job_refs)?;
+    drop(ds);
 
     let after: BTreeMap<String, Vec<usize>> =
         plan.after.tensor_specs().into_iter().map(|s| (s.name, s.shape)).collect();
     let mut state = StateDict { tensors: BTreeMap::new(), metadata: BTreeMap::new() };
     let mut opt_out = optimizer.map(|o| StateDict { tensors: o.tensors.clone(), metadata: o.metadata.clone() });
     for ((stored, param), buf) in job_refs.iter().zip(out) {
-        let t = Tensor::f32(after[*param].clone(), buf.to_vec()?);
+        let t = Tensor::f32(after[*param].clone(), buf.into_vec()?);
         match stored.strip_prefix("optimizer.") {
             Some(p) => {
                 opt_out.as_mut().expect("optimizer given").tensors.insert(p.to_string(), t);
@@ -218,9 +257,21 @@ pub fn prune_state_with(
             }
         }
     }
-    for (n, t) in &sd.tensors {
-        if !state.tensors.contains_key(n) {
-            state.tensors.insert(n.clone(), t.clone()); // untouched, and num_batches_tracked
+    // The untouched tensors (and num_batches_tracked), moved when the state was given.
+    match rest {
+        Cow::Borrowed(sd) => {
+            for (n, t) in &sd.tensors {
+                if !state.tensors.contains_key(n) {
+                    state.tensors.insert(n.clone(), t.clone());
+                }
+            }
+        }
+        Cow::Owned(sd) => {
+            for (n, t) in sd.tensors {
+                if !n.starts_with("optimizer.") && !state.tensors.contains_key(&n) {
+                    state.tensors.insert(n, t);
+                }
+            }
         }
     }
     let lists = keep.lists()?;

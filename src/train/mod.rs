@@ -43,7 +43,7 @@ pub use schedule::{Schedule, ScheduleKind};
 use crate::data::{Augment, Normalize};
 use crate::device::Device;
 use crate::model::{init::torchvision_init, Arch, PrecisionKind, StateDict, Tensor};
-use crate::prune::{prune_state, PruneConfig};
+use crate::prune::{prune_owned_state, PruneConfig};
 use crate::{ensure, Result};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -131,7 +131,7 @@ pub fn prepare_model(
     };
     if let Some(cfg) = prune {
         let before = Arch::from_state(&state)?.params();
-        let pruned = prune_state(dev, &state, cfg)?;
+        let pruned = prune_owned_state(dev, std::mem::take(&mut state), cfg)?;
         notes.push(format!(
             "pruned zero-shot ({} mode, sparsity {}, round to {}): {} groups, {before} -> {} parameters",
             cfg.mode,

@@ -2,7 +2,7 @@
 
 use crate::args::{CriterionArg, ModeArg};
 use prunekit::model::StateDict;
-use prunekit::prune::{prune_state, Mode, Norm, PruneConfig, Sparsity};
+use prunekit::prune::{prune_owned_state, Mode, Norm, PruneConfig, Sparsity};
 use prunekit::{invalid, Device};
 use std::path::PathBuf;
 
@@ -53,7 +53,7 @@ pub fn run(a: PruneArgs) -> prunekit::Result<()> {
     let dev = Device::parse(&device)?;
     let sd = StateDict::read(&weights)?;
     let t = std::time::Instant::now();
-    let pruned = prune_state(&dev, &sd, &config)?;
+    let pruned = prune_owned_state(&dev, sd, &config)?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     pruned.to_file_state().write(&out)?;
     print!("{}", pruned.plan.table(size, size));
