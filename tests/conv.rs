@@ -520,3 +520,33 @@ mod cuda {
         check_layouts::<bf16>(&d);
     }
 }
+
+/// Memory another owner allocated (what DLPack hands over), borrowed as device buffers:
+/// the three passes read and write it like their own buffers, and dropping the borrowed
+/// buffers leaves it alone.
+#[test]
+fn borrowed_memory_runs_every_pass() {
+    let gpu = Gpu::emu_with(Schedule::Forward);
+    let dev = Device::Gpu(gpu.clone());
+    let sh = shape(2, 9, 7, 5, 13, 3, 2, 1); // odd sizes, stride 2
+    let d = data::<f32>(&sh, 7);
+    let (mut x, mut w, mut dy) = (d.x.clone(), d.w.clone(), d.dy.clone());
+    let (mut y, mut dx, mut dw) = (vec![f32::NAN; sh.y_len()], vec![f32::NAN; sh.x_len()], vec![f32::NAN; sh.w_len()]);
+    let borrow = |v: &mut Vec<f32>| -> Buf<f32> {
+        // SAFETY: host memory (the emulation's device memory) that outlives the buffer.
+        Buf::Gpu(unsafe { gpu.borrow::<f32>(v.as_mut_ptr() as u64, v.len()) }.unwrap())
+    };
+    let (bx, bw, bdy) = (borrow(&mut x), borrow(&mut w), borrow(&mut dy));
+    let (mut by, mut bdx, mut bdw) = (borrow(&mut y), borrow(&mut dx), borrow(&mut dw));
+    conv::conv2d_fprop_with(&dev, &sh, &bx, &bw, &mut by, None).unwrap();
+    conv::conv2d_dgrad_with(&dev, &sh, &bdy, &bw, &mut bdx, None).unwrap();
+    conv::conv2d_wgrad_with(&dev, &sh, &bx, &bdy, &mut bdw, None).unwrap();
+    drop((bx, bw, bdy, by, bdx, bdw));
+    for (pass, got) in [(Pass::Fprop, &y), (Pass::Dgrad, &dx), (Pass::Wgrad, &dw)] {
+        check_close(&format!("{pass:?}"), got, &oracle(pass, &sh, &d), false, true, sh.c * sh.r * sh.s);
+    }
+    assert_eq!(gpu.stream_handle(), None, "the emulation has no stream to order against");
+    gpu.order_before(0).unwrap();
+    // A misaligned address is refused.
+    assert!(unsafe { gpu.borrow::<f32>(x.as_ptr() as u64 + 2, 4) }.is_err());
+}

@@ -250,6 +250,28 @@ impl CudaBackend {
         Ok(ev)
     }
 
+    /// Our stream's handle (a `CUstream` as an integer, for DLPack's `stream=`).
+    pub fn stream_handle(&self) -> u64 {
+        self.stream as u64
+    }
+
+    /// Makes the stream `other` (another library's, same context) wait for the work
+    /// queued on ours so far, without blocking the host.
+    pub fn before_stream(&self, other: u64) -> Result<(), GpuError> {
+        self.bind()?;
+        let ev = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| driver_err("cuEventCreate", e))?;
+        let ev = CudaEvent(ev);
+        // SAFETY: a fresh event recorded on our stream; `other` is a live stream of this
+        // context (the caller's promise). Destroying an event that a wait refers to is
+        // allowed: the wait keeps what it needs.
+        unsafe {
+            result::event::record(ev.0, self.stream).map_err(|e| driver_err("cuEventRecord", e))?;
+            result::stream::wait_event(other as sys::CUstream, ev.0, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+                .map_err(|e| driver_err("cuStreamWaitEvent", e))
+        }
+    }
+
     pub fn elapsed_ms(&self, start: &CudaEvent, end: &CudaEvent) -> Result<f64, GpuError> {
         self.bind()?;
         // SAFETY: both events were recorded on our stream.

@@ -253,13 +253,50 @@ impl Gpu {
     /// 0xFF bytes, which reads as NaN for floats and -1 for integers).
     pub fn alloc<T: Elem>(&self, len: usize) -> Result<GpuBuf<T>, GpuError> {
         let ptr = self.alloc_bytes(Self::bytes_of::<T>(len)?, false)?;
-        Ok(GpuBuf { ptr, len, gpu: self.clone(), _t: PhantomData })
+        Ok(GpuBuf { ptr, len, gpu: self.clone(), owned: true, _t: PhantomData })
+    }
+
+    /// A buffer over `len` elements at `ptr` that another owner allocated (a PyTorch
+    /// tensor's memory, handed over through DLPack): kernels read and write it like any
+    /// buffer, and dropping it frees nothing.
+    ///
+    /// # Safety
+    ///
+    /// `ptr .. ptr + len` elements must be memory of this device (device memory of the
+    /// same context on cuda; host memory on emu), suitably aligned for `T`, and stay
+    /// valid, and not be used by its owner in a way that races the queued work, for as
+    /// long as work queued on this buffer runs.
+    pub unsafe fn borrow<T: Elem>(&self, ptr: u64, len: usize) -> Result<GpuBuf<T>, GpuError> {
+        Self::bytes_of::<T>(len)?;
+        if ptr % std::mem::align_of::<T>() as u64 != 0 {
+            return Err(GpuError::Invalid(format!("address {ptr:#x} is not aligned for {}", T::NAME)));
+        }
+        Ok(GpuBuf { ptr, len, gpu: self.clone(), owned: false, _t: PhantomData })
+    }
+
+    /// The stream every launch goes to, as a `CUstream` handle (for DLPack's `stream=`), or
+    /// `None` in the emulation, whose work is done when the call returns.
+    pub fn stream_handle(&self) -> Option<u64> {
+        match &*self.backend {
+            Backend::Cuda(c) => Some(c.stream_handle()),
+            Backend::Emu(_) => None,
+        }
+    }
+
+    /// Makes another library's stream `other` (a `CUstream` of the same device, e.g.
+    /// PyTorch's current stream) wait for the work queued here so far, without blocking
+    /// the host. Nothing to do in the emulation.
+    pub fn order_before(&self, other: u64) -> Result<(), GpuError> {
+        match &*self.backend {
+            Backend::Cuda(c) => c.before_stream(other),
+            Backend::Emu(_) => Ok(()),
+        }
     }
 
     /// A buffer of `len` zeros.
     pub fn zeros<T: Elem>(&self, len: usize) -> Result<GpuBuf<T>, GpuError> {
         let ptr = self.alloc_bytes(Self::bytes_of::<T>(len)?, true)?;
-        Ok(GpuBuf { ptr, len, gpu: self.clone(), _t: PhantomData })
+        Ok(GpuBuf { ptr, len, gpu: self.clone(), owned: true, _t: PhantomData })
     }
 
     /// A new buffer holding a copy of `data`.
@@ -440,6 +477,8 @@ pub struct GpuBuf<T: Elem> {
     ptr: u64,
     len: usize,
     gpu: Gpu,
+    /// Freed on drop; false for [`Gpu::borrow`]ed memory, which its owner frees.
+    owned: bool,
     _t: PhantomData<T>,
 }
 
@@ -489,6 +528,8 @@ impl<T: Elem> GpuBuf<T> {
 
 impl<T: Elem> Drop for GpuBuf<T> {
     fn drop(&mut self) {
-        self.gpu.free_bytes(self.ptr);
+        if self.owned {
+            self.gpu.free_bytes(self.ptr);
+        }
     }
 }
