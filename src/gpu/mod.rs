@@ -268,7 +268,7 @@ impl Gpu {
     /// long as work queued on this buffer runs.
     pub unsafe fn borrow<T: Elem>(&self, ptr: u64, len: usize) -> Result<GpuBuf<T>, GpuError> {
         Self::bytes_of::<T>(len)?;
-        if ptr % std::mem::align_of::<T>() as u64 != 0 {
+        if !ptr.is_multiple_of(std::mem::align_of::<T>() as u64) {
             return Err(GpuError::Invalid(format!("address {ptr:#x} is not aligned for {}", T::NAME)));
         }
         Ok(GpuBuf { ptr, len, gpu: self.clone(), owned: false, _t: PhantomData })
