@@ -1,9 +1,11 @@
 """PyTorch glue for prunekit: modules with the kept widths, and ``Conv2d``, an
-``nn.Module`` whose forward and backward run prunekit's CPU convolution kernels.
+``nn.Module`` whose forward and backward run prunekit's convolution kernels (the CPU
+kernels on CPU tensors, the CUDA kernels on CUDA tensors).
 
 Nothing here computes: the shapes come from prunekit's pruned state dicts, and the
-convolutions from ``prunekit.conv2d`` and its two gradients (NCHW tensors are handed to
-the NHWC kernels as channels-last views where their memory already is, else one copy).
+convolutions from ``prunekit.conv2d`` and its two gradients on the CPU, or from the kernel
+device's passes on the tensors' own memory through DLPack (NCHW tensors are handed to the
+NHWC kernels as channels-last views where their memory already is, else one copy).
 """
 
 from __future__ import annotations
@@ -139,40 +141,85 @@ def cache_info() -> Dict[str, int]:
     return {"idle_bytes": b, "idle_blocks": n, "hits": h, "misses": m}
 
 
+def _dlpack(pass_: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, stride: int, padding: int, kernels: str) -> None:
+    """One pass of a kernel device's convolution, in place on the tensors' memory (DLPack).
+    The capsules are made for the kernels' stream, and PyTorch's current stream then waits
+    for the kernels."""
+    stream = _prunekit.device_stream(kernels)
+    caps = [t.__dlpack__(stream=stream) if stream is not None else t.__dlpack__() for t in (a, b, out)]
+    current = torch.cuda.current_stream(out.device).cuda_stream if out.is_cuda else None
+    _prunekit.conv2d_dlpack(pass_, *caps, stride, padding, kernels, current)
+
+
+def _new(shape: Sequence[int], like: torch.Tensor, kernels: str) -> torch.Tensor:
+    """An uninitialised float32 output: reused host memory for the CPU kernels, else
+    PyTorch's allocation on ``like``'s device."""
+    return _empty(shape) if kernels == "cpu" else torch.empty(tuple(shape), dtype=torch.float32, device=like.device)
+
+
 class _ConvFunction(torch.autograd.Function):
-    """prunekit's CPU convolution as an autograd function (NCHW at the boundary)."""
+    """prunekit's convolution as an autograd function (NCHW at the boundary): the CPU
+    kernels on numpy views of CPU tensors, a kernel device's (``cuda:N``, or ``emu``) on the
+    tensors' memory through DLPack."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-        """y = conv(x, weight) with prunekit.conv2d; saves the NHWC input and KRSC weight."""
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, kernels: str
+    ) -> torch.Tensor:
+        """y = conv(x, weight); saves the NHWC input and KRSC weight."""
         xn = x.detach().permute(0, 2, 3, 1).contiguous()  # NHWC: a view for channels-last input
         wn = weight.detach().permute(0, 2, 3, 1).contiguous()  # KRSC: a view for channels-last weights
         (n, h, w, _), (k, r, s, _) = xn.shape, wn.shape
         p, q = _out_size(h, r, stride, padding), _out_size(w, s, stride, padding)
-        # The kernels overwrite every element: an output of reused memory (see empty_cache)
-        # needs no zeroing and no fresh pages.
-        y = _empty((n, p, q, k)) if p > 0 and q > 0 else None
-        _prunekit.conv2d(xn.numpy(), wn.numpy(), stride, padding, out=None if y is None else y.numpy())
+        # The kernels overwrite every element: no zeroing (and on the CPU, memory reused from
+        # earlier outputs: see empty_cache).
+        if kernels == "cpu":
+            y = _empty((n, p, q, k)) if p > 0 and q > 0 else None  # else refused by the kernels' check
+            _prunekit.conv2d(xn.numpy(), wn.numpy(), stride, padding, out=None if y is None else y.numpy())
+        else:
+            y = torch.empty((n, max(p, 0), max(q, 0), k), dtype=torch.float32, device=x.device)
+            _dlpack("fprop", xn, wn, y, stride, padding, kernels)
         ctx.save_for_backward(xn, wn)
-        ctx.conf = (stride, padding, h, w, r, s)
+        ctx.conf = (stride, padding, kernels)
         return y.permute(0, 3, 1, 2)  # NCHW view of NHWC memory (channels-last)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
         """dx and dweight with prunekit's two gradient kernels (only those asked for)."""
         xn, wn = ctx.saved_tensors
-        stride, padding, h, w, r, s = ctx.conf
-        dyn = dy.permute(0, 2, 3, 1).contiguous().numpy()
+        stride, padding, kernels = ctx.conf
+        (h, w), (r, s) = xn.shape[1:3], wn.shape[1:3]
+        dyn = dy.permute(0, 2, 3, 1).contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = _empty(xn.shape)  # overwritten by the kernel
-            _prunekit.conv2d_backward_input(dyn, wn.numpy(), (h, w), stride, padding, out=dx.numpy())
+            dx = _new(xn.shape, xn, kernels)  # overwritten by the kernel
+            if kernels == "cpu":
+                _prunekit.conv2d_backward_input(dyn.numpy(), wn.numpy(), (h, w), stride, padding, out=dx.numpy())
+            else:
+                _dlpack("dgrad", dyn, wn, dx, stride, padding, kernels)
             dx = dx.permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
-            dw = _empty(wn.shape)  # overwritten by the kernel
-            _prunekit.conv2d_backward_weight(xn.numpy(), dyn, (r, s), stride, padding, out=dw.numpy())
+            dw = _new(wn.shape, wn, kernels)  # overwritten by the kernel
+            if kernels == "cpu":
+                _prunekit.conv2d_backward_weight(xn.numpy(), dyn.numpy(), (r, s), stride, padding, out=dw.numpy())
+            else:
+                _dlpack("wgrad", xn, dyn, dw, stride, padding, kernels)
             dw = dw.permute(0, 3, 1, 2)  # OIHW in channels-last memory, as the weight
-        return dx, dw, None, None
+        return dx, dw, None, None, None
+
+
+def _check_kernels(kernels: Optional[str]) -> Optional[str]:
+    if kernels is None or kernels in ("cpu", "emu", "cuda") or (
+        kernels.startswith("cuda:") and kernels[5:].isdigit()
+    ):
+        return kernels
+    raise ValueError(f"kernels={kernels!r}: expected None (by the tensors' device), cpu, emu, cuda or cuda:N")
+
+
+def _kernels_for(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    return "cpu"
 
 
 def _pair(v: Union[int, Tuple[int, int]], what: str) -> int:
@@ -184,11 +231,16 @@ def _pair(v: Union[int, Tuple[int, int]], what: str) -> int:
 
 
 class Conv2d(nn.Module):
-    """A drop-in for ``nn.Conv2d`` (float32, CPU, groups 1, dilation 1, square stride and
-    padding) whose forward and backward run prunekit's CPU kernels. Its weight is OIHW as
-    PyTorch's (held in channels-last memory, which is the kernels' KRSC layout), so state
-    dicts load unchanged; the bias, when there is one, is added by PyTorch. Inputs in channels-last memory (``x.to(memory_format=torch.channels_last)``)
-    reach the kernels without a copy, and outputs are channels-last."""
+    """A drop-in for ``nn.Conv2d`` (float32, groups 1, dilation 1, square stride and
+    padding) whose forward and backward run prunekit's kernels: the CPU kernels for CPU
+    tensors, the CUDA kernels for CUDA tensors (in place on the tensors' memory through
+    DLPack, ordered on PyTorch's current stream). ``kernels`` overrides the choice: ``"emu"``
+    runs the CUDA kernels in prunekit's host emulation on CPU tensors (slow; for tests
+    without a GPU). Its weight is OIHW as PyTorch's (held in channels-last memory, which is
+    the kernels' KRSC layout), so state dicts load unchanged; the bias, when there is one,
+    is added by PyTorch. Inputs in channels-last memory
+    (``x.to(memory_format=torch.channels_last)``) reach the kernels without a copy, and
+    outputs are channels-last."""
 
     def __init__(
         self,
@@ -198,8 +250,10 @@ class Conv2d(nn.Module):
         stride: Union[int, Tuple[int, int]] = 1,
         padding: Union[int, Tuple[int, int]] = 0,
         bias: bool = False,
+        kernels: Optional[str] = None,
     ) -> None:
         super().__init__()
+        self.kernels = _check_kernels(kernels)
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
         self.stride = _pair(stride, "stride")
@@ -210,7 +264,7 @@ class Conv2d(nn.Module):
         self.bias = nn.Parameter(ref.bias.detach().clone()) if bias else None
 
     @classmethod
-    def from_torch(cls, conv: nn.Conv2d) -> "Conv2d":
+    def from_torch(cls, conv: nn.Conv2d, kernels: Optional[str] = None) -> "Conv2d":
         """A prunekit ``Conv2d`` with ``conv``'s settings and (shared) parameters."""
         if conv.groups != 1 or conv.dilation not in ((1, 1), 1) or conv.padding_mode != "zeros":
             raise ValueError("prunekit's Conv2d takes groups=1, dilation=1 and zero padding")
@@ -218,6 +272,7 @@ class Conv2d(nn.Module):
             raise ValueError("prunekit's Conv2d takes a numeric padding, not 'same'/'valid'")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
+        new.kernels = _check_kernels(kernels)
         new.in_channels, new.out_channels = conv.in_channels, conv.out_channels
         new.kernel_size = tuple(conv.kernel_size)
         new.stride = _pair(tuple(conv.stride), "stride")
@@ -229,14 +284,20 @@ class Conv2d(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolution of NCHW ``x`` (float32, CPU)."""
+        """The convolution of NCHW ``x`` (float32): prunekit's CPU kernels for a CPU tensor,
+        its CUDA kernels for a CUDA tensor (on the tensor's device and PyTorch's current
+        stream), or the kernels named by ``kernels``."""
         if x.dtype != torch.float32 or self.weight.dtype != torch.float32:
             raise ValueError(f"prunekit's Conv2d takes float32, got input {x.dtype}, weight {self.weight.dtype}")
-        if x.device.type != "cpu":
-            raise ValueError(f"prunekit's Conv2d runs on the CPU, got a {x.device.type} tensor")
         if x.dim() != 4:
             raise ValueError(f"prunekit's Conv2d takes NCHW input, got rank {x.dim()}")
-        y = _ConvFunction.apply(x, self.weight, self.stride, self.padding)
+        if x.device != self.weight.device:
+            raise ValueError(f"the input is on {x.device}, the weight on {self.weight.device}")
+        kernels = self.kernels or _kernels_for(x.device)
+        want = "cuda" if kernels.startswith("cuda") else "cpu"
+        if x.device.type != want:
+            raise ValueError(f"prunekit's {kernels} kernels take {want} tensors, got a {x.device.type} tensor")
+        y = _ConvFunction.apply(x, self.weight, self.stride, self.padding, kernels)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y
@@ -248,13 +309,13 @@ class Conv2d(nn.Module):
         )
 
 
-def convert(module: nn.Module) -> nn.Module:
+def convert(module: nn.Module, kernels: Optional[str] = None) -> nn.Module:
     """Replaces every ``nn.Conv2d`` of ``module`` (in place) by a prunekit ``Conv2d``
-    sharing its parameters; returns ``module``."""
+    sharing its parameters (``kernels`` as ``Conv2d`` takes it); returns ``module``."""
     for name, m in list(module.named_modules()):
         if isinstance(m, nn.Conv2d):
             parent, attr = _parent(module, name) if name else (None, "")
             if parent is None:
-                return Conv2d.from_torch(m)
-            setattr(parent, attr, Conv2d.from_torch(m))
+                return Conv2d.from_torch(m, kernels)
+            setattr(parent, attr, Conv2d.from_torch(m, kernels))
     return module

@@ -9,6 +9,7 @@
 mod buffers;
 mod conv;
 mod data;
+mod dlpack;
 mod jobs;
 mod state;
 
@@ -117,6 +118,7 @@ fn _prunekit(m: &Bound<'_, PyModule>) -> PyResult<()> {
     buffers::register(m)?;
     conv::register(m)?;
     data::register(m)?;
+    dlpack::register(m)?;
     jobs::register(m)?;
     Ok(())
 }

@@ -1,0 +1,232 @@
+//! The convolution kernels of a kernel device on tensors handed over through DLPack
+//! (`tensor.__dlpack__()`): PyTorch's CUDA tensors run prunekit's CUDA kernels in place,
+//! on the tensors' own memory, and the host emulation (`emu`) takes CPU tensors the same
+//! way (for tests without a GPU). Activations are NHWC, weights KRSC, float32, dense.
+//!
+//! Ordering: the capsules are made with `stream=` our stream (so PyTorch makes our stream
+//! wait for the tensors' pending work, as DLPack specifies), and after the launch the
+//! caller's stream waits for ours ([`prunekit::gpu::Gpu::order_before`]): PyTorch's next
+//! use of the output, and its reuse of any of the memory, come after our kernels.
+
+use dlpark::ffi::{DLDataTypeCode, DLDeviceType, DLManagedTensor};
+use prunekit::gpu::Gpu;
+use prunekit::ops::conv;
+use prunekit::shape::ConvShape;
+use prunekit::{Buf, Device};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyCapsule, PyCapsuleMethods};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// One handle per device name, kept for the process: a CUDA device's modules load once.
+static DEVICES: Mutex<Option<HashMap<String, Gpu>>> = Mutex::new(None);
+
+/// The kernel device `name` (`emu`, `cuda`, `cuda:N`) and the DLPack device its tensors
+/// must be on.
+fn kernel_device(name: &str) -> PyResult<(Gpu, DLDeviceType, i32)> {
+    let (want, id) = match name {
+        "emu" => (DLDeviceType::CPU, 0),
+        "cuda" => (DLDeviceType::CUDA, 0),
+        _ => match name.strip_prefix("cuda:").map(str::parse::<i32>) {
+            Some(Ok(n)) if n >= 0 => (DLDeviceType::CUDA, n),
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "device {name:?}: DLPack tensors run on emu, cuda or cuda:N (CPU tensors take the CPU kernels)"
+                )))
+            }
+        },
+    };
+    let mut map = DEVICES.lock().unwrap_or_else(|p| p.into_inner());
+    let map = map.get_or_insert_with(HashMap::new);
+    if let Some(g) = map.get(name) {
+        return Ok((g.clone(), want, id));
+    }
+    let g = match Device::parse(name).map_err(crate::to_py)? {
+        Device::Gpu(g) => g,
+        Device::Cpu => unreachable!("emu and cuda parse to kernel devices"),
+    };
+    map.insert(name.to_string(), g.clone());
+    Ok((g, want, id))
+}
+
+/// The stream the kernels of `device` run on, as an integer for `__dlpack__(stream=...)`,
+/// or `None` for the emulation (synchronous).
+#[pyfunction]
+fn device_stream(device: &str) -> PyResult<Option<u64>> {
+    Ok(kernel_device(device)?.0.stream_handle())
+}
+
+/// A rank-4 float32 dense tensor from a DLPack capsule: its address and shape.
+struct View {
+    ptr: u64,
+    dims: [usize; 4],
+}
+
+impl View {
+    fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
+    fn bytes(&self) -> std::ops::Range<u64> {
+        self.ptr..self.ptr + 4 * self.len() as u64
+    }
+}
+
+fn device_name(t: DLDeviceType) -> &'static str {
+    match t {
+        DLDeviceType::CPU => "cpu",
+        DLDeviceType::CUDA => "cuda",
+        DLDeviceType::CUDAHOST => "cuda pinned host memory",
+        DLDeviceType::CUDAMANAGED => "cuda managed memory",
+        DLDeviceType::ROCM => "rocm",
+        _ => "another device",
+    }
+}
+
+fn view(obj: &Bound<'_, PyAny>, what: &str, want: DLDeviceType, id: i32) -> PyResult<View> {
+    let cap = obj.cast::<PyCapsule>().map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what}: expected a DLPack capsule (tensor.__dlpack__()), got {}",
+            obj.get_type()
+        ))
+    })?;
+    let ptr = cap
+        .pointer_checked(Some(c"dltensor"))
+        .map_err(|_| PyValueError::new_err(format!("{what}: not an unused DLPack capsule (named \"dltensor\")")))?;
+    // SAFETY: a capsule named "dltensor" holds a DLManagedTensor (the DLPack protocol),
+    // alive as long as the capsule, which the caller holds for the whole call.
+    let t = unsafe { &(*ptr.cast::<DLManagedTensor>().as_ptr()).dl_tensor };
+    if t.device.device_type != want || t.device.device_id != id {
+        return Err(PyValueError::new_err(format!(
+            "{what} is on {}:{}, the kernels on {}:{id}",
+            device_name(t.device.device_type),
+            t.device.device_id,
+            device_name(want)
+        )));
+    }
+    let dt = t.dtype;
+    if dt.code != DLDataTypeCode::FLOAT || dt.bits != 32 || dt.lanes != 1 {
+        return Err(PyValueError::new_err(format!(
+            "{what}: expected float32, got type code {} of {} bits x {} lanes",
+            dt.code.0, dt.bits, dt.lanes
+        )));
+    }
+    if t.ndim != 4 {
+        return Err(PyValueError::new_err(format!("{what}: expected a rank-4 tensor, got rank {}", t.ndim)));
+    }
+    // SAFETY: shape (and strides, when not null) point at ndim int64s (DLPack).
+    let shape = unsafe { std::slice::from_raw_parts(t.shape, 4) };
+    let mut dims = [0usize; 4];
+    for (d, &s) in dims.iter_mut().zip(shape) {
+        *d = usize::try_from(s).map_err(|_| PyValueError::new_err(format!("{what}: negative extent {s}")))?;
+    }
+    if !t.strides.is_null() && dims.iter().all(|&d| d > 0) {
+        // SAFETY: as above.
+        let strides = unsafe { std::slice::from_raw_parts(t.strides, 4) };
+        let mut expect = 1i64;
+        for i in (0..4).rev() {
+            if dims[i] != 1 && strides[i] != expect {
+                return Err(PyValueError::new_err(format!(
+                    "{what}: not dense in NHWC order (strides {strides:?} for shape {dims:?}); \
+                     use channels-last memory (.contiguous(memory_format=torch.channels_last))"
+                )));
+            }
+            expect *= dims[i] as i64;
+        }
+    }
+    Ok(View { ptr: t.data as u64 + t.byte_offset, dims })
+}
+
+fn overlaps(a: &View, b: &View) -> bool {
+    let (a, b) = (a.bytes(), b.bytes());
+    a.start < b.end && b.start < a.end
+}
+
+/// One pass of the convolution on DLPack tensors, in place: `pass` is `fprop` (a = x
+/// `[N,H,W,C]`, b = w `[K,R,S,C]`, out = y `[N,P,Q,K]`), `dgrad` (a = dy, b = w, out = dx)
+/// or `wgrad` (a = x, b = dy, out = dw `[K,R,S,C]`). `stream`: the caller's stream, made
+/// to wait for the kernels (PyTorch's current stream); ignored by the emulation.
+#[pyfunction]
+#[pyo3(signature = (pass_, a, b, out, stride, padding, device, stream=None))]
+#[allow(clippy::too_many_arguments)]
+fn conv2d_dlpack(
+    py: Python<'_>,
+    pass_: &str,
+    a: &Bound<'_, PyAny>,
+    b: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    stride: usize,
+    padding: usize,
+    device: &str,
+    stream: Option<u64>,
+) -> PyResult<()> {
+    crate::catch(|| {
+        let (gpu, want, id) = kernel_device(device)?;
+        let names = match pass_ {
+            "fprop" => ["x", "w", "y"],
+            "dgrad" => ["dy", "w", "dx"],
+            "wgrad" => ["x", "dy", "dw"],
+            _ => return Err(PyValueError::new_err(format!("unknown pass {pass_:?}: expected fprop, dgrad or wgrad"))),
+        };
+        let (va, vb, vo) = (view(a, names[0], want, id)?, view(b, names[1], want, id)?, view(out, names[2], want, id)?);
+        // The geometry: x from the activation (or dx for dgrad), w from the weight (or dw).
+        let (x, w) = match pass_ {
+            "fprop" => (va.dims, vb.dims),
+            "dgrad" => (vo.dims, vb.dims),
+            _ => (va.dims, vo.dims),
+        };
+        let [n, h, wd, c] = x;
+        let [k, r, s, wc] = w;
+        if wc != c {
+            return Err(PyValueError::new_err(format!(
+                "{} has {wc} input channels, {} has {c} (activations NHWC, weights KRSC)",
+                if pass_ == "wgrad" { "dw" } else { "w" },
+                if pass_ == "dgrad" { "dx" } else { "x" }
+            )));
+        }
+        let sh = ConvShape { n, h, w: wd, c, k, r, s, stride, pad: padding };
+        sh.validate().map_err(crate::to_py)?;
+        let y = [n, sh.p(), sh.q(), k];
+        let dy_view = match pass_ {
+            "fprop" => &vo,
+            "dgrad" => &va,
+            _ => &vb,
+        };
+        if dy_view.dims != y {
+            let name = if pass_ == "fprop" { "y" } else { "dy" };
+            return Err(PyValueError::new_err(format!(
+                "{name} has shape {:?}, the convolution's output {y:?}",
+                dy_view.dims
+            )));
+        }
+        if overlaps(&vo, &va) || overlaps(&vo, &vb) {
+            return Err(PyValueError::new_err(format!("{} shares memory with an input", names[2])));
+        }
+        let dev = Device::Gpu(gpu.clone());
+        let borrow = |v: &View| -> PyResult<Buf<f32>> {
+            // SAFETY: a dense float32 tensor of this device (checked above) that the caller's
+            // capsules keep alive for the call; on cuda, PyTorch's stream then waits for ours
+            // before it touches the memory again.
+            Ok(Buf::Gpu(unsafe { gpu.borrow::<f32>(v.ptr, v.len()) }.map_err(|e| crate::to_py(e.into()))?))
+        };
+        let (ba, bb, mut bo) = (borrow(&va)?, borrow(&vb)?, borrow(&vo)?);
+        let pass = pass_.to_string();
+        crate::guarded(py, move || {
+            match pass.as_str() {
+                "fprop" => conv::conv2d_fprop_with(&dev, &sh, &ba, &bb, &mut bo, None)?,
+                "dgrad" => conv::conv2d_dgrad_with(&dev, &sh, &ba, &bb, &mut bo, None)?,
+                _ => conv::conv2d_wgrad_with(&dev, &sh, &ba, &bb, &mut bo, None)?,
+            }
+            if let (Some(s), Device::Gpu(g)) = (stream, &dev) {
+                g.order_before(s)?;
+            }
+            Ok(())
+        })
+    })
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(device_stream, m)?)?;
+    m.add_function(wrap_pyfunction!(conv2d_dlpack, m)?)?;
+    Ok(())
+}
