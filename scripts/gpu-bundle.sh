@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds everything a GPU machine needs to test and benchmark prunekit without Rust:
 # the release test and bench executables (kernels compiled by the pinned nvcc), the
-# prunekit binary, the test data, the PyTorch comparison scripts, and run.sh.
+# prunekit binary, the Python wheel, the test data, the PyTorch comparison scripts, and
+# run.sh.
 #
 #   scripts/gpu-bundle.sh            -> dist/gpu-bundle/ and dist/gpu-bundle.tar.xz
 #   (on the GPU machine) dist/gpu-bundle/run.sh [phase ...]   -> results/report.txt
@@ -45,6 +46,13 @@ strip "$OUT"/tests/* "$OUT"/benches/* "$OUT"/bin/* 2>/dev/null || true
 cp tests/data/* "$OUT/data/"
 cp scripts/*.py "$OUT/scripts/" 2>/dev/null || true
 cp scripts/gpu-run.sh "$OUT/run.sh"
+# The Python package's wheel (with the kernels nvcc compiled above) and pytest's wheels, for
+# the python phase on a machine without the registry; its GPU tests with the conv tests.
+mkdir -p "$OUT/wheels" "$OUT/python-tests"
+[ -x .venv-bundle/bin/maturin ] || { python3 -m venv .venv-bundle && .venv-bundle/bin/pip install -q maturin; }
+(cd python && ../.venv-bundle/bin/maturin build --release --out "../$OUT/wheels" >/dev/null)
+.venv-bundle/bin/pip download -q pytest -d "$OUT/wheels"
+cp python/tests/test_conv_device.py python/tests/test_conv.py "$OUT/python-tests/"
 chmod +x "$OUT/run.sh"
 git rev-parse HEAD > "$OUT/COMMIT" 2>/dev/null || echo unknown > "$OUT/COMMIT"
 # -9: a 64 MiB window, so the copies of the embedded kernels across binaries compress away.

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # run.sh of the GPU bundle (made by scripts/gpu-bundle.sh). On a machine with an NVIDIA
-# GPU it runs, by phase (default: tests verify bench step conv, about 6 minutes on an H200;
+# GPU it runs, by phase (default: tests python verify bench step conv, about 6 minutes on an H200;
 # PyTorch's anchors run with its defaults plus cudnn.benchmark and channels_last):
 #   tests      the GPU tests of every test binary (--ignored; CI runs the others)
+#   python     the wheel beside the machine's PyTorch: prunekit.torch.Conv2d on CUDA
+#              tensors (DLPack, PyTorch's streams) against cuDNN, and the CPU conv tests
 #   verify     prunekit verify --device cuda on every model reference, f32 and bf16
 #   bench      the main job with its profile and roofline: prunekit bench --device cuda
 #              --profile (JSON and plot)
@@ -26,7 +28,7 @@ REPORT="$RESULTS/report.txt"
 LOG="$RESULTS/log.txt"
 PK="$HERE/bin/prunekit"
 phases=("$@")
-[[ ${#phases[@]} -eq 0 ]] && phases=(tests verify bench step conv)
+[[ ${#phases[@]} -eq 0 ]] && phases=(tests python verify bench step conv)
 status=0
 say() { echo "$*" | tee -a "$REPORT"; }
 started=$(date +%s)
@@ -56,6 +58,21 @@ for phase in "${phases[@]}"; do
                 echo "$out" | grep -E "^test .* FAILED|panicked" | head -20 | sed 's/^/    /' | tee -a "$REPORT"
             fi
         done
+        ;;
+    python)
+        # Into a folder of its own on PYTHONPATH, beside the machine's PyTorch and numpy
+        # (wherever python3 finds them: system, venv or conda).
+        site=$(mktemp -d)
+        if python3 -m pip install -q --no-index --no-deps --target "$site" wheels/*.whl >> "$LOG" 2>&1; then
+            out=$(cd python-tests && PYTHONPATH="$site" python3 -m pytest -q -p no:cacheprovider -rs . 2>&1)
+            rc=$?
+            echo "$out" >> "$LOG"
+            say "pytest: $(echo "$out" | tail -1) (exit $rc)"
+            [[ $rc -ne 0 ]] && { status=1; echo "$out" | grep -E "FAILED|Error" | head -20 | sed 's/^/    /' | tee -a "$REPORT"; }
+        else
+            say "python: the wheels did not install (see log.txt)"
+            status=1
+        fi
         ;;
     verify)
         for f in data/model-*.safetensors; do
