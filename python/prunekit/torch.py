@@ -151,10 +151,12 @@ def _dlpack(pass_: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, str
     _prunekit.conv2d_dlpack(pass_, *caps, stride, padding, kernels, current)
 
 
-def _new(shape: Sequence[int], like: torch.Tensor, kernels: str) -> torch.Tensor:
-    """An uninitialised float32 output: reused host memory for the CPU kernels, else
-    PyTorch's allocation on ``like``'s device."""
-    return _empty(shape) if kernels == "cpu" else torch.empty(tuple(shape), dtype=torch.float32, device=like.device)
+def _new(shape: Sequence[int], like: torch.Tensor, kernels: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An uninitialised output (``like``'s type unless ``dtype``): reused host memory for the
+    CPU kernels (float32), else PyTorch's allocation on ``like``'s device."""
+    if kernels == "cpu":
+        return _empty(shape)
+    return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
 
 
 class _ConvFunction(torch.autograd.Function):
@@ -177,7 +179,7 @@ class _ConvFunction(torch.autograd.Function):
             y = _empty((n, p, q, k)) if p > 0 and q > 0 else None  # else refused by the kernels' check
             _prunekit.conv2d(xn.numpy(), wn.numpy(), stride, padding, out=None if y is None else y.numpy())
         else:
-            y = torch.empty((n, max(p, 0), max(q, 0), k), dtype=torch.float32, device=x.device)
+            y = torch.empty((n, max(p, 0), max(q, 0), k), dtype=x.dtype, device=x.device)
             _dlpack("fprop", xn, wn, y, stride, padding, kernels)
         ctx.save_for_backward(xn, wn)
         ctx.conf = (stride, padding, kernels)
@@ -199,13 +201,26 @@ class _ConvFunction(torch.autograd.Function):
                 _dlpack("dgrad", dyn, wn, dx, stride, padding, kernels)
             dx = dx.permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
-            dw = _new(wn.shape, wn, kernels)  # overwritten by the kernel
+            # Overwritten by the kernel, which writes float32 (cast to a 16-bit weight's type).
+            dw = _new(wn.shape, wn, kernels, torch.float32)
             if kernels == "cpu":
                 _prunekit.conv2d_backward_weight(xn.numpy(), dyn.numpy(), (r, s), stride, padding, out=dw.numpy())
             else:
                 _dlpack("wgrad", xn, dyn, dw, stride, padding, kernels)
-            dw = dw.permute(0, 3, 1, 2)  # OIHW in channels-last memory, as the weight
+            dw = dw.to(wn.dtype).permute(0, 3, 1, 2)  # OIHW in channels-last memory, as the weight
         return dx, dw, None, None, None
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The type ``torch.autocast`` casts convolutions to on ``device_type``, or ``None``."""
+    if hasattr(torch, "get_autocast_dtype"):  # PyTorch 2.4 and later
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
 def _check_kernels(kernels: Optional[str]) -> Optional[str]:
@@ -231,10 +246,11 @@ def _pair(v: Union[int, Tuple[int, int]], what: str) -> int:
 
 
 class Conv2d(nn.Module):
-    """A drop-in for ``nn.Conv2d`` (float32, groups 1, dilation 1, square stride and
-    padding) whose forward and backward run prunekit's kernels: the CPU kernels for CPU
-    tensors, the CUDA kernels for CUDA tensors (in place on the tensors' memory through
-    DLPack, ordered on PyTorch's current stream). ``kernels`` overrides the choice: ``"emu"``
+    """A drop-in for ``nn.Conv2d`` (groups 1, dilation 1, square stride and padding) whose
+    forward and backward run prunekit's kernels: the CPU kernels for CPU tensors
+    (float32), the CUDA kernels for CUDA tensors (float32, bfloat16 or float16, and under
+    ``torch.autocast`` its type; in place on the tensors' memory through DLPack, ordered on
+    PyTorch's current stream). ``kernels`` overrides the choice: ``"emu"``
     runs the CUDA kernels in prunekit's host emulation on CPU tensors (slow; for tests
     without a GPU). Its weight is OIHW as PyTorch's (held in channels-last memory, which is
     the kernels' KRSC layout), so state dicts load unchanged; the bias, when there is one,
@@ -287,8 +303,6 @@ class Conv2d(nn.Module):
         """The convolution of NCHW ``x`` (float32): prunekit's CPU kernels for a CPU tensor,
         its CUDA kernels for a CUDA tensor (on the tensor's device and PyTorch's current
         stream), or the kernels named by ``kernels``."""
-        if x.dtype != torch.float32 or self.weight.dtype != torch.float32:
-            raise ValueError(f"prunekit's Conv2d takes float32, got input {x.dtype}, weight {self.weight.dtype}")
         if x.dim() != 4:
             raise ValueError(f"prunekit's Conv2d takes NCHW input, got rank {x.dim()}")
         if x.device != self.weight.device:
@@ -297,9 +311,22 @@ class Conv2d(nn.Module):
         want = "cuda" if kernels.startswith("cuda") else "cpu"
         if x.device.type != want:
             raise ValueError(f"prunekit's {kernels} kernels take {want} tensors, got a {x.device.type} tensor")
-        y = _ConvFunction.apply(x, self.weight, self.stride, self.padding, kernels)
+        weight = self.weight
+        t = _autocast_dtype(x.device.type) if kernels != "cpu" else None
+        if t in _HALF:
+            # As autocast runs nn.Conv2d: both operands in the autocast type (the cast of
+            # the weight is differentiable, so its gradient reaches the float32 weight).
+            x, weight = x.to(t), weight.to(t)
+        allowed = (torch.float32,) if kernels == "cpu" else (torch.float32,) + _HALF
+        if x.dtype not in allowed or weight.dtype != x.dtype:
+            raise ValueError(
+                f"prunekit's {kernels} kernels take {' or '.join(str(a) for a in allowed)} input and weight of one "
+                f"type, got input {x.dtype}, weight {weight.dtype}"
+            )
+        with torch.autocast(x.device.type, enabled=False):
+            y = _ConvFunction.apply(x, weight, self.stride, self.padding, kernels)
         if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1, 1)
+            y = y + self.bias.to(y.dtype).view(1, -1, 1, 1)
         return y
 
     def extra_repr(self) -> str:

@@ -57,10 +57,36 @@ fn device_stream(device: &str) -> PyResult<Option<u64>> {
     Ok(kernel_device(device)?.0.stream_handle())
 }
 
-/// A rank-4 float32 dense tensor from a DLPack capsule: its address and shape.
+/// The element types the kernel devices' convolutions take.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "float32",
+            Dtype::Bf16 => "bfloat16",
+            Dtype::F16 => "float16",
+        }
+    }
+    fn size(self) -> u64 {
+        if self == Dtype::F32 {
+            4
+        } else {
+            2
+        }
+    }
+}
+
+/// A rank-4 dense tensor from a DLPack capsule: its address, shape and element type.
 struct View {
     ptr: u64,
     dims: [usize; 4],
+    dtype: Dtype,
 }
 
 impl View {
@@ -68,7 +94,7 @@ impl View {
         self.dims.iter().product()
     }
     fn bytes(&self) -> std::ops::Range<u64> {
-        self.ptr..self.ptr + 4 * self.len() as u64
+        self.ptr..self.ptr + self.dtype.size() * self.len() as u64
     }
 }
 
@@ -105,12 +131,17 @@ fn view(obj: &Bound<'_, PyAny>, what: &str, want: DLDeviceType, id: i32) -> PyRe
         )));
     }
     let dt = t.dtype;
-    if dt.code != DLDataTypeCode::FLOAT || dt.bits != 32 || dt.lanes != 1 {
-        return Err(PyValueError::new_err(format!(
-            "{what}: expected float32, got type code {} of {} bits x {} lanes",
-            dt.code.0, dt.bits, dt.lanes
-        )));
-    }
+    let dtype = match (dt.code, dt.bits, dt.lanes) {
+        (DLDataTypeCode::FLOAT, 32, 1) => Dtype::F32,
+        (DLDataTypeCode::FLOAT, 16, 1) => Dtype::F16,
+        (DLDataTypeCode::BFLOAT, 16, 1) => Dtype::Bf16,
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "{what}: expected float32, bfloat16 or float16, got type code {} of {} bits x {} lanes",
+                dt.code.0, dt.bits, dt.lanes
+            )))
+        }
+    };
     if t.ndim != 4 {
         return Err(PyValueError::new_err(format!("{what}: expected a rank-4 tensor, got rank {}", t.ndim)));
     }
@@ -134,7 +165,7 @@ fn view(obj: &Bound<'_, PyAny>, what: &str, want: DLDeviceType, id: i32) -> PyRe
             expect *= dims[i] as i64;
         }
     }
-    Ok(View { ptr: t.data as u64 + t.byte_offset, dims })
+    Ok(View { ptr: t.data as u64 + t.byte_offset, dims, dtype })
 }
 
 fn overlaps(a: &View, b: &View) -> bool {
@@ -144,8 +175,11 @@ fn overlaps(a: &View, b: &View) -> bool {
 
 /// One pass of the convolution on DLPack tensors, in place: `pass` is `fprop` (a = x
 /// `[N,H,W,C]`, b = w `[K,R,S,C]`, out = y `[N,P,Q,K]`), `dgrad` (a = dy, b = w, out = dx)
-/// or `wgrad` (a = x, b = dy, out = dw `[K,R,S,C]`). `stream`: the caller's stream, made
-/// to wait for the kernels (PyTorch's current stream); ignored by the emulation.
+/// or `wgrad` (a = x, b = dy, out = dw `[K,R,S,C]`). The inputs are float32, bfloat16 or
+/// float16, both alike; the output has their type, except dw, which is float32 (the
+/// kernels accumulate and write the weight gradient in float32). `stream`: the caller's
+/// stream, made to wait for the kernels (PyTorch's current stream); ignored by the
+/// emulation.
 #[pyfunction]
 #[pyo3(signature = (pass_, a, b, out, stride, padding, device, stream=None))]
 #[allow(clippy::too_many_arguments)]
@@ -202,27 +236,84 @@ fn conv2d_dlpack(
         if overlaps(&vo, &va) || overlaps(&vo, &vb) {
             return Err(PyValueError::new_err(format!("{} shares memory with an input", names[2])));
         }
-        let dev = Device::Gpu(gpu.clone());
-        let borrow = |v: &View| -> PyResult<Buf<f32>> {
-            // SAFETY: a dense float32 tensor of this device (checked above) that the caller's
-            // capsules keep alive for the call; on cuda, PyTorch's stream then waits for ours
-            // before it touches the memory again.
+        let t = va.dtype;
+        let out_t = if pass_ == "wgrad" { Dtype::F32 } else { t };
+        if vb.dtype != t || vo.dtype != out_t {
+            return Err(PyValueError::new_err(format!(
+                "{} is {}, {} {} and {} {}: the inputs take one type, {}",
+                names[0],
+                t.name(),
+                names[1],
+                vb.dtype.name(),
+                names[2],
+                vo.dtype.name(),
+                if pass_ == "wgrad" { "dw is float32" } else { "the output theirs" }
+            )));
+        }
+        let job = Job { gpu, sh, pass: pass_.to_string(), views: [va, vb, vo], stream };
+        match t {
+            Dtype::F32 => job.run::<f32>(py),
+            Dtype::Bf16 => job.run::<half::bf16>(py),
+            Dtype::F16 => job.run::<half::f16>(py),
+        }
+    })
+}
+
+/// A checked pass, ready to run on tensors of element type `T`.
+struct Job {
+    gpu: Gpu,
+    sh: ConvShape,
+    pass: String,
+    views: [View; 3],
+    stream: Option<u64>,
+}
+
+impl Job {
+    fn run<T: conv::ConvElem>(self, py: Python<'_>) -> PyResult<()> {
+        let gpu = &self.gpu;
+        // SAFETY (both): dense tensors of this device and type (checked) that the caller's
+        // capsules keep alive for the call; on cuda, PyTorch's stream then waits for ours
+        // before it touches the memory again.
+        let borrow = |v: &View| -> PyResult<Buf<T>> {
+            Ok(Buf::Gpu(unsafe { gpu.borrow::<T>(v.ptr, v.len()) }.map_err(|e| crate::to_py(e.into()))?))
+        };
+        let borrow_f32 = |v: &View| -> PyResult<Buf<f32>> {
             Ok(Buf::Gpu(unsafe { gpu.borrow::<f32>(v.ptr, v.len()) }.map_err(|e| crate::to_py(e.into()))?))
         };
-        let (ba, bb, mut bo) = (borrow(&va)?, borrow(&vb)?, borrow(&vo)?);
-        let pass = pass_.to_string();
-        crate::guarded(py, move || {
-            match pass.as_str() {
-                "fprop" => conv::conv2d_fprop_with(&dev, &sh, &ba, &bb, &mut bo, None)?,
-                "dgrad" => conv::conv2d_dgrad_with(&dev, &sh, &ba, &bb, &mut bo, None)?,
-                _ => conv::conv2d_wgrad_with(&dev, &sh, &ba, &bb, &mut bo, None)?,
+        let [va, vb, vo] = &self.views;
+        let (a, b) = (borrow(va)?, borrow(vb)?);
+        let dev = Device::Gpu(gpu.clone());
+        let (sh, stream) = (self.sh, self.stream);
+        match self.pass.as_str() {
+            "wgrad" => {
+                let mut out = borrow_f32(vo)?;
+                crate::guarded(py, move || {
+                    conv::conv2d_wgrad_with(&dev, &sh, &a, &b, &mut out, None)?;
+                    order(&dev, stream)
+                })
             }
-            if let (Some(s), Device::Gpu(g)) = (stream, &dev) {
-                g.order_before(s)?;
+            pass => {
+                let mut out = borrow(vo)?;
+                let fprop = pass == "fprop";
+                crate::guarded(py, move || {
+                    if fprop {
+                        conv::conv2d_fprop_with(&dev, &sh, &a, &b, &mut out, None)?;
+                    } else {
+                        conv::conv2d_dgrad_with(&dev, &sh, &a, &b, &mut out, None)?;
+                    }
+                    order(&dev, stream)
+                })
             }
-            Ok(())
-        })
-    })
+        }
+    }
+}
+
+/// Makes the caller's stream wait for the kernels just queued (cuda).
+fn order(dev: &Device, stream: Option<u64>) -> prunekit::Result<()> {
+    if let (Some(s), Device::Gpu(g)) = (stream, dev) {
+        g.order_before(s)?;
+    }
+    Ok(())
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
