@@ -150,34 +150,31 @@ fn percentiles(mut p: Vec<f64>) -> (f64, f64) {
     (q(0.05), q(0.95))
 }
 
-/// The 5th and 95th percentiles of the law's prediction at each of `at`, over bootstrap
-/// refits of the observations resampled within each compute value.
-fn bootstrap(obs: &[(f64, f64)], at: &[f64]) -> Vec<(f64, f64)> {
+/// Bootstrap refits of one model's law: its seeds' errors resampled with replacement
+/// within each compute value and the law refitted, [`RESAMPLES`] times (`None` where a
+/// refit fails). `key` (the model's name) seeds the draws, so that two models' resamples
+/// are independent and each model's are the same in every use.
+fn bootstrap_laws(obs: &[(f64, f64)], key: &str) -> Vec<Option<Law>> {
     let groups = groups(obs);
-    let mut rng = StdRng::seed_from_u64(0x00AD_015E);
-    let mut preds: Vec<Vec<f64>> = vec![Vec::with_capacity(RESAMPLES); at.len()];
-    for _ in 0..RESAMPLES {
-        if let Ok(law) = fit(&resample(&groups, &mut rng)) {
-            for (p, &c) in preds.iter_mut().zip(at) {
-                p.push(law.at(c));
-            }
-        }
-    }
-    preds.into_iter().map(percentiles).collect()
+    // FNV-1a of the key: stable across runs and platforms.
+    let seed = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x00AD_015E);
+    (0..RESAMPLES).map(|_| fit(&resample(&groups, &mut rng)).ok()).collect()
 }
 
-/// The seeds' spread of the crossover near `near` between two models: both models'
-/// observations are resampled (independently, within each compute value), both laws
-/// refitted, and the root in [lo, hi] nearest `near` (in log compute) taken. Returns the
-/// 5th and 95th percentiles of those roots and the fraction of resamples that cross in
-/// [lo, hi] at all.
-fn crossover_spread(x: &[(f64, f64)], y: &[(f64, f64)], near: f64, lo: f64, hi: f64) -> ((f64, f64), f64) {
-    let (gx, gy) = (groups(x), groups(y));
-    let mut rng = StdRng::seed_from_u64(0x0C05_50E5);
+/// The 5th and 95th percentiles of the bootstrap laws' predictions at `c`.
+fn interval_at(laws: &[Option<Law>], c: f64) -> (f64, f64) {
+    percentiles(laws.iter().flatten().map(|l| l.at(c)).collect())
+}
+
+/// The seeds' spread of the crossover near `near` between two models, from their
+/// bootstrap laws taken in pairs (resample i of one with resample i of the other): the
+/// root in [lo, hi] nearest `near` (in log compute) of each pair. Returns the 5th and 95th
+/// percentiles of those roots and the fraction of pairs that cross in [lo, hi] at all.
+fn crossover_spread(x: &[Option<Law>], y: &[Option<Law>], near: f64, lo: f64, hi: f64) -> ((f64, f64), f64) {
     let mut found = Vec::with_capacity(RESAMPLES);
     let mut tried = 0usize;
-    for _ in 0..RESAMPLES {
-        let (Ok(lx), Ok(ly)) = (fit(&resample(&gx, &mut rng)), fit(&resample(&gy, &mut rng))) else { continue };
+    for (lx, ly) in x.iter().zip(y).filter_map(|(a, b)| Some(((*a)?, (*b)?))) {
         tried += 1;
         let nearest = roots(|c| lx.at(c) - ly.at(c), lo, hi)
             .into_iter()
@@ -313,6 +310,7 @@ pub fn advise(report: &Report, budget: f64, fit_up_to: Option<f64>) -> Result<Ad
         fit_up_to.map_or(String::new(), |u| format!(" at budgets up to {u}"))
     );
     let mut fits = Vec::new();
+    let mut laws = Vec::new();
     for (model, obs) in &models {
         let budgets = distinct(obs);
         ensure!(
@@ -325,7 +323,9 @@ pub fn advise(report: &Report, budget: f64, fit_up_to: Option<f64>) -> Result<Ad
             budgets.iter().map(|b| format!("{b}")).collect::<Vec<_>>().join(", ")
         );
         let law = fit(obs)?;
-        let interval = bootstrap(obs, &[budget])[0];
+        let resampled = bootstrap_laws(obs, model);
+        let interval = interval_at(&resampled, budget);
+        laws.push((model.clone(), resampled));
         let measured = report
             .rows
             .iter()
@@ -340,14 +340,14 @@ pub fn advise(report: &Report, budget: f64, fit_up_to: Option<f64>) -> Result<Ad
     let (lo, hi) =
         (all_budgets.iter().copied().fold(f64::INFINITY, f64::min), all_budgets.iter().copied().fold(0.0, f64::max));
     let mut crossovers = Vec::new();
-    let obs_of = |m: &str| &models.iter().find(|(n, _)| n == m).expect("every fit has its observations").1;
+    let laws_of = |m: &str| &laws.iter().find(|(n, _)| n == m).expect("every fit has its resamples").1;
     let range = (lo, hi.max(budget) * 100.0);
     for other in fits.iter().filter(|f| f.model != best.model) {
         for c in roots(|c| best.law.at(c) - other.law.at(c), range.0, range.1) {
             let below = best.law.at(c / 1.01) < other.law.at(c / 1.01);
             let (b, a) = if below { (&best.model, &other.model) } else { (&other.model, &best.model) };
             let (interval, resamples_crossing) =
-                crossover_spread(obs_of(&best.model), obs_of(&other.model), c, range.0, range.1);
+                crossover_spread(laws_of(&best.model), laws_of(&other.model), c, range.0, range.1);
             crossovers.push(Crossover {
                 budget: c,
                 better_below: b.clone(),
@@ -532,7 +532,7 @@ mod tests {
         let obs = synth(law, &budgets, 5, 0.01);
         let f = fit(&obs).unwrap();
         assert!((f.e_inf - 0.2).abs() < 0.02 && (f.b - 0.7).abs() < 0.25, "{f:?}");
-        let (lo, hi) = bootstrap(&obs, &[512.0])[0];
+        let (lo, hi) = interval_at(&bootstrap_laws(&obs, "model"), 512.0);
         assert!(lo <= law.at(512.0) + 0.01 && law.at(512.0) - 0.01 <= hi, "[{lo}, {hi}] vs {}", law.at(512.0));
         assert!(lo <= f.at(512.0) && f.at(512.0) <= hi);
     }
@@ -569,12 +569,14 @@ mod tests {
         let truth = roots(|c| pruned.at(c) - dense.at(c), 1.0, 1e6)[0];
         let budgets: Vec<f64> = (0..10).map(|i| 2f64.powi(i)).collect();
         let (p, d) = (synth(pruned, &budgets, 3, 0.005), synth(dense, &budgets, 3, 0.005));
-        let ((lo, hi), share) = crossover_spread(&p, &d, truth, 1.0, 1e5);
+        let ((lo, hi), share) =
+            crossover_spread(&bootstrap_laws(&p, "pruned"), &bootstrap_laws(&d, "dense"), truth, 1.0, 1e5);
         assert!(share > 0.9, "{share}");
         assert!(lo <= truth && truth <= hi && hi / lo < 10.0, "[{lo}, {hi}] vs {truth}");
         // Without noise every refit is the same law: the interval is the point.
         let (p0, d0) = (synth(pruned, &budgets, 3, 0.0), synth(dense, &budgets, 3, 0.0));
-        let ((lo, hi), share) = crossover_spread(&p0, &d0, truth, 1.0, 1e5);
+        let ((lo, hi), share) =
+            crossover_spread(&bootstrap_laws(&p0, "pruned"), &bootstrap_laws(&d0, "dense"), truth, 1.0, 1e5);
         assert_eq!(share, 1.0);
         assert!((lo / truth - 1.0).abs() < 1e-3 && (hi / truth - 1.0).abs() < 1e-3, "[{lo}, {hi}] vs {truth}");
     }
