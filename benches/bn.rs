@@ -67,6 +67,12 @@ fn bn_benches<T: LayerElem>(c: &mut Criterion) {
             bench(&mut g, &format!("backward_relu/m{m}"), &dev, || {
                 layers::bn_backward(&dev, m, &x, Some(&y), &dy, &mut bn, &mut dx).unwrap()
             });
+            // The same through the BN's own ReLU, its output recomputed from x on a kernel
+            // device (y is not read there): reads x, dy twice, writes dx.
+            g.throughput(Throughput::Bytes(5 * bytes));
+            bench(&mut g, &format!("backward_through_relu/m{m}"), &dev, || {
+                layers::bn_backward_through_relu(&dev, m, &x, &y, &dy, &mut bn, &mut dx).unwrap()
+            });
         }
         g.finish();
     }

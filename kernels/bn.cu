@@ -18,7 +18,8 @@
 // Eval forward: bn_apply_<T> alone, from the running statistics.
 // Backward, three launches:
 //   bn_backward_reduce_<T>   per (channel vector, row chunk): sums of g and g * (x - mean),
-//                            g = dy masked by the fused ReLU's output
+//                            g = dy masked by the fused ReLU's output, read (relu_out) or,
+//                            in the _relu_ variants, recomputed from x as bn_apply computed it
 //   bn_backward_finalize_f32 per channel: dbeta = sum g, dgamma = invstd * sum g (x - mean)
 //   bn_backward_dx_<T>       dx = gamma invstd (g - dbeta / m - (x - mean) invstd dgamma / m)
 // With grad_out (= dy), the reduce also stores g over dy, in the thread that read it (a
@@ -208,10 +209,33 @@ __device__ __forceinline__ void bn_apply(const PkBnParams& p) {
 }
 
 // ---------------------------------------------------------------- backward
-template <class T, int V>
-__device__ __forceinline__ void bn_load_grad(const PkBnParams& p, int64_t off, float* g) {
+// The per-channel constants of the forward's apply, for a backward that recomputes the
+// ReLU's output from x (p.relu without p.relu_out): mean, gamma * invstd, beta.
+template <int V, bool RECOMPUTE>
+__device__ __forceinline__ void bn_apply_consts(const PkBnParams& p, int j, float* mean, float* scale, float* beta) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int ch = j * V + k;
+    mean[k] = p.mean[ch];
+    scale[k] = p.gamma[ch] * p.invstd[ch];
+    beta[k] = RECOMPUTE ? p.beta[ch] : 0.0f;
+  }
+}
+
+// g = dy masked by the fused ReLU: by its stored output (p.relu_out), or (RECOMPUTE) by
+// that output recomputed from x (v) exactly as bn_apply computed it (the same operations,
+// the ReLU, the rounding to T), which saves reading an [m, c] tensor twice.
+template <class T, int V, bool RECOMPUTE>
+__device__ __forceinline__ void bn_load_grad(const PkBnParams& p, int64_t off, const float* v, const float* mean,
+                                             const float* scale, const float* beta, float* g) {
   load_vec<T, V>(static_cast<const T*>(p.dy) + off, g);
-  if (p.relu_out) {
+  if (RECOMPUTE) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float o = to_f32(from_f32<T>(relu_f(fmaf(v[k] - mean[k], scale[k], beta[k]) + 0.0f)));
+      g[k] = relu_grad(o, g[k]);
+    }
+  } else if (p.relu_out) {
     float o[V];
     load_vec<T, V>(static_cast<const T*>(p.relu_out) + off, o);
 #pragma unroll
@@ -219,17 +243,15 @@ __device__ __forceinline__ void bn_load_grad(const PkBnParams& p, int64_t off, f
   }
 }
 
-template <class T, int V>
+template <class T, int V, bool RECOMPUTE>
 __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
   __shared__ float s_g[BN_MAX_THREADS * V];
   __shared__ float s_gx[BN_MAX_THREADS * V];
   const BnPlace pl = bn_place<V>(p);
-  float sg[V], sgx[V], mean[V];
+  float sg[V], sgx[V], mean[V], scale[V], beta[V];
 #pragma unroll
-  for (int k = 0; k < V; ++k) {
-    sg[k] = sgx[k] = 0.0f;
-    mean[k] = pl.active ? p.mean[pl.j * V + k] : 0.0f;
-  }
+  for (int k = 0; k < V; ++k) sg[k] = sgx[k] = mean[k] = scale[k] = beta[k] = 0.0f;
+  if (pl.active) bn_apply_consts<V, RECOMPUTE>(p, pl.j, mean, scale, beta);
   if (pl.active) {
     const T* x = static_cast<const T*>(p.x);
 #pragma unroll 2
@@ -242,7 +264,7 @@ __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
       const int64_t off = r * p.c + (int64_t)pl.j * V;
       float v[V], g[V];
       load_vec<T, V>(x + off, v);
-      bn_load_grad<T, V>(p, off, g);
+      bn_load_grad<T, V, RECOMPUTE>(p, off, v, mean, scale, beta, g);
       if (p.grad_out) store_vec<T, V>(static_cast<T*>(p.grad_out) + off, g);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
@@ -313,18 +335,17 @@ PK_KERNEL(bn_backward_finalize_f32, PkBnParams) {
   }
 }
 
-template <class T, int V>
+template <class T, int V, bool RECOMPUTE>
 __device__ __forceinline__ void bn_backward_dx(const PkBnParams& p) {
   const BnPlace pl = bn_place<V>(p);
   if (!pl.active) return;  // no barriers below
   const float inv_m = 1.0f / (float)p.m;
-  float mean[V], k1[V], k2[V], k3[V];
+  float mean[V], k1[V], k2[V], k3[V], beta[V];
+  bn_apply_consts<V, RECOMPUTE>(p, pl.j, mean, k1, beta);  // k1 = gamma * invstd
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const int ch = pl.j * V + k;
     const float is = p.invstd[ch];
-    mean[k] = p.mean[ch];
-    k1[k] = p.gamma[ch] * is;            // gamma * invstd
     k2[k] = p.dbeta[ch] * inv_m;         // mean of g
     k3[k] = p.dgamma[ch] * is * inv_m;   // invstd^2 * mean of g (x - mean)
   }
@@ -335,7 +356,7 @@ __device__ __forceinline__ void bn_backward_dx(const PkBnParams& p) {
     const int64_t off = r * p.c + (int64_t)pl.j * V;
     float v[V], g[V];
     load_vec<T, V>(x + off, v);
-    bn_load_grad<T, V>(p, off, g);
+    bn_load_grad<T, V, RECOMPUTE>(p, off, v, mean, k1, beta, g);
 #pragma unroll
     for (int k = 0; k < V; ++k) v[k] = k1[k] * (g[k] - k2[k] - (v[k] - mean[k]) * k3[k]);
     store_vec<T, V>(dx + off, v);
@@ -360,15 +381,29 @@ __device__ __forceinline__ void bn_backward_dx(const PkBnParams& p) {
   }                                                                                          \
   PK_KERNEL_BOUNDS(bn_backward_reduce_##NAME, PkBnParams, BN_MAX_THREADS, 4) {               \
     if (p.vec > 1)                                                                           \
-      bn_backward_reduce<T, VecWidth<T>::value>(p);                                          \
+      bn_backward_reduce<T, VecWidth<T>::value, false>(p);                                   \
     else                                                                                     \
-      bn_backward_reduce<T, 1>(p);                                                           \
+      bn_backward_reduce<T, 1, false>(p);                                                    \
   }                                                                                          \
   PK_KERNEL_BOUNDS(bn_backward_dx_##NAME, PkBnParams, BN_MAX_THREADS, 3) {                   \
     if (p.vec > 1)                                                                           \
-      bn_backward_dx<T, VecWidth<T>::value>(p);                                              \
+      bn_backward_dx<T, VecWidth<T>::value, false>(p);                                       \
     else                                                                                     \
-      bn_backward_dx<T, 1>(p);                                                               \
+      bn_backward_dx<T, 1, false>(p);                                                        \
+  }                                                                                          \
+  /* Through the BN's own ReLU, its output recomputed from x: three more per-channel      */ \
+  /* constants per vector element, so 3 blocks per SM (85 registers) for both.            */ \
+  PK_KERNEL_BOUNDS(bn_backward_reduce_relu_##NAME, PkBnParams, BN_MAX_THREADS, 3) {          \
+    if (p.vec > 1)                                                                           \
+      bn_backward_reduce<T, VecWidth<T>::value, true>(p);                                    \
+    else                                                                                     \
+      bn_backward_reduce<T, 1, true>(p);                                                     \
+  }                                                                                          \
+  PK_KERNEL_BOUNDS(bn_backward_dx_relu_##NAME, PkBnParams, BN_MAX_THREADS, 3) {              \
+    if (p.vec > 1)                                                                           \
+      bn_backward_dx<T, VecWidth<T>::value, true>(p);                                        \
+    else                                                                                     \
+      bn_backward_dx<T, 1, true>(p);                                                         \
   }
 
 BN_ENTRIES(float, f32)

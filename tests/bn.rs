@@ -143,6 +143,45 @@ fn check_bn_backward<T: LayerElem>(dev: &Device, m: usize, c: usize, relu: bool,
     check(&what("dx"), dev, &down(&dx), &o.dx, 1e-5 * k1 * max_abs(&d64(&dy)), rtol::<T>());
 }
 
+/// The backward through the BN's own ReLU (`bn_backward_through_relu`: the kernel devices
+/// recompute the ReLU's output from x) is bitwise the backward that reads that output, on
+/// the device's own train forward.
+fn check_bn_backward_through_relu<T: LayerElem>(dev: &Device, m: usize, c: usize, seed: u64) {
+    // Centred near 0, so that about half of the ReLU's inputs are negative.
+    let k = bn_case::<T>(m, c, seed, 0.0);
+    let mut r = SplitMix::for_layers(seed ^ 0x2E1);
+    let x = up(dev, to_t::<T>(&k.x));
+    let dyb = up(dev, to_t::<T>(&r.vec(m * c, -1.0, 1.0)));
+    let mut bn = BnBufs::new(dev, k.gamma.clone(), k.beta.clone(), k.rm.clone(), k.rv.clone());
+    let mut y = fresh::<T>(dev, m * c);
+    layers::bn_forward_train(dev, m, &x, &mut bn.layer(), true, &mut y).unwrap();
+    let mut dx_read = fresh::<T>(dev, m * c);
+    layers::bn_backward(dev, m, &x, Some(&y), &dyb, &mut bn.layer(), &mut dx_read).unwrap();
+    let (dg_read, db_read) = (down(&bn.dgamma), down(&bn.dbeta));
+    let mut dx = fresh::<T>(dev, m * c);
+    layers::bn_backward_through_relu(dev, m, &x, &y, &dyb, &mut bn.layer(), &mut dx).unwrap();
+    let what = format!("{m}x{c} {} on {}", T::DTYPE, dev.name());
+    let bits = |v: Vec<f64>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(down(&dx)), bits(down(&dx_read)), "dx, {what}");
+    assert_eq!(bits(down(&bn.dgamma)), bits(dg_read), "dgamma, {what}");
+    assert_eq!(bits(down(&bn.dbeta)), bits(db_read), "dbeta, {what}");
+    let zeros = down(&y).iter().filter(|v| **v == 0.0).count();
+    assert!(zeros > 0 && zeros < m * c || m * c < 8, "the ReLU masks some values and keeps others ({what})");
+}
+
+#[test]
+fn bn_backward_through_relu_is_bitwise_the_one_that_reads_the_relu_output() {
+    for dev in all_devices() {
+        for (i, &(m, c)) in BN_SHAPES.iter().enumerate() {
+            if m < 2 {
+                continue;
+            }
+            check_bn_backward_through_relu::<f32>(&dev, m, c, 600 + i as u64);
+            check_bn_backward_through_relu::<bf16>(&dev, m, c, 700 + i as u64);
+        }
+    }
+}
+
 fn run_bn<T: LayerElem>(dev: &Device) {
     for (i, &(m, c)) in BN_SHAPES.iter().enumerate() {
         let relu = i % 2 == 1;

@@ -55,7 +55,7 @@ impl<T: Precision> ResNet<T> {
             {
                 let [da, d2] = scratch.bufs.get_disjoint_mut([da2, dt2]).expect("distinct");
                 let bn = &mut bp.bn2.layer(&mut acts.s2, bnc);
-                layers::bn_backward(&dev, m2, &acts.t2, Some(&acts.a2), da, bn, d2)?;
+                layers::bn_backward_through_relu(&dev, m2, &acts.t2, &acts.a2, da, bn, d2)?;
             }
             scratch.give(da2);
             let da1 = scratch.take(l1)?;
@@ -70,7 +70,7 @@ impl<T: Precision> ResNet<T> {
             {
                 let [da, d1] = scratch.bufs.get_disjoint_mut([da1, dt1]).expect("distinct");
                 let bn = &mut bp.bn1.layer(&mut acts.s1, bnc);
-                layers::bn_backward(&dev, m1, &acts.t1, Some(&acts.a1), da, bn, d1)?;
+                layers::bn_backward_through_relu(&dev, m1, &acts.t1, &acts.a1, da, bn, d1)?;
             }
             scratch.give(da1);
             let dx = scratch.take(l_in)?;
@@ -119,7 +119,7 @@ impl<T: Precision> ResNet<T> {
         {
             let [da, d0] = scratch.bufs.get_disjoint_mut([da0, dt0]).expect("distinct");
             let bn = &mut self.stem_bn.layer(&mut ws.s0, bnc);
-            layers::bn_backward(&dev, m0, &ws.t0, Some(&ws.a0), da, bn, d0)?;
+            layers::bn_backward_through_relu(&dev, m0, &ws.t0, &ws.a0, da, bn, d0)?;
         }
         scratch.give(da0);
         let x0: &Buf<T> = T::pick(&ws.input_nhwc, &ws.input_low)?;

@@ -327,6 +327,43 @@ pub fn bn_backward<T: LayerElem>(
     })
 }
 
+/// [`bn_backward`] through this BN's own ReLU, whose output `relu_out` the train forward
+/// wrote (`bn_forward_train` with the ReLU and no residual, same parameters and saved
+/// statistics): the kernel devices recompute that output from `x`, exactly as the forward
+/// computed it, instead of reading it, which saves two passes over `[m, c]`; the CPU reads
+/// it. The results are bitwise those of [`bn_backward`] with `relu_out`.
+pub fn bn_backward_through_relu<T: LayerElem>(
+    dev: &Device,
+    m: usize,
+    x: &Buf<T>,
+    relu_out: &Buf<T>,
+    dy: &Buf<T>,
+    bn: &mut BnLayer<'_>,
+    dx: &mut Buf<T>,
+) -> Result<()> {
+    let Device::Gpu(gpu) = dev else {
+        return bn_backward(dev, m, x, Some(relu_out), dy, bn, dx);
+    };
+    let c = bn.c;
+    check_backward(dev, m, &[(x, "x"), (dy, "dy"), (&*dx, "dx"), (relu_out, "relu_out")], bn)?;
+    check_bufs(dev, c, &[(bn.beta, "beta")])?;
+    if c == 0 {
+        return Ok(());
+    }
+    let cost = || Cost::bn_backward_through_relu(m, c, std::mem::size_of::<T>());
+    timed(dev, Family::BnBackward, cost, || {
+        let (g, mut p) = backward_params(gpu, m, x, dy, None, dx, bn)?;
+        p.beta = dptr(bn.beta, gpu, "beta")?;
+        // SAFETY: as launch_backward; beta holds c floats (checked).
+        unsafe {
+            gpu.launch(T::BN_BACKWARD_REDUCE_RELU, g.per_channel(), &p)?;
+            gpu.launch(Kernel::new(MODULE, "bn_backward_finalize_f32"), finalize_cfg(c), &p)?;
+            gpu.launch(T::BN_BACKWARD_DX_RELU, g.per_channel(), &p)?;
+        }
+        Ok(())
+    })
+}
+
 /// The checks of both backward entry points: the `[m, c]` tensors `big` and the `[c]`
 /// tensors gamma, save_mean, save_invstd, dgamma, dbeta of `bn`, all on `dev`.
 fn check_backward<T: LayerElem>(dev: &Device, m: usize, big: &[(&Buf<T>, &str)], bn: &BnLayer<'_>) -> Result<()> {
@@ -579,6 +616,16 @@ impl Cost {
     pub fn bn_backward(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
         let (mc, r) = (u(m) * u(c), relu as u64);
         Cost { flops: mc * (11 + 2 * r), bytes: (2 * (2 + r) + 1) * mc * u(elem) + 5 * u(c) * F32 }
+    }
+
+    /// Batch norm backward through its own ReLU, whose output is recomputed from x
+    /// ([`crate::ops::layers::bn_backward_through_relu`] on a kernel device): the reduction
+    /// reads x and dy, the dx pass reads them again and writes dx; per channel the 5 f32 of
+    /// [`Cost::bn_backward`] and beta. FLOPs per element: 11 as without a ReLU, and 4 per
+    /// pass to recompute the ReLU's output (subtract, fma, max, compare).
+    pub fn bn_backward_through_relu(m: usize, c: usize, elem: usize) -> Cost {
+        let mc = u(m) * u(c);
+        Cost { flops: mc * 19, bytes: 5 * mc * u(elem) + 6 * u(c) * F32 }
     }
 
     /// Batch norm backward through a ReLU whose masked gradient g is kept

@@ -28,8 +28,8 @@ mod sgd;
 
 pub(crate) use bn::bn_launch_finalize_tiles;
 pub use bn::{
-    bn_apply_saved, bn_backward, bn_backward_masking_dy, bn_forward_eval, bn_forward_train, bn_row_chunks, BnInput,
-    BnLayer,
+    bn_apply_saved, bn_backward, bn_backward_masking_dy, bn_backward_through_relu, bn_forward_eval, bn_forward_train,
+    bn_row_chunks, BnInput, BnLayer,
 };
 pub use elementwise::{add_assign, add_relu, cast, relu_backward};
 pub use fc::{fc_backward, fc_forward};
@@ -72,6 +72,10 @@ pub trait LayerElem: CastElem {
     const BN_APPLY: Kernel;
     /// `bn_backward_reduce_<dtype>`.
     const BN_BACKWARD_REDUCE: Kernel;
+    /// The backward's reduction through the BN's own ReLU, its output recomputed from x.
+    const BN_BACKWARD_REDUCE_RELU: Kernel;
+    /// The backward's dx pass through the BN's own ReLU, its output recomputed from x.
+    const BN_BACKWARD_DX_RELU: Kernel;
     /// `bn_backward_dx_<dtype>`.
     const BN_BACKWARD_DX: Kernel;
     /// `add_relu_<dtype>`.
@@ -97,6 +101,8 @@ macro_rules! layer_elem {
             const BN_APPLY: Kernel = Kernel::new("bn", concat!("bn_apply_", $d));
             const BN_BACKWARD_REDUCE: Kernel = Kernel::new("bn", concat!("bn_backward_reduce_", $d));
             const BN_BACKWARD_DX: Kernel = Kernel::new("bn", concat!("bn_backward_dx_", $d));
+            const BN_BACKWARD_REDUCE_RELU: Kernel = Kernel::new("bn", concat!("bn_backward_reduce_relu_", $d));
+            const BN_BACKWARD_DX_RELU: Kernel = Kernel::new("bn", concat!("bn_backward_dx_relu_", $d));
             const ADD_RELU: Kernel = Kernel::new("elementwise", concat!("add_relu_", $d));
             const RELU_BACKWARD: Kernel = Kernel::new("elementwise", concat!("relu_backward_", $d));
             const ADD_ASSIGN: Kernel = Kernel::new("elementwise", concat!("add_assign_", $d));
