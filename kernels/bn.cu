@@ -209,8 +209,8 @@ __device__ __forceinline__ void bn_apply(const PkBnParams& p) {
 }
 
 // ---------------------------------------------------------------- backward
-// The per-channel constants of the forward's apply, for a backward that recomputes the
-// ReLU's output from x (p.relu without p.relu_out): mean, gamma * invstd, beta.
+// The per-channel constants of the forward's apply: mean, gamma * invstd, and beta where
+// the backward recomputes the ReLU's output from x (RECOMPUTE; else 0, unused).
 template <int V, bool RECOMPUTE>
 __device__ __forceinline__ void bn_apply_consts(const PkBnParams& p, int j, float* mean, float* scale, float* beta) {
 #pragma unroll
@@ -250,9 +250,9 @@ __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
   const BnPlace pl = bn_place<V>(p);
   float sg[V], sgx[V], mean[V], scale[V], beta[V];
 #pragma unroll
-  for (int k = 0; k < V; ++k) sg[k] = sgx[k] = mean[k] = scale[k] = beta[k] = 0.0f;
-  if (pl.active) bn_apply_consts<V, RECOMPUTE>(p, pl.j, mean, scale, beta);
+  for (int k = 0; k < V; ++k) sg[k] = sgx[k] = 0.0f;
   if (pl.active) {
+    bn_apply_consts<V, RECOMPUTE>(p, pl.j, mean, scale, beta);
     const T* x = static_cast<const T*>(p.x);
 #pragma unroll 2
     for (int64_t r = pl.r0; r < pl.r1; r += pl.step) {

@@ -322,7 +322,7 @@ pub fn bn_backward<T: LayerElem>(
         }
         Device::Gpu(gpu) => {
             let (g, p) = backward_params(gpu, m, x, dy, relu_out, dx, bn)?;
-            launch_backward::<T>(gpu, &g, c, &p)
+            launch_backward(gpu, &g, c, &p, [T::BN_BACKWARD_REDUCE, T::BN_BACKWARD_DX])
         }
     })
 }
@@ -353,14 +353,8 @@ pub fn bn_backward_through_relu<T: LayerElem>(
     let cost = || Cost::bn_backward_through_relu(m, c, std::mem::size_of::<T>());
     timed(dev, Family::BnBackward, cost, || {
         let (g, mut p) = backward_params(gpu, m, x, dy, None, dx, bn)?;
-        p.beta = dptr(bn.beta, gpu, "beta")?;
-        // SAFETY: as launch_backward; beta holds c floats (checked).
-        unsafe {
-            gpu.launch(T::BN_BACKWARD_REDUCE_RELU, g.per_channel(), &p)?;
-            gpu.launch(Kernel::new(MODULE, "bn_backward_finalize_f32"), finalize_cfg(c), &p)?;
-            gpu.launch(T::BN_BACKWARD_DX_RELU, g.per_channel(), &p)?;
-        }
-        Ok(())
+        p.beta = dptr(bn.beta, gpu, "beta")?; // checked: c floats
+        launch_backward(gpu, &g, c, &p, [T::BN_BACKWARD_REDUCE_RELU, T::BN_BACKWARD_DX_RELU])
     })
 }
 
@@ -417,13 +411,17 @@ fn backward_params<T: LayerElem>(
     Ok((g, p))
 }
 
-fn launch_backward<T: LayerElem>(gpu: &Gpu, g: &Grid, c: usize, p: &BnParams) -> Result<()> {
-    // SAFETY: x, dy, relu_out (when not null) and dx hold m*c elements, the [c] buffers c;
-    // the partials (chunks * c float2) fit in dx's bytes (see grid()).
+/// The backward's three launches: `reduce_dx` names the reduction and the dx pass (plain,
+/// or through the BN's own ReLU).
+fn launch_backward(gpu: &Gpu, g: &Grid, c: usize, p: &BnParams, reduce_dx: [Kernel; 2]) -> Result<()> {
+    let [reduce, dx] = reduce_dx;
+    // SAFETY: x, dy, relu_out (when not null) and dx hold m*c elements, the [c] buffers c
+    // (beta too when the ReLU's output is recomputed); the partials (chunks * c float2) fit
+    // in dx's bytes (see grid()).
     unsafe {
-        gpu.launch(T::BN_BACKWARD_REDUCE, g.per_channel(), p)?;
+        gpu.launch(reduce, g.per_channel(), p)?;
         gpu.launch(Kernel::new(MODULE, "bn_backward_finalize_f32"), finalize_cfg(c), p)?;
-        gpu.launch(T::BN_BACKWARD_DX, g.per_channel(), p)?;
+        gpu.launch(dx, g.per_channel(), p)?;
     }
     Ok(())
 }
