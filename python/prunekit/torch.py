@@ -176,10 +176,10 @@ class _ConvFunction(torch.autograd.Function):
         # The kernels overwrite every element: no zeroing (and on the CPU, memory reused from
         # earlier outputs: see empty_cache).
         if kernels == "cpu":
-            y = _empty((n, p, q, k)) if p > 0 and q > 0 else None  # else refused by the kernels' check
+            y = _new((n, p, q, k), xn, kernels) if p > 0 and q > 0 else None  # else refused by the kernels' check
             _prunekit.conv2d(xn.numpy(), wn.numpy(), stride, padding, out=None if y is None else y.numpy())
         else:
-            y = torch.empty((n, max(p, 0), max(q, 0), k), dtype=x.dtype, device=x.device)
+            y = _new((n, max(p, 0), max(q, 0), k), xn, kernels)  # an empty one is refused by the kernels
             _dlpack("fprop", xn, wn, y, stride, padding, kernels)
         ctx.save_for_backward(xn, wn)
         ctx.conf = (stride, padding, kernels)
@@ -300,9 +300,9 @@ class Conv2d(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolution of NCHW ``x`` (float32): prunekit's CPU kernels for a CPU tensor,
-        its CUDA kernels for a CUDA tensor (on the tensor's device and PyTorch's current
-        stream), or the kernels named by ``kernels``."""
+        """The convolution of NCHW ``x``: prunekit's CPU kernels for a CPU tensor (float32),
+        its CUDA kernels for a CUDA tensor (float32, bfloat16, float16; on the tensor's device
+        and PyTorch's current stream), or the kernels named by ``kernels``."""
         if x.dim() != 4:
             raise ValueError(f"prunekit's Conv2d takes NCHW input, got rank {x.dim()}")
         if x.device != self.weight.device:

@@ -11,7 +11,7 @@
 use dlpark::ffi::{DLDataTypeCode, DLDeviceType, DLManagedTensor};
 use prunekit::gpu::Gpu;
 use prunekit::ops::conv;
-use prunekit::shape::ConvShape;
+use prunekit::shape::{ConvShape, Pass};
 use prunekit::{Buf, Device};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -196,38 +196,38 @@ fn conv2d_dlpack(
 ) -> PyResult<()> {
     crate::catch(|| {
         let (gpu, want, id) = kernel_device(device)?;
-        let names = match pass_ {
-            "fprop" => ["x", "w", "y"],
-            "dgrad" => ["dy", "w", "dx"],
-            "wgrad" => ["x", "dy", "dw"],
-            _ => return Err(PyValueError::new_err(format!("unknown pass {pass_:?}: expected fprop, dgrad or wgrad"))),
+        let pass = Pass::parse(pass_).map_err(crate::to_py)?;
+        let names = match pass {
+            Pass::Fprop => ["x", "w", "y"],
+            Pass::Dgrad => ["dy", "w", "dx"],
+            Pass::Wgrad => ["x", "dy", "dw"],
         };
         let (va, vb, vo) = (view(a, names[0], want, id)?, view(b, names[1], want, id)?, view(out, names[2], want, id)?);
         // The geometry: x from the activation (or dx for dgrad), w from the weight (or dw).
-        let (x, w) = match pass_ {
-            "fprop" => (va.dims, vb.dims),
-            "dgrad" => (vo.dims, vb.dims),
-            _ => (va.dims, vo.dims),
+        let (x, w) = match pass {
+            Pass::Fprop => (va.dims, vb.dims),
+            Pass::Dgrad => (vo.dims, vb.dims),
+            Pass::Wgrad => (va.dims, vo.dims),
         };
         let [n, h, wd, c] = x;
         let [k, r, s, wc] = w;
         if wc != c {
             return Err(PyValueError::new_err(format!(
                 "{} has {wc} input channels, {} has {c} (activations NHWC, weights KRSC)",
-                if pass_ == "wgrad" { "dw" } else { "w" },
-                if pass_ == "dgrad" { "dx" } else { "x" }
+                if pass == Pass::Wgrad { "dw" } else { "w" },
+                if pass == Pass::Dgrad { "dx" } else { "x" }
             )));
         }
         let sh = ConvShape { n, h, w: wd, c, k, r, s, stride, pad: padding };
         sh.validate().map_err(crate::to_py)?;
         let y = [n, sh.p(), sh.q(), k];
-        let dy_view = match pass_ {
-            "fprop" => &vo,
-            "dgrad" => &va,
-            _ => &vb,
+        let dy_view = match pass {
+            Pass::Fprop => &vo,
+            Pass::Dgrad => &va,
+            Pass::Wgrad => &vb,
         };
         if dy_view.dims != y {
-            let name = if pass_ == "fprop" { "y" } else { "dy" };
+            let name = if pass == Pass::Fprop { "y" } else { "dy" };
             return Err(PyValueError::new_err(format!(
                 "{name} has shape {:?}, the convolution's output {y:?}",
                 dy_view.dims
@@ -237,7 +237,7 @@ fn conv2d_dlpack(
             return Err(PyValueError::new_err(format!("{} shares memory with an input", names[2])));
         }
         let t = va.dtype;
-        let out_t = if pass_ == "wgrad" { Dtype::F32 } else { t };
+        let out_t = if pass == Pass::Wgrad { Dtype::F32 } else { t };
         if vb.dtype != t || vo.dtype != out_t {
             return Err(PyValueError::new_err(format!(
                 "{} is {}, {} {} and {} {}: the inputs take one type, {}",
@@ -247,10 +247,10 @@ fn conv2d_dlpack(
                 vb.dtype.name(),
                 names[2],
                 vo.dtype.name(),
-                if pass_ == "wgrad" { "dw is float32" } else { "the output theirs" }
+                if pass == Pass::Wgrad { "dw is float32" } else { "the output theirs" }
             )));
         }
-        let job = Job { gpu, sh, pass: pass_.to_string(), views: [va, vb, vo], stream };
+        let job = Job { gpu, sh, pass, views: [va, vb, vo], stream };
         match t {
             Dtype::F32 => job.run::<f32>(py),
             Dtype::Bf16 => job.run::<half::bf16>(py),
@@ -263,57 +263,38 @@ fn conv2d_dlpack(
 struct Job {
     gpu: Gpu,
     sh: ConvShape,
-    pass: String,
+    pass: Pass,
     views: [View; 3],
     stream: Option<u64>,
 }
 
 impl Job {
     fn run<T: conv::ConvElem>(self, py: Python<'_>) -> PyResult<()> {
-        let gpu = &self.gpu;
-        // SAFETY (both): dense tensors of this device and type (checked) that the caller's
-        // capsules keep alive for the call; on cuda, PyTorch's stream then waits for ours
-        // before it touches the memory again.
-        let borrow = |v: &View| -> PyResult<Buf<T>> {
-            Ok(Buf::Gpu(unsafe { gpu.borrow::<T>(v.ptr, v.len()) }.map_err(|e| crate::to_py(e.into()))?))
-        };
-        let borrow_f32 = |v: &View| -> PyResult<Buf<f32>> {
-            Ok(Buf::Gpu(unsafe { gpu.borrow::<f32>(v.ptr, v.len()) }.map_err(|e| crate::to_py(e.into()))?))
-        };
-        let [va, vb, vo] = &self.views;
-        let (a, b) = (borrow(va)?, borrow(vb)?);
+        let Job { gpu, sh, pass, views: [va, vb, vo], stream } = self;
         let dev = Device::Gpu(gpu.clone());
-        let (sh, stream) = (self.sh, self.stream);
-        match self.pass.as_str() {
-            "wgrad" => {
-                let mut out = borrow_f32(vo)?;
-                crate::guarded(py, move || {
-                    conv::conv2d_wgrad_with(&dev, &sh, &a, &b, &mut out, None)?;
-                    order(&dev, stream)
-                })
+        crate::guarded(py, move || {
+            let (a, b) = (borrow::<T>(&gpu, &va)?, borrow::<T>(&gpu, &vb)?);
+            match pass {
+                Pass::Fprop => conv::conv2d_fprop_with(&dev, &sh, &a, &b, &mut borrow::<T>(&gpu, &vo)?, None)?,
+                Pass::Dgrad => conv::conv2d_dgrad_with(&dev, &sh, &a, &b, &mut borrow::<T>(&gpu, &vo)?, None)?,
+                // dw is float32: the kernels accumulate and write it so.
+                Pass::Wgrad => conv::conv2d_wgrad_with(&dev, &sh, &a, &b, &mut borrow::<f32>(&gpu, &vo)?, None)?,
             }
-            pass => {
-                let mut out = borrow(vo)?;
-                let fprop = pass == "fprop";
-                crate::guarded(py, move || {
-                    if fprop {
-                        conv::conv2d_fprop_with(&dev, &sh, &a, &b, &mut out, None)?;
-                    } else {
-                        conv::conv2d_dgrad_with(&dev, &sh, &a, &b, &mut out, None)?;
-                    }
-                    order(&dev, stream)
-                })
+            // The caller's stream waits for the kernels just queued (cuda).
+            if let Some(s) = stream {
+                gpu.order_before(s)?;
             }
-        }
+            Ok(())
+        })
     }
 }
 
-/// Makes the caller's stream wait for the kernels just queued (cuda).
-fn order(dev: &Device, stream: Option<u64>) -> prunekit::Result<()> {
-    if let (Some(s), Device::Gpu(g)) = (stream, dev) {
-        g.order_before(s)?;
-    }
-    Ok(())
+/// `v` as a buffer of `gpu` of element type `U`.
+fn borrow<U: prunekit::gpu::Elem>(gpu: &Gpu, v: &View) -> prunekit::Result<Buf<U>> {
+    // SAFETY: a dense tensor of this device and type (checked by `view` and the caller)
+    // that the caller's capsules keep alive for the call; on cuda, PyTorch's stream then
+    // waits for ours before it touches the memory again.
+    Ok(Buf::Gpu(unsafe { gpu.borrow::<U>(v.ptr, v.len()) }?))
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -267,10 +267,9 @@ fn prune_cow(
             }
         }
         Cow::Owned(sd) => {
+            // The optimizer's tensors were all uploaded, so taken out: what is left is the model's.
             for (n, t) in sd.tensors {
-                if !n.starts_with("optimizer.") && !state.tensors.contains_key(&n) {
-                    state.tensors.insert(n, t);
-                }
+                state.tensors.entry(n).or_insert(t);
             }
         }
     }
