@@ -6,14 +6,15 @@ this script times the same shapes, the same way, through prunekit.conv2d and its
 gradients on numpy arrays (NHWC, zero-copy, written into preallocated out= arrays as the
 Rust bench reuses its buffers), and through prunekit.torch.Conv2d (forward, and backward for
 dgrad + wgrad, new outputs each call) on channels-last tensors. Rounds alternate CLI and Python; each
-side keeps its fastest round per row.
+row is the median of the rounds on each side.
 
-  python3 scripts/py_conv_bench.py --cli target/release/prunekit [--batch 8 --size 112 --iters 5 --rounds 2]
+  python3 scripts/py_conv_bench.py --cli target/release/prunekit [--batch 8 --size 112 --iters 5 --rounds 5]
 
 Prints a markdown table.
 """
 import argparse
 import json
+import statistics
 import subprocess
 import tempfile
 import time
@@ -73,9 +74,9 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
-    best_cli, best_py = {}, {}
+    rounds_cli, rounds_py = {}, {}
     rows = None
     for _ in range(a.rounds):
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -85,27 +86,29 @@ def main():
             rows = json.load(open(f.name))
         for r in rows:
             k = (r["layer"], r["pass"])
-            best_cli[k] = min(best_cli.get(k, float("inf")), r["ms"])
+            rounds_cli.setdefault(k, []).append(r["ms"])
         for k, v in python_rows(rows, a.iters).items():
-            best_py[k] = min(best_py.get(k, float("inf")), v)
+            rounds_py.setdefault(k, []).append(v)
+    med_cli = {k: statistics.median(v) for k, v in rounds_cli.items()}
+    med_py = {k: statistics.median(v) for k, v in rounds_py.items()}
     print(f"| layer | shape (n,h,w,c -> k, rxr/stride) | pass | Rust ms | Python ms | Python/Rust | Conv2d ms |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     tot_r = tot_p = 0.0
     for r in rows:
         k = (r["layer"], r["pass"])
-        rust, py = best_cli[k], best_py[k]
+        rust, py = med_cli[k], med_py[k]
         tot_r += rust
         tot_p += py
-        mod = best_py.get(k + ("module",))
+        mod = med_py.get(k + ("module",))
         mod_s = "" if mod is None else (f"{mod:.2f}" + (" (fwd)" if r["pass"] == "fprop" else " (dgrad+wgrad)"))
         shape = f"{r['n']},{r['h']},{r['w']},{r['c']} -> {r['k']}, {r['r']}x{r['s']}/{r['stride']}"
         print(f"| {r['layer']} | {shape} | {r['pass']} | {rust:.2f} | {py:.2f} | {py / rust:.3f} | {mod_s} |")
     print(f"\nsum of every row: Rust {tot_r:.1f} ms, Python functions {tot_p:.1f} ms, ratio {tot_p / tot_r:.3f}")
     layers = {r["layer"] for r in rows}
-    fwd_r = sum(best_cli[(l, "fprop")] for l in layers)
-    fwd_m = sum(best_py[(l, "fprop", "module")] for l in layers)
-    bwd_r = sum(best_cli[(l, "dgrad")] + best_cli[(l, "wgrad")] for l in layers)
-    bwd_m = sum(best_py[(l, "wgrad", "module")] for l in layers)
+    fwd_r = sum(med_cli[(l, "fprop")] for l in layers)
+    fwd_m = sum(med_py[(l, "fprop", "module")] for l in layers)
+    bwd_r = sum(med_cli[(l, "dgrad")] + med_cli[(l, "wgrad")] for l in layers)
+    bwd_m = sum(med_py[(l, "wgrad", "module")] for l in layers)
     print(f"prunekit.torch.Conv2d: forward {fwd_m:.1f} ms vs Rust fprop {fwd_r:.1f} ms (ratio {fwd_m / fwd_r:.3f}); "
           f"backward {bwd_m:.1f} ms vs Rust dgrad + wgrad {bwd_r:.1f} ms (ratio {bwd_m / bwd_r:.3f})")
 

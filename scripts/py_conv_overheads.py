@@ -4,7 +4,7 @@ convolution (forward; backward = dgrad + wgrad) timed
 
   out=     the numpy functions writing into preallocated arrays (the kernels alone),
   reused   the module, its outputs from prunekit's reuse cache (what Conv2d does),
-  fresh    the module, its outputs from torch.empty (fresh memory from the allocator),
+  fresh    the module after prunekit.torch.empty_cache(): its outputs in fresh memory,
   engine   (backward only) the two functions with out= called inside a custom
            autograd.Function: PyTorch's autograd engine around the same kernels.
 
@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--iters", type=int, default=9)
     a = ap.parse_args()
-    reused, fresh = pt._empty, lambda shape: torch.empty(tuple(shape))
+    reused, fresh = (lambda: None), pt.empty_cache
     totals = {}
     print(f"batch {a.batch}, {a.size}x{a.size}, median of {a.iters} calls, ms")
     for name, c, k, r, st, pad, div in LAYERS:
@@ -89,12 +89,11 @@ def main():
         times = {v: [] for v in variants}
         for i in range(a.iters + 1):
             for v, (f, alloc) in variants.items():
-                pt._empty = alloc
+                alloc()
                 t = time.perf_counter()
                 f()
                 if i:  # the first round warms up
                     times[v].append(time.perf_counter() - t)
-        pt._empty = reused
         med = {v: sorted(ts)[len(ts) // 2] * 1e3 for v, ts in times.items()}
         for v, m in med.items():
             totals[v] = totals.get(v, 0.0) + m

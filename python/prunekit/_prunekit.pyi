@@ -65,6 +65,15 @@ def conv2d_backward_weight(
     padding: int = 0,
     out: Optional[npt.NDArray[np.float32]] = None,
 ) -> npt.NDArray[np.float32]: ...
+def conv2d_backward(
+    x: npt.NDArray[np.float32],
+    w: npt.NDArray[np.float32],
+    dy: npt.NDArray[np.float32],
+    stride: int = 1,
+    padding: int = 0,
+    input: bool = True,
+    weight: bool = True,
+) -> Tuple[Optional[npt.NDArray[np.float32]], Optional[npt.NDArray[np.float32]]]: ...
 def empty(shape: List[int]) -> npt.NDArray[np.float32]: ...
 def device_stream(device: str) -> Optional[int]: ...
 def conv2d_dlpack(

@@ -120,11 +120,6 @@ def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1 if stride > 0 else 0
 
 
-def _empty(shape: Sequence[int]) -> torch.Tensor:
-    """An uninitialised float32 tensor whose memory prunekit reuses after it is freed."""
-    return torch.from_numpy(_prunekit.empty(list(shape)))
-
-
 def empty_cache() -> None:
     """Frees the memory that prunekit keeps for reuse. ``Conv2d``'s outputs and gradients
     (and ``prunekit.conv2d``'s new arrays) take memory from an idle list, to which it returns
@@ -151,14 +146,6 @@ def _dlpack(pass_: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, str
     _prunekit.conv2d_dlpack(pass_, *caps, stride, padding, kernels, current)
 
 
-def _new(shape: Sequence[int], like: torch.Tensor, kernels: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """An uninitialised output (``like``'s type unless ``dtype``): reused host memory for the
-    CPU kernels (float32), else PyTorch's allocation on ``like``'s device."""
-    if kernels == "cpu":
-        return _empty(shape)
-    return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
-
-
 class _ConvFunction(torch.autograd.Function):
     """prunekit's convolution as an autograd function (NCHW at the boundary): the CPU
     kernels on numpy views of CPU tensors, a kernel device's (``cuda:N``, or ``emu``) on the
@@ -171,15 +158,14 @@ class _ConvFunction(torch.autograd.Function):
         """y = conv(x, weight); saves the NHWC input and KRSC weight."""
         xn = x.detach().permute(0, 2, 3, 1).contiguous()  # NHWC: a view for channels-last input
         wn = weight.detach().permute(0, 2, 3, 1).contiguous()  # KRSC: a view for channels-last weights
-        (n, h, w, _), (k, r, s, _) = xn.shape, wn.shape
-        p, q = _out_size(h, r, stride, padding), _out_size(w, s, stride, padding)
-        # The kernels overwrite every element: no zeroing (and on the CPU, memory reused from
-        # earlier outputs: see empty_cache).
         if kernels == "cpu":
-            y = _new((n, p, q, k), xn, kernels) if p > 0 and q > 0 else None  # else refused by the kernels' check
-            _prunekit.conv2d(xn.numpy(), wn.numpy(), stride, padding, out=None if y is None else y.numpy())
+            # A new array from memory reused from earlier outputs (see empty_cache).
+            y = torch.from_numpy(_prunekit.conv2d(xn.numpy(), wn.numpy(), stride, padding))
         else:
-            y = _new((n, max(p, 0), max(q, 0), k), xn, kernels)  # an empty one is refused by the kernels
+            (n, h, w, _), (k, r, s, _) = xn.shape, wn.shape
+            p, q = _out_size(h, r, stride, padding), _out_size(w, s, stride, padding)
+            # Uninitialised: the kernels overwrite every element; an empty one is refused by them.
+            y = torch.empty((n, max(p, 0), max(q, 0), k), dtype=xn.dtype, device=xn.device)
             _dlpack("fprop", xn, wn, y, stride, padding, kernels)
         ctx.save_for_backward(xn, wn)
         ctx.conf = (stride, padding, kernels)
@@ -190,24 +176,26 @@ class _ConvFunction(torch.autograd.Function):
         """dx and dweight with prunekit's two gradient kernels (only those asked for)."""
         xn, wn = ctx.saved_tensors
         stride, padding, kernels = ctx.conf
-        (h, w), (r, s) = xn.shape[1:3], wn.shape[1:3]
         dyn = dy.permute(0, 2, 3, 1).contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = _new(xn.shape, xn, kernels)  # overwritten by the kernel
-            if kernels == "cpu":
-                _prunekit.conv2d_backward_input(dyn.numpy(), wn.numpy(), (h, w), stride, padding, out=dx.numpy())
-            else:
+        want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if kernels == "cpu":
+            # Both kernels in one call, their outputs in memory reused from earlier ones.
+            dxa, dwa = _prunekit.conv2d_backward(xn.numpy(), wn.numpy(), dyn.numpy(), stride, padding, want_dx, want_dw)
+            dx = None if dxa is None else torch.from_numpy(dxa)
+            dw = None if dwa is None else torch.from_numpy(dwa)
+        else:
+            # Uninitialised: the kernels overwrite every element. wgrad writes float32 (cast
+            # to a 16-bit weight's type below).
+            dx = torch.empty_like(xn) if want_dx else None
+            dw = torch.empty(wn.shape, dtype=torch.float32, device=wn.device) if want_dw else None
+            if dx is not None:
                 _dlpack("dgrad", dyn, wn, dx, stride, padding, kernels)
-            dx = dx.permute(0, 3, 1, 2)
-        if ctx.needs_input_grad[1]:
-            # Overwritten by the kernel, which writes float32 (cast to a 16-bit weight's type).
-            dw = _new(wn.shape, wn, kernels, torch.float32)
-            if kernels == "cpu":
-                _prunekit.conv2d_backward_weight(xn.numpy(), dyn.numpy(), (r, s), stride, padding, out=dw.numpy())
-            else:
+            if dw is not None:
                 _dlpack("wgrad", xn, dyn, dw, stride, padding, kernels)
-            dw = dw.to(wn.dtype).permute(0, 3, 1, 2)  # OIHW in channels-last memory, as the weight
+                dw = dw.to(wn.dtype)
+        # NCHW views of NHWC memory; dw is OIHW in channels-last memory, as the weight.
+        dx = None if dx is None else dx.permute(0, 3, 1, 2)
+        dw = None if dw is None else dw.permute(0, 3, 1, 2)
         return dx, dw, None, None, None
 
 

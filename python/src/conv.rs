@@ -47,6 +47,12 @@ fn shape(
     Ok(sh)
 }
 
+/// A new output array of `dims` from the reused buffers (its old values never show: the
+/// kernels overwrite every element).
+fn new_out<'py>(py: Python<'py>, dims: [usize; 4]) -> PyResult<Bound<'py, PyArray4<f32>>> {
+    crate::buffers::empty(py, &dims)?.cast_into::<PyArray4<f32>>().map_err(PyErr::from)
+}
+
 /// Runs `f` on the output (GIL released): `out` when given (rank 4, float32,
 /// C-contiguous, writeable, of the output's shape; overwritten), else a new array.
 fn run<'py>(
@@ -56,8 +62,7 @@ fn run<'py>(
     f: impl FnOnce(&mut [f32]) + Send,
 ) -> PyResult<Bound<'py, PyArray4<f32>>> {
     let out = match out {
-        // Every element is overwritten: a reused buffer's old values never show.
-        None => crate::buffers::empty(py, &out_dims)?.cast_into::<PyArray4<f32>>().map_err(PyErr::from)?,
+        None => new_out(py, out_dims)?,
         Some(o) => {
             let ro = array4(o, "out")?;
             if dims(&ro) != out_dims {
@@ -172,9 +177,64 @@ fn conv2d_backward_weight<'py>(
     })
 }
 
+/// Both gradients of conv2d in one call (what an autograd backward asks for): dx
+/// `[N, H, W, C]` when `input`, dw `[K, R, S, C]` when `weight`, from x `[N, H, W, C]`, w
+/// `[K, R, S, C]` and dy `[N, P, Q, K]`, in new arrays; the two kernels run one after the
+/// other with the GIL released once.
+#[pyfunction]
+#[pyo3(signature = (x, w, dy, stride=1, padding=0, input=true, weight=true))]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+fn conv2d_backward<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    w: &Bound<'py, PyAny>,
+    dy: &Bound<'py, PyAny>,
+    stride: usize,
+    padding: usize,
+    input: bool,
+    weight: bool,
+) -> PyResult<(Option<Bound<'py, PyArray4<f32>>>, Option<Bound<'py, PyArray4<f32>>>)> {
+    crate::catch(|| {
+        let (xa, wa, da) = (array4(x, "x")?, array4(w, "w")?, array4(dy, "dy")?);
+        let ([n, h, wd, c], [k, r, s, wc], [dn, p, q, dk]) = (dims(&xa), dims(&wa), dims(&da));
+        if wc != c {
+            return Err(PyValueError::new_err(format!("w has {wc} input channels, x has {c} (x is NHWC, w is KRSC)")));
+        }
+        let sh = shape(n, (h, wd, c), (k, r, s), stride, padding)?;
+        if [dn, p, q, dk] != [n, sh.p(), sh.q(), k] {
+            return Err(PyValueError::new_err(format!(
+                "dy has shape {:?}, the convolution's output is {:?}",
+                [dn, p, q, dk],
+                [n, sh.p(), sh.q(), k]
+            )));
+        }
+        let dx = if input { Some(new_out(py, [n, h, wd, c])?) } else { None };
+        let dw = if weight { Some(new_out(py, [k, r, s, c])?) } else { None };
+        {
+            let mut dx_rw = dx.as_ref().map(|a| a.readwrite());
+            let mut dw_rw = dw.as_ref().map(|a| a.readwrite());
+            let dx_s = dx_rw.as_mut().map(|a| a.as_slice_mut().expect("a new array is contiguous"));
+            let dw_s = dw_rw.as_mut().map(|a| a.as_slice_mut().expect("a new array is contiguous"));
+            let (xs, ws, ds) =
+                (xa.as_slice().expect("checked"), wa.as_slice().expect("checked"), da.as_slice().expect("checked"));
+            guarded(py, move || {
+                if let Some(dx) = dx_s {
+                    dgrad(&sh, ds, ws, dx);
+                }
+                if let Some(dw) = dw_s {
+                    wgrad(&sh, xs, ds, dw);
+                }
+                Ok(())
+            })?;
+        }
+        Ok((dx, dw))
+    })
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(conv2d, m)?)?;
     m.add_function(wrap_pyfunction!(conv2d_backward_input, m)?)?;
     m.add_function(wrap_pyfunction!(conv2d_backward_weight, m)?)?;
+    m.add_function(wrap_pyfunction!(conv2d_backward, m)?)?;
     Ok(())
 }

@@ -138,3 +138,26 @@ def test_reused_memory_never_shows_old_values():
     assert cache_info()["idle_bytes"] == 0 and torch.equal(x.grad, kept)
     with pytest.raises(ValueError, match="too large"):
         _prunekit.empty([1 << 40, 1 << 40])
+
+
+def test_backward_in_one_call():
+    """The module's backward runs both gradient kernels in one call: the same values as the
+    two gradient functions, only the gradients asked for, and shapes checked."""
+    from prunekit import _prunekit
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 9, 7, 5), dtype=np.float32)
+    w = rng.standard_normal((6, 3, 3, 5), dtype=np.float32)
+    dy = rng.standard_normal((2, 5, 4, 6), dtype=np.float32)  # 3x3, stride 2, padding 1
+    dx, dw = _prunekit.conv2d_backward(x, w, dy, 2, 1)
+    assert np.array_equal(dx, prunekit.conv2d_backward_input(dy, w, (9, 7), 2, 1))
+    assert np.array_equal(dw, prunekit.conv2d_backward_weight(x, dy, (3, 3), 2, 1))
+    dx_only = _prunekit.conv2d_backward(x, w, dy, 2, 1, True, False)
+    assert dx_only[1] is None and np.array_equal(dx_only[0], dx)
+    assert _prunekit.conv2d_backward(x, w, dy, 2, 1, False, True)[0] is None
+    with pytest.raises(ValueError, match="dy has shape"):
+        _prunekit.conv2d_backward(x, w, dy[:, :4].copy(), 2, 1)
+    with pytest.raises(ValueError, match="input channels"):
+        _prunekit.conv2d_backward(x, w[..., :4].copy(), dy, 2, 1)
+    with pytest.raises(ValueError, match="float32"):
+        _prunekit.conv2d_backward(x.astype(np.float64), w, dy, 2, 1)
