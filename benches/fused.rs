@@ -3,7 +3,9 @@
 //! 64 -> 256 channels on 56x56, and its filters-0.5 pruned twin 32 -> 256), on the CPU and,
 //! where there is one, on the GPU (`cuda:0`):
 //! - `conv_bn_relu`: conv fprop + BN train forward + ReLU (the bn1/bn2 pattern);
-//! - `block_end`: conv fprop + BN train forward + residual add + ReLU (the bn3 pattern).
+//! - `block_end`: conv fprop + BN train forward + residual add + ReLU (the bn3 pattern);
+//!   `block_end_bn_input`: the same with the previous BN + ReLU applied to x, written out
+//!   first (unfused) or as the conv loads it (what a train step runs on a kernel device).
 //! - `bn_input` (group `fused_layer1_conv3_input_*`): BN apply + ReLU of the previous conv's
 //!   output, then conv3's fprop and wgrad on it (unfused: `bn_apply_saved` writes the
 //!   activation, both passes read it), against both passes applying the BN as they load x
@@ -84,7 +86,7 @@ fn fused_benches<T: ConvElem + LayerElem>(c: &mut Criterion) {
                 layers::bn_forward_train(&dev, m, &y, &mut bn, true, &mut out).unwrap();
             });
             bench(&mut g, &format!("conv_bn_relu_fused/m{m}"), &dev, || {
-                fused::conv_bn_forward_train(&dev, &sh, &x, &w, &mut y, &mut bn, None, true, &mut out).unwrap();
+                fused::conv_bn_forward_train(&dev, &sh, &x, None, &w, &mut y, &mut bn, None, true, &mut out).unwrap();
             });
             bench(&mut g, &format!("block_end_unfused/m{m}"), &dev, || {
                 conv::conv2d_fprop(&dev, &sh, &x, &w, &mut y).unwrap();
@@ -92,7 +94,25 @@ fn fused_benches<T: ConvElem + LayerElem>(c: &mut Criterion) {
                 layers::add_relu(&dev, &tmp, &res, &mut out).unwrap();
             });
             bench(&mut g, &format!("block_end_fused/m{m}"), &dev, || {
-                fused::conv_bn_forward_train(&dev, &sh, &x, &w, &mut y, &mut bn, Some(&res), true, &mut out).unwrap();
+                fused::conv_bn_forward_train(&dev, &sh, &x, None, &w, &mut y, &mut bn, Some(&res), true, &mut out)
+                    .unwrap();
+            });
+            // As a train step runs conv3 on a kernel device: x is conv2's raw output, bn2 +
+            // ReLU applied as the conv loads it (the unfused twin: bn2's apply, then the
+            // fused block end above).
+            let ones = dev.upload(vec![1.0f32; cin]).unwrap();
+            let (beta_in, mean_in) = (dev.upload(vec![0.1f32; cin]).unwrap(), dev.upload(vec![0.5f32; cin]).unwrap());
+            let bn_in = BnInput { c: cin, gamma: &ones, beta: &beta_in, mean: &mean_in, invstd: &ones, relu: true };
+            let mut a = dev.uninit::<T>(sh.x_len()).unwrap();
+            bench(&mut g, &format!("block_end_bn_input_unfused/m{m}"), &dev, || {
+                layers::bn_apply_saved(&dev, m, &x, &bn_in, None, &mut a).unwrap();
+                fused::conv_bn_forward_train(&dev, &sh, &a, None, &w, &mut y, &mut bn, Some(&res), true, &mut out)
+                    .unwrap();
+            });
+            bench(&mut g, &format!("block_end_bn_input_fused/m{m}"), &dev, || {
+                let b = Some(&bn_in);
+                fused::conv_bn_forward_train(&dev, &sh, &x, b, &w, &mut y, &mut bn, Some(&res), true, &mut out)
+                    .unwrap();
             });
         }
         g.finish();

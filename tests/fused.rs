@@ -225,7 +225,7 @@ fn check_forward<T: ConvElem + LayerElem>(dev: &Device) {
             let mut y = dev.uninit::<T>(sh.y_len()).unwrap();
             let mut out = dev.uninit::<T>(sh.y_len()).unwrap();
             let r: Option<&Buf<T>> = residual.then_some(&res);
-            fused::conv_bn_forward_train(dev, sh, &x, &w, &mut y, &mut bn.layer(), r, relu, &mut out).unwrap();
+            fused::conv_bn_forward_train(dev, sh, &x, None, &w, &mut y, &mut bn.layer(), r, relu, &mut out).unwrap();
             let (sm, si, rv) = (&bn.save_mean, &bn.save_invstd, &bn.running_var);
             let yv = f64s(&y.to_vec().unwrap());
             let mut yref = dev.uninit::<T>(sh.y_len()).unwrap();

@@ -1,5 +1,6 @@
 //! Convolutions whose x operand is a batch norm (+ ReLU) applied while the conv loads it
-//! (`prunekit::ops::fused::conv2d_fprop_bn_input`, `conv2d_wgrad_bn_input`), on the
+//! (`prunekit::ops::fused::conv2d_fprop_bn_input`, `conv2d_wgrad_bn_input`, and
+//! `conv2d_fprop_bn_input_stats` with the next BN's statistics in its epilogue), on the
 //! emulation (forward, reversed and shuffled fiber order) and the CPU device:
 //! - on every tile that runs the shape (SIMT f32, tensor-core bf16 and f16, vector and
 //!   scalar loads), the output is bitwise the unfused sequence's on the same device and
@@ -26,6 +27,7 @@ use prunekit::{Buf, Device};
 
 mod common;
 
+use common::layers::BnBufs;
 use common::{square_conv as shape, to_t, SplitMix as Rng};
 
 /// Odd channels, batch 1, 1x1, 3x3 and 7x7 with padding, stride 2, several row tiles
@@ -349,6 +351,54 @@ fn emu_fprop_bn_input_is_bn_apply_saved_then_conv() {
     }
 }
 
+/// The fprop with the BN on its input and the statistics epilogue of the next BN (what a
+/// train step runs for conv2 and conv3): on every tile, y is bitwise
+/// conv2d_fprop_bn_input's and the statistics bitwise those conv2d_fprop_bn_stats takes of
+/// the conv of the BN's output written out.
+fn check_fprop_stats<T: ConvElem + prunekit::ops::layers::LayerElem>(dev: &Device) {
+    for (i, sh) in shapes().iter().enumerate() {
+        let k = case::<T>(sh, 300 + i as u64, 0.0);
+        let bn_in = Bn::new(dev, &k);
+        let up = |v: &[f32]| dev.upload(to_t::<T>(v)).unwrap();
+        let (x, w) = (up(&k.x), up(&k.w));
+        let mut a = dev.uninit::<T>(sh.x_len()).unwrap();
+        let m_in = sh.n * sh.h * sh.w;
+        prunekit::ops::layers::bn_apply_saved(dev, m_in, &x, &bn_in.input(true), None, &mut a).unwrap();
+        for plan in tiles::<T>(dev, Pass::Fprop, sh) {
+            let what = format!("{} {} fprop + stats {plan:?} {sh:?}", dev.name(), T::NAME);
+            let run = |fused_input: bool| {
+                let mut bn = BnBufs::new(dev, vec![1.0; sh.k], vec![0.0; sh.k], vec![0.5; sh.k], vec![2.0; sh.k]);
+                let mut y = dev.uninit::<T>(sh.y_len()).unwrap();
+                let mut ws = dev.uninit::<T>(sh.y_len()).unwrap();
+                if fused_input {
+                    let i = bn_in.input(true);
+                    fused::conv2d_fprop_bn_input_stats_with(dev, sh, &x, &i, &w, &mut y, &mut ws, &mut bn.layer(), plan)
+                } else {
+                    fused::conv2d_fprop_bn_stats_with(dev, sh, &a, &w, &mut y, &mut ws, &mut bn.layer(), plan)
+                }
+                .unwrap();
+                let f = |b: &Buf<f32>| b.to_vec().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+                let stats = [f(&bn.save_mean), f(&bn.save_invstd), f(&bn.running_mean), f(&bn.running_var)];
+                (bits(&y.to_vec().unwrap()), stats)
+            };
+            let (fused_run, unfused_run) = (run(true), run(false));
+            let mut y = dev.uninit::<T>(sh.y_len()).unwrap();
+            fused::conv2d_fprop_bn_input_with(dev, sh, &x, &bn_in.input(true), &w, &mut y, plan).unwrap();
+            assert!(fused_run.0 == bits(&y.to_vec().unwrap()), "{what}: y differs from conv2d_fprop_bn_input's");
+            assert!(fused_run == unfused_run, "{what}: differs from the BN written out, then conv + statistics");
+        }
+    }
+}
+
+#[test]
+fn emu_fprop_bn_input_with_statistics_is_bitwise_the_unfused_sequence() {
+    check_fprop_stats::<f32>(&emu(Schedule::Shuffle(0xb0b)));
+    check_fprop_stats::<bf16>(&emu(Schedule::Reverse));
+    check_fprop_stats::<bf16>(&emu(Schedule::Forward));
+    check_fprop_stats::<f32>(&Device::Cpu);
+    check_fprop_stats::<bf16>(&Device::Cpu);
+}
+
 #[test]
 fn bad_inputs_are_errors() {
     let dev = emu(Schedule::Forward);
@@ -366,6 +416,13 @@ fn bad_inputs_are_errors() {
     let host = Buf::Host(vec![1.0f32; 8]);
     let bad = BnInput { invstd: &host, ..bn.input(false) };
     assert!(fused::conv2d_fprop_bn_input(&dev, &sh, &x, &bad, &w, &mut y).is_err());
+    let mut stats = BnBufs::new(&dev, vec![1.0; 8], vec![0.0; 8], vec![0.0; 8], vec![1.0; 8]);
+    let mut ws = dev.uninit::<f32>(sh.y_len()).unwrap();
+    let r = fused::conv2d_fprop_bn_input_stats(&dev, &sh, &x, &bad, &w, &mut y, &mut ws, &mut stats.layer());
+    assert!(r.is_err(), "a BN input on the host");
+    let short_in = BnInput { c: 7, ..bn.input(true) };
+    let r = fused::conv2d_fprop_bn_input_stats(&dev, &sh, &x, &short_in, &w, &mut y, &mut ws, &mut stats.layer());
+    assert!(r.unwrap_err().to_string().contains("channels"));
     let mut y_short = dev.uninit::<f32>(sh.y_len() - 1).unwrap();
     assert!(fused::conv2d_fprop_bn_input(&dev, &sh, &x, &bn.input(true), &w, &mut y_short).is_err());
     // A vector tile on a width that is not a multiple of 8.
@@ -391,5 +448,7 @@ mod cuda {
         check_wgrad::<f32>(&dev, 0.0);
         check_wgrad::<bf16>(&dev, 40.0);
         check_wgrad::<f16>(&dev, 0.0);
+        check_fprop_stats::<f32>(&dev);
+        check_fprop_stats::<bf16>(&dev);
     }
 }

@@ -8,6 +8,9 @@
 //!   inverse deviation and updates the running statistics. Deterministic: no atomics, the
 //!   per-tile pairs go to a workspace (the bytes of the BN's own output, which the apply
 //!   overwrites afterwards, so nothing is allocated).
+//! - [`conv2d_fprop_bn_input_stats`]: the same with the previous layer's batch norm (+
+//!   ReLU) applied as the convolution loads its input (BN on load), so that a train step
+//!   never writes that batch norm's output.
 //! - [`conv_bn_forward_train`]: that, then one pass `y = relu?(bn(conv) + residual?)`
 //!   ([`crate::ops::layers::bn_apply_saved`]): a train-mode conv + BN (+ ReLU) reads the
 //!   conv output once instead of twice, and a bottleneck's last BN, residual add and ReLU
@@ -69,7 +72,63 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
     bn: &mut BnLayer<'_>,
     plan: Option<Plan>,
 ) -> Result<()> {
+    fprop_stats(dev, sh, x, None, w, y, workspace, bn, plan)
+}
+
+/// [`conv2d_fprop_bn_stats`] of `conv(bn_in(x), w)`: the previous layer's batch norm (+
+/// ReLU) applied while the convolution loads x, as [`conv2d_fprop_bn_input`] does, and the
+/// batch statistics of the output for `bn` computed in its epilogue. A train-mode step
+/// then never writes (or reads) `bn_in`'s output: `y` is bitwise the y of
+/// [`conv2d_fprop_bn_input`], the statistics those [`conv2d_fprop_bn_stats`] takes of it.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_fprop_bn_input_stats<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    bn_in: &BnInput<'_>,
+    w: &Buf<T>,
+    y: &mut Buf<T>,
+    workspace: &mut Buf<T>,
+    bn: &mut BnLayer<'_>,
+) -> Result<()> {
+    conv2d_fprop_bn_input_stats_with(dev, sh, x, bn_in, w, y, workspace, bn, None)
+}
+
+/// [`conv2d_fprop_bn_input_stats`] with a given plan on a kernel device (see
+/// [`conv2d_fprop_bn_stats_with`]).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_fprop_bn_input_stats_with<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    bn_in: &BnInput<'_>,
+    w: &Buf<T>,
+    y: &mut Buf<T>,
+    workspace: &mut Buf<T>,
+    bn: &mut BnLayer<'_>,
+    plan: Option<Plan>,
+) -> Result<()> {
+    fprop_stats(dev, sh, x, Some(bn_in), w, y, workspace, bn, plan)
+}
+
+/// The fprop with the statistics epilogue, its input through `bn_in` when given.
+#[allow(clippy::too_many_arguments)]
+fn fprop_stats<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    x: &Buf<T>,
+    bn_in: Option<&BnInput<'_>>,
+    w: &Buf<T>,
+    y: &mut Buf<T>,
+    workspace: &mut Buf<T>,
+    bn: &mut BnLayer<'_>,
+    plan: Option<Plan>,
+) -> Result<()> {
     conv::prepare(dev, sh, (x, "x", sh.x_len()), (w, "w", sh.w_len()), (&*y, "y", sh.y_len()))?;
+    if let Some(b) = bn_in {
+        ensure!(b.c == sh.c, "the input's batch norm has {} channels, the conv's input {}", b.c, sh.c);
+        b.check(dev)?;
+    }
     let (m, c) = (sh.n * sh.p() * sh.q(), sh.k);
     ensure!(bn.c == c, "the batch norm has {} channels, the conv's output {c}", bn.c);
     ensure!(m >= 2, "batch norm in train mode needs more than one value per channel (m = {m})");
@@ -89,21 +148,29 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
     let elem = std::mem::size_of::<T>();
     // The pairs fit in the workspace: 8 * tiles <= elem * m whenever tiles > 1 (BM >= 64).
     ensure!(tiles == 1 || 8 * tiles * c <= elem * sh.y_len(), "internal: the statistics do not fit the workspace");
-    let conv_cost = || Cost::conv_bn_stats(sh, elem, tiles);
+    let conv_cost = || {
+        let c = Cost::conv_bn_stats(sh, elem, tiles);
+        bn_in.map_or(c, |b| c.with_bn_on_load(sh, b.relu))
+    };
     // On the CPU in f32, the moments of each block of rows the GEMM wrote, taken while it is
     // in cache (16-bit types: over the values as stored, in the pass below).
     let blocks = std::sync::Mutex::new(Vec::<(usize, cpu_bn::Moments)>::new());
     timed(dev, Family::ConvFprop, conv_cost, || match dev {
         Device::Cpu => {
             // Not conv2d_fprop: that would record the pass a second time inside a profile.
+            let a = match bn_in {
+                Some(b) => std::borrow::Cow::Owned(b.apply_host(x)?),
+                None => conv::host_f32(x),
+            };
+            let wf = conv::host_f32(w);
             if T::NAME == "f32" {
                 let after = |m0: usize, rows: &[f32]| {
                     let mo = cpu_bn::block_moments(c, rows);
                     blocks.lock().unwrap_or_else(|e| e.into_inner()).push((m0, mo));
                 };
-                conv::cpu_run(x, w, y, sh.y_len(), |a, b, o| crate::cpu::conv::fprop_then(sh, a, b, o, &after));
+                conv::with_f32_out(y, sh.y_len(), |o| crate::cpu::conv::fprop_then(sh, &a, &wf, o, &after));
             } else {
-                conv::cpu_run(x, w, y, sh.y_len(), |a, b, o| crate::cpu::conv::fprop(sh, a, b, o));
+                conv::with_f32_out(y, sh.y_len(), |o| crate::cpu::conv::fprop(sh, &a, &wf, o));
             }
             Ok(())
         }
@@ -111,7 +178,8 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
             let ptr = |b: &Buf<f32>, what: &str| super::on_gpu(b, gpu, what).map(|g| g.ptr());
             let part = super::on_gpu(workspace, gpu, "workspace")?.ptr();
             let out = StatsOut { part, mean: ptr(bn.save_mean, "save_mean")?, m2: ptr(bn.save_invstd, "save_invstd")? };
-            let (t, b) = conv::launch(gpu, Pass::Fprop, sh, x, w, y, plan, Some(out))?;
+            let p = bn_in.map(|b| b.ptrs(gpu)).transpose()?;
+            let (t, b) = conv::launch_bnin(gpu, Pass::Fprop, sh, x, w, y, plan, Some(out), p)?;
             ensure!((t, b) == (tiles, bm), "internal: the fprop ran {t} tiles of {b} rows, not {tiles} of {bm}");
             Ok(())
         }
@@ -149,12 +217,14 @@ pub fn conv2d_fprop_bn_stats_with<T: ConvElem>(
 /// them, and `bn`'s running statistics updated. The same values as [`conv::conv2d_fprop`],
 /// [`crate::ops::layers::bn_forward_train`] and [`crate::ops::layers::add_relu`] (up to
 /// the rounding of one intermediate less), in three launches on a kernel device instead of
-/// four or five, reading `y` once.
+/// four or five, reading `y` once. With `bn_in`, the convolution is that of `bn_in(x)`
+/// (the previous layer's batch norm applied as it loads x: [`conv2d_fprop_bn_input_stats`]).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_bn_forward_train<T: ConvElem + LayerElem>(
     dev: &Device,
     sh: &ConvShape,
     x: &Buf<T>,
+    bn_in: Option<&BnInput<'_>>,
     w: &Buf<T>,
     y: &mut Buf<T>,
     bn: &mut BnLayer<'_>,
@@ -163,7 +233,7 @@ pub fn conv_bn_forward_train<T: ConvElem + LayerElem>(
     out: &mut Buf<T>,
 ) -> Result<()> {
     check_len(out, sh.y_len(), "out")?;
-    conv2d_fprop_bn_stats(dev, sh, x, w, y, out, bn)?;
+    fprop_stats(dev, sh, x, bn_in, w, y, out, bn, None)?;
     let m = sh.n * sh.p() * sh.q();
     bn_apply_saved(dev, m, y, &bn.input(relu), residual, out)
 }
@@ -306,8 +376,13 @@ impl Cost {
     /// counted over x's `N*H*W*C` (a 3x3 conv loads an element up to 9 times; the count is
     /// the work the unfused apply pass did). The BN's output is neither written nor read.
     pub fn conv_bn_input(pass: Pass, sh: &ConvShape, elem: usize, relu: bool) -> Cost {
-        let c = Cost::conv(pass, sh, elem);
-        Cost { flops: c.flops + u(sh.x_len()) * (2 + relu as u64), bytes: c.bytes + 4 * u(sh.c) * F32 }
+        Cost::conv(pass, sh, elem).with_bn_on_load(sh, relu)
+    }
+
+    /// This conv pass's count with a batch norm (+ ReLU) applied to its x as it loads it:
+    /// 2 (3) FLOPs per element of x, and the BN's four `[c]` f32 vectors read.
+    pub fn with_bn_on_load(self, sh: &ConvShape, relu: bool) -> Cost {
+        Cost { flops: self.flops + u(sh.x_len()) * (2 + relu as u64), bytes: self.bytes + 4 * u(sh.c) * F32 }
     }
 
     /// The BN statistics of an `[m, c]` conv output computed in the conv's epilogue, merged

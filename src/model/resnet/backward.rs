@@ -26,6 +26,10 @@ impl<T: Precision> ResNet<T> {
         let mut g = ws.scratch.take(last_len)?;
         layers::avgpool_backward(&dev, n, last_len / (n * c), c, &ws.dfeat, &mut ws.scratch.bufs[g])?;
         let scratch = &mut ws.scratch;
+        // The wgrads of conv2 and conv3 apply bn1 and bn2 as they load t1 and t2 when the
+        // forward did (their outputs a1, a2 were not written); the BN backwards through
+        // their ReLUs never read those outputs on a kernel device.
+        let on_load = ws.bn_on_load;
         for bi in (0..self.blocks.len()).rev() {
             let (before, rest) = ws.blocks.split_at_mut(bi);
             let acts = &mut rest[0];
@@ -46,7 +50,12 @@ impl<T: Precision> ResNet<T> {
             let da2 = scratch.take(l2)?;
             {
                 let [d3, da] = scratch.bufs.get_disjoint_mut([dt3, da2]).expect("distinct");
-                conv::conv2d_wgrad(&dev, &acts.sh3, &acts.a2, d3, &mut bp.conv3.dw)?;
+                if on_load {
+                    let in2 = bp.bn2.input(&acts.s2, true);
+                    fused::conv2d_wgrad_bn_input(&dev, &acts.sh3, &acts.t2, &in2, d3, &mut bp.conv3.dw)?;
+                } else {
+                    conv::conv2d_wgrad(&dev, &acts.sh3, &acts.a2, d3, &mut bp.conv3.dw)?;
+                }
                 conv::conv2d_dgrad(&dev, &acts.sh3, d3, bp.conv3.weight()?, da)?;
             }
             scratch.give(dt3);
@@ -61,7 +70,12 @@ impl<T: Precision> ResNet<T> {
             let da1 = scratch.take(l1)?;
             {
                 let [d2, da] = scratch.bufs.get_disjoint_mut([dt2, da1]).expect("distinct");
-                conv::conv2d_wgrad(&dev, &acts.sh2, &acts.a1, d2, &mut bp.conv2.dw)?;
+                if on_load {
+                    let in1 = bp.bn1.input(&acts.s1, true);
+                    fused::conv2d_wgrad_bn_input(&dev, &acts.sh2, &acts.t1, &in1, d2, &mut bp.conv2.dw)?;
+                } else {
+                    conv::conv2d_wgrad(&dev, &acts.sh2, &acts.a1, d2, &mut bp.conv2.dw)?;
+                }
                 conv::conv2d_dgrad(&dev, &acts.sh2, d2, bp.conv2.weight()?, da)?;
             }
             scratch.give(dt2);

@@ -16,10 +16,15 @@ impl<T: Precision> ResNet<T> {
             layers::cast(&dev, &ws.input_nhwc, low)?;
         }
         let x0: &Buf<T> = T::pick(&ws.input_nhwc, &ws.input_low)?;
+        // On a kernel device a train step applies bn1 and bn2 as the next conv loads its
+        // input, and never writes their outputs. The CPU writes them: its BN backward reads
+        // the ReLU's output, and its BN on load is a pass of its own.
+        let on_load = train && !matches!(dev, Device::Cpu);
+        ws.bn_on_load = on_load;
         if train {
             let sh = ws.stem_sh;
             let bn = &mut self.stem_bn.layer(&mut ws.s0, bnc);
-            conv_bn_train(&dev, &sh, x0, &self.stem, bn, &mut ws.t0, None, true, &mut ws.a0)?;
+            conv_bn_train(&dev, &sh, (x0, None), &self.stem, bn, &mut ws.t0, None, true, &mut ws.a0)?;
         } else {
             conv::conv2d_fprop(&dev, &ws.stem_sh, x0, self.stem.weight()?, &mut ws.t0)?;
             let m0 = n * ws.stem_h * ws.stem_w;
@@ -35,22 +40,34 @@ impl<T: Precision> ResNet<T> {
                 // Fused (ops::fused): BN statistics in the conv epilogues, the last BN, the
                 // residual add and the ReLU in one pass.
                 let (a, t, bn) = (&mut acts.a1, &mut acts.t1, &mut bp.bn1.layer(&mut acts.s1, bnc));
-                conv_bn_train(&dev, &acts.sh1, x, &bp.conv1, bn, t, None, true, a)?;
+                if on_load {
+                    // a1: the statistics' workspace only.
+                    fused::conv2d_fprop_bn_stats(&dev, &acts.sh1, x, bp.conv1.weight()?, t, a, bn)?;
+                } else {
+                    conv_bn_train(&dev, &acts.sh1, (x, None), &bp.conv1, bn, t, None, true, a)?;
+                }
                 let (a, t, bn) = (&mut acts.a2, &mut acts.t2, &mut bp.bn2.layer(&mut acts.s2, bnc));
-                conv_bn_train(&dev, &acts.sh2, &acts.a1, &bp.conv2, bn, t, None, true, a)?;
+                if on_load {
+                    let in1 = bp.bn1.input(&acts.s1, true);
+                    fused::conv2d_fprop_bn_input_stats(&dev, &acts.sh2, &acts.t1, &in1, bp.conv2.weight()?, t, a, bn)?;
+                } else {
+                    conv_bn_train(&dev, &acts.sh2, (&acts.a1, None), &bp.conv2, bn, t, None, true, a)?;
+                }
+                let in2 = bp.bn2.input(&acts.s2, true);
+                let x3 = if on_load { (&acts.t2, Some(&in2)) } else { (&acts.a2, None) };
                 match (&mut bp.down, acts.shd, acts.td.as_mut(), acts.sd.as_mut()) {
                     (Some((dconv, dbn)), Some(shd), Some(td), Some(sd)) => {
                         let bd = ws.scratch.take(acts.out.len())?;
                         let bdb = &mut ws.scratch.bufs[bd];
-                        conv_bn_train(&dev, &shd, x, dconv, &mut dbn.layer(sd, bnc), td, None, false, bdb)?;
+                        conv_bn_train(&dev, &shd, (x, None), dconv, &mut dbn.layer(sd, bnc), td, None, false, bdb)?;
                         let (o, t, bn) = (&mut acts.out, &mut acts.t3, &mut bp.bn3.layer(&mut acts.s3, bnc));
                         let r = Some(&ws.scratch.bufs[bd]);
-                        conv_bn_train(&dev, &acts.sh3, &acts.a2, &bp.conv3, bn, t, r, true, o)?;
+                        conv_bn_train(&dev, &acts.sh3, x3, &bp.conv3, bn, t, r, true, o)?;
                         ws.scratch.give(bd);
                     }
                     (None, None, None, None) => {
                         let (o, t, bn) = (&mut acts.out, &mut acts.t3, &mut bp.bn3.layer(&mut acts.s3, bnc));
-                        conv_bn_train(&dev, &acts.sh3, &acts.a2, &bp.conv3, bn, t, Some(x), true, o)?;
+                        conv_bn_train(&dev, &acts.sh3, x3, &bp.conv3, bn, t, Some(x), true, o)?;
                     }
                     _ => return Err(invalid!("internal: downsample buffers out of step")),
                 }
@@ -107,11 +124,21 @@ impl<T: Precision> ResNet<T> {
     /// device's ReLU and max-pool decisions off them.
     pub fn relu_outputs(&self, ws: &Workspace<T>) -> Result<Vec<(String, Vec<f32>)>> {
         let f = |b: &Buf<T>| -> Result<Vec<f32>> { Ok(b.to_vec()?.into_iter().map(ConvElem::to_f32).collect()) };
+        // With the BN on load, bn1's and bn2's outputs were never written: they are made
+        // here from the conv outputs and the saved statistics (the values the convs loaded).
+        let bn_relu = |a: &Buf<T>, t: &Buf<T>, bn: &Bn, s: &Saved| -> Result<Vec<f32>> {
+            if !ws.bn_on_load {
+                return f(a);
+            }
+            let mut y = self.dev.zeros::<T>(t.len())?;
+            layers::bn_apply_saved(&self.dev, t.len() / bn.c, t, &bn.input(s, true), None, &mut y)?;
+            f(&y)
+        };
         let mut out = vec![("relu".to_string(), f(&ws.a0)?)];
         for (bp, acts) in self.blocks.iter().zip(&ws.blocks) {
             let p = bp.spec.prefix();
-            out.push((format!("{p}.bn1"), f(&acts.a1)?));
-            out.push((format!("{p}.bn2"), f(&acts.a2)?));
+            out.push((format!("{p}.bn1"), bn_relu(&acts.a1, &acts.t1, &bp.bn1, &acts.s1)?));
+            out.push((format!("{p}.bn2"), bn_relu(&acts.a2, &acts.t2, &bp.bn2, &acts.s2)?));
             out.push((format!("{p}.out"), f(&acts.out)?));
         }
         Ok(out)
@@ -136,12 +163,13 @@ pub(super) fn bn_fwd<T: Precision>(
 }
 
 /// Train-mode conv + BN (+ residual) (+ ReLU) through [`fused::conv_bn_forward_train`]:
-/// `t` = the conv output (kept for backward), `out` = the BN output.
+/// `t` = the conv output (kept for backward), `out` = the BN output; `x` is the input and
+/// the batch norm the conv applies as it loads it, if any.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv_bn_train<T: Precision>(
     dev: &Device,
     sh: &ConvShape,
-    x: &Buf<T>,
+    (x, bn_in): (&Buf<T>, Option<&layers::BnInput<'_>>),
     cv: &Conv<T>,
     bn: &mut layers::BnLayer<'_>,
     t: &mut Buf<T>,
@@ -149,5 +177,5 @@ pub(super) fn conv_bn_train<T: Precision>(
     relu: bool,
     out: &mut Buf<T>,
 ) -> Result<()> {
-    fused::conv_bn_forward_train(dev, sh, x, cv.weight()?, t, bn, residual, relu, out)
+    fused::conv_bn_forward_train(dev, sh, x, bn_in, cv.weight()?, t, bn, residual, relu, out)
 }

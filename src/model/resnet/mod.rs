@@ -135,6 +135,12 @@ impl Bn {
             eps: cfg.eps,
         }
     }
+
+    /// The layer's batch norm with its saved statistics `s`, then the ReLU if `relu`: what
+    /// a train-mode forward applies, for a convolution to apply as it loads its input.
+    fn input<'a>(&'a self, s: &'a Saved, relu: bool) -> layers::BnInput<'a> {
+        layers::BnInput { c: self.c, gamma: &self.gamma, beta: &self.beta, mean: &s.mean, invstd: &s.invstd, relu }
+    }
 }
 
 struct BlockParams<T: Precision> {
@@ -194,9 +200,11 @@ struct BlockActs<T: Elem> {
     sh3: ConvShape,
     shd: Option<ConvShape>,
     /// conv1's output (`t1`, BN input) and bn1 + ReLU's output (`a1`, conv2's input).
+    /// With the BN on load (a train step on a kernel device), conv2 reads `t1` through
+    /// bn1 and `a1` only holds conv1's statistics pairs between two launches.
     t1: Buf<T>,
     a1: Buf<T>,
-    /// conv2's output and bn2 + ReLU's output (conv3's input).
+    /// conv2's output and bn2 + ReLU's output (conv3's input; as `a1`).
     t2: Buf<T>,
     a2: Buf<T>,
     /// conv3's output and the downsample conv's output (BN inputs).
@@ -241,6 +249,10 @@ pub struct Workspace<T: Precision> {
     scratch: Scratch<T>,
     /// Set once targets were given (a train forward needs them).
     has_targets: bool,
+    /// The last forward applied bn1 and bn2 as conv2 and conv3 load their inputs (a train
+    /// forward on a kernel device): `a1` and `a2` were not written, and the backward's
+    /// wgrads apply the BNs again as they load `t1` and `t2`.
+    bn_on_load: bool,
     /// [`ResNet::train_step_graphed`]: the model (by [`ResNet::graph_key`]) whose step ran
     /// once on this workspace, and the captured forward + backward.
     graph_warm: Option<(u64, u64)>,
