@@ -504,6 +504,10 @@ __device__ __forceinline__ void store_pair(const PkConvParams& p, const RowInfo*
     }
   } else {
     T* out = static_cast<T*>(p.out) + idx;
+    if (PASS == PK_DGRAD && p.accumulate) {  // the old value plus the f32 result, rounded once
+      c0 = to_f32(out[0]) + c0;
+      if (both) c1 = to_f32(out[1]) + c1;
+    }
     if constexpr (sizeof(T) == 2) {
       if (both && (p.gemm_n % 2 == 0)) {
         struct alignas(4) Pair {

@@ -134,7 +134,10 @@ typedef struct {
   float* bn_mean;  // [K], or null
   float* bn_m2;    // [K], or null
   int32_t bn_stats;
-  int32_t pad1;
+  // dgrad with accumulate = 1: dx += the pass's result (the stored value read, the sum
+  // rounded once), for a gradient that already holds another branch's. Each element is
+  // stored by one block, so the read-modify-write needs no atomics.
+  int32_t accumulate;
   // conv2d_{fprop,wgrad}_bnin_<tile>_<dtype>: the x operand is the batch norm (+ ReLU) of
   // the x given, applied as each tile is loaded: relu?((x - in_mean[c]) * (in_gamma[c] *
   // in_invstd[c]) + in_beta[c]), rounded to the element type, as bn_apply_<T> computes it;

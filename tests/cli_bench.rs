@@ -34,9 +34,11 @@ fn check_profile(r: &serde_json::Value, batch: f64) {
     assert_eq!(sorted_keys(p), PROFILE_FIELDS);
     let families = p["families"].as_array().unwrap();
     let names: Vec<&str> = families.iter().map(|f| f["family"].as_str().unwrap()).collect();
-    for want in ["conv_fprop", "conv_dgrad", "conv_wgrad", "bn_forward", "bn_backward", "relu_add", "pool", "fc"] {
+    for want in ["conv_fprop", "conv_dgrad", "conv_wgrad", "bn_forward", "bn_backward", "pool", "fc"] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
+    // The step's residual adds are fused (bn3's apply, the dgrads' epilogues).
+    assert!(!names.contains(&"relu_add"), "{names:?}");
     for want in ["loss", "sgd", "layout"] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }

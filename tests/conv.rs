@@ -301,6 +301,57 @@ fn layouts_on_every_device() {
     }
 }
 
+/// conv2d_dgrad_accumulate adds dgrad's result to what dx holds: in f32 bitwise the
+/// plain dgrad's output added on the host (the same f32 sum, rounded once); in 16-bit
+/// types against the oracle plus the old values. On every tile that runs the shape.
+fn check_dgrad_accumulate<T: ConvElem>(dev: &Device) {
+    let tiles: Vec<Option<Plan>> = if matches!(dev, Device::Cpu) {
+        vec![None]
+    } else if T::TENSOR_CORES {
+        [Tile::T128x128, Tile::T128x64, Tile::T64x64, Tile::T64x64Scalar]
+            .map(|tile| Some(Plan { tile, splits: 1 }))
+            .into()
+    } else {
+        [Tile::T128x128, Tile::T64x64].map(|tile| Some(Plan { tile, splits: 1 })).into()
+    };
+    for (i, sh) in odd_shapes().iter().enumerate() {
+        let d = data::<T>(sh, 700 + i as u64);
+        let old = to_f::<T>(&to_t::<T>(&rand_vec(sh.x_len(), 800 + i as u64)));
+        let want: Vec<f32> = oracle(Pass::Dgrad, sh, &d).iter().zip(&old).map(|(r, o)| r + o).collect();
+        let (dy, w) = (dev.upload(to_t::<T>(&d.dy)).unwrap(), dev.upload(to_t::<T>(&d.w)).unwrap());
+        for &plan in &tiles {
+            if let Some(p) = plan {
+                if T::TENSOR_CORES && p.tile.vector() && !conv::vector_ok(Pass::Dgrad, sh) {
+                    continue;
+                }
+            }
+            let what = format!("{} {} dgrad accumulate {plan:?} {sh:?}", dev.name(), T::NAME);
+            let mut dx = dev.upload(to_t::<T>(&old)).unwrap();
+            conv::conv2d_dgrad_accumulate_with(dev, sh, &dy, &w, &mut dx, plan).unwrap();
+            let got = to_f(&dx.to_vec().unwrap());
+            if T::NAME == "f32" {
+                let plain = run_pass::<T>(dev, Pass::Dgrad, sh, &d, plan);
+                let sum: Vec<u32> = plain.iter().zip(&old).map(|(r, o)| (o + r).to_bits()).collect();
+                assert!(got.iter().map(|v| v.to_bits()).eq(sum), "{what}: not dgrad + old, bitwise");
+            }
+            check_close(&what, &got, &want, T::TENSOR_CORES, false, Pass::Dgrad.gemm(sh).2);
+        }
+    }
+}
+
+#[test]
+fn dgrad_accumulate_adds_to_the_output() {
+    for dev in common::emu_devices().iter().chain([&Device::Cpu]) {
+        check_dgrad_accumulate::<f32>(dev);
+        check_dgrad_accumulate::<bf16>(dev);
+    }
+    let dev = emu(Schedule::Forward);
+    let sh = shape(1, 5, 5, 8, 8, 3, 1, 1);
+    let (dy, w) = (dev.upload(vec![1.0f32; sh.y_len()]).unwrap(), dev.upload(vec![1.0f32; sh.w_len()]).unwrap());
+    let mut short = dev.upload(vec![0.0f32; sh.x_len() - 1]).unwrap();
+    assert!(conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, &mut short).is_err());
+}
+
 #[test]
 fn bad_inputs_are_errors() {
     let sh = shape(1, 5, 5, 8, 16, 3, 1, 1);
@@ -474,6 +525,13 @@ mod cuda {
     fn cuda_bf16_matches_oracle() {
         check_passes::<bf16>(&dev());
     }
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_dgrad_accumulate() {
+        check_dgrad_accumulate::<f32>(&dev());
+        check_dgrad_accumulate::<bf16>(&dev());
+    }
+
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn cuda_every_tile_and_split() {

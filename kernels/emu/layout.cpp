@@ -52,7 +52,7 @@ static const PkFieldLayout kLayout[] = {
     PK_F(PkConvParams, div_c) PK_F(PkConvParams, div_k) PK_F(PkConvParams, div_s) PK_F(PkConvParams, div_q)
     PK_F(PkConvParams, div_pq) PK_F(PkConvParams, div_w) PK_F(PkConvParams, div_hw)
     PK_F(PkConvParams, bn_part) PK_F(PkConvParams, bn_mean) PK_F(PkConvParams, bn_m2)
-    PK_F(PkConvParams, bn_stats) PK_F(PkConvParams, pad1)
+    PK_F(PkConvParams, bn_stats) PK_F(PkConvParams, accumulate)
     PK_F(PkConvParams, in_mean) PK_F(PkConvParams, in_invstd) PK_F(PkConvParams, in_gamma)
     PK_F(PkConvParams, in_beta) PK_F(PkConvParams, in_relu) PK_F(PkConvParams, pad2)
 

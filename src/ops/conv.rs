@@ -318,6 +318,17 @@ pub(crate) struct StatsOut {
     pub m2: u64,
 }
 
+/// What a pass's epilogue does besides storing its result.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Epilogue {
+    /// Overwrites the output.
+    Store,
+    /// fprop: also writes the BN statistics of the stored output.
+    Stats(StatsOut),
+    /// dgrad: adds the result to the output's values (`PkConvParams::accumulate`).
+    Accumulate,
+}
+
 /// The batch norm (+ ReLU) a `bnin` launch applies to its x operand as it loads it
 /// (device addresses of `[C]` f32 vectors; see `PkConvParams::in_mean`).
 #[derive(Clone, Copy, Debug)]
@@ -339,9 +350,9 @@ pub(crate) fn launch<T: ConvElem, O: Elem>(
     b: &Buf<T>,
     out: &mut Buf<O>,
     forced: Option<Plan>,
-    stats: Option<StatsOut>,
+    epi: Epilogue,
 ) -> Result<(usize, usize)> {
-    launch_bnin(gpu, pass, sh, a, b, out, forced, stats, None)
+    launch_bnin(gpu, pass, sh, a, b, out, forced, epi, None)
 }
 
 /// [`launch`], with the BN of `bn_in` applied to x (fprop and wgrad only).
@@ -354,10 +365,16 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
     b: &Buf<T>,
     out: &mut Buf<O>,
     forced: Option<Plan>,
-    stats: Option<StatsOut>,
+    epi: Epilogue,
     bn_in: Option<BnInPtrs>,
 ) -> Result<(usize, usize)> {
+    let stats = match epi {
+        Epilogue::Stats(s) => Some(s),
+        _ => None,
+    };
     ensure!(stats.is_none() || pass == Pass::Fprop, "only fprop computes BN statistics");
+    let accumulate = matches!(epi, Epilogue::Accumulate);
+    ensure!(!accumulate || pass == Pass::Dgrad, "only dgrad adds its result to its output");
     ensure!(bn_in.is_none() || pass != Pass::Dgrad, "dgrad has no x operand to apply a batch norm to");
     let plan = forced.unwrap_or_else(|| plan::<T>(pass, sh));
     let kernel = if bn_in.is_some() { T::kernel_bnin(pass, plan.tile) } else { T::kernel(pass, plan.tile) }
@@ -429,7 +446,7 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
         bn_mean: stats.map_or(0, |st| st.mean),
         bn_m2: stats.map_or(0, |st| st.m2),
         bn_stats: stats.is_some() as i32,
-        pad1: 0,
+        accumulate: accumulate as i32,
         in_mean: bn_in.map_or(0, |b| b.mean),
         in_invstd: bn_in.map_or(0, |b| b.invstd),
         in_gamma: bn_in.map_or(0, |b| b.gamma),
@@ -491,7 +508,7 @@ pub fn conv2d_fprop_with<T: ConvElem>(
             cpu_run(x, w, y, sh.y_len(), |a, b, o| cpu::fprop(sh, a, b, o));
             Ok(())
         }
-        Device::Gpu(gpu) => launch(gpu, Pass::Fprop, sh, x, w, y, plan, None).map(|_| ()),
+        Device::Gpu(gpu) => launch(gpu, Pass::Fprop, sh, x, w, y, plan, Epilogue::Store).map(|_| ()),
     })
 }
 
@@ -521,7 +538,49 @@ pub fn conv2d_dgrad_with<T: ConvElem>(
             cpu_run(dy, w, dx, sh.x_len(), |a, b, o| cpu::dgrad(sh, a, b, o));
             Ok(())
         }
-        Device::Gpu(gpu) => launch(gpu, Pass::Dgrad, sh, dy, w, dx, plan, None).map(|_| ()),
+        Device::Gpu(gpu) => launch(gpu, Pass::Dgrad, sh, dy, w, dx, plan, Epilogue::Store).map(|_| ()),
+    })
+}
+
+/// `dx += ` the gradient with respect to x of `<dy, conv(x, w)>`: [`conv2d_dgrad`] added to
+/// the values `dx` holds (a gradient that already has another branch's, as a residual
+/// block's input has its shortcut's), each sum computed in f32 from the stored value and
+/// the pass's f32 result and rounded once. Instead of a dgrad into a temporary and an add
+/// pass: reads dx once, writes it once. For f32 bitwise the two; for 16-bit types one
+/// rounding fewer.
+pub fn conv2d_dgrad_accumulate<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    dy: &Buf<T>,
+    w: &Buf<T>,
+    dx: &mut Buf<T>,
+) -> Result<()> {
+    conv2d_dgrad_accumulate_with(dev, sh, dy, w, dx, None)
+}
+
+/// [`conv2d_dgrad_accumulate`] with a given plan on a kernel device (see
+/// [`conv2d_fprop_with`]).
+pub fn conv2d_dgrad_accumulate_with<T: ConvElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    dy: &Buf<T>,
+    w: &Buf<T>,
+    dx: &mut Buf<T>,
+    plan: Option<Plan>,
+) -> Result<()> {
+    prepare(dev, sh, (dy, "dy", sh.y_len()), (w, "w", sh.w_len()), (&*dx, "dx", sh.x_len()))?;
+    let cost = || Cost::conv_accumulate(sh, std::mem::size_of::<T>());
+    timed(dev, Family::ConvDgrad, cost, || match dev {
+        Device::Cpu => {
+            let (a, b) = (host_f32(dy), host_f32(w));
+            let mut r = vec![0.0f32; sh.x_len()];
+            cpu::dgrad(sh, &a, &b, &mut r);
+            for (d, s) in dx.host_mut().expect("checked").iter_mut().zip(&r) {
+                *d = T::from_f32(d.to_f32() + s);
+            }
+            Ok(())
+        }
+        Device::Gpu(gpu) => launch(gpu, Pass::Dgrad, sh, dy, w, dx, plan, Epilogue::Accumulate).map(|_| ()),
     })
 }
 
@@ -552,7 +611,7 @@ pub fn conv2d_wgrad_with<T: ConvElem>(
             cpu::wgrad(sh, &host_f32(x), &host_f32(dy), dw.host_mut().expect("checked"));
             Ok(())
         }
-        Device::Gpu(gpu) => launch(gpu, Pass::Wgrad, sh, dy, x, dw, plan, None).map(|_| ()),
+        Device::Gpu(gpu) => launch(gpu, Pass::Wgrad, sh, dy, x, dw, plan, Epilogue::Store).map(|_| ()),
     })
 }
 
@@ -704,6 +763,14 @@ impl Cost {
             Pass::Wgrad => (x + y) * e + w * F32,
         };
         Cost { flops: 2 * macs, bytes }
+    }
+
+    /// A dgrad that adds its result to dx ([`conv2d_dgrad_accumulate`]): the dgrad's
+    /// count, plus dx read once. FLOPs: the GEMM's only, as every conv pass counts them
+    /// (the one addition per element of dx is not counted).
+    pub fn conv_accumulate(sh: &ConvShape, elem: usize) -> Cost {
+        let c = Cost::conv(Pass::Dgrad, sh, elem);
+        Cost { flops: c.flops, bytes: c.bytes + u(sh.x_len()) * u(elem) }
     }
 
     /// A layout conversion (transpose) of n elements: reads and writes each once.

@@ -20,7 +20,7 @@
 //! [`crate::cpu::layers::bn::bn_forward_train`]). Profile counts are the same on every
 //! device: the conv pass counts its epilogue's pairs, the finalize reads them.
 
-use super::conv::{self, ConvElem, Plan, StatsOut};
+use super::conv::{self, ConvElem, Epilogue, Plan, StatsOut};
 use super::layers::{bn_apply_saved, BnInput, BnLayer, LayerElem};
 use super::profile::{timed, u, Cost, Family, F32};
 use super::{check_bufs, check_len, check_on};
@@ -150,7 +150,11 @@ fn fprop_stats<T: ConvElem>(
     ensure!(tiles == 1 || 8 * tiles * c <= elem * sh.y_len(), "internal: the statistics do not fit the workspace");
     let conv_cost = || {
         let c = Cost::conv_bn_stats(sh, elem, tiles);
-        bn_in.map_or(c, |b| c.with_bn_on_load(sh, b.relu))
+        if bn_in.is_some() {
+            c.with_bn_on_load(sh)
+        } else {
+            c
+        }
     };
     // On the CPU in f32, the moments of each block of rows the GEMM wrote, taken while it is
     // in cache (16-bit types: over the values as stored, in the pass below).
@@ -179,7 +183,7 @@ fn fprop_stats<T: ConvElem>(
             let part = super::on_gpu(workspace, gpu, "workspace")?.ptr();
             let out = StatsOut { part, mean: ptr(bn.save_mean, "save_mean")?, m2: ptr(bn.save_invstd, "save_invstd")? };
             let p = bn_in.map(|b| b.ptrs(gpu)).transpose()?;
-            let (t, b) = conv::launch_bnin(gpu, Pass::Fprop, sh, x, w, y, plan, Some(out), p)?;
+            let (t, b) = conv::launch_bnin(gpu, Pass::Fprop, sh, x, w, y, plan, Epilogue::Stats(out), p)?;
             ensure!((t, b) == (tiles, bm), "internal: the fprop ran {t} tiles of {b} rows, not {tiles} of {bm}");
             Ok(())
         }
@@ -300,7 +304,7 @@ pub fn conv2d_fprop_bn_input_with<T: ConvElem>(
     conv::prepare(dev, sh, (x, "x", sh.x_len()), (w, "w", sh.w_len()), (&*y, "y", sh.y_len()))?;
     ensure!(bn.c == sh.c, "the batch norm has {} channels, the conv's input {}", bn.c, sh.c);
     bn.check(dev)?;
-    let cost = || Cost::conv_bn_input(Pass::Fprop, sh, std::mem::size_of::<T>(), bn.relu);
+    let cost = || Cost::conv_bn_input(Pass::Fprop, sh, std::mem::size_of::<T>());
     timed(dev, Family::ConvFprop, cost, || match dev {
         Device::Cpu => {
             let a = bn.apply_host(x)?;
@@ -310,7 +314,7 @@ pub fn conv2d_fprop_bn_input_with<T: ConvElem>(
         }
         Device::Gpu(gpu) => {
             let p = bn.ptrs(gpu)?;
-            conv::launch_bnin(gpu, Pass::Fprop, sh, x, w, y, plan, None, Some(p)).map(|_| ())
+            conv::launch_bnin(gpu, Pass::Fprop, sh, x, w, y, plan, Epilogue::Store, Some(p)).map(|_| ())
         }
     })
 }
@@ -343,7 +347,7 @@ pub fn conv2d_wgrad_bn_input_with<T: ConvElem>(
     conv::prepare(dev, sh, (dy, "dy", sh.y_len()), (x, "x", sh.x_len()), (&*dw, "dw", sh.w_len()))?;
     ensure!(bn.c == sh.c, "the batch norm has {} channels, the conv's input {}", bn.c, sh.c);
     bn.check(dev)?;
-    let cost = || Cost::conv_bn_input(Pass::Wgrad, sh, std::mem::size_of::<T>(), bn.relu);
+    let cost = || Cost::conv_bn_input(Pass::Wgrad, sh, std::mem::size_of::<T>());
     timed(dev, Family::ConvWgrad, cost, || match dev {
         Device::Cpu => {
             let a = bn.apply_host(x)?;
@@ -352,7 +356,7 @@ pub fn conv2d_wgrad_bn_input_with<T: ConvElem>(
         }
         Device::Gpu(gpu) => {
             let p = bn.ptrs(gpu)?;
-            conv::launch_bnin(gpu, Pass::Wgrad, sh, dy, x, dw, plan, None, Some(p)).map(|_| ())
+            conv::launch_bnin(gpu, Pass::Wgrad, sh, dy, x, dw, plan, Epilogue::Store, Some(p)).map(|_| ())
         }
     })
 }
@@ -371,18 +375,19 @@ impl Cost {
 
     /// A convolution pass (fprop or wgrad) whose x operand is the batch norm (+ ReLU) of the
     /// x it reads, applied as x is loaded ([`crate::ops::fused::conv2d_fprop_bn_input`]):
-    /// the pass's count, plus per input channel the 4 f32 of the BN (gamma, beta, saved
-    /// mean and inverse deviation); FLOPs: 2 per x element loaded once (+1 for the ReLU),
-    /// counted over x's `N*H*W*C` (a 3x3 conv loads an element up to 9 times; the count is
-    /// the work the unfused apply pass did). The BN's output is neither written nor read.
-    pub fn conv_bn_input(pass: Pass, sh: &ConvShape, elem: usize, relu: bool) -> Cost {
-        Cost::conv(pass, sh, elem).with_bn_on_load(sh, relu)
+    /// the pass's count with [`Cost::with_bn_on_load`]. The BN's output is neither written
+    /// nor read.
+    pub fn conv_bn_input(pass: Pass, sh: &ConvShape, elem: usize) -> Cost {
+        Cost::conv(pass, sh, elem).with_bn_on_load(sh)
     }
 
     /// This conv pass's count with a batch norm (+ ReLU) applied to its x as it loads it:
-    /// 2 (3) FLOPs per element of x, and the BN's four `[c]` f32 vectors read.
-    pub fn with_bn_on_load(self, sh: &ConvShape, relu: bool) -> Cost {
-        Cost { flops: self.flops + u(sh.x_len()) * (2 + relu as u64), bytes: self.bytes + 4 * u(sh.c) * F32 }
+    /// the BN's four `[c]` f32 vectors (gamma, beta, saved mean and inverse deviation)
+    /// read. FLOPs: the GEMM's only, as every conv pass counts them (so that the conv
+    /// families add up to the model's GEMM FLOPs); the BN's 2-3 per loaded element are
+    /// under 0.1% of a step.
+    pub fn with_bn_on_load(self, sh: &ConvShape) -> Cost {
+        Cost { flops: self.flops, bytes: self.bytes + 4 * u(sh.c) * F32 }
     }
 
     /// The BN statistics of an `[m, c]` conv output computed in the conv's epilogue, merged

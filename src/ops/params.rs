@@ -253,8 +253,9 @@ params!(
         bn_m2: u64,
         /// 1: the fprop epilogue writes per-channel BN statistics of its output.
         bn_stats: i32,
-        /// Padding to a multiple of 8 bytes.
-        pad1: i32,
+        /// 1: dgrad adds its result to the output's values (`dx += ...`) instead of
+        /// overwriting them.
+        accumulate: i32,
         /// `bnin` entry points: device address of the `[C]` f32 mean of the batch norm
         /// applied to x as it is loaded (0 otherwise).
         in_mean: u64,

@@ -87,14 +87,21 @@ impl<T: Precision> ResNet<T> {
                 layers::bn_backward_through_relu(&dev, m1, &acts.t1, &acts.a1, da, bn, d1)?;
             }
             scratch.give(da1);
-            let dx = scratch.take(l_in)?;
+            // The block input's gradient is conv1's plus the shortcut's, summed as the dgrads
+            // store: with an identity shortcut conv1's dgrad adds into dsum, which becomes
+            // dx; with a downsample conv, that conv's dgrad adds into conv1's.
+            let identity = acts.shd.is_none();
+            let dx = if identity { dsum } else { scratch.take(l_in)? };
             {
                 let [d1, dxb] = scratch.bufs.get_disjoint_mut([dt1, dx]).expect("distinct");
                 conv::conv2d_wgrad(&dev, &acts.sh1, x, d1, &mut bp.conv1.dw)?;
-                conv::conv2d_dgrad(&dev, &acts.sh1, d1, bp.conv1.weight()?, dxb)?;
+                if identity {
+                    conv::conv2d_dgrad_accumulate(&dev, &acts.sh1, d1, bp.conv1.weight()?, dxb)?;
+                } else {
+                    conv::conv2d_dgrad(&dev, &acts.sh1, d1, bp.conv1.weight()?, dxb)?;
+                }
             }
             scratch.give(dt1);
-            // The residual branch.
             match (&mut bp.down, acts.shd, acts.td.as_ref(), acts.sd.as_mut()) {
                 (Some((dconv, dbn)), Some(shd), Some(td), Some(sd)) => {
                     let dtd = scratch.take(l_out)?;
@@ -102,23 +109,17 @@ impl<T: Precision> ResNet<T> {
                         let [ds, dd] = scratch.bufs.get_disjoint_mut([dsum, dtd]).expect("distinct");
                         layers::bn_backward(&dev, m2, td, None, ds, &mut dbn.layer(sd, bnc), dd)?;
                     }
-                    let tmp = scratch.take(l_in)?;
                     {
-                        let [dd, t, dxb] = scratch.bufs.get_disjoint_mut([dtd, tmp, dx]).expect("distinct");
+                        let [dd, dxb] = scratch.bufs.get_disjoint_mut([dtd, dx]).expect("distinct");
                         conv::conv2d_wgrad(&dev, &shd, x, dd, &mut dconv.dw)?;
-                        conv::conv2d_dgrad(&dev, &shd, dd, dconv.weight()?, t)?;
-                        layers::add_assign(&dev, dxb, t)?;
+                        conv::conv2d_dgrad_accumulate(&dev, &shd, dd, dconv.weight()?, dxb)?;
                     }
-                    scratch.give(tmp);
                     scratch.give(dtd);
+                    scratch.give(dsum);
                 }
-                (None, None, None, None) => {
-                    let [dxb, ds] = scratch.bufs.get_disjoint_mut([dx, dsum]).expect("distinct");
-                    layers::add_assign(&dev, dxb, ds)?;
-                }
+                (None, None, None, None) => {}
                 _ => return Err(invalid!("internal: downsample buffers out of step")),
             }
-            scratch.give(dsum);
             g = dx;
         }
         // The stem: max pool, BN + ReLU, conv (no input gradient).
