@@ -6,6 +6,8 @@
 //! - `block_end`: conv fprop + BN train forward + residual add + ReLU (the bn3 pattern);
 //!   `block_end_bn_input`: the same with the previous BN + ReLU applied to x, written out
 //!   first (unfused) or as the conv loads it (what a train step runs on a kernel device).
+//! - `residual_grad` (group `fused_layer1_conv1_dgrad_*`): conv1's dgrad plus the
+//!   shortcut's gradient, into a temporary and added, against `conv2d_dgrad_accumulate`.
 //! - `bn_input` (group `fused_layer1_conv3_input_*`): BN apply + ReLU of the previous conv's
 //!   output, then conv3's fprop and wgrad on it (unfused: `bn_apply_saved` writes the
 //!   activation, both passes read it), against both passes applying the BN as they load x
@@ -153,11 +155,39 @@ fn bn_input_benches<T: ConvElem + LayerElem>(c: &mut Criterion) {
     }
 }
 
+/// The gradient of an identity block's input: conv1's dgrad (1x1, 64 -> 256 channels at
+/// 56x56, and the filters-0.5 twin 32 -> 256) plus the shortcut's gradient, as a dgrad into
+/// a temporary and an add pass, against the dgrad adding as it stores.
+fn residual_grad_benches<T: ConvElem + LayerElem>(c: &mut Criterion) {
+    for (what, k) in [("dense", 64), ("filters0.5", 32)] {
+        let mut g = c.benchmark_group(format!("fused_layer1_conv1_dgrad_{what}_{}", <T as Elem>::NAME));
+        g.sample_size(10);
+        for (dev, batch) in devices() {
+            let sh = ConvShape { n: batch, h: 56, w: 56, c: 256, k, r: 1, s: 1, stride: 1, pad: 0 };
+            let dy = filled::<T>(&dev, sh.y_len(), 1, -1.0, 1.0);
+            let w = filled::<T>(&dev, sh.w_len(), 2, -0.1, 0.1);
+            let mut dx = filled::<T>(&dev, sh.x_len(), 3, -1.0, 1.0);
+            let mut tmp = dev.uninit::<T>(sh.x_len()).unwrap();
+            let m = batch * 56 * 56;
+            bench(&mut g, &format!("dgrad_then_add/m{m}"), &dev, || {
+                conv::conv2d_dgrad(&dev, &sh, &dy, &w, &mut tmp).unwrap();
+                layers::add_assign(&dev, &mut dx, &tmp).unwrap();
+            });
+            bench(&mut g, &format!("dgrad_accumulate/m{m}"), &dev, || {
+                conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, &mut dx).unwrap();
+            });
+        }
+        g.finish();
+    }
+}
+
 fn all(c: &mut Criterion) {
     fused_benches::<bf16>(c);
     fused_benches::<f32>(c);
     bn_input_benches::<bf16>(c);
     bn_input_benches::<f32>(c);
+    residual_grad_benches::<bf16>(c);
+    residual_grad_benches::<f32>(c);
 }
 
 criterion_group!(benches, all);

@@ -542,6 +542,12 @@ pub fn conv2d_dgrad_with<T: ConvElem>(
     })
 }
 
+thread_local! {
+    /// The CPU's [`conv2d_dgrad_accumulate`] result before it is added: as large as the
+    /// largest dx this thread accumulated into.
+    static DGRAD_SUM: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// `dx += ` the gradient with respect to x of `<dy, conv(x, w)>`: [`conv2d_dgrad`] added to
 /// the values `dx` holds (a gradient that already has another branch's, as a residual
 /// block's input has its shortcut's), each sum computed in f32 from the stored value and
@@ -572,12 +578,25 @@ pub fn conv2d_dgrad_accumulate_with<T: ConvElem>(
     let cost = || Cost::conv_accumulate(sh, std::mem::size_of::<T>());
     timed(dev, Family::ConvDgrad, cost, || match dev {
         Device::Cpu => {
+            use rayon::prelude::*;
             let (a, b) = (host_f32(dy), host_f32(w));
-            let mut r = vec![0.0f32; sh.x_len()];
-            cpu::dgrad(sh, &a, &b, &mut r);
-            for (d, s) in dx.host_mut().expect("checked").iter_mut().zip(&r) {
-                *d = T::from_f32(d.to_f32() + s);
-            }
+            // The f32 result goes to a buffer this thread keeps for the next call (a training
+            // step asks for the same sizes every step; fresh memory would fault in on every
+            // write), then is added to dx in parallel.
+            DGRAD_SUM.with(|r| {
+                let mut r = r.borrow_mut();
+                if r.len() < sh.x_len() {
+                    r.resize(sh.x_len(), 0.0);
+                }
+                let r = &mut r[..sh.x_len()];
+                cpu::dgrad(sh, &a, &b, r);
+                let dxh = dx.host_mut().expect("checked");
+                dxh.par_chunks_mut(1 << 14).zip(r.par_chunks(1 << 14)).for_each(|(d, s)| {
+                    for (d, s) in d.iter_mut().zip(s) {
+                        *d = T::from_f32(d.to_f32() + s);
+                    }
+                });
+            });
             Ok(())
         }
         Device::Gpu(gpu) => launch(gpu, Pass::Dgrad, sh, dy, w, dx, plan, Epilogue::Accumulate).map(|_| ()),
