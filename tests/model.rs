@@ -126,6 +126,42 @@ fn kernels_and_cpu_train_alike() {
     }
 }
 
+/// A kernel device's train step never writes bn1's and bn2's outputs (the next conv
+/// applies the BN as it loads); relu_outputs makes them, the same as the CPU's within f32
+/// rounding, and refuses once an SGD step has moved the parameters they come from.
+#[test]
+fn relu_outputs_after_a_train_forward_with_the_bn_on_load() {
+    let arch = tiny_arch();
+    let sd = torchvision_init(&arch, 6);
+    let (n, size) = (2, 40);
+    let (images, targets) = batch(n, size, arch.classes, 3);
+    let mut outs = Vec::new();
+    for dev in [Device::Cpu, common::emu_devices().remove(0)] {
+        let mut m = Model::from_state(&dev, &sd, PrecisionKind::F32).unwrap();
+        let mut ws = m.workspace(n, size, size).unwrap();
+        m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
+        m.forward(&mut ws, true).unwrap();
+        outs.push(m.relu_outputs(&ws).unwrap());
+        m.backward(&mut ws).unwrap();
+        m.sgd_step(&Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.0 }).unwrap();
+        let after = m.relu_outputs(&ws);
+        if matches!(dev, Device::Cpu) {
+            assert!(after.is_ok(), "the CPU keeps the outputs it wrote");
+        } else {
+            assert!(after.unwrap_err().to_string().contains("SGD step"));
+            m.forward(&mut ws, false).unwrap();
+            assert!(m.relu_outputs(&ws).is_ok(), "an eval forward writes them");
+        }
+    }
+    assert_eq!(outs[0].len(), outs[1].len());
+    for ((name, a), (name1, b)) in outs[0].iter().zip(&outs[1]) {
+        assert_eq!(name, name1);
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 1e-4 * scale, "{name}: {err} of {scale}");
+    }
+}
+
 #[test]
 fn state_dict_round_trips() {
     let arch = tiny_arch();

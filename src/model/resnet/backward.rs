@@ -29,7 +29,7 @@ impl<T: Precision> ResNet<T> {
         // The wgrads of conv2 and conv3 apply bn1 and bn2 as they load t1 and t2 when the
         // forward did (their outputs a1, a2 were not written); the BN backwards through
         // their ReLUs never read those outputs on a kernel device.
-        let on_load = ws.bn_on_load;
+        let on_load = ws.bn_on_load.is_some();
         for bi in (0..self.blocks.len()).rev() {
             let (before, rest) = ws.blocks.split_at_mut(bi);
             let acts = &mut rest[0];

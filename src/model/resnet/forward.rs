@@ -20,7 +20,7 @@ impl<T: Precision> ResNet<T> {
         // input, and never writes their outputs. The CPU writes them: its BN backward reads
         // the ReLU's output, and its BN on load is a pass of its own.
         let on_load = train && !matches!(dev, Device::Cpu);
-        ws.bn_on_load = on_load;
+        ws.bn_on_load = on_load.then_some(self.steps);
         if train {
             let sh = ws.stem_sh;
             let bn = &mut self.stem_bn.layer(&mut ws.s0, bnc);
@@ -121,13 +121,22 @@ impl<T: Precision> ResNet<T> {
     /// The output of every ReLU of the last forward pass, as f32 NHWC, in forward order and
     /// named as `verify`'s gates: `relu` (the stem's), then per block `layerS.I.bn1`,
     /// `layerS.I.bn2` and `layerS.I.out` (after the residual add). `verify` reads the
-    /// device's ReLU and max-pool decisions off them.
+    /// device's ReLU and max-pool decisions off them. After a train forward on a kernel
+    /// device, until the next SGD step (bn1's and bn2's are made from the saved statistics
+    /// and the parameters; after a step this is an error).
     pub fn relu_outputs(&self, ws: &Workspace<T>) -> Result<Vec<(String, Vec<f32>)>> {
         let f = |b: &Buf<T>| -> Result<Vec<f32>> { Ok(b.to_vec()?.into_iter().map(ConvElem::to_f32).collect()) };
         // With the BN on load, bn1's and bn2's outputs were never written: they are made
-        // here from the conv outputs and the saved statistics (the values the convs loaded).
+        // here from the conv outputs and the saved statistics (the values the convs loaded),
+        // with the parameters of that forward, so not after an SGD step.
+        if ws.bn_on_load.is_some_and(|s| s != self.steps) {
+            return Err(invalid!(
+                "the ReLU outputs of the last train forward are gone: the model took an SGD step since (run the \
+                 forward again)"
+            ));
+        }
         let bn_relu = |a: &Buf<T>, t: &Buf<T>, bn: &Bn, s: &Saved| -> Result<Vec<f32>> {
-            if !ws.bn_on_load {
+            if ws.bn_on_load.is_none() {
                 return f(a);
             }
             let mut y = self.dev.zeros::<T>(t.len())?;

@@ -251,8 +251,9 @@ pub struct Workspace<T: Precision> {
     has_targets: bool,
     /// The last forward applied bn1 and bn2 as conv2 and conv3 load their inputs (a train
     /// forward on a kernel device): `a1` and `a2` were not written, and the backward's
-    /// wgrads apply the BNs again as they load `t1` and `t2`.
-    bn_on_load: bool,
+    /// wgrads apply the BNs again as they load `t1` and `t2`. `Some(steps)`: the model's
+    /// SGD steps at that forward (after another step, gamma and beta have moved).
+    bn_on_load: Option<u64>,
     /// [`ResNet::train_step_graphed`]: the model (by [`ResNet::graph_key`]) whose step ran
     /// once on this workspace, and the captured forward + backward.
     graph_warm: Option<(u64, u64)>,

@@ -98,7 +98,7 @@ impl<T: Precision> ResNet<T> {
             targets: dev.zeros(n)?,
             scratch: Scratch { busy: vec![false; bufs.len()], bufs },
             has_targets: false,
-            bn_on_load: false,
+            bn_on_load: None,
             graph_warm: None,
             graph: None,
         })
