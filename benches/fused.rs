@@ -174,7 +174,7 @@ fn residual_grad_benches<T: ConvElem + LayerElem>(c: &mut Criterion) {
                 layers::add_assign(&dev, &mut dx, &tmp).unwrap();
             });
             bench(&mut g, &format!("dgrad_accumulate/m{m}"), &dev, || {
-                conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, &mut dx).unwrap();
+                conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, None, &mut dx).unwrap();
             });
         }
         g.finish();

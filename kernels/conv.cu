@@ -507,6 +507,11 @@ __device__ __forceinline__ void store_pair(const PkConvParams& p, const RowInfo*
     if (PASS == PK_DGRAD && p.accumulate) {  // the old value plus the f32 result, rounded once
       c0 = to_f32(out[0]) + c0;
       if (both) c1 = to_f32(out[1]) + c1;
+      if (p.acc_mask) {  // then through the ReLU whose output masks it
+        const T* mk = static_cast<const T*>(p.acc_mask) + idx;
+        if (!(to_f32(mk[0]) > 0.0f)) c0 = 0.0f;
+        if (both && !(to_f32(mk[1]) > 0.0f)) c1 = 0.0f;
+      }
     }
     if constexpr (sizeof(T) == 2) {
       if (both && (p.gemm_n % 2 == 0)) {

@@ -148,6 +148,10 @@ typedef struct {
   const float* in_beta;    // [C]
   int32_t in_relu;         // apply a ReLU after the batch norm
   int32_t pad2;
+  // dgrad with accumulate = 1: when set, the sum is then masked by the ReLU whose output
+  // this is (acc_mask[i] > 0 ? sum : 0; [N,H,W,C], the x shape): the gradient of a block's
+  // input is that of the previous block's final ReLU too. Null otherwise.
+  const void* acc_mask;
 } PkConvParams;
 
 // transpose_<dtype>: dst[b][j][i] = src[b][i][j] for batch matrices of rows x cols.

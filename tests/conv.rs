@@ -301,9 +301,11 @@ fn layouts_on_every_device() {
     }
 }
 
-/// conv2d_dgrad_accumulate adds dgrad's result to what dx holds: in f32 bitwise the
-/// plain dgrad's output added on the host (the same f32 sum, rounded once); in 16-bit
-/// types against the oracle plus the old values. On every tile that runs the shape.
+/// conv2d_dgrad_accumulate adds dgrad's result to what dx holds, then with a ReLU's output
+/// zeroes the sums where it is not positive: in f32 bitwise the plain dgrad's output added
+/// on the host (the same f32 sum, rounded once) and masked; in 16-bit types against the
+/// oracle plus the old values, masked. On every tile that runs the shape; the mask has
+/// zeros, negative values and positive ones.
 fn check_dgrad_accumulate<T: ConvElem>(dev: &Device) {
     let tiles: Vec<Option<Plan>> = if matches!(dev, Device::Cpu) {
         vec![None]
@@ -317,22 +319,42 @@ fn check_dgrad_accumulate<T: ConvElem>(dev: &Device) {
     for (i, sh) in odd_shapes().iter().enumerate() {
         let d = data::<T>(sh, 700 + i as u64);
         let old = to_f::<T>(&to_t::<T>(&rand_vec(sh.x_len(), 800 + i as u64)));
-        let want: Vec<f32> = oracle(Pass::Dgrad, sh, &d).iter().zip(&old).map(|(r, o)| r + o).collect();
+        // A ReLU's output in shape only: every third value 0, the rest of either sign.
+        let relu: Vec<f32> = rand_vec(sh.x_len(), 900 + i as u64)
+            .iter()
+            .enumerate()
+            .map(|(j, &v)| if j % 3 == 0 { 0.0 } else { v })
+            .collect();
+        let relu_dev = dev.upload(to_t::<T>(&relu)).unwrap();
         let (dy, w) = (dev.upload(to_t::<T>(&d.dy)).unwrap(), dev.upload(to_t::<T>(&d.w)).unwrap());
-        for &plan in &tiles {
+        for (&plan, masked) in tiles.iter().flat_map(|p| [(p, false), (p, true)]) {
+            let keep = |j: usize| !masked || relu[j] > 0.0;
+            let want: Vec<f32> = oracle(Pass::Dgrad, sh, &d)
+                .iter()
+                .zip(&old)
+                .enumerate()
+                .map(|(j, (r, o))| if keep(j) { r + o } else { 0.0 })
+                .collect();
             if let Some(p) = plan {
                 if T::TENSOR_CORES && p.tile.vector() && !conv::vector_ok(Pass::Dgrad, sh) {
                     continue;
                 }
             }
-            let what = format!("{} {} dgrad accumulate {plan:?} {sh:?}", dev.name(), T::NAME);
+            let what = format!("{} {} dgrad accumulate masked {masked} {plan:?} {sh:?}", dev.name(), T::NAME);
             let mut dx = dev.upload(to_t::<T>(&old)).unwrap();
-            conv::conv2d_dgrad_accumulate_with(dev, sh, &dy, &w, &mut dx, plan).unwrap();
+            let mask = masked.then_some(&relu_dev);
+            conv::conv2d_dgrad_accumulate_with(dev, sh, &dy, &w, mask, &mut dx, plan).unwrap();
             let got = to_f(&dx.to_vec().unwrap());
             if T::NAME == "f32" {
                 let plain = run_pass::<T>(dev, Pass::Dgrad, sh, &d, plan);
-                let sum: Vec<u32> = plain.iter().zip(&old).map(|(r, o)| (o + r).to_bits()).collect();
-                assert!(got.iter().map(|v| v.to_bits()).eq(sum), "{what}: not dgrad + old, bitwise");
+                let sum =
+                    plain.iter().zip(&old).enumerate().map(|(j, (r, o))| if keep(j) { (o + r).to_bits() } else { 0 });
+                assert!(got.iter().map(|v| v.to_bits()).eq(sum), "{what}: not dgrad + old (masked), bitwise");
+            } else if masked {
+                assert!(
+                    got.iter().enumerate().all(|(j, v)| keep(j) || v.to_bits() == 0),
+                    "{what}: masked values not +0"
+                );
             }
             check_close(&what, &got, &want, T::TENSOR_CORES, false, Pass::Dgrad.gemm(sh).2);
         }
@@ -349,7 +371,12 @@ fn dgrad_accumulate_adds_to_the_output() {
     let sh = shape(1, 5, 5, 8, 8, 3, 1, 1);
     let (dy, w) = (dev.upload(vec![1.0f32; sh.y_len()]).unwrap(), dev.upload(vec![1.0f32; sh.w_len()]).unwrap());
     let mut short = dev.upload(vec![0.0f32; sh.x_len() - 1]).unwrap();
-    assert!(conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, &mut short).is_err());
+    assert!(conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, None, &mut short).is_err());
+    let mut dx = dev.upload(vec![0.0f32; sh.x_len()]).unwrap();
+    let short_mask = dev.upload(vec![1.0f32; sh.x_len() - 1]).unwrap();
+    assert!(conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, Some(&short_mask), &mut dx).is_err());
+    let host_mask = Buf::Host(vec![1.0f32; sh.x_len()]);
+    assert!(conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, Some(&host_mask), &mut dx).is_err());
 }
 
 #[test]

@@ -325,8 +325,9 @@ pub(crate) enum Epilogue {
     Store,
     /// fprop: also writes the BN statistics of the stored output.
     Stats(StatsOut),
-    /// dgrad: adds the result to the output's values (`PkConvParams::accumulate`).
-    Accumulate,
+    /// dgrad: adds the result to the output's values (`PkConvParams::accumulate`), then
+    /// masks the sum by a ReLU's output at this device address (`acc_mask`) unless 0.
+    Accumulate { mask: u64 },
 }
 
 /// The batch norm (+ ReLU) a `bnin` launch applies to its x operand as it loads it
@@ -373,7 +374,10 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
         _ => None,
     };
     ensure!(stats.is_none() || pass == Pass::Fprop, "only fprop computes BN statistics");
-    let accumulate = matches!(epi, Epilogue::Accumulate);
+    let (accumulate, acc_mask) = match epi {
+        Epilogue::Accumulate { mask } => (true, mask),
+        _ => (false, 0),
+    };
     ensure!(!accumulate || pass == Pass::Dgrad, "only dgrad adds its result to its output");
     ensure!(bn_in.is_none() || pass != Pass::Dgrad, "dgrad has no x operand to apply a batch norm to");
     let plan = forced.unwrap_or_else(|| plan::<T>(pass, sh));
@@ -453,6 +457,7 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
         in_beta: bn_in.map_or(0, |b| b.beta),
         in_relu: bn_in.is_some_and(|b| b.relu) as i32,
         pad2: 0,
+        acc_mask,
     };
     let cfg = LaunchConfig {
         grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
@@ -551,17 +556,21 @@ thread_local! {
 /// `dx += ` the gradient with respect to x of `<dy, conv(x, w)>`: [`conv2d_dgrad`] added to
 /// the values `dx` holds (a gradient that already has another branch's, as a residual
 /// block's input has its shortcut's), each sum computed in f32 from the stored value and
-/// the pass's f32 result and rounded once. Instead of a dgrad into a temporary and an add
-/// pass: reads dx once, writes it once. For f32 bitwise the two; for 16-bit types one
+/// the pass's f32 result and rounded once; then, with `relu_out` (`[N, H, W, C]`, the
+/// output of the ReLU that x came through, as a block's input is the previous block's final
+/// ReLU), each sum where `relu_out` is not positive is 0: the gradient through that ReLU
+/// too. Instead of a dgrad into a temporary, an add pass and a masking pass: reads dx (and
+/// relu_out) once, writes it once. For f32 bitwise the three; for 16-bit types one
 /// rounding fewer.
 pub fn conv2d_dgrad_accumulate<T: ConvElem>(
     dev: &Device,
     sh: &ConvShape,
     dy: &Buf<T>,
     w: &Buf<T>,
+    relu_out: Option<&Buf<T>>,
     dx: &mut Buf<T>,
 ) -> Result<()> {
-    conv2d_dgrad_accumulate_with(dev, sh, dy, w, dx, None)
+    conv2d_dgrad_accumulate_with(dev, sh, dy, w, relu_out, dx, None)
 }
 
 /// [`conv2d_dgrad_accumulate`] with a given plan on a kernel device (see
@@ -571,11 +580,15 @@ pub fn conv2d_dgrad_accumulate_with<T: ConvElem>(
     sh: &ConvShape,
     dy: &Buf<T>,
     w: &Buf<T>,
+    relu_out: Option<&Buf<T>>,
     dx: &mut Buf<T>,
     plan: Option<Plan>,
 ) -> Result<()> {
     prepare(dev, sh, (dy, "dy", sh.y_len()), (w, "w", sh.w_len()), (&*dx, "dx", sh.x_len()))?;
-    let cost = || Cost::conv_accumulate(sh, std::mem::size_of::<T>());
+    if let Some(r) = relu_out {
+        check_host_or_dev(dev, r, "relu_out", sh.x_len())?;
+    }
+    let cost = || Cost::conv_accumulate(sh, std::mem::size_of::<T>(), relu_out.is_some());
     timed(dev, Family::ConvDgrad, cost, || match dev {
         Device::Cpu => {
             use rayon::prelude::*;
@@ -591,15 +604,36 @@ pub fn conv2d_dgrad_accumulate_with<T: ConvElem>(
                 let r = &mut r[..sh.x_len()];
                 cpu::dgrad(sh, &a, &b, r);
                 let dxh = dx.host_mut().expect("checked");
-                dxh.par_chunks_mut(1 << 14).zip(r.par_chunks(1 << 14)).for_each(|(d, s)| {
+                const CHUNK: usize = 1 << 14;
+                let add = |(d, s): (&mut [T], &[f32])| {
                     for (d, s) in d.iter_mut().zip(s) {
                         *d = T::from_f32(d.to_f32() + s);
                     }
-                });
+                };
+                match relu_out.map(|m| m.host().expect("checked")) {
+                    None => dxh.par_chunks_mut(CHUNK).zip(r.par_chunks(CHUNK)).for_each(add),
+                    Some(mask) => {
+                        dxh.par_chunks_mut(CHUNK).zip(r.par_chunks(CHUNK)).zip(mask.par_chunks(CHUNK)).for_each(
+                            |((d, s), mk)| {
+                                add((&mut *d, s));
+                                for (d, m) in d.iter_mut().zip(mk) {
+                                    // As the kernels: kept where the ReLU's output is > 0 (not NaN).
+                                    let keep = m.to_f32() > 0.0;
+                                    if !keep {
+                                        *d = T::from_f32(0.0);
+                                    }
+                                }
+                            },
+                        )
+                    }
+                }
             });
             Ok(())
         }
-        Device::Gpu(gpu) => launch(gpu, Pass::Dgrad, sh, dy, w, dx, plan, Epilogue::Accumulate).map(|_| ()),
+        Device::Gpu(gpu) => {
+            let mask = relu_out.map(|r| on_gpu(r, gpu, "relu_out").map(|g| g.ptr())).transpose()?.unwrap_or(0);
+            launch(gpu, Pass::Dgrad, sh, dy, w, dx, plan, Epilogue::Accumulate { mask }).map(|_| ())
+        }
     })
 }
 
@@ -785,11 +819,12 @@ impl Cost {
     }
 
     /// A dgrad that adds its result to dx ([`conv2d_dgrad_accumulate`]): the dgrad's
-    /// count, plus dx read once. FLOPs: the GEMM's only, as every conv pass counts them
-    /// (the one addition per element of dx is not counted).
-    pub fn conv_accumulate(sh: &ConvShape, elem: usize) -> Cost {
+    /// count, plus dx read once (and the masking ReLU's output read). FLOPs: the GEMM's
+    /// only, as every conv pass counts them (the addition and the mask per element of dx
+    /// are not counted).
+    pub fn conv_accumulate(sh: &ConvShape, elem: usize, masked: bool) -> Cost {
         let c = Cost::conv(Pass::Dgrad, sh, elem);
-        Cost { flops: c.flops, bytes: c.bytes + u(sh.x_len()) * u(elem) }
+        Cost { flops: c.flops, bytes: c.bytes + (1 + masked as u64) * u(sh.x_len()) * u(elem) }
     }
 
     /// A layout conversion (transpose) of n elements: reads and writes each once.

@@ -269,6 +269,9 @@ params!(
         in_relu: i32,
         /// Padding to a multiple of 8 bytes.
         pad2: i32,
+        /// dgrad with `accumulate`: device address of the `[N, H, W, C]` output of a ReLU
+        /// that masks the sum (`mask > 0 ? sum : 0`), or 0.
+        acc_mask: u64,
     }
 );
 params!(

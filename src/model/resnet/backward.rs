@@ -30,7 +30,8 @@ impl<T: Precision> ResNet<T> {
         // forward did (their outputs a1, a2 were not written); the BN backwards through
         // their ReLUs never read those outputs on a kernel device.
         let on_load = ws.bn_on_load.is_some();
-        for bi in (0..self.blocks.len()).rev() {
+        let nblocks = self.blocks.len();
+        for bi in (0..nblocks).rev() {
             let (before, rest) = ws.blocks.split_at_mut(bi);
             let acts = &mut rest[0];
             let x: &Buf<T> = if bi == 0 { &ws.p0 } else { &before[bi - 1].out };
@@ -38,14 +39,19 @@ impl<T: Precision> ResNet<T> {
             let (l_in, l1, l2, l_out) = (acts.sh1.x_len(), acts.sh1.y_len(), acts.sh2.y_len(), acts.sh3.y_len());
             let m1 = acts.sh1.n * acts.sh1.p() * acts.sh1.q();
             let m2 = acts.sh2.n * acts.sh2.p() * acts.sh2.q();
-            // Through the final ReLU to bn3 and conv3: bn3's backward masks g in place, which
-            // leaves dsum, the gradient of both branches of the sum.
+            // Through the final ReLU to bn3 and conv3, which leaves dsum, the gradient of both
+            // branches of the sum. The next block's dgrad masked g by this ReLU as it stored
+            // it; the last block's g (from the pooling) is masked by bn3's backward, in place.
             let dsum = g;
             let dt3 = scratch.take(l_out)?;
             {
                 let [ds, d3] = scratch.bufs.get_disjoint_mut([dsum, dt3]).expect("distinct");
                 let bn = &mut bp.bn3.layer(&mut acts.s3, bnc);
-                layers::bn_backward_masking_dy(&dev, m2, &acts.t3, &acts.out, ds, bn, d3)?;
+                if bi + 1 == nblocks {
+                    layers::bn_backward_masking_dy(&dev, m2, &acts.t3, &acts.out, ds, bn, d3)?;
+                } else {
+                    layers::bn_backward(&dev, m2, &acts.t3, None, ds, bn, d3)?;
+                }
             }
             let da2 = scratch.take(l2)?;
             {
@@ -89,14 +95,16 @@ impl<T: Precision> ResNet<T> {
             scratch.give(da1);
             // The block input's gradient is conv1's plus the shortcut's, summed as the dgrads
             // store: with an identity shortcut conv1's dgrad adds into dsum, which becomes
-            // dx; with a downsample conv, that conv's dgrad adds into conv1's.
+            // dx; with a downsample conv, that conv's dgrad adds into conv1's. The input is
+            // the previous block's final ReLU's output, and the sum is masked by it there.
             let identity = acts.shd.is_none();
+            let relu_out = (bi > 0).then_some(x);
             let dx = if identity { dsum } else { scratch.take(l_in)? };
             {
                 let [d1, dxb] = scratch.bufs.get_disjoint_mut([dt1, dx]).expect("distinct");
                 conv::conv2d_wgrad(&dev, &acts.sh1, x, d1, &mut bp.conv1.dw)?;
                 if identity {
-                    conv::conv2d_dgrad_accumulate(&dev, &acts.sh1, d1, bp.conv1.weight()?, dxb)?;
+                    conv::conv2d_dgrad_accumulate(&dev, &acts.sh1, d1, bp.conv1.weight()?, relu_out, dxb)?;
                 } else {
                     conv::conv2d_dgrad(&dev, &acts.sh1, d1, bp.conv1.weight()?, dxb)?;
                 }
@@ -112,7 +120,7 @@ impl<T: Precision> ResNet<T> {
                     {
                         let [dd, dxb] = scratch.bufs.get_disjoint_mut([dtd, dx]).expect("distinct");
                         conv::conv2d_wgrad(&dev, &shd, x, dd, &mut dconv.dw)?;
-                        conv::conv2d_dgrad_accumulate(&dev, &shd, dd, dconv.weight()?, dxb)?;
+                        conv::conv2d_dgrad_accumulate(&dev, &shd, dd, dconv.weight()?, relu_out, dxb)?;
                     }
                     scratch.give(dtd);
                     scratch.give(dsum);
