@@ -603,30 +603,17 @@ pub fn conv2d_dgrad_accumulate_with<T: ConvElem>(
                 }
                 let r = &mut r[..sh.x_len()];
                 cpu::dgrad(sh, &a, &b, r);
-                let dxh = dx.host_mut().expect("checked");
+                let mask = relu_out.map(|m| m.host().expect("checked"));
                 const CHUNK: usize = 1 << 14;
-                let add = |(d, s): (&mut [T], &[f32])| {
-                    for (d, s) in d.iter_mut().zip(s) {
-                        *d = T::from_f32(d.to_f32() + s);
+                let dxh = dx.host_mut().expect("checked");
+                dxh.par_chunks_mut(CHUNK).zip(r.par_chunks(CHUNK)).enumerate().for_each(|(i, (d, s))| {
+                    let mk = mask.map(|m| &m[i * CHUNK..i * CHUNK + d.len()]);
+                    for (j, (d, s)) in d.iter_mut().zip(s).enumerate() {
+                        // As the kernels: the sum, kept where the ReLU's output is > 0 (not NaN).
+                        let keep = mk.is_none_or(|m| m[j].to_f32() > 0.0);
+                        *d = T::from_f32(if keep { d.to_f32() + s } else { 0.0 });
                     }
-                };
-                match relu_out.map(|m| m.host().expect("checked")) {
-                    None => dxh.par_chunks_mut(CHUNK).zip(r.par_chunks(CHUNK)).for_each(add),
-                    Some(mask) => {
-                        dxh.par_chunks_mut(CHUNK).zip(r.par_chunks(CHUNK)).zip(mask.par_chunks(CHUNK)).for_each(
-                            |((d, s), mk)| {
-                                add((&mut *d, s));
-                                for (d, m) in d.iter_mut().zip(mk) {
-                                    // As the kernels: kept where the ReLU's output is > 0 (not NaN).
-                                    let keep = m.to_f32() > 0.0;
-                                    if !keep {
-                                        *d = T::from_f32(0.0);
-                                    }
-                                }
-                            },
-                        )
-                    }
-                }
+                });
             });
             Ok(())
         }
