@@ -55,7 +55,7 @@
 // shared tiles stored [BK][BM] and [BK][BN], and 8x8 outer products per thread in f32
 // FMAs. t128x128 (256 threads) for large GEMMs, t64x64 (64 threads) for small ones; BK=8,
 // 3 stages.
-#include "common.cuh"
+#include "layers.cuh"
 
 #include <type_traits>
 
@@ -475,11 +475,19 @@ __device__ __forceinline__ void k_range(const PkConvParams& p, const Geo& g, int
   }
 }
 
+// A value as an output of element type T holds it.
+template <class T>
+__device__ __forceinline__ float stored(float v) {
+  return to_f32(from_f32<T>(v));
+}
+
 // Stores one output element (or two adjacent ones: c0, c1 at col, col+1) of GEMM row
-// `row` (`rl` within the block). fprop and dgrad find the row's offset in the row table.
+// `row` (`rl` within the block). fprop and dgrad find the row's offset in the row table,
+// and leave in c0, c1 the values as stored (after the accumulation and the mask, rounded
+// to T) for the epilogue's BN sums.
 template <int PASS, class T>
 __device__ __forceinline__ void store_pair(const PkConvParams& p, const RowInfo* rows, int rl, int row, int col,
-                                           float c0, float c1) {
+                                           float& c0, float& c1) {
   if (col >= p.gemm_n) return;
   int64_t idx;
   if (PASS == PK_WGRAD) {
@@ -513,6 +521,8 @@ __device__ __forceinline__ void store_pair(const PkConvParams& p, const RowInfo*
         if (both && !(to_f32(mk[1]) > 0.0f)) c1 = 0.0f;
       }
     }
+    c0 = stored<T>(c0);
+    c1 = stored<T>(c1);
     if constexpr (sizeof(T) == 2) {
       if (both && (p.gemm_n % 2 == 0)) {
         struct alignas(4) Pair {
@@ -551,11 +561,6 @@ __device__ __forceinline__ void fill_rows(const PkConvParams& p, const Geo& g, R
 // bn_stats_<T>'s per-chunk partials, with rows_per_chunk = BM), or, with one row tile, to
 // bn_mean / bn_m2 (as bn_stats_<T> with one chunk); bn_stats_finalize_f32 merges them.
 // `red` is RG * BN + BN floats of shared memory that nothing else uses any more.
-template <class T>
-__device__ __forceinline__ float stored(float v) {
-  return to_f32(from_f32<T>(v));
-}
-
 // One pass of the column reduction after every thread wrote red[rg * BN + col]; pass 0
 // leaves the tile means in cmean, pass 1 writes the results. Barriers around it are the
 // caller's.
@@ -576,6 +581,81 @@ __device__ __forceinline__ void bn_stats_columns(const PkConvParams& p, const fl
           p.bn_m2[col] = s;
         } else {
           static_cast<float2*>(p.bn_part)[(int64_t)col * gridDim.x + blockIdx.x] = make_float2(cmean[c], s);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- BN backward sums
+// dgrad with p.bn_grad: the gradient it stores is that of a batch norm's output (dx of
+// conv2 is the gradient of bn1's output, which conv2 loaded through bn1; a block input's
+// gradient, summed and masked by the accumulate, is the gradient of the previous block's
+// bn3 output). The BN backward needs two sums per channel over that gradient g: sum g and
+// sum g * (x - mean), x the BN's input (p.bn_x, same layout as dx). The epilogue takes them
+// while g is still in registers, so the BN backward's reduction pass (which read g and x)
+// is gone: the epilogue reads x only. With in_relu, g is first masked by the BN's own ReLU,
+// its output recomputed from x with bn_apply_<T>'s operations and rounding (as
+// bn_backward_reduce_relu_<T> does). g is the value as stored (rounded to T). Each thread
+// sums its own rows of each of its columns; the row groups meet in shared memory and one
+// thread per column adds them in order (as the BN statistics above). Row tiles are
+// numbered across the dgrad's phases: tile = (row tiles of the phases before) + blockIdx.x.
+
+// This block's row tile among all phases', and their number.
+template <int BM>
+__device__ __forceinline__ int grad_tile(const PkConvParams& p, int& tiles) {
+  const int st = p.stride, z = (int)blockIdx.z;
+  int before = 0, all = 0;
+  for (int ph = 0; ph < st; ++ph)
+    for (int pw = 0; pw < st; ++pw) {
+      const int hn = ph < p.h ? (p.h - ph + st - 1) / st : 0;
+      const int wn = pw < p.w ? (p.w - pw + st - 1) / st : 0;
+      const int t = (p.n * hn * wn + BM - 1) / BM;
+      if (ph * st + pw < z) before += t;
+      all += t;
+    }
+  tiles = all;
+  return before + (int)blockIdx.x;
+}
+
+// The per-channel constants of the BN of column `col` (< gemm_n).
+struct GradBn {
+  float mean, scale, beta;
+  __device__ __forceinline__ void load(const PkConvParams& p, int col) {
+    mean = p.in_mean[col];
+    scale = p.in_gamma[col] * p.in_invstd[col];
+    beta = p.in_beta[col];
+  }
+  // Adds g (masked by the recomputed ReLU with in_relu) and g * (x - mean) for the stored
+  // gradient g at output offset `idx`.
+  template <class T>
+  __device__ __forceinline__ void add(const PkConvParams& p, int64_t idx, float g, float& sg, float& sgx) const {
+    const float x = to_f32(static_cast<const T*>(p.bn_x)[idx]);
+    if (p.in_relu) g = relu_grad(stored<T>(relu_f(fmaf(x - mean, scale, beta) + 0.0f)), g);
+    sg += g;
+    sgx = fmaf(g, x - mean, sgx);
+  }
+};
+
+// One pass of the column reduction after every thread wrote red[rg * BN + col]: pass 0
+// keeps sum g in csum, pass 1 writes the pair. Barriers around it are the caller's.
+template <int BN, int RG, int NT>
+__device__ __forceinline__ void bn_grad_columns(const PkConvParams& p, const float* red, float* csum, int tid, int n0,
+                                                int tile, int tiles, int pass) {
+  for (int c = tid; c < BN; c += NT) {
+    float s = 0.0f;
+#pragma unroll 4
+    for (int g = 0; g < RG; ++g) s += red[g * BN + c];
+    if (pass == 0) {
+      csum[c] = s;
+    } else {
+      const int col = n0 + c;
+      if (col < p.gemm_n) {
+        if (tiles == 1) {
+          p.bn_mean[col] = csum[c];
+          p.bn_m2[col] = s;
+        } else {
+          static_cast<float2*>(p.bn_part)[(int64_t)col * tiles + tile] = make_float2(csum[c], s);
         }
       }
     }
@@ -758,6 +838,47 @@ __device__ __forceinline__ void conv_tc(const PkConvParams& p) {
       __syncthreads();
     }
   }
+  if (PASS == PK_DGRAD && p.bn_grad) {
+    // Row group of the thread: (wm, g), as for the statistics.
+    constexpr int RG = Cfg::WARPS_M * 8;
+    static_assert((RG + 1) * BN * 4 <= STAGES * S::A_ELEMS * 2, "the sums fit in the A stages");
+    float* red = reinterpret_cast<float*>(As);
+    float* csum = red + RG * BN;
+    const int vrows = min(BM, geo.gemm_m - m0);
+    const int rg = wm * 8 + g;
+    int tiles;
+    const int tile = grad_tile<BM>(p, tiles);
+    float sg[NI][2], sgx[NI][2];
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = n0 + wn * WTN + ni * 8 + 2 * t + e;
+        sg[ni][e] = sgx[ni][e] = 0.0f;
+        if (col < p.gemm_n) {
+          GradBn b;
+          b.load(p, col);
+#pragma unroll
+          for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int rl = wm * WTM + mi * 16 + h * 8 + g;
+              if (rl < vrows) b.add<T>(p, (int64_t)rows[rl].out + col, acc[mi][ni][h * 2 + e], sg[ni][e], sgx[ni][e]);
+            }
+        }
+      }
+    __syncthreads();  // every warp is done with the stages
+#pragma unroll 1
+    for (int pass = 0; pass < 2; ++pass) {
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) red[rg * BN + wn * WTN + ni * 8 + 2 * t + e] = pass ? sgx[ni][e] : sg[ni][e];
+      __syncthreads();
+      bn_grad_columns<BN, RG, NT>(p, red, csum, tid, n0, tile, tiles, pass);
+      __syncthreads();
+    }
+  }
 }
 
 // ---------------------------------------------------------------- SIMT kernel (f32)
@@ -884,6 +1005,40 @@ __device__ __forceinline__ void conv_simt(const PkConvParams& p) {
       }
       __syncthreads();
       bn_stats_columns<BN, RG, NT>(p, red, cmean, tid, n0, vrows, pass);
+      __syncthreads();
+    }
+  }
+  if (PASS == PK_DGRAD && p.bn_grad) {
+    // Row group of the thread: ty; its columns: tx * TN + j (as conv_tc).
+    constexpr int RG = BM / TM;
+    static_assert((RG + 1) * BN <= STAGES * BK * LDA, "the sums fit in the A stages");
+    float* red = As;
+    float* csum = red + RG * BN;
+    const int vrows = min(BM, geo.gemm_m - m0);
+    int tiles;
+    const int tile = grad_tile<BM>(p, tiles);
+    float sg[TN], sgx[TN];
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int col = n0 + tx * TN + j;
+      sg[j] = sgx[j] = 0.0f;
+      if (col < p.gemm_n) {
+        GradBn b;
+        b.load(p, col);
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+          const int rl = ty * TM + i;
+          if (rl < vrows) b.add<float>(p, (int64_t)rows[rl].out + col, acc[i][j], sg[j], sgx[j]);
+        }
+      }
+    }
+    __syncthreads();  // every thread is done with the stages
+#pragma unroll 1
+    for (int pass = 0; pass < 2; ++pass) {
+#pragma unroll
+      for (int j = 0; j < TN; ++j) red[ty * BN + tx * TN + j] = pass ? sgx[j] : sg[j];
+      __syncthreads();
+      bn_grad_columns<BN, RG, NT>(p, red, csum, tid, n0, tile, tiles, pass);
       __syncthreads();
     }
   }

@@ -1,5 +1,5 @@
 // Helpers shared by the layer kernels (bn.cu, elementwise.cu, pool.cu, loss.cu, fc.cu,
-// sgd.cu): vectors of elements converted to and from f32, ReLU with PyTorch's NaN rules,
+// sgd.cu; conv.cu's BN epilogues use the ReLU's): vectors of elements converted to and from f32, ReLU with PyTorch's NaN rules,
 // and Chan's merge of (count, mean, M2) triples.
 #pragma once
 

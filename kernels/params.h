@@ -141,17 +141,26 @@ typedef struct {
   // conv2d_{fprop,wgrad}_bnin_<tile>_<dtype>: the x operand is the batch norm (+ ReLU) of
   // the x given, applied as each tile is loaded: relu?((x - in_mean[c]) * (in_gamma[c] *
   // in_invstd[c]) + in_beta[c]), rounded to the element type, as bn_apply_<T> computes it;
-  // padding and out-of-bounds positions stay zero. Null in the plain entry points.
+  // padding and out-of-bounds positions stay zero. dgrad with bn_grad: the batch norm whose
+  // backward sums the epilogue takes (below). Null otherwise.
   const float* in_mean;    // [C] save_mean of the batch norm
   const float* in_invstd;  // [C] save_invstd
   const float* in_gamma;   // [C]
   const float* in_beta;    // [C]
   int32_t in_relu;         // apply a ReLU after the batch norm
-  int32_t pad2;
+  // dgrad with bn_grad = 1: the epilogue also takes the two sums of the backward of the
+  // batch norm whose output's gradient it stores (see conv.cu, "BN backward sums"): that
+  // BN's input is bn_x ([N,H,W,C], the dx shape), its parameters and saved statistics are
+  // in_mean, in_invstd, in_gamma, in_beta, and with in_relu the gradient goes through the
+  // BN's own ReLU, its output recomputed from bn_x. Per channel c and row tile b, the pair
+  // (sum g, sum g * (x - mean)) goes to bn_part[c * tiles + b] (tiles: the row tiles of all
+  // phases), or with one tile to bn_mean[c] and bn_m2[c]; bn_backward_finalize_f32 merges them.
+  int32_t bn_grad;
   // dgrad with accumulate = 1: when set, the sum is then masked by the ReLU whose output
   // this is (acc_mask[i] > 0 ? sum : 0; [N,H,W,C], the x shape): the gradient of a block's
   // input is that of the previous block's final ReLU too. Null otherwise.
   const void* acc_mask;
+  const void* bn_x;  // dgrad with bn_grad: [N,H,W,C] input of the batch norm, else null
 } PkConvParams;
 
 // transpose_<dtype>: dst[b][j][i] = src[b][i][j] for batch matrices of rows x cols.

@@ -328,6 +328,11 @@ pub(crate) enum Epilogue {
     /// dgrad: adds the result to the output's values (`PkConvParams::accumulate`), then
     /// masks the sum by a ReLU's output at this device address (`acc_mask`) unless 0.
     Accumulate { mask: u64 },
+    /// dgrad: stores (with `accumulate`, as [`Epilogue::Accumulate`] with that mask), then
+    /// takes the backward sums of the batch norm whose output's gradient it stored
+    /// (`PkConvParams::bn_grad`): the BN's input at device address `x`, its parameters the
+    /// launch's `bn_in`, the sums out to `out` (per row tile, or the two `[C]` buffers).
+    GradSums { accumulate: Option<u64>, x: u64, out: StatsOut },
 }
 
 /// The batch norm (+ ReLU) a `bnin` launch applies to its x operand as it loads it
@@ -375,13 +380,23 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
     };
     ensure!(stats.is_none() || pass == Pass::Fprop, "only fprop computes BN statistics");
     let (accumulate, acc_mask) = match epi {
-        Epilogue::Accumulate { mask } => (true, mask),
+        Epilogue::Accumulate { mask } | Epilogue::GradSums { accumulate: Some(mask), .. } => (true, mask),
         _ => (false, 0),
     };
     ensure!(!accumulate || pass == Pass::Dgrad, "only dgrad adds its result to its output");
-    ensure!(bn_in.is_none() || pass != Pass::Dgrad, "dgrad has no x operand to apply a batch norm to");
+    let grad = match epi {
+        Epilogue::GradSums { x, out, .. } => Some((x, out)),
+        _ => None,
+    };
+    ensure!(grad.is_none() || pass == Pass::Dgrad, "only dgrad takes batch norm backward sums");
+    // dgrad's batch norm is the one whose sums its epilogue takes; the others' is applied to x.
+    ensure!(
+        (pass == Pass::Dgrad) == grad.is_some() || bn_in.is_none(),
+        "dgrad takes a batch norm only for the sums of its backward"
+    );
+    ensure!(grad.is_none() || bn_in.is_some(), "internal: batch norm sums without the batch norm");
     let plan = forced.unwrap_or_else(|| plan::<T>(pass, sh));
-    let kernel = if bn_in.is_some() { T::kernel_bnin(pass, plan.tile) } else { T::kernel(pass, plan.tile) }
+    let kernel = if bn_in.is_some() && pass != Pass::Dgrad { T::kernel_bnin(pass, plan.tile) } else { T::kernel(pass, plan.tile) }
         .ok_or_else(|| invalid!("no {} kernel with tile {:?} for {}", pass.name(), plan.tile, T::NAME))?;
     if plan.tile.vector() && T::TENSOR_CORES {
         ensure!(vector_ok(pass, sh), "tile {:?} needs channel counts that are multiples of 8 ({sh:?})", plan.tile);
@@ -446,9 +461,9 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
         div_pq: fd(p_ * q_, "p*q")?,
         div_w: fd(sh.w, "w")?,
         div_hw: fd(sh.h * sh.w, "h*w")?,
-        bn_part: stats.map_or(0, |st| st.part),
-        bn_mean: stats.map_or(0, |st| st.mean),
-        bn_m2: stats.map_or(0, |st| st.m2),
+        bn_part: stats.or(grad.map(|g| g.1)).map_or(0, |st| st.part),
+        bn_mean: stats.or(grad.map(|g| g.1)).map_or(0, |st| st.mean),
+        bn_m2: stats.or(grad.map(|g| g.1)).map_or(0, |st| st.m2),
         bn_stats: stats.is_some() as i32,
         accumulate: accumulate as i32,
         in_mean: bn_in.map_or(0, |b| b.mean),
@@ -456,8 +471,9 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
         in_gamma: bn_in.map_or(0, |b| b.gamma),
         in_beta: bn_in.map_or(0, |b| b.beta),
         in_relu: bn_in.is_some_and(|b| b.relu) as i32,
-        pad2: 0,
+        bn_grad: grad.is_some() as i32,
         acc_mask,
+        bn_x: grad.map_or(0, |g| g.0),
     };
     let cfg = LaunchConfig {
         grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
@@ -475,8 +491,10 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
     // elements of its tensor; the kernels read and write only inside the tensors of the
     // shape (every load is predicated on the tensor's bounds, every store on M and N).
     // With statistics the epilogue also writes K pairs per row tile through bn_part, or K
-    // floats through bn_mean and bn_m2 (one row tile); the caller sized those. A bnin
-    // launch reads C floats through each in_* pointer (the caller checked their lengths).
+    // floats through bn_mean and bn_m2 (one row tile); with the BN backward sums, C pairs
+    // per row tile of all phases or C floats each, and reads bn_x (x's shape); the caller
+    // sized those. A bnin launch, and dgrad with the sums, reads C floats through each in_*
+    // pointer (the caller checked their lengths).
     unsafe { gpu.launch(kernel, cfg, &params)? };
     Ok((grid.0, bm))
 }
@@ -591,30 +609,7 @@ pub fn conv2d_dgrad_accumulate_with<T: ConvElem>(
     let cost = || Cost::conv_accumulate(sh, std::mem::size_of::<T>(), relu_out.is_some());
     timed(dev, Family::ConvDgrad, cost, || match dev {
         Device::Cpu => {
-            use rayon::prelude::*;
-            let (a, b) = (host_f32(dy), host_f32(w));
-            // The f32 result goes to a buffer this thread keeps for the next call (a training
-            // step asks for the same sizes every step; fresh memory would fault in on every
-            // write), then is added to dx in parallel.
-            DGRAD_SUM.with(|r| {
-                let mut r = r.borrow_mut();
-                if r.len() < sh.x_len() {
-                    r.resize(sh.x_len(), 0.0);
-                }
-                let r = &mut r[..sh.x_len()];
-                cpu::dgrad(sh, &a, &b, r);
-                let mask = relu_out.map(|m| m.host().expect("checked"));
-                const CHUNK: usize = 1 << 14;
-                let dxh = dx.host_mut().expect("checked");
-                dxh.par_chunks_mut(CHUNK).zip(r.par_chunks(CHUNK)).enumerate().for_each(|(i, (d, s))| {
-                    let mk = mask.map(|m| &m[i * CHUNK..i * CHUNK + d.len()]);
-                    for (j, (d, s)) in d.iter_mut().zip(s).enumerate() {
-                        // As the kernels: the sum, kept where the ReLU's output is > 0 (not NaN).
-                        let keep = mk.is_none_or(|m| m[j].to_f32() > 0.0);
-                        *d = T::from_f32(if keep { d.to_f32() + s } else { 0.0 });
-                    }
-                });
-            });
+            dgrad_accumulate_host(sh, dy, w, relu_out, dx);
             Ok(())
         }
         Device::Gpu(gpu) => {
@@ -622,6 +617,40 @@ pub fn conv2d_dgrad_accumulate_with<T: ConvElem>(
             launch(gpu, Pass::Dgrad, sh, dy, w, dx, plan, Epilogue::Accumulate { mask }).map(|_| ())
         }
     })
+}
+
+/// The CPU's [`conv2d_dgrad_accumulate`] (every buffer checked and on the host).
+pub(crate) fn dgrad_accumulate_host<T: ConvElem>(
+    sh: &ConvShape,
+    dy: &Buf<T>,
+    w: &Buf<T>,
+    relu_out: Option<&Buf<T>>,
+    dx: &mut Buf<T>,
+) {
+    use rayon::prelude::*;
+    let (a, b) = (host_f32(dy), host_f32(w));
+    // The f32 result goes to a buffer this thread keeps for the next call (a training step
+    // asks for the same sizes every step; fresh memory would fault in on every write), then
+    // is added to dx in parallel.
+    DGRAD_SUM.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.len() < sh.x_len() {
+            r.resize(sh.x_len(), 0.0);
+        }
+        let r = &mut r[..sh.x_len()];
+        cpu::dgrad(sh, &a, &b, r);
+        let mask = relu_out.map(|m| m.host().expect("checked"));
+        const CHUNK: usize = 1 << 14;
+        let dxh = dx.host_mut().expect("checked");
+        dxh.par_chunks_mut(CHUNK).zip(r.par_chunks(CHUNK)).enumerate().for_each(|(i, (d, s))| {
+            let mk = mask.map(|m| &m[i * CHUNK..i * CHUNK + d.len()]);
+            for (j, (d, s)) in d.iter_mut().zip(s).enumerate() {
+                // As the kernels: the sum, kept where the ReLU's output is > 0 (not NaN).
+                let keep = mk.is_none_or(|m| m[j].to_f32() > 0.0);
+                *d = T::from_f32(if keep { d.to_f32() + s } else { 0.0 });
+            }
+        });
+    });
 }
 
 /// `dw` = the gradient with respect to w of `<dy, conv(x, w)>`, always f32 (x NHWC, dy

@@ -215,6 +215,193 @@ fn fprop_stats<T: ConvElem>(
     })
 }
 
+/// Row tiles the dgrad of `sh` runs on a kernel device for elements of `T`, over all its
+/// stride phases (each phase's rows in tiles of the plan's BM): the pairs per channel that
+/// its batch norm backward sums write ([`conv2d_dgrad_bn_sums`]).
+pub fn grad_sums_tiles<T: ConvElem>(sh: &ConvShape, plan: Option<Plan>) -> usize {
+    let (bm, _, _) = plan.unwrap_or_else(|| conv::plan::<T>(Pass::Dgrad, sh)).tile.dims::<T>();
+    let st = sh.stride;
+    let rows = |d: usize, ph: usize| if ph < d { (d - ph).div_ceil(st) } else { 0 };
+    (0..st * st).map(|z| (sh.n * rows(sh.h, z / st) * rows(sh.w, z % st)).div_ceil(bm)).sum()
+}
+
+/// The f32 elements of the workspace that [`conv2d_dgrad_bn_sums`] needs for `sh` with
+/// elements of `T`: two per channel and row tile, none with one tile.
+pub fn grad_sums_workspace_len<T: ConvElem>(sh: &ConvShape, plan: Option<Plan>) -> usize {
+    match grad_sums_tiles::<T>(sh, plan) {
+        0 | 1 => 0,
+        t => 2 * t * sh.c,
+    }
+}
+
+/// The batch norm whose backward's sums a dgrad takes in its epilogue
+/// ([`conv2d_dgrad_bn_sums`]): the dgrad's output is the gradient of that BN's output.
+pub struct GradBn<'a, 'b, T: crate::gpu::Elem> {
+    /// The BN's input (the conv output it normalized), `[N, H, W, C]` as the dgrad's dx.
+    pub x: &'a Buf<T>,
+    /// The layer: gamma, beta and the saved statistics are read, `dbeta` and `dgamma`
+    /// written.
+    pub bn: &'a mut BnLayer<'b>,
+    /// The gradient goes through the BN's own ReLU (its output recomputed from `x`).
+    pub relu: bool,
+    /// The per-tile sums between the two launches: at least
+    /// [`grad_sums_workspace_len`] values on a kernel device; its contents are left
+    /// undefined.
+    pub workspace: &'a mut Buf<f32>,
+}
+
+/// `dx = ` [`conv::conv2d_dgrad`]`(dy, w)`, where dx is the gradient of a batch norm's output,
+/// and that BN's parameter gradients as [`crate::ops::layers::bn_backward`] computes them:
+/// `bn.dbeta = sum g`, `bn.dgamma = invstd * sum g * (x - mean)`, `g = dx` (through the BN's
+/// ReLU with `grad.relu`); [`crate::ops::layers::bn_backward_dx`] then gives the BN's input
+/// gradient. On a kernel device the sums are taken in the dgrad's epilogue, which reads
+/// the BN's input: the BN backward's reduction pass over x and dx is gone. `dx` is bitwise
+/// that of [`conv::conv2d_dgrad`] with the same tile; the sums are in f32 per row tile,
+/// merged in a fixed order (the CPU: f64, as `bn_backward`). Two launches: the dgrad, then
+/// `bn_backward_finalize_f32`.
+pub fn conv2d_dgrad_bn_sums<T: ConvElem + LayerElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    dy: &Buf<T>,
+    w: &Buf<T>,
+    dx: &mut Buf<T>,
+    grad: GradBn<'_, '_, T>,
+) -> Result<()> {
+    dgrad_sums(dev, sh, dy, w, None, dx, grad, None)
+}
+
+/// [`conv2d_dgrad_bn_sums`] with a given plan on a kernel device (`None`: the default; the
+/// CPU ignores it). For tests and benchmarks of every tile.
+pub fn conv2d_dgrad_bn_sums_with<T: ConvElem + LayerElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    dy: &Buf<T>,
+    w: &Buf<T>,
+    dx: &mut Buf<T>,
+    grad: GradBn<'_, '_, T>,
+    plan: Option<Plan>,
+) -> Result<()> {
+    dgrad_sums(dev, sh, dy, w, None, dx, grad, plan)
+}
+
+/// [`conv2d_dgrad_bn_sums`] of [`conv::conv2d_dgrad_accumulate`]: dx gets the dgrad added
+/// (and masked by `relu_out` when given), and the sums are those of the stored result. A
+/// block input's gradient, complete once the last dgrad adds into it, is the gradient of
+/// the previous block's bn3 output (through the final ReLU, which `relu_out` applies).
+pub fn conv2d_dgrad_accumulate_bn_sums<T: ConvElem + LayerElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    dy: &Buf<T>,
+    w: &Buf<T>,
+    relu_out: Option<&Buf<T>>,
+    dx: &mut Buf<T>,
+    grad: GradBn<'_, '_, T>,
+) -> Result<()> {
+    dgrad_sums(dev, sh, dy, w, Some(relu_out), dx, grad, None)
+}
+
+/// [`conv2d_dgrad_accumulate_bn_sums`] with a given plan on a kernel device (see
+/// [`conv2d_dgrad_bn_sums_with`]).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_dgrad_accumulate_bn_sums_with<T: ConvElem + LayerElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    dy: &Buf<T>,
+    w: &Buf<T>,
+    relu_out: Option<&Buf<T>>,
+    dx: &mut Buf<T>,
+    grad: GradBn<'_, '_, T>,
+    plan: Option<Plan>,
+) -> Result<()> {
+    dgrad_sums(dev, sh, dy, w, Some(relu_out), dx, grad, plan)
+}
+
+/// The dgrad (accumulating into dx when `acc` is given, with its mask) with the BN
+/// backward sums, then their finalize.
+#[allow(clippy::too_many_arguments)]
+fn dgrad_sums<T: ConvElem + LayerElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    dy: &Buf<T>,
+    w: &Buf<T>,
+    acc: Option<Option<&Buf<T>>>,
+    dx: &mut Buf<T>,
+    grad: GradBn<'_, '_, T>,
+    plan: Option<Plan>,
+) -> Result<()> {
+    let GradBn { x, bn, relu, workspace } = grad;
+    conv::prepare(dev, sh, (dy, "dy", sh.y_len()), (w, "w", sh.w_len()), (&*dx, "dx", sh.x_len()))?;
+    let mask = acc.flatten();
+    for (b, what) in mask.map(|r| (r, "relu_out")).into_iter().chain([(x, "the batch norm's input")]) {
+        check_len(b, sh.x_len(), what)?;
+        check_on(b, dev, what)?;
+    }
+    let (m, c) = (sh.n * sh.h * sh.w, sh.c);
+    ensure!(bn.c == c, "the batch norm has {} channels, the dgrad's output {c}", bn.c);
+    check_bufs(
+        dev,
+        c,
+        &[
+            (bn.gamma, "gamma"),
+            (bn.beta, "beta"),
+            (&*bn.save_mean, "save_mean"),
+            (&*bn.save_invstd, "save_invstd"),
+            (&*bn.dgamma, "dgamma"),
+            (&*bn.dbeta, "dbeta"),
+        ],
+    )?;
+    let tiles = grad_sums_tiles::<T>(sh, plan);
+    check_on(workspace, dev, "workspace")?;
+    if !matches!(dev, Device::Cpu) {
+        let need = grad_sums_workspace_len::<T>(sh, plan);
+        ensure!(workspace.len() >= need, "the workspace holds {} values, the sums need {need}", workspace.len());
+    }
+    let elem = std::mem::size_of::<T>();
+    let conv_cost = || {
+        let base = match acc {
+            None => Cost::conv(Pass::Dgrad, sh, elem),
+            Some(mask) => Cost::conv_accumulate(sh, elem, mask.is_some()),
+        };
+        base.with_grad_sums(sh, elem, tiles)
+    };
+    timed(dev, Family::ConvDgrad, conv_cost, || match dev {
+        Device::Cpu => {
+            // Not conv2d_dgrad(_accumulate): that would record the pass a second time.
+            match acc {
+                None => conv::cpu_run(dy, w, dx, sh.x_len(), |a, b, o| crate::cpu::conv::dgrad(sh, a, b, o)),
+                Some(mask) => conv::dgrad_accumulate_host(sh, dy, w, mask, dx),
+            }
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let ptr = |b: &Buf<f32>, what: &str| super::on_gpu(b, gpu, what).map(|g| g.ptr());
+            let out = StatsOut { part: ptr(workspace, "workspace")?, mean: ptr(bn.dbeta, "dbeta")?, m2: ptr(bn.dgamma, "dgamma")? };
+            let accumulate = match acc {
+                Some(mask) => Some(mask.map(|r| super::on_gpu(r, gpu, "relu_out").map(|g| g.ptr())).transpose()?.unwrap_or(0)),
+                None => None,
+            };
+            let xp = super::on_gpu(x, gpu, "the batch norm's input")?.ptr();
+            let epi = Epilogue::GradSums { accumulate, x: xp, out };
+            let p = bn.input(relu).ptrs(gpu)?;
+            conv::launch_bnin(gpu, Pass::Dgrad, sh, dy, w, dx, plan, epi, Some(p)).map(|_| ())
+        }
+    })?;
+    let fin_cost = || Cost::bn_grad_finalize(m, c, tiles, relu);
+    timed(dev, Family::BnBackward, fin_cost, || match dev {
+        Device::Cpu => {
+            let xs = x.host().ok_or_else(|| invalid!("x is not on the cpu"))?;
+            let o = if relu { Some(super::layers::relu_output_host(m, xs, &bn.input(true))?) } else { None };
+            let g = dx.host().ok_or_else(|| invalid!("dx is not on the cpu"))?;
+            cpu_bn::bn_backward_params(m, xs, o.as_deref(), g, &mut bn.host()?);
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let part = super::on_gpu(workspace, gpu, "workspace")?.ptr();
+            super::layers::bn_launch_grad_finalize(gpu, tiles, part, bn)
+        }
+    })
+}
+
 /// A train-mode conv + batch norm (+ residual) (+ ReLU): `y = conv(x, w)` (kept for the
 /// backward), then `out = bn(y)`, plus `residual` if given, then `max(out, 0)` if `relu`;
 /// `bn.save_mean` and `bn.save_invstd` as [`crate::ops::layers::bn_forward_train`] keeps
@@ -371,6 +558,27 @@ impl Cost {
     pub fn conv_bn_stats(sh: &ConvShape, elem: usize, tiles: usize) -> Cost {
         let c = Cost::conv(Pass::Fprop, sh, elem);
         Cost { flops: c.flops, bytes: c.bytes + 8 * u(tiles) * u(sh.k) }
+    }
+
+    /// This dgrad's count with the batch norm backward's sums taken in its epilogue
+    /// ([`crate::ops::fused::conv2d_dgrad_bn_sums`]): the BN's input read (x's size), its
+    /// four `[c]` f32 vectors (gamma, beta, saved mean and inverse deviation) read, and per
+    /// channel and row tile one pair of f32 written (with one tile the two `[c]` buffers).
+    /// FLOPs: the GEMM's only; the sums' are counted with the finalize
+    /// ([`Cost::bn_grad_finalize`]).
+    pub fn with_grad_sums(self, sh: &ConvShape, elem: usize, tiles: usize) -> Cost {
+        let extra = u(sh.x_len()) * u(elem) + 4 * u(sh.c) * F32 + 8 * u(tiles.max(1)) * u(sh.c);
+        Cost { flops: self.flops, bytes: self.bytes + extra }
+    }
+
+    /// The batch norm backward sums of an `[m, c]` gradient taken in a dgrad's epilogue,
+    /// merged by `bn_backward_finalize_f32`: reads `tiles` pairs per channel (with one tile
+    /// the two `[c]` buffers) and the inverse deviation, writes dbeta and dgamma. FLOPs: 4
+    /// per element for the sums (done in the epilogue), 4 more to recompute the ReLU's
+    /// output with `relu`, and 2 per pair.
+    pub fn bn_grad_finalize(m: usize, c: usize, tiles: usize, relu: bool) -> Cost {
+        let (mc, t) = (u(m) * u(c), u(tiles.max(1)));
+        Cost { flops: mc * (4 + 4 * relu as u64) + 2 * t * u(c), bytes: 8 * t * u(c) + 3 * u(c) * F32 }
     }
 
     /// A convolution pass (fprop or wgrad) whose x operand is the batch norm (+ ReLU) of the

@@ -267,11 +267,15 @@ params!(
         in_beta: u64,
         /// `bnin`: 1 applies a ReLU after the batch norm.
         in_relu: i32,
-        /// Padding to a multiple of 8 bytes.
-        pad2: i32,
+        /// dgrad: 1 takes the batch norm backward's sums of the stored gradient in the
+        /// epilogue (`bn_x`, the `in_*` parameters, out to `bn_part` or `bn_mean`/`bn_m2`).
+        bn_grad: i32,
         /// dgrad with `accumulate`: device address of the `[N, H, W, C]` output of a ReLU
         /// that masks the sum (`mask > 0 ? sum : 0`), or 0.
         acc_mask: u64,
+        /// dgrad with `bn_grad`: device address of the `[N, H, W, C]` input of the batch
+        /// norm, or 0.
+        bn_x: u64,
     }
 );
 params!(

@@ -347,11 +347,21 @@ fn apply_rows<X, Y, W, N, const RES: bool, const RELU: bool>(
 pub fn bn_backward<T: Real>(m: usize, x: &[T], relu_out: Option<&[T]>, dy: &[T], bn: &mut BnLayer<'_>, dx: &mut [T]) {
     let c = bn.c;
     let (x, dy) = (&x[..m * c], &dy[..m * c]);
+    bn_backward_params(m, x, relu_out, dy, bn);
+    bn_backward_dx(m, x, relu_out, dy, &bn.input(false), (bn.dbeta, bn.dgamma), dx);
+}
+
+/// The parameter gradients of [`bn_backward`] alone: `bn.dbeta = sum g` and
+/// `bn.dgamma = invstd * sum g * (x - mean)` (sums in f64), `g = dy` masked by
+/// `relu_out > 0` when given. [`bn_backward_dx`] then gives dx.
+pub fn bn_backward_params<T: Real>(m: usize, x: &[T], relu_out: Option<&[T]>, dy: &[T], bn: &mut BnLayer<'_>) {
+    let c = bn.c;
+    let (x, dy) = (&x[..m * c], &dy[..m * c]);
     let sums = match relu_out {
         Some(o) => grad_sums::<T, true>(m, c, x, &o[..m * c], dy, bn.save_mean),
         None => grad_sums::<T, false>(m, c, x, dy, dy, bn.save_mean),
     };
-    backward_finish(m, x, relu_out, dy, bn, &sums, dx);
+    set_grad_params(bn, &sums);
 }
 
 /// [`bn_backward`] of `g = relu_out > 0 ? dy : 0`, written over `dy` by the reduction
@@ -390,8 +400,8 @@ pub fn bn_backward_masking_dy<T: Real>(
     for p in &parts {
         sums.iter_mut().zip(p).for_each(|(s, v)| *s += v);
     }
-    let dy = &*dy;
-    backward_finish(m, x, None, dy, bn, &sums, dx);
+    set_grad_params(bn, &sums);
+    bn_backward_dx(m, x, None, dy, &bn.input(false), (bn.dbeta, bn.dgamma), dx);
 }
 
 /// `[sum g; sum g * (x - mean)]` per channel (`[2][c]`), `g = MASK ? (o > 0 ? dy : 0) : dy`.
@@ -427,26 +437,35 @@ fn grad_task<T: Real, const MASK: bool>(c: usize, x: &[T], o: &[T], dy: &[T], me
     }
 }
 
-/// The parameter gradients from the sums (into `bn.dgamma`, `bn.dbeta`), then the dx pass.
-fn backward_finish<T: Real>(
+/// The parameter gradients from the sums `[sum g; sum g (x - mean)]` (into `bn.dbeta`,
+/// `bn.dgamma`).
+fn set_grad_params(bn: &mut BnLayer<'_>, sums: &[f64]) {
+    let c = bn.c;
+    for ch in 0..c {
+        bn.dbeta[ch] = sums[ch] as f32;
+        bn.dgamma[ch] = (sums[c + ch] * bn.save_invstd[ch] as f64) as f32;
+    }
+}
+
+/// The input gradient of [`bn_backward`] from the parameter gradients `(dbeta, dgamma)`
+/// (from [`bn_backward_params`] or a convolution's epilogue) and the BN's gamma and saved
+/// statistics (`bn`, from [`BnLayer::input`]; its ReLU flag is not used):
+/// `dx = gamma invstd (g - dbeta / m - (x - mean) invstd dgamma / m)`, `g` as there.
+pub fn bn_backward_dx<T: Real>(
     m: usize,
     x: &[T],
     relu_out: Option<&[T]>,
     dy: &[T],
-    bn: &mut BnLayer<'_>,
-    sums: &[f64],
+    bn: &BnInput<'_>,
+    (dbeta, dgamma): (&[f32], &[f32]),
     dx: &mut [T],
 ) {
     let c = bn.c;
-    let (gamma, mean, invstd): (&[f32], &[f32], &[f32]) = (bn.gamma, bn.save_mean, bn.save_invstd);
-    let (dgamma, dbeta) = (&mut *bn.dgamma, &mut *bn.dbeta);
-    for ch in 0..c {
-        dbeta[ch] = sums[ch] as f32;
-        dgamma[ch] = (sums[c + ch] * invstd[ch] as f64) as f32;
-    }
+    let (gamma, mean, invstd): (&[f32], &[f32], &[f32]) = (bn.gamma, bn.mean, bn.invstd);
     if m == 0 || c == 0 {
         return;
     }
+    let (x, dy) = (&x[..m * c], &dy[..m * c]);
     let inv_m = 1.0 / m as f32;
     let k1: Vec<f32> = (0..c).map(|ch| gamma[ch] * invstd[ch]).collect();
     let k2: Vec<f32> = (0..c).map(|ch| dbeta[ch] * inv_m).collect();

@@ -25,23 +25,38 @@ impl<T: Precision> ResNet<T> {
         let last_len = ws.blocks.last().map_or(ws.p0.len(), |b| b.out.len());
         let mut g = ws.scratch.take(last_len)?;
         layers::avgpool_backward(&dev, n, last_len / (n * c), c, &ws.dfeat, &mut ws.scratch.bufs[g])?;
-        let scratch = &mut ws.scratch;
-        // The wgrads of conv2 and conv3 apply bn1 and bn2 as they load t1 and t2 when the
-        // forward did (their outputs a1, a2 were not written); the BN backwards through
-        // their ReLUs never read those outputs on a kernel device.
+        let (scratch, part) = (&mut ws.scratch, &mut ws.grad_sums);
+        // On a kernel device the BN backwards take their sums from the dgrad epilogues
+        // that store their output gradients (fused::conv2d_dgrad_bn_sums): conv3's dgrad
+        // for bn2, conv2's for bn1, and the last dgrad into a block's input for the previous
+        // block's bn3; each BN backward is then its dx pass alone (bn_backward_dx). The
+        // wgrads of conv2 and conv3 apply bn1 and bn2 as they load t1 and t2 when the forward
+        // did (their outputs a1, a2 were not written); the BN backwards through their ReLUs
+        // never read those outputs there.
         let on_load = ws.bn_on_load.is_some();
         let nblocks = self.blocks.len();
         for bi in (0..nblocks).rev() {
             let (before, rest) = ws.blocks.split_at_mut(bi);
             let acts = &mut rest[0];
-            let x: &Buf<T> = if bi == 0 { &ws.p0 } else { &before[bi - 1].out };
-            let bp = &mut self.blocks[bi];
+            // The block input and, from the second block on, the previous block's bn3 input
+            // and statistics (its sums are taken here).
+            let (x, prev): (&Buf<T>, Option<(&Buf<T>, &mut Saved)>) = match before.last_mut() {
+                Some(p) => (&p.out, Some((&p.t3, &mut p.s3))),
+                None => (&ws.p0, None),
+            };
+            let (bps_before, bps) = self.blocks.split_at_mut(bi);
+            let bp = &mut bps[0];
+            let mut prev_bn3 = match (on_load, prev, bps_before.last_mut()) {
+                (true, Some((t3, s3)), Some(pb)) => Some((t3, pb.bn3.layer(s3, bnc))),
+                _ => None,
+            };
             let (l_in, l1, l2, l_out) = (acts.sh1.x_len(), acts.sh1.y_len(), acts.sh2.y_len(), acts.sh3.y_len());
             let m1 = acts.sh1.n * acts.sh1.p() * acts.sh1.q();
             let m2 = acts.sh2.n * acts.sh2.p() * acts.sh2.q();
             // Through the final ReLU to bn3 and conv3, which leaves dsum, the gradient of both
             // branches of the sum. The next block's dgrad masked g by this ReLU as it stored
-            // it; the last block's g (from the pooling) is masked by bn3's backward, in place.
+            // it (and took bn3's sums on a kernel device); the last block's g (from the
+            // pooling) is masked by bn3's backward, in place.
             let dsum = g;
             let dt3 = scratch.take(l_out)?;
             {
@@ -49,6 +64,8 @@ impl<T: Precision> ResNet<T> {
                 let bn = &mut bp.bn3.layer(&mut acts.s3, bnc);
                 if bi + 1 == nblocks {
                     layers::bn_backward_masking_dy(&dev, m2, &acts.t3, &acts.out, ds, bn, d3)?;
+                } else if on_load {
+                    layers::bn_backward_dx(&dev, m2, &acts.t3, ds, bn, false, d3)?;
                 } else {
                     layers::bn_backward(&dev, m2, &acts.t3, None, ds, bn, d3)?;
                 }
@@ -59,10 +76,13 @@ impl<T: Precision> ResNet<T> {
                 if on_load {
                     let in2 = bp.bn2.input(&acts.s2, true);
                     fused::conv2d_wgrad_bn_input(&dev, &acts.sh3, &acts.t2, &in2, d3, &mut bp.conv3.dw)?;
+                    let bn = &mut bp.bn2.layer(&mut acts.s2, bnc);
+                    let grad = fused::GradBn { x: &acts.t2, bn, relu: true, workspace: &mut *part };
+                    fused::conv2d_dgrad_bn_sums(&dev, &acts.sh3, d3, bp.conv3.weight()?, da, grad)?;
                 } else {
                     conv::conv2d_wgrad(&dev, &acts.sh3, &acts.a2, d3, &mut bp.conv3.dw)?;
+                    conv::conv2d_dgrad(&dev, &acts.sh3, d3, bp.conv3.weight()?, da)?;
                 }
-                conv::conv2d_dgrad(&dev, &acts.sh3, d3, bp.conv3.weight()?, da)?;
             }
             scratch.give(dt3);
             // conv2 and bn2 (with its ReLU).
@@ -70,7 +90,11 @@ impl<T: Precision> ResNet<T> {
             {
                 let [da, d2] = scratch.bufs.get_disjoint_mut([da2, dt2]).expect("distinct");
                 let bn = &mut bp.bn2.layer(&mut acts.s2, bnc);
-                layers::bn_backward_through_relu(&dev, m2, &acts.t2, &acts.a2, da, bn, d2)?;
+                if on_load {
+                    layers::bn_backward_dx(&dev, m2, &acts.t2, da, bn, true, d2)?;
+                } else {
+                    layers::bn_backward_through_relu(&dev, m2, &acts.t2, &acts.a2, da, bn, d2)?;
+                }
             }
             scratch.give(da2);
             let da1 = scratch.take(l1)?;
@@ -79,10 +103,13 @@ impl<T: Precision> ResNet<T> {
                 if on_load {
                     let in1 = bp.bn1.input(&acts.s1, true);
                     fused::conv2d_wgrad_bn_input(&dev, &acts.sh2, &acts.t1, &in1, d2, &mut bp.conv2.dw)?;
+                    let bn = &mut bp.bn1.layer(&mut acts.s1, bnc);
+                    let grad = fused::GradBn { x: &acts.t1, bn, relu: true, workspace: &mut *part };
+                    fused::conv2d_dgrad_bn_sums(&dev, &acts.sh2, d2, bp.conv2.weight()?, da, grad)?;
                 } else {
                     conv::conv2d_wgrad(&dev, &acts.sh2, &acts.a1, d2, &mut bp.conv2.dw)?;
+                    conv::conv2d_dgrad(&dev, &acts.sh2, d2, bp.conv2.weight()?, da)?;
                 }
-                conv::conv2d_dgrad(&dev, &acts.sh2, d2, bp.conv2.weight()?, da)?;
             }
             scratch.give(dt2);
             // conv1 and bn1 (with its ReLU).
@@ -90,21 +117,36 @@ impl<T: Precision> ResNet<T> {
             {
                 let [da, d1] = scratch.bufs.get_disjoint_mut([da1, dt1]).expect("distinct");
                 let bn = &mut bp.bn1.layer(&mut acts.s1, bnc);
-                layers::bn_backward_through_relu(&dev, m1, &acts.t1, &acts.a1, da, bn, d1)?;
+                if on_load {
+                    layers::bn_backward_dx(&dev, m1, &acts.t1, da, bn, true, d1)?;
+                } else {
+                    layers::bn_backward_through_relu(&dev, m1, &acts.t1, &acts.a1, da, bn, d1)?;
+                }
             }
             scratch.give(da1);
             // The block input's gradient is conv1's plus the shortcut's, summed as the dgrads
             // store: with an identity shortcut conv1's dgrad adds into dsum, which becomes
             // dx; with a downsample conv, that conv's dgrad adds into conv1's. The input is
-            // the previous block's final ReLU's output, and the sum is masked by it there.
+            // the previous block's final ReLU's output, and the sum is masked by it there;
+            // the dgrad that completes it takes the previous block's bn3 sums.
             let identity = acts.shd.is_none();
             let relu_out = (bi > 0).then_some(x);
             let dx = if identity { dsum } else { scratch.take(l_in)? };
+            // The last dgrad into dx: with the previous bn3's sums when there is one.
+            let mut into_input = |sh: &ConvShape, dy: &Buf<T>, w: &Buf<T>, dxb: &mut Buf<T>| -> Result<()> {
+                match prev_bn3.as_mut() {
+                    Some((t3, bn)) => {
+                        let grad = fused::GradBn { x: *t3, bn, relu: false, workspace: &mut *part };
+                        fused::conv2d_dgrad_accumulate_bn_sums(&dev, sh, dy, w, relu_out, dxb, grad)
+                    }
+                    None => conv::conv2d_dgrad_accumulate(&dev, sh, dy, w, relu_out, dxb),
+                }
+            };
             {
                 let [d1, dxb] = scratch.bufs.get_disjoint_mut([dt1, dx]).expect("distinct");
                 conv::conv2d_wgrad(&dev, &acts.sh1, x, d1, &mut bp.conv1.dw)?;
                 if identity {
-                    conv::conv2d_dgrad_accumulate(&dev, &acts.sh1, d1, bp.conv1.weight()?, relu_out, dxb)?;
+                    into_input(&acts.sh1, d1, bp.conv1.weight()?, dxb)?;
                 } else {
                     conv::conv2d_dgrad(&dev, &acts.sh1, d1, bp.conv1.weight()?, dxb)?;
                 }
@@ -120,7 +162,7 @@ impl<T: Precision> ResNet<T> {
                     {
                         let [dd, dxb] = scratch.bufs.get_disjoint_mut([dtd, dx]).expect("distinct");
                         conv::conv2d_wgrad(&dev, &shd, x, dd, &mut dconv.dw)?;
-                        conv::conv2d_dgrad_accumulate(&dev, &shd, dd, dconv.weight()?, relu_out, dxb)?;
+                        into_input(&shd, dd, dconv.weight()?, dxb)?;
                     }
                     scratch.give(dtd);
                     scratch.give(dsum);

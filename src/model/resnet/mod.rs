@@ -247,6 +247,9 @@ pub struct Workspace<T: Precision> {
     loss: Buf<f32>,
     targets: Buf<i32>,
     scratch: Scratch<T>,
+    /// The per-row-tile sums of the BN backwards whose reductions run in dgrad epilogues
+    /// (kernel devices; see `backward`): as large as the largest of them needs.
+    grad_sums: Buf<f32>,
     /// Set once targets were given (a train forward needs them).
     has_targets: bool,
     /// The last forward applied bn1 and bn2 as conv2 and conv3 load their inputs (a train

@@ -32,6 +32,9 @@ impl<T: Precision> ResNet<T> {
         };
         let (mut hh, mut ww) = (hp, wp);
         let mut blocks = Vec::with_capacity(self.blocks.len());
+        // The backward's dgrads that take BN sums: conv2's and conv3's (bn1, bn2), and in
+        // every block but the first the last dgrad into the block input (the previous bn3).
+        let mut grad_sums = 0;
         for bp in &self.blocks {
             let sh1 = bp.conv1.shape(n, hh, ww);
             let sh2 = bp.conv2.shape(n, hh, ww);
@@ -40,6 +43,10 @@ impl<T: Precision> ResNet<T> {
             let sh3 = bp.conv3.shape(n, ho, wo);
             let shd = bp.down.as_ref().map(|(c, _)| c.shape(n, hh, ww));
             let (l_in, l1, l2, l_out) = (sh1.x_len(), sh1.y_len(), sh2.y_len(), sh3.y_len());
+            let into_input = if blocks.is_empty() { None } else { Some(shd.unwrap_or(sh1)) };
+            for sh in [Some(sh2), Some(sh3), into_input].into_iter().flatten() {
+                grad_sums = grad_sums.max(fused::grad_sums_workspace_len::<T>(&sh, None));
+            }
             ensure!(n * ho * wo >= 2, "the feature map of {} is too small for batch norm", bp.spec.prefix());
             // Forward: b3 and the downsample's BN output; backward: see `backward`.
             need(&[(l_out, 2)]);
@@ -97,6 +104,7 @@ impl<T: Precision> ResNet<T> {
             loss: dev.zeros(1)?,
             targets: dev.zeros(n)?,
             scratch: Scratch { busy: vec![false; bufs.len()], bufs },
+            grad_sums: dev.zeros(grad_sums.max(1))?,
             has_targets: false,
             bn_on_load: None,
             graph_warm: None,

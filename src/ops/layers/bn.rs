@@ -358,6 +358,58 @@ pub fn bn_backward_through_relu<T: LayerElem>(
     })
 }
 
+/// The dx pass of a batch norm backward alone, from the parameter gradients `bn.dbeta` and
+/// `bn.dgamma` already computed (by a dgrad's epilogue: see
+/// [`crate::ops::fused::conv2d_dgrad_bn_sums`]): `dx = gamma invstd (g - dbeta / m - (x -
+/// mean) invstd dgamma / m)` with `g = dy`, or with `relu` the gradient through the BN's
+/// own ReLU, whose output is recomputed from `x` as the train forward computed it on this
+/// device (as [`bn_backward_through_relu`] does). The same dx as [`bn_backward`] (with that
+/// ReLU's output) when `bn.dbeta` and `bn.dgamma` are its. One pass on a kernel device.
+pub fn bn_backward_dx<T: LayerElem>(
+    dev: &Device,
+    m: usize,
+    x: &Buf<T>,
+    dy: &Buf<T>,
+    bn: &BnLayer<'_>,
+    relu: bool,
+    dx: &mut Buf<T>,
+) -> Result<()> {
+    let c = bn.c;
+    check_backward(dev, m, &[(x, "x"), (dy, "dy"), (&*dx, "dx")], bn)?;
+    check_bufs(dev, c, &[(bn.beta, "beta")])?;
+    if c == 0 {
+        return Ok(());
+    }
+    let cost = || Cost::bn_backward_dx(m, c, std::mem::size_of::<T>(), relu);
+    timed(dev, Family::BnBackward, cost, || match dev {
+        Device::Cpu => {
+            let xs = host(x, "x")?;
+            let o = if relu { Some(relu_output_host(m, xs, &bn.input(true))?) } else { None };
+            let grads = (host(bn.dbeta, "dbeta")?, host(bn.dgamma, "dgamma")?);
+            let norm = bn.input(relu);
+            let (dys, bnh) = (host(dy, "dy")?, norm.host()?);
+            cpu::bn_backward_dx(m, xs, o.as_deref(), dys, &bnh, grads, host_mut(dx, "dx")?);
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let (g, mut p) = backward_params(gpu, m, x, dy, None, dx, bn)?;
+            p.beta = dptr(bn.beta, gpu, "beta")?; // checked: c floats
+            let kernel = if relu { T::BN_BACKWARD_DX_RELU } else { T::BN_BACKWARD_DX };
+            // SAFETY: x, dy and dx hold m*c elements, the [c] buffers c; the dx pass reads
+            // rows below m and channels below c and writes dx only.
+            unsafe { gpu.launch(kernel, g.per_channel(), &p)? };
+            Ok(())
+        }
+    })
+}
+
+/// The output of a batch norm + ReLU `bn` of host `x` as the CPU's train forward writes it.
+pub(crate) fn relu_output_host<T: LayerElem>(m: usize, x: &[T], bn: &BnInput<'_>) -> Result<Vec<T>> {
+    let mut o = vec![T::from_f32(0.0); m * bn.c];
+    cpu::bn_apply(m, x, &bn.host()?, None, &mut o);
+    Ok(o)
+}
+
 /// The checks of both backward entry points: the `[m, c]` tensors `big` and the `[c]`
 /// tensors gamma, save_mean, save_invstd, dgamma, dbeta of `bn`, all on `dev`.
 fn check_backward<T: LayerElem>(dev: &Device, m: usize, big: &[(&Buf<T>, &str)], bn: &BnLayer<'_>) -> Result<()> {
@@ -460,6 +512,30 @@ pub(crate) fn bn_launch_finalize_tiles(
     // SAFETY: the finalize kernel reads tiles * c pairs at `part` (tiles > 1) or the [c]
     // save buffers (one tile), and writes the four [c] buffers, all checked by the caller.
     unsafe { gpu.launch(Kernel::new(MODULE, "bn_stats_finalize_f32"), finalize_cfg(c), &p)? };
+    Ok(())
+}
+
+/// Merges the per-row-tile sums of a batch norm backward that a dgrad's epilogue wrote
+/// (see [`crate::ops::fused::conv2d_dgrad_bn_sums`]) into `bn.dbeta` and `bn.dgamma`:
+/// `bn_backward_finalize_f32` on `tiles` chunks. With one tile the epilogue wrote the sums
+/// to `dbeta` and `dgamma`; with more, the `[c][tiles]` float2 pairs are at `part` (at least
+/// `8 * tiles * c` bytes that the caller owns).
+pub(crate) fn bn_launch_grad_finalize(gpu: &Gpu, tiles: usize, part: u64, bn: &mut BnLayer<'_>) -> Result<()> {
+    let c = bn.c;
+    ensure!(tiles >= 1, "internal: no row tiles");
+    let p = BnParams {
+        c: i32_of(c, "c")?,
+        vec: 1,
+        chunks: i32_of(tiles, "row tiles")?,
+        out: part,
+        invstd: dptr(bn.save_invstd, gpu, "save_invstd")?,
+        dgamma: dptr(bn.dgamma, gpu, "dgamma")?,
+        dbeta: dptr(bn.dbeta, gpu, "dbeta")?,
+        ..BnParams::default()
+    };
+    // SAFETY: the finalize kernel reads tiles * c pairs at `part` (tiles > 1) or the [c]
+    // gradient buffers (one tile), and writes dbeta and dgamma, all checked by the caller.
+    unsafe { gpu.launch(Kernel::new(MODULE, "bn_backward_finalize_f32"), finalize_cfg(c), &p)? };
     Ok(())
 }
 
@@ -624,6 +700,15 @@ impl Cost {
     pub fn bn_backward_through_relu(m: usize, c: usize, elem: usize) -> Cost {
         let mc = u(m) * u(c);
         Cost { flops: mc * 19, bytes: 5 * mc * u(elem) + 6 * u(c) * F32 }
+    }
+
+    /// The dx pass of a batch norm backward alone ([`crate::ops::layers::bn_backward_dx`]):
+    /// reads x and dy, writes dx; per channel gamma, the saved statistics, dgamma and dbeta
+    /// (and beta with the ReLU) read. FLOPs per element: 6, and 4 to recompute the ReLU's
+    /// output.
+    pub fn bn_backward_dx(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
+        let (mc, r) = (u(m) * u(c), relu as u64);
+        Cost { flops: mc * (6 + 4 * r), bytes: 3 * mc * u(elem) + (5 + r) * u(c) * F32 }
     }
 
     /// Batch norm backward through a ReLU whose masked gradient g is kept

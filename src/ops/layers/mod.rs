@@ -26,9 +26,9 @@ mod loss;
 mod pool;
 mod sgd;
 
-pub(crate) use bn::bn_launch_finalize_tiles;
+pub(crate) use bn::{bn_launch_finalize_tiles, bn_launch_grad_finalize, relu_output_host};
 pub use bn::{
-    bn_apply_saved, bn_backward, bn_backward_masking_dy, bn_backward_through_relu, bn_forward_eval, bn_forward_train,
+    bn_apply_saved, bn_backward, bn_backward_dx, bn_backward_masking_dy, bn_backward_through_relu, bn_forward_eval, bn_forward_train,
     bn_row_chunks, BnInput, BnLayer,
 };
 pub use elementwise::{add_assign, add_relu, cast, relu_backward};
