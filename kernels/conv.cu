@@ -600,6 +600,7 @@ __device__ __forceinline__ void bn_stats_columns(const PkConvParams& p, const fl
 // sums its own rows of each of its columns; the row groups meet in shared memory and one
 // thread per column adds them in order (as the BN statistics above). Row tiles are
 // numbered across the dgrad's phases: tile = (row tiles of the phases before) + blockIdx.x.
+// A second BN without a ReLU may take the same gradient (p.bn2_x): a third sum per column.
 
 // This block's row tile among all phases', and their number.
 template <int BM>
@@ -618,27 +619,30 @@ __device__ __forceinline__ int grad_tile(const PkConvParams& p, int& tiles) {
   return before + (int)blockIdx.x;
 }
 
-// The per-channel constants of the BN of column `col` (< gemm_n).
+// The per-channel constants of the BNs of column `col` (< gemm_n).
 struct GradBn {
-  float mean, scale, beta;
+  float mean, scale, beta, mean2;
   __device__ __forceinline__ void load(const PkConvParams& p, int col) {
     mean = p.in_mean[col];
     scale = p.in_gamma[col] * p.in_invstd[col];
     beta = p.in_beta[col];
+    mean2 = p.bn2_x ? p.bn2_mean[col] : 0.0f;
   }
-  // Adds g (masked by the recomputed ReLU with in_relu) and g * (x - mean) for the stored
-  // gradient g at output offset `idx`.
+  // Adds g (masked by the recomputed ReLU with in_relu), g * (x - mean) and, with a second
+  // BN, g * (x2 - mean2) for the stored gradient g at output offset `idx`.
   template <class T>
-  __device__ __forceinline__ void add(const PkConvParams& p, int64_t idx, float g, float& sg, float& sgx) const {
+  __device__ __forceinline__ void add(const PkConvParams& p, int64_t idx, float g, float* s) const {
     const float x = to_f32(static_cast<const T*>(p.bn_x)[idx]);
     if (p.in_relu) g = relu_grad(stored<T>(relu_f(fmaf(x - mean, scale, beta) + 0.0f)), g);
-    sg += g;
-    sgx = fmaf(g, x - mean, sgx);
+    s[0] += g;
+    s[1] = fmaf(g, x - mean, s[1]);
+    if (p.bn2_x) s[2] = fmaf(g, to_f32(static_cast<const T*>(p.bn2_x)[idx]) - mean2, s[2]);
   }
 };
 
 // One pass of the column reduction after every thread wrote red[rg * BN + col]: pass 0
-// keeps sum g in csum, pass 1 writes the pair. Barriers around it are the caller's.
+// keeps sum g in csum, pass 1 writes the pair of the BN, pass 2 that of the second BN.
+// Barriers around it are the caller's.
 template <int BN, int RG, int NT>
 __device__ __forceinline__ void bn_grad_columns(const PkConvParams& p, const float* red, float* csum, int tid, int n0,
                                                 int tile, int tiles, int pass) {
@@ -646,17 +650,16 @@ __device__ __forceinline__ void bn_grad_columns(const PkConvParams& p, const flo
     float s = 0.0f;
 #pragma unroll 4
     for (int g = 0; g < RG; ++g) s += red[g * BN + c];
+    const int col = n0 + c;
     if (pass == 0) {
       csum[c] = s;
-    } else {
-      const int col = n0 + c;
-      if (col < p.gemm_n) {
-        if (tiles == 1) {
-          p.bn_mean[col] = csum[c];
-          p.bn_m2[col] = s;
-        } else {
-          static_cast<float2*>(p.bn_part)[(int64_t)col * tiles + tile] = make_float2(csum[c], s);
-        }
+    } else if (col < p.gemm_n) {
+      void* part = pass == 1 ? p.bn_part : p.bn2_part;
+      if (tiles == 1) {
+        (pass == 1 ? p.bn_mean : p.bn2_sum)[col] = csum[c];
+        (pass == 1 ? p.bn_m2 : p.bn2_sumx)[col] = s;
+      } else {
+        static_cast<float2*>(part)[(int64_t)col * tiles + tile] = make_float2(csum[c], s);
       }
     }
   }
@@ -848,13 +851,13 @@ __device__ __forceinline__ void conv_tc(const PkConvParams& p) {
     const int rg = wm * 8 + g;
     int tiles;
     const int tile = grad_tile<BM>(p, tiles);
-    float sg[NI][2], sgx[NI][2];
+    float sums[NI][2][3];  // sum g, sum g (x - mean), sum g (x2 - mean2)
 #pragma unroll
     for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int col = n0 + wn * WTN + ni * 8 + 2 * t + e;
-        sg[ni][e] = sgx[ni][e] = 0.0f;
+        sums[ni][e][0] = sums[ni][e][1] = sums[ni][e][2] = 0.0f;
         if (col < p.gemm_n) {
           GradBn b;
           b.load(p, col);
@@ -863,17 +866,21 @@ __device__ __forceinline__ void conv_tc(const PkConvParams& p) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               const int rl = wm * WTM + mi * 16 + h * 8 + g;
-              if (rl < vrows) b.add<T>(p, (int64_t)rows[rl].out + col, acc[mi][ni][h * 2 + e], sg[ni][e], sgx[ni][e]);
+              if (rl < vrows) b.add<T>(p, (int64_t)rows[rl].out + col, acc[mi][ni][h * 2 + e], sums[ni][e]);
             }
         }
       }
     __syncthreads();  // every warp is done with the stages
+    const int passes = p.bn2_x ? 3 : 2;
 #pragma unroll 1
-    for (int pass = 0; pass < 2; ++pass) {
+    for (int pass = 0; pass < passes; ++pass) {
 #pragma unroll
       for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) red[rg * BN + wn * WTN + ni * 8 + 2 * t + e] = pass ? sgx[ni][e] : sg[ni][e];
+        for (int e = 0; e < 2; ++e) {
+          const float* v = sums[ni][e];  // constant indices: the sums stay in registers
+          red[rg * BN + wn * WTN + ni * 8 + 2 * t + e] = pass == 0 ? v[0] : pass == 1 ? v[1] : v[2];
+        }
       __syncthreads();
       bn_grad_columns<BN, RG, NT>(p, red, csum, tid, n0, tile, tiles, pass);
       __syncthreads();
@@ -1017,26 +1024,27 @@ __device__ __forceinline__ void conv_simt(const PkConvParams& p) {
     const int vrows = min(BM, geo.gemm_m - m0);
     int tiles;
     const int tile = grad_tile<BM>(p, tiles);
-    float sg[TN], sgx[TN];
+    float sums[TN][3];  // as conv_tc
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int col = n0 + tx * TN + j;
-      sg[j] = sgx[j] = 0.0f;
+      sums[j][0] = sums[j][1] = sums[j][2] = 0.0f;
       if (col < p.gemm_n) {
         GradBn b;
         b.load(p, col);
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
           const int rl = ty * TM + i;
-          if (rl < vrows) b.add<float>(p, (int64_t)rows[rl].out + col, acc[i][j], sg[j], sgx[j]);
+          if (rl < vrows) b.add<float>(p, (int64_t)rows[rl].out + col, acc[i][j], sums[j]);
         }
       }
     }
     __syncthreads();  // every thread is done with the stages
+    const int passes = p.bn2_x ? 3 : 2;
 #pragma unroll 1
-    for (int pass = 0; pass < 2; ++pass) {
+    for (int pass = 0; pass < passes; ++pass) {
 #pragma unroll
-      for (int j = 0; j < TN; ++j) red[ty * BN + tx * TN + j] = pass ? sgx[j] : sg[j];
+      for (int j = 0; j < TN; ++j) red[ty * BN + tx * TN + j] = pass == 0 ? sums[j][0] : pass == 1 ? sums[j][1] : sums[j][2];
       __syncthreads();
       bn_grad_columns<BN, RG, NT>(p, red, csum, tid, n0, tile, tiles, pass);
       __syncthreads();

@@ -161,6 +161,15 @@ typedef struct {
   // input is that of the previous block's final ReLU too. Null otherwise.
   const void* acc_mask;
   const void* bn_x;  // dgrad with bn_grad: [N,H,W,C] input of the batch norm, else null
+  // dgrad with bn_grad: a second batch norm whose output has the same gradient (a
+  // downsample block's shortcut BN shares the block output's gradient with bn3), without a
+  // ReLU: its input bn2_x ([N,H,W,C]) and saved mean bn2_mean; its pairs (sum g, sum g *
+  // (x2 - mean2)) go to bn2_part, or with one tile to bn2_sum and bn2_sumx. Null otherwise.
+  const void* bn2_x;
+  const float* bn2_mean;
+  void* bn2_part;
+  float* bn2_sum;
+  float* bn2_sumx;
 } PkConvParams;
 
 // transpose_<dtype>: dst[b][j][i] = src[b][i][j] for batch matrices of rows x cols.

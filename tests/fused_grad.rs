@@ -7,7 +7,8 @@
 //!   ReLU mask) on the same device and tile;
 //! - dbeta and dgamma against an f64 oracle of the sums over the stored dx (through the
 //!   BN's own ReLU, its output as the forward computes it on that device), atol 1e-5 of
-//!   the sums of magnitudes, and against the unfused BN backward on the same device;
+//!   the sums of magnitudes, and against the unfused BN backward on the same device; the
+//!   same for a second BN of the same gradient (its own input, statistics and sums);
 //! - odd widths (5, 7, 13, 67), batch 1, 1x1 and 3x3, stride 2 (the dgrad's phases, each
 //!   with its row tiles, 1x1 stride 2 with phases that have no taps), several row and
 //!   column tiles;
@@ -121,18 +122,31 @@ fn relu_out<T: ConvElem + LayerElem>(dev: &Device, m: usize, x: &Buf<T>, bn: &Bn
 
 /// Runs the fused op and the plain dgrad on one tile and checks dx bitwise and the sums
 /// against the f64 oracle and the unfused BN backward.
-fn check_one<T: ConvElem + LayerElem>(dev: &Device, sh: &ConvShape, plan: Option<Plan>, store: Store, relu: bool) {
+fn check_one<T: ConvElem + LayerElem>(
+    dev: &Device,
+    sh: &ConvShape,
+    plan: Option<Plan>,
+    store: Store,
+    relu: bool,
+    second: bool,
+) {
     let k = case::<T>(sh, 7 + sh.x_len() as u64);
+    // The second BN (no ReLU) of the same gradient: its own input and statistics.
+    let k2 = case::<T>(sh, 1000 + sh.x_len() as u64);
+    let x2 = up(dev, to_t::<T>(&k2.x));
+    let mut bn2 = bn_bufs(dev, &k2);
     let (m, c) = (sh.n * sh.h * sh.w, sh.c);
-    let what = format!("{dev:?} {} {sh:?} {plan:?} {store:?} relu {relu}", T::NAME);
+    let what = format!("{dev:?} {} {sh:?} {plan:?} {store:?} relu {relu} second {second}", T::NAME);
     let (dy, w, x) = (up(dev, to_t::<T>(&k.dy)), up(dev, to_t::<T>(&k.w)), up(dev, to_t::<T>(&k.x)));
     let mask = up(dev, to_t::<T>(&k.mask));
     let mut bn = bn_bufs(dev, &k);
-    let mut ws = up(dev, vec![f32::NAN; fused::grad_sums_workspace_len::<T>(sh, plan).max(1)]);
+    let mut ws = up(dev, vec![f32::NAN; (2 * fused::grad_sums_workspace_len::<T>(sh, plan)).max(1)]);
     // Fused.
     let mut dx = up(dev, to_t::<T>(&k.dx0));
     {
-        let grad = GradBn { x: &x, bn: &mut bn.layer(), relu, workspace: &mut ws };
+        let mut l2 = bn2.layer();
+        let second = second.then_some((&x2, &mut l2));
+        let grad = GradBn { x: &x, bn: &mut bn.layer(), relu, second, workspace: &mut ws };
         match store {
             Store::Plain => fused::conv2d_dgrad_bn_sums_with(dev, sh, &dy, &w, &mut dx, grad, plan),
             Store::Accumulate => fused::conv2d_dgrad_accumulate_bn_sums_with(dev, sh, &dy, &w, None, &mut dx, grad, plan),
@@ -173,6 +187,24 @@ fn check_one<T: ConvElem + LayerElem>(dev: &Device, sh: &ConvShape, plan: Option
         let tol = tol * k.invstd[ch] as f64;
         assert!((dgamma[ch] as f64 - want).abs() <= tol, "dgamma[{ch}] {} vs {want}: {what}", dgamma[ch]);
     }
+    if second {
+        // The second BN's sums: the same g, unmasked, its own x and mean.
+        let (mut sg2, mut sgx2, mut abs2) = (vec![0.0f64; c], vec![0.0f64; c], vec![0.0f64; c]);
+        for i in 0..m * c {
+            let ch = i % c;
+            let d = k2.x[i] as f64 - k2.mean[ch] as f64;
+            sg2[ch] += g[i] as f64;
+            sgx2[ch] += g[i] as f64 * d;
+            abs2[ch] += (g[i] as f64).abs() * (1.0 + d.abs());
+        }
+        let (db2, dg2) = (bn2.dbeta.to_vec().unwrap(), bn2.dgamma.to_vec().unwrap());
+        for ch in 0..c {
+            let tol = 1e-5 * abs2[ch] + 1e-6;
+            assert!((db2[ch] as f64 - sg2[ch]).abs() <= tol, "second dbeta[{ch}]: {what}");
+            let want = sgx2[ch] * k2.invstd[ch] as f64;
+            assert!((dg2[ch] as f64 - want).abs() <= tol * k2.invstd[ch] as f64, "second dgamma[{ch}]: {what}");
+        }
+    }
     // The unfused BN backward of the same gradient on the same device.
     let mut dxbn = up(dev, vec![<T as ConvElem>::from_f32(0.0); x.len()]);
     let ro = relu.then_some(&o);
@@ -189,8 +221,8 @@ fn check_all<T: ConvElem + LayerElem>(dev: &Device) {
     for sh in shapes() {
         for plan in tiles::<T>(dev, &sh) {
             for store in [Store::Plain, Store::Accumulate, Store::AccumulateMasked] {
-                for relu in [true, false] {
-                    check_one::<T>(dev, &sh, plan, store, relu);
+                for (relu, second) in [(true, false), (false, false), (false, true)] {
+                    check_one::<T>(dev, &sh, plan, store, relu, second);
                 }
             }
         }
@@ -265,28 +297,36 @@ fn bad_inputs_are_refused() {
     let err = |r: prunekit::Result<()>| r.unwrap_err().to_string();
     // A workspace too small for the tiles' sums.
     let mut small = up(&dev, vec![0.0f32; need - 1]);
-    let grad = GradBn { x: &x, bn: &mut bn.layer(), relu: true, workspace: &mut small };
+    let grad = GradBn { x: &x, bn: &mut bn.layer(), relu: true, second: None, workspace: &mut small };
     let e = err(fused::conv2d_dgrad_bn_sums(&dev, &sh, &dy, &w, &mut dx, grad));
     assert!(e.contains("workspace"), "{e}");
     // The BN's input of the wrong size.
     let mut ws = up(&dev, vec![0.0f32; need]);
     let short = up(&dev, vec![0.0f32; sh.x_len() - 1]);
-    let grad = GradBn { x: &short, bn: &mut bn.layer(), relu: true, workspace: &mut ws };
+    let grad = GradBn { x: &short, bn: &mut bn.layer(), relu: true, second: None, workspace: &mut ws };
     let e = err(fused::conv2d_dgrad_bn_sums(&dev, &sh, &dy, &w, &mut dx, grad));
     assert!(e.contains("batch norm's input"), "{e}");
     // A BN of other channels.
     let mut other = bn_bufs(&dev, &case::<f32>(&shape(1, 1, 1, 8, 8, 1, 1, 0), 1));
-    let grad = GradBn { x: &x, bn: &mut other.layer(), relu: false, workspace: &mut ws };
+    let grad = GradBn { x: &x, bn: &mut other.layer(), relu: false, second: None, workspace: &mut ws };
     let e = err(fused::conv2d_dgrad_bn_sums(&dev, &sh, &dy, &w, &mut dx, grad));
     assert!(e.contains("channels"), "{e}");
     // A mask of the wrong size; a buffer on another device.
     let bad_mask = up(&dev, vec![0.0f32; 3]);
-    let grad = GradBn { x: &x, bn: &mut bn.layer(), relu: false, workspace: &mut ws };
+    let grad = GradBn { x: &x, bn: &mut bn.layer(), relu: false, second: None, workspace: &mut ws };
     let e = err(fused::conv2d_dgrad_accumulate_bn_sums(&dev, &sh, &dy, &w, Some(&bad_mask), &mut dx, grad));
     assert!(e.contains("relu_out"), "{e}");
     let host_x = up(&Device::Cpu, k.x.clone());
-    let grad = GradBn { x: &host_x, bn: &mut bn.layer(), relu: false, workspace: &mut ws };
+    let grad = GradBn { x: &host_x, bn: &mut bn.layer(), relu: false, second: None, workspace: &mut ws };
     assert!(fused::conv2d_dgrad_bn_sums(&dev, &sh, &dy, &w, &mut dx, grad).is_err());
+    // A second BN with the first through a ReLU; a workspace without room for the second.
+    let mut b2 = bn_bufs(&dev, &k);
+    let grad = GradBn { x: &x, bn: &mut bn.layer(), relu: true, second: Some((&x, &mut b2.layer())), workspace: &mut ws };
+    let e = err(fused::conv2d_dgrad_bn_sums(&dev, &sh, &dy, &w, &mut dx, grad));
+    assert!(e.contains("ReLU"), "{e}");
+    let grad = GradBn { x: &x, bn: &mut bn.layer(), relu: false, second: Some((&x, &mut b2.layer())), workspace: &mut ws };
+    let e = err(fused::conv2d_dgrad_bn_sums(&dev, &sh, &dy, &w, &mut dx, grad));
+    assert!(e.contains("workspace"), "{e}");
     // bn_backward_dx: wrong lengths.
     let m = sh.n * sh.h * sh.w;
     let mut out = up(&dev, vec![0.0f32; sh.x_len()]);

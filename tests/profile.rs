@@ -149,17 +149,19 @@ fn bn_on_load() -> impl Iterator<Item = (prunekit::shape::ConvShape, Cost)> {
 
 /// The dgrads whose epilogue takes a BN backward's sums in a kernel device's train step:
 /// conv2's (bn1) and conv3's (bn2) of each block, and from the second block on the last
-/// dgrad into the block's input (the downsample's, else conv1's: the previous block's bn3).
-fn grad_sums() -> Vec<prunekit::shape::ConvShape> {
+/// dgrad into the block's input (the downsample's, else conv1's: the previous block's bn3,
+/// and its downsample BN as a second one when it has a downsample).
+fn grad_sums() -> Vec<(prunekit::shape::ConvShape, bool)> {
     let arch = tiny_arch();
     let convs = arch.convs(SIZE, SIZE);
     let by_name = |name: String| convs.iter().find(|l| l.name == name).unwrap().shape(N);
     let mut v = Vec::new();
     for (i, b) in arch.blocks.iter().enumerate() {
         let p = b.prefix();
-        v.extend([by_name(format!("{p}.conv2")), by_name(format!("{p}.conv3"))]);
+        v.extend([(by_name(format!("{p}.conv2")), false), (by_name(format!("{p}.conv3")), false)]);
         if i > 0 {
-            v.push(by_name(format!("{p}.{}", if b.downsample { "downsample.0" } else { "conv1" })));
+            let sh = by_name(format!("{p}.{}", if b.downsample { "downsample.0" } else { "conv1" }));
+            v.push((sh, arch.blocks[i - 1].downsample));
         }
     }
     v
@@ -168,19 +170,19 @@ fn grad_sums() -> Vec<prunekit::shape::ConvShape> {
 /// What the kernel devices count where the CPU counts `cpu` (as [`shared_counts`]): a
 /// train step there applies bn1 and bn2 as conv2 and conv3 load their inputs, in fprop and
 /// wgrad, so each block has two BN apply passes fewer and those four conv passes count the
-/// reads of the BN's parameters; and the dgrads of [`grad_sums`] read the BN's input and
-/// write the sums, which a finalize launch of its own merges (one BN backward call more
-/// each).
+/// reads of the BN's parameters; and the dgrads of [`grad_sums`] read the BNs' inputs and
+/// write the sums, which a finalize op of its own merges (one BN backward call more each;
+/// a second BN's backward is its dx pass alone, in place of the full backward).
 fn kernel_counts(cpu: &Profile, precision: PrecisionKind) -> Vec<(Family, usize, u64, u64)> {
     use prunekit::ops::fused::grad_sums_tiles;
     let elem = if precision == PrecisionKind::Bf16 { 2 } else { 4 };
     let mut c = shared_counts(cpu);
-    for sh in grad_sums() {
+    for (sh, second) in grad_sums() {
         let tiles = match precision {
             PrecisionKind::Bf16 => grad_sums_tiles::<half::bf16>(&sh, None),
             _ => grad_sums_tiles::<f32>(&sh, None),
         };
-        let extra = Cost { flops: 0, bytes: 0 }.with_grad_sums(&sh, elem, tiles);
+        let extra = Cost { flops: 0, bytes: 0 }.with_grad_sums(&sh, elem, tiles, second);
         for f in c.iter_mut() {
             match f.0 {
                 Family::ConvDgrad => f.3 += extra.bytes,

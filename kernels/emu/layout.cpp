@@ -55,7 +55,8 @@ static const PkFieldLayout kLayout[] = {
     PK_F(PkConvParams, bn_stats) PK_F(PkConvParams, accumulate)
     PK_F(PkConvParams, in_mean) PK_F(PkConvParams, in_invstd) PK_F(PkConvParams, in_gamma)
     PK_F(PkConvParams, in_beta) PK_F(PkConvParams, in_relu) PK_F(PkConvParams, bn_grad) PK_F(PkConvParams, acc_mask)
-    PK_F(PkConvParams, bn_x)
+    PK_F(PkConvParams, bn_x) PK_F(PkConvParams, bn2_x) PK_F(PkConvParams, bn2_mean) PK_F(PkConvParams, bn2_part)
+    PK_F(PkConvParams, bn2_sum) PK_F(PkConvParams, bn2_sumx)
 
     PK_F(PkTransposeParams, src) PK_F(PkTransposeParams, dst) PK_F(PkTransposeParams, batch)
     PK_F(PkTransposeParams, rows) PK_F(PkTransposeParams, cols) PK_F(PkTransposeParams, pad0)

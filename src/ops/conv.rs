@@ -332,7 +332,17 @@ pub(crate) enum Epilogue {
     /// takes the backward sums of the batch norm whose output's gradient it stored
     /// (`PkConvParams::bn_grad`): the BN's input at device address `x`, its parameters the
     /// launch's `bn_in`, the sums out to `out` (per row tile, or the two `[C]` buffers).
-    GradSums { accumulate: Option<u64>, x: u64, out: StatsOut },
+    GradSums { accumulate: Option<u64>, x: u64, out: StatsOut, second: Option<GradSecond> },
+}
+
+/// A second batch norm (no ReLU) whose output has the gradient a dgrad stores, and whose
+/// backward sums its epilogue takes too (`PkConvParams::bn2_x`): its input and saved mean,
+/// and where its sums go (device addresses).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GradSecond {
+    pub x: u64,
+    pub mean: u64,
+    pub out: StatsOut,
 }
 
 /// The batch norm (+ ReLU) a `bnin` launch applies to its x operand as it loads it
@@ -384,9 +394,9 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
         _ => (false, 0),
     };
     ensure!(!accumulate || pass == Pass::Dgrad, "only dgrad adds its result to its output");
-    let grad = match epi {
-        Epilogue::GradSums { x, out, .. } => Some((x, out)),
-        _ => None,
+    let (grad, second) = match epi {
+        Epilogue::GradSums { x, out, second, .. } => (Some((x, out)), second),
+        _ => (None, None),
     };
     ensure!(grad.is_none() || pass == Pass::Dgrad, "only dgrad takes batch norm backward sums");
     // dgrad's batch norm is the one whose sums its epilogue takes; the others' is applied to x.
@@ -474,6 +484,11 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
         bn_grad: grad.is_some() as i32,
         acc_mask,
         bn_x: grad.map_or(0, |g| g.0),
+        bn2_x: second.map_or(0, |b| b.x),
+        bn2_mean: second.map_or(0, |b| b.mean),
+        bn2_part: second.map_or(0, |b| b.out.part),
+        bn2_sum: second.map_or(0, |b| b.out.mean),
+        bn2_sumx: second.map_or(0, |b| b.out.m2),
     };
     let cfg = LaunchConfig {
         grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
@@ -492,7 +507,8 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
     // shape (every load is predicated on the tensor's bounds, every store on M and N).
     // With statistics the epilogue also writes K pairs per row tile through bn_part, or K
     // floats through bn_mean and bn_m2 (one row tile); with the BN backward sums, C pairs
-    // per row tile of all phases or C floats each, and reads bn_x (x's shape); the caller
+    // per row tile of all phases or C floats each, and reads bn_x (x's shape), and the same
+    // through the bn2_* pointers for a second BN, which also reads C floats of bn2_mean; the caller
     // sized those. A bnin launch, and dgrad with the sums, reads C floats through each in_*
     // pointer (the caller checked their lengths).
     unsafe { gpu.launch(kernel, cfg, &params)? };

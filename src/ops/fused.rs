@@ -20,7 +20,7 @@
 //! [`crate::cpu::layers::bn::bn_forward_train`]). Profile counts are the same on every
 //! device: the conv pass counts its epilogue's pairs, the finalize reads them.
 
-use super::conv::{self, ConvElem, Epilogue, Plan, StatsOut};
+use super::conv::{self, ConvElem, Epilogue, GradSecond, Plan, StatsOut};
 use super::layers::{bn_apply_saved, BnInput, BnLayer, LayerElem};
 use super::profile::{timed, u, Cost, Family, F32};
 use super::{check_bufs, check_len, check_on};
@@ -244,9 +244,13 @@ pub struct GradBn<'a, 'b, T: crate::gpu::Elem> {
     pub bn: &'a mut BnLayer<'b>,
     /// The gradient goes through the BN's own ReLU (its output recomputed from `x`).
     pub relu: bool,
+    /// A second batch norm without a ReLU whose output has the same gradient (a downsample
+    /// block's shortcut BN shares its output gradient with bn3): its input (as `x`) and
+    /// layer, whose `dbeta` and `dgamma` are written too.
+    pub second: Option<(&'a Buf<T>, &'a mut BnLayer<'b>)>,
     /// The per-tile sums between the two launches: at least
-    /// [`grad_sums_workspace_len`] values on a kernel device; its contents are left
-    /// undefined.
+    /// [`grad_sums_workspace_len`] values on a kernel device, twice that with `second`; its
+    /// contents are left undefined.
     pub workspace: &'a mut Buf<f32>,
 }
 
@@ -329,7 +333,7 @@ fn dgrad_sums<T: ConvElem + LayerElem>(
     grad: GradBn<'_, '_, T>,
     plan: Option<Plan>,
 ) -> Result<()> {
-    let GradBn { x, bn, relu, workspace } = grad;
+    let GradBn { x, bn, relu, mut second, workspace } = grad;
     conv::prepare(dev, sh, (dy, "dy", sh.y_len()), (w, "w", sh.w_len()), (&*dx, "dx", sh.x_len()))?;
     let mask = acc.flatten();
     for (b, what) in mask.map(|r| (r, "relu_out")).into_iter().chain([(x, "the batch norm's input")]) {
@@ -350,19 +354,32 @@ fn dgrad_sums<T: ConvElem + LayerElem>(
             (&*bn.dbeta, "dbeta"),
         ],
     )?;
+    if let Some((x2, bn2)) = second.as_ref() {
+        ensure!(!relu, "a second batch norm takes the gradient unmasked: the first cannot go through a ReLU");
+        check_len(*x2, sh.x_len(), "the second batch norm's input")?;
+        check_on(*x2, dev, "the second batch norm's input")?;
+        ensure!(bn2.c == c, "the second batch norm has {} channels, the dgrad's output {c}", bn2.c);
+        check_bufs(
+            dev,
+            c,
+            &[(&*bn2.save_mean, "save_mean"), (&*bn2.save_invstd, "save_invstd"), (&*bn2.dgamma, "dgamma"), (&*bn2.dbeta, "dbeta")],
+        )?;
+    }
     let tiles = grad_sums_tiles::<T>(sh, plan);
+    let per_bn = grad_sums_workspace_len::<T>(sh, plan);
     check_on(workspace, dev, "workspace")?;
     if !matches!(dev, Device::Cpu) {
-        let need = grad_sums_workspace_len::<T>(sh, plan);
+        let need = per_bn * (1 + second.is_some() as usize);
         ensure!(workspace.len() >= need, "the workspace holds {} values, the sums need {need}", workspace.len());
     }
     let elem = std::mem::size_of::<T>();
+    let two = second.is_some();
     let conv_cost = || {
         let base = match acc {
             None => Cost::conv(Pass::Dgrad, sh, elem),
             Some(mask) => Cost::conv_accumulate(sh, elem, mask.is_some()),
         };
-        base.with_grad_sums(sh, elem, tiles)
+        base.with_grad_sums(sh, elem, tiles, two)
     };
     timed(dev, Family::ConvDgrad, conv_cost, || match dev {
         Device::Cpu => {
@@ -381,23 +398,43 @@ fn dgrad_sums<T: ConvElem + LayerElem>(
                 None => None,
             };
             let xp = super::on_gpu(x, gpu, "the batch norm's input")?.ptr();
-            let epi = Epilogue::GradSums { accumulate, x: xp, out };
+            let second = match second.as_ref() {
+                Some((x2, bn2)) => Some(GradSecond {
+                    x: super::on_gpu(*x2, gpu, "the second batch norm's input")?.ptr(),
+                    mean: ptr(bn2.save_mean, "save_mean")?,
+                    out: StatsOut {
+                        part: out.part + 4 * per_bn as u64,
+                        mean: ptr(bn2.dbeta, "dbeta")?,
+                        m2: ptr(bn2.dgamma, "dgamma")?,
+                    },
+                }),
+                None => None,
+            };
+            let epi = Epilogue::GradSums { accumulate, x: xp, out, second };
             let p = bn.input(relu).ptrs(gpu)?;
             conv::launch_bnin(gpu, Pass::Dgrad, sh, dy, w, dx, plan, epi, Some(p)).map(|_| ())
         }
     })?;
-    let fin_cost = || Cost::bn_grad_finalize(m, c, tiles, relu);
+    let fin_cost = || Cost::bn_grad_finalize(m, c, tiles, relu, two);
     timed(dev, Family::BnBackward, fin_cost, || match dev {
         Device::Cpu => {
             let xs = x.host().ok_or_else(|| invalid!("x is not on the cpu"))?;
             let o = if relu { Some(super::layers::relu_output_host(m, xs, &bn.input(true))?) } else { None };
             let g = dx.host().ok_or_else(|| invalid!("dx is not on the cpu"))?;
             cpu_bn::bn_backward_params(m, xs, o.as_deref(), g, &mut bn.host()?);
+            if let Some((x2, bn2)) = second.as_mut() {
+                let x2s = x2.host().ok_or_else(|| invalid!("x2 is not on the cpu"))?;
+                cpu_bn::bn_backward_params(m, x2s, None, g, &mut bn2.host()?);
+            }
             Ok(())
         }
         Device::Gpu(gpu) => {
             let part = super::on_gpu(workspace, gpu, "workspace")?.ptr();
-            super::layers::bn_launch_grad_finalize(gpu, tiles, part, bn)
+            super::layers::bn_launch_grad_finalize(gpu, tiles, part, bn)?;
+            match second.as_mut() {
+                Some((_, bn2)) => super::layers::bn_launch_grad_finalize(gpu, tiles, part + 4 * per_bn as u64, bn2),
+                None => Ok(()),
+            }
         }
     })
 }
@@ -566,8 +603,13 @@ impl Cost {
     /// channel and row tile one pair of f32 written (with one tile the two `[c]` buffers).
     /// FLOPs: the GEMM's only; the sums' are counted with the finalize
     /// ([`Cost::bn_grad_finalize`]).
-    pub fn with_grad_sums(self, sh: &ConvShape, elem: usize, tiles: usize) -> Cost {
-        let extra = u(sh.x_len()) * u(elem) + 4 * u(sh.c) * F32 + 8 * u(tiles.max(1)) * u(sh.c);
+    /// With `second`, the second BN's input, saved mean and pairs too.
+    pub fn with_grad_sums(self, sh: &ConvShape, elem: usize, tiles: usize, second: bool) -> Cost {
+        let pairs = 8 * u(tiles.max(1)) * u(sh.c);
+        let mut extra = u(sh.x_len()) * u(elem) + 4 * u(sh.c) * F32 + pairs;
+        if second {
+            extra += u(sh.x_len()) * u(elem) + u(sh.c) * F32 + pairs;
+        }
         Cost { flops: self.flops, bytes: self.bytes + extra }
     }
 
@@ -575,10 +617,16 @@ impl Cost {
     /// merged by `bn_backward_finalize_f32`: reads `tiles` pairs per channel (with one tile
     /// the two `[c]` buffers) and the inverse deviation, writes dbeta and dgamma. FLOPs: 4
     /// per element for the sums (done in the epilogue), 4 more to recompute the ReLU's
-    /// output with `relu`, and 2 per pair.
-    pub fn bn_grad_finalize(m: usize, c: usize, tiles: usize, relu: bool) -> Cost {
+    /// output with `relu`, and 2 per pair. With `second`, the second BN's as well (3 per
+    /// element: its own difference and product-sum).
+    pub fn bn_grad_finalize(m: usize, c: usize, tiles: usize, relu: bool, second: bool) -> Cost {
         let (mc, t) = (u(m) * u(c), u(tiles.max(1)));
-        Cost { flops: mc * (4 + 4 * relu as u64) + 2 * t * u(c), bytes: 8 * t * u(c) + 3 * u(c) * F32 }
+        let one = Cost { flops: mc * (4 + 4 * relu as u64) + 2 * t * u(c), bytes: 8 * t * u(c) + 3 * u(c) * F32 };
+        if second {
+            Cost { flops: one.flops + 3 * mc + 2 * t * u(c), bytes: 2 * one.bytes }
+        } else {
+            one
+        }
     }
 
     /// A convolution pass (fprop or wgrad) whose x operand is the batch norm (+ ReLU) of the

@@ -276,6 +276,17 @@ params!(
         /// dgrad with `bn_grad`: device address of the `[N, H, W, C]` input of the batch
         /// norm, or 0.
         bn_x: u64,
+        /// dgrad with `bn_grad`: the input of a second batch norm (no ReLU) whose output has
+        /// the same gradient, or 0.
+        bn2_x: u64,
+        /// The second batch norm's `[C]` saved mean.
+        bn2_mean: u64,
+        /// The second batch norm's per-tile pairs (`[C][tiles]` float2).
+        bn2_part: u64,
+        /// The second batch norm's sum of g (one tile).
+        bn2_sum: u64,
+        /// The second batch norm's sum of g (x - mean) (one tile).
+        bn2_sumx: u64,
     }
 );
 params!(

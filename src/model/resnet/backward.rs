@@ -38,16 +38,25 @@ impl<T: Precision> ResNet<T> {
         for bi in (0..nblocks).rev() {
             let (before, rest) = ws.blocks.split_at_mut(bi);
             let acts = &mut rest[0];
-            // The block input and, from the second block on, the previous block's bn3 input
-            // and statistics (its sums are taken here).
-            let (x, prev): (&Buf<T>, Option<(&Buf<T>, &mut Saved)>) = match before.last_mut() {
-                Some(p) => (&p.out, Some((&p.t3, &mut p.s3))),
+            // The block input and, from the second block on, the inputs and statistics of the
+            // previous block's bn3 and downsample BN, whose output gradient this block's
+            // input gradient is (their sums are taken here).
+            type Prev<'a, T> = (&'a Buf<T>, &'a mut Saved, Option<(&'a Buf<T>, &'a mut Saved)>);
+            let (x, prev): (&Buf<T>, Option<Prev<'_, T>>) = match before.last_mut() {
+                Some(p) => (&p.out, Some((&p.t3, &mut p.s3, p.td.as_ref().zip(p.sd.as_mut())))),
                 None => (&ws.p0, None),
             };
             let (bps_before, bps) = self.blocks.split_at_mut(bi);
             let bp = &mut bps[0];
-            let mut prev_bn3 = match (on_load, prev, bps_before.last_mut()) {
-                (true, Some((t3, s3)), Some(pb)) => Some((t3, pb.bn3.layer(s3, bnc))),
+            let mut prev_bns = match (on_load, prev, bps_before.last_mut()) {
+                (true, Some((t3, s3, down)), Some(pb)) => {
+                    let second = match (down, pb.down.as_mut()) {
+                        (Some((td, sd)), Some((_, dbn))) => Some((td, dbn.layer(sd, bnc))),
+                        (None, None) => None,
+                        _ => return Err(invalid!("internal: downsample buffers out of step")),
+                    };
+                    Some((t3, pb.bn3.layer(s3, bnc), second))
+                }
                 _ => None,
             };
             let (l_in, l1, l2, l_out) = (acts.sh1.x_len(), acts.sh1.y_len(), acts.sh2.y_len(), acts.sh3.y_len());
@@ -55,8 +64,8 @@ impl<T: Precision> ResNet<T> {
             let m2 = acts.sh2.n * acts.sh2.p() * acts.sh2.q();
             // Through the final ReLU to bn3 and conv3, which leaves dsum, the gradient of both
             // branches of the sum. The next block's dgrad masked g by this ReLU as it stored
-            // it (and took bn3's sums on a kernel device); the last block's g (from the
-            // pooling) is masked by bn3's backward, in place.
+            // it (and took the sums of bn3 and the downsample BN on a kernel device); the last
+            // block's g (from the pooling) is masked by bn3's backward, in place.
             let dsum = g;
             let dt3 = scratch.take(l_out)?;
             {
@@ -77,7 +86,7 @@ impl<T: Precision> ResNet<T> {
                     let in2 = bp.bn2.input(&acts.s2, true);
                     fused::conv2d_wgrad_bn_input(&dev, &acts.sh3, &acts.t2, &in2, d3, &mut bp.conv3.dw)?;
                     let bn = &mut bp.bn2.layer(&mut acts.s2, bnc);
-                    let grad = fused::GradBn { x: &acts.t2, bn, relu: true, workspace: &mut *part };
+                    let grad = fused::GradBn { x: &acts.t2, bn, relu: true, second: None, workspace: &mut *part };
                     fused::conv2d_dgrad_bn_sums(&dev, &acts.sh3, d3, bp.conv3.weight()?, da, grad)?;
                 } else {
                     conv::conv2d_wgrad(&dev, &acts.sh3, &acts.a2, d3, &mut bp.conv3.dw)?;
@@ -104,7 +113,7 @@ impl<T: Precision> ResNet<T> {
                     let in1 = bp.bn1.input(&acts.s1, true);
                     fused::conv2d_wgrad_bn_input(&dev, &acts.sh2, &acts.t1, &in1, d2, &mut bp.conv2.dw)?;
                     let bn = &mut bp.bn1.layer(&mut acts.s1, bnc);
-                    let grad = fused::GradBn { x: &acts.t1, bn, relu: true, workspace: &mut *part };
+                    let grad = fused::GradBn { x: &acts.t1, bn, relu: true, second: None, workspace: &mut *part };
                     fused::conv2d_dgrad_bn_sums(&dev, &acts.sh2, d2, bp.conv2.weight()?, da, grad)?;
                 } else {
                     conv::conv2d_wgrad(&dev, &acts.sh2, &acts.a1, d2, &mut bp.conv2.dw)?;
@@ -132,11 +141,13 @@ impl<T: Precision> ResNet<T> {
             let identity = acts.shd.is_none();
             let relu_out = (bi > 0).then_some(x);
             let dx = if identity { dsum } else { scratch.take(l_in)? };
-            // The last dgrad into dx: with the previous bn3's sums when there is one.
+            // The last dgrad into dx: with the previous bn3's (and downsample BN's) sums when
+            // there is one.
             let mut into_input = |sh: &ConvShape, dy: &Buf<T>, w: &Buf<T>, dxb: &mut Buf<T>| -> Result<()> {
-                match prev_bn3.as_mut() {
-                    Some((t3, bn)) => {
-                        let grad = fused::GradBn { x: *t3, bn, relu: false, workspace: &mut *part };
+                match prev_bns.as_mut() {
+                    Some((t3, bn, second)) => {
+                        let second = second.as_mut().map(|(td, l)| (*td, l));
+                        let grad = fused::GradBn { x: *t3, bn, relu: false, second, workspace: &mut *part };
                         fused::conv2d_dgrad_accumulate_bn_sums(&dev, sh, dy, w, relu_out, dxb, grad)
                     }
                     None => conv::conv2d_dgrad_accumulate(&dev, sh, dy, w, relu_out, dxb),
@@ -157,7 +168,12 @@ impl<T: Precision> ResNet<T> {
                     let dtd = scratch.take(l_out)?;
                     {
                         let [ds, dd] = scratch.bufs.get_disjoint_mut([dsum, dtd]).expect("distinct");
-                        layers::bn_backward(&dev, m2, td, None, ds, &mut dbn.layer(sd, bnc), dd)?;
+                        let bn = &mut dbn.layer(sd, bnc);
+                        if on_load && bi + 1 < nblocks {
+                            layers::bn_backward_dx(&dev, m2, td, ds, bn, false, dd)?;
+                        } else {
+                            layers::bn_backward(&dev, m2, td, None, ds, bn, dd)?;
+                        }
                     }
                     {
                         let [dd, dxb] = scratch.bufs.get_disjoint_mut([dtd, dx]).expect("distinct");

@@ -31,9 +31,10 @@ impl<T: Precision> ResNet<T> {
             }
         };
         let (mut hh, mut ww) = (hp, wp);
-        let mut blocks = Vec::with_capacity(self.blocks.len());
+        let mut blocks: Vec<BlockActs<T>> = Vec::with_capacity(self.blocks.len());
         // The backward's dgrads that take BN sums: conv2's and conv3's (bn1, bn2), and in
-        // every block but the first the last dgrad into the block input (the previous bn3).
+        // every block but the first the last dgrad into the block input (the previous bn3
+        // and downsample BN).
         let mut grad_sums = 0;
         for bp in &self.blocks {
             let sh1 = bp.conv1.shape(n, hh, ww);
@@ -43,9 +44,13 @@ impl<T: Precision> ResNet<T> {
             let sh3 = bp.conv3.shape(n, ho, wo);
             let shd = bp.down.as_ref().map(|(c, _)| c.shape(n, hh, ww));
             let (l_in, l1, l2, l_out) = (sh1.x_len(), sh1.y_len(), sh2.y_len(), sh3.y_len());
-            let into_input = if blocks.is_empty() { None } else { Some(shd.unwrap_or(sh1)) };
-            for sh in [Some(sh2), Some(sh3), into_input].into_iter().flatten() {
+            for sh in [sh2, sh3] {
                 grad_sums = grad_sums.max(fused::grad_sums_workspace_len::<T>(&sh, None));
+            }
+            if let Some(prev) = blocks.last() {
+                // The previous block's bn3 and, with a downsample, its BN: twice the sums.
+                let bns = 1 + prev.shd.is_some() as usize;
+                grad_sums = grad_sums.max(bns * fused::grad_sums_workspace_len::<T>(&shd.unwrap_or(sh1), None));
             }
             ensure!(n * ho * wo >= 2, "the feature map of {} is too small for batch norm", bp.spec.prefix());
             // Forward: b3 and the downsample's BN output; backward: see `backward`.
