@@ -149,7 +149,9 @@ fn check_one<T: ConvElem + LayerElem>(
         let grad = GradBn { x: &x, bn: &mut bn.layer(), relu, second, workspace: &mut ws };
         match store {
             Store::Plain => fused::conv2d_dgrad_bn_sums_with(dev, sh, &dy, &w, &mut dx, grad, plan),
-            Store::Accumulate => fused::conv2d_dgrad_accumulate_bn_sums_with(dev, sh, &dy, &w, None, &mut dx, grad, plan),
+            Store::Accumulate => {
+                fused::conv2d_dgrad_accumulate_bn_sums_with(dev, sh, &dy, &w, None, &mut dx, grad, plan)
+            }
             Store::AccumulateMasked => {
                 fused::conv2d_dgrad_accumulate_bn_sums_with(dev, sh, &dy, &w, Some(&mask), &mut dx, grad, plan)
             }
@@ -190,12 +192,12 @@ fn check_one<T: ConvElem + LayerElem>(
     if second {
         // The second BN's sums: the same g, unmasked, its own x and mean.
         let (mut sg2, mut sgx2, mut abs2) = (vec![0.0f64; c], vec![0.0f64; c], vec![0.0f64; c]);
-        for i in 0..m * c {
+        for (i, (&gi, &xi)) in g.iter().zip(&k2.x).enumerate() {
             let ch = i % c;
-            let d = k2.x[i] as f64 - k2.mean[ch] as f64;
-            sg2[ch] += g[i] as f64;
-            sgx2[ch] += g[i] as f64 * d;
-            abs2[ch] += (g[i] as f64).abs() * (1.0 + d.abs());
+            let (gi, d) = (gi as f64, xi as f64 - k2.mean[ch] as f64);
+            sg2[ch] += gi;
+            sgx2[ch] += gi * d;
+            abs2[ch] += gi.abs() * (1.0 + d.abs());
         }
         let (db2, dg2) = (bn2.dbeta.to_vec().unwrap(), bn2.dgamma.to_vec().unwrap());
         for ch in 0..c {
@@ -321,10 +323,12 @@ fn bad_inputs_are_refused() {
     assert!(fused::conv2d_dgrad_bn_sums(&dev, &sh, &dy, &w, &mut dx, grad).is_err());
     // A second BN with the first through a ReLU; a workspace without room for the second.
     let mut b2 = bn_bufs(&dev, &k);
-    let grad = GradBn { x: &x, bn: &mut bn.layer(), relu: true, second: Some((&x, &mut b2.layer())), workspace: &mut ws };
+    let grad =
+        GradBn { x: &x, bn: &mut bn.layer(), relu: true, second: Some((&x, &mut b2.layer())), workspace: &mut ws };
     let e = err(fused::conv2d_dgrad_bn_sums(&dev, &sh, &dy, &w, &mut dx, grad));
     assert!(e.contains("ReLU"), "{e}");
-    let grad = GradBn { x: &x, bn: &mut bn.layer(), relu: false, second: Some((&x, &mut b2.layer())), workspace: &mut ws };
+    let grad =
+        GradBn { x: &x, bn: &mut bn.layer(), relu: false, second: Some((&x, &mut b2.layer())), workspace: &mut ws };
     let e = err(fused::conv2d_dgrad_bn_sums(&dev, &sh, &dy, &w, &mut dx, grad));
     assert!(e.contains("workspace"), "{e}");
     // bn_backward_dx: wrong lengths.

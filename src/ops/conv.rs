@@ -406,8 +406,12 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
     );
     ensure!(grad.is_none() || bn_in.is_some(), "internal: batch norm sums without the batch norm");
     let plan = forced.unwrap_or_else(|| plan::<T>(pass, sh));
-    let kernel = if bn_in.is_some() && pass != Pass::Dgrad { T::kernel_bnin(pass, plan.tile) } else { T::kernel(pass, plan.tile) }
-        .ok_or_else(|| invalid!("no {} kernel with tile {:?} for {}", pass.name(), plan.tile, T::NAME))?;
+    let kernel = if bn_in.is_some() && pass != Pass::Dgrad {
+        T::kernel_bnin(pass, plan.tile)
+    } else {
+        T::kernel(pass, plan.tile)
+    }
+    .ok_or_else(|| invalid!("no {} kernel with tile {:?} for {}", pass.name(), plan.tile, T::NAME))?;
     if plan.tile.vector() && T::TENSOR_CORES {
         ensure!(vector_ok(pass, sh), "tile {:?} needs channel counts that are multiples of 8 ({sh:?})", plan.tile);
     }

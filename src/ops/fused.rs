@@ -362,7 +362,12 @@ fn dgrad_sums<T: ConvElem + LayerElem>(
         check_bufs(
             dev,
             c,
-            &[(&*bn2.save_mean, "save_mean"), (&*bn2.save_invstd, "save_invstd"), (&*bn2.dgamma, "dgamma"), (&*bn2.dbeta, "dbeta")],
+            &[
+                (&*bn2.save_mean, "save_mean"),
+                (&*bn2.save_invstd, "save_invstd"),
+                (&*bn2.dgamma, "dgamma"),
+                (&*bn2.dbeta, "dbeta"),
+            ],
         )?;
     }
     let tiles = grad_sums_tiles::<T>(sh, plan);
@@ -392,9 +397,15 @@ fn dgrad_sums<T: ConvElem + LayerElem>(
         }
         Device::Gpu(gpu) => {
             let ptr = |b: &Buf<f32>, what: &str| super::on_gpu(b, gpu, what).map(|g| g.ptr());
-            let out = StatsOut { part: ptr(workspace, "workspace")?, mean: ptr(bn.dbeta, "dbeta")?, m2: ptr(bn.dgamma, "dgamma")? };
+            let out = StatsOut {
+                part: ptr(workspace, "workspace")?,
+                mean: ptr(bn.dbeta, "dbeta")?,
+                m2: ptr(bn.dgamma, "dgamma")?,
+            };
             let accumulate = match acc {
-                Some(mask) => Some(mask.map(|r| super::on_gpu(r, gpu, "relu_out").map(|g| g.ptr())).transpose()?.unwrap_or(0)),
+                Some(mask) => {
+                    Some(mask.map(|r| super::on_gpu(r, gpu, "relu_out").map(|g| g.ptr())).transpose()?.unwrap_or(0))
+                }
                 None => None,
             };
             let xp = super::on_gpu(x, gpu, "the batch norm's input")?.ptr();

@@ -26,11 +26,11 @@ mod loss;
 mod pool;
 mod sgd;
 
-pub(crate) use bn::{bn_launch_finalize_tiles, bn_launch_grad_finalize, relu_output_host};
 pub use bn::{
-    bn_apply_saved, bn_backward, bn_backward_dx, bn_backward_masking_dy, bn_backward_through_relu, bn_forward_eval, bn_forward_train,
-    bn_row_chunks, BnInput, BnLayer,
+    bn_apply_saved, bn_backward, bn_backward_dx, bn_backward_masking_dy, bn_backward_through_relu, bn_forward_eval,
+    bn_forward_train, bn_row_chunks, BnInput, BnLayer,
 };
+pub(crate) use bn::{bn_launch_finalize_tiles, bn_launch_grad_finalize, relu_output_host};
 pub use elementwise::{add_assign, add_relu, cast, relu_backward};
 pub use fc::{fc_backward, fc_forward};
 pub use loss::{check_targets, softmax_cross_entropy, softmax_cross_entropy_smoothed};
