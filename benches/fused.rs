@@ -8,6 +8,9 @@
 //!   first (unfused) or as the conv loads it (what a train step runs on a kernel device).
 //! - `residual_grad` (group `fused_layer1_conv1_dgrad_*`): conv1's dgrad plus the
 //!   shortcut's gradient, into a temporary and added, against `conv2d_dgrad_accumulate`.
+//! - `bn_grad` (group `fused_layer1_conv3_dgrad_bn2_*`): conv3's dgrad then bn2's backward
+//!   through its ReLU (reduction and dx pass), against the dgrad taking the reduction's
+//!   sums in its epilogue (`conv2d_dgrad_bn_sums`) then the dx pass alone.
 //! - `bn_input` (group `fused_layer1_conv3_input_*`): BN apply + ReLU of the previous conv's
 //!   output, then conv3's fprop and wgrad on it (unfused: `bn_apply_saved` writes the
 //!   activation, both passes read it), against both passes applying the BN as they load x
@@ -181,6 +184,57 @@ fn residual_grad_benches<T: ConvElem + LayerElem>(c: &mut Criterion) {
     }
 }
 
+/// The backward of bn2 (+ ReLU) from conv3's dgrad (1x1, 256 -> 64 channels at 56x56, and
+/// the filters-0.5 twin 256 -> 32): the dgrad, then the BN backward's reduction and dx pass,
+/// against the dgrad taking the reduction's sums in its epilogue, then the dx pass alone.
+fn bn_grad_benches<T: ConvElem + LayerElem>(c: &mut Criterion) {
+    for (what, cin) in [("dense", 64), ("filters0.5", 32)] {
+        let mut g = c.benchmark_group(format!("fused_layer1_conv3_dgrad_bn2_{what}_{}", <T as Elem>::NAME));
+        g.sample_size(10);
+        for (dev, batch) in devices() {
+            let sh = ConvShape { n: batch, h: 56, w: 56, c: cin, k: 256, r: 1, s: 1, stride: 1, pad: 0 };
+            let m = batch * 56 * 56;
+            let t2 = filled::<T>(&dev, sh.x_len(), 1, -1.0, 2.0);
+            let w = filled::<T>(&dev, sh.w_len(), 2, -0.1, 0.1);
+            let dy = filled::<T>(&dev, sh.y_len(), 3, -1.0, 1.0);
+            let gamma = dev.upload(vec![1.0f32; cin]).unwrap();
+            let beta = dev.upload(vec![0.1f32; cin]).unwrap();
+            let (mut rm, mut rv) = (dev.zeros::<f32>(cin).unwrap(), dev.upload(vec![1.0f32; cin]).unwrap());
+            let mut sm = dev.upload(vec![0.5f32; cin]).unwrap();
+            let mut si = dev.upload(vec![1.5f32; cin]).unwrap();
+            let (mut dg, mut db) = (dev.uninit::<f32>(cin).unwrap(), dev.uninit::<f32>(cin).unwrap());
+            let mut bn = BnLayer {
+                c: cin,
+                gamma: &gamma,
+                beta: &beta,
+                running_mean: &mut rm,
+                running_var: &mut rv,
+                save_mean: &mut sm,
+                save_invstd: &mut si,
+                dgamma: &mut dg,
+                dbeta: &mut db,
+                momentum: 0.1,
+                eps: 1e-5,
+            };
+            let mut a2 = dev.uninit::<T>(sh.x_len()).unwrap();
+            layers::bn_apply_saved(&dev, m, &t2, &bn.input(true), None, &mut a2).unwrap();
+            let mut da = dev.uninit::<T>(sh.x_len()).unwrap();
+            let mut dt = dev.uninit::<T>(sh.x_len()).unwrap();
+            let mut part = dev.uninit::<f32>(fused::grad_sums_workspace_len::<T>(&sh, None).max(1)).unwrap();
+            bench(&mut g, &format!("dgrad_then_bn_backward/m{m}"), &dev, || {
+                conv::conv2d_dgrad(&dev, &sh, &dy, &w, &mut da).unwrap();
+                layers::bn_backward_through_relu(&dev, m, &t2, &a2, &da, &mut bn, &mut dt).unwrap();
+            });
+            bench(&mut g, &format!("dgrad_bn_sums_then_dx/m{m}"), &dev, || {
+                let grad = fused::GradBn { x: &t2, bn: &mut bn, relu: true, second: None, workspace: &mut part };
+                fused::conv2d_dgrad_bn_sums(&dev, &sh, &dy, &w, &mut da, grad).unwrap();
+                layers::bn_backward_dx(&dev, m, &t2, &da, &bn, true, &mut dt).unwrap();
+            });
+        }
+        g.finish();
+    }
+}
+
 fn all(c: &mut Criterion) {
     fused_benches::<bf16>(c);
     fused_benches::<f32>(c);
@@ -188,6 +242,8 @@ fn all(c: &mut Criterion) {
     bn_input_benches::<f32>(c);
     residual_grad_benches::<bf16>(c);
     residual_grad_benches::<f32>(c);
+    bn_grad_benches::<bf16>(c);
+    bn_grad_benches::<f32>(c);
 }
 
 criterion_group!(benches, all);
