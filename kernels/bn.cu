@@ -25,6 +25,9 @@
 // With grad_out (= dy), the reduce also stores g over dy, in the thread that read it (a
 // bottleneck's output gradient through its last ReLU, which the shortcut needs too), and the
 // dx pass reads g unmasked: the separate relu_backward pass is gone (src/ops/layers/bn.rs, bn_backward_masking_dy).
+// Fused with the convolution (src/ops/fused.rs, conv2d_dgrad_bn_sums): a dgrad whose output
+// is g takes the reduce's sums per row tile in its epilogue (conv.cu), so the backward is
+// that dgrad, bn_backward_finalize_f32 over its tiles, and bn_backward_dx_<T>.
 // Every reduction is in a fixed order: results do not depend on scheduling. The
 // per-chunk partials are parked in the bytes of y (dx), which the last launch overwrites,
 // so a training step allocates nothing; with one chunk they go to the [c] outputs.
