@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # run.sh of the GPU bundle (made by scripts/gpu-bundle.sh). On a machine with an NVIDIA
-# GPU it runs, by phase (default: tests python verify bench step conv, about 6 minutes on an H200;
-# PyTorch's anchors run with its defaults plus cudnn.benchmark and channels_last):
+# GPU it runs, by phase (default: ceilings tests python verify bench step conv, about 6 minutes
+# on an H200; PyTorch's anchors run with its defaults plus cudnn.benchmark and channels_last):
+#   ceilings   the device's copy bandwidth and matrix rates through PyTorch
+#              (scripts/gpu_ceilings.py), to check the roofline table against
 #   tests      the GPU tests of every test binary (--ignored; CI runs the others)
 #   python     the wheel beside the machine's PyTorch: prunekit.torch.Conv2d on CUDA
 #              tensors (DLPack, PyTorch's streams) against cuDNN, and the CPU conv tests
@@ -28,7 +30,7 @@ REPORT="$RESULTS/report.txt"
 LOG="$RESULTS/log.txt"
 PK="$HERE/bin/prunekit"
 phases=("$@")
-[[ ${#phases[@]} -eq 0 ]] && phases=(tests python verify bench step conv)
+[[ ${#phases[@]} -eq 0 ]] && phases=(ceilings tests python verify bench step conv)
 status=0
 say() { echo "$*" | tee -a "$REPORT"; }
 started=$(date +%s)
@@ -43,7 +45,12 @@ started=$(date +%s)
 for phase in "${phases[@]}"; do
     say ""
     say "## $phase"
+    phase_start=$(date +%s)
     case $phase in
+    ceilings)
+        python3 scripts/gpu_ceilings.py > "$RESULTS/ceilings.json" 2>>"$LOG" || status=1
+        say "$(cat "$RESULTS/ceilings.json")"
+        ;;
     tests)
         for t in tests/*; do
             # The GPU tests (the others run in CI); the long emulation slice of the
@@ -150,6 +157,7 @@ print('%-6d %-9s'%(b,'$p'),f(o),f(b/o*1e3),f(t),f(b/t*1e3),'%8.2f'%(t/o))")"
         status=1
         ;;
     esac
+    say "($phase: $(( $(date +%s) - phase_start )) s)"
 done
 say ""
 say "exit status: $status ($(( $(date +%s) - started )) s)"
