@@ -14,7 +14,7 @@
 //!   column tiles;
 //! - bn_backward_dx from the unfused backward's dbeta and dgamma is bitwise that backward's
 //!   dx, with and without the ReLU;
-//! - bad inputs are errors.
+//! - bad inputs are errors. `mod cuda` runs the same checks on a real GPU.
 
 use half::bf16;
 use prunekit::gpu::{Gpu, Schedule};
@@ -336,4 +336,24 @@ fn bad_inputs_are_refused() {
     let mut out = up(&dev, vec![0.0f32; sh.x_len()]);
     assert!(layers::bn_backward_dx(&dev, m + 1, &x, &dx, &bn.layer(), true, &mut out).is_err());
     assert!(layers::bn_backward_dx(&dev, m, &x, &dx, &bn.layer(), true, &mut out).is_ok());
+}
+
+mod cuda {
+    use super::*;
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_dgrad_bn_sums_every_tile() {
+        let dev = common::cuda_device();
+        check_all::<f32>(&dev);
+        check_all::<bf16>(&dev);
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_bn_backward_dx_is_the_backward_dx_pass() {
+        let dev = common::cuda_device();
+        check_dx_pass::<f32>(&dev);
+        check_dx_pass::<bf16>(&dev);
+    }
 }
