@@ -7,6 +7,10 @@
 #   scripts/gpu-bundle.sh            -> dist/gpu-bundle/ and dist/gpu-bundle.tar.xz
 #   (on the GPU machine) dist/gpu-bundle/run.sh [phase ...]   -> results/report.txt
 #
+# The tar leaves out data/ (the checkout's tests/data travels with a device call, and
+# scripts/gpu-call.sh links it in) and every bench but those named by PK_BUNDLE_BENCHES
+# (default: fused), so that it and the checkout fit a device call's 64 MiB.
+#
 # The target needs x86-64 Linux, an NVIDIA driver (580 or newer) and libstdc++; Python
 # with PyTorch only for the comparison runs.
 set -euo pipefail
@@ -56,7 +60,11 @@ cp python/tests/test_conv_device.py python/tests/test_conv.py "$OUT/python-tests
 chmod +x "$OUT/run.sh"
 git rev-parse HEAD > "$OUT/COMMIT" 2>/dev/null || echo unknown > "$OUT/COMMIT"
 # -9: a 64 MiB window, so the copies of the embedded kernels across binaries compress away.
-XZ_OPT="-9 -T2" tar -cJf dist/gpu-bundle.tar.xz -C dist gpu-bundle
+skip=(--exclude=gpu-bundle/data)
+for b in "$OUT"/benches/*; do
+    [[ " ${PK_BUNDLE_BENCHES:-fused} " == *" $(basename "$b") "* ]] || skip+=("--exclude=gpu-bundle/benches/$(basename "$b")")
+done
+XZ_OPT="-9 -T2" tar -cJf dist/gpu-bundle.tar.xz "${skip[@]}" -C dist gpu-bundle
 du -sh "$OUT" dist/gpu-bundle.tar.xz
 echo "tests: $(ls "$OUT/tests" | tr '\n' ' ')"
 echo "benches: $(ls "$OUT/benches" | tr '\n' ' ')"

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The device call of the GPU bundle: on a lent GPU machine, in a checkout of this repo
+# that carries dist/gpu-bundle.tar.xz (made here by scripts/gpu-bundle.sh), unpacks the
+# bundle, points its data at the checkout's tests/data, and runs the phases of run.sh in
+# order of value, each under its own time limit and all under one deadline, so that a slow
+# phase costs only itself; then packs the results into $OUT/results.tgz and copies
+# report.txt beside it. Phases after `fused` run only while time is left:
+#
+#   device run, carry [dist/gpu-bundle.tar.xz], timeout 580:   bash scripts/gpu-call.sh
+#   PK_DEADLINE=300 bash scripts/gpu-call.sh tests verify     # other phases, shorter deadline
+#
+# `fused` is the criterion bench of the fused ops on cuda (benches/fused.rs), short runs.
+set -u
+ROOT=$PWD
+DEADLINE=${PK_DEADLINE:-535}
+OUT=${OUT:-$ROOT/gpu-results}
+RES=/tmp/pk-results
+phases=("$@")
+[[ ${#phases[@]} -eq 0 ]] && phases=(ceilings tests verify bench step conv fused python compile)
+mkdir -p /tmp/pk-bundle "$RES" "$OUT"
+tar xJf dist/gpu-bundle.tar.xz -C /tmp/pk-bundle || { echo "no dist/gpu-bundle.tar.xz (carry it)"; exit 3; }
+cd /tmp/pk-bundle/gpu-bundle || exit 3
+[[ -d data ]] || ln -sfn "$ROOT/tests/data" data
+export RESULTS=$RES PYTHONUNBUFFERED=1
+
+# phase LIMIT COMMAND...: runs COMMAND under min(LIMIT, the time left before the deadline).
+phase() {
+    local limit=$1 left=$((DEADLINE - SECONDS))
+    shift
+    ((left < limit)) && limit=$left
+    if ((limit <= 5)); then
+        echo "[skipped, no time left: $*]" | tee -a "$RES/report.txt"
+        return
+    fi
+    timeout "$limit" "$@"
+    echo "[$* exit $? at ${SECONDS} s]" | tee -a "$RES/report.txt"
+}
+
+for p in "${phases[@]}"; do
+    case $p in
+    ceilings) phase 40 ./run.sh ceilings ;;
+    tests) phase 150 ./run.sh tests ;;
+    verify) phase 60 ./run.sh verify ;;
+    bench) phase 120 ./run.sh bench ;;
+    step) phase 150 ./run.sh step ;;
+    conv) phase 200 ./run.sh conv ;;
+    fused)
+        phase 70 sh -c "benches/fused --bench cuda --warm-up-time 0.3 --measurement-time 1 > $RES/criterion-fused.txt 2>&1"
+        grep -E "^fused|time:" "$RES/criterion-fused.txt" | head -70
+        ;;
+    python) phase 90 ./run.sh python ;;
+    compile) [[ -s $RES/bench-cuda.json ]] && phase 400 ./run.sh compile ;;
+    *) phase 600 ./run.sh "$p" ;;
+    esac
+done
+nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 | tee -a "$RES/report.txt"
+tar czf "$OUT/results.tgz" -C "$(dirname "$RES")" "$(basename "$RES")"
+cp "$RES/report.txt" "$OUT/"
