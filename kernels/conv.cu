@@ -1128,3 +1128,46 @@ __device__ __forceinline__ void transpose(const PkTransposeParams& p) {
 PK_KERNEL(transpose_f32, PkTransposeParams) { transpose<float>(p); }
 PK_KERNEL(transpose_bf16, PkTransposeParams) { transpose<bf16>(p); }
 PK_KERNEL(transpose_f16, PkTransposeParams) { transpose<f16>(p); }
+
+// transpose_pad_f32_<dtype>: dst[b][j][i] = i < rows ? (dtype)src[b][i][j] : 0 for i < ld
+// (ld <= PK_PAD_MAX), for `batch` f32 matrices of rows x cols. The stem's input: NCHW f32
+// images to NHWC in the conv's type with C = 3 padded to 8, so that the stem runs the
+// 16-byte loads of the other convs; with cols = 1 it pads (or cuts) the rows of a KRSC
+// weight or gradient instead. One thread per output row (b, j): the reads are coalesced
+// along j, the row is written as 16-byte words where ld elements make whole words, else
+// element by element.
+#define PK_PAD_MAX 16
+template <class T>
+__device__ __forceinline__ void transpose_pad(const PkTransposePadParams& p) {
+  T* dst = static_cast<T*>(p.dst);
+  const int64_t total = (int64_t)p.batch * p.cols;
+  const int64_t plane = (int64_t)p.rows * p.cols;
+  const int keep = p.rows < p.ld ? p.rows : p.ld;
+  constexpr bool vec_type = sizeof(T) == 4 || std::is_same<T, bf16>::value;  // store_vec's types
+  const bool words = vec_type && (p.ld * (int)sizeof(T)) % 16 == 0 && ((uintptr_t)dst & 15) == 0;
+  for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t b = t / p.cols;
+    const int64_t j = t - b * p.cols;
+    const float* s = p.src + b * plane + j;
+    float v[PK_PAD_MAX];
+#pragma unroll
+    for (int i = 0; i < PK_PAD_MAX; ++i) v[i] = i < keep ? s[(int64_t)i * p.cols] : 0.0f;
+    T* d = dst + t * p.ld;
+    if constexpr (vec_type) {
+      if (words) {
+        constexpr int V = 16 / (int)sizeof(T);  // elements per 16-byte word
+#pragma unroll
+        for (int q = 0; q < PK_PAD_MAX / V; ++q)
+          if (q * V < p.ld) store_vec<T, V>(d + q * V, v + q * V);
+        continue;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < PK_PAD_MAX; ++i)
+      if (i < p.ld) d[i] = from_f32<T>(v[i]);
+  }
+}
+
+PK_KERNEL(transpose_pad_f32_f32, PkTransposePadParams) { transpose_pad<float>(p); }
+PK_KERNEL(transpose_pad_f32_bf16, PkTransposePadParams) { transpose_pad<bf16>(p); }
+PK_KERNEL(transpose_pad_f32_f16, PkTransposePadParams) { transpose_pad<f16>(p); }

@@ -182,6 +182,17 @@ typedef struct {
   int32_t pad0;
 } PkTransposeParams;
 
+// transpose_pad_f32_<dtype>: dst[b][j][i] = i < rows ? (dtype)src[b][i][j] : 0 for i < ld,
+// for batch f32 matrices of rows x cols: NCHW -> NHWC with the channels padded (or cut) to ld.
+typedef struct {
+  const float* src;
+  void* dst;
+  int32_t batch;
+  int32_t rows;
+  int32_t cols;
+  int32_t ld;
+} PkTransposePadParams;
+
 // ---------------------------------------------------------------- layers
 // The non-convolution layers of a training step (bn.cu, elementwise.cu, pool.cu, fc.cu,
 // loss.cu, sgd.cu). Activations are NHWC; per-channel ops see them as [m, c], c fastest.

@@ -212,6 +212,68 @@ fn check_layouts<T: ConvElem>(dev: &Device) {
     assert_eq!(to_f(&wback.to_vec().unwrap()), wsrc);
 }
 
+/// `got` is `src` (NCHW, n x c x hw) in NHWC with its channels padded with zeros to cp.
+fn check_padded(
+    got: &[f32],
+    src: &[f32],
+    (n, c, hw, cp): (usize, usize, usize, usize),
+    round: impl Fn(f32) -> f32,
+    what: &str,
+) {
+    assert_eq!(got.len(), n * hw * cp);
+    for ni in 0..n {
+        for p in 0..hw {
+            for ci in 0..cp {
+                let want = if ci < c { round(src[(ni * c + ci) * hw + p]) } else { 0.0 };
+                let g = got[(ni * hw + p) * cp + ci];
+                assert!(
+                    g.to_bits() == want.to_bits(),
+                    "{what} n{n} c{c} hw{hw} cp{cp} at ({ni},{p},{ci}): {g} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+/// NCHW f32 -> NHWC in T with the channels padded (3 to 4, 8 and 16, 5 to 8, none), and
+/// rows padded and cut (`pad_rows`), against index arithmetic: every element written (the
+/// destinations start as NaN), the pad zeros, the rest the source rounded to T once. Odd
+/// pixel counts, batch 1. Bad widths are errors.
+fn check_padded_layouts<T: ConvElem>(dev: &Device) {
+    let round = |v: f32| T::from_f32(v).to_f32();
+    for (n, c, h, w, cp) in [(3, 3, 7, 37, 8), (1, 3, 5, 5, 4), (2, 3, 9, 11, 16), (2, 5, 3, 7, 8), (1, 3, 1, 1, 3)] {
+        let src = rand_vec(n * c * h * w, (n * 131 + c * 17 + cp) as u64);
+        let s = dev.upload(src.clone()).unwrap();
+        let mut d = dev.upload(vec![T::from_f32(f32::NAN); n * h * w * cp]).unwrap();
+        conv::nchw_to_nhwc_padded(dev, n, c, h, w, cp, &s, &mut d).unwrap();
+        check_padded(&to_f(&d.to_vec().unwrap()), &src, (n, c, h * w, cp), round, &format!("{dev:?} {}", T::NAME));
+    }
+    // Rows of a KRSC weight padded (3 -> 8) and cut (8 -> 3).
+    for (rows, c, cp) in [(7 * 7 * 5, 3, 8), (13, 8, 3), (4, 1, 16)] {
+        let src = rand_vec(rows * c, (rows + c) as u64);
+        let s = dev.upload(src.clone()).unwrap();
+        let mut d = dev.upload(vec![T::from_f32(f32::NAN); rows * cp]).unwrap();
+        conv::pad_rows(dev, rows, c, cp, &s, &mut d).unwrap();
+        let got = to_f(&d.to_vec().unwrap());
+        for r in 0..rows {
+            for i in 0..cp {
+                let want = if i < c { round(src[r * c + i]) } else { 0.0 };
+                assert_eq!(
+                    got[r * cp + i].to_bits(),
+                    want.to_bits(),
+                    "{dev:?} pad_rows {rows}x{c} -> {cp} at ({r},{i})"
+                );
+            }
+        }
+    }
+    let s = dev.upload(vec![0.0f32; 2 * 3 * 4]).unwrap();
+    let mut d = dev.upload(vec![T::from_f32(0.0); 2 * 4 * 17]).unwrap();
+    assert!(conv::nchw_to_nhwc_padded(dev, 2, 3, 2, 2, 17, &s, &mut d).is_err(), "more than 16 per row");
+    assert!(conv::nchw_to_nhwc_padded(dev, 2, 3, 2, 2, 2, &s, &mut d).is_err(), "a cut input");
+    assert!(conv::nchw_to_nhwc_padded(dev, 2, 3, 2, 2, 8, &s, &mut d).is_err(), "a destination of the wrong size");
+    assert!(conv::pad_rows(dev, 8, 3, 0, &s, &mut d).is_err(), "empty rows");
+}
+
 fn emu(schedule: Schedule) -> Device {
     Device::Gpu(Gpu::emu_with(schedule))
 }
@@ -298,6 +360,37 @@ fn layouts_on_every_device() {
     for dev in [Device::Cpu, emu(Schedule::Forward), emu(Schedule::Reverse)] {
         check_layouts::<f32>(&dev);
         check_layouts::<bf16>(&dev);
+    }
+}
+
+/// The padded conversion into a destination that starts off a 16-byte boundary (memory
+/// borrowed at an odd element): the kernel stores element by element there.
+fn check_padded_unaligned<T: ConvElem>() {
+    let gpu = Gpu::emu_with(Schedule::Reverse);
+    let dev = Device::Gpu(gpu.clone());
+    let (n, c, h, w, cp) = (2, 3, 5, 7, 8);
+    let src = rand_vec(n * c * h * w, 5);
+    let s = dev.upload(src.clone()).unwrap();
+    let len = n * h * w * cp;
+    let mut host = vec![T::from_f32(f32::NAN); len + 1];
+    // SAFETY: host memory (the emulation's device memory) that outlives the buffer.
+    let mut d =
+        Buf::Gpu(unsafe { gpu.borrow::<T>(host.as_mut_ptr() as u64 + std::mem::size_of::<T>() as u64, len) }.unwrap());
+    conv::nchw_to_nhwc_padded(&dev, n, c, h, w, cp, &s, &mut d).unwrap();
+    drop(d);
+    assert!(host[0].to_f32().is_nan(), "nothing written before the buffer");
+    let got = to_f(&host[1..]);
+    check_padded(&got, &src, (n, c, h * w, cp), |v| T::from_f32(v).to_f32(), &format!("unaligned {}", T::NAME));
+}
+
+#[test]
+fn padded_layouts_on_every_device() {
+    check_padded_unaligned::<f32>();
+    check_padded_unaligned::<bf16>();
+    for dev in [Device::Cpu, emu(Schedule::Forward), emu(Schedule::Reverse)] {
+        check_padded_layouts::<f32>(&dev);
+        check_padded_layouts::<bf16>(&dev);
+        check_padded_layouts::<half::f16>(&dev);
     }
 }
 
@@ -566,6 +659,14 @@ mod cuda {
         check_tiles::<f32>(&d);
         check_tiles::<bf16>(&d);
         check_tiles::<half::f16>(&d);
+    }
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_padded_layouts() {
+        let d = dev();
+        check_padded_layouts::<f32>(&d);
+        check_padded_layouts::<bf16>(&d);
+        check_padded_layouts::<half::f16>(&d);
     }
     #[test]
     #[ignore = "needs a CUDA GPU"]

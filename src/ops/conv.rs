@@ -7,7 +7,7 @@
 //! nothing but the launch's parameter struct. On the CPU they run the fast path of
 //! `crate::cpu::conv` (bf16 and f16: converted to f32, computed, rounded).
 
-use super::params::{ConvParams, FastDiv, TransposeParams};
+use super::params::{ConvParams, FastDiv, TransposePadParams, TransposeParams, PAD_MAX};
 use super::profile::{timed, u, Cost, Family, F32};
 use super::{check_len, check_on, i32_of, on_gpu};
 use crate::cpu::conv as cpu;
@@ -77,6 +77,8 @@ pub trait ConvElem: Elem {
     const TENSOR_CORES: bool;
     /// The batched transpose of this element size.
     const TRANSPOSE: Kernel;
+    /// The batched transpose from f32 into this type, rows padded or cut.
+    const TRANSPOSE_PAD: Kernel;
     /// The entry point of `pass` with `tile`, if there is one.
     fn kernel(pass: Pass, tile: Tile) -> Option<Kernel>;
     /// The `bnin` entry point of `pass` with `tile` (fprop and wgrad: the BN of the layer
@@ -144,6 +146,7 @@ macro_rules! bnin_table {
 impl ConvElem for f32 {
     const TENSOR_CORES: bool = false;
     const TRANSPOSE: Kernel = Kernel::new(MODULE, "transpose_f32");
+    const TRANSPOSE_PAD: Kernel = Kernel::new(MODULE, "transpose_pad_f32_f32");
     fn kernel_bnin(pass: Pass, tile: Tile) -> Option<Kernel> {
         kernel_table!(
             pass,
@@ -182,6 +185,7 @@ impl ConvElem for f32 {
 impl ConvElem for bf16 {
     const TENSOR_CORES: bool = true;
     const TRANSPOSE: Kernel = Kernel::new(MODULE, "transpose_bf16");
+    const TRANSPOSE_PAD: Kernel = Kernel::new(MODULE, "transpose_pad_f32_bf16");
     fn kernel(pass: Pass, tile: Tile) -> Option<Kernel> {
         tc_table!(pass, tile, "bf16")
     }
@@ -198,6 +202,7 @@ impl ConvElem for bf16 {
 impl ConvElem for f16 {
     const TENSOR_CORES: bool = true;
     const TRANSPOSE: Kernel = Kernel::new(MODULE, "transpose_f16");
+    const TRANSPOSE_PAD: Kernel = Kernel::new(MODULE, "transpose_pad_f32_f16");
     fn kernel(pass: Pass, tile: Tile) -> Option<Kernel> {
         tc_table!(pass, tile, "f16")
     }
@@ -786,6 +791,96 @@ fn transpose<T: ConvElem>(
     )
 }
 
+/// `dst[b][j][i] = i < rows ? src[b][i][j] : 0` for `i < ld` (f32 to T, rounded to nearest
+/// even): `batch` transposed matrices with their rows padded with zeros or cut to `ld`.
+#[allow(clippy::too_many_arguments)]
+fn transpose_pad<T: ConvElem>(
+    dev: &Device,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    src: &Buf<f32>,
+    dst: &mut Buf<T>,
+) -> Result<()> {
+    ensure!((1..=PAD_MAX).contains(&ld), "padded rows of {ld} elements: 1 to {PAD_MAX} are supported");
+    let (n_src, n_dst) = batch
+        .checked_mul(cols)
+        .and_then(|bc| Some((bc.checked_mul(rows)?, bc.checked_mul(ld)?)))
+        .ok_or_else(|| invalid!("layout conversion of {batch}x{rows}x{cols} elements overflows"))?;
+    check_host_or_dev(dev, src, "the source", n_src)?;
+    check_host_or_dev(dev, dst, "the destination", n_dst)?;
+    if n_dst == 0 {
+        return Ok(());
+    }
+    timed(
+        dev,
+        Family::Layout,
+        || Cost::transpose_pad(batch * cols, rows.min(ld), ld, std::mem::size_of::<T>()),
+        || match dev {
+            Device::Cpu => {
+                let mut o = vec![0.0f32; n_dst];
+                cpu::transpose_pad(src.host().expect("checked"), &mut o, batch, rows, cols, ld);
+                for (d, v) in dst.host_mut().expect("checked").iter_mut().zip(o) {
+                    *d = T::from_f32(v);
+                }
+                Ok(())
+            }
+            Device::Gpu(gpu) => {
+                let (gs, gd) = (on_gpu(src, gpu, "the source")?, on_gpu(&*dst, gpu, "the destination")?);
+                let p = TransposePadParams {
+                    src: gs.ptr(),
+                    dst: gd.ptr(),
+                    batch: i32_of(batch, "batch")?,
+                    rows: i32_of(rows, "rows")?,
+                    cols: i32_of(cols, "columns")?,
+                    ld: ld as i32,
+                };
+                i32_of(n_src.max(n_dst), "elements")?;
+                let threads = 256usize;
+                let blocks = (batch * cols).div_ceil(threads).min(65535 * 8);
+                let cfg =
+                    LaunchConfig { grid: (blocks as u32, 1, 1), block: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: src holds batch*rows*cols and dst batch*cols*ld elements (checked above).
+                unsafe { gpu.launch(T::TRANSPOSE_PAD, cfg, &p)? };
+                Ok(())
+            }
+        },
+    )
+}
+
+/// Images NCHW f32 (`src`, `n` x `c` x `h` x `w`) to NHWC in `T` (`dst`) with the channels
+/// padded with zeros to `cp` (at most 16): one pass in place of a transpose and a cast. The
+/// stem of a tensor-core model runs on it with C = 8 (16-byte loads, as the other convs).
+#[allow(clippy::too_many_arguments)]
+pub fn nchw_to_nhwc_padded<T: ConvElem>(
+    dev: &Device,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    cp: usize,
+    src: &Buf<f32>,
+    dst: &mut Buf<T>,
+) -> Result<()> {
+    ensure!(cp >= c, "padding {c} channels to {cp} would drop some");
+    transpose_pad(dev, n, c, h.checked_mul(w).ok_or_else(|| invalid!("h*w overflows"))?, cp, src, dst)
+}
+
+/// The `rows` rows of `src` (f32, `c` elements each, as a KRSC weight's K*R*S rows of C)
+/// into `dst` (T) with `cp` elements each: padded with zeros (`cp > c`) or cut (`cp < c`).
+/// The stem's weight goes to its padded copy this way, and its padded gradient back.
+pub fn pad_rows<T: ConvElem>(
+    dev: &Device,
+    rows: usize,
+    c: usize,
+    cp: usize,
+    src: &Buf<f32>,
+    dst: &mut Buf<T>,
+) -> Result<()> {
+    transpose_pad(dev, rows, c, 1, cp, src, dst)
+}
+
 /// Activations NCHW (`src`) to NHWC (`dst`).
 pub fn nchw_to_nhwc<T: ConvElem>(
     dev: &Device,
@@ -861,6 +956,12 @@ impl Cost {
     pub fn conv_accumulate(sh: &ConvShape, elem: usize, masked: bool) -> Cost {
         let c = Cost::conv(Pass::Dgrad, sh, elem);
         Cost { flops: c.flops, bytes: c.bytes + (1 + masked as u64) * u(sh.x_len()) * u(elem) }
+    }
+
+    /// A padded layout conversion from f32 ([`nchw_to_nhwc_padded`], [`pad_rows`]): `rows`
+    /// output rows, each reading `keep` f32 elements and writing `ld` of `elem` bytes.
+    pub fn transpose_pad(rows: usize, keep: usize, ld: usize, elem: usize) -> Cost {
+        Cost { flops: 0, bytes: u(rows) * (4 * u(keep) + u(ld) * u(elem)) }
     }
 
     /// A layout conversion (transpose) of n elements: reads and writes each once.

@@ -308,6 +308,28 @@ params!(
         pad0: i32,
     }
 );
+params!(
+    /// A batched transpose from f32 with the rows padded or cut (`transpose_pad_f32_<dtype>`):
+    /// `dst[b][j][i] = i < rows ? src[b][i][j] : 0` for `i < ld`, `batch` matrices of
+    /// `rows` x `cols` (`PkTransposePadParams`).
+    TransposePadParams = "PkTransposePadParams" {
+        /// Device address of the f32 source matrices.
+        src: u64,
+        /// Device address of the transposed, padded matrices, written.
+        dst: u64,
+        /// Matrices.
+        batch: i32,
+        /// Rows of each source matrix.
+        rows: i32,
+        /// Columns of each source matrix.
+        cols: i32,
+        /// Elements of each row of the destination (`<= PK_PAD_MAX`).
+        ld: i32,
+    }
+);
+
+/// Most elements of a padded row (PK_PAD_MAX in kernels/conv.cu).
+pub const PAD_MAX: usize = 16;
 
 /// Width limit of one top-k selection (PK_TOPK_MAX_WIDTH in params.h).
 pub const TOPK_MAX_WIDTH: usize = 4096;
@@ -571,6 +593,7 @@ mod tests {
         check::<FastDiv>(FastDiv::FIELDS);
         check::<ConvParams>(ConvParams::FIELDS);
         check::<TransposeParams>(TransposeParams::FIELDS);
+        check::<TransposePadParams>(TransposePadParams::FIELDS);
         // layers
         check::<BnParams>(BnParams::FIELDS);
         check::<ElementwiseParams>(ElementwiseParams::FIELDS);
@@ -595,6 +618,7 @@ mod tests {
             FastDiv::C_NAME,
             ConvParams::C_NAME,
             TransposeParams::C_NAME,
+            TransposePadParams::C_NAME,
             // layers
             BnParams::C_NAME,
             ElementwiseParams::C_NAME,

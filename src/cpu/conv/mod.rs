@@ -508,6 +508,23 @@ pub fn transpose<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], batch: usize, 
     });
 }
 
+/// `dst[b][j][i] = i < rows ? src[b][i][j] : 0` for `i < ld` (the padded layout conversion
+/// of `ops::conv`, before its rounding to the destination's type).
+pub fn transpose_pad(src: &[f32], dst: &mut [f32], batch: usize, rows: usize, cols: usize, ld: usize) {
+    let keep = rows.min(ld);
+    if cols * ld == 0 {
+        return;
+    }
+    dst.par_chunks_mut(cols * ld).take(batch).enumerate().for_each(|(b, d)| {
+        let s = &src[b * rows * cols..(b + 1) * rows * cols];
+        for (j, row) in d.chunks_mut(ld).enumerate() {
+            for (i, v) in row.iter_mut().enumerate() {
+                *v = if i < keep { s[i * cols + j] } else { 0.0 };
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
