@@ -41,7 +41,9 @@ pub fn training_memory(arch: &Arch, precision: PrecisionKind, n: usize, h: usize
     };
     let nf = n as f64;
     let mut bytes = 0.0f64;
-    // Input: NCHW and NHWC f32, and the low-precision copy.
+    // Input: NCHW and NHWC f32, and the low-precision copy (on a kernel device a bf16
+    // model holds no NHWC f32 copy and its low copy has 8 channels: 9.3 bytes per value,
+    // under this estimate's 10).
     let img = nf * 3.0 * (h * w) as f64;
     bytes += 2.0 * 4.0 * img + if e < 4.0 { e * img } else { 0.0 };
     let (h1, w1) = (conv_out(h, 7, 2, 3), conv_out(w, 7, 2, 3));

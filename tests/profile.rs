@@ -10,6 +10,7 @@ use common::Rng;
 use prunekit::gpu::{Gpu, Schedule};
 use prunekit::model::{init::torchvision_init, Arch, Block, Model, PrecisionKind, Sgd, StateDict};
 use prunekit::ops::profile::{profile, Cost, Family, Profile};
+use prunekit::shape::{ConvShape, Pass};
 use prunekit::Device;
 
 /// A bottleneck ResNet with odd widths: two blocks in the first stage (the second without
@@ -81,7 +82,22 @@ fn profiled_step(dev: &Device, precision: PrecisionKind) -> Profile {
     p
 }
 
-fn check(p: &Profile, precision: PrecisionKind) {
+/// The stem's shape as the architecture gives it (C = 3) and as a bf16 train step on a
+/// kernel device runs it (C padded with zeros to 8, for the 16-byte loads).
+fn stem_shapes() -> (ConvShape, ConvShape) {
+    let sh = tiny_arch().convs(SIZE, SIZE).into_iter().find(|l| l.name == "conv1").unwrap().shape(N);
+    (sh, ConvShape { c: 8, ..sh })
+}
+
+/// What the padded stem adds to the count of `pass` (FLOPs, bytes).
+fn stem_padding(pass: Pass) -> (u64, u64) {
+    let (s3, s8) = stem_shapes();
+    let (a, b) = (Cost::conv(pass, &s3, 2), Cost::conv(pass, &s8, 2));
+    (b.flops - a.flops, b.bytes - a.bytes)
+}
+
+/// `padded`: a bf16 step on a kernel device (the stem runs with C padded to 8).
+fn check(p: &Profile, precision: PrecisionKind, padded: bool) {
     let arch = tiny_arch();
     let convs = arch.convs(SIZE, SIZE).len();
     // Every family ran; casts only in bf16 (the images and the weight copies after SGD);
@@ -97,13 +113,17 @@ fn check(p: &Profile, precision: PrecisionKind) {
     assert_eq!(calls(Family::ConvWgrad), convs);
     assert_eq!(calls(Family::Fc), 2);
     assert_eq!(calls(Family::Loss), 1);
-    assert_eq!(calls(Family::Layout), 1, "the images NCHW -> NHWC");
+    // The images NCHW -> NHWC; with the padded stem also its weight's padded copy after SGD
+    // and its gradient cut from the padded one.
+    assert_eq!(calls(Family::Layout), if padded { 3 } else { 1 }, "the layout conversions");
     // SGD: every conv, every BN's gamma and beta, the fc's weight and bias.
     assert_eq!(calls(Family::Sgd), convs + 2 * convs + 2);
     // The GEMM FLOPs of a step are flops_train times the batch, exactly: conv fprop, dgrad
-    // (all but the stem) and wgrad, and the fc's forward and two backward GEMMs.
+    // (all but the stem) and wgrad, and the fc's forward and two backward GEMMs; and what
+    // the padded stem's fprop and wgrad compute on its zero channels.
     let gemm: u64 = p.families.iter().filter(|f| f.family.is_gemm()).map(|f| f.flops).sum();
-    assert_eq!(gemm as f64, arch.flops_train(SIZE, SIZE) * N as f64);
+    let pad = if padded { stem_padding(Pass::Fprop).0 + stem_padding(Pass::Wgrad).0 } else { 0 };
+    assert_eq!(gemm as f64, arch.flops_train(SIZE, SIZE) * N as f64 + pad as f64);
     let fc = (6 * arch.fc_in() * arch.classes * N) as u64;
     assert_eq!(p.family(Family::Fc).unwrap().flops, fc);
     assert_eq!(p.flops, p.families.iter().map(|f| f.flops).sum::<u64>());
@@ -201,6 +221,31 @@ fn kernel_counts(cpu: &Profile, precision: PrecisionKind) -> Vec<(Family, usize,
             }
         }
     }
+    if precision == PrecisionKind::Bf16 {
+        // The padded stem: its passes over 8 channels; the images go to NHWC bf16 padded in
+        // one pass (the CPU: a transpose, then a cast), its weight copy is padded after SGD
+        // (the CPU: a cast) and its gradient cut from the padded one.
+        let (s3, _) = stem_shapes();
+        let (img, wlen, rows) = (s3.x_len(), s3.w_len(), s3.k * s3.r * s3.s);
+        let u = |x: usize| x as u64;
+        let layout_cpu = Cost::transpose(img, 4).bytes;
+        let layout_kernels = Cost::transpose_pad(s3.n * s3.h * s3.w, 3, 8, 2).bytes
+            + Cost::transpose_pad(rows, 3, 8, 2).bytes
+            + Cost::transpose_pad(rows, 3, 3, 4).bytes;
+        for f in c.iter_mut() {
+            match f.0 {
+                Family::ConvFprop => {
+                    (f.2, f.3) = (f.2 + stem_padding(Pass::Fprop).0, f.3 + stem_padding(Pass::Fprop).1)
+                }
+                Family::ConvWgrad => {
+                    (f.2, f.3) = (f.2 + stem_padding(Pass::Wgrad).0, f.3 + stem_padding(Pass::Wgrad).1)
+                }
+                Family::Layout => (f.1, f.3) = (f.1 + 2, f.3 - layout_cpu + layout_kernels),
+                Family::Cast => (f.1, f.3) = (f.1 - 2, f.3 - u(img) * 6 - u(wlen) * 6),
+                _ => {}
+            }
+        }
+    }
     c
 }
 
@@ -215,9 +260,9 @@ fn check_bn_backward(kernels: &Profile, cpu: &Profile) {
 #[test]
 fn profiled_step_on_cpu_records_every_family_and_changes_nothing() {
     let f32p = profiled_step(&Device::Cpu, PrecisionKind::F32);
-    check(&f32p, PrecisionKind::F32);
+    check(&f32p, PrecisionKind::F32, false);
     let bf16p = profiled_step(&Device::Cpu, PrecisionKind::Bf16);
-    check(&bf16p, PrecisionKind::Bf16);
+    check(&bf16p, PrecisionKind::Bf16, false);
     // bf16 halves the bytes of the activations and weights that the convs read.
     let b = |p: &Profile| p.family(Family::ConvFprop).unwrap().bytes;
     assert!(b(&bf16p) < b(&f32p) && 2 * b(&bf16p) >= b(&f32p));
@@ -228,13 +273,13 @@ fn profiled_step_on_cpu_records_every_family_and_changes_nothing() {
 fn profiled_step_in_the_emulation_counts_what_the_cpu_counts() {
     let emu = Device::Gpu(Gpu::emu_with(Schedule::Forward));
     let p = profiled_step(&emu, PrecisionKind::F32);
-    check(&p, PrecisionKind::F32);
+    check(&p, PrecisionKind::F32, false);
     assert_eq!(p.device, "emu");
     let cpu = profiled_step(&Device::Cpu, PrecisionKind::F32);
     assert_eq!(shared_counts(&p), kernel_counts(&cpu, PrecisionKind::F32));
     check_bn_backward(&p, &cpu);
     let pb = profiled_step(&emu, PrecisionKind::Bf16);
-    check(&pb, PrecisionKind::Bf16);
+    check(&pb, PrecisionKind::Bf16, true);
     let cpub = profiled_step(&Device::Cpu, PrecisionKind::Bf16);
     assert_eq!(shared_counts(&pb), kernel_counts(&cpub, PrecisionKind::Bf16));
     check_bn_backward(&pb, &cpub);
@@ -261,7 +306,6 @@ fn the_counting_mode_counts_what_the_emulation_runs_and_computes_nothing() {
 #[test]
 fn no_wgrad_is_split() {
     use prunekit::ops::conv::plan;
-    use prunekit::shape::Pass;
     for l in tiny_arch().convs(SIZE, SIZE) {
         let sh = l.shape(N);
         assert_eq!(plan::<f32>(Pass::Wgrad, &sh).splits, 1, "{}", l.name);
@@ -289,7 +333,7 @@ fn profiled_step_on_cuda_counts_what_the_cpu_counts() {
     let dev = common::cuda_device();
     for precision in [PrecisionKind::F32, PrecisionKind::Bf16] {
         let p = profiled_step(&dev, precision);
-        check(&p, precision);
+        check(&p, precision, precision == PrecisionKind::Bf16);
         assert_eq!(p.device, "cuda");
         let cpu = profiled_step(&Device::Cpu, precision);
         assert_eq!(shared_counts(&p), kernel_counts(&cpu, precision));

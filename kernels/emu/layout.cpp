@@ -60,6 +60,8 @@ static const PkFieldLayout kLayout[] = {
 
     PK_F(PkTransposeParams, src) PK_F(PkTransposeParams, dst) PK_F(PkTransposeParams, batch)
     PK_F(PkTransposeParams, rows) PK_F(PkTransposeParams, cols) PK_F(PkTransposeParams, pad0)
+    PK_F(PkTransposePadParams, src) PK_F(PkTransposePadParams, dst) PK_F(PkTransposePadParams, batch)
+    PK_F(PkTransposePadParams, rows) PK_F(PkTransposePadParams, cols) PK_F(PkTransposePadParams, ld)
 
     // ------------------------------------------------------------ layers
     PK_F(PkBnParams, x) PK_F(PkBnParams, dy) PK_F(PkBnParams, relu_out) PK_F(PkBnParams, out)

@@ -203,8 +203,12 @@ impl<T: Precision> ResNet<T> {
             layers::bn_backward_through_relu(&dev, m0, &ws.t0, &ws.a0, da, bn, d0)?;
         }
         scratch.give(da0);
-        let x0: &Buf<T> = T::pick(&ws.input_nhwc, &ws.input_low)?;
-        conv::conv2d_wgrad(&dev, &ws.stem_sh, x0, &scratch.bufs[dt0], &mut self.stem.dw)?;
+        self.stem.wgrad(
+            &dev,
+            &ws.stem_sh,
+            stem_input(&ws.input_nhwc, &ws.input, &ws.input_low)?,
+            &scratch.bufs[dt0],
+        )?;
         scratch.give(dt0);
         Ok(())
     }
@@ -226,10 +230,7 @@ impl<T: Precision> ResNet<T> {
         };
         let conv_step = |c: &mut Conv<T>| -> Result<()> {
             step(&mut c.w, &c.dw, &mut c.mom)?;
-            if let Some(low) = c.low.as_mut() {
-                layers::cast(&dev, &c.w, low)?;
-            }
-            Ok(())
+            c.refresh_low(&dev)
         };
         let bn_step = |b: &mut Bn| -> Result<()> {
             step(&mut b.gamma, &b.dgamma, &mut b.mom_gamma)?;

@@ -11,11 +11,19 @@ impl<T: Precision> ResNet<T> {
         let dev = self.dev.clone();
         let bnc = self.bn;
         let n = ws.n;
-        conv::nchw_to_nhwc(&dev, n, 3, ws.h, ws.w, &ws.input, &mut ws.input_nhwc)?;
-        if let Some(low) = ws.input_low.as_mut() {
-            layers::cast(&dev, &ws.input_nhwc, low)?;
+        match (ws.input_nhwc.as_mut(), ws.input_low.as_mut()) {
+            (None, Some(low)) => {
+                conv::nchw_to_nhwc_padded(&dev, n, 3, ws.h, ws.w, self.stem.cp, &ws.input, low)?;
+            }
+            (Some(nhwc), low) => {
+                conv::nchw_to_nhwc(&dev, n, 3, ws.h, ws.w, &ws.input, nhwc)?;
+                if let Some(low) = low {
+                    layers::cast(&dev, nhwc, low)?;
+                }
+            }
+            (None, None) => return Err(invalid!("internal: the workspace holds no NHWC input")),
         }
-        let x0: &Buf<T> = T::pick(&ws.input_nhwc, &ws.input_low)?;
+        let x0: &Buf<T> = stem_input(&ws.input_nhwc, &ws.input, &ws.input_low)?;
         // On a kernel device a train step applies bn1 and bn2 as the next conv loads its
         // input, and never writes their outputs. The CPU writes them: its BN backward reads
         // the ReLU's output, and its BN on load is a pass of its own.

@@ -12,14 +12,16 @@ impl<T: Precision> ResNet<T> {
             let oihw = dev.upload(f32_of(sd, &format!("{name}.weight"))?.to_vec())?;
             let mut w = dev.uninit::<f32>(k * c * r * r)?;
             conv::oihw_to_krsc(dev, k, c, r, r, &oihw, &mut w)?;
-            let low = if T::LOW {
-                let mut l = dev.uninit::<T>(w.len())?;
-                layers::cast(dev, &w, &mut l)?;
-                Some(l)
-            } else {
-                None
-            };
-            Ok(Conv { name: name.to_string(), k, c, r, stride, pad, dw: zeros(w.len())?, mom: zeros(w.len())?, w, low })
+            // The stem (the only conv of 3 input channels) of a bf16 model on a kernel
+            // device runs padded.
+            let padded = name == "conv1" && T::LOW && T::TENSOR_CORES && !matches!(dev, Device::Cpu);
+            let cp = if padded { STEM_PADDED.max(c) } else { c };
+            let low = if T::LOW { Some(dev.uninit::<T>(k * r * r * cp)?) } else { None };
+            let dw_padded = if cp != c { Some(zeros(k * r * r * cp)?) } else { None };
+            let (dw, mom) = (zeros(w.len())?, zeros(w.len())?);
+            let mut cv = Conv { name: name.to_string(), k, c, cp, r, stride, pad, dw, dw_padded, mom, w, low };
+            cv.refresh_low(dev)?;
+            Ok(cv)
         };
         let bn = |name: &str, c: usize| -> Result<Bn> {
             let up = |s: &str| -> Result<Buf<f32>> { dev.upload(f32_of(sd, &format!("{name}.{s}"))?.to_vec()) };

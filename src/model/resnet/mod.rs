@@ -86,21 +86,55 @@ struct Conv<T: Precision> {
     name: String,
     k: usize,
     c: usize,
+    /// The input channels the kernels run with: `c`, or for the stem of a bf16 model on a
+    /// kernel device `c` padded with zero channels to [`STEM_PADDED`] (the low copy of
+    /// the weight, the stem's input and its shape are padded; master weight, gradient and
+    /// momentum are not).
+    cp: usize,
     r: usize,
     stride: usize,
     pad: usize,
     w: Buf<f32>,
     low: Option<Buf<T>>,
     dw: Buf<f32>,
+    /// The wgrad's output where `cp != c`, cut to `dw`.
+    dw_padded: Option<Buf<f32>>,
     mom: Buf<f32>,
 }
 
+/// The channels the stem of a tensor-core model runs with on a kernel device: its three
+/// input channels padded with zeros to 8, so that its loads are the 16-byte ones of every
+/// other conv (`conv::vector_ok`) instead of the scalar tile.
+pub(crate) const STEM_PADDED: usize = 8;
+
 impl<T: Precision> Conv<T> {
     fn shape(&self, n: usize, h: usize, w: usize) -> ConvShape {
-        ConvShape { n, h, w, c: self.c, k: self.k, r: self.r, s: self.r, stride: self.stride, pad: self.pad }
+        ConvShape { n, h, w, c: self.cp, k: self.k, r: self.r, s: self.r, stride: self.stride, pad: self.pad }
     }
     fn weight(&self) -> Result<&Buf<T>> {
         T::pick(&self.w, &self.low)
+    }
+    /// The low-precision copy from the master weight (padded where `cp != c`).
+    fn refresh_low(&mut self, dev: &Device) -> Result<()> {
+        if let Some(low) = self.low.as_mut() {
+            if self.cp == self.c {
+                layers::cast(dev, &self.w, low)?;
+            } else {
+                conv::pad_rows(dev, self.k * self.r * self.r, self.c, self.cp, &self.w, low)?;
+            }
+        }
+        Ok(())
+    }
+    /// The wgrad of `sh` (this conv's shape) from `x` and `dy` into `dw` (through the padded
+    /// gradient where `cp != c`).
+    fn wgrad(&mut self, dev: &Device, sh: &ConvShape, x: &Buf<T>, dy: &Buf<T>) -> Result<()> {
+        match self.dw_padded.as_mut() {
+            Some(dwp) => {
+                conv::conv2d_wgrad(dev, sh, x, dy, dwp)?;
+                conv::pad_rows(dev, self.k * self.r * self.r, self.cp, self.c, dwp, &mut self.dw)
+            }
+            None => conv::conv2d_wgrad(dev, sh, x, dy, &mut self.dw),
+        }
     }
 }
 
@@ -227,9 +261,10 @@ pub struct Workspace<T: Precision> {
     classes: usize,
     /// Images, NCHW f32, as the caller gives them.
     input: Buf<f32>,
-    /// Images, NHWC f32.
-    input_nhwc: Buf<f32>,
-    /// Images, NHWC, in the convs' precision (bf16 only).
+    /// Images, NHWC f32 (none where the stem's input is padded: `input_low` is then written
+    /// from `input` directly).
+    input_nhwc: Option<Buf<f32>>,
+    /// Images, NHWC, in the convs' precision (bf16 only), with the stem's padded channels.
     input_low: Option<Buf<T>>,
     stem_sh: ConvShape,
     /// Stem conv output, BN+ReLU output, max pool output.
@@ -261,6 +296,17 @@ pub struct Workspace<T: Precision> {
     /// once on this workspace, and the captured forward + backward.
     graph_warm: Option<(u64, u64)>,
     graph: Option<((u64, u64), crate::gpu::Graph)>,
+}
+
+/// The stem's input as its conv reads it (a workspace's `input_nhwc`, `input`, `input_low`):
+/// NHWC in the convs' precision. Without an f32 NHWC copy the model is bf16 with a padded
+/// stem, and `pick` takes the low copy.
+fn stem_input<'a, T: Precision>(
+    nhwc: &'a Option<Buf<f32>>,
+    input: &'a Buf<f32>,
+    low: &'a Option<Buf<T>>,
+) -> Result<&'a Buf<T>> {
+    T::pick(nhwc.as_ref().unwrap_or(input), low)
 }
 
 impl<T: Precision> ResNet<T> {
