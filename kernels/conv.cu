@@ -1136,7 +1136,6 @@ PK_KERNEL(transpose_f16, PkTransposeParams) { transpose<f16>(p); }
 // weight or gradient instead. One thread per output row (b, j): the reads are coalesced
 // along j, the row is written as 16-byte words where ld elements make whole words, else
 // element by element.
-#define PK_PAD_MAX 16
 template <class T>
 __device__ __forceinline__ void transpose_pad(const PkTransposePadParams& p) {
   T* dst = static_cast<T*>(p.dst);

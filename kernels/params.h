@@ -182,8 +182,10 @@ typedef struct {
   int32_t pad0;
 } PkTransposeParams;
 
-// transpose_pad_f32_<dtype>: dst[b][j][i] = i < rows ? (dtype)src[b][i][j] : 0 for i < ld,
-// for batch f32 matrices of rows x cols: NCHW -> NHWC with the channels padded (or cut) to ld.
+// transpose_pad_f32_<dtype>: dst[b][j][i] = i < rows ? (dtype)src[b][i][j] : 0 for i < ld
+// (ld <= PK_PAD_MAX), for batch f32 matrices of rows x cols: NCHW -> NHWC with the channels
+// padded (or cut) to ld.
+#define PK_PAD_MAX 16
 typedef struct {
   const float* src;
   void* dst;

@@ -227,21 +227,18 @@ fn kernel_counts(cpu: &Profile, precision: PrecisionKind) -> Vec<(Family, usize,
         // (the CPU: a cast) and its gradient cut from the padded one.
         let (s3, _) = stem_shapes();
         let (img, wlen, rows) = (s3.x_len(), s3.w_len(), s3.k * s3.r * s3.s);
-        let u = |x: usize| x as u64;
+        let cast_cpu = Cost::cast(img, 4, 2).bytes + Cost::cast(wlen, 4, 2).bytes;
+        let (fprop, wgrad) = (stem_padding(Pass::Fprop), stem_padding(Pass::Wgrad));
         let layout_cpu = Cost::transpose(img, 4).bytes;
         let layout_kernels = Cost::transpose_pad(s3.n * s3.h * s3.w, 3, 8, 2).bytes
             + Cost::transpose_pad(rows, 3, 8, 2).bytes
             + Cost::transpose_pad(rows, 3, 3, 4).bytes;
         for f in c.iter_mut() {
             match f.0 {
-                Family::ConvFprop => {
-                    (f.2, f.3) = (f.2 + stem_padding(Pass::Fprop).0, f.3 + stem_padding(Pass::Fprop).1)
-                }
-                Family::ConvWgrad => {
-                    (f.2, f.3) = (f.2 + stem_padding(Pass::Wgrad).0, f.3 + stem_padding(Pass::Wgrad).1)
-                }
+                Family::ConvFprop => (f.2, f.3) = (f.2 + fprop.0, f.3 + fprop.1),
+                Family::ConvWgrad => (f.2, f.3) = (f.2 + wgrad.0, f.3 + wgrad.1),
                 Family::Layout => (f.1, f.3) = (f.1 + 2, f.3 - layout_cpu + layout_kernels),
-                Family::Cast => (f.1, f.3) = (f.1 - 2, f.3 - u(img) * 6 - u(wlen) * 6),
+                Family::Cast => (f.1, f.3) = (f.1 - 2, f.3 - cast_cpu),
                 _ => {}
             }
         }

@@ -328,7 +328,7 @@ params!(
     }
 );
 
-/// Most elements of a padded row (PK_PAD_MAX in kernels/conv.cu).
+/// Most elements of a padded row (PK_PAD_MAX in params.h).
 pub const PAD_MAX: usize = 16;
 
 /// Width limit of one top-k selection (PK_TOPK_MAX_WIDTH in params.h).
