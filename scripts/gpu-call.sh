@@ -8,6 +8,7 @@
 #
 #   device run, carry [dist/gpu-bundle.tar.xz], timeout 580:   bash scripts/gpu-call.sh
 #   PK_DEADLINE=300 bash scripts/gpu-call.sh tests verify     # other phases, shorter deadline
+#   PK_DEADLINE=300 bash scripts/gpu-call.sh fusion ncu python  # the A/B of the BN fusion, counters
 #
 # `fused` is the criterion bench of the fused ops on cuda (benches/fused.rs), short runs.
 set -u
@@ -49,6 +50,8 @@ for p in "${phases[@]}"; do
         grep -E "^fused|time:" "$RES/criterion-fused.txt" | head -70
         ;;
     python) phase 90 ./run.sh python ;;
+    fusion) phase 150 ./run.sh fusion ;;
+    ncu) phase 200 ./run.sh ncu ;;
     compile) [[ -s $RES/bench-cuda.json ]] && phase 400 ./run.sh compile ;;
     *) phase 600 ./run.sh "$p" ;;
     esac

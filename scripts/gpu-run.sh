@@ -14,6 +14,8 @@
 #              scripts/torch_train_step.py), batch 64 and 256, bf16 and f32, with the ratio;
 #              at 256 bf16 both profiles side by side, per op family
 #   compile    the same step against torch.compile's (256 bf16; compiling takes minutes)
+#   fusion     the step with the BN fused into the convs (default) against --no-bn-on-load
+#   ncu        hardware counters (Nsight Compute) of three conv kernels of the dense step
 #   conv       prunekit conv-bench --device cuda at batch 256 and 64, bf16,
 #              against PyTorch's own convolution per shape-pass (scripts/torch_conv.py)
 #   criterion  the criterion benches (criterion:NAME runs one: prune, conv, layers, train_step;
@@ -54,7 +56,9 @@ for phase in "${phases[@]}"; do
     tests)
         for t in tests/*; do
             # The GPU tests (the others run in CI); the long emulation slice of the
-            # differential tests is for CPU machines, the cuda one runs here.
+            # differential tests is for CPU machines, the cuda one runs here. The sanitizer
+            # tests are ignored for want of a sanitizer build, not of a GPU: CI runs them.
+            [[ $(basename "$t") == emu_sanitize ]] && continue
             out=$("./$t" --ignored --skip long_slice --test-threads=1 2>&1)
             rc=$?
             echo "$out" >> "$LOG"
@@ -126,6 +130,42 @@ print('%-6d %-9s'%(b,'$p'),f(o),f(b/o*1e3),f(t),f(b/t*1e3),'%8.2f'%(t/o))")"
             done
         done
         say "(ratio = PyTorch's step time over prunekit's: above 1, prunekit is faster)"
+        ;;
+    fusion)
+        # What the BN fusion buys: the default step (bn1 and bn2 applied as the next conv
+        # loads, BN backward sums in the dgrad epilogues) against --no-bn-on-load, two
+        # alternating rounds, dense and filters 0.5; the first round profiled.
+        say "$(printf '%-6s %-6s %-14s %10s' round bn row 'step ms')"
+        for r in 1 2; do
+            for f in fused unfused; do
+                extra=()
+                [[ $f == unfused ]] && extra=(--no-bn-on-load)
+                [[ $r == 1 ]] && extra+=(--profile)
+                "$PK" bench --device cuda --mode filters --sparsity 0,0.5 --steps 10 --warmup 3 "${extra[@]}" \
+                    --json "$RESULTS/fusion-$f-$r.json" > "$RESULTS/fusion-$f-$r.txt" 2>&1 || status=1
+                python3 -c "
+import json
+for x in json.load(open('$RESULTS/fusion-$f-$r.json')):
+    print('%-6s %-6s %-14s %10.2f' % ('$r', '$f', x['mode'] + ' ' + str(x['sparsity']), x['step_ms']))" | tee -a "$REPORT"
+            done
+        done
+        ;;
+    ncu)
+        # Hardware counters of three conv kernels of the dense bf16 step (the BN-on-load
+        # fprop, the BN-on-load wgrad, the dgrad with BN sums), one launch each.
+        if command -v ncu > /dev/null; then
+            for k in conv2d_fprop_bnin conv2d_wgrad_bnin conv2d_dgrad; do
+                timeout 60 ncu --clock-control none --kernel-name "regex:^${k}_t" --launch-skip 12 --launch-count 1 \
+                    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+                    --section SchedulerStats --section MemoryWorkloadAnalysis \
+                    "$PK" bench --device cuda --mode filters --sparsity 0 --steps 1 --warmup 0 > "$RESULTS/ncu-$k.txt" 2>&1
+                say "ncu $k: exit $? ($(grep -c . "$RESULTS/ncu-$k.txt") lines)"
+                grep -E "^  [a-z_0-9]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Issued Warp|No Eligible|Stall|L1/TEX Hit|L2 Hit|Shared Memory Configuration|Dynamic Shared" \
+                    "$RESULTS/ncu-$k.txt" | head -40 | tee -a "$REPORT"
+            done
+        else
+            say "ncu: not on this machine"
+        fi
         ;;
     compile)
         python3 scripts/torch_train_step.py --batch 256 --precision bf16 --steps 10 --warmup 3 --compile 2>>"$LOG" \

@@ -126,6 +126,44 @@ fn kernels_and_cpu_train_alike() {
     }
 }
 
+/// On a kernel device the step with the BN fused into the convs' loads and the dgrad
+/// epilogues (the default) and the unfused one (`set_bn_on_load(false)`, the CPU's way)
+/// train alike: losses and every parameter after three steps, and the ReLU outputs, which
+/// the unfused step writes and keeps after an SGD step.
+#[test]
+fn the_bn_on_load_and_the_unfused_step_train_alike() {
+    let arch = tiny_arch();
+    let sd = torchvision_init(&arch, 11);
+    let (n, size) = (3, 36);
+    let sgd = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 };
+    let dev = common::emu_devices().remove(0);
+    let mut results = Vec::new();
+    for on in [true, false] {
+        let mut m = Model::from_state(&dev, &sd, PrecisionKind::F32).unwrap();
+        m.set_bn_on_load(on);
+        let mut ws = m.workspace(n, size, size).unwrap();
+        let mut losses = Vec::new();
+        for step in 0..3 {
+            let (images, targets) = batch(n, size, arch.classes, 70 + step);
+            m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
+            m.train_step(&mut ws, &sgd).unwrap();
+            losses.push(m.loss(&ws).unwrap());
+        }
+        assert_eq!(m.relu_outputs(&ws).is_ok(), !on, "after an SGD step only the unfused step has its ReLU outputs");
+        results.push((losses, m.to_state().unwrap()));
+    }
+    let ((l0, s0), (l1, s1)) = (&results[0], &results[1]);
+    for (a, b) in l0.iter().zip(l1) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "losses {l0:?} vs {l1:?}");
+    }
+    for (name, t) in &s0.tensors {
+        let (a, b) = (t.as_f32().unwrap(), s1.tensors[name].as_f32().unwrap());
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 1e-3 * scale, "{name}: {err} of {scale}");
+    }
+}
+
 /// A bf16 model on a kernel device runs its stem with the three input channels padded to 8
 /// (padded images, a padded weight copy refreshed after each SGD step, the padded gradient
 /// cut back); the CPU runs it unpadded. After two train steps, a third batch's loss and the

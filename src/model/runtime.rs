@@ -111,6 +111,12 @@ impl Model {
         Ok(())
     }
 
+    /// Sets whether a train step on a kernel device fuses bn1 and bn2 into the convs'
+    /// loads and the BN backward sums into the dgrads ([`ResNet::bn_on_load`]).
+    pub fn set_bn_on_load(&mut self, on: bool) {
+        both!(self, m => m.bn_on_load = on)
+    }
+
     /// See [`ResNet::workspace`].
     pub fn workspace(&self, n: usize, h: usize, w: usize) -> Result<AnyWorkspace> {
         Ok(match self {

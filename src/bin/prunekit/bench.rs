@@ -79,6 +79,12 @@ pub struct BenchArgs {
     /// plain step). The profiled step is never graphed: it times each op.
     #[arg(long)]
     graph: bool,
+    /// Run the BN layers unfused on a kernel device: write bn1's and bn2's outputs and run
+    /// each BN backward as its own pass, instead of applying them as the next conv loads
+    /// and taking their sums in the dgrad epilogues (the default). Same results up to
+    /// rounding; for measuring what that fusion buys.
+    #[arg(long)]
+    no_bn_on_load: bool,
 }
 
 /// Runs `prunekit bench`: the rows as a table (and the profile table with --profile), then
@@ -114,9 +120,10 @@ pub fn run(a: BenchArgs) -> prunekit::Result<()> {
     o.precision = precision;
     o.profile = a.profile || counting;
     o.graph = a.graph;
+    o.bn_on_load = !a.no_bn_on_load;
     let plan = step::bench_plan(&o);
     println!(
-        "prunekit bench on {}: batch {}, {}x{}, {}, {} warm-up + {} timed{} steps per row, {} rows",
+        "prunekit bench on {}: batch {}, {}x{}, {}, {} warm-up + {} timed{} steps per row, {} rows{}",
         dev.name(),
         o.batch,
         o.size,
@@ -125,7 +132,8 @@ pub fn run(a: BenchArgs) -> prunekit::Result<()> {
         o.warmup_steps(),
         o.steps,
         if o.graph { " graphed" } else { "" },
-        plan.len()
+        plan.len(),
+        if o.bn_on_load { "" } else { " (BN unfused)" }
     );
     let per_row = o.warmup_steps() + o.steps + usize::from(o.profile);
     let bar = indicatif::ProgressBar::new((per_row * plan.len()) as u64);

@@ -206,6 +206,12 @@ pub struct ResNet<T: Precision> {
     pub bn: BnConfig,
     /// Label smoothing of the training loss, in [0, 1) (0: plain cross-entropy).
     pub label_smoothing: f32,
+    /// On a kernel device, a train step applies bn1 and bn2 as the next conv loads its
+    /// input (never writing their outputs) and takes the BN backward sums in the dgrad
+    /// epilogues (default). `false`: the BN outputs are written and each BN backward is a
+    /// pass of its own, as on the CPU, which always runs that way. Both give the same
+    /// results up to rounding; the switch is there to measure what the fusion buys.
+    pub bn_on_load: bool,
 }
 
 fn f32_of<'a>(sd: &'a StateDict, name: &str) -> Result<&'a [f32]> {
