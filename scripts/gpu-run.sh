@@ -14,7 +14,7 @@
 #              scripts/torch_train_step.py), batch 64 and 256, bf16 and f32, with the ratio;
 #              at 256 bf16 both profiles side by side, per op family
 #   compile    the same step against torch.compile's (256 bf16; compiling takes minutes)
-#   fusion     the step with the BN fused into the convs (default) against --no-bn-on-load
+#   fusion     the step with each --bn-fusion (all, load, dgrad, none), alternating
 #   ncu        hardware counters (Nsight Compute) of three conv kernels of the dense step
 #   conv       prunekit conv-bench --device cuda at batch 256 and 64, bf16,
 #              against PyTorch's own convolution per shape-pass (scripts/torch_conv.py)
@@ -132,14 +132,12 @@ print('%-6d %-9s'%(b,'$p'),f(o),f(b/o*1e3),f(t),f(b/t*1e3),'%8.2f'%(t/o))")"
         say "(ratio = PyTorch's step time over prunekit's: above 1, prunekit is faster)"
         ;;
     fusion)
-        # What the BN fusion buys: the default step (bn1 and bn2 applied as the next conv
-        # loads, BN backward sums in the dgrad epilogues) against --no-bn-on-load, two
-        # alternating rounds, dense and filters 0.5; the first round profiled.
-        say "$(printf '%-6s %-6s %-14s %10s' round bn row 'step ms')"
-        for r in 1 2; do
-            for f in fused unfused; do
-                extra=()
-                [[ $f == unfused ]] && extra=(--no-bn-on-load)
+        # What each BN fusion buys: the step with --bn-fusion all (default), load, dgrad and
+        # none, three alternating rounds, dense and filters 0.5; the first round profiled.
+        say "$(printf '%-6s %-6s %-14s %10s' round fusion row 'step ms')"
+        for r in 1 2 3; do
+            for f in all load dgrad none; do
+                extra=(--bn-fusion "$f")
                 [[ $r == 1 ]] && extra+=(--profile)
                 "$PK" bench --device cuda --mode filters --sparsity 0,0.5 --steps 10 --warmup 3 "${extra[@]}" \
                     --json "$RESULTS/fusion-$f-$r.json" > "$RESULTS/fusion-$f-$r.txt" 2>&1 || status=1

@@ -5,7 +5,7 @@
 mod common;
 
 use common::Rng;
-use prunekit::model::{init::torchvision_init, Arch, Block, Model, PrecisionKind, Sgd, StateDict, Tensor};
+use prunekit::model::{init::torchvision_init, Arch, Block, BnFusion, Model, PrecisionKind, Sgd, StateDict, Tensor};
 use prunekit::Device;
 
 /// A bottleneck ResNet with one block per stage and odd widths, 3 classes.
@@ -126,21 +126,21 @@ fn kernels_and_cpu_train_alike() {
     }
 }
 
-/// On a kernel device the step with the BN fused into the convs' loads and the dgrad
-/// epilogues (the default) and the unfused one (`set_bn_on_load(false)`, the CPU's way)
-/// train alike: losses and every parameter after three steps, and the ReLU outputs, which
-/// the unfused step writes and keeps after an SGD step.
+/// On a kernel device every combination of the BN fusions (bn1 and bn2 applied as the
+/// next conv loads; the BN backward sums in the dgrad epilogues) trains as the unfused
+/// step (the CPU's way): losses and every parameter after three steps alike, and the ReLU
+/// outputs kept after an SGD step exactly when the forward wrote them.
 #[test]
-fn the_bn_on_load_and_the_unfused_step_train_alike() {
+fn every_bn_fusion_trains_as_the_unfused_step() {
     let arch = tiny_arch();
     let sd = torchvision_init(&arch, 11);
     let (n, size) = (3, 36);
     let sgd = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 };
     let dev = common::emu_devices().remove(0);
     let mut results = Vec::new();
-    for on in [true, false] {
+    for (on_load, dgrad_sums) in [(false, false), (true, true), (true, false), (false, true)] {
         let mut m = Model::from_state(&dev, &sd, PrecisionKind::F32).unwrap();
-        m.set_bn_on_load(on);
+        m.set_bn_fusion(BnFusion { on_load, dgrad_sums });
         let mut ws = m.workspace(n, size, size).unwrap();
         let mut losses = Vec::new();
         for step in 0..3 {
@@ -149,18 +149,20 @@ fn the_bn_on_load_and_the_unfused_step_train_alike() {
             m.train_step(&mut ws, &sgd).unwrap();
             losses.push(m.loss(&ws).unwrap());
         }
-        assert_eq!(m.relu_outputs(&ws).is_ok(), !on, "after an SGD step only the unfused step has its ReLU outputs");
-        results.push((losses, m.to_state().unwrap()));
+        assert_eq!(m.relu_outputs(&ws).is_ok(), !on_load, "ReLU outputs after an SGD step, on_load {on_load}");
+        results.push(((on_load, dgrad_sums), losses, m.to_state().unwrap()));
     }
-    let ((l0, s0), (l1, s1)) = (&results[0], &results[1]);
-    for (a, b) in l0.iter().zip(l1) {
-        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "losses {l0:?} vs {l1:?}");
-    }
-    for (name, t) in &s0.tensors {
-        let (a, b) = (t.as_f32().unwrap(), s1.tensors[name].as_f32().unwrap());
-        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(err <= 1e-3 * scale, "{name}: {err} of {scale}");
+    let (_, l0, s0) = &results[0];
+    for (f, l1, s1) in &results[1..] {
+        for (a, b) in l0.iter().zip(l1) {
+            assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{f:?}: losses {l0:?} vs {l1:?}");
+        }
+        for (name, t) in &s0.tensors {
+            let (a, b) = (t.as_f32().unwrap(), s1.tensors[name].as_f32().unwrap());
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err <= 1e-3 * scale, "{f:?}: {name}: {err} of {scale}");
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! the FLOP-ideal speedup (dense train FLOPs over pruned train FLOPs).
 
 use crate::device::Device;
-use crate::model::{init::torchvision_init, AnyWorkspace, Arch, Model, PrecisionKind, Sgd, StateDict};
+use crate::model::{init::torchvision_init, AnyWorkspace, Arch, BnFusion, Model, PrecisionKind, Sgd, StateDict};
 use crate::ops::profile::{profile, Profile};
 use crate::prune::{prune_state, Mode, Norm, Plan, PruneConfig, Sparsity};
 use crate::{ensure, invalid, Result};
@@ -81,9 +81,9 @@ pub struct BenchOptions {
     /// Time the step captured as one CUDA graph and replayed
     /// ([`Model::train_step_graphed`]; the plain step where there is no capture).
     pub graph: bool,
-    /// Fuse bn1 and bn2 into the convs' loads and the BN backward sums into the dgrads
-    /// ([`Model::set_bn_on_load`]; kernel devices; default true).
-    pub bn_on_load: bool,
+    /// The BN work the step folds into the convolutions on a kernel device
+    /// ([`Model::set_bn_fusion`]; default: all of it).
+    pub bn_fusion: BnFusion,
 }
 
 impl BenchOptions {
@@ -110,7 +110,7 @@ impl BenchOptions {
             seed: 0,
             profile: false,
             graph: false,
-            bn_on_load: true,
+            bn_fusion: BnFusion::default(),
         }
     }
 
@@ -185,7 +185,7 @@ fn time_steps(
     tick: &mut dyn FnMut(),
 ) -> Result<(f64, f32, Option<Profile>)> {
     let mut model = Model::from_state(dev, sd, o.precision)?;
-    model.set_bn_on_load(o.bn_on_load);
+    model.set_bn_fusion(o.bn_fusion);
     let mut ws = model.workspace(o.batch, o.size, o.size)?;
     let mut rng = StdRng::seed_from_u64(o.seed);
     let images: Vec<f32> = (0..o.batch * 3 * o.size * o.size).map(|_| StandardNormal.sample(&mut rng)).collect();

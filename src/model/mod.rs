@@ -9,6 +9,6 @@ mod runtime;
 pub mod state;
 
 pub use arch::{Arch, Block, ConvLayer, Role, TensorSpec};
-pub use resnet::{BnConfig, Precision, ResNet, Sgd, Workspace};
+pub use resnet::{BnConfig, BnFusion, Precision, ResNet, Sgd, Workspace};
 pub use runtime::{AnyWorkspace, Model, PrecisionKind};
 pub use state::{Data, StateDict, Tensor};

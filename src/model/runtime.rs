@@ -1,7 +1,7 @@
 //! [`Model`]: a ResNet whose precision is chosen at run time (the CLI's `--precision`).
 
 use super::arch::Arch;
-use super::resnet::{BnConfig, ResNet, Sgd, Workspace};
+use super::resnet::{BnConfig, BnFusion, ResNet, Sgd, Workspace};
 use super::state::StateDict;
 use crate::device::Device;
 use crate::{invalid, Result};
@@ -111,10 +111,10 @@ impl Model {
         Ok(())
     }
 
-    /// Sets whether a train step on a kernel device fuses bn1 and bn2 into the convs'
-    /// loads and the BN backward sums into the dgrads ([`ResNet::bn_on_load`]).
-    pub fn set_bn_on_load(&mut self, on: bool) {
-        both!(self, m => m.bn_on_load = on)
+    /// Sets the BN work a train step on a kernel device folds into the convolutions
+    /// ([`ResNet::bn_fusion`]).
+    pub fn set_bn_fusion(&mut self, f: BnFusion) {
+        both!(self, m => m.bn_fusion = f)
     }
 
     /// See [`ResNet::workspace`].

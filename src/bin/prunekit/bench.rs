@@ -6,7 +6,7 @@ use prunekit::invalid;
 use prunekit::measure::roofline::Roofline;
 use prunekit::measure::step::{self, BenchMode, BenchOptions};
 use prunekit::measure::{plot, profile_table, roofline};
-use prunekit::model::StateDict;
+use prunekit::model::{BnFusion, StateDict};
 use prunekit::prune::Sparsity;
 use std::path::PathBuf;
 
@@ -79,12 +79,39 @@ pub struct BenchArgs {
     /// plain step). The profiled step is never graphed: it times each op.
     #[arg(long)]
     graph: bool,
-    /// Run the BN layers unfused on a kernel device: write bn1's and bn2's outputs and run
-    /// each BN backward as its own pass, instead of applying them as the next conv loads
-    /// and taking their sums in the dgrad epilogues (the default). Same results up to
-    /// rounding; for measuring what that fusion buys.
-    #[arg(long)]
-    no_bn_on_load: bool,
+    /// The BN work a step on a kernel device folds into the convolutions: `all` (default),
+    /// `load` (bn1 and bn2 applied as the next conv's fprop and wgrad load their inputs,
+    /// their outputs never written), `dgrad` (the BN backward sums taken in the epilogues
+    /// of the dgrads that store their output gradients) or `none` (every BN output written,
+    /// every BN backward its own passes, as on the CPU). The same results up to rounding;
+    /// for measuring what each fusion buys.
+    #[arg(long, value_enum, default_value_t = BnFusionArg::All)]
+    bn_fusion: BnFusionArg,
+}
+
+/// `--bn-fusion`: which of [`BnFusion`]'s switches are on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BnFusionArg {
+    /// Both fusions.
+    All,
+    /// The BN applied as the next conv loads.
+    Load,
+    /// The BN backward sums in the dgrad epilogues.
+    Dgrad,
+    /// Neither.
+    None,
+}
+
+impl BnFusionArg {
+    fn fusion(self) -> BnFusion {
+        let (on_load, dgrad_sums) = match self {
+            BnFusionArg::All => (true, true),
+            BnFusionArg::Load => (true, false),
+            BnFusionArg::Dgrad => (false, true),
+            BnFusionArg::None => (false, false),
+        };
+        BnFusion { on_load, dgrad_sums }
+    }
 }
 
 /// Runs `prunekit bench`: the rows as a table (and the profile table with --profile), then
@@ -120,7 +147,7 @@ pub fn run(a: BenchArgs) -> prunekit::Result<()> {
     o.precision = precision;
     o.profile = a.profile || counting;
     o.graph = a.graph;
-    o.bn_on_load = !a.no_bn_on_load;
+    o.bn_fusion = a.bn_fusion.fusion();
     let plan = step::bench_plan(&o);
     println!(
         "prunekit bench on {}: batch {}, {}x{}, {}, {} warm-up + {} timed{} steps per row, {} rows{}",
@@ -133,7 +160,12 @@ pub fn run(a: BenchArgs) -> prunekit::Result<()> {
         o.steps,
         if o.graph { " graphed" } else { "" },
         plan.len(),
-        if o.bn_on_load { "" } else { " (BN unfused)" }
+        match a.bn_fusion {
+            BnFusionArg::All => "",
+            BnFusionArg::Load => " (BN fused: on load only)",
+            BnFusionArg::Dgrad => " (BN fused: dgrad sums only)",
+            BnFusionArg::None => " (BN unfused)",
+        }
     );
     let per_row = o.warmup_steps() + o.steps + usize::from(o.profile);
     let bar = indicatif::ProgressBar::new((per_row * plan.len()) as u64);

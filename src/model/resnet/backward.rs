@@ -26,14 +26,16 @@ impl<T: Precision> ResNet<T> {
         let mut g = ws.scratch.take(last_len)?;
         layers::avgpool_backward(&dev, n, last_len / (n * c), c, &ws.dfeat, &mut ws.scratch.bufs[g])?;
         let (scratch, part) = (&mut ws.scratch, &mut ws.grad_sums);
-        // On a kernel device the BN backwards take their sums from the dgrad epilogues
-        // that store their output gradients (fused::conv2d_dgrad_bn_sums): conv3's dgrad
-        // for bn2, conv2's for bn1, and the last dgrad into a block's input for the previous
-        // block's bn3; each BN backward is then its dx pass alone (bn_backward_dx). The
-        // wgrads of conv2 and conv3 apply bn1 and bn2 as they load t1 and t2 when the forward
-        // did (their outputs a1, a2 were not written); the BN backwards through their ReLUs
-        // never read those outputs there.
+        // On a kernel device (bn_fusion.dgrad_sums) the BN backwards take their sums from
+        // the dgrad epilogues that store their output gradients
+        // (fused::conv2d_dgrad_bn_sums): conv3's dgrad for bn2, conv2's for bn1, and the
+        // last dgrad into a block's input for the previous block's bn3; each BN backward is
+        // then its dx pass alone (bn_backward_dx). The wgrads of conv2 and conv3 apply bn1
+        // and bn2 as they load t1 and t2 when the forward did (bn_fusion.on_load: their
+        // outputs a1, a2 were not written); the BN backwards through their ReLUs never read
+        // those outputs on a kernel device.
         let on_load = ws.bn_on_load.is_some();
+        let sums = self.bn_fusion.dgrad_sums && !matches!(dev, Device::Cpu);
         let nblocks = self.blocks.len();
         for bi in (0..nblocks).rev() {
             let (before, rest) = ws.blocks.split_at_mut(bi);
@@ -48,7 +50,7 @@ impl<T: Precision> ResNet<T> {
             };
             let (bps_before, bps) = self.blocks.split_at_mut(bi);
             let bp = &mut bps[0];
-            let mut prev_bns = match (on_load, prev, bps_before.last_mut()) {
+            let mut prev_bns = match (sums, prev, bps_before.last_mut()) {
                 (true, Some((t3, s3, down)), Some(pb)) => {
                     let second = match (down, pb.down.as_mut()) {
                         (Some((td, sd)), Some((_, dbn))) => Some((td, dbn.layer(sd, bnc))),
@@ -73,7 +75,7 @@ impl<T: Precision> ResNet<T> {
                 let bn = &mut bp.bn3.layer(&mut acts.s3, bnc);
                 if bi + 1 == nblocks {
                     layers::bn_backward_masking_dy(&dev, m2, &acts.t3, &acts.out, ds, bn, d3)?;
-                } else if on_load {
+                } else if sums {
                     layers::bn_backward_dx(&dev, m2, &acts.t3, ds, bn, false, d3)?;
                 } else {
                     layers::bn_backward(&dev, m2, &acts.t3, None, ds, bn, d3)?;
@@ -85,11 +87,14 @@ impl<T: Precision> ResNet<T> {
                 if on_load {
                     let in2 = bp.bn2.input(&acts.s2, true);
                     fused::conv2d_wgrad_bn_input(&dev, &acts.sh3, &acts.t2, &in2, d3, &mut bp.conv3.dw)?;
+                } else {
+                    conv::conv2d_wgrad(&dev, &acts.sh3, &acts.a2, d3, &mut bp.conv3.dw)?;
+                }
+                if sums {
                     let bn = &mut bp.bn2.layer(&mut acts.s2, bnc);
                     let grad = fused::GradBn { x: &acts.t2, bn, relu: true, second: None, workspace: &mut *part };
                     fused::conv2d_dgrad_bn_sums(&dev, &acts.sh3, d3, bp.conv3.weight()?, da, grad)?;
                 } else {
-                    conv::conv2d_wgrad(&dev, &acts.sh3, &acts.a2, d3, &mut bp.conv3.dw)?;
                     conv::conv2d_dgrad(&dev, &acts.sh3, d3, bp.conv3.weight()?, da)?;
                 }
             }
@@ -99,7 +104,7 @@ impl<T: Precision> ResNet<T> {
             {
                 let [da, d2] = scratch.bufs.get_disjoint_mut([da2, dt2]).expect("distinct");
                 let bn = &mut bp.bn2.layer(&mut acts.s2, bnc);
-                if on_load {
+                if sums {
                     layers::bn_backward_dx(&dev, m2, &acts.t2, da, bn, true, d2)?;
                 } else {
                     layers::bn_backward_through_relu(&dev, m2, &acts.t2, &acts.a2, da, bn, d2)?;
@@ -112,11 +117,14 @@ impl<T: Precision> ResNet<T> {
                 if on_load {
                     let in1 = bp.bn1.input(&acts.s1, true);
                     fused::conv2d_wgrad_bn_input(&dev, &acts.sh2, &acts.t1, &in1, d2, &mut bp.conv2.dw)?;
+                } else {
+                    conv::conv2d_wgrad(&dev, &acts.sh2, &acts.a1, d2, &mut bp.conv2.dw)?;
+                }
+                if sums {
                     let bn = &mut bp.bn1.layer(&mut acts.s1, bnc);
                     let grad = fused::GradBn { x: &acts.t1, bn, relu: true, second: None, workspace: &mut *part };
                     fused::conv2d_dgrad_bn_sums(&dev, &acts.sh2, d2, bp.conv2.weight()?, da, grad)?;
                 } else {
-                    conv::conv2d_wgrad(&dev, &acts.sh2, &acts.a1, d2, &mut bp.conv2.dw)?;
                     conv::conv2d_dgrad(&dev, &acts.sh2, d2, bp.conv2.weight()?, da)?;
                 }
             }
@@ -126,7 +134,7 @@ impl<T: Precision> ResNet<T> {
             {
                 let [da, d1] = scratch.bufs.get_disjoint_mut([da1, dt1]).expect("distinct");
                 let bn = &mut bp.bn1.layer(&mut acts.s1, bnc);
-                if on_load {
+                if sums {
                     layers::bn_backward_dx(&dev, m1, &acts.t1, da, bn, true, d1)?;
                 } else {
                     layers::bn_backward_through_relu(&dev, m1, &acts.t1, &acts.a1, da, bn, d1)?;
@@ -169,7 +177,7 @@ impl<T: Precision> ResNet<T> {
                     {
                         let [ds, dd] = scratch.bufs.get_disjoint_mut([dsum, dtd]).expect("distinct");
                         let bn = &mut dbn.layer(sd, bnc);
-                        if on_load && bi + 1 < nblocks {
+                        if sums && bi + 1 < nblocks {
                             layers::bn_backward_dx(&dev, m2, td, ds, bn, false, dd)?;
                         } else {
                             layers::bn_backward(&dev, m2, td, None, ds, bn, dd)?;

@@ -78,7 +78,7 @@ impl<T: Precision> ResNet<T> {
             steps: 0,
             bn: BnConfig::default(),
             label_smoothing: 0.0,
-            bn_on_load: true,
+            bn_fusion: BnFusion::default(),
         })
     }
 

@@ -70,6 +70,27 @@ impl Default for BnConfig {
     }
 }
 
+/// The BN work a train step on a kernel device folds into its convolutions (the CPU
+/// fuses neither: it writes every BN output and runs each BN backward as its own passes).
+/// Every combination gives the same results up to rounding; the switches are there to
+/// measure what each fusion buys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BnFusion {
+    /// bn1 and bn2 (with their ReLUs) applied as conv2's and conv3's fprop and wgrad load
+    /// their inputs; their outputs are never written.
+    pub on_load: bool,
+    /// The BN backward sums (dbeta, dgamma) of bn1, bn2, and the previous block's bn3 and
+    /// downsample BN taken in the epilogue of the dgrad that stores their output gradient;
+    /// each of those BN backwards is then its dx pass alone.
+    pub dgrad_sums: bool,
+}
+
+impl Default for BnFusion {
+    fn default() -> Self {
+        BnFusion { on_load: true, dgrad_sums: true }
+    }
+}
+
 /// SGD with momentum and weight decay, as PyTorch's (dampening 0, no Nesterov).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sgd {
@@ -206,12 +227,9 @@ pub struct ResNet<T: Precision> {
     pub bn: BnConfig,
     /// Label smoothing of the training loss, in [0, 1) (0: plain cross-entropy).
     pub label_smoothing: f32,
-    /// On a kernel device, a train step applies bn1 and bn2 as the next conv loads its
-    /// input (never writing their outputs) and takes the BN backward sums in the dgrad
-    /// epilogues (default). `false`: the BN outputs are written and each BN backward is a
-    /// pass of its own, as on the CPU, which always runs that way. Both give the same
-    /// results up to rounding; the switch is there to measure what the fusion buys.
-    pub bn_on_load: bool,
+    /// The BN work a train step on a kernel device folds into the convolutions (default:
+    /// all of it).
+    pub bn_fusion: BnFusion,
 }
 
 fn f32_of<'a>(sd: &'a StateDict, name: &str) -> Result<&'a [f32]> {
