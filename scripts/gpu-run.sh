@@ -7,7 +7,8 @@
 #   tests      the GPU tests of every test binary (--ignored; CI runs the others)
 #   python     the wheel beside the machine's PyTorch: prunekit.torch.Conv2d on CUDA
 #              tensors (DLPack, PyTorch's streams) against cuDNN, and the CPU conv tests
-#   verify     prunekit verify --device cuda on every model reference, f32 and bf16
+#   verify     prunekit verify --device cuda on every model reference, f32 and bf16,
+#              the BN fusions off (default) and on
 #   bench      the main job with its profile and roofline: prunekit bench --device cuda
 #              --profile (JSON and plot)
 #   step       ResNet50 training step, prunekit vs PyTorch eager (AMP for bf16;
@@ -88,11 +89,13 @@ for phase in "${phases[@]}"; do
     verify)
         for f in data/model-*.safetensors; do
             for p in f32 bf16; do
-                out=$("$PK" verify --reference "$f" --device cuda --precision "$p" 2>&1)
+                for fu in none all; do
+                out=$("$PK" verify --reference "$f" --device cuda --precision "$p" --bn-fusion "$fu" 2>&1)
                 rc=$?
                 echo "$out" >> "$LOG"
-                say "$(basename "$f") $p: $(echo "$out" | tail -1) (exit $rc)"
+                say "$(basename "$f") $p bn-fusion $fu: $(echo "$out" | tail -1) (exit $rc)"
                 [[ $rc -ne 0 ]] && { status=1; echo "$out" | grep -E "FAIL" | sed 's/^/    /' | tee -a "$REPORT"; }
+                done
             done
         done
         ;;
@@ -135,6 +138,16 @@ print('%-6d %-9s'%(b,'$p'),f(o),f(b/o*1e3),f(t),f(b/t*1e3),'%8.2f'%(t/o))")"
         # What each BN fusion buys: the step with --bn-fusion all (default), load, dgrad and
         # none, three alternating rounds, dense and filters 0.5; the first round profiled.
         say "$(printf '%-6s %-6s %-14s %10s' round fusion row 'step ms')"
+        # PyTorch's eager AMP step (dense, channels_last, cudnn.benchmark) before and after.
+        torch_anchor() {
+            python3 scripts/torch_train_step.py --batch 256 --precision bf16 --steps 10 --warmup 3 \
+                > "$RESULTS/fusion-torch-$1.txt" 2>>"$LOG"
+            python3 -c "
+import json
+x = json.loads(open('$RESULTS/fusion-torch-$1.txt').readline())
+print('%-6s %-6s %-14s %10.2f' % ('$1', 'torch', 'dense 0.0', x['step_ms']))" | tee -a "$REPORT"
+        }
+        torch_anchor 0
         for r in 1 2 3; do
             for f in all load dgrad none; do
                 extra=(--bn-fusion "$f")
@@ -147,17 +160,21 @@ for x in json.load(open('$RESULTS/fusion-$f-$r.json')):
     print('%-6s %-6s %-14s %10.2f' % ('$r', '$f', x['mode'] + ' ' + str(x['sparsity']), x['step_ms']))" | tee -a "$REPORT"
             done
         done
+        torch_anchor 4
         ;;
     ncu)
-        # Hardware counters of three conv kernels of the dense bf16 step (the BN-on-load
-        # fprop, the BN-on-load wgrad, the dgrad with BN sums), one launch each.
+        # Hardware counters of conv kernels of the dense bf16 step, one launch each: the
+        # BN-on-load fprop and wgrad, the dgrad with BN sums, and the plain wgrad (of the
+        # unfused step).
         if command -v ncu > /dev/null; then
-            for k in conv2d_fprop_bnin conv2d_wgrad_bnin conv2d_dgrad; do
+            for kf in conv2d_fprop_bnin:all conv2d_wgrad_bnin:all conv2d_dgrad:all conv2d_wgrad:none; do
+                k=${kf%:*} f=${kf#*:}
                 timeout 60 ncu --clock-control none --kernel-name "regex:^${k}_t" --launch-skip 12 --launch-count 1 \
                     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                     --section SchedulerStats --section MemoryWorkloadAnalysis \
-                    "$PK" bench --device cuda --mode filters --sparsity 0 --steps 1 --warmup 0 > "$RESULTS/ncu-$k.txt" 2>&1
-                say "ncu $k: exit $? ($(grep -c . "$RESULTS/ncu-$k.txt") lines)"
+                    "$PK" bench --device cuda --mode filters --sparsity 0 --steps 1 --warmup 0 --bn-fusion "$f" \
+                    > "$RESULTS/ncu-$k.txt" 2>&1
+                say "ncu $k (--bn-fusion $f): exit $? ($(grep -c . "$RESULTS/ncu-$k.txt") lines)"
                 grep -E "^  [a-z_0-9]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Issued Warp|No Eligible|Stall|L1/TEX Hit|L2 Hit|Shared Memory Configuration|Dynamic Shared" \
                     "$RESULTS/ncu-$k.txt" | head -40 | tee -a "$REPORT"
             done

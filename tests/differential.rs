@@ -12,7 +12,7 @@ mod common;
 
 use common::Rng;
 use prunekit::model::init::torchvision_init;
-use prunekit::model::{Arch, BnConfig, PrecisionKind, Sgd, StateDict};
+use prunekit::model::{Arch, BnConfig, BnFusion, PrecisionKind, Sgd, StateDict};
 use prunekit::verify::exact::{Exact, Fault, Hyper};
 use prunekit::verify::{check_device, Report, Step};
 use prunekit::Device;
@@ -91,22 +91,24 @@ fn random_case(seed: u64, max_layers: [usize; 4], max_width: usize) -> Case {
 
 const SGD: Sgd = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4 };
 
-fn run(case: &Case, exact: &Exact, dev: &Device, precision: PrecisionKind) -> Report {
+fn run(case: &Case, exact: &Exact, dev: &Device, precision: PrecisionKind, fusion: BnFusion) -> Report {
     let bn = BnConfig::default();
     let hp = Hyper::of(&SGD, &bn);
     let own = exact.run(&case.images, case.dims, &case.targets, &hp, None, None).unwrap();
-    let step = Step { images: &case.images, dims: case.dims, targets: &case.targets, sgd: SGD, bn };
+    let step = Step { images: &case.images, dims: case.dims, targets: &case.targets, sgd: SGD, bn, fusion };
     check_device(exact, &own, &case.sd, dev, precision, &step).unwrap()
 }
 
+/// Even seeds run the kernel devices' step with both BN fusions, odd ones with neither.
 fn differential(seeds: std::ops::Range<u64>, max_layers: [usize; 4], max_width: usize, devices: &[Device]) {
     for seed in seeds {
         let case = random_case(seed, max_layers, max_width);
         let exact = Exact::from_state(&case.sd).unwrap();
+        let fusion = if seed % 2 == 0 { BnFusion::ALL } else { BnFusion::NONE };
         for dev in devices {
             for precision in [PrecisionKind::F32, PrecisionKind::Bf16] {
-                let r = run(&case, &exact, dev, precision);
-                assert!(r.ok(), "{} on {} ({precision}):\n{r}", case.what, dev.name());
+                let r = run(&case, &exact, dev, precision, fusion);
+                assert!(r.ok(), "{} on {} ({precision}, {fusion:?}):\n{r}", case.what, dev.name());
             }
         }
     }
@@ -144,8 +146,10 @@ fn a_planted_wiring_bug_fails() {
         let mut exact = Exact::from_state(&case.sd).unwrap();
         exact.fault = Some(fault);
         for dev in [Device::Cpu, common::emu_devices()[0].clone()] {
-            let r = run(&case, &exact, &dev, PrecisionKind::F32);
-            assert!(!r.ok(), "{fault:?} passed on {}:\n{r}", dev.name());
+            for fusion in [BnFusion::ALL, BnFusion::NONE] {
+                let r = run(&case, &exact, &dev, PrecisionKind::F32, fusion);
+                assert!(!r.ok(), "{fault:?} passed on {} ({fusion:?}):\n{r}", dev.name());
+            }
         }
     }
 }
@@ -157,7 +161,9 @@ fn a_planted_kernel_bug_fails() {
     let exact = Exact::from_state(&case.sd).unwrap();
     for variant in ["conv_fault_skip_last_channel", "bn_fault_drop_row"] {
         let dev = Device::Gpu(prunekit::gpu::Gpu::emu_with_fault(prunekit::gpu::Schedule::Forward, variant).unwrap());
-        let r = run(&case, &exact, &dev, PrecisionKind::F32);
-        assert!(!r.ok(), "{variant} passed:\n{r}");
+        for fusion in [BnFusion::ALL, BnFusion::NONE] {
+            let r = run(&case, &exact, &dev, PrecisionKind::F32, fusion);
+            assert!(!r.ok(), "{variant} passed ({fusion:?}):\n{r}");
+        }
     }
 }

@@ -218,6 +218,7 @@ fn relu_outputs_after_a_train_forward_with_the_bn_on_load() {
     let mut outs = Vec::new();
     for dev in [Device::Cpu, common::emu_devices().remove(0)] {
         let mut m = Model::from_state(&dev, &sd, PrecisionKind::F32).unwrap();
+        m.set_bn_fusion(BnFusion::ALL);
         let mut ws = m.workspace(n, size, size).unwrap();
         m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
         m.forward(&mut ws, true).unwrap();

@@ -8,7 +8,7 @@ mod common;
 
 use common::Rng;
 use prunekit::gpu::{Gpu, Schedule};
-use prunekit::model::{init::torchvision_init, Arch, Block, Model, PrecisionKind, Sgd, StateDict};
+use prunekit::model::{init::torchvision_init, Arch, Block, BnFusion, Model, PrecisionKind, Sgd, StateDict};
 use prunekit::ops::profile::{profile, Cost, Family, Profile};
 use prunekit::shape::{ConvShape, Pass};
 use prunekit::Device;
@@ -46,8 +46,14 @@ const N: usize = 2;
 const SIZE: usize = 28;
 const SGD: Sgd = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 };
 
-fn model(dev: &Device, sd: &StateDict, precision: PrecisionKind) -> (Model, prunekit::model::AnyWorkspace) {
+fn model(
+    dev: &Device,
+    sd: &StateDict,
+    precision: PrecisionKind,
+    fusion: BnFusion,
+) -> (Model, prunekit::model::AnyWorkspace) {
     let mut m = Model::from_state(dev, sd, precision).unwrap();
+    m.set_bn_fusion(fusion);
     let mut ws = m.workspace(N, SIZE, SIZE).unwrap();
     let mut rng = Rng::new(7);
     let images = rng.vec(N * 3 * SIZE * SIZE);
@@ -60,11 +66,11 @@ fn model(dev: &Device, sd: &StateDict, precision: PrecisionKind) -> (Model, prun
 
 /// Steps a model once unprofiled and a twin once profiled; checks that both end with the
 /// same bits in every tensor and the same loss, and returns the profile.
-fn profiled_step(dev: &Device, precision: PrecisionKind) -> Profile {
+fn profiled_step(dev: &Device, precision: PrecisionKind, fusion: BnFusion) -> Profile {
     let sd = torchvision_init(&tiny_arch(), 11);
-    let (mut plain, mut ws_plain) = model(dev, &sd, precision);
+    let (mut plain, mut ws_plain) = model(dev, &sd, precision, fusion);
     plain.train_step(&mut ws_plain, &SGD).unwrap();
-    let (mut prof, mut ws_prof) = model(dev, &sd, precision);
+    let (mut prof, mut ws_prof) = model(dev, &sd, precision, fusion);
     let ((), p) = profile(dev, || prof.train_step(&mut ws_prof, &SGD)).unwrap();
     assert!(!prunekit::ops::profile::active());
     assert_eq!(plain.loss(&ws_plain).unwrap().to_bits(), prof.loss(&ws_prof).unwrap().to_bits());
@@ -187,17 +193,18 @@ fn grad_sums() -> Vec<(prunekit::shape::ConvShape, bool)> {
     v
 }
 
-/// What the kernel devices count where the CPU counts `cpu` (as [`shared_counts`]): a
-/// train step there applies bn1 and bn2 as conv2 and conv3 load their inputs, in fprop and
-/// wgrad, so each block has two BN apply passes fewer and those four conv passes count the
-/// reads of the BN's parameters; and the dgrads of [`grad_sums`] read the BNs' inputs and
-/// write the sums, which a finalize op of its own merges (one BN backward call more each;
-/// a second BN's backward is its dx pass alone, in place of the full backward).
-fn kernel_counts(cpu: &Profile, precision: PrecisionKind) -> Vec<(Family, usize, u64, u64)> {
+/// What the kernel devices count where the CPU counts `cpu` (as [`shared_counts`]). With
+/// `fusion.on_load` a train step there applies bn1 and bn2 as conv2 and conv3 load their
+/// inputs, in fprop and wgrad, so each block has two BN apply passes fewer and those four
+/// conv passes count the reads of the BN's parameters; with `fusion.dgrad_sums` the dgrads
+/// of [`grad_sums`] read the BNs' inputs and write the sums, which a finalize op of its own
+/// merges (one BN backward call more each; a second BN's backward is its dx pass alone, in
+/// place of the full backward).
+fn kernel_counts(cpu: &Profile, precision: PrecisionKind, fusion: BnFusion) -> Vec<(Family, usize, u64, u64)> {
     use prunekit::ops::fused::grad_sums_tiles;
     let elem = if precision == PrecisionKind::Bf16 { 2 } else { 4 };
     let mut c = shared_counts(cpu);
-    for (sh, second) in grad_sums() {
+    for (sh, second) in grad_sums().into_iter().filter(|_| fusion.dgrad_sums) {
         let tiles = match precision {
             PrecisionKind::Bf16 => grad_sums_tiles::<half::bf16>(&sh, None),
             _ => grad_sums_tiles::<f32>(&sh, None),
@@ -211,7 +218,7 @@ fn kernel_counts(cpu: &Profile, precision: PrecisionKind) -> Vec<(Family, usize,
             }
         }
     }
-    for (sh, on_load) in bn_on_load() {
+    for (sh, on_load) in bn_on_load().filter(|_| fusion.on_load) {
         let apply = Cost::bn_apply(sh.n * sh.h * sh.w, sh.c, elem, false, true);
         for f in c.iter_mut() {
             match f.0 {
@@ -256,9 +263,9 @@ fn check_bn_backward(kernels: &Profile, cpu: &Profile) {
 
 #[test]
 fn profiled_step_on_cpu_records_every_family_and_changes_nothing() {
-    let f32p = profiled_step(&Device::Cpu, PrecisionKind::F32);
+    let f32p = profiled_step(&Device::Cpu, PrecisionKind::F32, BnFusion::NONE);
     check(&f32p, PrecisionKind::F32, false);
-    let bf16p = profiled_step(&Device::Cpu, PrecisionKind::Bf16);
+    let bf16p = profiled_step(&Device::Cpu, PrecisionKind::Bf16, BnFusion::NONE);
     check(&bf16p, PrecisionKind::Bf16, false);
     // bf16 halves the bytes of the activations and weights that the convs read.
     let b = |p: &Profile| p.family(Family::ConvFprop).unwrap().bytes;
@@ -269,17 +276,19 @@ fn profiled_step_on_cpu_records_every_family_and_changes_nothing() {
 #[test]
 fn profiled_step_in_the_emulation_counts_what_the_cpu_counts() {
     let emu = Device::Gpu(Gpu::emu_with(Schedule::Forward));
-    let p = profiled_step(&emu, PrecisionKind::F32);
-    check(&p, PrecisionKind::F32, false);
-    assert_eq!(p.device, "emu");
-    let cpu = profiled_step(&Device::Cpu, PrecisionKind::F32);
-    assert_eq!(shared_counts(&p), kernel_counts(&cpu, PrecisionKind::F32));
-    check_bn_backward(&p, &cpu);
-    let pb = profiled_step(&emu, PrecisionKind::Bf16);
-    check(&pb, PrecisionKind::Bf16, true);
-    let cpub = profiled_step(&Device::Cpu, PrecisionKind::Bf16);
-    assert_eq!(shared_counts(&pb), kernel_counts(&cpub, PrecisionKind::Bf16));
-    check_bn_backward(&pb, &cpub);
+    let cpu = profiled_step(&Device::Cpu, PrecisionKind::F32, BnFusion::NONE);
+    let cpub = profiled_step(&Device::Cpu, PrecisionKind::Bf16, BnFusion::NONE);
+    for fusion in [BnFusion::NONE, BnFusion::ALL, BnFusion { on_load: false, dgrad_sums: true }] {
+        let p = profiled_step(&emu, PrecisionKind::F32, fusion);
+        check(&p, PrecisionKind::F32, false);
+        assert_eq!(p.device, "emu");
+        assert_eq!(shared_counts(&p), kernel_counts(&cpu, PrecisionKind::F32, fusion), "{fusion:?}");
+        check_bn_backward(&p, &cpu);
+        let pb = profiled_step(&emu, PrecisionKind::Bf16, fusion);
+        check(&pb, PrecisionKind::Bf16, true);
+        assert_eq!(shared_counts(&pb), kernel_counts(&cpub, PrecisionKind::Bf16, fusion), "{fusion:?}");
+        check_bn_backward(&pb, &cpub);
+    }
 }
 
 #[test]
@@ -289,11 +298,13 @@ fn the_counting_mode_counts_what_the_emulation_runs_and_computes_nothing() {
     let emu = Device::Gpu(Gpu::emu_with(Schedule::Forward));
     for precision in [PrecisionKind::F32, PrecisionKind::Bf16] {
         let sd = torchvision_init(&tiny_arch(), 11);
-        let (mut m, mut ws) = model(&count, &sd, precision);
-        let ((), p) = profile(&count, || m.train_step(&mut ws, &SGD)).unwrap();
-        assert_eq!(counts(&p), counts(&profiled_step(&emu, precision)), "{precision}");
-        // Nothing ran: no loss was computed (a real step's is about ln 5).
-        assert_eq!(m.loss(&ws).unwrap(), 0.0);
+        for fusion in [BnFusion::NONE, BnFusion::ALL] {
+            let (mut m, mut ws) = model(&count, &sd, precision, fusion);
+            let ((), p) = profile(&count, || m.train_step(&mut ws, &SGD)).unwrap();
+            assert_eq!(counts(&p), counts(&profiled_step(&emu, precision, fusion)), "{precision} {fusion:?}");
+            // Nothing ran: no loss was computed (a real step's is about ln 5).
+            assert_eq!(m.loss(&ws).unwrap(), 0.0);
+        }
     }
     // Only bench takes it: a command that would compute refuses it.
     let e = Device::parse("emu:count").unwrap_err().to_string();
@@ -314,7 +325,7 @@ fn no_wgrad_is_split() {
 fn profile_scopes_report_errors_and_end() {
     let dev = Device::Cpu;
     let sd = torchvision_init(&tiny_arch(), 11);
-    let (mut m, _) = model(&dev, &sd, PrecisionKind::F32);
+    let (mut m, _) = model(&dev, &sd, PrecisionKind::F32, BnFusion::NONE);
     let mut other = m.workspace(N, SIZE, SIZE).unwrap();
     // A train step without targets fails inside the scope: the error comes out, the scope ends.
     let r = profile(&dev, || m.train_step(&mut other, &SGD));
@@ -329,12 +340,14 @@ fn profile_scopes_report_errors_and_end() {
 fn profiled_step_on_cuda_counts_what_the_cpu_counts() {
     let dev = common::cuda_device();
     for precision in [PrecisionKind::F32, PrecisionKind::Bf16] {
-        let p = profiled_step(&dev, precision);
-        check(&p, precision, precision == PrecisionKind::Bf16);
-        assert_eq!(p.device, "cuda");
-        let cpu = profiled_step(&Device::Cpu, precision);
-        assert_eq!(shared_counts(&p), kernel_counts(&cpu, precision));
-        check_bn_backward(&p, &cpu);
-        assert_eq!(counts(&p), counts(&profiled_step(&common::emu_devices()[0], precision)));
+        let cpu = profiled_step(&Device::Cpu, precision, BnFusion::NONE);
+        for fusion in [BnFusion::NONE, BnFusion::ALL] {
+            let p = profiled_step(&dev, precision, fusion);
+            check(&p, precision, precision == PrecisionKind::Bf16);
+            assert_eq!(p.device, "cuda");
+            assert_eq!(shared_counts(&p), kernel_counts(&cpu, precision, fusion));
+            check_bn_backward(&p, &cpu);
+            assert_eq!(counts(&p), counts(&profiled_step(&common::emu_devices()[0], precision, fusion)));
+        }
     }
 }

@@ -7,7 +7,7 @@ mod common;
 
 use common::data;
 use prunekit::gpu::{Gpu, Schedule};
-use prunekit::model::{PrecisionKind, StateDict};
+use prunekit::model::{BnFusion, PrecisionKind, StateDict};
 use prunekit::verify::{verify, Group, Report};
 use prunekit::Device;
 use std::path::Path;
@@ -21,8 +21,13 @@ const MODELS: &[&str] = &[
 ];
 
 fn check(f: &str, dev: &Device, precision: PrecisionKind) -> Report {
-    let r = verify(&data(f), dev, precision).unwrap();
-    assert!(r.ok(), "{f} on {} ({precision}):\n{r}", dev.name());
+    check_fused(f, dev, precision, BnFusion::NONE)
+}
+
+/// As [`check`], with the kernel devices' step folding `fusion` into the convolutions.
+fn check_fused(f: &str, dev: &Device, precision: PrecisionKind, fusion: BnFusion) -> Report {
+    let r = verify(&data(f), dev, precision, fusion).unwrap();
+    assert!(r.ok(), "{f} on {} ({precision}, {fusion:?}):\n{r}", dev.name());
     assert_eq!(r.math.len(), 6);
     assert_eq!(r.precision.len(), 6);
     r
@@ -37,10 +42,11 @@ fn references_pass_on_cpu() {
 
 #[test]
 fn references_pass_in_the_emulation() {
-    for f in MODELS {
-        check(f, &common::emu_devices()[0], PrecisionKind::F32);
+    for (i, f) in MODELS.iter().enumerate() {
+        let fusion = if i % 2 == 0 { BnFusion::ALL } else { BnFusion::NONE };
+        check_fused(f, &common::emu_devices()[0], PrecisionKind::F32, fusion);
     }
-    check(MODELS[0], &common::emu_devices()[1], PrecisionKind::F32);
+    check_fused(MODELS[0], &common::emu_devices()[1], PrecisionKind::F32, BnFusion::NONE);
 }
 
 /// A reference so ill-conditioned (batch norms over two values per channel, widths 1/6)
@@ -68,7 +74,7 @@ fn bf16_passes_its_tolerances() {
         // bf16 rounding flips many ReLU decisions; the report counts them.
         assert!(r.decisions.train.iter().map(|d| d.differ).sum::<usize>() > 0, "{f}:\n{r}");
     }
-    check(MODELS[1], &common::emu_devices()[0], PrecisionKind::Bf16);
+    check_fused(MODELS[1], &common::emu_devices()[0], PrecisionKind::Bf16, BnFusion::ALL);
 }
 
 /// A decision that float32 rounding flips on this reference, on the CPU or in the
@@ -101,7 +107,7 @@ fn tampered(f: &str, name: &str, change: impl Fn(&mut [f32])) -> Vec<Group> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tampered.safetensors");
     sd.write(&path).unwrap();
-    let r = verify(&path, &Device::Cpu, PrecisionKind::F32).unwrap();
+    let r = verify(&path, &Device::Cpu, PrecisionKind::F32, BnFusion::NONE).unwrap();
     assert!(r.precision.iter().all(|g| g.ok()), "the device's run does not depend on the expectations:\n{r}");
     r.failed_groups()
 }
@@ -173,7 +179,7 @@ fn one_gradient_element_off_by_a_fifth_of_the_scale_fails_everywhere() {
             }
             let path = dir.path().join("t.safetensors");
             t.write(&path).unwrap();
-            let r = verify(&path, &Device::Cpu, PrecisionKind::F32).unwrap();
+            let r = verify(&path, &Device::Cpu, PrecisionKind::F32, BnFusion::NONE).unwrap();
             assert_eq!(r.failed_groups(), vec![Group::Gradients], "{f}: {name}:\n{r}");
         }
     }
@@ -184,8 +190,10 @@ fn one_gradient_element_off_by_a_fifth_of_the_scale_fails_everywhere() {
 fn a_planted_kernel_bug_fails() {
     for variant in ["conv_fault_skip_last_channel", "bn_fault_drop_row"] {
         let dev = Device::Gpu(Gpu::emu_with_fault(Schedule::Forward, variant).unwrap());
-        for (f, precision) in [(MODELS[0], PrecisionKind::F32), (MODELS[1], PrecisionKind::Bf16)] {
-            let r = verify(&data(f), &dev, precision).unwrap();
+        for (f, precision, fusion) in
+            [(MODELS[0], PrecisionKind::F32, BnFusion::ALL), (MODELS[1], PrecisionKind::Bf16, BnFusion::NONE)]
+        {
+            let r = verify(&data(f), &dev, precision, fusion).unwrap();
             assert!(!r.ok(), "{variant} on {f} ({precision}) passed:\n{r}");
             assert!(r.math.iter().all(|g| g.ok()), "the math part runs on the CPU:\n{r}");
         }
@@ -195,21 +203,23 @@ fn a_planted_kernel_bug_fails() {
 
 #[test]
 fn other_files_are_clear_errors() {
-    let err = verify(&data("prune-filters-s50-r8-l1.safetensors"), &Device::Cpu, PrecisionKind::F32).unwrap_err();
+    let err = verify(&data("prune-filters-s50-r8-l1.safetensors"), &Device::Cpu, PrecisionKind::F32, BnFusion::NONE)
+        .unwrap_err();
     assert!(err.to_string().contains("kind = \"model\""), "{err}");
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.safetensors");
     std::fs::write(&p, b"not a tensor file").unwrap();
-    let err = verify(&p, &Device::Cpu, PrecisionKind::F32).unwrap_err();
+    let err = verify(&p, &Device::Cpu, PrecisionKind::F32, BnFusion::NONE).unwrap_err();
     assert!(err.to_string().contains("not a valid safetensors file"), "{err}");
-    let err = verify(Path::new("/nonexistent/model.safetensors"), &Device::Cpu, PrecisionKind::F32).unwrap_err();
+    let err = verify(Path::new("/nonexistent/model.safetensors"), &Device::Cpu, PrecisionKind::F32, BnFusion::NONE)
+        .unwrap_err();
     assert!(err.to_string().contains("No such file"), "{err}");
     // A model reference without one of its expectations.
     let mut sd = StateDict::read(&data(MODELS[1])).unwrap();
     sd.tensors.remove("expect.grad.fc.bias");
     let p = dir.path().join("missing.safetensors");
     sd.write(&p).unwrap();
-    let err = verify(&p, &Device::Cpu, PrecisionKind::F32).unwrap_err();
+    let err = verify(&p, &Device::Cpu, PrecisionKind::F32, BnFusion::NONE).unwrap_err();
     assert!(err.to_string().contains("gradients"), "{err}");
 }
 
@@ -231,7 +241,9 @@ fn help_states_the_tolerances_in_use() {
 fn cuda_references_pass() {
     let dev = common::cuda_device();
     for f in MODELS {
-        check(f, &dev, PrecisionKind::F32);
-        check(f, &dev, PrecisionKind::Bf16);
+        for fusion in [BnFusion::NONE, BnFusion::ALL] {
+            check_fused(f, &dev, PrecisionKind::F32, fusion);
+            check_fused(f, &dev, PrecisionKind::Bf16, fusion);
+        }
     }
 }

@@ -83,7 +83,7 @@ fn verify(
     let dev = crate::device(device)?;
     let prec = crate::precision(Some(precision), &dev)?;
     guarded(py, move || {
-        let report = prunekit::verify::verify(&reference, &dev, prec)?;
+        let report = prunekit::verify::verify(&reference, &dev, prec, prunekit::model::BnFusion::default())?;
         let text = format!("verify {} on {} ({})\n{report}", reference.display(), report.device, report.precision_kind);
         let failed = report.failed_groups().iter().map(|g| g.name().to_string()).collect();
         Ok((text, report.ok(), failed))

@@ -82,7 +82,7 @@ pub struct BenchOptions {
     /// ([`Model::train_step_graphed`]; the plain step where there is no capture).
     pub graph: bool,
     /// The BN work the step folds into the convolutions on a kernel device
-    /// ([`Model::set_bn_fusion`]; default: all of it).
+    /// ([`Model::set_bn_fusion`]; default: none).
     pub bn_fusion: BnFusion,
 }
 

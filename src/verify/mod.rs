@@ -36,7 +36,7 @@ pub use policy::{
 pub use report::{Blind, DecisionReport, GateDiff, Group, GroupResult, Report, Undecided};
 
 use crate::device::Device;
-use crate::model::{BnConfig, Model, PrecisionKind, Sgd, StateDict, Tensor};
+use crate::model::{BnConfig, BnFusion, Model, PrecisionKind, Sgd, StateDict, Tensor};
 use crate::{ensure, invalid, Error, Result};
 use compare::{compare_all, decision_diffs, f64s, state_f64, Values};
 use exact::{Decisions, Exact, Forced, Hyper, Outcome, Perturb};
@@ -57,6 +57,8 @@ pub struct Step<'a> {
     pub sgd: Sgd,
     /// Batch norm's momentum and epsilon.
     pub bn: BnConfig,
+    /// The BN fusions of the device's train step (kernel devices).
+    pub fusion: BnFusion,
 }
 
 /// The device's run: the same sequence as [`Exact::run`], with the decisions read off
@@ -67,10 +69,11 @@ fn device_run(
     precision: PrecisionKind,
     step: &Step,
 ) -> Result<(Values, Decisions, Decisions)> {
-    let Step { images, dims, targets, sgd, bn } = *step;
+    let Step { images, dims, targets, sgd, bn, fusion } = *step;
     let (n, h, w) = dims;
     let mut model = Model::from_state(dev, sd, precision)?;
     model.set_bn(bn);
+    model.set_bn_fusion(fusion);
     let mut ws = model.workspace(n, h, w)?;
     model.set_batch(&mut ws, images, Some(targets))?;
     model.forward(&mut ws, false)?;
@@ -104,7 +107,7 @@ pub fn check_device(
     step: &Step,
 ) -> Result<Report> {
     let (got, eval_dec, train_dec) = device_run(dev, sd, precision, step)?;
-    let Step { images, dims, targets, sgd, bn } = *step;
+    let Step { images, dims, targets, sgd, bn, .. } = *step;
     // The float64 runs use the device's own settings, rounded to f32 as it got them.
     let hp = Hyper::of(&sgd, &bn);
     let forced = Forced { eval: &eval_dec, train: &train_dec };
@@ -143,8 +146,8 @@ fn f32s<'a>(t: &'a Tensor, name: &str) -> Result<&'a [f32]> {
 }
 
 /// Runs every check of a model reference file on `dev`: the math part once, then the
-/// precision part on the device.
-pub fn verify(path: &Path, dev: &Device, precision: PrecisionKind) -> Result<Report> {
+/// precision part on the device, whose train step folds `fusion` into its convolutions.
+pub fn verify(path: &Path, dev: &Device, precision: PrecisionKind, fusion: BnFusion) -> Result<Report> {
     let shown = path.display().to_string();
     let mut sd = StateDict::read(path)?;
     let format_err = |msg: String| Error::Format { path: shown.clone(), msg };
@@ -202,7 +205,7 @@ pub fn verify(path: &Path, dev: &Device, precision: PrecisionKind) -> Result<Rep
     ensure!(!reference.buffers.is_empty(), "the reference has no expect.buffer.* tensors");
     let own = exact.run(images, dims, targets, &hp, None, None)?;
     let (math, undecided, flipped) = math_part(&exact, &own, &reference, images, dims, targets, &hp)?;
-    let step = Step { images, dims, targets, sgd, bn };
+    let step = Step { images, dims, targets, sgd, bn, fusion };
     let mut report = check_device(&exact, &own, &sd, dev, precision, &step)?;
     report.math = math;
     report.undecided = undecided;

@@ -1,10 +1,10 @@
 //! The arguments several commands share, flattened into their `Args` structs: the device
 //! and precision ([`DeviceArgs`]), the data ([`DataArgs`]), the fine-tuning recipe
-//! ([`RecipeArgs`]), and the pruning mode and criterion as value enums.
+//! ([`RecipeArgs`]), the pruning mode and criterion and the BN fusions as value enums.
 
 use clap::ValueEnum;
 use prunekit::data::{Augment, ClassSelection, Dataset, Normalize, OpenOptions};
-use prunekit::model::PrecisionKind;
+use prunekit::model::{BnFusion, PrecisionKind};
 use prunekit::prune::{Mode, Norm, PruneConfig, Sparsity};
 use prunekit::train::{ScheduleKind, TrainConfig};
 use prunekit::Device;
@@ -37,6 +37,32 @@ impl DeviceArgs {
         let cuda_like = dev.kind() == "cuda" || dev.counts_only();
         let precision = self.precision.unwrap_or(if cuda_like { PrecisionKind::Bf16 } else { PrecisionKind::F32 });
         Ok((dev, precision))
+    }
+}
+
+/// `--bn-fusion` (`bench`, `verify`): which of [`BnFusion`]'s switches are on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BnFusionArg {
+    /// Both fusions.
+    All,
+    /// The BN applied as the next conv loads.
+    Load,
+    /// The BN backward sums in the dgrad epilogues.
+    Dgrad,
+    /// Neither.
+    None,
+}
+
+impl BnFusionArg {
+    /// The switches.
+    pub fn fusion(self) -> BnFusion {
+        let (on_load, dgrad_sums) = match self {
+            BnFusionArg::All => (true, true),
+            BnFusionArg::Load => (true, false),
+            BnFusionArg::Dgrad => (false, true),
+            BnFusionArg::None => (false, false),
+        };
+        BnFusion { on_load, dgrad_sums }
     }
 }
 

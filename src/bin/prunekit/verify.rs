@@ -1,5 +1,6 @@
 //! `prunekit verify`: the training stack on a device against PyTorch's reference file.
 
+use crate::args::BnFusionArg;
 use prunekit::model::PrecisionKind;
 use prunekit::{invalid, Device};
 use std::path::PathBuf;
@@ -42,12 +43,16 @@ pub struct VerifyArgs {
     /// f32 or bf16.
     #[arg(long, default_value = "f32")]
     precision: PrecisionKind,
+    /// The BN work the device's train step folds into the convolutions (kernel devices;
+    /// see `bench --bn-fusion`): none (default), load, dgrad or all.
+    #[arg(long, value_enum, default_value_t = BnFusionArg::None)]
+    bn_fusion: BnFusionArg,
 }
 
 /// Runs `prunekit verify`: prints the report; an error when any tensor is off.
 pub fn run(a: VerifyArgs) -> prunekit::Result<()> {
     let dev = Device::parse(&a.device)?;
-    let report = prunekit::verify::verify(&a.reference, &dev, a.precision)?;
+    let report = prunekit::verify::verify(&a.reference, &dev, a.precision, a.bn_fusion.fusion())?;
     println!("verify {} on {} ({})", a.reference.display(), report.device, report.precision_kind);
     print!("{report}");
     if report.ok() {
