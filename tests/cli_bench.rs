@@ -19,7 +19,8 @@ const FIELDS: &[&str] = &[
     "efficiency",
 ];
 
-const PROFILE_FIELDS: &[&str] = &["bytes", "device", "families", "flops", "ops_ms", "other_ms", "step_ms"];
+const PROFILE_FIELDS: &[&str] = &["bytes", "calls", "device", "families", "flops", "ops_ms", "other_ms", "step_ms"];
+const CALL_FIELDS: &[&str] = &["bytes", "family", "flops", "ms"];
 const FAMILY_FIELDS: &[&str] = &["bytes", "calls", "family", "flops", "gb_per_s", "gflop_per_s", "ms", "share"];
 
 fn sorted_keys(v: &serde_json::Value) -> Vec<&str> {
@@ -53,6 +54,17 @@ fn check_profile(r: &serde_json::Value, batch: f64) {
     }
     let step = p["step_ms"].as_f64().unwrap();
     assert!((shares + p["other_ms"].as_f64().unwrap() / step - 1.0).abs() < 1e-6, "{p}");
+    // Every op in order: as many as the families count, their times summing to ops_ms.
+    let calls = p["calls"].as_array().unwrap();
+    let counted: u64 = families.iter().map(|f| f["calls"].as_u64().unwrap()).sum();
+    assert_eq!(calls.len() as u64, counted);
+    let mut ms = 0.0;
+    for c in calls {
+        assert_eq!(sorted_keys(c), CALL_FIELDS);
+        assert!(names.contains(&c["family"].as_str().unwrap()), "{c}");
+        ms += c["ms"].as_f64().unwrap();
+    }
+    assert!((ms / p["ops_ms"].as_f64().unwrap() - 1.0).abs() < 1e-9, "calls {ms} ms, ops_ms {}", p["ops_ms"]);
     let want = r["gflops_train_per_image"].as_f64().unwrap() * 1e9 * batch;
     assert!((gemm / want - 1.0).abs() < 1e-9, "conv and fc FLOPs {gemm}, flops_train x batch {want}");
 }

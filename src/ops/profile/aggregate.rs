@@ -3,12 +3,13 @@
 
 use super::{Cost, Family};
 
-/// One recorded op of a profile.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// One recorded op of a profile (in JSON: family, flops, bytes, ms).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct Call {
     /// Its family.
     pub family: Family,
     /// Its counted cost.
+    #[serde(flatten)]
     pub cost: Cost,
     /// Its time in milliseconds (events on a GPU, the wall clock elsewhere).
     pub ms: f64,
@@ -52,8 +53,8 @@ pub struct Profile {
     pub bytes: u64,
     /// One line per family that ran, in [`Family::ALL`]'s order.
     pub families: Vec<FamilyProfile>,
-    /// Every op in the order it ran (not in JSON).
-    #[serde(skip)]
+    /// Every op in the order it ran: the convolutions of a step are told apart by their
+    /// FLOPs and bytes.
     pub calls: Vec<Call>,
 }
 

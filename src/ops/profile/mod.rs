@@ -139,7 +139,7 @@ impl Family {
 /// constructors are the one place the counts are defined, each in an `impl Cost` block
 /// beside its op (`ops::conv`, `ops::fused`, `ops::layers::*`); `elem` is the element size
 /// in bytes of the activations (4 for f32, 2 for bf16).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Cost {
     /// Floating-point operations.
     pub flops: u64,
