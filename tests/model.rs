@@ -115,14 +115,20 @@ fn kernels_and_cpu_train_alike() {
         results.push((losses, m.to_state().unwrap()));
     }
     let ((l0, s0), (l1, s1)) = (&results[0], &results[1]);
+    assert_trained_alike("cpu vs emu", (l0, s0), (l1, s1), 2e-3);
+}
+
+/// Two runs of the same steps: losses within 1e-4 (relative, at least absolute), every
+/// tensor's largest difference within `tol` of its largest magnitude.
+fn assert_trained_alike(what: &str, (l0, s0): (&[f32], &StateDict), (l1, s1): (&[f32], &StateDict), tol: f32) {
     for (a, b) in l0.iter().zip(l1) {
-        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "losses {l0:?} vs {l1:?}");
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{what}: losses {l0:?} vs {l1:?}");
     }
     for (name, t) in &s0.tensors {
         let (a, b) = (t.as_f32().unwrap(), s1.tensors[name].as_f32().unwrap());
         let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
         let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(err <= 2e-3 * scale, "{name}: {err} of {scale}");
+        assert!(err <= tol * scale, "{what}: {name}: {err} of {scale}");
     }
 }
 
@@ -154,15 +160,7 @@ fn every_bn_fusion_trains_as_the_unfused_step() {
     }
     let (_, l0, s0) = &results[0];
     for (f, l1, s1) in &results[1..] {
-        for (a, b) in l0.iter().zip(l1) {
-            assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{f:?}: losses {l0:?} vs {l1:?}");
-        }
-        for (name, t) in &s0.tensors {
-            let (a, b) = (t.as_f32().unwrap(), s1.tensors[name].as_f32().unwrap());
-            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(err <= 1e-3 * scale, "{f:?}: {name}: {err} of {scale}");
-        }
+        assert_trained_alike(&format!("{f:?}"), (l0, s0), (l1, s1), 1e-3);
     }
 }
 
