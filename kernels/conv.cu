@@ -481,13 +481,53 @@ __device__ __forceinline__ float stored(float v) {
   return to_f32(from_f32<T>(v));
 }
 
+// What a dgrad that accumulates into its output reads at two adjacent outputs before it
+// stores them: the old values and the mask. The tensor-core epilogue loads a row tile's
+// worth ahead of its stores (load_prior), so that those loads are in flight together
+// instead of one load-then-store round trip per pair.
+template <class T>
+struct Prior {
+  T old[2], mask[2];
+};
+
+template <class T>
+__device__ __forceinline__ void load_prior(const PkConvParams& p, const RowInfo* rows, int rl, int col, Prior<T>& pr) {
+  if (col >= p.gemm_n || !rows[rl].ok) return;
+  const int64_t idx = (int64_t)rows[rl].out + col;
+  const bool both = col + 1 < p.gemm_n;
+  const T* out = static_cast<const T*>(p.out) + idx;
+  const T* mk = p.acc_mask ? static_cast<const T*>(p.acc_mask) + idx : nullptr;
+  if (sizeof(T) == 2 && both && p.gemm_n % 2 == 0) {  // idx even: 4-byte aligned
+    struct alignas(4) Pair {
+      T x, y;
+    };
+    const Pair o = *reinterpret_cast<const Pair*>(out);
+    pr.old[0] = o.x;
+    pr.old[1] = o.y;
+    if (p.acc_mask) {
+      const Pair m = *reinterpret_cast<const Pair*>(mk);
+      pr.mask[0] = m.x;
+      pr.mask[1] = m.y;
+    }
+    return;
+  }
+  pr.old[0] = out[0];
+  if (both) pr.old[1] = out[1];
+  if (p.acc_mask) {
+    pr.mask[0] = mk[0];
+    if (both) pr.mask[1] = mk[1];
+  }
+}
+
 // Stores one output element (or two adjacent ones: c0, c1 at col, col+1) of GEMM row
 // `row` (`rl` within the block). fprop and dgrad find the row's offset in the row table,
 // and leave in c0, c1 the values as stored (after the accumulation and the mask, rounded
-// to T) for the epilogue's BN sums.
+// to T) for the epilogue's BN sums. A dgrad that accumulates reads the old values and the
+// mask from `pr` when `prior` (load_prior of the same row and column), else from memory.
 template <int PASS, class T>
 __device__ __forceinline__ void store_pair(const PkConvParams& p, const RowInfo* rows, int rl, int row, int col,
-                                           float& c0, float& c1) {
+                                           float& c0, float& c1, const Prior<T>& pr = Prior<T>{},
+                                           bool prior = false) {
   if (col >= p.gemm_n) return;
   int64_t idx;
   if (PASS == PK_WGRAD) {
@@ -513,12 +553,12 @@ __device__ __forceinline__ void store_pair(const PkConvParams& p, const RowInfo*
   } else {
     T* out = static_cast<T*>(p.out) + idx;
     if (PASS == PK_DGRAD && p.accumulate) {  // the old value plus the f32 result, rounded once
-      c0 = to_f32(out[0]) + c0;
-      if (both) c1 = to_f32(out[1]) + c1;
+      c0 = to_f32(prior ? pr.old[0] : out[0]) + c0;
+      if (both) c1 = to_f32(prior ? pr.old[1] : out[1]) + c1;
       if (p.acc_mask) {  // then through the ReLU whose output masks it
         const T* mk = static_cast<const T*>(p.acc_mask) + idx;
-        if (!(to_f32(mk[0]) > 0.0f)) c0 = 0.0f;
-        if (both && !(to_f32(mk[1]) > 0.0f)) c1 = 0.0f;
+        if (!(to_f32(prior ? pr.mask[0] : mk[0]) > 0.0f)) c0 = 0.0f;
+        if (both && !(to_f32(prior ? pr.mask[1] : mk[1]) > 0.0f)) c1 = 0.0f;
       }
     }
     c0 = stored<T>(c0);
@@ -799,15 +839,26 @@ __device__ __forceinline__ void conv_tc(const PkConvParams& p) {
   cp_async_wait<0>();
 
   const int g = lane >> 2, t = lane & 3;
+  const bool accumulate = PASS == PK_DGRAD && p.accumulate;
 #pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
+  for (int mi = 0; mi < MI; ++mi) {
+    const int rl = wm * WTM + mi * 16 + g;
+    Prior<T> pr[NI][2];
+    if (accumulate) {  // this row tile's old values and masks, all loads in flight together
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+        const int col = n0 + wn * WTN + ni * 8 + 2 * t;
+        load_prior<T>(p, rows, rl, col, pr[ni][0]);
+        load_prior<T>(p, rows, rl + 8, col, pr[ni][1]);
+      }
+    }
 #pragma unroll
     for (int ni = 0; ni < NI; ++ni) {
-      const int rl = wm * WTM + mi * 16 + g;
       const int col = n0 + wn * WTN + ni * 8 + 2 * t;
-      store_pair<PASS, T>(p, rows, rl, m0 + rl, col, acc[mi][ni][0], acc[mi][ni][1]);
-      store_pair<PASS, T>(p, rows, rl + 8, m0 + rl + 8, col, acc[mi][ni][2], acc[mi][ni][3]);
+      store_pair<PASS, T>(p, rows, rl, m0 + rl, col, acc[mi][ni][0], acc[mi][ni][1], pr[ni][0], accumulate);
+      store_pair<PASS, T>(p, rows, rl + 8, m0 + rl + 8, col, acc[mi][ni][2], acc[mi][ni][3], pr[ni][1], accumulate);
     }
+  }
   if (PASS == PK_FPROP && p.bn_stats) {
     // Row group of the thread: (wm, g); its columns: wn * WTN + ni * 8 + 2t + e.
     constexpr int RG = Cfg::WARPS_M * 8;
