@@ -135,8 +135,8 @@ print('%-6d %-9s'%(b,'$p'),f(o),f(b/o*1e3),f(t),f(b/t*1e3),'%8.2f'%(t/o))")"
         say "(ratio = PyTorch's step time over prunekit's: above 1, prunekit is faster)"
         ;;
     fusion)
-        # What each BN fusion buys: the step with --bn-fusion all (default), load, dgrad and
-        # none, three alternating rounds, dense and filters 0.5; the first round profiled.
+        # What each BN fusion buys: the step with --bn-fusion all, load, dgrad and none (the
+        # default), three alternating rounds, dense and filters 0.5; the first round profiled.
         say "$(printf '%-6s %-6s %-14s %10s' round fusion row 'step ms')"
         # PyTorch's eager AMP step (dense, channels_last, cudnn.benchmark) before and after.
         torch_anchor() {

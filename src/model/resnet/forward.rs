@@ -24,10 +24,10 @@ impl<T: Precision> ResNet<T> {
             (None, None) => return Err(invalid!("internal: the workspace holds no NHWC input")),
         }
         let x0: &Buf<T> = stem_input(&ws.input_nhwc, &ws.input, &ws.input_low)?;
-        // On a kernel device a train step applies bn1 and bn2 as the next conv loads its
-        // input, and never writes their outputs (unless bn_fusion.on_load is off). The CPU
-        // writes them: its BN backward reads the ReLU's output, and its BN on load is a pass
-        // of its own.
+        // With bn_fusion.on_load (off by default), a train step on a kernel device applies
+        // bn1 and bn2 as the next conv loads its input, and never writes their outputs. The
+        // CPU always writes them: its BN backward reads the ReLU's output, and its BN on load
+        // would be a pass of its own.
         let on_load = train && self.bn_fusion.on_load && !matches!(dev, Device::Cpu);
         ws.bn_on_load = on_load.then_some(self.steps);
         if train {
