@@ -2,11 +2,12 @@
 //!
 //! 1. with nvcc, when one is found (NVCC, CUDA_HOME/CUDA_PATH, PATH, then the project's
 //!    pinned copy in .cuda/, installed by scripts/install-cuda-compiler.sh): a fatbin per
-//!    file with SASS for each architecture of PK_CUDA_ARCHS (default 80,86,89,90) and
-//!    PTX for the first, embedded in the crate. ptxas' resource report (registers,
-//!    spills, shared memory per kernel) goes to OUT_DIR/kernels-resource-report.txt and
-//!    is embedded too; any spill is a cargo warning. Fatbins are cached by content in
-//!    target/pk-nvcc-cache, so check, test and release builds compile each kernel once.
+//!    file with SASS for each architecture of PK_CUDA_ARCHS (default 80,86,89,90; 90 is
+//!    built as sm_90a, for the warpgroup MMA) and PTX for the first, embedded in the
+//!    crate. ptxas' resource report (registers, spills, shared memory per kernel) goes to
+//!    OUT_DIR/kernels-resource-report.txt and is embedded too; any spill is a cargo
+//!    warning. Fatbins are cached by content in target/pk-nvcc-cache, so check, test and
+//!    release builds compile each kernel once.
 //! 2. with the host C++ compiler and the emulation header (kernels/emu), always, into a
 //!    static library that the emu back end calls. PK_EMU_SANITIZE=address or =thread
 //!    builds the emulation with AddressSanitizer or ThreadSanitizer (see build_emu), links
@@ -312,6 +313,9 @@ fn build_cuda(
         format!("-I{}", kernels.display()),
     ];
     for a in &archs {
+        // sm_90 is built as sm_90a, whose SASS the 9.0 GPUs (H100, H200) run: the warpgroup
+        // MMA (wgmma) exists only there. The kernels that use it trap on other targets.
+        let a = if a == "90" { "90a" } else { a.as_str() };
         flags.push("-gencode".into());
         flags.push(format!("arch=compute_{a},code=sm_{a}"));
     }

@@ -10,6 +10,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include <type_traits>
 #endif
 
 #include "params.h"
@@ -233,6 +235,293 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+#endif
+
+// ---------------------------------------------------------------- warpgroup MMA (sm_90a)
+// wgmma.mma_async: a warpgroup (4 consecutive warps, the first one's index a multiple of
+// 4) computes D[64 x N] (+)= A[64 x 16] * B[N x 16]^T, A and B read from shared memory
+// through 64-bit matrix descriptors, D in registers: f32 accumulators, 16-bit inputs. The
+// instruction is asynchronous: wgmma_commit() closes a group of issued MMAs,
+// wgmma_wait<N>() waits until at most N groups are pending; until then neither the
+// accumulators nor the shared memory the MMAs read may be touched. wgmma_fence() comes
+// before the first MMA that uses accumulators written by other instructions.
+// Fragment of D (PTX ISA, "Register Fragments and Shared Memory Matrix Layouts",
+// wgmma .m64nNk16): warp w of the warpgroup holds rows 16w .. 16w+15; with g = lane >> 2,
+// t = lane % 4, d[j] is row 16w + g (+8 when j % 4 >= 2), column 8 (j / 4) + 2t + j % 2:
+// the m16n8 C fragment of mma.sync repeated along N.
+// Descriptor (PTX ISA, "Matrix Descriptor Format"): bits 0-13 start address >> 4, 16-29
+// leading-dimension byte offset >> 4, 32-45 stride-dimension byte offset >> 4, 49-51 base
+// offset, 62-63 swizzle (0 none, 1 128-byte, 2 64-byte, 3 32-byte). The kernels use the
+// 128-byte swizzle ("Canonical Layouts", CuTe notation, T = 8 16-bit elements per 16
+// bytes), whose atom is 8 rows of 128 bytes (1024 bytes, 1024-byte aligned) with the
+// 16-byte chunk c of row r stored at chunk c ^ (r % 8): the swizzle is a function of the
+// shared-memory address itself, bits 4-6 ^= bits 7-9.
+//   K-major  ((8,m),(T,2k)):((8T,SBO),(1,T)): a row is an M/N index with 64 K elements,
+//            atoms of 8 rows SBO = 1024 bytes apart; an MMA's k16 slice starts 32 bytes
+//            further per step (the leading offset is unused).
+//   MN-major ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)): a row is a K index with 64 M/N
+//            elements, atoms of 8 K rows SBO = 1024 bytes apart, the next 64 M/N elements
+//            LBO bytes further; an MMA's k16 slice starts 2048 bytes further per step.
+// On targets without wgmma (anything but sm_90a) these helpers trap: the ops layer never
+// launches the kernels that use them there.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define PK_HAS_WGMMA 1
+#endif
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t saddr) {
+  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | (1ull << 16) | ((uint64_t)(1024u >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ uint64_t wgmma_desc_sw128_mn(uint32_t saddr, uint32_t lbo) {
+  return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(1024u >> 4) << 32) |
+         (1ull << 62);
+}
+// Element (r, k) of a K-major 128-byte-swizzled tile of 16-bit elements, [rows][64], whose
+// base is 1024-byte aligned in shared memory: its index from the base.
+__device__ __forceinline__ int sw128_idx(int r, int k) {
+  return (r >> 3) * 512 + (r & 7) * 64 + ((((k >> 3) ^ r) & 7) << 3) + (k & 7);
+}
+// Element (mn, k) of an MN-major 128-byte-swizzled tile of 16-bit elements, BK deep: blocks
+// of 64 M/N elements, each BK / 8 atoms of 8 K rows (LBO = BK * 128 bytes).
+template <int BK>
+__device__ __forceinline__ int sw128mn_idx(int mn, int k) {
+  return ((mn >> 6) * (BK / 8) + (k >> 3)) * 512 + (k & 7) * 64 + ((((mn >> 3) ^ k) & 7) << 3) + (mn & 7);
+}
+#ifdef PK_EMU
+namespace pk_emu {
+// The emulated shared-memory address of dynamic shared memory's first byte: deliberately
+// not a multiple of 1024, so that a kernel that takes its own base as aligned for the
+// swizzle reads the wrong elements.
+constexpr uint32_t kDynSmemAddr = 0x410;
+inline uint32_t smem_addr(const void* p, const char* file, int line) {
+  const auto* b = static_cast<const unsigned char*>(p);
+  if (tls_dyn_smem == nullptr || b < tls_dyn_smem || b >= tls_dyn_smem + tls_dyn_smem_bytes)
+    trap("shared-memory address of a pointer outside dynamic shared memory", file, line);
+  return kDynSmemAddr + (uint32_t)(b - tls_dyn_smem);
+}
+// The 16-bit element at shared-memory address `a`.
+inline unsigned short smem_u16_at(uint32_t a, const char* file, int line) {
+  if (a < kDynSmemAddr || a + 2 > kDynSmemAddr + tls_dyn_smem_bytes)
+    trap("wgmma reads outside dynamic shared memory", file, line);
+  unsigned short v;
+  std::memcpy(&v, tls_dyn_smem + (a - kDynSmemAddr), 2);
+  return v;
+}
+// Address of element (r, k), r the M/N index, k < 16, of the operand that descriptor `d`
+// names, K-major or MN-major: the canonical layouts above (without swizzle: 8x16-byte core
+// matrices; K-major ((8,m),(T,2k)):((T,SBO),(1,LBO)), MN-major ((T,1,m),(8,k)):((1,T,SBO),
+// (T,LBO))).
+inline uint32_t wgmma_elem_addr(uint64_t d, bool mn_major, int r, int k, const char* file, int line) {
+  const uint32_t start = (uint32_t)(d & 0x3FFFu) << 4;
+  const uint32_t lbo = (uint32_t)((d >> 16) & 0x3FFFu) << 4;
+  const uint32_t sbo = (uint32_t)((d >> 32) & 0x3FFFu) << 4;
+  const unsigned base_offset = (unsigned)((d >> 49) & 7u), mode = (unsigned)(d >> 62);
+  const uint32_t ur = (uint32_t)r, uk = (uint32_t)k;
+  if (base_offset != 0) trap("wgmma descriptor: a base offset is not emulated", file, line);
+  if (mode == 0) {
+    if (mn_major) return start + (ur >> 3) * sbo + (uk >> 3) * lbo + (uk & 7) * 16u + (ur & 7) * 2u;
+    return start + (ur >> 3) * sbo + (uk >> 3) * lbo + (ur & 7) * 16u + (uk & 7) * 2u;
+  }
+  if (mode != 1) trap("wgmma descriptor: the 64- and 32-byte swizzles are not emulated", file, line);
+  uint32_t a;
+  if (mn_major) {
+    if ((start & 127u) != 0) trap("wgmma descriptor: an MN-major slice that does not start a 128-byte row", file, line);
+    a = start + (ur >> 6) * lbo + (uk >> 3) * sbo + (uk & 7) * 128u + (ur & 63) * 2u;
+  } else {
+    if ((start & 127u) + 32u > 128u) trap("wgmma descriptor: a k16 slice crosses a 128-byte row", file, line);
+    a = start + (ur >> 3) * sbo + (ur & 7) * 128u + uk * 2u;
+  }
+  return a ^ (((a >> 7) & 7u) << 4);
+}
+// The shared memory [lo, hi) (host addresses) that an MMA reads through descriptor `d`:
+// `rows` M/N indices (64 of A, N of B) of 16 K elements each.
+inline void wgmma_read_range(uint64_t d, bool mn_major, int rows, const unsigned char*& lo, const unsigned char*& hi,
+                             const char* file, int line) {
+  const uint32_t start = (uint32_t)(d & 0x3FFFu) << 4;
+  const uint32_t lbo = (uint32_t)((d >> 16) & 0x3FFFu) << 4;
+  const uint32_t sbo = (uint32_t)((d >> 32) & 0x3FFFu) << 4;
+  const unsigned mode = (unsigned)(d >> 62);
+  const uint32_t r = (uint32_t)rows;
+  // 128-byte swizzle: the XOR permutes chunks within each 128-byte row of an 8-row atom.
+  const uint32_t a = mode == 1 ? start & ~127u : start;
+  uint32_t end;
+  if (mode == 1)
+    end = mn_major ? a + (r / 64 - 1) * lbo + sbo + 8u * 128u : a + (r / 8 - 1) * sbo + 8u * 128u;
+  else
+    end = mn_major ? a + (r / 8 - 1) * sbo + lbo + 128u : a + (r / 8 - 1) * sbo + lbo + 128u;
+  if (a < kDynSmemAddr || end > kDynSmemAddr + tls_dyn_smem_bytes)
+    trap("wgmma reads outside dynamic shared memory", file, line);
+  lo = tls_dyn_smem + (a - kDynSmemAddr);
+  hi = tls_dyn_smem + (end - kDynSmemAddr);
+}
+template <class T, int N>
+inline void wgmma_run(const WgmmaOp& op) {
+  const int g = (int)(op.lane >> 2), t = (int)(op.lane & 3);
+  for (int j = 0; j < N / 2; ++j) {
+    const int row = (int)op.row0 + g + (((j >> 1) & 1) ? 8 : 0);
+    const int col = 8 * (j >> 2) + 2 * t + (j & 1);
+    float acc = 0.0f;
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t aa = wgmma_elem_addr(op.desc_a, op.trans_a, row, k, op.file, op.line);
+      const uint32_t ba = wgmma_elem_addr(op.desc_b, op.trans_b, col, k, op.file, op.line);
+      acc += half_bits_to_f32<T>(smem_u16_at(aa, op.file, op.line)) * half_bits_to_f32<T>(smem_u16_at(ba, op.file, op.line));
+    }
+    op.d[j] = (op.scale_d ? op.d[j] : 0.0f) + acc;
+  }
+}
+// Issue: the descriptors must be the same in every lane of the warp (checked), the block a
+// whole number of warpgroups; the MMA is performed, reading shared memory and the
+// accumulators, when the thread waits for its group.
+template <class T, int N>
+inline void wgmma(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d, int trans_a, int trans_b, const char* file,
+                  int line) {
+  if ((tls_block_dim.x * tls_block_dim.y * tls_block_dim.z) % 128u != 0)
+    trap("wgmma in a block that is not a whole number of warpgroups", file, line);
+  const uint64_t mine[2] = {desc_a, desc_b};
+  uint64_t all[32 * 2];
+  warp_exchange(0xffffffffu, mine, sizeof(mine), all, file, line);
+  for (int i = 0; i < 32; ++i)
+    if (all[2 * i] != desc_a || all[2 * i + 1] != desc_b) trap("wgmma descriptors differ between lanes", file, line);
+  WgmmaOp op;
+  op.run = &wgmma_run<T, N>;
+  op.d = d;
+  op.desc_a = desc_a;
+  op.desc_b = desc_b;
+  op.scale_d = scale_d;
+  op.trans_a = trans_a != 0;
+  op.trans_b = trans_b != 0;
+  op.row0 = 16u * (tls_fiber->warp % 4u);
+  op.lane = tls_fiber->lane;
+  op.file = file;
+  op.line = line;
+  wgmma_read_range(desc_a, op.trans_a, 64, op.lo[0], op.hi[0], file, line);
+  wgmma_read_range(desc_b, op.trans_b, N, op.lo[1], op.hi[1], file, line);
+  wgmma_issue(op);
+}
+}  // namespace pk_emu
+namespace pk_emu {
+template <int N>
+struct WgmmaAt {
+  const char* file;
+  int line;
+  template <class T, int TA = 0, int TB = 0>
+  void call(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) const {
+    wgmma<T, N>(d, desc_a, desc_b, scale_d, TA, TB, file, line);
+  }
+};
+}  // namespace pk_emu
+#define smem_u32(p) ::pk_emu::smem_addr((p), __FILE__, __LINE__)
+// wgmma_m64n<N>k16<T, TA, TB>(d, desc_a, desc_b, scale_d), as on the GPU.
+#define wgmma_m64n64k16 ::pk_emu::WgmmaAt<64>{__FILE__, __LINE__}.call
+#define wgmma_m64n128k16 ::pk_emu::WgmmaAt<128>{__FILE__, __LINE__}.call
+__device__ __forceinline__ void wgmma_fence() {}
+__device__ __forceinline__ void wgmma_fence_acc(float&) {}
+__device__ __forceinline__ void wgmma_commit() { ::pk_emu::wgmma_commit(); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  ::pk_emu::wgmma_wait(N);
+}
+// The proxy fence orders this thread's generic-proxy writes to shared memory before the
+// async proxy's reads (wgmma): the emulation has one proxy, and does not check it.
+__device__ __forceinline__ void fence_proxy_async() {}
+#else
+#ifdef PK_HAS_WGMMA
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#else
+__device__ __forceinline__ void wgmma_fence() { __trap(); }
+__device__ __forceinline__ void wgmma_commit() { __trap(); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  __trap();
+}
+__device__ __forceinline__ void fence_proxy_async() { __trap(); }
+#endif
+// Keeps the compiler from moving accesses to an accumulator across the asynchronous MMAs.
+__device__ __forceinline__ void wgmma_fence_acc(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+// D[64 x 64] (+)= A[64 x 16] * B[64 x 16]^T: this thread's 32 accumulators in d; TA, TB:
+// A and B MN-major (imm-trans-a, imm-trans-b = 1) instead of K-major.
+template <class T, int TA = 0, int TB = 0>
+__device__ __forceinline__ void wgmma_m64n64k16(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
+#ifdef PK_HAS_WGMMA
+  if constexpr (std::is_same<T, bf16>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TA), "n"(TB));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TA), "n"(TB));
+  }
+#else
+  __trap();
+#endif
+}
+// D[64 x 128] (+)= A[64 x 16] * B[128 x 16]^T: this thread's 64 accumulators in d; TA, TB:
+// A and B MN-major (imm-trans-a, imm-trans-b = 1) instead of K-major.
+template <class T, int TA = 0, int TB = 0>
+__device__ __forceinline__ void wgmma_m64n128k16(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
+#ifdef PK_HAS_WGMMA
+  if constexpr (std::is_same<T, bf16>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, %67, %68;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TA), "n"(TB));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, %67, %68;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TA), "n"(TB));
+  }
+#else
+  __trap();
+#endif
 }
 #endif
 

@@ -258,3 +258,78 @@ PK_KERNEL(selftest_syncwarp_f32, PkSelftestParams) {
   __syncwarp();
   c[blockIdx.x * blockDim.x + t] = s[t ^ 1];
 }
+
+// One warpgroup: D[64, n] = A[64, 64] * B[n, 64]^T, n = p.n (64 or 128), bf16 inputs
+// K-major in global memory, through cp.async into 128-byte-swizzled shared memory
+// (sw128_idx) at a 1024-byte boundary, then four wgmma k16 steps through descriptors. D
+// row-major f32 [64][n]. Dynamic shared memory: 1024 + 128 + (64 + n) * 128 bytes.
+// mode 1: overwrites A's tile with zeros after issuing the MMAs, before waiting for them
+//         (a race: the emulation performs the MMAs at the wait, so they read the zeros);
+// mode 2: the tiles start 128 bytes past the boundary (the swizzle, a function of the
+//         address, then pairs other chunks with each row: a different product);
+// mode 3: never waits for the MMAs (an error in the emulation);
+// mode 4: copies A's tile again (cp.async) before waiting for the MMAs that read it (an
+//         error in the emulation: on the GPU the copy may land first);
+// mode 5: A and B MN-major in shared memory (sw128mn_idx, element by element), the MMAs
+//         with both transpose flags.
+PK_KERNEL(selftest_wgmma_bf16, PkSelftestParams) {
+  PK_DYNAMIC_SMEM(unsigned char, smem);
+  const uint32_t s0 = smem_u32(smem);
+  const uint32_t t0 = ((s0 + 1023u) & ~1023u) + (p.mode == 2 ? 128u : 0u);
+  bf16* as = reinterpret_cast<bf16*>(smem + (t0 - s0));
+  bf16* bs = as + 64 * 64;
+  const bf16* a = static_cast<const bf16*>(p.a);
+  const bf16* b = static_cast<const bf16*>(p.b);
+  float* d = static_cast<float*>(p.c);
+  const int tid = (int)threadIdx.x;
+  const bool mn = p.mode == 5;
+  if (mn) {
+    for (int i = tid; i < 64 * 64; i += 128) as[sw128mn_idx<64>(i / 64, i % 64)] = a[i];
+    for (int i = tid; i < p.n * 64; i += 128) bs[sw128mn_idx<64>(i / 64, i % 64)] = b[i];
+  } else {
+    for (int i = tid; i < 64 * 8; i += 128) cp_async_16(as + sw128_idx(i / 8, (i % 8) * 8), a + i * 8, 16);
+    for (int i = tid; i < p.n * 8; i += 128) cp_async_16(bs + sw128_idx(i / 8, (i % 8) * 8), b + i * 8, 16);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();
+  __syncthreads();
+  float acc[64];
+#pragma unroll
+  for (int j = 0; j < 64; ++j) acc[j] = 0.0f;
+  wgmma_fence();
+  for (int ks = 0; ks < 4; ++ks) {
+    if (mn) {  // 64-deep MN-major tiles: a k16 slice is two 8-row atoms further
+      const uint64_t da = wgmma_desc_sw128_mn(smem_u32(as) + 2048u * (uint32_t)ks, 64u * 128u);
+      const uint64_t db = wgmma_desc_sw128_mn(smem_u32(bs) + 2048u * (uint32_t)ks, 64u * 128u);
+      if (p.n == 128)
+        wgmma_m64n128k16<bf16, 1, 1>(acc, da, db, 1);
+      else
+        wgmma_m64n64k16<bf16, 1, 1>(acc, da, db, 1);
+    } else {
+      const uint64_t da = wgmma_desc_sw128(smem_u32(as) + 32u * (uint32_t)ks);
+      const uint64_t db = wgmma_desc_sw128(smem_u32(bs) + 32u * (uint32_t)ks);
+      if (p.n == 128)
+        wgmma_m64n128k16<bf16>(acc, da, db, 1);
+      else
+        wgmma_m64n64k16<bf16>(acc, da, db, 1);
+    }
+  }
+  wgmma_commit();
+  if (p.mode == 1) {
+    for (int i = tid; i < 64 * 64; i += 128) as[i] = __float2bfloat16(0.0f);
+    __syncthreads();
+  }
+  if (p.mode == 4) {
+    for (int i = tid; i < 64 * 8; i += 128) cp_async_16(as + sw128_idx(i / 8, (i % 8) * 8), a + i * 8, 16);
+    cp_async_commit();
+  }
+  if (p.mode != 3) wgmma_wait<0>();
+  const int w = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
+#pragma unroll
+  for (int j = 0; j < 64; ++j) {
+    const int row = 16 * w + g + (((j >> 1) & 1) ? 8 : 0);
+    const int col = 8 * (j >> 2) + 2 * t + (j & 1);
+    if (j < p.n / 2) d[row * p.n + col] = acc[j];
+  }
+}

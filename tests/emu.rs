@@ -344,6 +344,61 @@ fn tensor_core_fragments_follow_the_ptx_layouts() {
     }
 }
 
+/// selftest_wgmma_bf16 with `n` columns and `mode`: A [64][64] and B [n][64] (bf16,
+/// K-major), the result [64][n], and the oracle A * B^T.
+fn run_wgmma(gpu: &Gpu, n: usize, mode: i32) -> Result<(Vec<f32>, Vec<f32>), prunekit::gpu::GpuError> {
+    let (a, b) = (bf16_bits(&rand_vec(64 * 64, 21)), bf16_bits(&rand_vec(n * 64, 22)));
+    let (da, db) = (gpu.upload(&a).unwrap(), gpu.upload(&b).unwrap());
+    let dd = gpu.zeros::<f32>(64 * n).unwrap();
+    let cfg =
+        LaunchConfig { grid: (1, 1, 1), block: (128, 1, 1), shared_mem_bytes: (1024 + 128 + (64 + n) * 128) as u32 };
+    let p = params(&da, &db, &dd, 64, n as i32, 64, mode);
+    unsafe { gpu.launch(k("selftest_wgmma_bf16"), cfg, &p)? };
+    let mut want = vec![0.0f32; 64 * n];
+    for i in 0..64 {
+        for j in 0..n {
+            let acc: f64 = (0..64).map(|p| a[i * 64 + p].to_f64() * b[j * 64 + p].to_f64()).sum();
+            want[i * n + j] = acc as f32;
+        }
+    }
+    Ok((gpu.download(&dd)?, want))
+}
+
+/// wgmma through 128-byte-swizzled descriptors, m64n64 and m64n128, operands K-major and
+/// MN-major: the D fragment and the operands' layouts as the PTX ISA documents them; tiles
+/// off the swizzle's 1024-byte alignment give another product.
+fn check_wgmma(gpu: &Gpu) {
+    for n in [64, 128] {
+        let (got, want) = run_wgmma(gpu, n, 0).unwrap();
+        assert!(max_err(&got, &want) < 1e-3, "{} n = {n}: {}", gpu.name(), max_err(&got, &want));
+        let (got, _) = run_wgmma(gpu, n, 5).unwrap();
+        assert!(max_err(&got, &want) < 1e-3, "{} n = {n}, MN-major: {}", gpu.name(), max_err(&got, &want));
+        let (off, _) = run_wgmma(gpu, n, 2).unwrap();
+        assert!(max_err(&off, &want) > 0.1, "{} n = {n}: tiles off the 1024-byte boundary read the same", gpu.name());
+    }
+}
+
+#[test]
+fn warpgroup_mma_follows_the_ptx_layouts() {
+    for gpu in schedules() {
+        check_wgmma(&gpu);
+    }
+}
+
+#[test]
+fn wgmma_reads_shared_memory_and_writes_accumulators_at_the_wait() {
+    let gpu = Gpu::emu_with(Schedule::Forward);
+    // Shared memory overwritten between the MMAs' issue and their wait: what they read.
+    let (got, _) = run_wgmma(&gpu, 64, 1).unwrap();
+    assert!(got.iter().all(|&x| x == 0.0), "the MMAs read shared memory before their wait");
+    // Never waited for: an error, not a silent result.
+    let err = run_wgmma(&gpu, 64, 3).unwrap_err().to_string();
+    assert!(err.contains("never waited"), "{err}");
+    // A cp.async into a tile that MMAs in flight read: an error.
+    let err = run_wgmma(&gpu, 128, 4).unwrap_err().to_string();
+    assert!(err.contains("in flight"), "{err}");
+}
+
 #[test]
 fn reading_before_cp_async_wait_sees_poison() {
     let gpu = Gpu::emu_with(Schedule::Forward);
@@ -405,5 +460,21 @@ mod cuda {
         let g = gpu();
         check_mma_bf16(&g);
         check_mma_trans_f16(&g);
+    }
+    /// On an sm_90 GPU: the hardware's wgmma gives the oracle's product, and the same
+    /// product as the emulation for tiles off the swizzle's alignment (the swizzle is a
+    /// function of the address on both).
+    #[test]
+    #[ignore = "needs a CUDA GPU of compute capability 9.0"]
+    fn cuda_warpgroup_mma() {
+        let g = gpu();
+        assert!(g.has_wgmma(), "{} has no wgmma (needs sm_90)", g.name());
+        check_wgmma(&g);
+        let emu = Gpu::emu_with(Schedule::Forward);
+        for n in [64, 128] {
+            let (hw, _) = run_wgmma(&g, n, 2).unwrap();
+            let (em, _) = run_wgmma(&emu, n, 2).unwrap();
+            assert!(max_err(&hw, &em) < 1e-3, "n = {n}: the GPU and the emulation swizzle differently");
+        }
     }
 }

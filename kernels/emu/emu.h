@@ -94,6 +94,7 @@ extern thread_local uint3 tls_block_idx;
 extern thread_local dim3 tls_block_dim;
 extern thread_local dim3 tls_grid_dim;
 extern thread_local unsigned char* tls_dyn_smem;
+extern thread_local size_t tls_dyn_smem_bytes;
 
 void syncthreads(const char* file, int line);
 void syncwarp(unsigned mask, const char* file, int line);
@@ -107,6 +108,31 @@ void warp_exchange(unsigned mask, const void* mine, unsigned bytes, void* all, c
 void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes);
 void cp_async_commit();
 void cp_async_wait(int keep_pending_groups);
+
+// Warpgroup MMAs (wgmma.mma_async, kernels/common.cuh): queued per fiber with the group
+// they belong to, performed (`run`: reads shared memory and the accumulators, writes the
+// accumulators) when the fiber waits for their group, so that a kernel that touches
+// either before waiting sees stale or wrong data. The block keeps the shared memory its
+// MMAs in flight read ([lo, hi) of A and of B, host addresses): a cp.async into it is an
+// error (on the GPU the copy may land before the MMA reads). A fiber that ends with MMAs
+// it never waited for is an error.
+struct WgmmaOp {
+  void (*run)(const WgmmaOp&);
+  const unsigned char* lo[2];
+  const unsigned char* hi[2];
+  float* d;
+  uint64_t desc_a, desc_b;
+  int scale_d;
+  bool trans_a, trans_b;  // MN-major A, B
+  unsigned row0;  // 16 * (warp % 4): the first row of D this warp holds
+  unsigned lane;
+  const char* file;
+  int line;
+  unsigned group;
+};
+void wgmma_issue(const WgmmaOp& op);
+void wgmma_commit();
+void wgmma_wait(int keep_pending_groups);
 
 // Module table: one per translation unit (kernels/<module>.cu), filled by registrars.
 struct Kernel {

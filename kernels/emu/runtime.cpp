@@ -45,6 +45,7 @@ thread_local uint3 tls_block_idx = {0, 0, 0};
 thread_local dim3 tls_block_dim;
 thread_local dim3 tls_grid_dim;
 thread_local unsigned char* tls_dyn_smem = nullptr;
+thread_local size_t tls_dyn_smem_bytes = 0;
 
 // Static shared memory: every `__shared__` variable is in the TLS section pk_shared
 // (emu.h). The linker's __start_pk_shared and __stop_pk_shared bound the section's
@@ -230,6 +231,8 @@ struct Fiber : FiberHead {
   int line = 0;
   std::vector<PendingCopy> copies;
   unsigned committed = 0;
+  std::vector<WgmmaOp> mmas;
+  unsigned mma_committed = 0;
 };
 
 struct Launch {
@@ -285,6 +288,9 @@ struct Worker {
   // Addresses that name TSan sync objects: [0] __syncthreads, [1] the blocks of this
   // host thread one after another, [2 + w] warp w's collectives.
   char sync_ids[2 + 32] = {};
+  // The shared memory that the block's MMAs in flight (issued, not yet waited for) read:
+  // [lo, hi) -> how many of them. A cp.async into it is an error.
+  std::map<std::pair<const unsigned char*, const unsigned char*>, unsigned> mma_reads;
 };
 static thread_local Worker* tls_worker = nullptr;
 
@@ -381,6 +387,8 @@ static void perform(const PendingCopy& c) {
   if (c.src_bytes < c.bytes) std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
 }
 
+[[noreturn]] static void fiber_fail(const std::string& msg);
+
 static void fiber_main(void* arg) {
   Fiber* f = static_cast<Fiber*>(arg);
   Worker* w = tls_worker;
@@ -390,6 +398,11 @@ static void fiber_main(void* arg) {
   w->launch->entry(w->launch->params);
   for (const PendingCopy& c : f->copies) perform(c);  // the kernel's end waits for its copies
   f->copies.clear();
+  if (!f->mmas.empty()) {
+    const WgmmaOp& op = f->mmas.front();
+    fiber_fail(fmt("a thread ends with %zu wgmma.mma_async it never waited for (the first at %s:%d) (%s)",
+                   f->mmas.size(), op.file, op.line, where(*tls_worker, f).c_str()));
+  }
   f->state = St::Done;
   yield_to_scheduler(f);
   std::abort();  // a finished fiber is never resumed
@@ -454,7 +467,38 @@ void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
     fiber_fail(fmt("misaligned cp.async of %u bytes (dst %p, src %p) (%s)", bytes, dst, src,
                    where(*tls_worker, f).c_str()));
   if (src_bytes > bytes) fiber_fail("cp.async with src_bytes > bytes");
+  const auto* d = static_cast<const unsigned char*>(dst);
+  for (const auto& r : tls_worker->mma_reads)
+    if (d < r.first.second && d + bytes > r.first.first)
+      fiber_fail(fmt("cp.async into shared memory that a wgmma.mma_async in flight reads (issued, not yet waited for) (%s)",
+                     where(*tls_worker, f).c_str()));
   f->copies.push_back(PendingCopy{dst, src, bytes, src_bytes, f->committed});
+}
+void wgmma_issue(const WgmmaOp& op) {
+  Fiber* f = cur();
+  f->mmas.push_back(op);
+  f->mmas.back().group = f->mma_committed;
+  for (int i = 0; i < 2; ++i) tls_worker->mma_reads[{op.lo[i], op.hi[i]}]++;
+}
+static void wgmma_perform(const WgmmaOp& op) {
+  op.run(op);
+  for (int i = 0; i < 2; ++i) {
+    auto it = tls_worker->mma_reads.find({op.lo[i], op.hi[i]});
+    if (it != tls_worker->mma_reads.end() && --it->second == 0) tls_worker->mma_reads.erase(it);
+  }
+}
+void wgmma_commit() { cur()->mma_committed++; }
+void wgmma_wait(int keep) {
+  Fiber* f = cur();
+  const unsigned limit = f->mma_committed > (unsigned)keep ? f->mma_committed - (unsigned)keep : 0;
+  size_t kept = 0;
+  for (size_t i = 0; i < f->mmas.size(); ++i) {
+    if (f->mmas[i].group < limit)
+      wgmma_perform(f->mmas[i]);
+    else
+      f->mmas[kept++] = f->mmas[i];
+  }
+  f->mmas.resize(kept);
 }
 void cp_async_commit() { cur()->committed++; }
 void cp_async_wait(int keep) {
@@ -572,9 +616,11 @@ static void run_block_fibers(Worker& w, Launch& L, uint64_t b) {
       mprotect(w.smem_map + w.smem_len - page_size(), page_size(), PROT_NONE);
     }
     tls_dyn_smem = w.smem_map + w.smem_len - page_size() - need;
+    tls_dyn_smem_bytes = L.dyn_smem;
     std::memset(tls_dyn_smem, kPoison, need);
   } else {
     tls_dyn_smem = nullptr;
+    tls_dyn_smem_bytes = 0;
   }
   poison_static_shared();
 
@@ -590,6 +636,7 @@ static void run_block_fibers(Worker& w, Launch& L, uint64_t b) {
   }
   if (w.fibers.size() < n) w.fibers.resize(n);
   w.slots.assign((size_t)((n + 31) / 32) * 32 * 64, 0);
+  w.mma_reads.clear();
   for (unsigned t = 0; t < n; ++t) {
     Fiber& f = w.fibers[t];
     f.tid = uint3{t % bd.x, (t / bd.x) % bd.y, t / (bd.x * bd.y)};
@@ -599,6 +646,8 @@ static void run_block_fibers(Worker& w, Launch& L, uint64_t b) {
     f.state = St::Runnable;
     f.copies.clear();
     f.committed = 0;
+    f.mmas.clear();
+    f.mma_committed = 0;
     f.stack_lo = w.stacks[t].map + page_size();
     f.stack_size = fiber_stack_bytes();
     f.asan_fake_stack = nullptr;

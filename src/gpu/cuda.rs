@@ -41,6 +41,7 @@ pub struct CudaBackend {
     stream: sys::CUstream,
     async_alloc: bool,
     name: String,
+    cc: (i32, i32),
     modules: Mutex<HashMap<&'static str, sys::CUmodule>>,
     funcs: Mutex<HashMap<Kernel, Func>>,
     sync_launches: bool,
@@ -74,6 +75,7 @@ impl CudaBackend {
             ctx,
             stream,
             name,
+            cc: (major, minor),
             modules: Mutex::new(HashMap::new()),
             funcs: Mutex::new(HashMap::new()),
             sync_launches: std::env::var_os("PK_SYNC_LAUNCHES").is_some(),
@@ -82,6 +84,11 @@ impl CudaBackend {
 
     pub fn name(&self) -> String {
         self.name.clone()
+    }
+
+    /// The compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
     }
 
     /// Free and total device memory in bytes.

@@ -104,15 +104,23 @@ pub struct EmuBackend {
     fault: Option<(&'static str, &'static ModuleSource)>,
     /// Counting mode: launches, fills and device copies do nothing.
     count_only: bool,
+    /// Launches per kernel name, for tests that check which kernels ran.
+    launches: Mutex<HashMap<&'static str, u64>>,
 }
 
 impl EmuBackend {
     pub fn new(schedule: Schedule) -> Self {
-        EmuBackend { schedule, entries: Mutex::new(HashMap::new()), fault: None, count_only: false }
+        EmuBackend {
+            schedule,
+            entries: Mutex::new(HashMap::new()),
+            fault: None,
+            count_only: false,
+            launches: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn with_fault(schedule: Schedule, module: &'static str, variant: &'static ModuleSource) -> Self {
-        EmuBackend { schedule, entries: Mutex::new(HashMap::new()), fault: Some((module, variant)), count_only: false }
+        EmuBackend { fault: Some((module, variant)), ..EmuBackend::new(schedule) }
     }
 
     /// Counting mode: see the module's documentation.
@@ -122,6 +130,11 @@ impl EmuBackend {
 
     pub fn counts_only(&self) -> bool {
         self.count_only
+    }
+
+    /// How many times each kernel was launched.
+    pub fn launches(&self) -> HashMap<&'static str, u64> {
+        self.launches.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn name(&self) -> String {
@@ -221,6 +234,7 @@ impl EmuBackend {
                 got: params.len(),
             });
         }
+        *self.launches.lock().unwrap_or_else(|e| e.into_inner()).entry(kernel.name).or_default() += 1;
         if self.count_only {
             return Ok(());
         }

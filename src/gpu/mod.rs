@@ -148,6 +148,7 @@ impl std::fmt::Debug for Graph {
 pub struct Gpu {
     backend: Arc<Backend>,
     allocations: Arc<std::sync::atomic::AtomicU64>,
+    conv_wgmma: bool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -157,10 +158,16 @@ impl std::fmt::Debug for Gpu {
 }
 
 impl Gpu {
+    fn over(backend: Backend) -> Gpu {
+        let mut g = Gpu { backend: Arc::new(backend), allocations: Default::default(), conv_wgmma: false };
+        g.conv_wgmma = g.has_wgmma() && std::env::var("PK_WGMMA").is_ok_and(|v| v == "1");
+        g
+    }
+
     /// The CUDA device `ordinal`. Fails with a clear error when there is no driver, no
     /// device, or when the kernels were built without nvcc.
     pub fn cuda(ordinal: usize) -> Result<Gpu, GpuError> {
-        Ok(Gpu { backend: Arc::new(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)), allocations: Default::default() })
+        Ok(Gpu::over(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)))
     }
 
     /// The host emulation, with the fiber schedule from `PK_EMU_SCHEDULE`
@@ -171,14 +178,23 @@ impl Gpu {
 
     /// The host emulation with the given fiber schedule.
     pub fn emu_with(schedule: Schedule) -> Gpu {
-        Gpu { backend: Arc::new(Backend::Emu(emu::EmuBackend::new(schedule))), allocations: Default::default() }
+        Gpu::over(Backend::Emu(emu::EmuBackend::new(schedule)))
     }
 
     /// The host emulation in counting mode (`emu:count`): every launch is checked and
     /// skipped, so that the ops layer's FLOP and byte counts of any shape come without the
     /// work (see the emu back end's documentation).
     pub fn emu_count() -> Gpu {
-        Gpu { backend: Arc::new(Backend::Emu(emu::EmuBackend::counting())), allocations: Default::default() }
+        Gpu::over(Backend::Emu(emu::EmuBackend::counting()))
+    }
+
+    /// How many times each kernel was launched on this device, in the emulation (`None` on
+    /// a GPU): tests use it to see which kernels a computation ran.
+    pub fn emu_launches(&self) -> Option<std::collections::HashMap<&'static str, u64>> {
+        match &*self.backend {
+            Backend::Cuda(_) => None,
+            Backend::Emu(e) => Some(e.launches()),
+        }
     }
 
     /// Whether this is the emulation's counting mode, whose results are all zeros.
@@ -195,7 +211,7 @@ impl Gpu {
             .find(|(s, _)| s.name == variant)
             .ok_or_else(|| GpuError::Invalid(format!("no emulation fault variant {variant:?}")))?;
         let backend = emu::EmuBackend::with_fault(schedule, module, src);
-        Ok(Gpu { backend: Arc::new(Backend::Emu(backend)), allocations: Default::default() })
+        Ok(Gpu::over(Backend::Emu(backend)))
     }
 
     /// Which back end this handle runs on.
@@ -206,12 +222,46 @@ impl Gpu {
         }
     }
 
-    /// A human-readable name: the GPU's, or the emulation's with its schedule.
+    /// A human-readable name: the GPU's, or the emulation's with its schedule; with the
+    /// warpgroup-MMA convolutions on ([`conv_wgmma`](Gpu::conv_wgmma)) it says so.
     pub fn name(&self) -> String {
-        match &*self.backend {
+        let name = match &*self.backend {
             Backend::Cuda(c) => c.name(),
             Backend::Emu(e) => e.name(),
+        };
+        if self.conv_wgmma {
+            format!("{name}, convolutions on wgmma")
+        } else {
+            name
         }
+    }
+
+    /// Whether this device runs the warpgroup-MMA kernels (wgmma, built for sm_90a): a
+    /// CUDA GPU of compute capability 9.0 (H100, H200), and the emulation.
+    pub fn has_wgmma(&self) -> bool {
+        match &*self.backend {
+            Backend::Cuda(c) => c.compute_capability() == (9, 0),
+            Backend::Emu(_) => true,
+        }
+    }
+
+    /// Whether the convolutions pick the warpgroup-MMA kernels where one exists (fprop of
+    /// 16-bit types with channel counts that are multiples of 8): on a device that
+    /// [`has_wgmma`](Gpu::has_wgmma), when the environment set `PK_WGMMA=1` as the handle
+    /// was made, or after [`set_conv_wgmma`](Gpu::set_conv_wgmma). Off by default: the
+    /// mma.sync kernels are the ones timed and verified on a GPU so far.
+    pub fn conv_wgmma(&self) -> bool {
+        self.conv_wgmma
+    }
+
+    /// Turns the warpgroup-MMA convolutions on or off for this handle (and the clones made
+    /// from it afterwards); an error on a device without them.
+    pub fn set_conv_wgmma(&mut self, on: bool) -> Result<(), GpuError> {
+        if on && !self.has_wgmma() {
+            return Err(GpuError::Invalid(format!("{} has no warpgroup MMA (wgmma needs sm_90)", self.name())));
+        }
+        self.conv_wgmma = on;
+        Ok(())
     }
 
     /// Free and total memory of the GPU in bytes, or `None` in the emulation (whose buffers
