@@ -50,6 +50,9 @@
 // 1x1 convolutions with stride 1 and no padding are plain GEMMs here: the row table and the
 // tap walk reduce to offsets, and every load is a contiguous channel run.
 //
+// ---------------------------------------------------------------- warpgroup kernels (sm_90a)
+//   w128x128, w128x64: the three passes on wgmma, see "warpgroup kernel" below.
+//
 // ---------------------------------------------------------------- SIMT kernels (f32)
 // The exact path: the same operand loaders (4-byte cp.async per element, any width),
 // shared tiles stored [BK][BM] and [BK][BN], and 8x8 outer products per thread in f32
@@ -244,8 +247,16 @@ struct BnIn {
 // Elements are assigned to threads along the operand's contiguous dimension in chunks of
 // VW; SKC says whether the shared tile is stored [MN][LD] (K-contiguous) or [BK][LD].
 // `sidx(mn, kk)` is the shared index of element (mn, kk) of the tile.
+// LD = PK_SW128: the K-major 128-byte-swizzled tile of the wgmma kernels, [MN][64]
+// (sw128_idx in common.cuh); PK_SW128_MN64: the MN-major one, 64 deep (sw128mn_idx).
+#define PK_SW128 (-1)
+#define PK_SW128_MN64 (-2)
 template <bool SKC, int LD>
 __device__ __forceinline__ int sidx(int mn, int kk) {
+  static_assert(LD != PK_SW128 || SKC, "the K-major swizzled tile");
+  static_assert(LD != PK_SW128_MN64 || !SKC, "the MN-major swizzled tile");
+  if constexpr (LD == PK_SW128) return sw128_idx(mn, kk);
+  if constexpr (LD == PK_SW128_MN64) return sw128mn_idx<64>(mn, kk);
   return SKC ? mn * LD + kk : kk * LD + mn;
 }
 
@@ -731,6 +742,122 @@ struct TcSmem {
   static constexpr int BYTES = ROWS_BYTES + Cfg::STAGES * (A_ELEMS + B_ELEMS) * 2;
 };
 
+
+// The tensor-core epilogue: stores the block's accumulators (the m16n8 C fragments of
+// mma.sync, which wgmma's D fragment repeats: acc[mi][ni][e] at row wm*WTM + mi*16 + g
+// (+8 for e >= 2), column wn*WTN + ni*8 + 2t + e%2), then the fprop's BN statistics or the
+// dgrad's BN backward sums. `red_smem` is RED_BYTES of shared memory the mainloop is done with
+// (after a barrier the epilogue takes itself).
+template <int PASS, class T, class Cfg, int RED_BYTES>
+__device__ __forceinline__ void tc_epilogue(const PkConvParams& p, float (&acc)[Cfg::BM / Cfg::WARPS_M / 16][Cfg::BN / Cfg::WARPS_N / 8][4],
+                                            const RowInfo* rows, void* red_smem, const Geo& geo, int m0, int n0, int tid) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, NT = Cfg::NT;
+  constexpr int WTM = BM / Cfg::WARPS_M, WTN = BN / Cfg::WARPS_N;
+  constexpr int MI = WTM / 16, NI = WTN / 8;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int wm = warp % Cfg::WARPS_M, wn = warp / Cfg::WARPS_M;
+
+  const int g = lane >> 2, t = lane & 3;
+  const bool accumulate = PASS == PK_DGRAD && p.accumulate;
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+    const int rl = wm * WTM + mi * 16 + g;
+    Prior<T> pr[NI][2];
+    if (accumulate) {  // this row tile's old values and masks, all loads in flight together
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+        const int col = n0 + wn * WTN + ni * 8 + 2 * t;
+        load_prior<T>(p, rows, rl, col, pr[ni][0]);
+        load_prior<T>(p, rows, rl + 8, col, pr[ni][1]);
+      }
+    }
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+      const int col = n0 + wn * WTN + ni * 8 + 2 * t;
+      store_pair<PASS, T>(p, rows, rl, m0 + rl, col, acc[mi][ni][0], acc[mi][ni][1], pr[ni][0], accumulate);
+      store_pair<PASS, T>(p, rows, rl + 8, m0 + rl + 8, col, acc[mi][ni][2], acc[mi][ni][3], pr[ni][1], accumulate);
+    }
+  }
+  if (PASS == PK_FPROP && p.bn_stats) {
+    // Row group of the thread: (wm, g); its columns: wn * WTN + ni * 8 + 2t + e.
+    constexpr int RG = Cfg::WARPS_M * 8;
+    static_assert((RG + 1) * BN * 4 <= RED_BYTES, "the statistics fit in the A stages");
+    float* red = static_cast<float*>(red_smem);
+    float* cmean = red + RG * BN;
+    const int vrows = min(BM, geo.gemm_m - m0);
+    const int rg = wm * 8 + g;
+    __syncthreads();  // every warp is done with the stages
+#pragma unroll 1
+    for (int pass = 0; pass < 2; ++pass) {
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int cl = wn * WTN + ni * 8 + 2 * t + e;
+          const float mu = pass ? cmean[cl] : 0.0f;
+          float sum = 0.0f;
+#pragma unroll
+          for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int rl = wm * WTM + mi * 16 + h * 8 + g;
+              const float d = stored<T>(acc[mi][ni][h * 2 + e]) - mu;
+              if (rl < vrows) sum = pass ? fmaf(d, d, sum) : sum + d;
+            }
+          red[rg * BN + cl] = sum;
+        }
+      __syncthreads();
+      bn_stats_columns<BN, RG, NT>(p, red, cmean, tid, n0, vrows, pass);
+      __syncthreads();
+    }
+  }
+  if (PASS == PK_DGRAD && p.bn_grad) {
+    // Row group of the thread: (wm, g), as for the statistics.
+    constexpr int RG = Cfg::WARPS_M * 8;
+    static_assert((RG + 1) * BN * 4 <= RED_BYTES, "the sums fit in the A stages");
+    float* red = static_cast<float*>(red_smem);
+    float* csum = red + RG * BN;
+    const int vrows = min(BM, geo.gemm_m - m0);
+    const int rg = wm * 8 + g;
+    int tiles;
+    const int tile = grad_tile<BM>(p, tiles);
+    float sums[NI][2][3];  // sum g, sum g (x - mean), sum g (x2 - mean2)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = n0 + wn * WTN + ni * 8 + 2 * t + e;
+        sums[ni][e][0] = sums[ni][e][1] = sums[ni][e][2] = 0.0f;
+        if (col < p.gemm_n) {
+          GradBn b;
+          b.load(p, col);
+#pragma unroll
+          for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int rl = wm * WTM + mi * 16 + h * 8 + g;
+              if (rl < vrows) b.add<T>(p, (int64_t)rows[rl].out + col, acc[mi][ni][h * 2 + e], sums[ni][e]);
+            }
+        }
+      }
+    __syncthreads();  // every warp is done with the stages
+    const int passes = p.bn2_x ? 3 : 2;
+#pragma unroll 1
+    for (int pass = 0; pass < passes; ++pass) {
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float* v = sums[ni][e];  // constant indices: the sums stay in registers
+          red[rg * BN + wn * WTN + ni * 8 + 2 * t + e] = pass == 0 ? v[0] : pass == 1 ? v[1] : v[2];
+        }
+      __syncthreads();
+      bn_grad_columns<BN, RG, NT>(p, red, csum, tid, n0, tile, tiles, pass);
+      __syncthreads();
+    }
+  }
+}
+
 template <int PASS, class T, class Cfg, bool BNIN>
 __device__ __forceinline__ void conv_tc(const PkConvParams& p) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, NT = Cfg::NT, VW = Cfg::VW;
@@ -837,106 +964,125 @@ __device__ __forceinline__ void conv_tc(const PkConvParams& p) {
     }
   }
   cp_async_wait<0>();
+  tc_epilogue<PASS, T, Cfg, STAGES * S::A_ELEMS * 2>(p, acc, rows, As, geo, m0, n0, tid);
+}
 
-  const int g = lane >> 2, t = lane & 3;
-  const bool accumulate = PASS == PK_DGRAD && p.accumulate;
+// ---------------------------------------------------------------- warpgroup kernel (sm_90a)
+// The three passes on Hopper's warpgroup MMA (see wgmma in common.cuh): BM = 64 rows per
+// warpgroup (two warpgroups: 128 x BN), BN = 128 or 64, BK = 64. Each operand keeps its
+// natural layout (see TcLayout): a K-contiguous one goes to shared memory K-major, an
+// M/N-contiguous one MN-major (the MMA's transpose flag), both 128-byte-swizzled as the
+// MMA reads them through descriptors (sw128_idx, sw128mn_idx), with the same loaders and
+// 16-byte cp.async as the mma.sync kernels, and the same epilogue (wgmma's D fragment is
+// mma.sync's C fragment repeated along N). The tiles start at the first 1024-byte
+// boundary after the row table, as the swizzle needs.
+// Pipeline, STAGES deep, one barrier per k-tile: tile `it` is read by the MMAs of
+// iteration `it`, which stay in flight while iteration it+1 waits for its tile and issues
+// its MMAs (wgmma_wait<1>); the stage a load overwrites in iteration `it` is that of tile
+// it-2, whose MMAs every thread has waited for before that iteration's barrier. So
+// STAGES-2 tiles are in flight ahead of the one being multiplied.
+template <int BM_, int BN_, int STAGES_>
+struct WgCfg {
+  static constexpr int BM = BM_, BN = BN_, BK = 64, STAGES = STAGES_;
+  static constexpr int WARPS_M = BM / 16, WARPS_N = 1;  // warp w holds rows 16w .. 16w+15
+  static constexpr int NT = BM / 64 * 128;
+  static constexpr int VW = 8;
+  static constexpr int ROWS_BYTES = BM * (int)sizeof(RowInfo);
+  static constexpr int A_ELEMS = BM * BK, B_ELEMS = BN * BK;
+  static constexpr int BYTES = ROWS_BYTES + 1024 + STAGES * (A_ELEMS + B_ELEMS) * 2;
+  static_assert(STAGES >= 3, "a stage for the tile in the MMAs, one for the MMAs before, one loading");
+  static_assert(BM % 64 == 0 && (BN == 64 || BN == 128), "wgmma m64n64 or m64n128 per warpgroup");
+};
+
+template <int PASS, class T, class Cfg>
+__device__ __forceinline__ void conv_wg(const PkConvParams& p) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, NT = Cfg::NT, VW = Cfg::VW;
+  constexpr int NI = BN / 8;
+  constexpr bool A_KC = TcLayout<PASS>::A_KC, B_KC = TcLayout<PASS>::B_KC;
+  constexpr int LDA = A_KC ? PK_SW128 : PK_SW128_MN64, LDB = B_KC ? PK_SW128 : PK_SW128_MN64;
+  static_assert(BK == 64, "the MN-major tiles are 64 deep");
+  constexpr uint32_t MN_LBO = BK * 128;  // MN-major: bytes from 64 M/N elements to the next 64
+
+  PK_DYNAMIC_SMEM(unsigned char, smem);
+  RowInfo* rows = reinterpret_cast<RowInfo*>(smem);
+  const uint32_t s0 = smem_u32(smem);
+  const uint32_t t0 = (s0 + (uint32_t)Cfg::ROWS_BYTES + 1023u) & ~1023u;
+  T* As = reinterpret_cast<T*>(smem + (t0 - s0));
+  T* Bs = As + STAGES * Cfg::A_ELEMS;
+
+  const int tid = (int)threadIdx.x, wg = tid >> 7;
+  const int m0 = (int)blockIdx.x * BM, n0 = (int)blockIdx.y * BN;
+  const Geo geo = make_geo<PASS>(p);
+  if (m0 >= geo.gemm_m) return;  // a dgrad phase with fewer rows: the whole block leaves
+  int kt0, kt1;
+  k_range<PASS>(p, geo, BK, kt0, kt1);
+
+  const T *ga, *gb;
+  operands<T>(p, ga, gb);
+  typename LoaderFor<PASS, true, T, BM, BK, VW, NT, A_KC, LDA, false>::type la;
+  typename LoaderFor<PASS, false, T, BN, BK, VW, NT, B_KC, LDB, false>::type lb;
+  la.init(p, geo, ga, tid, m0, kt0);
+  lb.init(p, geo, gb, tid, n0, kt0);
+  fill_rows<PASS, BM, NT>(p, geo, rows, m0, tid);
+  __syncthreads();
+
+  float acc[1][NI][4];
 #pragma unroll
-  for (int mi = 0; mi < MI; ++mi) {
-    const int rl = wm * WTM + mi * 16 + g;
-    Prior<T> pr[NI][2];
-    if (accumulate) {  // this row tile's old values and masks, all loads in flight together
+  for (int j = 0; j < NI; ++j)
 #pragma unroll
-      for (int ni = 0; ni < NI; ++ni) {
-        const int col = n0 + wn * WTN + ni * 8 + 2 * t;
-        load_prior<T>(p, rows, rl, col, pr[ni][0]);
-        load_prior<T>(p, rows, rl + 8, col, pr[ni][1]);
+    for (int e = 0; e < 4; ++e) acc[0][j][e] = 0.0f;
+  float* d = &acc[0][0][0];
+
+  const int nkt = kt1 - kt0;
+#pragma unroll
+  for (int st = 0; st < STAGES - 2; ++st) {
+    if (st < nkt) {
+      la.load(p, As + st * Cfg::A_ELEMS, rows, st);
+      lb.load(p, Bs + st * Cfg::B_ELEMS, rows, st);
+    }
+    cp_async_commit();
+  }
+  for (int it = 0; it < nkt; ++it) {
+    cp_async_wait<STAGES - 3>();
+    fence_proxy_async();  // this thread's copies of tile `it`, before the MMAs read them
+    __syncthreads();      // tile `it` complete; every thread has waited for tile it-2's MMAs
+    {
+      const int nxt = it + STAGES - 2;
+      if (nxt < nkt) {
+        const int st = nxt % STAGES;
+        la.load(p, As + st * Cfg::A_ELEMS, rows, st);
+        lb.load(p, Bs + st * Cfg::B_ELEMS, rows, st);
       }
+      cp_async_commit();
     }
+    // The warpgroup's 64 rows of A: 8 atoms of K-major rows, or one MN-major block.
+    const uint32_t a_addr = smem_u32(As + (it % STAGES) * Cfg::A_ELEMS) + (uint32_t)wg * (A_KC ? 64u * 128u : MN_LBO);
+    const uint32_t b_addr = smem_u32(Bs + (it % STAGES) * Cfg::B_ELEMS);
 #pragma unroll
-    for (int ni = 0; ni < NI; ++ni) {
-      const int col = n0 + wn * WTN + ni * 8 + 2 * t;
-      store_pair<PASS, T>(p, rows, rl, m0 + rl, col, acc[mi][ni][0], acc[mi][ni][1], pr[ni][0], accumulate);
-      store_pair<PASS, T>(p, rows, rl + 8, m0 + rl + 8, col, acc[mi][ni][2], acc[mi][ni][3], pr[ni][1], accumulate);
+    for (int j = 0; j < NI * 4; ++j) wgmma_fence_acc(d[j]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      // k16 slice ks: 32 bytes along a K-major row, two 8-row atoms (2048 bytes) MN-major.
+      const uint64_t da = A_KC ? wgmma_desc_sw128(a_addr + 32u * (uint32_t)ks)
+                               : wgmma_desc_sw128_mn(a_addr + 2048u * (uint32_t)ks, MN_LBO);
+      const uint64_t db = B_KC ? wgmma_desc_sw128(b_addr + 32u * (uint32_t)ks)
+                               : wgmma_desc_sw128_mn(b_addr + 2048u * (uint32_t)ks, MN_LBO);
+      if constexpr (BN == 128)
+        wgmma_m64n128k16<T, A_KC ? 0 : 1, B_KC ? 0 : 1>(d, da, db, 1);
+      else
+        wgmma_m64n64k16<T, A_KC ? 0 : 1, B_KC ? 0 : 1>(d, da, db, 1);
     }
+    wgmma_commit();
+#pragma unroll
+    for (int j = 0; j < NI * 4; ++j) wgmma_fence_acc(d[j]);
+    wgmma_wait<1>();
   }
-  if (PASS == PK_FPROP && p.bn_stats) {
-    // Row group of the thread: (wm, g); its columns: wn * WTN + ni * 8 + 2t + e.
-    constexpr int RG = Cfg::WARPS_M * 8;
-    static_assert((RG + 1) * BN * 4 <= STAGES * S::A_ELEMS * 2, "the statistics fit in the A stages");
-    float* red = reinterpret_cast<float*>(As);
-    float* cmean = red + RG * BN;
-    const int vrows = min(BM, geo.gemm_m - m0);
-    const int rg = wm * 8 + g;
-    __syncthreads();  // every warp is done with the stages
-#pragma unroll 1
-    for (int pass = 0; pass < 2; ++pass) {
+  wgmma_wait<0>();
 #pragma unroll
-      for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int cl = wn * WTN + ni * 8 + 2 * t + e;
-          const float mu = pass ? cmean[cl] : 0.0f;
-          float sum = 0.0f;
-#pragma unroll
-          for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int rl = wm * WTM + mi * 16 + h * 8 + g;
-              const float d = stored<T>(acc[mi][ni][h * 2 + e]) - mu;
-              if (rl < vrows) sum = pass ? fmaf(d, d, sum) : sum + d;
-            }
-          red[rg * BN + cl] = sum;
-        }
-      __syncthreads();
-      bn_stats_columns<BN, RG, NT>(p, red, cmean, tid, n0, vrows, pass);
-      __syncthreads();
-    }
-  }
-  if (PASS == PK_DGRAD && p.bn_grad) {
-    // Row group of the thread: (wm, g), as for the statistics.
-    constexpr int RG = Cfg::WARPS_M * 8;
-    static_assert((RG + 1) * BN * 4 <= STAGES * S::A_ELEMS * 2, "the sums fit in the A stages");
-    float* red = reinterpret_cast<float*>(As);
-    float* csum = red + RG * BN;
-    const int vrows = min(BM, geo.gemm_m - m0);
-    const int rg = wm * 8 + g;
-    int tiles;
-    const int tile = grad_tile<BM>(p, tiles);
-    float sums[NI][2][3];  // sum g, sum g (x - mean), sum g (x2 - mean2)
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = n0 + wn * WTN + ni * 8 + 2 * t + e;
-        sums[ni][e][0] = sums[ni][e][1] = sums[ni][e][2] = 0.0f;
-        if (col < p.gemm_n) {
-          GradBn b;
-          b.load(p, col);
-#pragma unroll
-          for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int rl = wm * WTM + mi * 16 + h * 8 + g;
-              if (rl < vrows) b.add<T>(p, (int64_t)rows[rl].out + col, acc[mi][ni][h * 2 + e], sums[ni][e]);
-            }
-        }
-      }
-    __syncthreads();  // every warp is done with the stages
-    const int passes = p.bn2_x ? 3 : 2;
-#pragma unroll 1
-    for (int pass = 0; pass < passes; ++pass) {
-#pragma unroll
-      for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float* v = sums[ni][e];  // constant indices: the sums stay in registers
-          red[rg * BN + wn * WTN + ni * 8 + 2 * t + e] = pass == 0 ? v[0] : pass == 1 ? v[1] : v[2];
-        }
-      __syncthreads();
-      bn_grad_columns<BN, RG, NT>(p, red, csum, tid, n0, tile, tiles, pass);
-      __syncthreads();
-    }
-  }
+  for (int j = 0; j < NI * 4; ++j) wgmma_fence_acc(d[j]);
+  cp_async_wait<0>();
+  tc_epilogue<PASS, T, Cfg, STAGES * Cfg::A_ELEMS * 2>(p, acc, rows, As, geo, m0, n0, tid);
 }
 
 // ---------------------------------------------------------------- SIMT kernel (f32)
@@ -1139,6 +1285,21 @@ PK_CONV_TC_ALL(wgrad, PK_WGRAD, f16, f16, false)
 PK_CONV_SIMT(fprop, PK_FPROP, false)
 PK_CONV_SIMT(dgrad, PK_DGRAD, false)
 PK_CONV_SIMT(wgrad, PK_WGRAD, false)
+// conv2d_<pass>_w<tile>_<dtype>: the warpgroup kernel (sm_90a; it traps on other targets).
+// Two warpgroups and 4 stages of 64 KB (w128x64: 48 KB) + the row table: one block per SM
+// for w128x128, two for w128x64.
+typedef WgCfg<128, 128, 4> WgL;
+typedef WgCfg<128, 64, 4> WgM;
+#define PK_CONV_WG(pass, PASS, tile, Cfg, dt, T) \
+  PK_KERNEL_BOUNDS(conv2d_##pass##_##tile##_##dt, PkConvParams, Cfg::NT, 1) { conv_wg<PASS, T, Cfg>(p); }
+#define PK_CONV_WG_ALL(pass, PASS)                  \
+  PK_CONV_WG(pass, PASS, w128x128, WgL, bf16, bf16) \
+  PK_CONV_WG(pass, PASS, w128x64, WgM, bf16, bf16)  \
+  PK_CONV_WG(pass, PASS, w128x128, WgL, f16, f16)   \
+  PK_CONV_WG(pass, PASS, w128x64, WgM, f16, f16)
+PK_CONV_WG_ALL(fprop, PK_FPROP)
+PK_CONV_WG_ALL(dgrad, PK_DGRAD)
+PK_CONV_WG_ALL(wgrad, PK_WGRAD)
 PK_CONV_TC_ALL(fprop_bnin, PK_FPROP, bf16, bf16, true)
 PK_CONV_TC_ALL(wgrad_bnin, PK_WGRAD, bf16, bf16, true)
 PK_CONV_TC_ALL(fprop_bnin, PK_FPROP, f16, f16, true)

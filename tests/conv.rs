@@ -141,6 +141,46 @@ fn check_tiles<T: ConvElem>(dev: &Device) {
     }
 }
 
+/// Shapes for the warpgroup-MMA tiles (C a multiple of 8; dgrad and wgrad also K): the
+/// padded stem (C = 8, 7x7 stride 2, a GEMM-K of 392: six full k-tiles of 64 and a partial
+/// one; K = 13: fprop only), GEMM-K shorter than one k-tile (8) and a long one (1800: 29
+/// k-tiles through the 4-stage pipeline), widths over 128 with partial column tiles (136),
+/// M of several row tiles with a partial last one, stride 2 and 5x5 stride 3 (dgrad's
+/// phases, some without a tap row), padding, batch 1.
+fn wgmma_shapes() -> Vec<ConvShape> {
+    vec![
+        shape(2, 9, 7, 8, 13, 7, 2, 3),
+        shape(3, 11, 13, 72, 136, 1, 1, 0),
+        shape(1, 12, 12, 200, 72, 3, 1, 1),
+        shape(2, 9, 11, 8, 64, 1, 1, 0),
+        shape(1, 9, 11, 64, 16, 3, 2, 1),
+        shape(2, 9, 9, 16, 64, 1, 2, 0),
+        shape(2, 10, 11, 8, 16, 5, 3, 2),
+    ]
+}
+
+/// The warpgroup-MMA tiles, every pass that runs the shape (wgrad with 1 and 3 splits),
+/// against the oracle.
+fn check_wgmma_tiles<T: ConvElem>(dev: &Device) {
+    for (i, sh) in wgmma_shapes().iter().enumerate() {
+        let d = data::<T>(sh, 1100 + i as u64);
+        for pass in Pass::ALL {
+            if !conv::vector_ok(pass, sh) {
+                continue;
+            }
+            let want = oracle(pass, sh, &d);
+            for tile in [Tile::W128x128, Tile::W128x64] {
+                let splits: &[usize] = if pass == Pass::Wgrad { &[1, 3] } else { &[1] };
+                for &splits in splits {
+                    let got = run_pass::<T>(dev, pass, sh, &d, Some(Plan { tile, splits }));
+                    let what = format!("{} {} {} {tile:?} x{splits} {sh:?}", dev.name(), T::NAME, pass.name());
+                    check_close(&what, &got, &want, true, pass == Pass::Wgrad, pass.gemm(sh).2);
+                }
+            }
+        }
+    }
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
@@ -301,6 +341,29 @@ fn emu_every_tile_and_split() {
 }
 
 #[test]
+fn emu_warpgroup_mma_tiles() {
+    check_wgmma_tiles::<bf16>(&emu(Schedule::Forward));
+    check_wgmma_tiles::<half::f16>(&emu(Schedule::Reverse));
+}
+
+#[test]
+fn wgmma_tiles_are_16_bit_with_channels_in_eights() {
+    let dev = emu(Schedule::Forward);
+    let plan = Some(Plan { tile: Tile::W128x128, splits: 1 });
+    let sh = shape(1, 6, 5, 16, 16, 3, 1, 1);
+    let d = data::<f32>(&sh, 1);
+    let (x, w) = (dev.upload(d.x.clone()).unwrap(), dev.upload(d.w.clone()).unwrap());
+    let mut y = dev.uninit::<f32>(sh.y_len()).unwrap();
+    assert!(conv::conv2d_fprop_with(&dev, &sh, &x, &w, &mut y, plan).is_err(), "f32");
+    // K = 12: dgrad has no 16-byte loads of dy (fprop would, C = 16).
+    let odd = shape(1, 6, 5, 16, 12, 3, 1, 1);
+    let d = data::<bf16>(&odd, 2);
+    let up = |v: &[f32]| dev.upload(to_t::<bf16>(v)).unwrap();
+    let mut dx = dev.uninit::<bf16>(odd.x_len()).unwrap();
+    assert!(conv::conv2d_dgrad_with(&dev, &odd, &up(&d.dy), &up(&d.w), &mut dx, plan).is_err(), "K = 12");
+}
+
+#[test]
 fn emu_adjoint_identities() {
     let dev = emu(Schedule::Reverse);
     check_adjoint::<f32>(&dev);
@@ -403,9 +466,11 @@ fn check_dgrad_accumulate<T: ConvElem>(dev: &Device) {
     let tiles: Vec<Option<Plan>> = if matches!(dev, Device::Cpu) {
         vec![None]
     } else if T::TENSOR_CORES {
-        [Tile::T128x128, Tile::T128x64, Tile::T64x64, Tile::T64x64Scalar]
-            .map(|tile| Some(Plan { tile, splits: 1 }))
-            .into()
+        let mut t = vec![Tile::T128x128, Tile::T128x64, Tile::T64x64, Tile::T64x64Scalar];
+        if matches!(dev, Device::Gpu(g) if g.has_wgmma()) {
+            t.extend([Tile::W128x128, Tile::W128x64]);
+        }
+        t.into_iter().map(|tile| Some(Plan { tile, splits: 1 })).collect()
     } else {
         [Tile::T128x128, Tile::T64x64].map(|tile| Some(Plan { tile, splits: 1 })).into()
     };
@@ -659,6 +724,13 @@ mod cuda {
         check_tiles::<f32>(&d);
         check_tiles::<bf16>(&d);
         check_tiles::<half::f16>(&d);
+    }
+    #[test]
+    #[ignore = "needs a CUDA GPU of compute capability 9.0"]
+    fn cuda_warpgroup_mma_tiles() {
+        let d = dev();
+        check_wgmma_tiles::<bf16>(&d);
+        check_wgmma_tiles::<half::f16>(&d);
     }
     #[test]
     #[ignore = "needs a CUDA GPU"]

@@ -136,10 +136,11 @@ fn check_stats_every_tile<T: ConvElem>(dev: &Device) {
     let tiles: Vec<Option<Plan>> = if matches!(dev, Device::Cpu) {
         vec![None]
     } else if T::TENSOR_CORES {
-        [Tile::T128x128, Tile::T128x64, Tile::T64x64, Tile::T64x64Scalar]
-            .into_iter()
-            .map(|tile| Some(Plan { tile, splits: 1 }))
-            .collect()
+        let mut t = vec![Tile::T128x128, Tile::T128x64, Tile::T64x64, Tile::T64x64Scalar];
+        if matches!(dev, Device::Gpu(g) if g.has_wgmma()) {
+            t.extend([Tile::W128x128, Tile::W128x64]);
+        }
+        t.into_iter().map(|tile| Some(Plan { tile, splits: 1 })).collect()
     } else {
         [Tile::T128x128, Tile::T64x64].into_iter().map(|tile| Some(Plan { tile, splits: 1 })).collect()
     };

@@ -48,11 +48,14 @@ fn tiles<T: ConvElem>(dev: &Device, sh: &ConvShape) -> Vec<Option<Plan>> {
     if matches!(dev, Device::Cpu) {
         return vec![None];
     }
-    let all: &[Tile] = if T::TENSOR_CORES {
-        &[Tile::T128x128, Tile::T128x64, Tile::T64x64, Tile::T64x64Scalar]
+    let mut all = if T::TENSOR_CORES {
+        vec![Tile::T128x128, Tile::T128x64, Tile::T64x64, Tile::T64x64Scalar]
     } else {
-        &[Tile::T128x128, Tile::T64x64]
+        vec![Tile::T128x128, Tile::T64x64]
     };
+    if T::TENSOR_CORES && matches!(dev, Device::Gpu(g) if g.has_wgmma()) {
+        all.extend([Tile::W128x128, Tile::W128x64]);
+    }
     all.iter()
         .filter(|t| !(T::TENSOR_CORES && t.vector() && !conv::vector_ok(Pass::Dgrad, sh)))
         .map(|&tile| Some(Plan { tile, splits: 1 }))

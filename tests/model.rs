@@ -164,6 +164,50 @@ fn every_bn_fusion_trains_as_the_unfused_step() {
     }
 }
 
+/// With the warpgroup-MMA convolutions on (every pass of a bf16 model whose widths are
+/// multiples of 8, the padded stem's too), three train steps on the emulation train as the
+/// mma.sync kernels' steps: the same products summed in f32, in another order only where
+/// the tiles differ (wgrad's split of its reduction, the BN statistics' per-tile partial
+/// sums of 128 rows instead of 64). The warpgroup kernels ran (the emulation's launch
+/// counts), and the mma.sync ones did not.
+#[test]
+fn warpgroup_mma_convs_train_as_the_mma_sync_step() {
+    let b = |stage, cin, w1, w2, cout, stride| Block { stage, index: 0, cin, w1, w2, cout, stride, downsample: true };
+    let arch = Arch {
+        stem: 16,
+        classes: 3,
+        blocks: vec![b(1, 16, 8, 8, 16, 1), b(2, 16, 16, 8, 24, 2), b(3, 24, 8, 16, 32, 2), b(4, 32, 16, 8, 16, 2)],
+    };
+    let sd = torchvision_init(&arch, 12);
+    let (n, size) = (2, 32);
+    let sgd = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 };
+    let mut results = Vec::new();
+    for wgmma in [false, true] {
+        let mut gpu = prunekit::gpu::Gpu::emu_with(prunekit::gpu::Schedule::Reverse);
+        gpu.set_conv_wgmma(wgmma).unwrap();
+        let dev = Device::Gpu(gpu.clone());
+        let mut m = Model::from_state(&dev, &sd, PrecisionKind::Bf16).unwrap();
+        let mut ws = m.workspace(n, size, size).unwrap();
+        let mut losses = Vec::new();
+        for step in 0..3 {
+            let (images, targets) = batch(n, size, arch.classes, 90 + step);
+            m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
+            m.train_step(&mut ws, &sgd).unwrap();
+            losses.push(m.loss(&ws).unwrap());
+        }
+        let launches = gpu.emu_launches().unwrap();
+        let ran = |prefix: &str| launches.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, c)| c).sum::<u64>();
+        for pass in ["fprop", "dgrad", "wgrad"] {
+            let (wg, tc) = (ran(&format!("conv2d_{pass}_w128")), ran(&format!("conv2d_{pass}_t")));
+            let ok = if wgmma { wg > 0 && tc == 0 } else { wg == 0 && tc > 0 };
+            assert!(ok, "wgmma {wgmma}: warpgroup {pass} launches {wg}, mma.sync {tc}");
+        }
+        results.push((losses, m.to_state().unwrap()));
+    }
+    let ((l0, s0), (l1, s1)) = (&results[0], &results[1]);
+    assert_trained_alike("mma.sync vs wgmma", (l0, s0), (l1, s1), 1e-4);
+}
+
 /// A bf16 model on a kernel device runs its stem with the three input channels padded to 8
 /// (padded images, a padded weight copy refreshed after each SGD step, the padded gradient
 /// cut back); the CPU runs it unpadded. After two train steps, a third batch's loss and the

@@ -33,6 +33,11 @@ pub enum Tile {
     T64x64,
     /// 64x64 with element loads: any width (tensor cores only; f32 always loads elements).
     T64x64Scalar,
+    /// 128x128 on the warpgroup MMA (sm_90a): 16-bit types, 2 warpgroups, BK = 64, 16-byte
+    /// loads.
+    W128x128,
+    /// 128x64 on the warpgroup MMA (sm_90a), as [`Tile::W128x128`].
+    W128x64,
 }
 
 impl Tile {
@@ -43,7 +48,13 @@ impl Tile {
             Tile::T128x128 => (128, 128, bk),
             Tile::T128x64 => (128, 64, bk),
             Tile::T64x64 | Tile::T64x64Scalar => (64, 64, bk),
+            Tile::W128x128 => (128, 128, 64),
+            Tile::W128x64 => (128, 64, 64),
         }
+    }
+    /// Runs on the warpgroup MMA (needs [`Gpu::has_wgmma`]).
+    pub fn wgmma(self) -> bool {
+        matches!(self, Tile::W128x128 | Tile::W128x64)
     }
     /// Needs channel counts that are multiples of 8 (16-byte loads).
     pub fn vector(self) -> bool {
@@ -56,6 +67,8 @@ impl Tile {
             Tile::T128x64 => "t128x64",
             Tile::T64x64 => "t64x64",
             Tile::T64x64Scalar => "t64x64s",
+            Tile::W128x128 => "w128x128",
+            Tile::W128x64 => "w128x64",
         }
     }
 }
@@ -110,14 +123,20 @@ macro_rules! tc_table {
                 (Fprop, "fprop", T128x64, "t128x64"),
                 (Fprop, "fprop", T64x64, "t64x64"),
                 (Fprop, "fprop", T64x64Scalar, "t64x64s"),
+                (Fprop, "fprop", W128x128, "w128x128"),
+                (Fprop, "fprop", W128x64, "w128x64"),
                 (Dgrad, "dgrad", T128x128, "t128x128"),
                 (Dgrad, "dgrad", T128x64, "t128x64"),
                 (Dgrad, "dgrad", T64x64, "t64x64"),
                 (Dgrad, "dgrad", T64x64Scalar, "t64x64s"),
+                (Dgrad, "dgrad", W128x128, "w128x128"),
+                (Dgrad, "dgrad", W128x64, "w128x64"),
                 (Wgrad, "wgrad", T128x128, "t128x128"),
                 (Wgrad, "wgrad", T128x64, "t128x64"),
                 (Wgrad, "wgrad", T64x64, "t64x64"),
                 (Wgrad, "wgrad", T64x64Scalar, "t64x64s"),
+                (Wgrad, "wgrad", W128x128, "w128x128"),
+                (Wgrad, "wgrad", W128x64, "w128x64"),
             ]
         )
     };
@@ -231,7 +250,7 @@ pub fn vector_ok(pass: Pass, sh: &ConvShape) -> bool {
 /// of 8 (16-bit types), and for wgrad enough splits of the long reduction (N*P*Q) to fill
 /// about two waves, each split at least 8 k-tiles deep.
 pub fn plan<T: ConvElem>(pass: Pass, sh: &ConvShape) -> Plan {
-    let (m, n, k) = pass.gemm(sh);
+    let (m, n, _) = pass.gemm(sh);
     let blocks = |bm: usize, bn: usize| m.div_ceil(bm) * n.div_ceil(bn);
     let tile = if T::TENSOR_CORES {
         if !vector_ok(pass, sh) {
@@ -248,15 +267,36 @@ pub fn plan<T: ConvElem>(pass: Pass, sh: &ConvShape) -> Plan {
     } else {
         Tile::T64x64
     };
-    let mut splits = 1;
-    if pass == Pass::Wgrad {
-        let (bm, bn, bk) = tile.dims::<T>();
-        let ktiles = k.div_ceil(bk);
-        let want = (2 * TARGET_SMS).div_ceil(m.div_ceil(bm) * n.div_ceil(bn));
-        let min_depth = if T::TENSOR_CORES { 8 } else { 32 };
-        splits = want.min(ktiles / min_depth).max(1);
-    }
+    let splits = if pass == Pass::Wgrad { wgrad_splits::<T>(tile, sh) } else { 1 };
     Plan { tile, splits }
+}
+
+/// wgrad's splits of its reduction (N*P*Q) with `tile`: enough to fill about two waves,
+/// each split at least 8 k-tiles deep (32 for f32).
+fn wgrad_splits<T: ConvElem>(tile: Tile, sh: &ConvShape) -> usize {
+    let (m, n, k) = Pass::Wgrad.gemm(sh);
+    let (bm, bn, bk) = tile.dims::<T>();
+    let ktiles = k.div_ceil(bk);
+    let want = (2 * TARGET_SMS).div_ceil(m.div_ceil(bm) * n.div_ceil(bn));
+    let min_depth = if T::TENSOR_CORES { 8 } else { 32 };
+    want.min(ktiles / min_depth).max(1)
+}
+
+/// The plan of `pass` on `sh` on `gpu`: [`plan`], except that a pass of a 16-bit type with
+/// 16-byte loads takes the warpgroup-MMA tiles where [`Gpu::conv_wgmma`] says so: 128x128
+/// when the GEMM's N is over 64 and it fills about one wave of them, else 128x64; wgrad
+/// split as [`plan`] splits it. `bn_in`: the launch applies a BN to x as it loads it (fprop
+/// and wgrad: the mma.sync tiles only; dgrad: the BN whose backward sums its epilogue takes,
+/// which the warpgroup tiles take too).
+pub fn plan_on<T: ConvElem>(gpu: &Gpu, pass: Pass, sh: &ConvShape, bn_in: bool) -> Plan {
+    let base = plan::<T>(pass, sh);
+    let on_load = bn_in && pass != Pass::Dgrad;
+    if !(T::TENSOR_CORES && !on_load && base.tile.vector() && gpu.conv_wgmma()) {
+        return base;
+    }
+    let (m, n, _) = pass.gemm(sh);
+    let tile = if n > 64 && m.div_ceil(128) * n.div_ceil(128) >= TARGET_SMS { Tile::W128x128 } else { Tile::W128x64 };
+    Plan { tile, splits: if pass == Pass::Wgrad { wgrad_splits::<T>(tile, sh) } else { 1 } }
 }
 
 /// `n / d` as a multiply and a shift for `0 <= n < 2^31` (see `PkFastDiv`).
@@ -276,6 +316,10 @@ pub fn fast_div(d: i32) -> FastDiv {
 fn smem_bytes<T: ConvElem>(pass: Pass, tile: Tile) -> usize {
     let (bm, bn, bk) = tile.dims::<T>();
     let rows = bm * 20; // RowInfo: 5 ints per row
+    if tile.wgmma() {
+        // WgCfg: the tiles start at a 1024-byte boundary after the rows, 4 stages.
+        return rows + 1024 + 4 * (bm + bn) * bk * 2;
+    }
     if T::TENSOR_CORES {
         let stages = if tile.vector() { 4 } else { 3 };
         let a = if pass != Pass::Wgrad { bm * (bk + 8) } else { bk * (bm + 8) };
@@ -288,7 +332,7 @@ fn smem_bytes<T: ConvElem>(pass: Pass, tile: Tile) -> usize {
 
 fn threads<T: ConvElem>(tile: Tile) -> u32 {
     match (T::TENSOR_CORES, tile) {
-        (true, Tile::T128x128) => 256,
+        (true, Tile::T128x128 | Tile::W128x128 | Tile::W128x64) => 256,
         (true, _) => 128,
         (false, Tile::T128x128) => 256,
         (false, _) => 64,
@@ -410,7 +454,7 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
         "dgrad takes a batch norm only for the sums of its backward"
     );
     ensure!(grad.is_none() || bn_in.is_some(), "internal: batch norm sums without the batch norm");
-    let plan = forced.unwrap_or_else(|| plan::<T>(pass, sh));
+    let plan = forced.unwrap_or_else(|| plan_on::<T>(gpu, pass, sh, bn_in.is_some()));
     let kernel = if bn_in.is_some() && pass != Pass::Dgrad {
         T::kernel_bnin(pass, plan.tile)
     } else {
@@ -420,6 +464,12 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
     if plan.tile.vector() && T::TENSOR_CORES {
         ensure!(vector_ok(pass, sh), "tile {:?} needs channel counts that are multiples of 8 ({sh:?})", plan.tile);
     }
+    ensure!(
+        !plan.tile.wgmma() || gpu.has_wgmma(),
+        "tile {:?} runs on the warpgroup MMA, which {} does not have (it needs sm_90)",
+        plan.tile,
+        gpu.name()
+    );
     let (ga, gb) = (on_gpu(a, gpu, "the first operand")?, on_gpu(b, gpu, "the second operand")?);
     let go = match out {
         Buf::Gpu(g) if g.same_gpu(gpu) => g,

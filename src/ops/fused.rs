@@ -144,6 +144,11 @@ fn fprop_stats<T: ConvElem>(
             (&*bn.save_invstd, "save_invstd"),
         ],
     )?;
+    // The plan the launch will run (on a kernel device it depends on the device).
+    let plan = match dev {
+        Device::Gpu(g) => Some(plan.unwrap_or_else(|| conv::plan_on::<T>(g, Pass::Fprop, sh, bn_in.is_some()))),
+        Device::Cpu => plan,
+    };
     let (tiles, bm) = stats_tiles::<T>(sh, plan);
     let elem = std::mem::size_of::<T>();
     // The pairs fit in the workspace: 8 * tiles <= elem * m whenever tiles > 1 (BM >= 64).
@@ -370,6 +375,11 @@ fn dgrad_sums<T: ConvElem + LayerElem>(
             ],
         )?;
     }
+    // The plan the launch will run (on a kernel device it depends on the device).
+    let plan = match dev {
+        Device::Gpu(g) => Some(plan.unwrap_or_else(|| conv::plan_on::<T>(g, Pass::Dgrad, sh, true))),
+        Device::Cpu => plan,
+    };
     let tiles = grad_sums_tiles::<T>(sh, plan);
     let per_bn = grad_sums_workspace_len::<T>(sh, plan);
     check_on(workspace, dev, "workspace")?;
