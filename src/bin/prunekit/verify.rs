@@ -53,7 +53,9 @@ pub struct VerifyArgs {
 pub fn run(a: VerifyArgs) -> prunekit::Result<()> {
     let dev = Device::parse(&a.device)?;
     let report = prunekit::verify::verify(&a.reference, &dev, a.precision, a.bn_fusion.fusion())?;
-    println!("verify {} on {} ({})", a.reference.display(), report.device, report.precision_kind);
+    let fusion =
+        clap::ValueEnum::to_possible_value(&a.bn_fusion).map_or_else(String::new, |v| v.get_name().to_string());
+    println!("verify {} on {} ({}, --bn-fusion {fusion})", a.reference.display(), report.device, report.precision_kind);
     print!("{report}");
     if report.ok() {
         println!("all checks passed");
