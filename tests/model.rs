@@ -5,7 +5,9 @@
 mod common;
 
 use common::Rng;
-use prunekit::model::{init::torchvision_init, Arch, Block, BnFusion, Model, PrecisionKind, Sgd, StateDict, Tensor};
+use prunekit::model::{
+    init::torchvision_init, AnyWorkspace, Arch, Block, BnFusion, Model, PrecisionKind, Sgd, StateDict, Tensor,
+};
 use prunekit::Device;
 
 /// A bottleneck ResNet with one block per stage and odd widths, 3 classes.
@@ -95,6 +97,20 @@ fn gradients_match_finite_differences() {
     }
 }
 
+/// Three train steps of `m` on batches `seed0`, `seed0 + 1`, `seed0 + 2` of `n` images of
+/// `size` x `size` (the model's workspace made here): the losses.
+fn three_steps(m: &mut Model, arch: &Arch, n: usize, size: usize, seed0: u64, sgd: &Sgd) -> (Vec<f32>, AnyWorkspace) {
+    let mut ws = m.workspace(n, size, size).unwrap();
+    let mut losses = Vec::new();
+    for step in 0..3 {
+        let (images, targets) = batch(n, size, arch.classes, seed0 + step);
+        m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
+        m.train_step(&mut ws, sgd).unwrap();
+        losses.push(m.loss(&ws).unwrap());
+    }
+    (losses, ws)
+}
+
 #[test]
 fn kernels_and_cpu_train_alike() {
     let arch = tiny_arch();
@@ -104,14 +120,7 @@ fn kernels_and_cpu_train_alike() {
     let mut results = Vec::new();
     for dev in [Device::Cpu, common::emu_devices().remove(1)] {
         let mut m = Model::from_state(&dev, &sd, PrecisionKind::F32).unwrap();
-        let mut ws = m.workspace(n, size, size).unwrap();
-        let mut losses = Vec::new();
-        for step in 0..3 {
-            let (images, targets) = batch(n, size, arch.classes, 10 + step);
-            m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
-            m.train_step(&mut ws, &sgd).unwrap();
-            losses.push(m.loss(&ws).unwrap());
-        }
+        let (losses, _) = three_steps(&mut m, &arch, n, size, 10, &sgd);
         results.push((losses, m.to_state().unwrap()));
     }
     let ((l0, s0), (l1, s1)) = (&results[0], &results[1]);
@@ -147,14 +156,7 @@ fn every_bn_fusion_trains_as_the_unfused_step() {
     for (on_load, dgrad_sums) in [(false, false), (true, true), (true, false), (false, true)] {
         let mut m = Model::from_state(&dev, &sd, PrecisionKind::F32).unwrap();
         m.set_bn_fusion(BnFusion { on_load, dgrad_sums });
-        let mut ws = m.workspace(n, size, size).unwrap();
-        let mut losses = Vec::new();
-        for step in 0..3 {
-            let (images, targets) = batch(n, size, arch.classes, 70 + step);
-            m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
-            m.train_step(&mut ws, &sgd).unwrap();
-            losses.push(m.loss(&ws).unwrap());
-        }
+        let (losses, ws) = three_steps(&mut m, &arch, n, size, 70, &sgd);
         assert_eq!(m.relu_outputs(&ws).is_ok(), !on_load, "ReLU outputs after an SGD step, on_load {on_load}");
         results.push(((on_load, dgrad_sums), losses, m.to_state().unwrap()));
     }
@@ -187,14 +189,7 @@ fn warpgroup_mma_convs_train_as_the_mma_sync_step() {
         gpu.set_conv_wgmma(wgmma).unwrap();
         let dev = Device::Gpu(gpu.clone());
         let mut m = Model::from_state(&dev, &sd, PrecisionKind::Bf16).unwrap();
-        let mut ws = m.workspace(n, size, size).unwrap();
-        let mut losses = Vec::new();
-        for step in 0..3 {
-            let (images, targets) = batch(n, size, arch.classes, 90 + step);
-            m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
-            m.train_step(&mut ws, &sgd).unwrap();
-            losses.push(m.loss(&ws).unwrap());
-        }
+        let (losses, _) = three_steps(&mut m, &arch, n, size, 90, &sgd);
         let launches = gpu.emu_launches().unwrap();
         let ran = |prefix: &str| launches.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, c)| c).sum::<u64>();
         for pass in ["fprop", "dgrad", "wgrad"] {
