@@ -543,10 +543,13 @@ class VerifyReport:
         return self.ok
 
 
-def verify(reference: Union[str, os.PathLike], device: str = "cpu", precision: str = "f32") -> VerifyReport:
+def verify(
+    reference: Union[str, os.PathLike], device: str = "cpu", precision: str = "f32", bn_fusion: str = "none"
+) -> VerifyReport:
     """``prunekit verify``: checks the training stack on ``device`` against a reference
-    file written by PyTorch (see tests/data/README.md of the project)."""
-    text, ok, failed = _prunekit.verify(os.fspath(reference), device, precision)
+    file written by PyTorch (see tests/data/README.md of the project). ``bn_fusion`` is
+    ``prunekit verify --bn-fusion``: all, load, dgrad or none (the default)."""
+    text, ok, failed = _prunekit.verify(os.fspath(reference), device, precision, bn_fusion)
     return VerifyReport(text, ok, list(failed))
 
 

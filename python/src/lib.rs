@@ -71,20 +71,28 @@ pub(crate) fn precision(p: Option<&str>, dev: &prunekit::Device) -> PyResult<pru
 }
 
 /// `prunekit verify`: checks the training stack on `device` against a PyTorch reference
-/// file. Returns `(text, ok, failed_groups)`.
+/// file, with the BN fusions `bn_fusion` (all, load, dgrad, none). Returns `(text, ok,
+/// failed_groups)`.
 #[pyfunction]
-#[pyo3(signature = (reference, device="cpu", precision="f32"))]
+#[pyo3(signature = (reference, device="cpu", precision="f32", bn_fusion="none"))]
 fn verify(
     py: Python<'_>,
     reference: std::path::PathBuf,
     device: &str,
     precision: &str,
+    bn_fusion: &str,
 ) -> PyResult<(String, bool, Vec<String>)> {
     let dev = crate::device(device)?;
     let prec = crate::precision(Some(precision), &dev)?;
+    let fusion = bn_fusion.parse::<prunekit::model::BnFusion>().map_err(to_py)?;
     guarded(py, move || {
-        let report = prunekit::verify::verify(&reference, &dev, prec, prunekit::model::BnFusion::default())?;
-        let text = format!("verify {} on {} ({})\n{report}", reference.display(), report.device, report.precision_kind);
+        let report = prunekit::verify::verify(&reference, &dev, prec, fusion)?;
+        let text = format!(
+            "verify {} on {} ({}, --bn-fusion {fusion})\n{report}",
+            reference.display(),
+            report.device,
+            report.precision_kind
+        );
         let failed = report.failed_groups().iter().map(|g| g.name().to_string()).collect();
         Ok((text, report.ok(), failed))
     })

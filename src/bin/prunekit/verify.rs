@@ -53,9 +53,13 @@ pub struct VerifyArgs {
 pub fn run(a: VerifyArgs) -> prunekit::Result<()> {
     let dev = Device::parse(&a.device)?;
     let report = prunekit::verify::verify(&a.reference, &dev, a.precision, a.bn_fusion.fusion())?;
-    let fusion =
-        clap::ValueEnum::to_possible_value(&a.bn_fusion).map_or_else(String::new, |v| v.get_name().to_string());
-    println!("verify {} on {} ({}, --bn-fusion {fusion})", a.reference.display(), report.device, report.precision_kind);
+    println!(
+        "verify {} on {} ({}, --bn-fusion {})",
+        a.reference.display(),
+        report.device,
+        report.precision_kind,
+        a.bn_fusion.fusion()
+    );
     print!("{report}");
     if report.ok() {
         println!("all checks passed");

@@ -96,6 +96,33 @@ impl BnFusion {
     pub const NONE: BnFusion = BnFusion { on_load: false, dgrad_sums: false };
 }
 
+/// The names of `--bn-fusion`: `all`, `load` (the BN on load), `dgrad` (the sums in the
+/// dgrad epilogues), `none`.
+impl std::str::FromStr for BnFusion {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        let (on_load, dgrad_sums) = match s {
+            "all" => (true, true),
+            "load" => (true, false),
+            "dgrad" => (false, true),
+            "none" => (false, false),
+            _ => return Err(crate::invalid!("unknown BN fusion {s:?}: expected all, load, dgrad or none")),
+        };
+        Ok(BnFusion { on_load, dgrad_sums })
+    }
+}
+
+impl std::fmt::Display for BnFusion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match (self.on_load, self.dgrad_sums) {
+            (true, true) => "all",
+            (true, false) => "load",
+            (false, true) => "dgrad",
+            (false, false) => "none",
+        })
+    }
+}
+
 /// SGD with momentum and weight decay, as PyTorch's (dampening 0, no Nesterov).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sgd {
