@@ -1,7 +1,8 @@
 //! Criterion benches of the convolution passes on every distinct convolution of ResNet50
 //! (224x224), dense (sparsity 0) and pruned (sparsity 0.5, widths rounded to 8): on the
 //! CPU fast path (f32, batch `PK_BENCH_CPU_BATCH`, default 2) and, where there is a GPU,
-//! on cuda (bf16 and f32, batch `PK_BENCH_GPU_BATCH`, default 32, timed with CUDA events).
+//! on cuda (bf16 and f32, batch `PK_BENCH_GPU_BATCH`, default 32, timed with CUDA events;
+//! on an sm_90 GPU also bf16 on the warpgroup-MMA kernels, `cuda-bf16-wgmma`).
 //!
 //! `cargo bench --bench conv -- cpu/fprop` filters as usual.
 
@@ -45,8 +46,16 @@ fn benches(c: &mut Criterion) {
     bench_device::<f32>(c, &Device::Cpu, "cpu-f32", env_usize("PK_BENCH_CPU_BATCH", 2));
     match Gpu::cuda(0) {
         Ok(gpu) => {
-            let dev = Device::Gpu(gpu);
             let batch = env_usize("PK_BENCH_GPU_BATCH", 32);
+            if gpu.has_wgmma() {
+                // The warpgroup-MMA kernels (sm_90), beside the mma.sync ones below.
+                let mut wg = gpu.clone();
+                wg.set_conv_wgmma(true).unwrap();
+                bench_device::<bf16>(c, &Device::Gpu(wg), "cuda-bf16-wgmma", batch);
+            }
+            let mut gpu = gpu;
+            gpu.set_conv_wgmma(false).unwrap();
+            let dev = Device::Gpu(gpu);
             bench_device::<bf16>(c, &dev, "cuda-bf16", batch);
             bench_device::<f32>(c, &dev, "cuda-f32", batch);
         }

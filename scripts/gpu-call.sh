@@ -9,6 +9,7 @@
 #   device run, carry [dist/gpu-bundle.tar.xz], timeout 580:   bash scripts/gpu-call.sh
 #   PK_DEADLINE=300 bash scripts/gpu-call.sh tests verify     # other phases, shorter deadline
 #   PK_DEADLINE=300 bash scripts/gpu-call.sh fusion ncu python  # the A/B of the BN fusion, counters
+#   PK_DEADLINE=400 bash scripts/gpu-call.sh tests wgmma      # the warpgroup-MMA convs: tests, A/B
 #
 # `fused` is the criterion bench of the fused ops on cuda (benches/fused.rs), short runs.
 set -u
@@ -17,7 +18,7 @@ DEADLINE=${PK_DEADLINE:-535}
 OUT=${OUT:-$ROOT/gpu-results}
 RES=/tmp/pk-results
 phases=("$@")
-[[ ${#phases[@]} -eq 0 ]] && phases=(ceilings tests verify bench step conv fused python compile)
+[[ ${#phases[@]} -eq 0 ]] && phases=(ceilings tests wgmma verify bench step conv fused python compile)
 mkdir -p /tmp/pk-bundle "$RES" "$OUT"
 tar xJf dist/gpu-bundle.tar.xz -C /tmp/pk-bundle || { echo "no dist/gpu-bundle.tar.xz (carry it)"; exit 3; }
 cd /tmp/pk-bundle/gpu-bundle || exit 3
@@ -44,6 +45,7 @@ for p in "${phases[@]}"; do
     case $p in
     ceilings) phase 40 ./run.sh ceilings ;;
     tests) phase 150 ./run.sh tests ;;
+    wgmma) phase 240 ./run.sh wgmma ;;
     verify) phase 60 ./run.sh verify ;;
     bench) phase 120 ./run.sh bench ;;
     step) phase 150 ./run.sh step ;;
