@@ -15,7 +15,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
 use prunekit::ops::layers::{self as layers, LayerElem};
-use prunekit::Device;
+use prunekit::{Buf, Device};
 
 mod common;
 
@@ -113,8 +113,48 @@ fn head_benches(c: &mut Criterion) {
         bench(&mut g, &format!("sgd_step/n{n}"), &dev, || {
             layers::sgd_step(&dev, &mut p, &gr, &mut buf, &layers::SgdStep::new(1e-6, 0.9, 1e-4, false)).unwrap()
         });
+        sgd_model_benches(&mut g, &dev);
     }
     g.finish();
+}
+
+/// A parameter, its gradient and momentum, and its bf16 copy for the convolutions.
+type SgdRow = (Buf<f32>, Buf<f32>, Buf<f32>, Option<Buf<bf16>>);
+
+fn tensors(ps: &mut [SgdRow]) -> Vec<layers::SgdTensor<'_, bf16>> {
+    ps.iter_mut()
+        .map(|(param, grad, momentum_buf, low)| layers::SgdTensor { param, grad, momentum_buf, low: low.as_mut() })
+        .collect()
+}
+
+/// SGD over every parameter of ResNet50 with the conv weights' bf16 copies, as a bf16
+/// train step runs it: one launch per tensor and a cast per conv weight, against the
+/// multi-tensor step (one launch).
+fn sgd_model_benches(g: &mut common::Group<'_>, dev: &Device) {
+    use prunekit::model::{Arch, Role};
+    let specs: Vec<_> = Arch::resnet50(1000).tensor_specs().into_iter().filter(|s| s.role.is_param()).collect();
+    let mut ps = Vec::new();
+    for (i, s) in specs.iter().enumerate() {
+        let n: usize = s.shape.iter().product();
+        let low = (s.role == Role::ConvWeight).then(|| dev.uninit::<bf16>(n).unwrap());
+        let seed = 3 * i as u32;
+        ps.push((filled::<f32>(dev, n, seed), filled::<f32>(dev, n, seed + 1), filled::<f32>(dev, n, seed + 2), low));
+    }
+    let st = layers::SgdStep::new(1e-6, 0.9, 1e-4, false);
+    let bytes: usize = ps.iter().map(|p| p.0.len() * 16 + p.3.as_ref().map_or(0, |l| 2 * l.len())).sum();
+    g.throughput(Throughput::Bytes(bytes as u64));
+    bench(g, "sgd_resnet50/per_tensor", dev, || {
+        for (p, gr, b, low) in ps.iter_mut() {
+            layers::sgd_step(dev, p, gr, b, &st).unwrap();
+            if let Some(l) = low.as_mut() {
+                layers::cast(dev, p, l).unwrap();
+            }
+        }
+    });
+    let table = layers::SgdTable::new(dev, &tensors(&mut ps)).unwrap();
+    bench(g, "sgd_resnet50/multi_tensor", dev, || {
+        layers::sgd_step_multi(dev, &table, &mut tensors(&mut ps), &st).unwrap()
+    });
 }
 
 fn all(c: &mut Criterion) {

@@ -306,3 +306,26 @@ typedef struct {
   float grad_scale;  // the gradient is multiplied by this first (1: unscaled)
   int32_t pad0;
 } PkSgdParams;
+
+// sgd.cu, the multi-tensor step: one tensor of the table, its chunks of `chunk`
+// parameters numbered from chunk0 (counted over the whole table).
+typedef struct {
+  float* param;
+  const float* grad;
+  float* buf;
+  void* low;  // the updated parameters in the kernel's low type, or null
+  int64_t n;
+  int64_t chunk0;
+} PkSgdSeg;
+
+typedef struct {
+  const PkSgdSeg* segs;
+  int32_t nseg;
+  int32_t nchunks;  // over every tensor
+  float lr;
+  float momentum;
+  float weight_decay;
+  int32_t first;
+  float grad_scale;
+  int32_t chunk;  // parameters per chunk, a multiple of 4
+} PkSgdMultiParams;

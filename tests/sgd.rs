@@ -1,13 +1,15 @@
 //! SGD (`prunekit::ops::layers::sgd_step`) on every device against the f64 oracle of
 //! `prunekit::cpu::layers::sgd`: the CUDA kernel through the host emulation in forward,
 //! reverse and shuffled fiber order, and the CPU fast path; known values; one step against
-//! the values PyTorch wrote (the model reference files of tests/data); bad inputs.
+//! the values PyTorch wrote (the model reference files of tests/data); bad inputs. The
+//! multi-tensor step (`sgd_step_multi`) bitwise the per-tensor step and cast on odd sizes.
 //! `mod cuda` runs the kernel checks on a real GPU.
 
+use half::bf16;
 use prunekit::cpu::layers::sgd as csgd;
 use prunekit::gpu::{Gpu, Schedule};
-use prunekit::ops::layers;
-use prunekit::Device;
+use prunekit::ops::layers::{self, CastElem, SgdTable, SgdTensor};
+use prunekit::{Buf, Device};
 
 mod common;
 
@@ -65,6 +67,131 @@ fn sgd_known_values() {
         check("b2", &dev, &down(&b), &[0.26849], 0.0, 1e-5);
     }
 }
+// ---------------------------------------------------------------- multi-tensor
+
+/// Tensor sizes around the kernel's chunk (4096) and float4 boundaries, an empty one, and
+/// which have a low-precision copy.
+const MULTI: [(usize, bool); 11] = [
+    (5, true),
+    (0, true),
+    (1, false),
+    (4096, true),
+    (3, true),
+    (4097, false),
+    (4, true),
+    (9003, true),
+    (4095, false),
+    (8192, true),
+    (13, true),
+];
+
+/// Param, momentum buffer and low copy (as f32) of each tensor.
+type State = Vec<(Vec<f32>, Vec<f32>, Option<Vec<f32>>)>;
+
+/// Three steps (the first, a scaled one, a plain one) over the MULTI tensors, through
+/// `sgd_step_multi` or through `sgd_step` and `cast` tensor by tensor.
+fn multi_run<L: CastElem>(dev: &Device, multi: bool, lr: f32, mom: f32, wd: f32) -> State {
+    let mut r = SplitMix::for_layers(120);
+    let mut params: Vec<Buf<f32>> = MULTI.iter().map(|&(n, _)| up(dev, r.vec(n, -1.0, 1.0))).collect();
+    // NaN momentum: the first step must not read it.
+    let mut bufs: Vec<Buf<f32>> = MULTI.iter().map(|&(n, _)| up(dev, vec![f32::NAN; n])).collect();
+    let mut lows: Vec<Option<Buf<L>>> = MULTI.iter().map(|&(n, l)| l.then(|| fresh::<L>(dev, n))).collect();
+    let mut table = None;
+    for (step, scale) in [(0, 1.0f32), (1, 0.37), (2, 1.0)] {
+        let grads: Vec<Buf<f32>> = MULTI.iter().map(|&(n, _)| up(dev, r.vec(n, -1.0, 1.0))).collect();
+        let st = layers::SgdStep::new(lr, mom, wd, step == 0).scaled(scale);
+        if multi {
+            let mut t: Vec<SgdTensor<L>> = params
+                .iter_mut()
+                .zip(&grads)
+                .zip(bufs.iter_mut())
+                .zip(lows.iter_mut())
+                .map(|(((param, grad), momentum_buf), low)| SgdTensor { param, grad, momentum_buf, low: low.as_mut() })
+                .collect();
+            // The gradients are new buffers at each step: a new table (as a model keeps one).
+            if !table.as_ref().is_some_and(|tab: &SgdTable| tab.matches(dev, &t)) {
+                table = Some(SgdTable::new(dev, &t).unwrap());
+            }
+            layers::sgd_step_multi(dev, table.as_ref().unwrap(), &mut t, &st).unwrap();
+        } else {
+            for i in 0..MULTI.len() {
+                layers::sgd_step(dev, &mut params[i], &grads[i], &mut bufs[i], &st).unwrap();
+                if let Some(l) = lows[i].as_mut() {
+                    layers::cast(dev, &params[i], l).unwrap();
+                }
+            }
+        }
+    }
+    let f32s = |b: &Buf<L>| b.to_vec().unwrap().iter().map(|&x| x.to_f32()).collect::<Vec<f32>>();
+    (0..MULTI.len())
+        .map(|i| (params[i].to_vec().unwrap(), bufs[i].to_vec().unwrap(), lows[i].as_ref().map(f32s)))
+        .collect()
+}
+
+fn check_multi<L: CastElem>(dev: &Device) {
+    for (lr, mom, wd) in [(0.1f32, 0.9f32, 1e-4f32), (0.05, 0.0, 0.01), (0.2, 0.5, 0.0)] {
+        let (a, b) = (multi_run::<L>(dev, true, lr, mom, wd), multi_run::<L>(dev, false, lr, mom, wd));
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+            let what = format!(
+                "{} tensor {i} of {} (lr {lr}, momentum {mom}, wd {wd}) on {}",
+                L::DTYPE,
+                MULTI[i].0,
+                dev.name()
+            );
+            assert_eq!(bits(&x.0), bits(&y.0), "param of {what}");
+            assert_eq!(bits(&x.1), bits(&y.1), "momentum of {what}");
+            assert_eq!(x.2.as_deref().map(bits), y.2.as_deref().map(bits), "low copy of {what}");
+        }
+    }
+}
+
+#[test]
+fn multi_tensor_step_is_the_step_and_cast_of_each_tensor() {
+    for dev in all_devices() {
+        check_multi::<bf16>(&dev);
+        check_multi::<f32>(&dev);
+    }
+}
+
+#[test]
+fn multi_tensor_bad_inputs_are_errors() {
+    let emu = Device::Gpu(Gpu::emu_with(Schedule::Forward));
+    let other = Device::Gpu(Gpu::emu_with(Schedule::Forward));
+    let st = layers::SgdStep::new(0.1, 0.9, 0.0, true);
+    for dev in [&Device::Cpu, &emu] {
+        let b = |n: usize| up(dev, vec![0.5f32; n]);
+        let (mut p, g, mut m, mut l) = (b(8), b(8), b(8), up(dev, vec![bf16::ZERO; 8]));
+        // Lengths: the gradient, the momentum, the low copy.
+        for (gl, ml, ll) in [(7, 8, 8), (8, 9, 8), (8, 8, 7)] {
+            let (g2, mut m2, mut l2) = (b(gl), b(ml), up(dev, vec![bf16::ZERO; ll]));
+            let t = vec![SgdTensor { param: &mut p, grad: &g2, momentum_buf: &mut m2, low: Some(&mut l2) }];
+            assert!(SgdTable::new(dev, &t).is_err(), "{gl} {ml} {ll} on {}", dev.name());
+            let mut t = t;
+            let tab = SgdTable::default();
+            assert!(layers::sgd_step_multi(dev, &tab, &mut t, &st).is_err(), "{gl} {ml} {ll} on {}", dev.name());
+        }
+        // A non-finite gradient scale.
+        let mut t = vec![SgdTensor { param: &mut p, grad: &g, momentum_buf: &mut m, low: Some(&mut l) }];
+        let tab = SgdTable::new(dev, &t).unwrap();
+        assert!(layers::sgd_step_multi(dev, &tab, &mut t, &st.scaled(f32::NAN)).is_err());
+    }
+    // A table of other buffers, or of another device; buffers of another device.
+    let b = |d: &Device, n: usize| up(d, vec![0.5f32; n]);
+    let (mut p, g, mut m) = (b(&emu, 8), b(&emu, 8), b(&emu, 8));
+    let (mut p2, g2, mut m2) = (b(&emu, 8), b(&emu, 8), b(&emu, 8));
+    let t2: Vec<SgdTensor<f32>> = vec![SgdTensor { param: &mut p2, grad: &g2, momentum_buf: &mut m2, low: None }];
+    let other_table = SgdTable::new(&emu, &t2).unwrap();
+    let mut t = vec![SgdTensor::<f32> { param: &mut p, grad: &g, momentum_buf: &mut m, low: None }];
+    assert!(layers::sgd_step_multi(&emu, &other_table, &mut t, &st).is_err(), "another tensor's table");
+    assert!(layers::sgd_step_multi(&emu, &SgdTable::default(), &mut t, &st).is_err(), "an empty table");
+    assert!(layers::sgd_step_multi(&Device::Cpu, &other_table, &mut t, &st).is_err(), "buffers of emu on the CPU");
+    assert!(SgdTable::new(&other, &t).is_err(), "buffers of another emulated device");
+    let tab = SgdTable::new(&emu, &t).unwrap();
+    assert!(layers::sgd_step_multi(&other, &tab, &mut t, &st).is_err(), "another device");
+    layers::sgd_step_multi(&emu, &tab, &mut t, &st).unwrap();
+}
+
 // ---------------------------------------------------------------- PyTorch's values
 
 fn check_against_pytorch(dev: &Device) {
@@ -126,5 +253,7 @@ mod cuda {
         let d = common::cuda_device();
         check_sgd(&d);
         check_against_pytorch(&d);
+        check_multi::<bf16>(&d);
+        check_multi::<f32>(&d);
     }
 }

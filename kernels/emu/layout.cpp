@@ -89,6 +89,11 @@ static const PkFieldLayout kLayout[] = {
     PK_F(PkSgdParams, param) PK_F(PkSgdParams, grad) PK_F(PkSgdParams, buf) PK_F(PkSgdParams, n)
     PK_F(PkSgdParams, lr) PK_F(PkSgdParams, momentum) PK_F(PkSgdParams, weight_decay) PK_F(PkSgdParams, first)
     PK_F(PkSgdParams, grad_scale) PK_F(PkSgdParams, pad0)
+    PK_F(PkSgdSeg, param) PK_F(PkSgdSeg, grad) PK_F(PkSgdSeg, buf) PK_F(PkSgdSeg, low) PK_F(PkSgdSeg, n)
+    PK_F(PkSgdSeg, chunk0)
+    PK_F(PkSgdMultiParams, segs) PK_F(PkSgdMultiParams, nseg) PK_F(PkSgdMultiParams, nchunks)
+    PK_F(PkSgdMultiParams, lr) PK_F(PkSgdMultiParams, momentum) PK_F(PkSgdMultiParams, weight_decay)
+    PK_F(PkSgdMultiParams, first) PK_F(PkSgdMultiParams, grad_scale) PK_F(PkSgdMultiParams, chunk)
 };
 
 

@@ -528,6 +528,48 @@ params!(
         pad0: i32,
     }
 );
+params!(
+    /// One tensor of a multi-tensor SGD launch (`PkSgdSeg`): its chunks of
+    /// [`SgdMultiParams::chunk`] parameters are numbered from `chunk0` over the whole table.
+    SgdSeg = "PkSgdSeg" {
+        /// Device address of the f32 parameters, updated.
+        param: u64,
+        /// Device address of the f32 gradients.
+        grad: u64,
+        /// Device address of the f32 momentum buffer, updated.
+        buf: u64,
+        /// Device address of the updated parameters' copy in the kernel's low type, or 0.
+        low: u64,
+        /// Parameters.
+        n: i64,
+        /// The tensor's first chunk.
+        chunk0: i64,
+    }
+);
+params!(
+    /// `sgd_multi_<low>` (kernels/sgd.cu; `PkSgdMultiParams`): [`SgdParams`]'s step on
+    /// every tensor of a table of [`SgdSeg`]s.
+    SgdMultiParams = "PkSgdMultiParams" {
+        /// Device address of `nseg` [`SgdSeg`]s, in order of `chunk0`.
+        segs: u64,
+        /// Tensors in the table.
+        nseg: i32,
+        /// Chunks over every tensor.
+        nchunks: i32,
+        /// Learning rate.
+        lr: f32,
+        /// Momentum factor.
+        momentum: f32,
+        /// L2 penalty added to the gradient.
+        weight_decay: f32,
+        /// 1 on the first step: `buf = d` (the old buffer is not read).
+        first: i32,
+        /// The gradient is multiplied by this before anything else; 1 leaves it as it is.
+        grad_scale: f32,
+        /// Parameters per chunk, a multiple of 4.
+        chunk: i32,
+    }
+);
 /// Output tile of the FC GEMM (PK_FC_TILE).
 pub const FC_TILE: usize = 64;
 /// Threads of an FC GEMM block (PK_FC_THREADS).
@@ -601,6 +643,8 @@ mod tests {
         check::<FcParams>(FcParams::FIELDS);
         check::<LossParams>(LossParams::FIELDS);
         check::<SgdParams>(SgdParams::FIELDS);
+        check::<SgdSeg>(SgdSeg::FIELDS);
+        check::<SgdMultiParams>(SgdMultiParams::FIELDS);
     }
 
     #[test]
@@ -626,6 +670,8 @@ mod tests {
             FcParams::C_NAME,
             LossParams::C_NAME,
             SgdParams::C_NAME,
+            SgdSeg::C_NAME,
+            SgdMultiParams::C_NAME,
         ];
         for name in c_layout().keys() {
             assert!(mirrored.contains(&name.as_str()), "{name} has no Rust mirror in the layout test");

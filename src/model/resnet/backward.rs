@@ -228,40 +228,70 @@ impl<T: Precision> ResNet<T> {
     }
 
     /// [`sgd_step`](Self::sgd_step) on the gradients multiplied by `grad_scale` (gradient
-    /// clipping; 1 is the plain step, bitwise).
+    /// clipping; 1 is the plain step, bitwise). One multi-tensor launch on a kernel device,
+    /// which also rewrites the convolutions' low-precision weights (but the padded stem's,
+    /// padded after it).
     pub fn sgd_step_scaled(&mut self, sgd: &Sgd, grad_scale: f32) -> Result<()> {
         let dev = self.dev.clone();
         let first = self.steps == 0;
         let settings = layers::SgdStep::new(sgd.lr, sgd.momentum, sgd.weight_decay, first).scaled(grad_scale);
-        let step = |p: &mut Buf<f32>, g: &Buf<f32>, m: &mut Buf<f32>| -> Result<()> {
-            layers::sgd_step(&dev, p, g, m, &settings)
-        };
-        let conv_step = |c: &mut Conv<T>| -> Result<()> {
-            step(&mut c.w, &c.dw, &mut c.mom)?;
-            c.refresh_low(&dev)
-        };
-        let bn_step = |b: &mut Bn| -> Result<()> {
-            step(&mut b.gamma, &b.dgamma, &mut b.mom_gamma)?;
-            step(&mut b.beta, &b.dbeta, &mut b.mom_beta)
-        };
-        conv_step(&mut self.stem)?;
-        bn_step(&mut self.stem_bn)?;
-        for b in &mut self.blocks {
-            conv_step(&mut b.conv1)?;
-            bn_step(&mut b.bn1)?;
-            conv_step(&mut b.conv2)?;
-            bn_step(&mut b.bn2)?;
-            conv_step(&mut b.conv3)?;
-            bn_step(&mut b.bn3)?;
-            if let Some((c, bn)) = b.down.as_mut() {
-                conv_step(c)?;
-                bn_step(bn)?;
-            }
+        let mut table = self.sgd_table.take();
+        let mut tensors = self.sgd_tensors();
+        if !table.as_ref().is_some_and(|t| t.matches(&dev, &tensors)) {
+            table = Some(layers::SgdTable::new(&dev, &tensors)?);
         }
-        step(&mut self.fc_w, &self.dfc_w, &mut self.mom_fc_w)?;
-        step(&mut self.fc_b, &self.dfc_b, &mut self.mom_fc_b)?;
+        let table = table.expect("made above");
+        let stepped = layers::sgd_step_multi(&dev, &table, &mut tensors, &settings);
+        drop(tensors);
+        self.sgd_table = Some(table);
+        stepped?;
+        if self.stem.cp != self.stem.c {
+            self.stem.refresh_low(&dev)?;
+        }
         self.steps += 1;
         Ok(())
+    }
+
+    /// Every parameter with its gradient, momentum and low-precision copy, for the SGD
+    /// step: the convolutions and BNs in network order, then the classifier.
+    pub(super) fn sgd_tensors(&mut self) -> Vec<layers::SgdTensor<'_, T>> {
+        fn conv<T: Precision>(c: &mut Conv<T>) -> layers::SgdTensor<'_, T> {
+            let low = if c.cp == c.c { c.low.as_mut() } else { None };
+            layers::SgdTensor { param: &mut c.w, grad: &c.dw, momentum_buf: &mut c.mom, low }
+        }
+        fn bn<T: Precision>(b: &mut Bn) -> [layers::SgdTensor<'_, T>; 2] {
+            [
+                layers::SgdTensor { param: &mut b.gamma, grad: &b.dgamma, momentum_buf: &mut b.mom_gamma, low: None },
+                layers::SgdTensor { param: &mut b.beta, grad: &b.dbeta, momentum_buf: &mut b.mom_beta, low: None },
+            ]
+        }
+        let mut t = vec![conv(&mut self.stem)];
+        t.extend(bn(&mut self.stem_bn));
+        for b in &mut self.blocks {
+            t.push(conv(&mut b.conv1));
+            t.extend(bn(&mut b.bn1));
+            t.push(conv(&mut b.conv2));
+            t.extend(bn(&mut b.bn2));
+            t.push(conv(&mut b.conv3));
+            t.extend(bn(&mut b.bn3));
+            if let Some((c, n)) = b.down.as_mut() {
+                t.push(conv(c));
+                t.extend(bn(n));
+            }
+        }
+        t.push(layers::SgdTensor {
+            param: &mut self.fc_w,
+            grad: &self.dfc_w,
+            momentum_buf: &mut self.mom_fc_w,
+            low: None,
+        });
+        t.push(layers::SgdTensor {
+            param: &mut self.fc_b,
+            grad: &self.dfc_b,
+            momentum_buf: &mut self.mom_fc_b,
+            low: None,
+        });
+        t
     }
 
     /// Forward (train mode), backward and one SGD step on the batch in `ws`.

@@ -63,7 +63,7 @@ impl<T: Precision> ResNet<T> {
             });
         }
         let fc_n = arch.classes * arch.fc_in();
-        Ok(ResNet {
+        let mut m = ResNet {
             dev: dev.clone(),
             stem,
             stem_bn,
@@ -76,10 +76,15 @@ impl<T: Precision> ResNet<T> {
             mom_fc_b: zeros(arch.classes)?,
             arch,
             steps: 0,
+            sgd_table: None,
             bn: BnConfig::default(),
             label_smoothing: 0.0,
             bn_fusion: BnFusion::default(),
-        })
+        };
+        // Made here, so that a training step allocates nothing.
+        let table = layers::SgdTable::new(&m.dev.clone(), &m.sgd_tensors())?;
+        m.sgd_table = Some(table);
+        Ok(m)
     }
 
     /// A fresh model with torchvision's initialisation.

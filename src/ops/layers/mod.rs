@@ -35,7 +35,7 @@ pub use elementwise::{add_assign, add_relu, cast, relu_backward};
 pub use fc::{fc_backward, fc_forward};
 pub use loss::{check_targets, softmax_cross_entropy, softmax_cross_entropy_smoothed};
 pub use pool::{avgpool_backward, avgpool_forward, maxpool_backward, maxpool_forward, maxpool_out};
-pub use sgd::{sgd_step, SgdStep};
+pub use sgd::{sgd_step, sgd_step_multi, SgdStep, SgdTable, SgdTensor};
 
 pub(crate) use super::check_len;
 use super::on_gpu;
