@@ -384,8 +384,10 @@ fn tiny_arch() -> prunekit::model::Arch {
     }
 }
 
-/// Three steps with `train_step_graphed` and three with `train_step` from the same weights
-/// and batch end with the same bits in every parameter and momentum.
+/// Seven steps with `train_step_graphed` and seven with `train_step` from the same weights
+/// and batch end with the same bits in every parameter and momentum; the label smoothing
+/// changes before the fourth step and the BN fusion before the sixth (a graph captured
+/// before would replay the old settings).
 fn check_graphed_steps(dev: &Device, precision: prunekit::model::PrecisionKind) {
     use prunekit::model::{init::torchvision_init, Model, Sgd};
     let sd = torchvision_init(&tiny_arch(), 3);
@@ -397,7 +399,13 @@ fn check_graphed_steps(dev: &Device, precision: prunekit::model::PrecisionKind) 
         let mut m = Model::from_state(dev, &sd, precision).unwrap();
         let mut ws = m.workspace(2, 28, 28).unwrap();
         m.set_batch(&mut ws, &images, Some(&targets)).unwrap();
-        for _ in 0..3 {
+        for step in 0..7 {
+            if step == 3 {
+                m.set_label_smoothing(0.1).unwrap();
+            }
+            if step == 5 {
+                m.set_bn_fusion(prunekit::model::BnFusion::ALL);
+            }
             if graphed {
                 m.train_step_graphed(&mut ws, &sgd).unwrap();
             } else {

@@ -175,6 +175,11 @@ impl Model {
         pair!(self, ws, m, w => m.train_step_graphed(w, sgd))
     }
 
+    /// See [`ResNet::forward_backward_graphed`].
+    pub fn forward_backward_graphed(&mut self, ws: &mut AnyWorkspace) -> Result<()> {
+        pair!(self, ws, m, w => m.forward_backward_graphed(w))
+    }
+
     /// See [`ResNet::loss`].
     pub fn loss(&self, ws: &AnyWorkspace) -> Result<f32> {
         pair!(self, ws, m, w => m.loss(w))

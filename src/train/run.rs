@@ -493,13 +493,13 @@ impl PhasedSchedule {
 }
 
 /// The forward and backward of the batch in `ws` (the classifier's only, `head`): the
-/// training loss.
+/// training loss. On the cuda device the whole network's are one CUDA graph from the third
+/// step of a workspace on ([`Model::forward_backward_graphed`]).
 fn forward_backward(model: &mut Model, ws: &mut AnyWorkspace, head: bool) -> Result<f64> {
     if head {
         model.head_forward_backward(ws)?;
     } else {
-        model.forward(ws, true)?;
-        model.backward(ws)?;
+        model.forward_backward_graphed(ws)?;
     }
     Ok(model.loss(ws)? as f64)
 }

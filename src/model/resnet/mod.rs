@@ -350,10 +350,10 @@ pub struct Workspace<T: Precision> {
     /// wgrads apply the BNs again as they load `t1` and `t2`. `Some(steps)`: the model's
     /// SGD steps at that forward (after another step, gamma and beta have moved).
     bn_on_load: Option<u64>,
-    /// [`ResNet::train_step_graphed`]: the model (by [`ResNet::graph_key`]) whose step ran
+    /// [`ResNet::forward_backward_graphed`]: the model (by [`ResNet::graph_key`]) whose step ran
     /// once on this workspace, and the captured forward + backward.
-    graph_warm: Option<(u64, u64)>,
-    graph: Option<((u64, u64), crate::gpu::Graph)>,
+    graph_warm: Option<graph::GraphKey>,
+    graph: Option<(graph::GraphKey, crate::gpu::Graph)>,
 }
 
 /// The stem's input as its conv reads it (a workspace's `input_nhwc`, `input`, `input_low`):
