@@ -6,7 +6,7 @@
 //   bn_stats_<T>           per (channel vector, row chunk): Welford over the chunk's rows
 //                          in each thread, Chan merges over the block's rows; one
 //                          (mean, M2) per channel and chunk
-//   bn_stats_finalize_f32  per channel, one warp: Chan merges over the chunks in a fixed
+//   bn_stats_finalize_f32  per channel, one block: Chan merges over the chunks in a fixed
 //                          order; save_mean, save_invstd, running statistics
 //   bn_apply_<T>           y = (x - mean) * (gamma * invstd) + beta (+ residual), then
 //                          the ReLU
@@ -20,7 +20,8 @@
 //   bn_backward_reduce_<T>   per (channel vector, row chunk): sums of g and g * (x - mean),
 //                            g = dy masked by the fused ReLU's output, read (relu_out) or,
 //                            in the _relu_ variants, recomputed from x as bn_apply computed it
-//   bn_backward_finalize_f32 per channel: dbeta = sum g, dgamma = invstd * sum g (x - mean)
+//   bn_backward_finalize_f32 per channel, one block: dbeta = sum g,
+//                            dgamma = invstd * sum g (x - mean)
 //   bn_backward_dx_<T>       dx = gamma invstd (g - dbeta / m - (x - mean) invstd dgamma / m)
 // With grad_out (= dy), the reduce also stores g over dy, in the thread that read it (a
 // bottleneck's output gradient through its last ReLU, which the shortcut needs too), and the
@@ -138,39 +139,89 @@ __device__ __forceinline__ float bn_chunk_rows(const PkBnParams& p, int b) {
   return (float)min64(p.rows_per_chunk, p.m - r0);
 }
 
-// One warp per channel: lane l merges chunks l, l + 32, ... in order, then a tree over
-// the lanes (lane l absorbs lane l + o).
-PK_KERNEL(bn_stats_finalize_f32, PkBnParams) {
-  const int lane = (int)(threadIdx.x % 32);
-  const int ch = (int)(blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32);
-  if (ch >= p.c) return;  // whole warps
-  float n = 0.0f, mean = 0.0f, m2 = 0.0f;
-  if (p.chunks == 1) {
-    if (lane == 0) {
-      n = (float)p.m;
-      mean = p.mean[ch];
-      m2 = p.invstd[ch];
+// The finalize kernels: one block of BN_FINALIZE_THREADS per channel. Thread t takes
+// chunks t, t + T, t + 2T, ... in order, loading BN_FINALIZE_BATCH of them before it merges
+// them (so that many loads are in flight: with tens of thousands of chunks a loop of one
+// load per merge waits out the memory latency at each step); then a tree over the lanes
+// of each warp (lane l absorbs lane l + o) and over the warps (warp w absorbs w + o). The
+// order is fixed: results do not depend on scheduling.
+#define BN_FINALIZE_THREADS 256
+#define BN_FINALIZE_BATCH 8
+
+// Merges of (n, mean, M2) triples: Chan's update.
+struct BnMoments {
+  float n, mean, m2;
+  __device__ __forceinline__ void absorb(float nb, float mb, float m2b) { chan_merge(n, mean, m2, nb, mb, m2b); }
+  __device__ __forceinline__ void absorb(const BnMoments& o) { chan_merge(n, mean, m2, o.n, o.mean, o.m2); }
+  __device__ __forceinline__ BnMoments shfl_down(int o) const {
+    return {__shfl_down_sync(0xffffffffu, n, o), __shfl_down_sync(0xffffffffu, mean, o),
+            __shfl_down_sync(0xffffffffu, m2, o)};
+  }
+};
+
+// Sums of (g, g * (x - mean)) pairs.
+struct BnSums {
+  float sg, sgx;
+  __device__ __forceinline__ void absorb(const BnSums& o) {
+    sg += o.sg;
+    sgx += o.sgx;
+  }
+  __device__ __forceinline__ BnSums shfl_down(int o) const {
+    return {__shfl_down_sync(0xffffffffu, sg, o), __shfl_down_sync(0xffffffffu, sgx, o)};
+  }
+};
+
+// The block's tree over its threads' partials; the result in thread 0.
+template <class A>
+__device__ __forceinline__ A bn_block_tree(A a) {
+  __shared__ A s_warp[BN_FINALIZE_THREADS / 32];
+  const int lane = (int)(threadIdx.x % 32), warp = (int)(threadIdx.x / 32);
+  for (int o = 16; o > 0; o >>= 1) {
+    const A b = a.shfl_down(o);
+    if (lane < o) a.absorb(b);
+  }
+  if (lane == 0) s_warp[warp] = a;
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = (int)(blockDim.x / 32);
+    a = lane < warps ? s_warp[lane] : A{};
+    for (int o = 16; o > 0; o >>= 1) {
+      const A b = a.shfl_down(o);
+      if (lane < o && lane + o < warps) a.absorb(b);
     }
+  }
+  return a;
+}
+
+PK_KERNEL(bn_stats_finalize_f32, PkBnParams) {
+  const int ch = (int)blockIdx.x, t = (int)threadIdx.x, nt = (int)blockDim.x;
+  BnMoments a{0.0f, 0.0f, 0.0f};
+  if (p.chunks == 1) {
+    if (t == 0) a = {(float)p.m, p.mean[ch], p.invstd[ch]};
   } else {
     const float2* part = bn_partials(p) + (int64_t)ch * p.chunks;
-    for (int b = lane; b < p.chunks; b += 32) {
-      const float2 v = part[b];
-      chan_merge(n, mean, m2, bn_chunk_rows(p, b), v.x, v.y);
+    for (int b0 = t; b0 < p.chunks; b0 += BN_FINALIZE_BATCH * nt) {
+      float2 v[BN_FINALIZE_BATCH];
+#pragma unroll
+      for (int i = 0; i < BN_FINALIZE_BATCH; ++i) {
+        const int b = b0 + i * nt;
+        v[i] = b < p.chunks ? part[b] : make_float2(0.0f, 0.0f);
+      }
+#pragma unroll
+      for (int i = 0; i < BN_FINALIZE_BATCH; ++i) {
+        const int b = b0 + i * nt;
+        if (b < p.chunks) a.absorb(bn_chunk_rows(p, b), v[i].x, v[i].y);
+      }
     }
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float nb = __shfl_down_sync(0xffffffffu, n, o);
-    const float mb = __shfl_down_sync(0xffffffffu, mean, o);
-    const float m2b = __shfl_down_sync(0xffffffffu, m2, o);
-    if (lane < o) chan_merge(n, mean, m2, nb, mb, m2b);
-  }
-  if (lane == 0) {
+  a = bn_block_tree(a);
+  if (t == 0) {
     const float mf = (float)p.m;
-    const float var = fmaxf(m2 / mf, 0.0f);
-    const float unbiased = fmaxf(m2 / (mf - 1.0f), 0.0f);
-    p.mean[ch] = mean;
+    const float var = fmaxf(a.m2 / mf, 0.0f);
+    const float unbiased = fmaxf(a.m2 / (mf - 1.0f), 0.0f);
+    p.mean[ch] = a.mean;
     p.invstd[ch] = 1.0f / sqrtf(var + p.eps);
-    p.running_mean[ch] = (1.0f - p.momentum) * p.running_mean[ch] + p.momentum * mean;
+    p.running_mean[ch] = (1.0f - p.momentum) * p.running_mean[ch] + p.momentum * a.mean;
     p.running_var[ch] = (1.0f - p.momentum) * p.running_var[ch] + p.momentum * unbiased;
   }
 }
@@ -310,31 +361,29 @@ __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
   }
 }
 
+// The finalize of the backward's sums (see bn_stats_finalize_f32 for the order).
 PK_KERNEL(bn_backward_finalize_f32, PkBnParams) {
-  const int lane = (int)(threadIdx.x % 32);
-  const int ch = (int)(blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32);
-  if (ch >= p.c) return;  // whole warps
-  float sg = 0.0f, sgx = 0.0f;
+  const int ch = (int)blockIdx.x, t = (int)threadIdx.x, nt = (int)blockDim.x;
+  BnSums a{0.0f, 0.0f};
   if (p.chunks == 1) {
-    if (lane == 0) {
-      sg = p.dbeta[ch];
-      sgx = p.dgamma[ch];
-    }
+    if (t == 0) a = {p.dbeta[ch], p.dgamma[ch]};
   } else {
     const float2* part = bn_partials(p) + (int64_t)ch * p.chunks;
-    for (int b = lane; b < p.chunks; b += 32) {
-      const float2 v = part[b];
-      sg += v.x;
-      sgx += v.y;
+    for (int b0 = t; b0 < p.chunks; b0 += BN_FINALIZE_BATCH * nt) {
+      float2 v[BN_FINALIZE_BATCH];
+#pragma unroll
+      for (int i = 0; i < BN_FINALIZE_BATCH; ++i) {
+        const int b = b0 + i * nt;
+        v[i] = b < p.chunks ? part[b] : make_float2(0.0f, 0.0f);
+      }
+#pragma unroll
+      for (int i = 0; i < BN_FINALIZE_BATCH; ++i) a.absorb({v[i].x, v[i].y});
     }
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    sg += __shfl_down_sync(0xffffffffu, sg, o);
-    sgx += __shfl_down_sync(0xffffffffu, sgx, o);
-  }
-  if (lane == 0) {
-    p.dbeta[ch] = sg;
-    p.dgamma[ch] = sgx * p.invstd[ch];
+  a = bn_block_tree(a);
+  if (t == 0) {
+    p.dbeta[ch] = a.sg;
+    p.dgamma[ch] = a.sgx * p.invstd[ch];
   }
 }
 

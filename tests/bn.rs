@@ -270,7 +270,9 @@ fn block_moments_merge_to_the_batch_statistics() {
     }
 }
 
-/// More than 32 row chunks: each lane of the per-channel merge takes several.
+/// More than 32 row chunks (several per warp lane), and more than the 2048 that a finalize
+/// block loads in one batch (256 threads x 8): each thread of the merge takes several
+/// batches, the last partial.
 fn check_bn_many_chunks(dev: &Device) {
     let (m, c) = (33001, 8);
     assert!(layers::bn_row_chunks::<f32>(m, c) > 32 && layers::bn_row_chunks::<bf16>(m, c) > 32);
@@ -278,10 +280,17 @@ fn check_bn_many_chunks(dev: &Device) {
     check_bn_backward::<f32>(dev, m, c, true, 22);
     check_bn_train::<bf16>(dev, m, c, false, 23, 2.0);
     check_bn_backward::<bf16>(dev, m, c, false, 24);
+    let (m, c) = (700_001, 3);
+    for chunks in [layers::bn_row_chunks::<f32>(m, c), layers::bn_row_chunks::<bf16>(m, c)] {
+        assert!(chunks > 2048 && !chunks.is_multiple_of(256), "{chunks} chunks");
+    }
+    check_bn_train::<f32>(dev, m, c, true, 25, 2.0);
+    check_bn_backward::<f32>(dev, m, c, true, 26);
+    check_bn_train::<bf16>(dev, m, c, false, 27, 2.0);
 }
 
 #[test]
-fn bn_merges_more_chunks_than_a_warp_has_lanes() {
+fn bn_merges_more_chunks_than_a_finalize_block_loads_at_once() {
     for dev in all_devices() {
         check_bn_many_chunks(&dev);
     }

@@ -18,8 +18,8 @@ const THREADS: usize = 256;
 const TARGET_BLOCKS: usize = 4096;
 /// Rows each thread handles at least, so that a block's work outweighs its merge.
 const MIN_ROWS_PER_THREAD: usize = 4;
-/// Channels (warps) per block of the finalize kernels.
-const FINALIZE_WARPS: usize = 8;
+/// Threads of a finalize block (one block per channel; BN_FINALIZE_THREADS in bn.cu).
+const FINALIZE_THREADS: u32 = 256;
 
 /// The per-channel grid: blocks of (tx channel vectors, ty rows), gx blocks along the
 /// channels and `chunks` along the rows.
@@ -78,7 +78,7 @@ impl Grid {
 }
 
 fn finalize_cfg(c: usize) -> LaunchConfig {
-    LaunchConfig::linear(c.div_ceil(FINALIZE_WARPS) as u32, (FINALIZE_WARPS * 32) as u32)
+    LaunchConfig::linear(c as u32, FINALIZE_THREADS)
 }
 
 /// Parameters with the shape filled in and every pointer null.
