@@ -193,26 +193,32 @@ __device__ __forceinline__ A bn_block_tree(A a) {
   return a;
 }
 
+// Calls merge(b, partial) for the chunks b = t, t + T, t + 2T, ... of channel ch in order,
+// after loading BN_FINALIZE_BATCH of them.
+template <class F>
+__device__ __forceinline__ void bn_finalize_chunks(const PkBnParams& p, int ch, F merge) {
+  const float2* part = bn_partials(p) + (int64_t)ch * p.chunks;
+  const int nt = (int)blockDim.x;
+  for (int b0 = (int)threadIdx.x; b0 < p.chunks; b0 += BN_FINALIZE_BATCH * nt) {
+    float2 v[BN_FINALIZE_BATCH];
+#pragma unroll
+    for (int i = 0; i < BN_FINALIZE_BATCH; ++i) {
+      const int b = b0 + i * nt;
+      v[i] = b < p.chunks ? part[b] : make_float2(0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int i = 0; i < BN_FINALIZE_BATCH; ++i)
+      if (b0 + i * nt < p.chunks) merge(b0 + i * nt, v[i]);
+  }
+}
+
 PK_KERNEL(bn_stats_finalize_f32, PkBnParams) {
-  const int ch = (int)blockIdx.x, t = (int)threadIdx.x, nt = (int)blockDim.x;
+  const int ch = (int)blockIdx.x, t = (int)threadIdx.x;
   BnMoments a{0.0f, 0.0f, 0.0f};
   if (p.chunks == 1) {
     if (t == 0) a = {(float)p.m, p.mean[ch], p.invstd[ch]};
   } else {
-    const float2* part = bn_partials(p) + (int64_t)ch * p.chunks;
-    for (int b0 = t; b0 < p.chunks; b0 += BN_FINALIZE_BATCH * nt) {
-      float2 v[BN_FINALIZE_BATCH];
-#pragma unroll
-      for (int i = 0; i < BN_FINALIZE_BATCH; ++i) {
-        const int b = b0 + i * nt;
-        v[i] = b < p.chunks ? part[b] : make_float2(0.0f, 0.0f);
-      }
-#pragma unroll
-      for (int i = 0; i < BN_FINALIZE_BATCH; ++i) {
-        const int b = b0 + i * nt;
-        if (b < p.chunks) a.absorb(bn_chunk_rows(p, b), v[i].x, v[i].y);
-      }
-    }
+    bn_finalize_chunks(p, ch, [&](int b, float2 v) { a.absorb(bn_chunk_rows(p, b), v.x, v.y); });
   }
   a = bn_block_tree(a);
   if (t == 0) {
@@ -363,22 +369,12 @@ __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
 
 // The finalize of the backward's sums (see bn_stats_finalize_f32 for the order).
 PK_KERNEL(bn_backward_finalize_f32, PkBnParams) {
-  const int ch = (int)blockIdx.x, t = (int)threadIdx.x, nt = (int)blockDim.x;
+  const int ch = (int)blockIdx.x, t = (int)threadIdx.x;
   BnSums a{0.0f, 0.0f};
   if (p.chunks == 1) {
     if (t == 0) a = {p.dbeta[ch], p.dgamma[ch]};
   } else {
-    const float2* part = bn_partials(p) + (int64_t)ch * p.chunks;
-    for (int b0 = t; b0 < p.chunks; b0 += BN_FINALIZE_BATCH * nt) {
-      float2 v[BN_FINALIZE_BATCH];
-#pragma unroll
-      for (int i = 0; i < BN_FINALIZE_BATCH; ++i) {
-        const int b = b0 + i * nt;
-        v[i] = b < p.chunks ? part[b] : make_float2(0.0f, 0.0f);
-      }
-#pragma unroll
-      for (int i = 0; i < BN_FINALIZE_BATCH; ++i) a.absorb({v[i].x, v[i].y});
-    }
+    bn_finalize_chunks(p, ch, [&](int, float2 v) { a.absorb({v.x, v.y}); });
   }
   a = bn_block_tree(a);
   if (t == 0) {

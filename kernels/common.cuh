@@ -504,6 +504,21 @@ __device__ __forceinline__ void wgmma_m64n128k16(float* d, uint64_t desc_a, uint
 #endif
 
 // ---------------------------------------------------------------- reductions
+// The index of the last of n >= 1 records, in order of their field `start`, whose start is
+// at or before x (records[0].start <= x): a binary search.
+template <class R, class K>
+__device__ __forceinline__ int last_starting_by(const R* records, int n, K R::*start, int64_t x) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if ((int64_t)(records[mid].*start) <= x)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
 template <class T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll

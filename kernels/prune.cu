@@ -18,15 +18,7 @@ __device__ __forceinline__ void filter_norms(const PkFilterNormsParams& p) {
   const int f = (int)blockIdx.x * warps_per_block + (int)(threadIdx.x / 32);
   const int lane = (int)(threadIdx.x % 32);
   if (f >= p.total_filters) return;  // whole warps leave together
-  int lo = 0, hi = p.num_segments - 1;  // the last segment starting at or before f
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (p.segments[mid].out_offset <= f)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  const PkNormSegment seg = p.segments[lo];
+  const PkNormSegment seg = p.segments[last_starting_by(p.segments, p.num_segments, &PkNormSegment::out_offset, f)];
   const T* w = static_cast<const T*>(seg.weights) + (int64_t)(f - seg.out_offset) * seg.filter_len;
   Acc acc = 0;
   if (p.norm == 1) {

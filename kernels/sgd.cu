@@ -55,15 +55,7 @@ PK_KERNEL(sgd_step_f32, PkSgdParams) {
 template <class L>
 __device__ __forceinline__ void sgd_multi(const PkSgdMultiParams& p) {
   for (int c = (int)blockIdx.x; c < p.nchunks; c += (int)gridDim.x) {
-    int lo = 0, hi = p.nseg - 1;  // the last tensor starting at or before chunk c
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (p.segs[mid].chunk0 <= c)
-        lo = mid;
-      else
-        hi = mid - 1;
-    }
-    const PkSgdSeg s = p.segs[lo];
+    const PkSgdSeg s = p.segs[last_starting_by(p.segs, p.nseg, &PkSgdSeg::chunk0, c)];
     L* low = static_cast<L*>(s.low);
     const int64_t base = (int64_t)(c - s.chunk0) * p.chunk;
     const int64_t end = base + p.chunk < s.n ? base + p.chunk : s.n;
