@@ -235,15 +235,10 @@ impl<T: Precision> ResNet<T> {
         let dev = self.dev.clone();
         let first = self.steps == 0;
         let settings = layers::SgdStep::new(sgd.lr, sgd.momentum, sgd.weight_decay, first).scaled(grad_scale);
-        let mut table = self.sgd_table.take();
-        let mut tensors = self.sgd_tensors();
-        if !table.as_ref().is_some_and(|t| t.matches(&dev, &tensors)) {
-            table = Some(layers::SgdTable::new(&dev, &tensors)?);
-        }
-        let table = table.expect("made above");
-        let stepped = layers::sgd_step_multi(&dev, &table, &mut tensors, &settings);
-        drop(tensors);
-        self.sgd_table = Some(table);
+        // The table is made with the model, whose buffers never move.
+        let table = std::mem::take(&mut self.sgd_table);
+        let stepped = layers::sgd_step_multi(&dev, &table, &mut self.sgd_tensors(), &settings);
+        self.sgd_table = table;
         stepped?;
         if self.stem.cp != self.stem.c {
             self.stem.refresh_low(&dev)?;

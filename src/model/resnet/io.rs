@@ -76,14 +76,13 @@ impl<T: Precision> ResNet<T> {
             mom_fc_b: zeros(arch.classes)?,
             arch,
             steps: 0,
-            sgd_table: None,
+            sgd_table: layers::SgdTable::default(),
             bn: BnConfig::default(),
             label_smoothing: 0.0,
             bn_fusion: BnFusion::default(),
         };
         // Made here, so that a training step allocates nothing.
-        let table = layers::SgdTable::new(&m.dev.clone(), &m.sgd_tensors())?;
-        m.sgd_table = Some(table);
+        m.sgd_table = layers::SgdTable::new(&m.dev.clone(), &m.sgd_tensors())?;
         Ok(m)
     }
 

@@ -256,7 +256,7 @@ pub struct ResNet<T: Precision> {
     mom_fc_b: Buf<f32>,
     steps: u64,
     /// The device's table of the SGD step's tensors, made with the model.
-    sgd_table: Option<layers::SgdTable>,
+    sgd_table: layers::SgdTable,
     /// Batch norm momentum and epsilon.
     pub bn: BnConfig,
     /// Label smoothing of the training loss, in [0, 1) (0: plain cross-entropy).
