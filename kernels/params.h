@@ -247,17 +247,24 @@ typedef struct {
 // pool.cu: max pool 3x3 stride 2 padding 1 on [n, h, w, c] -> [n, oh, ow, c], and global
 // average pool on [n, h * w, c] -> [n, c] (f32).
 typedef struct {
-  const void* x;   // forward input (max pool: also read by the backward)
+  const void* x;   // forward input (max pool: also read by the backward from x)
   const void* dy;  // backward: gradient of the output
   void* out;       // y or dx
+  uint8_t* arg;    // max pool: [n, oh, ow, c] argmax taps (dh * 3 + dw of the window), written by
+                   // the forward when not null, read by maxpool_backward_arg
+  // maxpool_forward_bn: the batch norm (+ ReLU) applied to x as it is loaded ([c] each)
+  const float* mean;
+  const float* invstd;
+  const float* gamma;
+  const float* beta;
   int32_t n;
   int32_t h;
   int32_t w;
   int32_t c;
   int32_t oh;
   int32_t ow;
-  int32_t vec;  // elements per vector: 1, or 16 / sizeof(T) when c % that == 0
-  int32_t pad0;
+  int32_t vec;   // elements per vector: 1, or 16 / sizeof(T) when c % that == 0
+  int32_t relu;  // maxpool_forward_bn: the BN's ReLU
 } PkPoolParams;
 
 // fc.cu: C[i, j] = sum_k A(i, k) * B(k, j) (+ bias[j]), A(i, k) = a[i * a_si + k * a_sk],

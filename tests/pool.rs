@@ -2,7 +2,9 @@
 //! against the f64 oracles of `prunekit::cpu::layers::pool`: the CUDA kernels through the
 //! host emulation in forward, reverse and shuffled fiber order (outputs start as poison
 //! there, so every element must be written), and the CPU fast path; PyTorch's ties, NaN and
-//! sizes; the oracles' gradients by finite differences; bad inputs. `mod cuda` runs the
+//! sizes; the max pool that writes its argmax taps, the backward that reads them and the max
+//! pool of a batch norm applied as it loads, bitwise against the plain ops; the oracles'
+//! gradients by finite differences; bad inputs. `mod cuda` runs the
 //! kernel checks on a real GPU.
 
 use half::bf16;
@@ -61,6 +63,144 @@ fn maxpool_matches_oracle_on_every_device() {
     for dev in all_devices() {
         check_maxpool::<f32>(&dev);
         check_maxpool::<bf16>(&dev);
+    }
+}
+
+/// The bytes of a buffer (bitwise comparisons, NaN included).
+fn bits<T: prunekit::gpu::Elem>(b: &prunekit::device::Buf<T>) -> Vec<u8> {
+    bytemuck::cast_slice(&b.to_vec().unwrap()).to_vec()
+}
+
+/// The taps of the maxima of `x` (f32 values of one layout `[n, h, w, c]`) by PyTorch's
+/// rule: the first in-range tap, replaced by every later one that is greater or NaN.
+fn taps_oracle(n: usize, h: usize, w: usize, c: usize, x: &[f64]) -> Vec<u8> {
+    let (oh, ow) = (layers::maxpool_out(h), layers::maxpool_out(w));
+    let mut t = vec![0u8; n * oh * ow * c];
+    for img in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for ch in 0..c {
+                    let mut best: Option<(u8, f64)> = None;
+                    for dh in 0..3 {
+                        for dw in 0..3 {
+                            let (ih, iw) = ((2 * oy + dh) as isize - 1, (2 * ox + dw) as isize - 1);
+                            if ih < 0 || iw < 0 || ih >= h as isize || iw >= w as isize {
+                                continue;
+                            }
+                            let v = x[((img * h + ih as usize) * w + iw as usize) * c + ch];
+                            if best.is_none_or(|(_, b)| v > b || v.is_nan()) {
+                                best = Some(((dh * 3 + dw) as u8, v));
+                            }
+                        }
+                    }
+                    t[((img * oh + oy) * ow + ox) * c + ch] = best.unwrap().0;
+                }
+            }
+        }
+    }
+    t
+}
+
+/// The max pool that writes its taps and the backward that reads them: on every device
+/// the same y and dx bits as the plain max pool, and taps as PyTorch picks its maxima.
+fn check_maxpool_taps<T: LayerElem>(dev: &Device) {
+    for (si, &(n, h, w, c)) in MAXPOOL_SHAPES.iter().enumerate() {
+        for ties in [false, true] {
+            let (oh, ow) = (layers::maxpool_out(h), layers::maxpool_out(w));
+            let x = to_t::<T>(&pool_values(n * h * w * c, 70 + si as u64, ties));
+            let dy = up(dev, to_t::<T>(&SplitMix::for_layers(80 + si as u64).vec(n * oh * ow * c, -1.0, 1.0)));
+            let x64 = f64s(&x);
+            let xb = up(dev, x);
+            let what = format!("maxpool taps ({n}x{h}x{w}x{c}, {}, ties {ties}) on {}", T::DTYPE, dev.name());
+            let (mut y, mut y_taps) = (fresh::<T>(dev, n * oh * ow * c), fresh::<T>(dev, n * oh * ow * c));
+            let mut taps = fresh::<u8>(dev, n * oh * ow * c);
+            layers::maxpool_forward(dev, n, h, w, c, &xb, &mut y).unwrap();
+            layers::maxpool_forward_bn(dev, n, h, w, c, &xb, None, &mut y_taps, Some(&mut taps)).unwrap();
+            assert_eq!(bits(&y_taps), bits(&y), "{what}: y");
+            assert_eq!(taps.to_vec().unwrap(), taps_oracle(n, h, w, c, &x64), "{what}: taps");
+            let (mut dx, mut dx_taps) = (fresh::<T>(dev, n * h * w * c), fresh::<T>(dev, n * h * w * c));
+            layers::maxpool_backward(dev, n, h, w, c, &xb, &dy, &mut dx).unwrap();
+            layers::maxpool_backward_taps(dev, n, h, w, c, &taps, &dy, &mut dx_taps).unwrap();
+            assert_eq!(bits(&dx_taps), bits(&dx), "{what}: dx");
+        }
+    }
+}
+
+#[test]
+fn maxpool_taps_give_the_plain_pools_bits_on_every_device() {
+    for dev in all_devices() {
+        check_maxpool_taps::<f32>(&dev);
+        check_maxpool_taps::<bf16>(&dev);
+    }
+}
+
+/// The max pool of a batch norm (+ ReLU) applied as it loads: bitwise `bn_apply_saved` then
+/// the max pool on the same device, taps those of the BN's output; negative and zero
+/// gammas (which reorder the window), ties after the ReLU, NaN inputs.
+fn check_maxpool_bn<T: LayerElem>(dev: &Device) {
+    use prunekit::ops::layers::BnInput;
+    for (si, &(n, h, w, c)) in MAXPOOL_SHAPES.iter().enumerate() {
+        for relu in [true, false] {
+            let (oh, ow) = (layers::maxpool_out(h), layers::maxpool_out(w));
+            let mut r = SplitMix::for_layers(90 + si as u64);
+            let x = up(dev, to_t::<T>(&pool_values(n * h * w * c, 100 + si as u64, si % 2 == 0)));
+            let mut gamma = r.vec(c, -1.5, 1.5);
+            if c > 2 {
+                gamma[1] = 0.0;
+            }
+            let (beta, mean, invstd) = (r.vec(c, -0.5, 0.5), r.vec(c, -1.0, 1.0), r.vec(c, 0.2, 3.0));
+            let (g, b, m, i) = (up(dev, gamma), up(dev, beta), up(dev, mean), up(dev, invstd));
+            let bn = BnInput { c, gamma: &g, beta: &b, mean: &m, invstd: &i, relu };
+            let what = format!("maxpool bn ({n}x{h}x{w}x{c}, {}, relu {relu}) on {}", T::DTYPE, dev.name());
+            let mut a = fresh::<T>(dev, n * h * w * c);
+            layers::bn_apply_saved(dev, n * h * w, &x, &bn, None, &mut a).unwrap();
+            let (mut y, mut want_taps) = (fresh::<T>(dev, n * oh * ow * c), fresh::<u8>(dev, n * oh * ow * c));
+            layers::maxpool_forward_bn(dev, n, h, w, c, &a, None, &mut y, Some(&mut want_taps)).unwrap();
+            let (mut y_bn, mut taps) = (fresh::<T>(dev, n * oh * ow * c), fresh::<u8>(dev, n * oh * ow * c));
+            layers::maxpool_forward_bn(dev, n, h, w, c, &x, Some(&bn), &mut y_bn, Some(&mut taps)).unwrap();
+            assert_eq!(bits(&y_bn), bits(&y), "{what}: y");
+            assert_eq!(taps.to_vec().unwrap(), want_taps.to_vec().unwrap(), "{what}: taps");
+            let mut y_only = fresh::<T>(dev, n * oh * ow * c);
+            layers::maxpool_forward_bn(dev, n, h, w, c, &x, Some(&bn), &mut y_only, None).unwrap();
+            assert_eq!(bits(&y_only), bits(&y), "{what}: y without taps");
+        }
+    }
+}
+
+#[test]
+fn maxpool_bn_is_bn_then_maxpool_on_every_device() {
+    for dev in all_devices() {
+        check_maxpool_bn::<f32>(&dev);
+        check_maxpool_bn::<bf16>(&dev);
+    }
+}
+
+/// Taps that no forward writes (9 and above, or off the image) send no gradient, alike on
+/// every device.
+#[test]
+fn maxpool_backward_ignores_taps_off_the_window() {
+    let (n, h, w, c) = (1, 3, 5, 8);
+    let (oh, ow) = (layers::maxpool_out(h), layers::maxpool_out(w));
+    let taps: Vec<u8> = (0..n * oh * ow * c).map(|i| [0u8, 4, 8, 9, 200, 255, 1, 3][i % 8] ^ (i as u8 & 1)).collect();
+    let dy: Vec<f32> = (0..n * oh * ow * c).map(|i| 1.0 + i as f32).collect();
+    let mut want = vec![0.0f64; n * h * w * c];
+    for oy in 0..oh {
+        for ox in 0..ow {
+            for ch in 0..c {
+                let e = (oy * ow + ox) * c + ch;
+                let t = taps[e] as usize;
+                let (ih, iw) = ((2 * oy + t / 3) as isize - 1, (2 * ox + t % 3) as isize - 1);
+                if t < 9 && ih >= 0 && iw >= 0 && (ih as usize) < h && (iw as usize) < w {
+                    want[(ih as usize * w + iw as usize) * c + ch] += dy[e] as f64;
+                }
+            }
+        }
+    }
+    for dev in all_devices() {
+        let mut dx = fresh::<f32>(&dev, n * h * w * c);
+        layers::maxpool_backward_taps(&dev, n, h, w, c, &up(&dev, taps.clone()), &up(&dev, dy.clone()), &mut dx)
+            .unwrap();
+        check("maxpool backward of stray taps", &dev, &down(&dx), &want, 0.0, 0.0);
     }
 }
 
@@ -152,6 +292,16 @@ fn bad_inputs_are_errors() {
         assert!(layers::maxpool_forward(dev, 1, 0, 3, 1, &b(0), &mut b(0)).is_err());
         assert!(layers::maxpool_forward(dev, 1, 3, 3, 2, &b(18), &mut b(7)).is_err());
         assert!(layers::maxpool_backward(dev, 1, 3, 3, 2, &b(18), &b(7), &mut b(18)).is_err());
+        let t = |n: usize| fresh::<u8>(dev, n);
+        assert!(layers::maxpool_forward_bn(dev, 1, 3, 3, 2, &b(18), None, &mut b(8), Some(&mut t(7))).is_err());
+        assert!(layers::maxpool_backward_taps(dev, 1, 3, 3, 2, &t(7), &b(8), &mut b(18)).is_err());
+        assert!(layers::maxpool_backward_taps(dev, 1, 3, 3, 2, &t(8), &b(8), &mut b(17)).is_err());
+        let (g, bb, m, i) = (b(3), b(3), b(3), b(3));
+        let bn3 = prunekit::ops::layers::BnInput { c: 3, gamma: &g, beta: &bb, mean: &m, invstd: &i, relu: true };
+        assert!(layers::maxpool_forward_bn(dev, 1, 3, 3, 2, &b(18), Some(&bn3), &mut b(8), None).is_err());
+        let short = b(1);
+        let bn2 = prunekit::ops::layers::BnInput { c: 2, gamma: &short, beta: &bb, mean: &m, invstd: &i, relu: true };
+        assert!(layers::maxpool_forward_bn(dev, 1, 3, 3, 2, &b(18), Some(&bn2), &mut b(8), None).is_err());
         assert!(layers::avgpool_forward(dev, 2, 0, 3, &b(0), &mut b(6)).is_err());
         assert!(layers::avgpool_forward(dev, 2, 4, 3, &b(24), &mut b(5)).is_err());
         assert!(layers::avgpool_backward(dev, 2, 4, 3, &b(6), &mut b(23)).is_err());
@@ -163,6 +313,14 @@ fn bad_inputs_are_errors() {
         let bad = |n: usize| up(wrong, vec![1.0f32; n]);
         assert!(layers::maxpool_forward(dev, 1, 2, 2, 1, &bad(4), &mut ok(1)).is_err());
         assert!(layers::maxpool_backward(dev, 1, 2, 2, 1, &ok(4), &bad(1), &mut ok(4)).is_err());
+        let (ok_t, bad_t) = (up(dev, vec![0u8; 1]), up(wrong, vec![0u8; 1]));
+        assert!(layers::maxpool_forward_bn(dev, 1, 2, 2, 1, &ok(4), None, &mut ok(1), Some(&mut up(wrong, vec![0u8])))
+            .is_err());
+        assert!(layers::maxpool_backward_taps(dev, 1, 2, 2, 1, &bad_t, &ok(1), &mut ok(4)).is_err());
+        assert!(layers::maxpool_backward_taps(dev, 1, 2, 2, 1, &ok_t, &ok(1), &mut bad(4)).is_err());
+        let (c1, w1) = (ok(1), bad(1));
+        let bn = prunekit::ops::layers::BnInput { c: 1, gamma: &c1, beta: &c1, mean: &w1, invstd: &c1, relu: false };
+        assert!(layers::maxpool_forward_bn(dev, 1, 2, 2, 1, &ok(4), Some(&bn), &mut ok(1), None).is_err());
         assert!(layers::avgpool_forward(dev, 1, 4, 1, &ok(4), &mut bad(1)).is_err());
         assert!(layers::avgpool_backward(dev, 1, 4, 1, &bad(1), &mut ok(4)).is_err());
     }
@@ -177,6 +335,10 @@ mod cuda {
         let d = common::cuda_device();
         check_maxpool::<f32>(&d);
         check_maxpool::<bf16>(&d);
+        check_maxpool_taps::<f32>(&d);
+        check_maxpool_taps::<bf16>(&d);
+        check_maxpool_bn::<f32>(&d);
+        check_maxpool_bn::<bf16>(&d);
         check_avgpool::<f32>(&d);
         check_avgpool::<bf16>(&d);
     }

@@ -74,9 +74,10 @@ static const PkFieldLayout kLayout[] = {
     PK_F(PkElementwiseParams, a) PK_F(PkElementwiseParams, b) PK_F(PkElementwiseParams, out)
     PK_F(PkElementwiseParams, n) PK_F(PkElementwiseParams, vec) PK_F(PkElementwiseParams, pad0)
 
-    PK_F(PkPoolParams, x) PK_F(PkPoolParams, dy) PK_F(PkPoolParams, out) PK_F(PkPoolParams, n)
-    PK_F(PkPoolParams, h) PK_F(PkPoolParams, w) PK_F(PkPoolParams, c) PK_F(PkPoolParams, oh)
-    PK_F(PkPoolParams, ow) PK_F(PkPoolParams, vec) PK_F(PkPoolParams, pad0)
+    PK_F(PkPoolParams, x) PK_F(PkPoolParams, dy) PK_F(PkPoolParams, out) PK_F(PkPoolParams, arg)
+    PK_F(PkPoolParams, mean) PK_F(PkPoolParams, invstd) PK_F(PkPoolParams, gamma) PK_F(PkPoolParams, beta)
+    PK_F(PkPoolParams, n) PK_F(PkPoolParams, h) PK_F(PkPoolParams, w) PK_F(PkPoolParams, c)
+    PK_F(PkPoolParams, oh) PK_F(PkPoolParams, ow) PK_F(PkPoolParams, vec) PK_F(PkPoolParams, relu)
 
     PK_F(PkFcParams, a) PK_F(PkFcParams, b) PK_F(PkFcParams, bias) PK_F(PkFcParams, c) PK_F(PkFcParams, a_si)
     PK_F(PkFcParams, a_sk) PK_F(PkFcParams, b_sk) PK_F(PkFcParams, b_sj) PK_F(PkFcParams, m)

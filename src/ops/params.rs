@@ -422,12 +422,25 @@ params!(
     /// on `[n, h, w, c]` -> `[n, oh, ow, c]`, and global average pool on `[n, h * w, c]` ->
     /// `[n, c]` (f32).
     PoolParams = "PkPoolParams" {
-        /// Device address of the forward input (max pool: also read by the backward).
+        /// Device address of the forward input (max pool: also read by the backward from x).
         x: u64,
         /// Backward: device address of the gradient of the output.
         dy: u64,
         /// Device address of y (forward) or dx (backward).
         out: u64,
+        /// Max pool: device address of the `[n, oh, ow, c]` u8 argmax taps (`dh * 3 + dw` of
+        /// the window), written by the forward when not 0 (null), read by
+        /// `maxpool_backward_arg`.
+        arg: u64,
+        /// `maxpool_forward_bn`: device addresses of the `[c]` f32 saved mean, saved inverse
+        /// standard deviation, gamma and beta of the batch norm applied to x as it is loaded.
+        mean: u64,
+        /// See `mean`.
+        invstd: u64,
+        /// See `mean`.
+        gamma: u64,
+        /// See `mean`.
+        beta: u64,
         /// Images.
         n: i32,
         /// Input height.
@@ -443,8 +456,8 @@ params!(
         /// Elements per vector: 1, or `16 / size_of::<T>()` when `c` is a multiple of that
         /// and the buffers are 16-byte aligned.
         vec: i32,
-        /// Padding to a multiple of 8 bytes.
-        pad0: i32,
+        /// `maxpool_forward_bn`: 1 if the batch norm is followed by a ReLU.
+        relu: i32,
     }
 );
 params!(

@@ -106,6 +106,34 @@ pub fn maxpool_forward<T: Real>(n: usize, h: usize, w: usize, c: usize, x: &[T],
     );
 }
 
+/// [`maxpool_forward`] that also writes where each maximum is: `taps` (`[n, oh, ow, c]`)
+/// gets the window's tap of the maximum, `dh * 3 + dw` (row-major in the 3x3 window, whose
+/// tap (0, 0) is input (2 oy - 1, 2 ox - 1)), for [`maxpool_backward_taps`].
+pub fn maxpool_forward_taps<T: Real>(n: usize, h: usize, w: usize, c: usize, x: &[T], y: &mut [T], taps: &mut [u8]) {
+    let (oh, ow) = (maxpool_out(h), maxpool_out(w));
+    if n * oh * ow * c == 0 {
+        return;
+    }
+    y.par_chunks_mut(ow * c).zip(taps.par_chunks_mut(ow * c)).enumerate().for_each_init(
+        || (vec![0.0f32; c], vec![0u32; c]),
+        |(best, arg), (row, (yr, tr))| {
+            let (img, oy) = (row / oh, row % oh);
+            let xi = &x[img * h * w * c..(img + 1) * h * w * c];
+            for (ox, (yo, to)) in yr.chunks_exact_mut(c).zip(tr.chunks_exact_mut(c)).enumerate() {
+                window_max_all::<T, true>(xi, w, c, window(h, w, oy, ox), best, arg);
+                for (o, b) in yo.iter_mut().zip(best.iter()) {
+                    *o = T::from_f32(*b);
+                }
+                for (t, a) in to.iter_mut().zip(arg.iter()) {
+                    let (ih, iw) = (*a as usize / w, *a as usize % w);
+                    // In range: (ih, iw) is a tap of window (oy, ox).
+                    *t = ((ih + 1 - 2 * oy) * 3 + (iw + 1 - 2 * ox)) as u8;
+                }
+            }
+        },
+    );
+}
+
 /// Max pool backward: `dx` (overwritten) gets each output's gradient at its window's
 /// maximum, summed in f32 in row-major output order.
 pub fn maxpool_backward<T: Real>(n: usize, h: usize, w: usize, c: usize, x: &[T], dy: &[T], dx: &mut [T]) {
@@ -151,6 +179,38 @@ fn backward_image<T: Real>(
             }
         }
     }
+}
+
+/// Max pool backward from the taps [`maxpool_forward_taps`] wrote: `dx` (overwritten) gets
+/// each output's gradient at its tap, summed in f32 in row-major output order (the bits of
+/// [`maxpool_backward`] on the input that wrote the taps). A tap that is not an in-range
+/// tap of its window (9 or more, or off the image) sends nothing.
+pub fn maxpool_backward_taps<T: Real>(n: usize, h: usize, w: usize, c: usize, taps: &[u8], dy: &[T], dx: &mut [T]) {
+    let (oh, ow) = (maxpool_out(h), maxpool_out(w));
+    if n * h * w * c == 0 {
+        return;
+    }
+    dx.par_chunks_mut(h * w * c).enumerate().for_each_init(Vec::new, |acc, (img, dxi)| {
+        let ti = &taps[img * oh * ow * c..(img + 1) * oh * ow * c];
+        let dyi = &dy[img * oh * ow * c..(img + 1) * oh * ow * c];
+        acc.clear();
+        acc.resize(h * w * c, 0.0f32);
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let at = (oy * ow + ox) * c;
+                for (ch, (t, g)) in ti[at..at + c].iter().zip(&dyi[at..at + c]).enumerate() {
+                    let (dh, dw) = (*t as usize / 3, *t as usize % 3);
+                    let (ih, iw) = ((2 * oy + dh).wrapping_sub(1), (2 * ox + dw).wrapping_sub(1));
+                    if *t < 9 && ih < h && iw < w {
+                        acc[(ih * w + iw) * c + ch] += g.to_f32();
+                    }
+                }
+            }
+        }
+        for (d, a) in dxi.iter_mut().zip(acc.iter()) {
+            *d = T::from_f32(*a);
+        }
+    });
 }
 
 /// Global average pool forward: `[n, hw, c] -> [n, c]` in f32 (sums in row order).

@@ -200,7 +200,11 @@ impl<T: Precision> ResNet<T> {
         let da0 = scratch.take(ws.a0.len())?;
         {
             let [gb, da] = scratch.bufs.get_disjoint_mut([g, da0]).expect("distinct");
-            layers::maxpool_backward(&dev, n, ws.stem_h, ws.stem_w, self.arch.stem, &ws.a0, gb, da)?;
+            let (h0, w0, c0) = (ws.stem_h, ws.stem_w, self.arch.stem);
+            match (ws.stem_pool_bn, &ws.taps0) {
+                (Some(_), Some(taps)) => layers::maxpool_backward_taps(&dev, n, h0, w0, c0, taps, gb, da)?,
+                _ => layers::maxpool_backward(&dev, n, h0, w0, c0, &ws.a0, gb, da)?,
+            }
         }
         scratch.give(g);
         let dt0 = scratch.take(ws.t0.len())?;

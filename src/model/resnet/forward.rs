@@ -30,16 +30,30 @@ impl<T: Precision> ResNet<T> {
         // would be a pass of its own.
         let on_load = train && self.bn_fusion.on_load && !matches!(dev, Device::Cpu);
         ws.bn_on_load = on_load.then_some(self.steps);
-        if train {
-            let sh = ws.stem_sh;
-            let bn = &mut self.stem_bn.layer(&mut ws.s0, bnc);
-            conv_bn_train(&dev, &sh, (x0, None), &self.stem, bn, &mut ws.t0, None, true, &mut ws.a0)?;
-        } else {
-            conv::conv2d_fprop(&dev, &ws.stem_sh, x0, self.stem.weight()?, &mut ws.t0)?;
-            let m0 = n * ws.stem_h * ws.stem_w;
-            bn_fwd(&dev, &mut self.stem_bn.layer(&mut ws.s0, bnc), m0, &ws.t0, &mut ws.a0, train, true)?;
+        // A train step on a kernel device applies the stem's BN + ReLU as the max pool loads
+        // the conv output, and the pool writes where each maximum is (`taps0`) for the
+        // backward: the BN's output `a0` is not written (it holds the statistics' partials).
+        let pool_bn = train && !matches!(dev, Device::Cpu);
+        ws.stem_pool_bn = pool_bn.then_some(self.steps);
+        let (sh0, (h0, w0), c0) = (ws.stem_sh, (ws.stem_h, ws.stem_w), self.arch.stem);
+        match (train, ws.taps0.as_mut()) {
+            (true, Some(taps)) if pool_bn => {
+                let bn = &mut self.stem_bn.layer(&mut ws.s0, bnc);
+                fused::conv2d_fprop_bn_stats(&dev, &sh0, x0, self.stem.weight()?, &mut ws.t0, &mut ws.a0, bn)?;
+                let bn = self.stem_bn.input(&ws.s0, true);
+                layers::maxpool_forward_bn(&dev, n, h0, w0, c0, &ws.t0, Some(&bn), &mut ws.p0, Some(taps))?;
+            }
+            (true, _) => {
+                let bn = &mut self.stem_bn.layer(&mut ws.s0, bnc);
+                conv_bn_train(&dev, &sh0, (x0, None), &self.stem, bn, &mut ws.t0, None, true, &mut ws.a0)?;
+                layers::maxpool_forward(&dev, n, h0, w0, c0, &ws.a0, &mut ws.p0)?;
+            }
+            (false, _) => {
+                conv::conv2d_fprop(&dev, &sh0, x0, self.stem.weight()?, &mut ws.t0)?;
+                bn_fwd(&dev, &mut self.stem_bn.layer(&mut ws.s0, bnc), n * h0 * w0, &ws.t0, &mut ws.a0, train, true)?;
+                layers::maxpool_forward(&dev, n, h0, w0, c0, &ws.a0, &mut ws.p0)?;
+            }
         }
-        layers::maxpool_forward(&dev, n, ws.stem_h, ws.stem_w, self.arch.stem, &ws.a0, &mut ws.p0)?;
         for bi in 0..self.blocks.len() {
             let (before, rest) = ws.blocks.split_at_mut(bi);
             let acts = &mut rest[0];
@@ -131,14 +145,15 @@ impl<T: Precision> ResNet<T> {
     /// named as `verify`'s gates: `relu` (the stem's), then per block `layerS.I.bn1`,
     /// `layerS.I.bn2` and `layerS.I.out` (after the residual add). `verify` reads the
     /// device's ReLU and max-pool decisions off them. After a train forward on a kernel
-    /// device, until the next SGD step (bn1's and bn2's are made from the saved statistics
-    /// and the parameters; after a step this is an error).
+    /// device, until the next SGD step (the stem's, and with the BN on load bn1's and bn2's,
+    /// are made from the saved statistics and the parameters; after a step this is an
+    /// error).
     pub fn relu_outputs(&self, ws: &Workspace<T>) -> Result<Vec<(String, Vec<f32>)>> {
         let f = |b: &Buf<T>| -> Result<Vec<f32>> { Ok(b.to_vec()?.into_iter().map(ConvElem::to_f32).collect()) };
         // With the BN on load, bn1's and bn2's outputs were never written: they are made
         // here from the conv outputs and the saved statistics (the values the convs loaded),
         // with the parameters of that forward, so not after an SGD step.
-        if ws.bn_on_load.is_some_and(|s| s != self.steps) {
+        if ws.bn_on_load.or(ws.stem_pool_bn).is_some_and(|s| s != self.steps) {
             return Err(invalid!(
                 "the ReLU outputs of the last train forward are gone: the model took an SGD step since (run the \
                  forward again)"
@@ -152,7 +167,16 @@ impl<T: Precision> ResNet<T> {
             layers::bn_apply_saved(&self.dev, t.len() / bn.c, t, &bn.input(s, true), None, &mut y)?;
             f(&y)
         };
-        let mut out = vec![("relu".to_string(), f(&ws.a0)?)];
+        let stem = match ws.stem_pool_bn {
+            None => f(&ws.a0)?,
+            Some(_) => {
+                let mut y = self.dev.zeros::<T>(ws.t0.len())?;
+                let bn = self.stem_bn.input(&ws.s0, true);
+                layers::bn_apply_saved(&self.dev, ws.t0.len() / bn.c, &ws.t0, &bn, None, &mut y)?;
+                f(&y)?
+            }
+        };
+        let mut out = vec![("relu".to_string(), stem)];
         for (bp, acts) in self.blocks.iter().zip(&ws.blocks) {
             let p = bp.spec.prefix();
             out.push((format!("{p}.bn1"), bn_relu(&acts.a1, &acts.t1, &bp.bn1, &acts.s1)?));

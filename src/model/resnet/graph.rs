@@ -36,6 +36,7 @@ impl<T: Precision> ResNet<T> {
                 gpu.replay(g)?;
                 // What the forward records of itself, as it would for this step.
                 ws.bn_on_load = self.bn_fusion.on_load.then_some(self.steps);
+                ws.stem_pool_bn = Some(self.steps);
             }
             _ if ws.graph_warm != Some(key) => {
                 ws.graph = None;

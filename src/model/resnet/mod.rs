@@ -329,6 +329,9 @@ pub struct Workspace<T: Precision> {
     t0: Buf<T>,
     a0: Buf<T>,
     p0: Buf<T>,
+    /// On kernel devices, the max pool's argmax taps (`layers::maxpool_forward_bn`), which
+    /// the train forward writes and the backward reads.
+    taps0: Option<Buf<u8>>,
     s0: Saved,
     stem_h: usize,
     stem_w: usize,
@@ -350,6 +353,10 @@ pub struct Workspace<T: Precision> {
     /// wgrads apply the BNs again as they load `t1` and `t2`. `Some(steps)`: the model's
     /// SGD steps at that forward (after another step, gamma and beta have moved).
     bn_on_load: Option<u64>,
+    /// The last forward applied the stem's BN + ReLU as the max pool loaded the conv output
+    /// and wrote `taps0` (a train forward on a kernel device): `a0` was not written, and the
+    /// backward reads the taps. `Some(steps)` as `bn_on_load`.
+    stem_pool_bn: Option<u64>,
     /// [`ResNet::forward_backward_graphed`]: the model (by [`ResNet::graph_key`]) whose step ran
     /// once on this workspace, and the captured forward + backward.
     graph_warm: Option<graph::GraphKey>,

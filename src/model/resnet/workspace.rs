@@ -98,6 +98,7 @@ impl<T: Precision> ResNet<T> {
             t0: act(l_stem)?,
             a0: act(l_stem)?,
             p0: act(l_pool)?,
+            taps0: if matches!(dev, Device::Cpu) { None } else { Some(dev.uninit::<u8>(l_pool)?) },
             s0: saved(self.arch.stem)?,
             stem_h: h1,
             stem_w: w1,
@@ -112,6 +113,7 @@ impl<T: Precision> ResNet<T> {
             grad_sums: dev.zeros(grad_sums.max(1))?,
             has_targets: false,
             bn_on_load: None,
+            stem_pool_bn: None,
             graph_warm: None,
             graph: None,
         })

@@ -34,7 +34,10 @@ pub(crate) use bn::{bn_launch_finalize_tiles, bn_launch_grad_finalize, relu_outp
 pub use elementwise::{add_assign, add_relu, cast, relu_backward};
 pub use fc::{fc_backward, fc_forward};
 pub use loss::{check_targets, softmax_cross_entropy, softmax_cross_entropy_smoothed};
-pub use pool::{avgpool_backward, avgpool_forward, maxpool_backward, maxpool_forward, maxpool_out};
+pub use pool::{
+    avgpool_backward, avgpool_forward, maxpool_backward, maxpool_backward_taps, maxpool_forward, maxpool_forward_bn,
+    maxpool_out,
+};
 pub use sgd::{sgd_step, sgd_step_multi, SgdStep, SgdTable, SgdTensor};
 
 pub(crate) use super::check_len;
@@ -86,8 +89,12 @@ pub trait LayerElem: CastElem {
     const ADD_ASSIGN: Kernel;
     /// `maxpool_forward_<dtype>`.
     const MAXPOOL_FORWARD: Kernel;
+    /// `maxpool_forward_bn_<dtype>`.
+    const MAXPOOL_FORWARD_BN: Kernel;
     /// `maxpool_backward_<dtype>`.
     const MAXPOOL_BACKWARD: Kernel;
+    /// `maxpool_backward_arg_<dtype>`.
+    const MAXPOOL_BACKWARD_ARG: Kernel;
     /// `avgpool_forward_<dtype>`.
     const AVGPOOL_FORWARD: Kernel;
     /// `avgpool_backward_<dtype>`.
@@ -107,7 +114,9 @@ macro_rules! layer_elem {
             const RELU_BACKWARD: Kernel = Kernel::new("elementwise", concat!("relu_backward_", $d));
             const ADD_ASSIGN: Kernel = Kernel::new("elementwise", concat!("add_assign_", $d));
             const MAXPOOL_FORWARD: Kernel = Kernel::new("pool", concat!("maxpool_forward_", $d));
+            const MAXPOOL_FORWARD_BN: Kernel = Kernel::new("pool", concat!("maxpool_forward_bn_", $d));
             const MAXPOOL_BACKWARD: Kernel = Kernel::new("pool", concat!("maxpool_backward_", $d));
+            const MAXPOOL_BACKWARD_ARG: Kernel = Kernel::new("pool", concat!("maxpool_backward_arg_", $d));
             const AVGPOOL_FORWARD: Kernel = Kernel::new("pool", concat!("avgpool_forward_", $d));
             const AVGPOOL_BACKWARD: Kernel = Kernel::new("pool", concat!("avgpool_backward_", $d));
         }
