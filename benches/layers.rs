@@ -66,6 +66,28 @@ fn pool_benches<T: LayerElem>(c: &mut Criterion) {
         bench(&mut g, &format!("maxpool_backward/n{batch}"), &dev, || {
             layers::maxpool_backward(&dev, batch, h, h, ch, &x, &dy, &mut dx).unwrap()
         });
+        // The stem of a train step: its BN + ReLU then the max pool, against the max pool
+        // that applies them as it loads and writes its taps, and the backwards from the BN
+        // output and from the taps. Throughput: the fused ops' bytes, for both sides.
+        let tb = (batch * oh * oh * ch) as u64;
+        let (gamma, beta, mean) =
+            (filled::<f32>(&dev, ch, 10), filled::<f32>(&dev, ch, 11), filled::<f32>(&dev, ch, 12));
+        let invstd = dev.upload(vec![1.5f32; ch]).unwrap();
+        let bn = layers::BnInput { c: ch, gamma: &gamma, beta: &beta, mean: &mean, invstd: &invstd, relu: true };
+        let mut a = dev.uninit::<T>(batch * h * h * ch).unwrap();
+        let mut taps = dev.uninit::<u8>(batch * oh * oh * ch).unwrap();
+        g.throughput(Throughput::Bytes(xb + yb + tb));
+        bench(&mut g, &format!("stem_bn_then_maxpool/n{batch}"), &dev, || {
+            layers::bn_apply_saved(&dev, batch * h * h, &x, &bn, None, &mut a).unwrap();
+            layers::maxpool_forward(&dev, batch, h, h, ch, &a, &mut y).unwrap()
+        });
+        bench(&mut g, &format!("maxpool_forward_bn_taps/n{batch}"), &dev, || {
+            layers::maxpool_forward_bn(&dev, batch, h, h, ch, &x, Some(&bn), &mut y, Some(&mut taps)).unwrap()
+        });
+        g.throughput(Throughput::Bytes(xb + yb + tb));
+        bench(&mut g, &format!("maxpool_backward_taps/n{batch}"), &dev, || {
+            layers::maxpool_backward_taps(&dev, batch, h, h, ch, &taps, &dy, &mut dx).unwrap()
+        });
         let (hw, ch) = (49, 2048);
         let x = filled::<T>(&dev, batch * hw * ch, 9);
         let mut y = dev.uninit::<f32>(batch * ch).unwrap();

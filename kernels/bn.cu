@@ -26,6 +26,11 @@
 // With grad_out (= dy), the reduce also stores g over dy, in the thread that read it (a
 // bottleneck's output gradient through its last ReLU, which the shortcut needs too), and the
 // dx pass reads g unmasked: the separate relu_backward pass is gone (src/ops/layers/bn.rs, bn_backward_masking_dy).
+// The _maxpool variants (the stem: BN + ReLU + max pool) gather g from the max pool's
+// backward as they load: the pool's input gradient at each element is the sum of the
+// output gradients of the windows whose argmax tap is that element, in row-major window
+// order, rounded to T, exactly as maxpool_backward_arg stores it (pool.cu), so the pool's
+// input gradient is never written or read.
 // Fused with the convolution (src/ops/fused.rs, conv2d_dgrad_bn_sums): a dgrad whose output
 // is g takes the reduce's sums per row tile in its epilogue (conv.cu), so the backward is
 // that dgrad, bn_backward_finalize_f32 over its tiles, and bn_backward_dx_<T>.
@@ -282,13 +287,79 @@ __device__ __forceinline__ void bn_apply_consts(const PkBnParams& p, int j, floa
   }
 }
 
+// The max pool input position (image, row, column) of a BN row in the _maxpool variants,
+// followed along a thread's rows without a division per row.
+struct PoolRow {
+  int64_t img;
+  int ih, iw;
+};
+
+template <bool POOL>
+__device__ __forceinline__ PoolRow pool_row(const PkBnParams& p, int64_t r) {
+  PoolRow q{0, 0, 0};
+  if constexpr (POOL) {
+    const int64_t hw = (int64_t)p.pool_h * p.pool_w;
+    q.img = r / hw;
+    const int64_t rem = r - q.img * hw;
+    q.ih = (int)(rem / p.pool_w);
+    q.iw = (int)(rem - (int64_t)q.ih * p.pool_w);
+  }
+  return q;
+}
+
+template <bool POOL>
+__device__ __forceinline__ void pool_row_advance(const PkBnParams& p, PoolRow& q, int step) {
+  if constexpr (POOL) {
+    q.iw += step;
+    while (q.iw >= p.pool_w) {
+      q.iw -= p.pool_w;
+      if (++q.ih == p.pool_h) {
+        q.ih = 0;
+        ++q.img;
+      }
+    }
+  }
+}
+
+// The max pool's input gradient at q, channel vector j: window (wy, wx) reaches row ih iff
+// 2 wy - 1 <= ih <= 2 wy + 1, i.e. wy in [ih / 2, (ih + 1) / 2]; its tap of (ih, iw) is
+// (ih - 2 wy + 1) * 3 + (iw - 2 wx + 1).
+template <class T, int V>
+__device__ __forceinline__ void maxpool_grad_at(const PkBnParams& p, const PoolRow& q, int j, float* g) {
+  const int oh = (p.pool_h - 1) / 2 + 1, ow = (p.pool_w - 1) / 2 + 1;
+  float acc[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) acc[k] = 0.0f;
+  const int wy1 = min((q.ih + 1) / 2, oh - 1), wx1 = min((q.iw + 1) / 2, ow - 1);
+  for (int wy = q.ih / 2; wy <= wy1; ++wy) {
+    for (int wx = q.iw / 2; wx <= wx1; ++wx) {
+      const int64_t w_off = ((q.img * oh + wy) * ow + wx) * p.c + (int64_t)j * V;
+      const int tap = (q.ih - 2 * wy + 1) * 3 + (q.iw - 2 * wx + 1);
+      int arg[V];
+      float d[V];
+      load_taps<V>(p.pool_taps + w_off, arg);
+      load_vec<T, V>(static_cast<const T*>(p.dy) + w_off, d);
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        if (arg[k] == tap) acc[k] += d[k];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) g[k] = to_f32(from_f32<T>(acc[k]));
+}
+
 // g = dy masked by the fused ReLU: by its stored output (p.relu_out), or (RECOMPUTE) by
 // that output recomputed from x (v) exactly as bn_apply computed it (the same operations,
-// the ReLU, the rounding to T), which saves reading an [m, c] tensor twice.
-template <class T, int V, bool RECOMPUTE>
-__device__ __forceinline__ void bn_load_grad(const PkBnParams& p, int64_t off, const float* v, const float* mean,
-                                             const float* scale, const float* beta, float* g) {
-  load_vec<T, V>(static_cast<const T*>(p.dy) + off, g);
+// the ReLU, the rounding to T), which saves reading an [m, c] tensor twice. POOL: dy is
+// the max pool's input gradient at q, gathered (maxpool_grad_at).
+template <class T, int V, bool RECOMPUTE, bool POOL>
+__device__ __forceinline__ void bn_load_grad(const PkBnParams& p, int64_t off, const PoolRow& q, int j,
+                                             const float* v, const float* mean, const float* scale,
+                                             const float* beta, float* g) {
+  if constexpr (POOL)
+    maxpool_grad_at<T, V>(p, q, j, g);
+  else
+    load_vec<T, V>(static_cast<const T*>(p.dy) + off, g);
   if (RECOMPUTE) {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -303,7 +374,7 @@ __device__ __forceinline__ void bn_load_grad(const PkBnParams& p, int64_t off, c
   }
 }
 
-template <class T, int V, bool RECOMPUTE>
+template <class T, int V, bool RECOMPUTE, bool POOL>
 __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
   __shared__ float s_g[BN_MAX_THREADS * V];
   __shared__ float s_gx[BN_MAX_THREADS * V];
@@ -314,8 +385,9 @@ __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
   if (pl.active) {
     bn_apply_consts<V, RECOMPUTE>(p, pl.j, mean, scale, beta);
     const T* x = static_cast<const T*>(p.x);
+    PoolRow q = pool_row<POOL>(p, pl.r0);
 #pragma unroll 2
-    for (int64_t r = pl.r0; r < pl.r1; r += pl.step) {
+    for (int64_t r = pl.r0; r < pl.r1; r += pl.step, pool_row_advance<POOL>(p, q, pl.step)) {
 #ifdef PK_FAULT_BN_DROP_ROW
       // A planted bug, compiled only into an emulation-only test module: the reduction
       // drops the last row.
@@ -324,7 +396,7 @@ __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
       const int64_t off = r * p.c + (int64_t)pl.j * V;
       float v[V], g[V];
       load_vec<T, V>(x + off, v);
-      bn_load_grad<T, V, RECOMPUTE>(p, off, v, mean, scale, beta, g);
+      bn_load_grad<T, V, RECOMPUTE, POOL>(p, off, q, pl.j, v, mean, scale, beta, g);
       if (p.grad_out) store_vec<T, V>(static_cast<T*>(p.grad_out) + off, g);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
@@ -383,7 +455,7 @@ PK_KERNEL(bn_backward_finalize_f32, PkBnParams) {
   }
 }
 
-template <class T, int V, bool RECOMPUTE>
+template <class T, int V, bool RECOMPUTE, bool POOL>
 __device__ __forceinline__ void bn_backward_dx(const PkBnParams& p) {
   const BnPlace pl = bn_place<V>(p);
   if (!pl.active) return;  // no barriers below
@@ -399,12 +471,13 @@ __device__ __forceinline__ void bn_backward_dx(const PkBnParams& p) {
   }
   const T* x = static_cast<const T*>(p.x);
   T* dx = static_cast<T*>(p.out);
+  PoolRow q = pool_row<POOL>(p, pl.r0);
 #pragma unroll 2
-  for (int64_t r = pl.r0; r < pl.r1; r += pl.step) {
+  for (int64_t r = pl.r0; r < pl.r1; r += pl.step, pool_row_advance<POOL>(p, q, pl.step)) {
     const int64_t off = r * p.c + (int64_t)pl.j * V;
     float v[V], g[V];
     load_vec<T, V>(x + off, v);
-    bn_load_grad<T, V, RECOMPUTE>(p, off, v, mean, k1, beta, g);
+    bn_load_grad<T, V, RECOMPUTE, POOL>(p, off, q, pl.j, v, mean, k1, beta, g);
 #pragma unroll
     for (int k = 0; k < V; ++k) v[k] = k1[k] * (g[k] - k2[k] - (v[k] - mean[k]) * k3[k]);
     store_vec<T, V>(dx + off, v);
@@ -429,29 +502,43 @@ __device__ __forceinline__ void bn_backward_dx(const PkBnParams& p) {
   }                                                                                          \
   PK_KERNEL_BOUNDS(bn_backward_reduce_##NAME, PkBnParams, BN_MAX_THREADS, 4) {               \
     if (p.vec > 1)                                                                           \
-      bn_backward_reduce<T, VecWidth<T>::value, false>(p);                                   \
+      bn_backward_reduce<T, VecWidth<T>::value, false, false>(p);                            \
     else                                                                                     \
-      bn_backward_reduce<T, 1, false>(p);                                                    \
+      bn_backward_reduce<T, 1, false, false>(p);                                             \
   }                                                                                          \
   PK_KERNEL_BOUNDS(bn_backward_dx_##NAME, PkBnParams, BN_MAX_THREADS, 3) {                   \
     if (p.vec > 1)                                                                           \
-      bn_backward_dx<T, VecWidth<T>::value, false>(p);                                       \
+      bn_backward_dx<T, VecWidth<T>::value, false, false>(p);                                \
     else                                                                                     \
-      bn_backward_dx<T, 1, false>(p);                                                        \
+      bn_backward_dx<T, 1, false, false>(p);                                                 \
   }                                                                                          \
   /* Through the BN's own ReLU, its output recomputed from x: three more per-channel      */ \
   /* constants per vector element, so 3 blocks per SM (85 registers) for both.            */ \
   PK_KERNEL_BOUNDS(bn_backward_reduce_relu_##NAME, PkBnParams, BN_MAX_THREADS, 3) {          \
     if (p.vec > 1)                                                                           \
-      bn_backward_reduce<T, VecWidth<T>::value, true>(p);                                    \
+      bn_backward_reduce<T, VecWidth<T>::value, true, false>(p);                             \
     else                                                                                     \
-      bn_backward_reduce<T, 1, true>(p);                                                     \
+      bn_backward_reduce<T, 1, true, false>(p);                                              \
   }                                                                                          \
   PK_KERNEL_BOUNDS(bn_backward_dx_relu_##NAME, PkBnParams, BN_MAX_THREADS, 3) {              \
     if (p.vec > 1)                                                                           \
-      bn_backward_dx<T, VecWidth<T>::value, true>(p);                                        \
+      bn_backward_dx<T, VecWidth<T>::value, true, false>(p);                                 \
     else                                                                                     \
-      bn_backward_dx<T, 1, true>(p);                                                         \
+      bn_backward_dx<T, 1, true, false>(p);                                                  \
+  }                                                                                          \
+  /* The same, g gathered from a max pool's backward (the stem): 2 blocks per SM (128       */ \
+  /* registers; at 3, 80 registers spill in bf16).                                        */ \
+  PK_KERNEL_BOUNDS(bn_backward_reduce_relu_maxpool_##NAME, PkBnParams, BN_MAX_THREADS, 2) {  \
+    if (p.vec > 1)                                                                           \
+      bn_backward_reduce<T, VecWidth<T>::value, true, true>(p);                              \
+    else                                                                                     \
+      bn_backward_reduce<T, 1, true, true>(p);                                               \
+  }                                                                                          \
+  PK_KERNEL_BOUNDS(bn_backward_dx_relu_maxpool_##NAME, PkBnParams, BN_MAX_THREADS, 2) {      \
+    if (p.vec > 1)                                                                           \
+      bn_backward_dx<T, VecWidth<T>::value, true, true>(p);                                  \
+    else                                                                                     \
+      bn_backward_dx<T, 1, true, true>(p);                                                   \
   }
 
 BN_ENTRIES(float, f32)

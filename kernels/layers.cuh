@@ -61,6 +61,26 @@ __device__ __forceinline__ void store_vec(T* p, const float* f) {
   }
 }
 
+// V max pool argmax taps (bytes; pool.cu) read from p, V-byte aligned when V > 1.
+template <int V>
+__device__ __forceinline__ void load_taps(const uint8_t* p, int* a) {
+  if constexpr (V == 1) {
+    a[0] = p[0];
+  } else if constexpr (V == 4) {
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) a[k] = (int)((w >> (8 * k)) & 0xffu);
+  } else {
+    static_assert(V == 8, "taps come in vectors of 1, 4 or 8");
+    const uint2 w = *reinterpret_cast<const uint2*>(p);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      a[k] = (int)((w.x >> (8 * k)) & 0xffu);
+      a[4 + k] = (int)((w.y >> (8 * k)) & 0xffu);
+    }
+  }
+}
+
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Elements per 16-byte vector.

@@ -231,6 +231,12 @@ typedef struct {
   const void* residual;  // forward apply: [m, c] added after the normalization, before the
                          // ReLU (a bottleneck's last BN + residual add + ReLU), or null
   void* grad_out;        // backward reduce: [m, c] g (dy through the ReLU mask) written, or null
+  // backward _maxpool variants: the BN's output went through the 3x3 stride 2 max pool
+  // (pool.cu) of the [m / (pool_h * pool_w), pool_h, pool_w, c] input, dy is the pool
+  // output's gradient ([n, oh, ow, c]), and pool_taps the pool's argmax taps (same shape)
+  const uint8_t* pool_taps;
+  int32_t pool_h;
+  int32_t pool_w;
 } PkBnParams;
 
 // elementwise.cu: out[i] = f(a[i], b[i]) for i < n, `vec` elements per vector access

@@ -36,26 +36,7 @@ __device__ __forceinline__ PoolPos pool_pos(int64_t e, int cv, int oh, int ow) {
   return q;
 }
 
-// V argmax taps (bytes) at p, V-byte aligned when V > 1.
-template <int V>
-__device__ __forceinline__ void load_taps(const uint8_t* p, int* a) {
-  if constexpr (V == 1) {
-    a[0] = p[0];
-  } else if constexpr (V == 4) {
-    const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) a[k] = (int)((w >> (8 * k)) & 0xffu);
-  } else {
-    static_assert(V == 8, "taps come in vectors of 1, 4 or 8");
-    const uint2 w = *reinterpret_cast<const uint2*>(p);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      a[k] = (int)((w.x >> (8 * k)) & 0xffu);
-      a[4 + k] = (int)((w.y >> (8 * k)) & 0xffu);
-    }
-  }
-}
-
+// V argmax taps (bytes) written at p, V-byte aligned when V > 1 (load_taps: layers.cuh).
 template <int V>
 __device__ __forceinline__ void store_taps(uint8_t* p, const int* a) {
   if constexpr (V == 1) {

@@ -179,6 +179,68 @@ fn bn_backward_through_relu_is_bitwise_the_one_that_reads_the_relu_output() {
     }
 }
 
+/// Image shapes (n, h, w, c) of the stem's BN + ReLU + max pool backward: odd and even
+/// sides, rows of a thread that cross images (w below the block's row step), one and many
+/// row chunks, vector and scalar channels.
+const POOL_BN_SHAPES: &[(usize, usize, usize, usize)] = &[
+    (1, 1, 1, 1),
+    (2, 3, 2, 3),
+    (3, 5, 7, 8),
+    (2, 9, 4, 13),
+    (1, 12, 11, 64),
+    (4, 7, 6, 16),
+    (1, 23, 17, 16),
+    (1, 3, 3, 2048),
+];
+
+/// The stem's backward through its max pool ([`layers::bn_backward_through_relu_maxpool`]):
+/// bitwise the max pool backward from the taps, then the BN backward through the ReLU, on
+/// the same device.
+fn check_bn_backward_through_relu_maxpool<T: LayerElem>(
+    dev: &Device,
+    (n, h, w, c): (usize, usize, usize, usize),
+    seed: u64,
+) {
+    let m = n * h * w;
+    if m < 2 {
+        return; // a batch norm needs two values per channel
+    }
+    let (oh, ow) = (layers::maxpool_out(h), layers::maxpool_out(w));
+    let k = bn_case::<T>(m, c, seed, 0.0);
+    let mut r = SplitMix::for_layers(seed ^ 0x9001);
+    let x = up(dev, to_t::<T>(&k.x));
+    let dy = up(dev, to_t::<T>(&r.vec(n * oh * ow * c, -1.0, 1.0)));
+    let mut bn = BnBufs::new(dev, k.gamma.clone(), k.beta.clone(), k.rm.clone(), k.rv.clone());
+    let mut a = fresh::<T>(dev, m * c);
+    layers::bn_forward_train(dev, m, &x, &mut bn.layer(), true, &mut a).unwrap();
+    let (mut pooled, mut taps) = (fresh::<T>(dev, n * oh * ow * c), fresh::<u8>(dev, n * oh * ow * c));
+    layers::maxpool_forward_bn(dev, n, h, w, c, &a, None, &mut pooled, Some(&mut taps)).unwrap();
+    let mut da = fresh::<T>(dev, m * c);
+    layers::maxpool_backward_taps(dev, n, h, w, c, &taps, &dy, &mut da).unwrap();
+    let mut dx_two = fresh::<T>(dev, m * c);
+    layers::bn_backward_through_relu(dev, m, &x, &a, &da, &mut bn.layer(), &mut dx_two).unwrap();
+    let (dg_two, db_two) = (down(&bn.dgamma), down(&bn.dbeta));
+    let mut dx = fresh::<T>(dev, m * c);
+    layers::bn_backward_through_relu_maxpool(dev, (n, h, w), &x, &taps, &dy, &mut bn.layer(), &mut dx).unwrap();
+    let what = format!("{n}x{h}x{w}x{c} {} on {}", T::DTYPE, dev.name());
+    let bits = |v: Vec<f64>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(down(&dx)), bits(down(&dx_two)), "dx, {what}");
+    assert_eq!(bits(down(&bn.dgamma)), bits(dg_two), "dgamma, {what}");
+    assert_eq!(bits(down(&bn.dbeta)), bits(db_two), "dbeta, {what}");
+}
+
+#[test]
+fn bn_backward_through_relu_maxpool_is_bitwise_the_pool_then_the_bn_backward() {
+    // Chunks of 196 rows of 17: a chunk starts mid-row.
+    assert!(layers::bn_row_chunks::<f32>(23 * 17, 16) == 2 && layers::bn_row_chunks::<f32>(2 * 3 * 2, 3) == 1);
+    for dev in all_devices() {
+        for (i, &shape) in POOL_BN_SHAPES.iter().enumerate() {
+            check_bn_backward_through_relu_maxpool::<f32>(&dev, shape, 1000 + i as u64);
+            check_bn_backward_through_relu_maxpool::<bf16>(&dev, shape, 1100 + i as u64);
+        }
+    }
+}
+
 fn run_bn<T: LayerElem>(dev: &Device) {
     for (i, &(m, c)) in BN_SHAPES.iter().enumerate() {
         let relu = i % 2 == 1;
@@ -376,6 +438,18 @@ fn bad_inputs_are_errors() {
         assert!(layers::bn_backward(dev, m, &x, None, &x1, &mut bn.layer(), &mut dx).is_err());
         assert!(layers::bn_backward(dev, 0, &x1, None, &x1, &mut bn.layer(), &mut dx).is_err());
         layers::bn_backward(dev, m, &x, Some(&y), &x, &mut bn.layer(), &mut dx).unwrap();
+        // Through a max pool: x is [1, 2, 3, 4] (m = 6), the pool's output [1, 1, 2, 4].
+        let (taps, dyp) = (up(dev, vec![4u8; 8]), b(8));
+        let through = |hw: (usize, usize), x: &prunekit::Buf<f32>, t: &prunekit::Buf<u8>, dy: &prunekit::Buf<f32>| {
+            let mut bn = BnBufs::new(dev, vec![1.0; c], vec![0.0; c], vec![0.0; c], vec![0.0; c]);
+            let mut dx = b(m * c);
+            layers::bn_backward_through_relu_maxpool(dev, (1, hw.0, hw.1), x, t, dy, &mut bn.layer(), &mut dx)
+        };
+        through((2, 3), &x, &taps, &dyp).unwrap();
+        assert!(through((3, 3), &x, &taps, &dyp).is_err(), "x holds 6 rows, not 9");
+        assert!(through((2, 3), &x, &up(dev, vec![4u8; 7]), &dyp).is_err(), "taps");
+        assert!(through((2, 3), &x, &taps, &b(9)).is_err(), "dy");
+        assert!(through((0, 3), &x, &taps, &dyp).is_err(), "empty image");
     }
     // Buffers on the wrong device: host buffers on emu, emu buffers on the CPU, buffers
     // of another emu instance.
@@ -393,6 +467,16 @@ fn bad_inputs_are_errors() {
         let mut bad_mean = bad(2);
         let bad_layer = &mut BnLayer { save_mean: &mut bad_mean, ..bn.layer() };
         assert!(layers::bn_backward(dev, m, &ok(8), None, &ok(8), bad_layer, &mut y).is_err());
+        // Through a max pool of [1, 2, 2, 2]: pooled [1, 1, 1, 2].
+        let (taps, bad_taps) = (up(dev, vec![0u8; 2]), up(wrong, vec![0u8; 2]));
+        let layer = &mut bn.layer();
+        assert!(
+            layers::bn_backward_through_relu_maxpool(dev, (1, 2, 2), &ok(8), &bad_taps, &ok(2), layer, &mut y).is_err()
+        );
+        assert!(
+            layers::bn_backward_through_relu_maxpool(dev, (1, 2, 2), &ok(8), &taps, &bad(2), layer, &mut y).is_err()
+        );
+        layers::bn_backward_through_relu_maxpool(dev, (1, 2, 2), &ok(8), &taps, &ok(2), layer, &mut y).unwrap();
     }
 }
 
@@ -410,6 +494,10 @@ mod cuda {
         for (i, &(m, c)) in BN_SHAPES.iter().enumerate() {
             check_bn_backward_through_relu::<f32>(&d, m, c, 800 + i as u64);
             check_bn_backward_through_relu::<bf16>(&d, m, c, 900 + i as u64);
+        }
+        for (i, &shape) in POOL_BN_SHAPES.iter().enumerate() {
+            check_bn_backward_through_relu_maxpool::<f32>(&d, shape, 1200 + i as u64);
+            check_bn_backward_through_relu_maxpool::<bf16>(&d, shape, 1300 + i as u64);
         }
     }
 }

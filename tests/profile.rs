@@ -203,7 +203,8 @@ fn grad_sums() -> Vec<(prunekit::shape::ConvShape, bool)> {
     v
 }
 
-/// What the kernel devices count where the CPU counts `cpu` (as [`shared_counts`]). With
+/// What the kernel devices count where the CPU counts `cpu` (as [`shared_counts`]). The
+/// stem's BN + ReLU runs in the max pool, and the pool's backward in the stem BN's. With
 /// `fusion.on_load` a train step there applies bn1 and bn2 as conv2 and conv3 load their
 /// inputs, in fprop and wgrad, so each block has two BN apply passes fewer and those four
 /// conv passes count the reads of the BN's parameters; with `fusion.dgrad_sums` the dgrads
@@ -224,6 +225,32 @@ fn kernel_counts(cpu: &Profile, precision: PrecisionKind, fusion: BnFusion) -> V
             match f.0 {
                 Family::ConvDgrad => f.3 += extra.bytes,
                 Family::BnBackward => f.1 += 1,
+                _ => {}
+            }
+        }
+    }
+    // The stem: its BN + ReLU is applied by the max pool as it loads (one BN apply pass
+    // fewer; the pool reads the conv output and also writes its taps), and the pool's
+    // backward runs inside the stem BN's backward (one pool call fewer).
+    {
+        let (s3, _) = stem_shapes();
+        let (m0, c0) = (s3.n * s3.p() * s3.q(), s3.k);
+        let (ph, pw) = (prunekit::ops::layers::maxpool_out(s3.p()), prunekit::ops::layers::maxpool_out(s3.q()));
+        let pooled = s3.n * ph * pw * c0;
+        let apply = Cost::bn_apply(m0, c0, elem, false, true);
+        let (plain, fused) =
+            (Cost::maxpool_forward(m0 * c0, pooled, elem), Cost::maxpool_forward_bn(m0 * c0, pooled, elem, true, true));
+        let back = Cost::maxpool_backward(m0 * c0, pooled, elem);
+        for f in c.iter_mut() {
+            match f.0 {
+                Family::BnForward => (f.1, f.2, f.3) = (f.1 - 1, f.2 - apply.flops, f.3 - apply.bytes),
+                Family::Pool => {
+                    (f.1, f.2, f.3) = (
+                        f.1 - 1,
+                        f.2 + fused.flops - plain.flops - back.flops,
+                        f.3 + fused.bytes - plain.bytes - back.bytes,
+                    )
+                }
                 _ => {}
             }
         }

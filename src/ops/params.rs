@@ -397,6 +397,14 @@ params!(
         /// gradient through the fused ReLU's mask (for the other consumers of a bottleneck's
         /// sum), or 0 (null).
         grad_out: u64,
+        /// Backward `_maxpool` variants: device address of the `[n, oh, ow, c]` u8 argmax
+        /// taps of the 3x3 stride 2 max pool that took the BN's output (`dy` is then that
+        /// pool output's gradient, `[n, oh, ow, c]`); 0 otherwise.
+        pool_taps: u64,
+        /// Backward `_maxpool` variants: the pool input's height (`m = n * pool_h * pool_w`).
+        pool_h: i32,
+        /// Backward `_maxpool` variants: the pool input's width.
+        pool_w: i32,
     }
 );
 params!(

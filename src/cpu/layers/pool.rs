@@ -38,8 +38,8 @@ fn window_argmax<F: Fn(usize, usize) -> f64>(h: usize, w: usize, oy: usize, ox: 
 }
 
 /// The maxima of window (oy, ox) of every channel into `best` (`c` long), and, with `ARG`,
-/// where they are into `arg` (the input pixel `ih * w + iw`, 32 bits like the values, so
-/// that the selects of both vectorize together): the
+/// where they are into `arg` (`code(ih, iw)` of the input pixel, 32 bits like the values,
+/// so that the selects of both vectorize together): the
 /// same rule as [`window_argmax`], over the channels at once (contiguous in NHWC, so the
 /// comparisons vectorize).
 #[inline(always)]
@@ -48,6 +48,7 @@ fn window_max_all<T: Real, const ARG: bool>(
     w: usize,
     c: usize,
     taps: (std::ops::Range<usize>, std::ops::Range<usize>),
+    code: impl Fn(usize, usize) -> u32,
     best: &mut [f32],
     arg: &mut [u32],
 ) {
@@ -55,8 +56,8 @@ fn window_max_all<T: Real, const ARG: bool>(
     let mut first = true;
     for ih in taps.0 {
         for iw in taps.1.clone() {
-            let t = (ih * w + iw) as u32;
-            let xr = &xi[t as usize * c..][..c];
+            let t = code(ih, iw);
+            let xr = &xi[(ih * w + iw) * c..][..c];
             if first {
                 for (b, v) in best.iter_mut().zip(xr) {
                     *b = v.to_f32();
@@ -97,7 +98,7 @@ pub fn maxpool_forward<T: Real>(n: usize, h: usize, w: usize, c: usize, x: &[T],
             let (img, oy) = (row / oh, row % oh);
             let xi = &x[img * h * w * c..(img + 1) * h * w * c];
             for (ox, yo) in yr.chunks_exact_mut(c).enumerate() {
-                window_max_all::<T, false>(xi, w, c, window(h, w, oy, ox), best, &mut []);
+                window_max_all::<T, false>(xi, w, c, window(h, w, oy, ox), |_, _| 0, best, &mut []);
                 for (o, b) in yo.iter_mut().zip(best.iter()) {
                     *o = T::from_f32(*b);
                 }
@@ -119,19 +120,34 @@ pub fn maxpool_forward_taps<T: Real>(n: usize, h: usize, w: usize, c: usize, x: 
         |(best, arg), (row, (yr, tr))| {
             let (img, oy) = (row / oh, row % oh);
             let xi = &x[img * h * w * c..(img + 1) * h * w * c];
-            for (ox, (yo, to)) in yr.chunks_exact_mut(c).zip(tr.chunks_exact_mut(c)).enumerate() {
-                window_max_all::<T, true>(xi, w, c, window(h, w, oy, ox), best, arg);
-                for (o, b) in yo.iter_mut().zip(best.iter()) {
-                    *o = T::from_f32(*b);
-                }
-                for (t, a) in to.iter_mut().zip(arg.iter()) {
-                    let (ih, iw) = (*a as usize / w, *a as usize % w);
-                    // In range: (ih, iw) is a tap of window (oy, ox).
-                    *t = ((ih + 1 - 2 * oy) * 3 + (iw + 1 - 2 * ox)) as u8;
-                }
-            }
+            forward_row_taps((h, w, c), oy, xi, yr, tr, best, arg);
         },
     );
+}
+
+/// One output row `oy` of [`maxpool_forward_taps`] of one image.
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn forward_row_taps<T: Real>(
+    (h, w, c): (usize, usize, usize),
+    oy: usize,
+    xi: &[T],
+    yr: &mut [T],
+    tr: &mut [u8],
+    best: &mut [f32],
+    arg: &mut [u32],
+) {
+    for (ox, (yo, to)) in yr.chunks_exact_mut(c).zip(tr.chunks_exact_mut(c)).enumerate() {
+        // (ih, iw) is a tap of window (oy, ox): ih + 1 >= 2 oy, iw + 1 >= 2 ox.
+        let tap = |ih: usize, iw: usize| ((ih + 1 - 2 * oy) * 3 + (iw + 1 - 2 * ox)) as u32;
+        window_max_all::<T, true>(xi, w, c, window(h, w, oy, ox), tap, best, arg);
+        for (o, b) in yo.iter_mut().zip(best.iter()) {
+            *o = T::from_f32(*b);
+        }
+        for (t, a) in to.iter_mut().zip(arg.iter()) {
+            *t = *a as u8;
+        }
+    }
 }
 
 /// Max pool backward: `dx` (overwritten) gets each output's gradient at its window's
@@ -172,7 +188,7 @@ fn backward_image<T: Real>(
     let h = xi.len() / (w * c).max(1);
     for oy in 0..oh {
         for ox in 0..ow {
-            window_max_all::<T, true>(xi, w, c, window(h, w, oy, ox), best, arg);
+            window_max_all::<T, true>(xi, w, c, window(h, w, oy, ox), |ih, iw| (ih * w + iw) as u32, best, arg);
             let g = &dyi[(oy * ow + ox) * c..][..c];
             for (ch, (a, gv)) in arg[..c].iter().zip(g).enumerate() {
                 acc[*a as usize * c + ch] += gv.to_f32();

@@ -196,25 +196,28 @@ impl<T: Precision> ResNet<T> {
             }
             g = dx;
         }
-        // The stem: max pool, BN + ReLU, conv (no input gradient).
-        let da0 = scratch.take(ws.a0.len())?;
-        {
-            let [gb, da] = scratch.bufs.get_disjoint_mut([g, da0]).expect("distinct");
-            let (h0, w0, c0) = (ws.stem_h, ws.stem_w, self.arch.stem);
-            match (ws.stem_pool_bn, &ws.taps0) {
-                (Some(_), Some(taps)) => layers::maxpool_backward_taps(&dev, n, h0, w0, c0, taps, gb, da)?,
-                _ => layers::maxpool_backward(&dev, n, h0, w0, c0, &ws.a0, gb, da)?,
+        // The stem: max pool, BN + ReLU, conv (no input gradient). After a forward that
+        // pooled through the BN (kernel devices), the BN backward gathers the pool's
+        // gradient from its taps as it loads, and the pool's input gradient is not stored.
+        let (h0, w0, c0) = (ws.stem_h, ws.stem_w, self.arch.stem);
+        let dt0 = scratch.take(ws.t0.len())?;
+        match (ws.stem_pool_bn, &ws.taps0) {
+            (Some(_), Some(taps)) => {
+                let [gb, d0] = scratch.bufs.get_disjoint_mut([g, dt0]).expect("distinct");
+                let bn = &mut self.stem_bn.layer(&mut ws.s0, bnc);
+                layers::bn_backward_through_relu_maxpool(&dev, (n, h0, w0), &ws.t0, taps, gb, bn, d0)?;
+                scratch.give(g);
+            }
+            _ => {
+                let da0 = scratch.take(ws.a0.len())?;
+                let [gb, da, d0] = scratch.bufs.get_disjoint_mut([g, da0, dt0]).expect("distinct");
+                layers::maxpool_backward(&dev, n, h0, w0, c0, &ws.a0, gb, da)?;
+                let bn = &mut self.stem_bn.layer(&mut ws.s0, bnc);
+                layers::bn_backward_through_relu(&dev, n * h0 * w0, &ws.t0, &ws.a0, da, bn, d0)?;
+                scratch.give(g);
+                scratch.give(da0);
             }
         }
-        scratch.give(g);
-        let dt0 = scratch.take(ws.t0.len())?;
-        let m0 = n * ws.stem_h * ws.stem_w;
-        {
-            let [da, d0] = scratch.bufs.get_disjoint_mut([da0, dt0]).expect("distinct");
-            let bn = &mut self.stem_bn.layer(&mut ws.s0, bnc);
-            layers::bn_backward_through_relu(&dev, m0, &ws.t0, &ws.a0, da, bn, d0)?;
-        }
-        scratch.give(da0);
         self.stem.wgrad(
             &dev,
             &ws.stem_sh,

@@ -321,7 +321,7 @@ pub fn bn_backward<T: LayerElem>(
             Ok(())
         }
         Device::Gpu(gpu) => {
-            let (g, p) = backward_params(gpu, m, x, dy, relu_out, dx, bn)?;
+            let (g, p) = backward_params(gpu, m, x, dy, relu_out, dx, bn, &[])?;
             launch_backward(gpu, &g, c, &p, [T::BN_BACKWARD_REDUCE, T::BN_BACKWARD_DX])
         }
     })
@@ -352,9 +352,63 @@ pub fn bn_backward_through_relu<T: LayerElem>(
     }
     let cost = || Cost::bn_backward_through_relu(m, c, std::mem::size_of::<T>());
     timed(dev, Family::BnBackward, cost, || {
-        let (g, mut p) = backward_params(gpu, m, x, dy, None, dx, bn)?;
+        let (g, mut p) = backward_params(gpu, m, x, dy, None, dx, bn, &[])?;
         p.beta = dptr(bn.beta, gpu, "beta")?; // checked: c floats
         launch_backward(gpu, &g, c, &p, [T::BN_BACKWARD_REDUCE_RELU, T::BN_BACKWARD_DX_RELU])
+    })
+}
+
+/// The backward of a batch norm + ReLU whose output went through the 3x3 stride 2 max pool
+/// (the stem): `x` is the BN's input `[n, h, w, c]` (`c = bn.c`), `taps` and `dy` the max
+/// pool's argmax taps ([`crate::ops::layers::maxpool_forward_bn`]) and output gradient
+/// (`[n, oh, ow, c]`). Bitwise [`crate::ops::layers::maxpool_backward_taps`] followed by
+/// [`bn_backward_through_relu`] on the same device; on a kernel device the two passes of
+/// the BN backward gather the pool's gradient from `taps` and `dy` as they load it, so the
+/// pool's input gradient (as large as `x`) is never stored: four passes over `[m, c]`
+/// fewer. The CPU runs the two ops, with the ReLU's output made from `x`.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_backward_through_relu_maxpool<T: LayerElem>(
+    dev: &Device,
+    (n, h, w): (usize, usize, usize),
+    x: &Buf<T>,
+    taps: &Buf<u8>,
+    dy: &Buf<T>,
+    bn: &mut BnLayer<'_>,
+    dx: &mut Buf<T>,
+) -> Result<()> {
+    let c = bn.c;
+    ensure!(h >= 1 && w >= 1, "max pool of an empty image ({h}x{w})");
+    let m = mul(mul(n, h, "the batch norm input")?, w, "the batch norm input")?;
+    check_backward(dev, m, &[(x, "x"), (&*dx, "dx")], bn)?;
+    check_bufs(dev, c, &[(bn.beta, "beta")])?;
+    let (oh, ow) = (super::maxpool_out(h), super::maxpool_out(w));
+    let pooled = mul(mul(mul(n, oh, "the max pool output")?, ow, "the max pool output")?, c, "the max pool output")?;
+    check_len(taps, pooled, "taps")?;
+    check_len(dy, pooled, "dy")?;
+    crate::ops::check_on(taps, dev, "taps")?;
+    crate::ops::check_on(dy, dev, "dy")?;
+    if c == 0 {
+        return Ok(());
+    }
+    let cost = || Cost::bn_backward_through_relu_maxpool(m, pooled, c, std::mem::size_of::<T>());
+    timed(dev, Family::BnBackward, cost, || match dev {
+        Device::Cpu => {
+            let mut g = vec![T::from_f32(0.0); m * c];
+            super::pool::cpu_maxpool_backward_taps(n, h, w, c, host(taps, "taps")?, host(dy, "dy")?, &mut g);
+            let xs = host(x, "x")?;
+            let o = relu_output_host(m, xs, &bn.input(true))?;
+            cpu::bn_backward(m, xs, Some(&o), &g, &mut bn.host()?, host_mut(dx, "dx")?);
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let tp = dptr(taps, gpu, "taps")?;
+            let (g, mut p) = backward_params(gpu, m, x, dy, None, dx, bn, &[tp])?;
+            p.beta = dptr(bn.beta, gpu, "beta")?; // checked: c floats
+            p.pool_taps = tp;
+            p.pool_h = i32_of(h, "h")?;
+            p.pool_w = i32_of(w, "w")?;
+            launch_backward(gpu, &g, c, &p, [T::BN_BACKWARD_REDUCE_RELU_MAXPOOL, T::BN_BACKWARD_DX_RELU_MAXPOOL])
+        }
     })
 }
 
@@ -392,7 +446,7 @@ pub fn bn_backward_dx<T: LayerElem>(
             Ok(())
         }
         Device::Gpu(gpu) => {
-            let (g, mut p) = backward_params(gpu, m, x, dy, None, dx, bn)?;
+            let (g, mut p) = backward_params(gpu, m, x, dy, None, dx, bn, &[])?;
             p.beta = dptr(bn.beta, gpu, "beta")?; // checked: c floats
             let kernel = if relu { T::BN_BACKWARD_DX_RELU } else { T::BN_BACKWARD_DX };
             // SAFETY: x, dy and dx hold m*c elements, the [c] buffers c; the dx pass reads
@@ -430,7 +484,7 @@ fn check_backward<T: LayerElem>(dev: &Device, m: usize, big: &[(&Buf<T>, &str)],
 }
 
 /// The launch grid and parameters of a backward on a kernel device (`relu_out` null when
-/// there is no fused ReLU).
+/// there is no fused ReLU); vectors only where `also_aligned` are 16-byte aligned too.
 fn backward_params<T: LayerElem>(
     gpu: &Gpu,
     m: usize,
@@ -439,6 +493,7 @@ fn backward_params<T: LayerElem>(
     relu_out: Option<&Buf<T>>,
     dx: &Buf<T>,
     bn: &BnLayer<'_>,
+    also_aligned: &[u64],
 ) -> Result<(Grid, BnParams)> {
     let c = bn.c;
     let (xp, dyp, dxp) = (dptr(x, gpu, "x")?, dptr(dy, gpu, "dy")?, dptr(dx, gpu, "dx")?);
@@ -446,7 +501,7 @@ fn backward_params<T: LayerElem>(
         Some(o) => dptr(o, gpu, "relu_out")?,
         None => 0,
     };
-    let vec = vec_width::<T>(c, &[xp, dyp, dxp, rp]);
+    let vec = if aligned16(also_aligned) { vec_width::<T>(c, &[xp, dyp, dxp, rp]) } else { 1 };
     let g = grid(m, c, vec, std::mem::size_of::<T>());
     let p = BnParams {
         x: xp,
@@ -635,7 +690,7 @@ pub fn bn_backward_masking_dy<T: LayerElem>(
             Ok(())
         }
         Device::Gpu(gpu) => {
-            let (g, p) = backward_params(gpu, m, x, dy, Some(relu_out), dx, bn)?;
+            let (g, p) = backward_params(gpu, m, x, dy, Some(relu_out), dx, bn, &[])?;
             // The reduction writes the masked gradient over dy.
             let p = BnParams { grad_out: p.dy, ..p };
             // The dx pass reads the stored g, unmasked.
@@ -700,6 +755,16 @@ impl Cost {
     pub fn bn_backward_through_relu(m: usize, c: usize, elem: usize) -> Cost {
         let mc = u(m) * u(c);
         Cost { flops: mc * 19, bytes: 5 * mc * u(elem) + 6 * u(c) * F32 }
+    }
+
+    /// [`Cost::bn_backward_through_relu`] of `m` rows with the gradient gathered from a max
+    /// pool's `pooled` output gradients and taps
+    /// ([`crate::ops::layers::bn_backward_through_relu_maxpool`]): each pass reads x, dy and
+    /// the taps (a byte per pooled element), and the dx pass writes dx; FLOPs as there, and
+    /// the pool's adds (1 per pooled element and pass).
+    pub fn bn_backward_through_relu_maxpool(m: usize, pooled: usize, c: usize, elem: usize) -> Cost {
+        let (mc, pe) = (u(m) * u(c), u(pooled));
+        Cost { flops: mc * 19 + 2 * pe, bytes: (3 * mc + 2 * pe) * u(elem) + 2 * pe + 6 * u(c) * F32 }
     }
 
     /// The dx pass of a batch norm backward alone ([`crate::ops::layers::bn_backward_dx`]):

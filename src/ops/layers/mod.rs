@@ -27,8 +27,8 @@ mod pool;
 mod sgd;
 
 pub use bn::{
-    bn_apply_saved, bn_backward, bn_backward_dx, bn_backward_masking_dy, bn_backward_through_relu, bn_forward_eval,
-    bn_forward_train, bn_row_chunks, BnInput, BnLayer,
+    bn_apply_saved, bn_backward, bn_backward_dx, bn_backward_masking_dy, bn_backward_through_relu,
+    bn_backward_through_relu_maxpool, bn_forward_eval, bn_forward_train, bn_row_chunks, BnInput, BnLayer,
 };
 pub(crate) use bn::{bn_launch_finalize_tiles, bn_launch_grad_finalize, relu_output_host};
 pub use elementwise::{add_assign, add_relu, cast, relu_backward};
@@ -81,6 +81,10 @@ pub trait LayerElem: CastElem {
     const BN_BACKWARD_DX_RELU: Kernel;
     /// `bn_backward_dx_<dtype>`.
     const BN_BACKWARD_DX: Kernel;
+    /// The reduction through the BN's own ReLU, g gathered from a max pool's backward.
+    const BN_BACKWARD_REDUCE_RELU_MAXPOOL: Kernel;
+    /// The dx pass through the BN's own ReLU, g gathered from a max pool's backward.
+    const BN_BACKWARD_DX_RELU_MAXPOOL: Kernel;
     /// `add_relu_<dtype>`.
     const ADD_RELU: Kernel;
     /// `relu_backward_<dtype>`.
@@ -110,6 +114,9 @@ macro_rules! layer_elem {
             const BN_BACKWARD_DX: Kernel = Kernel::new("bn", concat!("bn_backward_dx_", $d));
             const BN_BACKWARD_REDUCE_RELU: Kernel = Kernel::new("bn", concat!("bn_backward_reduce_relu_", $d));
             const BN_BACKWARD_DX_RELU: Kernel = Kernel::new("bn", concat!("bn_backward_dx_relu_", $d));
+            const BN_BACKWARD_REDUCE_RELU_MAXPOOL: Kernel =
+                Kernel::new("bn", concat!("bn_backward_reduce_relu_maxpool_", $d));
+            const BN_BACKWARD_DX_RELU_MAXPOOL: Kernel = Kernel::new("bn", concat!("bn_backward_dx_relu_maxpool_", $d));
             const ADD_RELU: Kernel = Kernel::new("elementwise", concat!("add_relu_", $d));
             const RELU_BACKWARD: Kernel = Kernel::new("elementwise", concat!("relu_backward_", $d));
             const ADD_ASSIGN: Kernel = Kernel::new("elementwise", concat!("add_assign_", $d));
