@@ -485,6 +485,7 @@ fn check_backward<T: LayerElem>(dev: &Device, m: usize, big: &[(&Buf<T>, &str)],
 
 /// The launch grid and parameters of a backward on a kernel device (`relu_out` null when
 /// there is no fused ReLU); vectors only where `also_aligned` are 16-byte aligned too.
+#[allow(clippy::too_many_arguments)]
 fn backward_params<T: LayerElem>(
     gpu: &Gpu,
     m: usize,
