@@ -394,7 +394,7 @@ pub fn bn_backward_through_relu_maxpool<T: LayerElem>(
     timed(dev, Family::BnBackward, cost, || match dev {
         Device::Cpu => {
             let mut g = vec![T::from_f32(0.0); m * c];
-            super::pool::cpu_maxpool_backward_taps(n, h, w, c, host(taps, "taps")?, host(dy, "dy")?, &mut g);
+            crate::cpu::layers::pool::maxpool_backward_taps(n, h, w, c, host(taps, "taps")?, host(dy, "dy")?, &mut g);
             let xs = host(x, "x")?;
             let o = relu_output_host(m, xs, &bn.input(true))?;
             cpu::bn_backward(m, xs, Some(&o), &g, &mut bn.host()?, host_mut(dx, "dx")?);

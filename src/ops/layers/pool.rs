@@ -313,19 +313,6 @@ pub fn avgpool_backward<T: LayerElem>(
     )
 }
 
-/// [`maxpool_backward_taps`] on host slices (checked by the caller).
-pub(super) fn cpu_maxpool_backward_taps<T: LayerElem>(
-    n: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    taps: &[u8],
-    dy: &[T],
-    dx: &mut [T],
-) {
-    cpu::maxpool_backward_taps(n, h, w, c, taps, dy, dx)
-}
-
 /// The profile's counts of this module's ops (see [`crate::ops::profile`]).
 impl Cost {
     /// Max pool 3x3 forward from `inputs` to `outputs` elements: reads x, writes y; 9
