@@ -45,8 +45,7 @@ impl Acc {
             let bound = t.atol * scale + t.k * noise;
             let b = Blind { name: name.into(), bound: bound / scale, noise: noise / scale };
             if judged && noise > UNJUDGED * scale {
-                self.res.tensors += 1;
-                self.res.unjudged.push(b);
+                self.unjudged(name, got, want, b);
                 return Ok(());
             }
             if judged && bound > JUDGE_LIMIT * scale {
@@ -85,6 +84,20 @@ impl Acc {
             ));
         }
         Ok(())
+    }
+
+    /// Counts a tensor whose values are not judged (`b`: its bound and noise floor, for
+    /// the report), but fails it where a value is NaN or infinite and the expected one is
+    /// finite: no tolerance makes that rounding.
+    pub(super) fn unjudged(&mut self, name: &str, got: &[f64], want: &[f64], b: Blind) {
+        self.res.tensors += 1;
+        self.res.unjudged.push(b);
+        if let Some((i, (g, w))) = got.iter().zip(want).enumerate().find(|(_, (g, w))| !g.is_finite() && w.is_finite())
+        {
+            self.res.failed.push(format!(
+                "{name}: element {i} is {g:e}, expected {w:.6e} (its values are not judged, but must be finite)"
+            ));
+        }
     }
 }
 
@@ -172,8 +185,8 @@ pub(super) fn compare_all(
                 out.iter().flat_map(|r| &r.unjudged).find(|b| unjudged_grads.contains(&b.name) && &b.name == name)
             {
                 let b = Blind { name: name.clone(), bound: f64::INFINITY, noise: b.noise };
-                g.res.tensors += 1;
-                g.res.unjudged.push(b);
+                ensure!(v.len() == e.len(), "{name}: {} values, the reference has {}", v.len(), e.len());
+                g.unjudged(name, v, e, b);
                 continue;
             }
             let nz = match noise {
@@ -225,4 +238,57 @@ pub(super) fn decision_diffs(own: &[Gate], device: &Decisions) -> Result<(Vec<Ga
         }
     }
     Ok((out, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verify::policy::tolerance;
+    use crate::verify::PrecisionKind;
+
+    /// A tensor too noisy to judge still fails on a NaN or an infinity (where the expected
+    /// value is finite), and passes with any finite values.
+    #[test]
+    fn unjudged_tensors_must_be_finite() {
+        let want = [1.0, -2.0, 0.5];
+        for (got, fails) in [
+            ([9.0, 3.0, -7.0], false),
+            ([1.0, f64::NAN, 0.5], true),
+            ([f64::INFINITY, -2.0, 0.5], true),
+            ([1.0, -2.0, f64::NEG_INFINITY], true),
+        ] {
+            let mut acc = Acc::new(Group::Gradients, tolerance(PrecisionKind::Bf16));
+            acc.compare("g", &got, &want, Some(UNJUDGED * 2.0 * 2.0)).unwrap();
+            assert_eq!(acc.res.unjudged.len(), 1, "{got:?}");
+            assert_eq!(!acc.res.failed.is_empty(), fails, "{got:?}: {:?}", acc.res.failed);
+            assert!(!fails || acc.res.failed[0].contains("must be finite"), "{:?}", acc.res.failed);
+        }
+    }
+
+    /// A parameter whose gradient is not judged is not judged after the SGD step either,
+    /// but its stepped values must be finite.
+    #[test]
+    fn stepped_parameters_of_unjudged_gradients_must_be_finite() {
+        let map = |v: &[f64]| BTreeMap::from([("w".to_string(), v.to_vec())]);
+        let values = |grad: &[f64], step: &[f64]| Values {
+            eval_logits: vec![1.0],
+            logits: vec![1.0],
+            loss: 1.0,
+            grads: map(grad),
+            buffers: map(&[1.0]),
+            stepped: map(step),
+        };
+        let want = values(&[1.0, 1.0], &[1.0, 1.0]);
+        // The noise twin moves the gradient by its whole scale: not judged.
+        let base = values(&[1.0, 1.0], &[1.0, 1.0]);
+        let twins = [values(&[2.0, 0.0], &[1.0, 1.0])];
+        let tol = tolerance(PrecisionKind::Bf16);
+        for (step, fails) in [([1.0, 5.0], false), ([1.0, f64::NAN], true)] {
+            let got = values(&[3.0, -1.0], &step);
+            let res = compare_all(&got, &want, Some((&base, &twins)), tol).unwrap();
+            let stepped = res.iter().find(|r| r.group == Group::Step).unwrap();
+            assert_eq!(stepped.unjudged.len(), 1);
+            assert_eq!(!stepped.failed.is_empty(), fails, "{step:?}: {:?}", stepped.failed);
+        }
+    }
 }
