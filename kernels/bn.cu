@@ -31,6 +31,10 @@
 // output gradients of the windows whose argmax tap is that element, in row-major window
 // order, rounded to T, exactly as maxpool_backward_arg stores it (pool.cu), so the pool's
 // input gradient is never written or read.
+// A downsample block's bn3 and shortcut BN (same [m, c], outputs summed): bn_apply_bnres_<T>
+// normalizes the residual with the second BN (rounded to T, as its own apply stores it)
+// before the add, and the _pair backward variants take both BNs' sums and dx from one read
+// of dy per pass (the second BN's partials in dx2's bytes).
 // Fused with the convolution (src/ops/fused.rs, conv2d_dgrad_bn_sums): a dgrad whose output
 // is g takes the reduce's sums per row tile in its epilogue (conv.cu), so the backward is
 // that dgrad, bn_backward_finalize_f32 over its tiles, and bn_backward_dx_<T>.
@@ -238,11 +242,15 @@ PK_KERNEL(bn_stats_finalize_f32, PkBnParams) {
 }
 
 // ---------------------------------------------------------------- normalization
-template <class T, int V>
+// BNRES: the residual goes through the second batch norm first (mean2, gamma2 * invstd2,
+// beta2, no ReLU), rounded to T: exactly what bn_apply without a residual stores for it,
+// so the sum is bitwise that of the two applies, without the residual's BN output being
+// written and read.
+template <class T, int V, bool BNRES>
 __device__ __forceinline__ void bn_apply(const PkBnParams& p) {
   const BnPlace pl = bn_place<V>(p);
   if (!pl.active) return;  // no barriers below
-  float mean[V], scale[V], beta[V];
+  float mean[V], scale[V], beta[V], mean2[BNRES ? V : 1], scale2[BNRES ? V : 1], beta2[BNRES ? V : 1];
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const int ch = pl.j * V + k;
@@ -250,6 +258,12 @@ __device__ __forceinline__ void bn_apply(const PkBnParams& p) {
     mean[k] = p.mean[ch];
     scale[k] = p.gamma[ch] * is;
     beta[k] = p.beta[ch];
+    if constexpr (BNRES) {
+      const float is2 = p.eval ? 1.0f / sqrtf(p.invstd2[ch] + p.eps) : p.invstd2[ch];
+      mean2[k] = p.mean2[ch];
+      scale2[k] = p.gamma2[ch] * is2;
+      beta2[k] = p.beta2[ch];
+    }
   }
   const T* x = static_cast<const T*>(p.x) + (int64_t)pl.j * V;
   const T* res = p.residual ? static_cast<const T*>(p.residual) + (int64_t)pl.j * V : nullptr;
@@ -258,8 +272,12 @@ __device__ __forceinline__ void bn_apply(const PkBnParams& p) {
   for (int64_t r = pl.r0; r < pl.r1; r += pl.step) {
     float v[V], a[V];
     load_vec<T, V>(x + r * p.c, v);
-    if (res) {
+    if (BNRES || res) {
       load_vec<T, V>(res + r * p.c, a);
+      if constexpr (BNRES) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) a[k] = to_f32(from_f32<T>(fmaf(a[k] - mean2[k], scale2[k], beta2[k]) + 0.0f));
+      }
     } else {
 #pragma unroll
       for (int k = 0; k < V; ++k) a[k] = 0.0f;
@@ -374,16 +392,27 @@ __device__ __forceinline__ void bn_load_grad(const PkBnParams& p, int64_t off, c
   }
 }
 
-template <class T, int V, bool RECOMPUTE, bool POOL>
+// PAIR: a second batch norm of the same dy (unmasked), input x2: its sum of g is the first
+// one's (the same values in the same order), its sum of g (x2 - mean2) is taken beside,
+// and its partials go to dx2's bytes (or dbeta2, dgamma2): bitwise a reduction of its own.
+template <class T, int V, bool RECOMPUTE, bool POOL, bool PAIR>
 __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
+  constexpr int V2 = PAIR ? V : 1;
   __shared__ float s_g[BN_MAX_THREADS * V];
   __shared__ float s_gx[BN_MAX_THREADS * V];
+  __shared__ float s_gx2[BN_MAX_THREADS * V2];
   const BnPlace pl = bn_place<V>(p);
-  float sg[V], sgx[V], mean[V], scale[V], beta[V];
+  float sg[V], sgx[V], mean[V], scale[V], beta[V], sgx2[V2], mean2[V2];
 #pragma unroll
   for (int k = 0; k < V; ++k) sg[k] = sgx[k] = 0.0f;
+#pragma unroll
+  for (int k = 0; k < V2; ++k) sgx2[k] = mean2[k] = 0.0f;
   if (pl.active) {
     bn_apply_consts<V, RECOMPUTE>(p, pl.j, mean, scale, beta);
+    if constexpr (PAIR) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) mean2[k] = p.mean2[pl.j * V + k];
+    }
     const T* x = static_cast<const T*>(p.x);
     PoolRow q = pool_row<POOL>(p, pl.r0);
 #pragma unroll 2
@@ -403,6 +432,11 @@ __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
         sg[k] += g[k];
         sgx[k] = fmaf(g[k], v[k] - mean[k], sgx[k]);
       }
+      if constexpr (PAIR) {
+        load_vec<T, V>(static_cast<const T*>(p.x2) + off, v);
+#pragma unroll
+        for (int k = 0; k < V; ++k) sgx2[k] = fmaf(g[k], v[k] - mean2[k], sgx2[k]);
+      }
     }
   }
   const int tx = (int)threadIdx.x, ty = (int)threadIdx.y, bx = (int)blockDim.x;
@@ -411,6 +445,7 @@ __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
   for (int k = 0; k < V; ++k) {
     s_g[slot * V + k] = sg[k];
     s_gx[slot * V + k] = sgx[k];
+    if constexpr (PAIR) s_gx2[slot * V + k] = sgx2[k];
   }
   for (int s = (int)blockDim.y / 2; s > 0; s >>= 1) {
     __syncthreads();
@@ -422,6 +457,10 @@ __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
         sgx[k] += s_gx[o * V + k];
         s_g[slot * V + k] = sg[k];
         s_gx[slot * V + k] = sgx[k];
+        if constexpr (PAIR) {
+          sgx2[k] += s_gx2[o * V + k];
+          s_gx2[slot * V + k] = sgx2[k];
+        }
       }
     }
   }
@@ -432,8 +471,14 @@ __device__ __forceinline__ void bn_backward_reduce(const PkBnParams& p) {
       if (p.chunks == 1) {
         p.dbeta[ch] = sg[k];
         p.dgamma[ch] = sgx[k];
+        if constexpr (PAIR) {
+          p.dbeta2[ch] = sg[k];
+          p.dgamma2[ch] = sgx2[k];
+        }
       } else {
-        bn_partials(p)[(int64_t)ch * p.chunks + blockIdx.y] = make_float2(sg[k], sgx[k]);
+        const int64_t at = (int64_t)ch * p.chunks + blockIdx.y;
+        bn_partials(p)[at] = make_float2(sg[k], sgx[k]);
+        if constexpr (PAIR) static_cast<float2*>(p.out2)[at] = make_float2(sg[k], sgx2[k]);
       }
     }
   }
@@ -455,12 +500,15 @@ PK_KERNEL(bn_backward_finalize_f32, PkBnParams) {
   }
 }
 
-template <class T, int V, bool RECOMPUTE, bool POOL>
+// PAIR: also dx2 of the second batch norm (x2, its statistics and gradients) from the same
+// g, with the same operations as its own dx pass.
+template <class T, int V, bool RECOMPUTE, bool POOL, bool PAIR>
 __device__ __forceinline__ void bn_backward_dx(const PkBnParams& p) {
+  constexpr int V2 = PAIR ? V : 1;
   const BnPlace pl = bn_place<V>(p);
   if (!pl.active) return;  // no barriers below
   const float inv_m = 1.0f / (float)p.m;
-  float mean[V], k1[V], k2[V], k3[V], beta[V];
+  float mean[V], k1[V], k2[V], k3[V], beta[V], mean2[V2], l1[V2], l2[V2], l3[V2];
   bn_apply_consts<V, RECOMPUTE>(p, pl.j, mean, k1, beta);  // k1 = gamma * invstd
 #pragma unroll
   for (int k = 0; k < V; ++k) {
@@ -468,6 +516,13 @@ __device__ __forceinline__ void bn_backward_dx(const PkBnParams& p) {
     const float is = p.invstd[ch];
     k2[k] = p.dbeta[ch] * inv_m;         // mean of g
     k3[k] = p.dgamma[ch] * is * inv_m;   // invstd^2 * mean of g (x - mean)
+    if constexpr (PAIR) {
+      const float is2 = p.invstd2[ch];
+      mean2[k] = p.mean2[ch];
+      l1[k] = p.gamma2[ch] * is2;
+      l2[k] = p.dbeta2[ch] * inv_m;
+      l3[k] = p.dgamma2[ch] * is2 * inv_m;
+    }
   }
   const T* x = static_cast<const T*>(p.x);
   T* dx = static_cast<T*>(p.out);
@@ -481,64 +536,92 @@ __device__ __forceinline__ void bn_backward_dx(const PkBnParams& p) {
 #pragma unroll
     for (int k = 0; k < V; ++k) v[k] = k1[k] * (g[k] - k2[k] - (v[k] - mean[k]) * k3[k]);
     store_vec<T, V>(dx + off, v);
+    if constexpr (PAIR) {
+      load_vec<T, V>(static_cast<const T*>(p.x2) + off, v);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] = l1[k] * (g[k] - l2[k] - (v[k] - mean2[k]) * l3[k]);
+      store_vec<T, V>(static_cast<T*>(p.out2) + off, v);
+    }
   }
 }
 
 // ---------------------------------------------------------------- entry points
 // At least 4 blocks of 256 threads per SM (64 registers), 3 for dx (85), which holds four
 // per-channel constants per element of its vector.
-#define BN_ENTRIES(T, NAME)                                                                  \
-  PK_KERNEL_BOUNDS(bn_stats_##NAME, PkBnParams, BN_MAX_THREADS, 4) {                         \
-    if (p.vec > 1)                                                                           \
-      bn_stats<T, VecWidth<T>::value>(p);                                                    \
-    else                                                                                     \
-      bn_stats<T, 1>(p);                                                                     \
-  }                                                                                          \
-  PK_KERNEL_BOUNDS(bn_apply_##NAME, PkBnParams, BN_MAX_THREADS, 4) {                         \
-    if (p.vec > 1)                                                                           \
-      bn_apply<T, VecWidth<T>::value>(p);                                                    \
-    else                                                                                     \
-      bn_apply<T, 1>(p);                                                                     \
-  }                                                                                          \
-  PK_KERNEL_BOUNDS(bn_backward_reduce_##NAME, PkBnParams, BN_MAX_THREADS, 4) {               \
-    if (p.vec > 1)                                                                           \
-      bn_backward_reduce<T, VecWidth<T>::value, false, false>(p);                            \
-    else                                                                                     \
-      bn_backward_reduce<T, 1, false, false>(p);                                             \
-  }                                                                                          \
-  PK_KERNEL_BOUNDS(bn_backward_dx_##NAME, PkBnParams, BN_MAX_THREADS, 3) {                   \
-    if (p.vec > 1)                                                                           \
-      bn_backward_dx<T, VecWidth<T>::value, false, false>(p);                                \
-    else                                                                                     \
-      bn_backward_dx<T, 1, false, false>(p);                                                 \
-  }                                                                                          \
-  /* Through the BN's own ReLU, its output recomputed from x: three more per-channel      */ \
-  /* constants per vector element, so 3 blocks per SM (85 registers) for both.            */ \
-  PK_KERNEL_BOUNDS(bn_backward_reduce_relu_##NAME, PkBnParams, BN_MAX_THREADS, 3) {          \
-    if (p.vec > 1)                                                                           \
-      bn_backward_reduce<T, VecWidth<T>::value, true, false>(p);                             \
-    else                                                                                     \
-      bn_backward_reduce<T, 1, true, false>(p);                                              \
-  }                                                                                          \
-  PK_KERNEL_BOUNDS(bn_backward_dx_relu_##NAME, PkBnParams, BN_MAX_THREADS, 3) {              \
-    if (p.vec > 1)                                                                           \
-      bn_backward_dx<T, VecWidth<T>::value, true, false>(p);                                 \
-    else                                                                                     \
-      bn_backward_dx<T, 1, true, false>(p);                                                  \
-  }                                                                                          \
-  /* The same, g gathered from a max pool's backward (the stem): 2 blocks per SM (128       */ \
-  /* registers; at 3, 80 registers spill in bf16).                                        */ \
-  PK_KERNEL_BOUNDS(bn_backward_reduce_relu_maxpool_##NAME, PkBnParams, BN_MAX_THREADS, 2) {  \
-    if (p.vec > 1)                                                                           \
-      bn_backward_reduce<T, VecWidth<T>::value, true, true>(p);                              \
-    else                                                                                     \
-      bn_backward_reduce<T, 1, true, true>(p);                                               \
-  }                                                                                          \
-  PK_KERNEL_BOUNDS(bn_backward_dx_relu_maxpool_##NAME, PkBnParams, BN_MAX_THREADS, 2) {      \
-    if (p.vec > 1)                                                                           \
-      bn_backward_dx<T, VecWidth<T>::value, true, true>(p);                                  \
-    else                                                                                     \
-      bn_backward_dx<T, 1, true, true>(p);                                                   \
+#define BN_ENTRIES(T, NAME)                                                                      \
+  PK_KERNEL_BOUNDS(bn_stats_##NAME, PkBnParams, BN_MAX_THREADS, 4) {                             \
+    if (p.vec > 1)                                                                               \
+      bn_stats<T, VecWidth<T>::value>(p);                                                        \
+    else                                                                                         \
+      bn_stats<T, 1>(p);                                                                         \
+  }                                                                                              \
+  PK_KERNEL_BOUNDS(bn_apply_##NAME, PkBnParams, BN_MAX_THREADS, 4) {                             \
+    if (p.vec > 1)                                                                               \
+      bn_apply<T, VecWidth<T>::value, false>(p);                                                 \
+    else                                                                                         \
+      bn_apply<T, 1, false>(p);                                                                  \
+  }                                                                                              \
+  PK_KERNEL_BOUNDS(bn_backward_reduce_##NAME, PkBnParams, BN_MAX_THREADS, 4) {                   \
+    if (p.vec > 1)                                                                               \
+      bn_backward_reduce<T, VecWidth<T>::value, false, false, false>(p);                         \
+    else                                                                                         \
+      bn_backward_reduce<T, 1, false, false, false>(p);                                          \
+  }                                                                                              \
+  PK_KERNEL_BOUNDS(bn_backward_dx_##NAME, PkBnParams, BN_MAX_THREADS, 3) {                       \
+    if (p.vec > 1)                                                                               \
+      bn_backward_dx<T, VecWidth<T>::value, false, false, false>(p);                             \
+    else                                                                                         \
+      bn_backward_dx<T, 1, false, false, false>(p);                                              \
+  }                                                                                              \
+  /* Through the BN's own ReLU, its output recomputed from x: three more per-channel */          \
+  /* constants per vector element, so 3 blocks per SM (85 registers) for both. */                \
+  PK_KERNEL_BOUNDS(bn_backward_reduce_relu_##NAME, PkBnParams, BN_MAX_THREADS, 3) {              \
+    if (p.vec > 1)                                                                               \
+      bn_backward_reduce<T, VecWidth<T>::value, true, false, false>(p);                          \
+    else                                                                                         \
+      bn_backward_reduce<T, 1, true, false, false>(p);                                           \
+  }                                                                                              \
+  PK_KERNEL_BOUNDS(bn_backward_dx_relu_##NAME, PkBnParams, BN_MAX_THREADS, 3) {                  \
+    if (p.vec > 1)                                                                               \
+      bn_backward_dx<T, VecWidth<T>::value, true, false, false>(p);                              \
+    else                                                                                         \
+      bn_backward_dx<T, 1, true, false, false>(p);                                               \
+  }                                                                                              \
+  /* The same, g gathered from a max pool's backward (the stem): 2 blocks per SM (128 */         \
+  /* registers; at 3, 80 registers spill in bf16). */                                            \
+  PK_KERNEL_BOUNDS(bn_backward_reduce_relu_maxpool_##NAME, PkBnParams, BN_MAX_THREADS, 2) {      \
+    if (p.vec > 1)                                                                               \
+      bn_backward_reduce<T, VecWidth<T>::value, true, true, false>(p);                           \
+    else                                                                                         \
+      bn_backward_reduce<T, 1, true, true, false>(p);                                            \
+  }                                                                                              \
+  PK_KERNEL_BOUNDS(bn_backward_dx_relu_maxpool_##NAME, PkBnParams, BN_MAX_THREADS, 2) {          \
+    if (p.vec > 1)                                                                               \
+      bn_backward_dx<T, VecWidth<T>::value, true, true, false>(p);                               \
+    else                                                                                         \
+      bn_backward_dx<T, 1, true, true, false>(p);                                                \
+  }                                                                                              \
+  /* Two batch norms side by side (a downsample block's bn3 and shortcut BN): the */             \
+  /* apply with the residual through its BN, and the backward of both from one dy. */            \
+  /* Twice the per-channel constants: 3 blocks per SM for the apply and the reduce, */           \
+  /* 2 for the dx pass (eight constants per vector element). */                                  \
+  PK_KERNEL_BOUNDS(bn_apply_bnres_##NAME, PkBnParams, BN_MAX_THREADS, 3) {                       \
+    if (p.vec > 1)                                                                               \
+      bn_apply<T, VecWidth<T>::value, true>(p);                                                  \
+    else                                                                                         \
+      bn_apply<T, 1, true>(p);                                                                   \
+  }                                                                                              \
+  PK_KERNEL_BOUNDS(bn_backward_reduce_pair_##NAME, PkBnParams, BN_MAX_THREADS, 3) {              \
+    if (p.vec > 1)                                                                               \
+      bn_backward_reduce<T, VecWidth<T>::value, false, false, true>(p);                          \
+    else                                                                                         \
+      bn_backward_reduce<T, 1, false, false, true>(p);                                           \
+  }                                                                                              \
+  PK_KERNEL_BOUNDS(bn_backward_dx_pair_##NAME, PkBnParams, BN_MAX_THREADS, 2) {                  \
+    if (p.vec > 1)                                                                               \
+      bn_backward_dx<T, VecWidth<T>::value, false, false, true>(p);                              \
+    else                                                                                         \
+      bn_backward_dx<T, 1, false, false, true>(p);                                               \
   }
 
 BN_ENTRIES(float, f32)

@@ -237,6 +237,18 @@ typedef struct {
   const uint8_t* pool_taps;
   int32_t pool_h;
   int32_t pool_w;
+  // A second batch norm over [m, c] beside the first (a downsample block's shortcut BN
+  // beside bn3): bn_apply_bnres normalizes `residual` with it (no ReLU, rounded to T)
+  // before adding; the _pair backward variants take its input x2 and write its dx2 (and,
+  // in the reduction, its partial sums in dx2's bytes) from the same dy.
+  const void* x2;
+  void* out2;
+  const float* gamma2;
+  const float* beta2;
+  float* mean2;
+  float* invstd2;
+  float* dgamma2;
+  float* dbeta2;
 } PkBnParams;
 
 // elementwise.cu: out[i] = f(a[i], b[i]) for i < n, `vec` elements per vector access

@@ -241,6 +241,82 @@ fn bn_backward_through_relu_maxpool_is_bitwise_the_pool_then_the_bn_backward() {
     }
 }
 
+/// A downsample block's two batch norms side by side (bn3 of x and the shortcut's of x2,
+/// the same [m, c]): the apply with the residual through its BN
+/// ([`layers::bn_apply_saved_bn_residual`]) is bitwise the shortcut's apply into a buffer
+/// and then bn3's with that residual; the pair backward ([`layers::bn_backward_pair`],
+/// [`layers::bn_backward_dx_pair`]) bitwise the two backwards from the same dy, on the
+/// same device.
+fn check_bn_pair<T: LayerElem>(dev: &Device, m: usize, c: usize, seed: u64) {
+    let (k, k2) = (bn_case::<T>(m, c, seed, 0.0), bn_case::<T>(m, c, seed ^ 0x5A5A, 1.5));
+    let mut r = SplitMix::for_layers(seed ^ 0x77);
+    let (x, x2) = (up(dev, to_t::<T>(&k.x)), up(dev, to_t::<T>(&k2.x)));
+    let dy = up(dev, to_t::<T>(&r.vec(m * c, -1.0, 1.0)));
+    let mut bn = BnBufs::new(dev, k.gamma.clone(), k.beta.clone(), k.rm.clone(), k.rv.clone());
+    // The shortcut's gamma: some negative and zero, so that signs and zeros go through.
+    let mut gamma2 = k2.gamma.clone();
+    gamma2.iter_mut().step_by(3).for_each(|g| *g = -*g);
+    gamma2.iter_mut().skip(1).step_by(5).for_each(|g| *g = 0.0);
+    let mut bn2 = BnBufs::new(dev, gamma2, k2.beta.clone(), k2.rm.clone(), k2.rv.clone());
+    let (mut y, mut y2) = (fresh::<T>(dev, m * c), fresh::<T>(dev, m * c));
+    layers::bn_forward_train(dev, m, &x, &mut bn.layer(), false, &mut y).unwrap();
+    layers::bn_forward_train(dev, m, &x2, &mut bn2.layer(), false, &mut y2).unwrap();
+    let what = format!("{m}x{c} {} on {}", T::DTYPE, dev.name());
+    let bits = |v: Vec<f64>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    for relu in [false, true] {
+        let (mut short, mut want, mut got) = (fresh::<T>(dev, m * c), fresh::<T>(dev, m * c), fresh::<T>(dev, m * c));
+        let (l, l2) = (bn.layer(), bn2.layer());
+        layers::bn_apply_saved(dev, m, &x2, &l2.input(false), None, &mut short).unwrap();
+        layers::bn_apply_saved(dev, m, &x, &l.input(relu), Some(&short), &mut want).unwrap();
+        layers::bn_apply_saved_bn_residual(dev, m, &x, &l.input(relu), (&x2, &l2.input(false)), &mut got).unwrap();
+        assert_eq!(bits(down(&got)), bits(down(&want)), "apply with the BN residual, relu {relu}, {what}");
+    }
+    // The backward: each BN on its own, then the pair.
+    let (mut dx, mut dx2) = (fresh::<T>(dev, m * c), fresh::<T>(dev, m * c));
+    layers::bn_backward(dev, m, &x, None, &dy, &mut bn.layer(), &mut dx).unwrap();
+    layers::bn_backward(dev, m, &x2, None, &dy, &mut bn2.layer(), &mut dx2).unwrap();
+    let want = [down(&dx), down(&bn.dgamma), down(&bn.dbeta), down(&dx2), down(&bn2.dgamma), down(&bn2.dbeta)];
+    for b in [&mut bn.dgamma, &mut bn.dbeta, &mut bn2.dgamma, &mut bn2.dbeta] {
+        *b = fresh::<f32>(dev, c);
+    }
+    let (mut px, mut px2) = (fresh::<T>(dev, m * c), fresh::<T>(dev, m * c));
+    {
+        let (mut l, mut l2) = (bn.layer(), bn2.layer());
+        let a = layers::BnSide { x: &x, bn: &mut l, dx: &mut px };
+        let b = layers::BnSide { x: &x2, bn: &mut l2, dx: &mut px2 };
+        layers::bn_backward_pair(dev, m, &dy, a, b).unwrap();
+    }
+    let got = [down(&px), down(&bn.dgamma), down(&bn.dbeta), down(&px2), down(&bn2.dgamma), down(&bn2.dbeta)];
+    let names = ["dx", "dgamma", "dbeta", "dx2", "dgamma2", "dbeta2"];
+    for ((g, w), name) in got.into_iter().zip(want).zip(names) {
+        assert_eq!(bits(g), bits(w), "pair backward {name}, {what}");
+    }
+    // The dx passes alone, from other parameter gradients (as a dgrad epilogue leaves them).
+    let mut grads = |dev: &Device| up(dev, r.vec(c, -2.0, 2.0));
+    (bn.dgamma, bn.dbeta, bn2.dgamma, bn2.dbeta) = (grads(dev), grads(dev), grads(dev), grads(dev));
+    layers::bn_backward_dx(dev, m, &x, &dy, &bn.layer(), false, &mut dx).unwrap();
+    layers::bn_backward_dx(dev, m, &x2, &dy, &bn2.layer(), false, &mut dx2).unwrap();
+    let (mut px, mut px2) = (fresh::<T>(dev, m * c), fresh::<T>(dev, m * c));
+    {
+        let (mut l, mut l2) = (bn.layer(), bn2.layer());
+        let a = layers::BnSide { x: &x, bn: &mut l, dx: &mut px };
+        let b = layers::BnSide { x: &x2, bn: &mut l2, dx: &mut px2 };
+        layers::bn_backward_dx_pair(dev, m, &dy, a, b).unwrap();
+    }
+    assert_eq!(bits(down(&px)), bits(down(&dx)), "pair dx pass dx, {what}");
+    assert_eq!(bits(down(&px2)), bits(down(&dx2)), "pair dx pass dx2, {what}");
+}
+
+#[test]
+fn bn_pairs_are_bitwise_the_two_batch_norms_apart() {
+    for dev in all_devices() {
+        for (i, &(m, c)) in BN_SHAPES.iter().enumerate() {
+            check_bn_pair::<f32>(&dev, m, c, 1400 + i as u64);
+            check_bn_pair::<bf16>(&dev, m, c, 1500 + i as u64);
+        }
+    }
+}
+
 fn run_bn<T: LayerElem>(dev: &Device) {
     for (i, &(m, c)) in BN_SHAPES.iter().enumerate() {
         let relu = i % 2 == 1;
@@ -450,6 +526,45 @@ fn bad_inputs_are_errors() {
         assert!(through((2, 3), &x, &up(dev, vec![4u8; 7]), &dyp).is_err(), "taps");
         assert!(through((2, 3), &x, &taps, &b(9)).is_err(), "dy");
         assert!(through((0, 3), &x, &taps, &dyp).is_err(), "empty image");
+        // Two batch norms side by side: channels that differ, a ReLU on the residual's
+        // BN, and tensors of the wrong length.
+        let mut bn2 = BnBufs::new(dev, vec![1.0; c], vec![0.0; c], vec![0.0; c], vec![1.0; c]);
+        let mut bn5 = BnBufs::new(dev, vec![1.0; 5], vec![0.0; 5], vec![0.0; 5], vec![1.0; 5]);
+        {
+            let (l, l2, l5) = (bn.layer(), bn2.layer(), bn5.layer());
+            let apply = |r: &prunekit::Buf<f32>, rbn: &layers::BnInput<'_>, y: &mut prunekit::Buf<f32>| {
+                layers::bn_apply_saved_bn_residual(dev, m, &x, &l.input(true), (r, rbn), y)
+            };
+            let err = apply(&x, &l5.input(false), &mut b(m * c)).unwrap_err();
+            assert!(err.to_string().contains("channels"), "{err}");
+            let err = apply(&x, &l2.input(true), &mut b(m * c)).unwrap_err();
+            assert!(err.to_string().contains("without a ReLU"), "{err}");
+            assert!(apply(&b(m * c - 1), &l2.input(false), &mut b(m * c)).is_err(), "residual length");
+            assert!(apply(&x, &l2.input(false), &mut b(m * c + 1)).is_err(), "y length");
+            apply(&x, &l2.input(false), &mut b(m * c)).unwrap();
+        }
+        let mut pair =
+            |x2: &prunekit::Buf<f32>, dy: &prunekit::Buf<f32>, other: &mut BnBufs, n2: usize, reduce: bool| {
+                let (mut d1, mut d2) = (b(m * c), b(n2));
+                let (mut l1, mut lo) = (bn.layer(), other.layer());
+                let a = layers::BnSide { x: &x, bn: &mut l1, dx: &mut d1 };
+                let s = layers::BnSide { x: x2, bn: &mut lo, dx: &mut d2 };
+                if reduce {
+                    layers::bn_backward_pair(dev, m, dy, a, s)
+                } else {
+                    layers::bn_backward_dx_pair(dev, m, dy, a, s)
+                }
+            };
+        for reduce in [true, false] {
+            let mut bn2 = BnBufs::new(dev, vec![1.0; c], vec![0.0; c], vec![0.0; c], vec![1.0; c]);
+            (bn2.save_mean, bn2.save_invstd) = (up(dev, vec![0.0; c]), up(dev, vec![1.0; c]));
+            let err = pair(&x, &x, &mut bn5, m * c, reduce).unwrap_err();
+            assert!(err.to_string().contains("channels"), "{err}");
+            assert!(pair(&b(m * c - 1), &x, &mut bn2, m * c, reduce).is_err(), "x2 length");
+            assert!(pair(&x, &b(m * c + 1), &mut bn2, m * c, reduce).is_err(), "dy length");
+            assert!(pair(&x, &x, &mut bn2, m * c - 2, reduce).is_err(), "dx2 length");
+            pair(&x, &x, &mut bn2, m * c, reduce).unwrap();
+        }
     }
     // Buffers on the wrong device: host buffers on emu, emu buffers on the CPU, buffers
     // of another emu instance.
@@ -498,6 +613,10 @@ mod cuda {
         for (i, &shape) in POOL_BN_SHAPES.iter().enumerate() {
             check_bn_backward_through_relu_maxpool::<f32>(&d, shape, 1200 + i as u64);
             check_bn_backward_through_relu_maxpool::<bf16>(&d, shape, 1300 + i as u64);
+        }
+        for (i, &(m, c)) in BN_SHAPES.iter().enumerate() {
+            check_bn_pair::<f32>(&d, m, c, 1600 + i as u64);
+            check_bn_pair::<bf16>(&d, m, c, 1700 + i as u64);
         }
     }
 }

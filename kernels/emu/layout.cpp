@@ -71,6 +71,8 @@ static const PkFieldLayout kLayout[] = {
     PK_F(PkBnParams, vec) PK_F(PkBnParams, chunks) PK_F(PkBnParams, relu) PK_F(PkBnParams, momentum)
     PK_F(PkBnParams, eps) PK_F(PkBnParams, eval) PK_F(PkBnParams, pad0) PK_F(PkBnParams, residual) PK_F(PkBnParams, grad_out)
     PK_F(PkBnParams, pool_taps) PK_F(PkBnParams, pool_h) PK_F(PkBnParams, pool_w)
+    PK_F(PkBnParams, x2) PK_F(PkBnParams, out2) PK_F(PkBnParams, gamma2) PK_F(PkBnParams, beta2)
+    PK_F(PkBnParams, mean2) PK_F(PkBnParams, invstd2) PK_F(PkBnParams, dgamma2) PK_F(PkBnParams, dbeta2)
 
     PK_F(PkElementwiseParams, a) PK_F(PkElementwiseParams, b) PK_F(PkElementwiseParams, out)
     PK_F(PkElementwiseParams, n) PK_F(PkElementwiseParams, vec) PK_F(PkElementwiseParams, pad0)

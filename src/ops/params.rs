@@ -405,6 +405,24 @@ params!(
         pool_h: i32,
         /// Backward `_maxpool` variants: the pool input's width.
         pool_w: i32,
+        /// A second batch norm's input `[m, c]` (device address): the `_pair` backward
+        /// variants' second x (same dy); 0 otherwise. (`bn_apply_bnres` normalizes
+        /// `residual` with the second BN's parameters instead.)
+        x2: u64,
+        /// The `_pair` backward variants: device address of the second input gradient dx2.
+        out2: u64,
+        /// The second batch norm's `[c]` gamma (device address; `_bnres` and `_pair`).
+        gamma2: u64,
+        /// The second batch norm's `[c]` beta (`_bnres`).
+        beta2: u64,
+        /// The second batch norm's `[c]` saved mean.
+        mean2: u64,
+        /// The second batch norm's `[c]` saved inverse deviation.
+        invstd2: u64,
+        /// The `_pair` backward variants: the second batch norm's `[c]` dgamma.
+        dgamma2: u64,
+        /// The `_pair` backward variants: the second batch norm's `[c]` dbeta.
+        dbeta2: u64,
     }
 );
 params!(

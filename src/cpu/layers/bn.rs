@@ -305,6 +305,31 @@ where
     }
 }
 
+/// [`bn_apply`] of `x` with `bn`, plus the residual `r` through its own batch norm `rbn`
+/// (no ReLU; its output rounded to `T`), in one pass: bitwise `bn_apply` of `r` with `rbn`
+/// into a buffer, then of `x` with that buffer as the residual.
+pub fn bn_apply_bn_residual<T: Real>(m: usize, x: &[T], bn: &BnInput<'_>, r: &[T], rbn: &BnInput<'_>, y: &mut [T]) {
+    let c = bn.c;
+    if m == 0 || c == 0 {
+        return;
+    }
+    let coef = |b: &BnInput<'_>| -> Vec<[f32; 3]> {
+        (0..c).map(|ch| [b.mean[ch], b.gamma[ch] * b.invstd[ch], b.beta[ch]]).collect()
+    };
+    let (k, kr, relu_on) = (coef(bn), coef(rbn), bn.relu);
+    let (x, r, y) = (&x[..m * c], &r[..m * c], &mut y[..m * c]);
+    let chunk = rows_per_task(m, c) * c;
+    y.par_chunks_mut(chunk).zip(x.par_chunks(chunk).zip(r.par_chunks(chunk))).for_each(|(yc, (xc, rc))| {
+        for ((yr, xr), rr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).zip(rc.chunks_exact(c)) {
+            for ((((o, xv), rv), [mu, s, b]), [mu2, s2, b2]) in yr.iter_mut().zip(xr).zip(rr).zip(&k).zip(&kr) {
+                let short = T::from_f32((rv.to_f32() - mu2) * s2 + b2);
+                let v = (xv.to_f32() - mu) * s + b + short.to_f32();
+                *o = T::from_f32(if relu_on { relu(v) } else { v });
+            }
+        }
+    });
+}
+
 /// Per-channel coefficients of [`bn_apply_by`], each `c` long.
 #[derive(Clone, Copy)]
 struct Coef<'a> {

@@ -70,7 +70,28 @@ impl<T: Precision> ResNet<T> {
             // block's g (from the pooling) is masked by bn3's backward, in place.
             let dsum = g;
             let dt3 = scratch.take(l_out)?;
-            {
+            // A downsample block (but the network's last) takes the backward of bn3 and of the
+            // shortcut BN from dsum in one pair of passes (bn_backward_pair, or its dx pass
+            // alone after the sums): dsum is free after it, the shortcut's gradient dtd is
+            // kept for its conv below.
+            let mut dtd = None;
+            let down_bn = match (bp.down.as_mut(), acts.td.as_ref(), acts.sd.as_mut()) {
+                (Some((_, dbn)), Some(td), Some(sd)) if bi + 1 < nblocks => Some((td, dbn.layer(sd, bnc))),
+                _ => None,
+            };
+            if let Some((td, mut dbn)) = down_bn {
+                let d = scratch.take(l_out)?;
+                let [ds, d3, dd] = scratch.bufs.get_disjoint_mut([dsum, dt3, d]).expect("distinct");
+                let bn3 = layers::BnSide { x: &acts.t3, bn: &mut bp.bn3.layer(&mut acts.s3, bnc), dx: d3 };
+                let short = layers::BnSide { x: td, bn: &mut dbn, dx: dd };
+                if sums {
+                    layers::bn_backward_dx_pair(&dev, m2, ds, bn3, short)?;
+                } else {
+                    layers::bn_backward_pair(&dev, m2, ds, bn3, short)?;
+                }
+                scratch.give(dsum);
+                dtd = Some(d);
+            } else {
                 let [ds, d3] = scratch.bufs.get_disjoint_mut([dsum, dt3]).expect("distinct");
                 let bn = &mut bp.bn3.layer(&mut acts.s3, bnc);
                 if bi + 1 == nblocks {
@@ -173,23 +194,24 @@ impl<T: Precision> ResNet<T> {
             scratch.give(dt1);
             match (&mut bp.down, acts.shd, acts.td.as_ref(), acts.sd.as_mut()) {
                 (Some((dconv, dbn)), Some(shd), Some(td), Some(sd)) => {
-                    let dtd = scratch.take(l_out)?;
-                    {
-                        let [ds, dd] = scratch.bufs.get_disjoint_mut([dsum, dtd]).expect("distinct");
-                        let bn = &mut dbn.layer(sd, bnc);
-                        if sums && bi + 1 < nblocks {
-                            layers::bn_backward_dx(&dev, m2, td, ds, bn, false, dd)?;
-                        } else {
-                            layers::bn_backward(&dev, m2, td, None, ds, bn, dd)?;
+                    // The network's last block: the shortcut BN's backward from the masked
+                    // dsum on its own.
+                    let dtd = match dtd {
+                        Some(d) => d,
+                        None => {
+                            let d = scratch.take(l_out)?;
+                            let [ds, dd] = scratch.bufs.get_disjoint_mut([dsum, d]).expect("distinct");
+                            layers::bn_backward(&dev, m2, td, None, ds, &mut dbn.layer(sd, bnc), dd)?;
+                            scratch.give(dsum);
+                            d
                         }
-                    }
+                    };
                     {
                         let [dd, dxb] = scratch.bufs.get_disjoint_mut([dtd, dx]).expect("distinct");
                         conv::conv2d_wgrad(&dev, &shd, x, dd, &mut dconv.dw)?;
                         into_input(&shd, dd, dconv.weight()?, dxb)?;
                     }
                     scratch.give(dtd);
-                    scratch.give(dsum);
                 }
                 (None, None, None, None) => {}
                 _ => return Err(invalid!("internal: downsample buffers out of step")),

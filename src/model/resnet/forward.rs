@@ -80,13 +80,25 @@ impl<T: Precision> ResNet<T> {
                 let x3 = if on_load { (&acts.t2, Some(&in2)) } else { (&acts.a2, None) };
                 match (&mut bp.down, acts.shd, acts.td.as_mut(), acts.sd.as_mut()) {
                     (Some((dconv, dbn)), Some(shd), Some(td), Some(sd)) => {
-                        let bd = ws.scratch.take(acts.out.len())?;
-                        let bdb = &mut ws.scratch.bufs[bd];
-                        conv_bn_train(&dev, &shd, (x, None), dconv, &mut dbn.layer(sd, bnc), td, None, false, bdb)?;
-                        let (o, t, bn) = (&mut acts.out, &mut acts.t3, &mut bp.bn3.layer(&mut acts.s3, bnc));
-                        let r = Some(&ws.scratch.bufs[bd]);
-                        conv_bn_train(&dev, &acts.sh3, x3, &bp.conv3, bn, t, r, true, o)?;
-                        ws.scratch.give(bd);
+                        // The shortcut conv and conv3 with their statistics (the block output
+                        // holds each one's partials until its finalize), then one pass applies
+                        // both BNs, adds and takes the ReLU: the shortcut BN's output is never
+                        // stored.
+                        let o = &mut acts.out;
+                        fused::conv2d_fprop_bn_stats(&dev, &shd, x, dconv.weight()?, td, o, &mut dbn.layer(sd, bnc))?;
+                        let (t, bn) = (&mut acts.t3, &mut bp.bn3.layer(&mut acts.s3, bnc));
+                        match x3 {
+                            (x3, Some(bn_in)) => {
+                                let w = bp.conv3.weight()?;
+                                fused::conv2d_fprop_bn_input_stats(&dev, &acts.sh3, x3, bn_in, w, t, o, bn)?;
+                            }
+                            (x3, None) => {
+                                fused::conv2d_fprop_bn_stats(&dev, &acts.sh3, x3, bp.conv3.weight()?, t, o, bn)?
+                            }
+                        }
+                        let (bn3, short) = (bp.bn3.input(&acts.s3, true), (&*td, &dbn.input(sd, false)));
+                        let m2 = acts.sh3.n * acts.sh3.p() * acts.sh3.q();
+                        layers::bn_apply_saved_bn_residual(&dev, m2, &acts.t3, &bn3, short, o)?;
                     }
                     (None, None, None, None) => {
                         let (o, t, bn) = (&mut acts.out, &mut acts.t3, &mut bp.bn3.layer(&mut acts.s3, bnc));

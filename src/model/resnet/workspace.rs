@@ -53,9 +53,11 @@ impl<T: Precision> ResNet<T> {
                 grad_sums = grad_sums.max(bns * fused::grad_sums_workspace_len::<T>(&shd.unwrap_or(sh1), None));
             }
             ensure!(n * ho * wo >= 2, "the feature map of {} is too small for batch norm", bp.spec.prefix());
-            // Forward: b3 and the downsample's BN output; backward: see `backward`.
+            // The eval forward: b3 and the downsample's BN output. The backward (see
+            // `backward`): a downsample block holds dsum, dt3 and dtd at once for the pair
+            // backward of bn3 and its BN.
             need(&[(l_out, 2)]);
-            need(&[(l_out, 2), (l_in, 2), (l1, 2), (l2, 2)]);
+            need(&[(l_out, 2 + shd.is_some() as usize), (l_in, 2), (l1, 2), (l2, 2)]);
             blocks.push(BlockActs {
                 sh1,
                 sh2,

@@ -660,6 +660,183 @@ pub fn bn_apply_saved<T: LayerElem>(
     })
 }
 
+/// [`bn_apply_saved`] whose residual goes through a batch norm of its own first (a
+/// downsample block: `y = relu?(bn(x) + rbn(residual))`, `rbn` without a ReLU): the same
+/// values as [`bn_apply_saved`] of `residual` with `rbn` into a buffer, then of `x` with
+/// that buffer as the residual (the shortcut's BN output rounded to the element type before
+/// the add), bitwise, on every device. One pass on a kernel device
+/// (`bn_apply_bnres_<dtype>`): the shortcut BN's output is neither written nor read again.
+pub fn bn_apply_saved_bn_residual<T: LayerElem>(
+    dev: &Device,
+    m: usize,
+    x: &Buf<T>,
+    bn: &BnInput<'_>,
+    (residual, rbn): (&Buf<T>, &BnInput<'_>),
+    y: &mut Buf<T>,
+) -> Result<()> {
+    let c = bn.c;
+    ensure!(rbn.c == c, "the residual's batch norm has {} channels, the batch norm it is added to {c}", rbn.c);
+    ensure!(!rbn.relu, "the residual's batch norm is applied without a ReLU (the ReLU comes after the add)");
+    let mc = mul(m, c, "the batch norm input")?;
+    check_bufs(dev, mc, &[(x, "x"), (residual, "residual"), (&*y, "y")])?;
+    bn.check(dev)?;
+    rbn.check(dev)?;
+    if mc == 0 {
+        return Ok(());
+    }
+    let relu = bn.relu;
+    let cost = || Cost::bn_apply_bn_residual(m, c, std::mem::size_of::<T>(), relu);
+    timed(dev, Family::BnForward, cost, || match dev {
+        Device::Cpu => {
+            let (xs, rs) = (host(x, "x")?, host(residual, "residual")?);
+            cpu::bn_apply_bn_residual(m, xs, &bn.host()?, rs, &rbn.host()?, host_mut(y, "y")?);
+            Ok(())
+        }
+        Device::Gpu(gpu) => {
+            let (xp, rp, yp) = (dptr(x, gpu, "x")?, dptr(residual, gpu, "residual")?, dptr(y, gpu, "y")?);
+            let vec = vec_width::<T>(c, &[xp, rp, yp]);
+            let g = grid(m, c, vec, std::mem::size_of::<T>());
+            let p = BnParams {
+                x: xp,
+                out: yp,
+                residual: rp,
+                gamma: dptr(bn.gamma, gpu, "gamma")?,
+                beta: dptr(bn.beta, gpu, "beta")?,
+                mean: dptr(bn.mean, gpu, "save_mean")?,
+                invstd: dptr(bn.invstd, gpu, "save_invstd")?,
+                gamma2: dptr(rbn.gamma, gpu, "the residual's gamma")?,
+                beta2: dptr(rbn.beta, gpu, "the residual's beta")?,
+                mean2: dptr(rbn.mean, gpu, "the residual's save_mean")?,
+                invstd2: dptr(rbn.invstd, gpu, "the residual's save_invstd")?,
+                relu: relu as i32,
+                ..base_params(m, c, vec, &g)?
+            };
+            // SAFETY: x, residual and y hold m*c elements, the eight [c] buffers c; the
+            // kernel reads and writes rows below m and channels below c.
+            unsafe { gpu.launch(T::BN_APPLY_BNRES, g.per_channel(), &p)? };
+            Ok(())
+        }
+    })
+}
+
+/// One of the two batch norms of [`bn_backward_pair`] and [`bn_backward_dx_pair`]: its
+/// input `x` (`[m, c]`), its layer, and its input gradient `dx` (written).
+pub struct BnSide<'a, 'b, T: LayerElem> {
+    /// The batch norm's forward input.
+    pub x: &'a Buf<T>,
+    /// The layer (its saved statistics; its gradients written or read).
+    pub bn: &'a mut BnLayer<'b>,
+    /// The input gradient, written.
+    pub dx: &'a mut Buf<T>,
+}
+
+/// The backward of two batch norms of the same `[m, c]` output gradient `dy` (a downsample
+/// block's bn3 and shortcut BN, whose outputs were summed): bitwise [`bn_backward`] of each
+/// (no ReLU mask). On a kernel device one reduction reads x, x2 and dy once for both (the
+/// sum of g is shared), and one dx pass writes both input gradients: 8 passes over `[m, c]`
+/// instead of 10. The partial sums are parked in each dx's bytes, as [`bn_backward`] does.
+pub fn bn_backward_pair<T: LayerElem>(
+    dev: &Device,
+    m: usize,
+    dy: &Buf<T>,
+    a: BnSide<'_, '_, T>,
+    b: BnSide<'_, '_, T>,
+) -> Result<()> {
+    pair_backward(dev, m, dy, a, b, true)
+}
+
+/// The dx passes of [`bn_backward_pair`] alone, from the parameter gradients already in
+/// both layers (a dgrad's epilogue: [`crate::ops::fused::conv2d_dgrad_bn_sums`] with its
+/// second BN): bitwise [`bn_backward_dx`] of each (no ReLU). One pass on a kernel device
+/// reads x, x2 and dy and writes both dx: 5 passes over `[m, c]` instead of 6.
+pub fn bn_backward_dx_pair<T: LayerElem>(
+    dev: &Device,
+    m: usize,
+    dy: &Buf<T>,
+    a: BnSide<'_, '_, T>,
+    b: BnSide<'_, '_, T>,
+) -> Result<()> {
+    pair_backward(dev, m, dy, a, b, false)
+}
+
+fn pair_backward<T: LayerElem>(
+    dev: &Device,
+    m: usize,
+    dy: &Buf<T>,
+    a: BnSide<'_, '_, T>,
+    b: BnSide<'_, '_, T>,
+    reduce: bool,
+) -> Result<()> {
+    let c = a.bn.c;
+    ensure!(b.bn.c == c, "the two batch norms have {c} and {} channels", b.bn.c);
+    check_backward(dev, m, &[(a.x, "x"), (dy, "dy"), (&*a.dx, "dx")], a.bn)?;
+    check_backward(dev, m, &[(b.x, "x2"), (&*b.dx, "dx2")], b.bn)?;
+    if c == 0 {
+        return Ok(());
+    }
+    let elem = std::mem::size_of::<T>();
+    // The CPU runs the two backwards one after the other.
+    let cost = || match (reduce, dev) {
+        (true, Device::Cpu) => {
+            let one = Cost::bn_backward(m, c, elem, false);
+            Cost { flops: 2 * one.flops, bytes: 2 * one.bytes }
+        }
+        (false, Device::Cpu) => {
+            let one = Cost::bn_backward_dx(m, c, elem, false);
+            Cost { flops: 2 * one.flops, bytes: 2 * one.bytes }
+        }
+        (true, _) => Cost::bn_backward_pair(m, c, elem),
+        (false, _) => Cost::bn_backward_dx_pair(m, c, elem),
+    };
+    timed(dev, Family::BnBackward, cost, || match dev {
+        Device::Cpu => {
+            let dys = host(dy, "dy")?;
+            let side = |s: BnSide<'_, '_, T>| -> Result<()> {
+                let (xs, dx) = (host(s.x, "x")?, host_mut(s.dx, "dx")?);
+                if reduce {
+                    cpu::bn_backward(m, xs, None, dys, &mut s.bn.host()?, dx);
+                } else {
+                    let grads = (host(s.bn.dbeta, "dbeta")?, host(s.bn.dgamma, "dgamma")?);
+                    cpu::bn_backward_dx(m, xs, None, dys, &s.bn.input(false).host()?, grads, dx);
+                }
+                Ok(())
+            };
+            side(a)?;
+            side(b)
+        }
+        Device::Gpu(gpu) => {
+            let (x2, dx2) = (dptr(b.x, gpu, "x2")?, dptr(b.dx, gpu, "dx2")?);
+            let (g, p) = backward_params(gpu, m, a.x, dy, None, a.dx, a.bn, &[x2, dx2])?;
+            let p = BnParams {
+                x2,
+                out2: dx2,
+                gamma2: dptr(b.bn.gamma, gpu, "gamma2")?,
+                mean2: dptr(b.bn.save_mean, gpu, "save_mean2")?,
+                invstd2: dptr(b.bn.save_invstd, gpu, "save_invstd2")?,
+                dgamma2: dptr(b.bn.dgamma, gpu, "dgamma2")?,
+                dbeta2: dptr(b.bn.dbeta, gpu, "dbeta2")?,
+                ..p
+            };
+            // The second finalize: the second BN's partials (in dx2's bytes) into its
+            // gradients.
+            let p2 = BnParams { out: p.out2, invstd: p.invstd2, dgamma: p.dgamma2, dbeta: p.dbeta2, ..p };
+            let finalize = Kernel::new(MODULE, "bn_backward_finalize_f32");
+            // SAFETY: x, x2, dy, dx and dx2 hold m*c elements, the [c] buffers of both
+            // layers c; each BN's partials (chunks * c float2) fit in its dx's bytes (see
+            // grid()), and the dx pass overwrites both after the finalizes (stream order).
+            unsafe {
+                if reduce {
+                    gpu.launch(T::BN_BACKWARD_REDUCE_PAIR, g.per_channel(), &p)?;
+                    gpu.launch(finalize, finalize_cfg(c), &p)?;
+                    gpu.launch(finalize, finalize_cfg(c), &p2)?;
+                }
+                gpu.launch(T::BN_BACKWARD_DX_PAIR, g.per_channel(), &p)?;
+            }
+            Ok(())
+        }
+    })
+}
+
 /// [`bn_backward`] through a fused ReLU whose masked gradient is also needed elsewhere (a
 /// bottleneck's last BN: the gradient of the block's sum feeds the BN and the shortcut):
 /// replaces `dy` in place by `g = relu_out > 0 ? dy : 0` and writes the BN's `dx`,
@@ -732,6 +909,15 @@ impl Cost {
         Cost { flops: mc * (2 + r + l), bytes: (2 + r) * mc * u(elem) + 4 * u(c) * F32 }
     }
 
+    /// [`Cost::bn_apply`] with the residual through its own batch norm
+    /// ([`crate::ops::layers::bn_apply_saved_bn_residual`]): reads x and the residual,
+    /// writes y; per channel 4 f32 for each BN. FLOPs per element: 2 for each BN, 1 for the
+    /// add, 1 for the ReLU.
+    pub fn bn_apply_bn_residual(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
+        let mc = u(m) * u(c);
+        Cost { flops: mc * (5 + relu as u64), bytes: 3 * mc * u(elem) + 8 * u(c) * F32 }
+    }
+
     /// Batch norm eval forward over `[m, c]`: one pass reads x and writes y; per channel
     /// 4 f32 are read. FLOPs per element: 2 (+1 for a fused ReLU).
     pub fn bn_forward_eval(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
@@ -746,6 +932,23 @@ impl Cost {
     pub fn bn_backward(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
         let (mc, r) = (u(m) * u(c), relu as u64);
         Cost { flops: mc * (11 + 2 * r), bytes: (2 * (2 + r) + 1) * mc * u(elem) + 5 * u(c) * F32 }
+    }
+
+    /// Two batch norms' backward from one dy ([`crate::ops::layers::bn_backward_pair`]):
+    /// the reduction reads x, x2 and dy, the dx pass reads them again and writes dx and
+    /// dx2; per channel 5 f32 for each BN. FLOPs per element: twice [`Cost::bn_backward`]'s
+    /// 11 less the shared sum of g.
+    pub fn bn_backward_pair(m: usize, c: usize, elem: usize) -> Cost {
+        let mc = u(m) * u(c);
+        Cost { flops: mc * 21, bytes: 8 * mc * u(elem) + 10 * u(c) * F32 }
+    }
+
+    /// The dx pass of [`Cost::bn_backward_pair`] alone
+    /// ([`crate::ops::layers::bn_backward_dx_pair`]): reads x, x2 and dy, writes dx and
+    /// dx2; per channel 5 f32 for each BN. FLOPs per element: 6 for each dx.
+    pub fn bn_backward_dx_pair(m: usize, c: usize, elem: usize) -> Cost {
+        let mc = u(m) * u(c);
+        Cost { flops: mc * 12, bytes: 5 * mc * u(elem) + 10 * u(c) * F32 }
     }
 
     /// Batch norm backward through its own ReLU, whose output is recomputed from x

@@ -27,8 +27,9 @@ mod pool;
 mod sgd;
 
 pub use bn::{
-    bn_apply_saved, bn_backward, bn_backward_dx, bn_backward_masking_dy, bn_backward_through_relu,
-    bn_backward_through_relu_maxpool, bn_forward_eval, bn_forward_train, bn_row_chunks, BnInput, BnLayer,
+    bn_apply_saved, bn_apply_saved_bn_residual, bn_backward, bn_backward_dx, bn_backward_dx_pair,
+    bn_backward_masking_dy, bn_backward_pair, bn_backward_through_relu, bn_backward_through_relu_maxpool,
+    bn_forward_eval, bn_forward_train, bn_row_chunks, BnInput, BnLayer, BnSide,
 };
 pub(crate) use bn::{bn_launch_finalize_tiles, bn_launch_grad_finalize, relu_output_host};
 pub use elementwise::{add_assign, add_relu, cast, relu_backward};
@@ -85,6 +86,12 @@ pub trait LayerElem: CastElem {
     const BN_BACKWARD_REDUCE_RELU_MAXPOOL: Kernel;
     /// The dx pass through the BN's own ReLU, g gathered from a max pool's backward.
     const BN_BACKWARD_DX_RELU_MAXPOOL: Kernel;
+    /// `bn_apply_bnres_<dtype>`: the residual through a second batch norm.
+    const BN_APPLY_BNRES: Kernel;
+    /// `bn_backward_reduce_pair_<dtype>`: two batch norms' sums from one dy.
+    const BN_BACKWARD_REDUCE_PAIR: Kernel;
+    /// `bn_backward_dx_pair_<dtype>`: two batch norms' dx from one dy.
+    const BN_BACKWARD_DX_PAIR: Kernel;
     /// `add_relu_<dtype>`.
     const ADD_RELU: Kernel;
     /// `relu_backward_<dtype>`.
@@ -117,6 +124,9 @@ macro_rules! layer_elem {
             const BN_BACKWARD_REDUCE_RELU_MAXPOOL: Kernel =
                 Kernel::new("bn", concat!("bn_backward_reduce_relu_maxpool_", $d));
             const BN_BACKWARD_DX_RELU_MAXPOOL: Kernel = Kernel::new("bn", concat!("bn_backward_dx_relu_maxpool_", $d));
+            const BN_APPLY_BNRES: Kernel = Kernel::new("bn", concat!("bn_apply_bnres_", $d));
+            const BN_BACKWARD_REDUCE_PAIR: Kernel = Kernel::new("bn", concat!("bn_backward_reduce_pair_", $d));
+            const BN_BACKWARD_DX_PAIR: Kernel = Kernel::new("bn", concat!("bn_backward_dx_pair_", $d));
             const ADD_RELU: Kernel = Kernel::new("elementwise", concat!("add_relu_", $d));
             const RELU_BACKWARD: Kernel = Kernel::new("elementwise", concat!("relu_backward_", $d));
             const ADD_ASSIGN: Kernel = Kernel::new("elementwise", concat!("add_assign_", $d));
