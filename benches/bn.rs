@@ -105,7 +105,8 @@ fn bn_benches<T: LayerElem>(c: &mut Criterion) {
             g.throughput(Throughput::Bytes(3 * bytes));
             bench(&mut g, &format!("downsample_apply_bn_residual/m{m}"), &dev, || {
                 let (b, b2) = (bn.input(true), bn2.input(false));
-                layers::bn_apply_saved_bn_residual(&dev, m, &x, &b, (&x2, &b2), &mut y).unwrap();
+                let residual = layers::Residual::Bn(&x2, &b2);
+                layers::bn_apply_residual(&dev, m, &x, &b, residual, &mut y, None).unwrap();
             });
             g.throughput(Throughput::Bytes(10 * bytes));
             bench(&mut g, &format!("downsample_two_backwards/m{m}"), &dev, || {

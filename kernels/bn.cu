@@ -242,6 +242,7 @@ PK_KERNEL(bn_stats_finalize_f32, PkBnParams) {
 }
 
 // ---------------------------------------------------------------- normalization
+// relu_bits: also the ReLU's decisions, a bit per element (flat index).
 // BNRES: the residual goes through the second batch norm first (mean2, gamma2 * invstd2,
 // beta2, no ReLU), rounded to T: exactly what bn_apply without a residual stores for it,
 // so the sum is bitwise that of the two applies, without the residual's BN output being
@@ -288,6 +289,19 @@ __device__ __forceinline__ void bn_apply(const PkBnParams& p) {
       if (p.relu) v[k] = relu_f(v[k]);
     }
     store_vec<T, V>(y + r * p.c, v);
+    if (p.relu_bits) {
+      // The ReLU's decisions on the stored values, bit i of the flat index i: a whole byte
+      // per 8-element vector; narrower vectors share bytes, so they OR their bits into
+      // the (zeroed) 32-bit words.
+      unsigned bits = 0;
+#pragma unroll
+      for (int k = 0; k < V; ++k) bits |= (to_f32(from_f32<T>(v[k])) > 0.0f ? 1u : 0u) << k;
+      const int64_t i = r * p.c + (int64_t)pl.j * V;
+      if constexpr (V == 8)
+        p.relu_bits[i >> 3] = (uint8_t)bits;
+      else
+        atomicOr(reinterpret_cast<unsigned*>(p.relu_bits) + (i >> 5), bits << (i & 31));
+    }
   }
 }
 
@@ -603,9 +617,9 @@ __device__ __forceinline__ void bn_backward_dx(const PkBnParams& p) {
   }                                                                                              \
   /* Two batch norms side by side (a downsample block's bn3 and shortcut BN): the */             \
   /* apply with the residual through its BN, and the backward of both from one dy. */            \
-  /* Twice the per-channel constants: 3 blocks per SM for the apply and the reduce, */           \
-  /* 2 for the dx pass (eight constants per vector element). */                                  \
-  PK_KERNEL_BOUNDS(bn_apply_bnres_##NAME, PkBnParams, BN_MAX_THREADS, 3) {                       \
+  /* Twice the per-channel constants: 3 blocks per SM for the reduce, 2 for the apply */         \
+  /* (at 3 its bits spill in bf16) and the dx pass (eight constants per vector element). */      \
+  PK_KERNEL_BOUNDS(bn_apply_bnres_##NAME, PkBnParams, BN_MAX_THREADS, 2) {                       \
     if (p.vec > 1)                                                                               \
       bn_apply<T, VecWidth<T>::value, true>(p);                                                  \
     else                                                                                         \

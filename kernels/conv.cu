@@ -498,8 +498,36 @@ __device__ __forceinline__ float stored(float v) {
 // instead of one load-then-store round trip per pair.
 template <class T>
 struct Prior {
-  T old[2], mask[2];
+  T old[2];
+  bool keep[2];
 };
+
+// Whether the ReLU that masks an accumulated sum keeps the outputs at idx and idx + 1
+// (`both`): its output > 0 (acc_mask), or its bit (acc_mask_bits; idx even when both, so
+// the two bits share a byte); true without a mask.
+template <class T>
+__device__ __forceinline__ void relu_keeps(const PkConvParams& p, int64_t idx, bool both, bool pair_aligned,
+                                           bool keep[2]) {
+  keep[0] = keep[1] = true;
+  if (p.acc_mask_bits) {
+    const unsigned byte = p.acc_mask_bits[idx >> 3];
+    keep[0] = (byte >> (idx & 7)) & 1u;
+    if (both) keep[1] = ((idx + 1) & 7) ? (byte >> ((idx + 1) & 7)) & 1u : p.acc_mask_bits[(idx + 1) >> 3] & 1u;
+  } else if (p.acc_mask) {
+    const T* mk = static_cast<const T*>(p.acc_mask) + idx;
+    if (sizeof(T) == 2 && both && pair_aligned) {  // idx even: 4-byte aligned
+      struct alignas(4) Pair {
+        T x, y;
+      };
+      const Pair m = *reinterpret_cast<const Pair*>(mk);
+      keep[0] = to_f32(m.x) > 0.0f;
+      keep[1] = to_f32(m.y) > 0.0f;
+      return;
+    }
+    keep[0] = to_f32(mk[0]) > 0.0f;
+    if (both) keep[1] = to_f32(mk[1]) > 0.0f;
+  }
+}
 
 template <class T>
 __device__ __forceinline__ void load_prior(const PkConvParams& p, const RowInfo* rows, int rl, int col, Prior<T>& pr) {
@@ -507,7 +535,7 @@ __device__ __forceinline__ void load_prior(const PkConvParams& p, const RowInfo*
   const int64_t idx = (int64_t)rows[rl].out + col;
   const bool both = col + 1 < p.gemm_n;
   const T* out = static_cast<const T*>(p.out) + idx;
-  const T* mk = p.acc_mask ? static_cast<const T*>(p.acc_mask) + idx : nullptr;
+  relu_keeps<T>(p, idx, both, p.gemm_n % 2 == 0, pr.keep);
   if (sizeof(T) == 2 && both && p.gemm_n % 2 == 0) {  // idx even: 4-byte aligned
     struct alignas(4) Pair {
       T x, y;
@@ -515,19 +543,10 @@ __device__ __forceinline__ void load_prior(const PkConvParams& p, const RowInfo*
     const Pair o = *reinterpret_cast<const Pair*>(out);
     pr.old[0] = o.x;
     pr.old[1] = o.y;
-    if (p.acc_mask) {
-      const Pair m = *reinterpret_cast<const Pair*>(mk);
-      pr.mask[0] = m.x;
-      pr.mask[1] = m.y;
-    }
     return;
   }
   pr.old[0] = out[0];
   if (both) pr.old[1] = out[1];
-  if (p.acc_mask) {
-    pr.mask[0] = mk[0];
-    if (both) pr.mask[1] = mk[1];
-  }
 }
 
 // Stores one output element (or two adjacent ones: c0, c1 at col, col+1) of GEMM row
@@ -566,10 +585,16 @@ __device__ __forceinline__ void store_pair(const PkConvParams& p, const RowInfo*
     if (PASS == PK_DGRAD && p.accumulate) {  // the old value plus the f32 result, rounded once
       c0 = to_f32(prior ? pr.old[0] : out[0]) + c0;
       if (both) c1 = to_f32(prior ? pr.old[1] : out[1]) + c1;
-      if (p.acc_mask) {  // then through the ReLU whose output masks it
-        const T* mk = static_cast<const T*>(p.acc_mask) + idx;
-        if (!(to_f32(prior ? pr.mask[0] : mk[0]) > 0.0f)) c0 = 0.0f;
-        if (both && !(to_f32(prior ? pr.mask[1] : mk[1]) > 0.0f)) c1 = 0.0f;
+      if (p.acc_mask || p.acc_mask_bits) {  // then through the ReLU that masks it
+        bool keep[2];
+        if (prior) {
+          keep[0] = pr.keep[0];
+          keep[1] = pr.keep[1];
+        } else {
+          relu_keeps<T>(p, idx, both, p.gemm_n % 2 == 0, keep);
+        }
+        if (!keep[0]) c0 = 0.0f;
+        if (both && !keep[1]) c1 = 0.0f;
       }
     }
     c0 = stored<T>(c0);

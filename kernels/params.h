@@ -170,6 +170,10 @@ typedef struct {
   void* bn2_part;
   float* bn2_sum;
   float* bn2_sumx;
+  // dgrad with accumulate = 1, instead of acc_mask: that ReLU's decisions as bits, bit i % 8
+  // of byte i / 8 set iff its output at flat index i is > 0 (bn_apply writes them beside a
+  // block's output, relu_bits). Null otherwise.
+  const uint8_t* acc_mask_bits;
 } PkConvParams;
 
 // transpose_<dtype>: dst[b][j][i] = src[b][i][j] for batch matrices of rows x cols.
@@ -249,6 +253,11 @@ typedef struct {
   float* invstd2;
   float* dgamma2;
   float* dbeta2;
+  // apply with a ReLU: the ReLU's decisions as bits, bit i % 8 of byte i / 8 set iff the
+  // stored output at flat index i is > 0, for a dgrad that accumulates through this ReLU
+  // (acc_mask_bits); 4 * ceil(m * c / 32) bytes, zeroed beforehand unless vec == 8 (a
+  // narrower vector ORs its bits into 32-bit words); null otherwise.
+  uint8_t* relu_bits;
 } PkBnParams;
 
 // elementwise.cu: out[i] = f(a[i], b[i]) for i < n, `vec` elements per vector access

@@ -243,7 +243,7 @@ fn bn_backward_through_relu_maxpool_is_bitwise_the_pool_then_the_bn_backward() {
 
 /// A downsample block's two batch norms side by side (bn3 of x and the shortcut's of x2,
 /// the same [m, c]): the apply with the residual through its BN
-/// ([`layers::bn_apply_saved_bn_residual`]) is bitwise the shortcut's apply into a buffer
+/// ([`layers::bn_apply_residual`], with the ReLU's bits where they apply) is bitwise the shortcut's apply into a buffer
 /// and then bn3's with that residual; the pair backward ([`layers::bn_backward_pair`],
 /// [`layers::bn_backward_dx_pair`]) bitwise the two backwards from the same dy, on the
 /// same device.
@@ -268,8 +268,23 @@ fn check_bn_pair<T: LayerElem>(dev: &Device, m: usize, c: usize, seed: u64) {
         let (l, l2) = (bn.layer(), bn2.layer());
         layers::bn_apply_saved(dev, m, &x2, &l2.input(false), None, &mut short).unwrap();
         layers::bn_apply_saved(dev, m, &x, &l.input(relu), Some(&short), &mut want).unwrap();
-        layers::bn_apply_saved_bn_residual(dev, m, &x, &l.input(relu), (&x2, &l2.input(false)), &mut got).unwrap();
-        assert_eq!(bits(down(&got)), bits(down(&want)), "apply with the BN residual, relu {relu}, {what}");
+        let want_y = down(&want);
+        let want_bits: Vec<u8> = want_y
+            .chunks(8)
+            .map(|v| v.iter().enumerate().fold(0u8, |b, (k, v)| b | (((*v > 0.0) as u8) << k)))
+            .collect();
+        // With the ReLU, its decisions as bits (the bytes past the last element are not
+        // read by anyone).
+        for residual in [layers::Residual::Bn(&x2, &l2.input(false)), layers::Residual::Plain(&short)] {
+            let mut relu_bits = fresh::<u8>(dev, layers::relu_bits_len(m * c));
+            let b = relu.then_some(&mut relu_bits);
+            layers::bn_apply_residual(dev, m, &x, &l.input(relu), residual, &mut got, b).unwrap();
+            assert_eq!(bits(down(&got)), bits(want_y.clone()), "apply with the residual, relu {relu}, {what}");
+            if relu {
+                let b = relu_bits.to_vec().unwrap();
+                assert_eq!(b[..want_bits.len()], want_bits[..], "the ReLU's bits, {what}");
+            }
+        }
     }
     // The backward: each BN on its own, then the pair.
     let (mut dx, mut dx2) = (fresh::<T>(dev, m * c), fresh::<T>(dev, m * c));
@@ -533,7 +548,7 @@ fn bad_inputs_are_errors() {
         {
             let (l, l2, l5) = (bn.layer(), bn2.layer(), bn5.layer());
             let apply = |r: &prunekit::Buf<f32>, rbn: &layers::BnInput<'_>, y: &mut prunekit::Buf<f32>| {
-                layers::bn_apply_saved_bn_residual(dev, m, &x, &l.input(true), (r, rbn), y)
+                layers::bn_apply_residual(dev, m, &x, &l.input(true), layers::Residual::Bn(r, rbn), y, None)
             };
             let err = apply(&x, &l5.input(false), &mut b(m * c)).unwrap_err();
             assert!(err.to_string().contains("channels"), "{err}");
@@ -542,6 +557,28 @@ fn bad_inputs_are_errors() {
             assert!(apply(&b(m * c - 1), &l2.input(false), &mut b(m * c)).is_err(), "residual length");
             assert!(apply(&x, &l2.input(false), &mut b(m * c + 1)).is_err(), "y length");
             apply(&x, &l2.input(false), &mut b(m * c)).unwrap();
+            // The ReLU's bits: whole 32-bit words of them (24 elements: 4 bytes).
+            let plain = layers::Residual::Plain(&x);
+            let mut bits = fresh::<u8>(dev, 3);
+            let e = layers::bn_apply_residual(dev, m, &x, &l.input(true), plain, &mut b(m * c), Some(&mut bits));
+            assert!(e.unwrap_err().to_string().contains("bits"));
+            let mut bits = fresh::<u8>(dev, 4);
+            layers::bn_apply_residual(dev, m, &x, &l.input(true), plain, &mut b(m * c), Some(&mut bits)).unwrap();
+            assert_eq!(bits.to_vec().unwrap()[..3], [0xFF; 3], "1 + 1 > 0 everywhere");
+        }
+        {
+            let (xb, mut yb) = (up(dev, vec![bf16::ONE; 8 * 3]), fresh::<bf16>(dev, 8 * 3));
+            let mut bn8 = BnBufs::new(dev, vec![1.0; 8], vec![0.0; 8], vec![0.0; 8], vec![1.0; 8]);
+            (bn8.save_mean, bn8.save_invstd) = (up(dev, vec![0.0; 8]), up(dev, vec![1.0; 8]));
+            let l8 = bn8.layer();
+            let pb = layers::Residual::Plain(&xb);
+            let mut run = |relu: bool, n_bits: usize| {
+                let mut bb = fresh::<u8>(dev, n_bits);
+                layers::bn_apply_residual(dev, 3, &xb, &l8.input(relu), pb, &mut yb, Some(&mut bb)).map(|_| bb)
+            };
+            assert!(run(false, 4).unwrap_err().to_string().contains("need the ReLU"));
+            assert!(run(true, 3).is_err(), "too few bytes of bits");
+            assert_eq!(run(true, 4).unwrap().to_vec().unwrap()[..3], [0xFF; 3], "1 + 1 > 0 everywhere");
         }
         let mut pair =
             |x2: &prunekit::Buf<f32>, dy: &prunekit::Buf<f32>, other: &mut BnBufs, n2: usize, reduce: bool| {

@@ -13,6 +13,7 @@ use common::{square_conv as shape, to_t};
 use half::bf16;
 use prunekit::gpu::{Gpu, Schedule};
 use prunekit::ops::conv::{self, ConvElem, Plan, Tile};
+use prunekit::ops::layers;
 use prunekit::shape::{ConvShape, Pass};
 use prunekit::{Buf, Device};
 
@@ -461,7 +462,8 @@ fn padded_layouts_on_every_device() {
 /// zeroes the sums where it is not positive: in f32 bitwise the plain dgrad's output added
 /// on the host (the same f32 sum, rounded once) and masked; in 16-bit types against the
 /// oracle plus the old values, masked. On every tile that runs the shape; the mask has
-/// zeros, negative values and positive ones.
+/// zeros, negative values and positive ones, and is given as the ReLU's output and as its
+/// bits (the same results, bitwise).
 fn check_dgrad_accumulate<T: ConvElem>(dev: &Device) {
     let tiles: Vec<Option<Plan>> = if matches!(dev, Device::Cpu) {
         vec![None]
@@ -484,8 +486,15 @@ fn check_dgrad_accumulate<T: ConvElem>(dev: &Device) {
             .map(|(j, &v)| if j % 3 == 0 { 0.0 } else { v })
             .collect();
         let relu_dev = dev.upload(to_t::<T>(&relu)).unwrap();
+        let mut bits = vec![0u8; layers::relu_bits_len(sh.x_len())];
+        for (j, v) in to_f::<T>(&to_t::<T>(&relu)).iter().enumerate() {
+            bits[j / 8] |= ((*v > 0.0) as u8) << (j % 8);
+        }
+        let bits_dev = dev.upload(bits).unwrap();
         let (dy, w) = (dev.upload(to_t::<T>(&d.dy)).unwrap(), dev.upload(to_t::<T>(&d.w)).unwrap());
-        for (&plan, masked) in tiles.iter().flat_map(|p| [(p, false), (p, true)]) {
+        let mut by_output = Vec::new();
+        for (&plan, mask_kind) in tiles.iter().flat_map(|p| [(p, 0), (p, 1), (p, 2)]) {
+            let masked = mask_kind > 0;
             let keep = |j: usize| !masked || relu[j] > 0.0;
             let want: Vec<f32> = oracle(Pass::Dgrad, sh, &d)
                 .iter()
@@ -498,11 +507,21 @@ fn check_dgrad_accumulate<T: ConvElem>(dev: &Device) {
                     continue;
                 }
             }
-            let what = format!("{} {} dgrad accumulate masked {masked} {plan:?} {sh:?}", dev.name(), T::NAME);
+            let what = format!("{} {} dgrad accumulate mask {mask_kind} {plan:?} {sh:?}", dev.name(), T::NAME);
             let mut dx = dev.upload(to_t::<T>(&old)).unwrap();
-            let mask = masked.then_some(&relu_dev);
+            let mask = match mask_kind {
+                0 => None,
+                1 => Some(conv::ReluMask::Output(&relu_dev)),
+                _ => Some(conv::ReluMask::Bits(&bits_dev)),
+            };
             conv::conv2d_dgrad_accumulate_with(dev, sh, &dy, &w, mask, &mut dx, plan).unwrap();
             let got = to_f(&dx.to_vec().unwrap());
+            // The bits give the output's results, bitwise.
+            match mask_kind {
+                1 => by_output = got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                2 => assert!(got.iter().map(|v| v.to_bits()).eq(by_output.iter().copied()), "{what}: bits vs output"),
+                _ => {}
+            }
             if T::NAME == "f32" {
                 let plain = run_pass::<T>(dev, Pass::Dgrad, sh, &d, plan);
                 let sum =
@@ -532,9 +551,15 @@ fn dgrad_accumulate_adds_to_the_output() {
     assert!(conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, None, &mut short).is_err());
     let mut dx = dev.upload(vec![0.0f32; sh.x_len()]).unwrap();
     let short_mask = dev.upload(vec![1.0f32; sh.x_len() - 1]).unwrap();
-    assert!(conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, Some(&short_mask), &mut dx).is_err());
+    let out = |m| Some(conv::ReluMask::Output(m));
+    assert!(conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, out(&short_mask), &mut dx).is_err());
     let host_mask = Buf::Host(vec![1.0f32; sh.x_len()]);
-    assert!(conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, Some(&host_mask), &mut dx).is_err());
+    assert!(conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, out(&host_mask), &mut dx).is_err());
+    // Bits: one per element, in whole 32-bit words (200 elements: 28 bytes).
+    let bits = |n: usize| dev.upload(vec![0xFFu8; n]).unwrap();
+    let e = conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, Some(conv::ReluMask::Bits(&bits(25))), &mut dx);
+    assert!(e.unwrap_err().to_string().contains("bits"));
+    conv::conv2d_dgrad_accumulate(&dev, &sh, &dy, &w, Some(conv::ReluMask::Bits(&bits(28))), &mut dx).unwrap();
 }
 
 #[test]

@@ -18,7 +18,7 @@
 
 use half::bf16;
 use prunekit::gpu::{Gpu, Schedule};
-use prunekit::ops::conv::{self, ConvElem, Plan, Tile};
+use prunekit::ops::conv::{self, ConvElem, Plan, ReluMask, Tile};
 use prunekit::ops::fused::{self, GradBn};
 use prunekit::ops::layers::{self, BnLayer, LayerElem};
 use prunekit::shape::{ConvShape, Pass};
@@ -155,9 +155,16 @@ fn check_one<T: ConvElem + LayerElem>(
             Store::Accumulate => {
                 fused::conv2d_dgrad_accumulate_bn_sums_with(dev, sh, &dy, &w, None, &mut dx, grad, plan)
             }
-            Store::AccumulateMasked => {
-                fused::conv2d_dgrad_accumulate_bn_sums_with(dev, sh, &dy, &w, Some(&mask), &mut dx, grad, plan)
-            }
+            Store::AccumulateMasked => fused::conv2d_dgrad_accumulate_bn_sums_with(
+                dev,
+                sh,
+                &dy,
+                &w,
+                Some(ReluMask::Output(&mask)),
+                &mut dx,
+                grad,
+                plan,
+            ),
         }
         .unwrap();
     }
@@ -166,7 +173,9 @@ fn check_one<T: ConvElem + LayerElem>(
     match store {
         Store::Plain => conv::conv2d_dgrad_with(dev, sh, &dy, &w, &mut dx_u, plan),
         Store::Accumulate => conv::conv2d_dgrad_accumulate_with(dev, sh, &dy, &w, None, &mut dx_u, plan),
-        Store::AccumulateMasked => conv::conv2d_dgrad_accumulate_with(dev, sh, &dy, &w, Some(&mask), &mut dx_u, plan),
+        Store::AccumulateMasked => {
+            conv::conv2d_dgrad_accumulate_with(dev, sh, &dy, &w, Some(ReluMask::Output(&mask)), &mut dx_u, plan)
+        }
     }
     .unwrap();
     let (g, gu) = (host(&dx), host(&dx_u));
@@ -319,7 +328,15 @@ fn bad_inputs_are_refused() {
     // A mask of the wrong size; a buffer on another device.
     let bad_mask = up(&dev, vec![0.0f32; 3]);
     let grad = GradBn { x: &x, bn: &mut bn.layer(), relu: false, second: None, workspace: &mut ws };
-    let e = err(fused::conv2d_dgrad_accumulate_bn_sums(&dev, &sh, &dy, &w, Some(&bad_mask), &mut dx, grad));
+    let e = err(fused::conv2d_dgrad_accumulate_bn_sums(
+        &dev,
+        &sh,
+        &dy,
+        &w,
+        Some(ReluMask::Output(&bad_mask)),
+        &mut dx,
+        grad,
+    ));
     assert!(e.contains("relu_out"), "{e}");
     let host_x = up(&Device::Cpu, k.x.clone());
     let grad = GradBn { x: &host_x, bn: &mut bn.layer(), relu: false, second: None, workspace: &mut ws };

@@ -34,7 +34,7 @@ fn tiny_arch() -> Arch {
             b(1, 1, 6, 4, 4, 6, 1, false),
             b(2, 0, 6, 4, 3, 10, 2, true),
             b(3, 0, 10, 3, 3, 7, 2, true),
-            b(4, 0, 7, 5, 4, 12, 2, true),
+            b(4, 0, 7, 5, 4, 16, 2, true),
         ],
     }
 }
@@ -262,6 +262,33 @@ fn kernel_counts(cpu: &Profile, precision: PrecisionKind, fusion: BnFusion) -> V
                 Family::ConvFprop | Family::ConvWgrad => (f.2, f.3) = (f.2 + on_load.flops, f.3 + on_load.bytes),
                 Family::BnForward => (f.1, f.2, f.3) = (f.1 - 1, f.2 - apply.flops, f.3 - apply.bytes),
                 _ => {}
+            }
+        }
+    }
+    // Each block's output ReLU writes its decisions as bits (zeroed first, unless its
+    // vectors are 8 wide: bf16 and channels in multiples of 8), and the dgrad into the next
+    // block's input masks its sum by them instead of that output.
+    {
+        let arch = tiny_arch();
+        let convs = arch.convs(SIZE, SIZE);
+        let by_name = |name: String| convs.iter().find(|l| l.name == name).unwrap().shape(N);
+        for (i, b) in arch.blocks.iter().enumerate() {
+            let p = b.prefix();
+            let sh3 = by_name(format!("{p}.conv3"));
+            let passes = if elem == 2 && sh3.k % 8 == 0 { 1 } else { 2 };
+            let bits = passes * prunekit::ops::layers::relu_bits_len(sh3.y_len()) as u64;
+            let into_input =
+                (i > 0).then(|| by_name(format!("{p}.{}", if b.downsample { "downsample.0" } else { "conv1" })));
+            for f in c.iter_mut() {
+                match f.0 {
+                    Family::BnForward => f.3 += bits,
+                    Family::ConvDgrad => {
+                        if let Some(sh) = into_input {
+                            f.3 = f.3 + sh.x_len().div_ceil(8) as u64 - (sh.x_len() * elem) as u64;
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
     }

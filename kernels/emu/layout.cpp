@@ -56,7 +56,7 @@ static const PkFieldLayout kLayout[] = {
     PK_F(PkConvParams, in_mean) PK_F(PkConvParams, in_invstd) PK_F(PkConvParams, in_gamma)
     PK_F(PkConvParams, in_beta) PK_F(PkConvParams, in_relu) PK_F(PkConvParams, bn_grad) PK_F(PkConvParams, acc_mask)
     PK_F(PkConvParams, bn_x) PK_F(PkConvParams, bn2_x) PK_F(PkConvParams, bn2_mean) PK_F(PkConvParams, bn2_part)
-    PK_F(PkConvParams, bn2_sum) PK_F(PkConvParams, bn2_sumx)
+    PK_F(PkConvParams, bn2_sum) PK_F(PkConvParams, bn2_sumx) PK_F(PkConvParams, acc_mask_bits)
 
     PK_F(PkTransposeParams, src) PK_F(PkTransposeParams, dst) PK_F(PkTransposeParams, batch)
     PK_F(PkTransposeParams, rows) PK_F(PkTransposeParams, cols) PK_F(PkTransposeParams, pad0)
@@ -72,7 +72,7 @@ static const PkFieldLayout kLayout[] = {
     PK_F(PkBnParams, eps) PK_F(PkBnParams, eval) PK_F(PkBnParams, pad0) PK_F(PkBnParams, residual) PK_F(PkBnParams, grad_out)
     PK_F(PkBnParams, pool_taps) PK_F(PkBnParams, pool_h) PK_F(PkBnParams, pool_w)
     PK_F(PkBnParams, x2) PK_F(PkBnParams, out2) PK_F(PkBnParams, gamma2) PK_F(PkBnParams, beta2)
-    PK_F(PkBnParams, mean2) PK_F(PkBnParams, invstd2) PK_F(PkBnParams, dgamma2) PK_F(PkBnParams, dbeta2)
+    PK_F(PkBnParams, mean2) PK_F(PkBnParams, invstd2) PK_F(PkBnParams, dgamma2) PK_F(PkBnParams, dbeta2) PK_F(PkBnParams, relu_bits)
 
     PK_F(PkElementwiseParams, a) PK_F(PkElementwiseParams, b) PK_F(PkElementwiseParams, out)
     PK_F(PkElementwiseParams, n) PK_F(PkElementwiseParams, vec) PK_F(PkElementwiseParams, pad0)

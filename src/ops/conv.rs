@@ -375,13 +375,91 @@ pub(crate) enum Epilogue {
     /// fprop: also writes the BN statistics of the stored output.
     Stats(StatsOut),
     /// dgrad: adds the result to the output's values (`PkConvParams::accumulate`), then
-    /// masks the sum by a ReLU's output at this device address (`acc_mask`) unless 0.
-    Accumulate { mask: u64 },
+    /// masks the sum by a ReLU's output or its bits, unless [`MaskPtr::NONE`].
+    Accumulate { mask: MaskPtr },
     /// dgrad: stores (with `accumulate`, as [`Epilogue::Accumulate`] with that mask), then
     /// takes the backward sums of the batch norm whose output's gradient it stored
     /// (`PkConvParams::bn_grad`): the BN's input at device address `x`, its parameters the
     /// launch's `bn_in`, the sums out to `out` (per row tile, or the two `[C]` buffers).
-    GradSums { accumulate: Option<u64>, x: u64, out: StatsOut, second: Option<GradSecond> },
+    GradSums { accumulate: Option<MaskPtr>, x: u64, out: StatsOut, second: Option<GradSecond> },
+}
+
+/// The device address of an accumulating dgrad's mask (see [`ReluMask`]): a ReLU's output
+/// (`acc_mask`) or its bits (`acc_mask_bits`); both 0 without a mask.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct MaskPtr {
+    pub output: u64,
+    pub bits: u64,
+}
+
+impl MaskPtr {
+    pub(crate) const NONE: MaskPtr = MaskPtr { output: 0, bits: 0 };
+}
+
+/// The ReLU an accumulated dgrad's sum goes through ([`conv2d_dgrad_accumulate`]): its
+/// output (`[N, H, W, C]`, the x shape; kept where > 0), or its decisions as bits (bit
+/// `i % 8` of byte `i / 8` set where the output at flat NHWC index `i` is > 0, as
+/// [`crate::ops::layers::bn_apply_residual`] writes them beside a block's output): the
+/// same sums, reading 1/16 of the bytes of a bf16 output.
+#[derive(Clone, Copy)]
+pub enum ReluMask<'a, T: Elem> {
+    /// The ReLU's output.
+    Output(&'a Buf<T>),
+    /// The ReLU's decisions, [`crate::ops::layers::relu_bits_len`] bytes.
+    Bits(&'a Buf<u8>),
+}
+
+impl<T: Elem> ReluMask<'_, T> {
+    /// Checks the mask holds `len` decisions on `dev`.
+    pub(crate) fn check(&self, dev: &Device, len: usize) -> Result<()> {
+        match self {
+            ReluMask::Output(b) => check_host_or_dev(dev, *b, "relu_out", len),
+            ReluMask::Bits(b) => check_host_or_dev(dev, *b, "the ReLU's bits", crate::ops::layers::relu_bits_len(len)),
+        }
+    }
+
+    /// The device address on a kernel device.
+    pub(crate) fn ptr(&self, gpu: &Gpu) -> Result<MaskPtr> {
+        Ok(match self {
+            ReluMask::Output(b) => MaskPtr { output: on_gpu(*b, gpu, "relu_out")?.ptr(), bits: 0 },
+            ReluMask::Bits(b) => MaskPtr { output: 0, bits: on_gpu(*b, gpu, "the ReLU's bits")?.ptr() },
+        })
+    }
+
+    /// What the mask adds to a pass's count ([`Cost::conv_accumulate`]).
+    pub(crate) fn kind(mask: Option<&Self>) -> MaskKind {
+        match mask {
+            None => MaskKind::None,
+            Some(ReluMask::Output(_)) => MaskKind::Output,
+            Some(ReluMask::Bits(_)) => MaskKind::Bits,
+        }
+    }
+}
+
+impl<T: ConvElem> ReluMask<'_, T> {
+    /// Whether the ReLU keeps flat index `i` (host buffers).
+    fn keeps_host(&self) -> impl Fn(usize) -> bool + Sync + '_ {
+        let (out, bits) = match self {
+            ReluMask::Output(b) => (Some(b.host().expect("checked")), None),
+            ReluMask::Bits(b) => (None, Some(b.host().expect("checked"))),
+        };
+        move |i| match (out, bits) {
+            (Some(o), _) => o[i].to_f32() > 0.0,
+            (_, Some(b)) => (b[i / 8] >> (i % 8)) & 1 == 1,
+            _ => true,
+        }
+    }
+}
+
+/// What an accumulating dgrad reads to mask its sums, for its count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskKind {
+    /// No mask.
+    None,
+    /// A ReLU's output, an element per element of dx.
+    Output,
+    /// A ReLU's decisions, a bit per element of dx.
+    Bits,
 }
 
 /// A second batch norm (no ReLU) whose output has the gradient a dgrad stores, and whose
@@ -440,7 +518,7 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
     ensure!(stats.is_none() || pass == Pass::Fprop, "only fprop computes BN statistics");
     let (accumulate, acc_mask) = match epi {
         Epilogue::Accumulate { mask } | Epilogue::GradSums { accumulate: Some(mask), .. } => (true, mask),
-        _ => (false, 0),
+        _ => (false, MaskPtr::NONE),
     };
     ensure!(!accumulate || pass == Pass::Dgrad, "only dgrad adds its result to its output");
     let (grad, second) = match epi {
@@ -541,7 +619,8 @@ pub(crate) fn launch_bnin<T: ConvElem, O: Elem>(
         in_beta: bn_in.map_or(0, |b| b.beta),
         in_relu: bn_in.is_some_and(|b| b.relu) as i32,
         bn_grad: grad.is_some() as i32,
-        acc_mask,
+        acc_mask: acc_mask.output,
+        acc_mask_bits: acc_mask.bits,
         bn_x: grad.map_or(0, |g| g.0),
         bn2_x: second.map_or(0, |b| b.x),
         bn2_mean: second.map_or(0, |b| b.mean),
@@ -649,18 +728,18 @@ thread_local! {
 /// `dx += ` the gradient with respect to x of `<dy, conv(x, w)>`: [`conv2d_dgrad`] added to
 /// the values `dx` holds (a gradient that already has another branch's, as a residual
 /// block's input has its shortcut's), each sum computed in f32 from the stored value and
-/// the pass's f32 result and rounded once; then, with `relu_out` (`[N, H, W, C]`, the
-/// output of the ReLU that x came through, as a block's input is the previous block's final
-/// ReLU), each sum where `relu_out` is not positive is 0: the gradient through that ReLU
-/// too. Instead of a dgrad into a temporary, an add pass and a masking pass: reads dx (and
-/// relu_out) once, writes it once. For f32 bitwise the three; for 16-bit types one
-/// rounding fewer.
+/// the pass's f32 result and rounded once; then, with `relu` (the ReLU that x came through,
+/// as a block's input is the previous block's final ReLU: its output or its bits, see
+/// [`ReluMask`]), each sum where that ReLU's output is not positive is 0: the gradient
+/// through that ReLU too. Instead of a dgrad into a temporary, an add pass and a masking
+/// pass: reads dx (and the mask) once, writes it once. For f32 bitwise the three; for
+/// 16-bit types one rounding fewer.
 pub fn conv2d_dgrad_accumulate<T: ConvElem>(
     dev: &Device,
     sh: &ConvShape,
     dy: &Buf<T>,
     w: &Buf<T>,
-    relu_out: Option<&Buf<T>>,
+    relu_out: Option<ReluMask<'_, T>>,
     dx: &mut Buf<T>,
 ) -> Result<()> {
     conv2d_dgrad_accumulate_with(dev, sh, dy, w, relu_out, dx, None)
@@ -673,22 +752,22 @@ pub fn conv2d_dgrad_accumulate_with<T: ConvElem>(
     sh: &ConvShape,
     dy: &Buf<T>,
     w: &Buf<T>,
-    relu_out: Option<&Buf<T>>,
+    relu_out: Option<ReluMask<'_, T>>,
     dx: &mut Buf<T>,
     plan: Option<Plan>,
 ) -> Result<()> {
     prepare(dev, sh, (dy, "dy", sh.y_len()), (w, "w", sh.w_len()), (&*dx, "dx", sh.x_len()))?;
-    if let Some(r) = relu_out {
-        check_host_or_dev(dev, r, "relu_out", sh.x_len())?;
+    if let Some(r) = &relu_out {
+        r.check(dev, sh.x_len())?;
     }
-    let cost = || Cost::conv_accumulate(sh, std::mem::size_of::<T>(), relu_out.is_some());
+    let cost = || Cost::conv_accumulate(sh, std::mem::size_of::<T>(), ReluMask::kind(relu_out.as_ref()));
     timed(dev, Family::ConvDgrad, cost, || match dev {
         Device::Cpu => {
             dgrad_accumulate_host(sh, dy, w, relu_out, dx);
             Ok(())
         }
         Device::Gpu(gpu) => {
-            let mask = relu_out.map(|r| on_gpu(r, gpu, "relu_out").map(|g| g.ptr())).transpose()?.unwrap_or(0);
+            let mask = relu_out.map(|r| r.ptr(gpu)).transpose()?.unwrap_or(MaskPtr::NONE);
             launch(gpu, Pass::Dgrad, sh, dy, w, dx, plan, Epilogue::Accumulate { mask }).map(|_| ())
         }
     })
@@ -699,7 +778,7 @@ pub(crate) fn dgrad_accumulate_host<T: ConvElem>(
     sh: &ConvShape,
     dy: &Buf<T>,
     w: &Buf<T>,
-    relu_out: Option<&Buf<T>>,
+    relu_out: Option<ReluMask<'_, T>>,
     dx: &mut Buf<T>,
 ) {
     use rayon::prelude::*;
@@ -714,14 +793,13 @@ pub(crate) fn dgrad_accumulate_host<T: ConvElem>(
         }
         let r = &mut r[..sh.x_len()];
         cpu::dgrad(sh, &a, &b, r);
-        let mask = relu_out.map(|m| m.host().expect("checked"));
+        let keeps = relu_out.as_ref().map(|m| m.keeps_host());
         const CHUNK: usize = 1 << 14;
         let dxh = dx.host_mut().expect("checked");
         dxh.par_chunks_mut(CHUNK).zip(r.par_chunks(CHUNK)).enumerate().for_each(|(i, (d, s))| {
-            let mk = mask.map(|m| &m[i * CHUNK..i * CHUNK + d.len()]);
             for (j, (d, s)) in d.iter_mut().zip(s).enumerate() {
                 // As the kernels: the sum, kept where the ReLU's output is > 0 (not NaN).
-                let keep = mk.is_none_or(|m| m[j].to_f32() > 0.0);
+                let keep = keeps.as_ref().is_none_or(|k| k(i * CHUNK + j));
                 *d = T::from_f32(if keep { d.to_f32() + s } else { 0.0 });
             }
         });
@@ -1000,12 +1078,17 @@ impl Cost {
     }
 
     /// A dgrad that adds its result to dx ([`conv2d_dgrad_accumulate`]): the dgrad's
-    /// count, plus dx read once (and the masking ReLU's output read). FLOPs: the GEMM's
-    /// only, as every conv pass counts them (the addition and the mask per element of dx
-    /// are not counted).
-    pub fn conv_accumulate(sh: &ConvShape, elem: usize, masked: bool) -> Cost {
+    /// count, plus dx read once (and the masking ReLU's output, or its bits, read). FLOPs:
+    /// the GEMM's only, as every conv pass counts them (the addition and the mask per
+    /// element of dx are not counted).
+    pub fn conv_accumulate(sh: &ConvShape, elem: usize, mask: MaskKind) -> Cost {
         let c = Cost::conv(Pass::Dgrad, sh, elem);
-        Cost { flops: c.flops, bytes: c.bytes + (1 + masked as u64) * u(sh.x_len()) * u(elem) }
+        let mask = match mask {
+            MaskKind::None => 0,
+            MaskKind::Output => u(sh.x_len()) * u(elem),
+            MaskKind::Bits => u(sh.x_len().div_ceil(8)),
+        };
+        Cost { flops: c.flops, bytes: c.bytes + u(sh.x_len()) * u(elem) + mask }
     }
 
     /// A padded layout conversion from f32 ([`nchw_to_nhwc_padded`], [`pad_rows`]): `rows`

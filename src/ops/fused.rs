@@ -20,7 +20,7 @@
 //! [`crate::cpu::layers::bn::bn_forward_train`]). Profile counts are the same on every
 //! device: the conv pass counts its epilogue's pairs, the finalize reads them.
 
-use super::conv::{self, ConvElem, Epilogue, GradSecond, Plan, StatsOut};
+use super::conv::{self, ConvElem, Epilogue, GradSecond, MaskPtr, Plan, ReluMask, StatsOut};
 use super::layers::{bn_apply_saved, BnInput, BnLayer, LayerElem};
 use super::profile::{timed, u, Cost, Family, F32};
 use super::{check_bufs, check_len, check_on};
@@ -302,7 +302,7 @@ pub fn conv2d_dgrad_accumulate_bn_sums<T: ConvElem + LayerElem>(
     sh: &ConvShape,
     dy: &Buf<T>,
     w: &Buf<T>,
-    relu_out: Option<&Buf<T>>,
+    relu_out: Option<ReluMask<'_, T>>,
     dx: &mut Buf<T>,
     grad: GradBn<'_, '_, T>,
 ) -> Result<()> {
@@ -317,7 +317,7 @@ pub fn conv2d_dgrad_accumulate_bn_sums_with<T: ConvElem + LayerElem>(
     sh: &ConvShape,
     dy: &Buf<T>,
     w: &Buf<T>,
-    relu_out: Option<&Buf<T>>,
+    relu_out: Option<ReluMask<'_, T>>,
     dx: &mut Buf<T>,
     grad: GradBn<'_, '_, T>,
     plan: Option<Plan>,
@@ -333,18 +333,18 @@ fn dgrad_sums<T: ConvElem + LayerElem>(
     sh: &ConvShape,
     dy: &Buf<T>,
     w: &Buf<T>,
-    acc: Option<Option<&Buf<T>>>,
+    acc: Option<Option<ReluMask<'_, T>>>,
     dx: &mut Buf<T>,
     grad: GradBn<'_, '_, T>,
     plan: Option<Plan>,
 ) -> Result<()> {
     let GradBn { x, bn, relu, mut second, workspace } = grad;
     conv::prepare(dev, sh, (dy, "dy", sh.y_len()), (w, "w", sh.w_len()), (&*dx, "dx", sh.x_len()))?;
-    let mask = acc.flatten();
-    for (b, what) in mask.map(|r| (r, "relu_out")).into_iter().chain([(x, "the batch norm's input")]) {
-        check_len(b, sh.x_len(), what)?;
-        check_on(b, dev, what)?;
+    if let Some(mask) = acc.flatten() {
+        mask.check(dev, sh.x_len())?;
     }
+    check_len(x, sh.x_len(), "the batch norm's input")?;
+    check_on(x, dev, "the batch norm's input")?;
     let (m, c) = (sh.n * sh.h * sh.w, sh.c);
     ensure!(bn.c == c, "the batch norm has {} channels, the dgrad's output {c}", bn.c);
     check_bufs(
@@ -392,7 +392,7 @@ fn dgrad_sums<T: ConvElem + LayerElem>(
     let conv_cost = || {
         let base = match acc {
             None => Cost::conv(Pass::Dgrad, sh, elem),
-            Some(mask) => Cost::conv_accumulate(sh, elem, mask.is_some()),
+            Some(mask) => Cost::conv_accumulate(sh, elem, ReluMask::kind(mask.as_ref())),
         };
         base.with_grad_sums(sh, elem, tiles, two)
     };
@@ -413,9 +413,7 @@ fn dgrad_sums<T: ConvElem + LayerElem>(
                 m2: ptr(bn.dgamma, "dgamma")?,
             };
             let accumulate = match acc {
-                Some(mask) => {
-                    Some(mask.map(|r| super::on_gpu(r, gpu, "relu_out").map(|g| g.ptr())).transpose()?.unwrap_or(0))
-                }
+                Some(mask) => Some(mask.map(|r| r.ptr(gpu)).transpose()?.unwrap_or(MaskPtr::NONE)),
                 None => None,
             };
             let xp = super::on_gpu(x, gpu, "the batch norm's input")?.ptr();

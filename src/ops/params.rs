@@ -287,6 +287,10 @@ params!(
         bn2_sum: u64,
         /// The second batch norm's sum of g (x - mean) (one tile).
         bn2_sumx: u64,
+        /// dgrad with `accumulate`, instead of `acc_mask`: device address of that ReLU's
+        /// decisions as bits (bit `i % 8` of byte `i / 8`: its output at flat index `i` is
+        /// > 0), or 0 (null).
+        acc_mask_bits: u64,
     }
 );
 params!(
@@ -423,6 +427,10 @@ params!(
         dgamma2: u64,
         /// The `_pair` backward variants: the second batch norm's `[c]` dbeta.
         dbeta2: u64,
+        /// Apply with a ReLU: device address of the ReLU's decisions as bits (bit `i % 8`
+        /// of byte `i / 8`: the stored output at flat index `i` is > 0), written
+        /// (`4 * ceil(m * c / 32)` bytes, zeroed first unless `vec` is 8); or 0 (null).
+        relu_bits: u64,
     }
 );
 params!(

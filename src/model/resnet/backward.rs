@@ -44,9 +44,9 @@ impl<T: Precision> ResNet<T> {
             // previous block's bn3 and downsample BN, whose output gradient this block's
             // input gradient is (their sums are taken here).
             type Prev<'a, T> = (&'a Buf<T>, &'a mut Saved, Option<(&'a Buf<T>, &'a mut Saved)>);
-            let (x, prev): (&Buf<T>, Option<Prev<'_, T>>) = match before.last_mut() {
-                Some(p) => (&p.out, Some((&p.t3, &mut p.s3, p.td.as_ref().zip(p.sd.as_mut())))),
-                None => (&ws.p0, None),
+            let (x, x_bits, prev): (&Buf<T>, Option<&Buf<u8>>, Option<Prev<'_, T>>) = match before.last_mut() {
+                Some(p) => (&p.out, p.out_bits.as_ref(), Some((&p.t3, &mut p.s3, p.td.as_ref().zip(p.sd.as_mut())))),
+                None => (&ws.p0, None, None),
             };
             let (bps_before, bps) = self.blocks.split_at_mut(bi);
             let bp = &mut bps[0];
@@ -168,7 +168,12 @@ impl<T: Precision> ResNet<T> {
             // the previous block's final ReLU's output, and the sum is masked by it there;
             // the dgrad that completes it takes the previous block's bn3 sums.
             let identity = acts.shd.is_none();
-            let relu_out = (bi > 0).then_some(x);
+            // The previous block's ReLU masks the sum: its decisions as bits where the forward
+            // wrote them, else its output.
+            let relu_out = (bi > 0).then_some(match x_bits {
+                Some(b) => conv::ReluMask::Bits(b),
+                None => conv::ReluMask::Output(x),
+            });
             let dx = if identity { dsum } else { scratch.take(l_in)? };
             // The last dgrad into dx: with the previous bn3's (and downsample BN's) sums when
             // there is one.

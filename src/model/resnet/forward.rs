@@ -78,34 +78,33 @@ impl<T: Precision> ResNet<T> {
                 }
                 let in2 = bp.bn2.input(&acts.s2, true);
                 let x3 = if on_load { (&acts.t2, Some(&in2)) } else { (&acts.a2, None) };
-                match (&mut bp.down, acts.shd, acts.td.as_mut(), acts.sd.as_mut()) {
+                // conv3 and the shortcut's conv with their statistics (the block output holds
+                // each one's partials until its finalize), then one pass applies bn3 (and the
+                // shortcut's BN), adds, takes the ReLU and writes its decisions as bits for the
+                // backward: the shortcut BN's output is never stored.
+                let o = &mut acts.out;
+                let short_bn = match (&mut bp.down, acts.shd, acts.td.as_mut(), acts.sd.as_mut()) {
                     (Some((dconv, dbn)), Some(shd), Some(td), Some(sd)) => {
-                        // The shortcut conv and conv3 with their statistics (the block output
-                        // holds each one's partials until its finalize), then one pass applies
-                        // both BNs, adds and takes the ReLU: the shortcut BN's output is never
-                        // stored.
-                        let o = &mut acts.out;
                         fused::conv2d_fprop_bn_stats(&dev, &shd, x, dconv.weight()?, td, o, &mut dbn.layer(sd, bnc))?;
-                        let (t, bn) = (&mut acts.t3, &mut bp.bn3.layer(&mut acts.s3, bnc));
-                        match x3 {
-                            (x3, Some(bn_in)) => {
-                                let w = bp.conv3.weight()?;
-                                fused::conv2d_fprop_bn_input_stats(&dev, &acts.sh3, x3, bn_in, w, t, o, bn)?;
-                            }
-                            (x3, None) => {
-                                fused::conv2d_fprop_bn_stats(&dev, &acts.sh3, x3, bp.conv3.weight()?, t, o, bn)?
-                            }
-                        }
-                        let (bn3, short) = (bp.bn3.input(&acts.s3, true), (&*td, &dbn.input(sd, false)));
-                        let m2 = acts.sh3.n * acts.sh3.p() * acts.sh3.q();
-                        layers::bn_apply_saved_bn_residual(&dev, m2, &acts.t3, &bn3, short, o)?;
+                        Some((&*td, dbn.input(sd, false)))
                     }
-                    (None, None, None, None) => {
-                        let (o, t, bn) = (&mut acts.out, &mut acts.t3, &mut bp.bn3.layer(&mut acts.s3, bnc));
-                        conv_bn_train(&dev, &acts.sh3, x3, &bp.conv3, bn, t, Some(x), true, o)?;
-                    }
+                    (None, None, None, None) => None,
                     _ => return Err(invalid!("internal: downsample buffers out of step")),
+                };
+                let (t, bn) = (&mut acts.t3, &mut bp.bn3.layer(&mut acts.s3, bnc));
+                match x3 {
+                    (x3, Some(bn_in)) => {
+                        let w = bp.conv3.weight()?;
+                        fused::conv2d_fprop_bn_input_stats(&dev, &acts.sh3, x3, bn_in, w, t, o, bn)?;
+                    }
+                    (x3, None) => fused::conv2d_fprop_bn_stats(&dev, &acts.sh3, x3, bp.conv3.weight()?, t, o, bn)?,
                 }
+                let residual = match &short_bn {
+                    Some((td, dbn)) => layers::Residual::Bn(td, dbn),
+                    None => layers::Residual::Plain(x),
+                };
+                let (bn3, m2) = (bp.bn3.input(&acts.s3, true), acts.sh3.n * acts.sh3.p() * acts.sh3.q());
+                layers::bn_apply_residual(&dev, m2, &acts.t3, &bn3, residual, o, acts.out_bits.as_mut())?;
                 continue;
             }
             let m1 = acts.sh1.n * acts.sh1.p() * acts.sh1.q();

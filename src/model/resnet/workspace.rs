@@ -70,6 +70,11 @@ impl<T: Precision> ResNet<T> {
                 t3: act(l_out)?,
                 td: if shd.is_some() { Some(act(l_out)?) } else { None },
                 out: act(l_out)?,
+                out_bits: if matches!(dev, Device::Cpu) {
+                    None
+                } else {
+                    Some(dev.uninit::<u8>(layers::relu_bits_len(l_out))?)
+                },
                 s1: saved(bp.spec.w1)?,
                 s2: saved(bp.spec.w2)?,
                 s3: saved(bp.spec.cout)?,

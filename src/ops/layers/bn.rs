@@ -660,43 +660,107 @@ pub fn bn_apply_saved<T: LayerElem>(
     })
 }
 
-/// [`bn_apply_saved`] whose residual goes through a batch norm of its own first (a
-/// downsample block: `y = relu?(bn(x) + rbn(residual))`, `rbn` without a ReLU): the same
-/// values as [`bn_apply_saved`] of `residual` with `rbn` into a buffer, then of `x` with
-/// that buffer as the residual (the shortcut's BN output rounded to the element type before
-/// the add), bitwise, on every device. One pass on a kernel device
-/// (`bn_apply_bnres_<dtype>`): the shortcut BN's output is neither written nor read again.
-pub fn bn_apply_saved_bn_residual<T: LayerElem>(
+/// What a bottleneck's last batch norm adds before its ReLU ([`bn_apply_residual`]).
+#[derive(Clone, Copy)]
+pub enum Residual<'a, 'b, T: LayerElem> {
+    /// The tensor itself (an identity shortcut).
+    Plain(&'a Buf<T>),
+    /// The tensor through its own batch norm from its saved statistics, without a ReLU (a
+    /// downsample shortcut): its output rounded to the element type, as its own apply
+    /// would store it, then added.
+    Bn(&'a Buf<T>, &'a BnInput<'b>),
+}
+
+/// The bytes of the ReLU's bits of `len` outputs ([`bn_apply_residual`]): a bit each, in
+/// whole 32-bit words.
+pub fn relu_bits_len(len: usize) -> usize {
+    4 * len.div_ceil(32)
+}
+
+/// A bottleneck's output: `y = relu?(bn(x) + residual)` ([`bn_apply_saved`] with the
+/// residual; see [`Residual`] for a shortcut through its own BN), and with `relu_bits`
+/// (`bn.relu` set) the ReLU's decisions as bits beside it: bit `i % 8` of byte `i / 8` set
+/// where `y` at flat index `i` is > 0 ([`relu_bits_len`] bytes), which the backward's
+/// dgrad into this output reads instead of `y`
+/// ([`crate::ops::conv::ReluMask::Bits`]). Bitwise [`bn_apply_saved`] of the shortcut into a
+/// buffer, then of `x` with that residual. One pass on a kernel device (`bn_apply_<dtype>`,
+/// or `bn_apply_bnres_<dtype>` with the shortcut's BN): a downsample shortcut's BN output is
+/// never written or read.
+pub fn bn_apply_residual<T: LayerElem>(
     dev: &Device,
     m: usize,
     x: &Buf<T>,
     bn: &BnInput<'_>,
-    (residual, rbn): (&Buf<T>, &BnInput<'_>),
+    residual: Residual<'_, '_, T>,
     y: &mut Buf<T>,
+    relu_bits: Option<&mut Buf<u8>>,
 ) -> Result<()> {
     let c = bn.c;
-    ensure!(rbn.c == c, "the residual's batch norm has {} channels, the batch norm it is added to {c}", rbn.c);
-    ensure!(!rbn.relu, "the residual's batch norm is applied without a ReLU (the ReLU comes after the add)");
+    let (r, rbn) = match residual {
+        Residual::Plain(r) => (r, None),
+        Residual::Bn(r, rbn) => (r, Some(rbn)),
+    };
+    if let Some(rbn) = rbn {
+        ensure!(rbn.c == c, "the residual's batch norm has {} channels, the batch norm it is added to {c}", rbn.c);
+        ensure!(!rbn.relu, "the residual's batch norm is applied without a ReLU (the ReLU comes after the add)");
+        rbn.check(dev)?;
+    }
     let mc = mul(m, c, "the batch norm input")?;
-    check_bufs(dev, mc, &[(x, "x"), (residual, "residual"), (&*y, "y")])?;
+    check_bufs(dev, mc, &[(x, "x"), (r, "residual"), (&*y, "y")])?;
     bn.check(dev)?;
-    rbn.check(dev)?;
+    if let Some(bits) = relu_bits.as_deref() {
+        ensure!(bn.relu, "the ReLU's bits need the ReLU");
+        check_bufs(dev, relu_bits_len(mc), &[(bits, "the ReLU's bits")])?;
+    }
     if mc == 0 {
         return Ok(());
     }
-    let relu = bn.relu;
-    let cost = || Cost::bn_apply_bn_residual(m, c, std::mem::size_of::<T>(), relu);
+    let (relu, elem) = (bn.relu, std::mem::size_of::<T>());
+    // Bytes of bits written: once, twice where they are zeroed first (vectors below 8).
+    let bit_passes = match (&relu_bits, dev) {
+        (None, _) => 0,
+        (Some(_), Device::Gpu(gpu))
+            if vec_width::<T>(c, &[dptr(x, gpu, "x")?, dptr(r, gpu, "residual")?, dptr(y, gpu, "y")?]) < 8 =>
+        {
+            2
+        }
+        (Some(_), _) => 1,
+    };
+    let cost = || Cost::bn_apply_residual(m, c, elem, rbn.is_some(), relu, bit_passes);
     timed(dev, Family::BnForward, cost, || match dev {
         Device::Cpu => {
-            let (xs, rs) = (host(x, "x")?, host(residual, "residual")?);
-            cpu::bn_apply_bn_residual(m, xs, &bn.host()?, rs, &rbn.host()?, host_mut(y, "y")?);
+            let (xs, rs, ys) = (host(x, "x")?, host(r, "residual")?, host_mut(y, "y")?);
+            match rbn {
+                Some(rbn) => cpu::bn_apply_bn_residual(m, xs, &bn.host()?, rs, &rbn.host()?, ys),
+                None => cpu::bn_apply(m, xs, &bn.host()?, Some(rs), ys),
+            }
+            if let Some(bits) = relu_bits {
+                let bits = host_mut(bits, "the ReLU's bits")?;
+                bits.fill(0);
+                for (byte, ys) in bits.iter_mut().zip(ys.chunks(8)) {
+                    *byte = ys.iter().enumerate().fold(0u8, |b, (k, v)| b | (((v.to_f32() > 0.0) as u8) << k));
+                }
+            }
             Ok(())
         }
         Device::Gpu(gpu) => {
-            let (xp, rp, yp) = (dptr(x, gpu, "x")?, dptr(residual, gpu, "residual")?, dptr(y, gpu, "y")?);
+            let (xp, rp, yp) = (dptr(x, gpu, "x")?, dptr(r, gpu, "residual")?, dptr(y, gpu, "y")?);
             let vec = vec_width::<T>(c, &[xp, rp, yp]);
-            let g = grid(m, c, vec, std::mem::size_of::<T>());
-            let p = BnParams {
+            let bits = match relu_bits {
+                Some(b) => {
+                    if vec < 8 {
+                        // Narrower vectors OR their bits into the words.
+                        match b {
+                            Buf::Gpu(g) => gpu.fill_zero(g)?,
+                            _ => return Err(crate::invalid!("the ReLU's bits are not on the device")),
+                        }
+                    }
+                    dptr(b, gpu, "the ReLU's bits")?
+                }
+                None => 0,
+            };
+            let g = grid(m, c, vec, elem);
+            let mut p = BnParams {
                 x: xp,
                 out: yp,
                 residual: rp,
@@ -704,16 +768,24 @@ pub fn bn_apply_saved_bn_residual<T: LayerElem>(
                 beta: dptr(bn.beta, gpu, "beta")?,
                 mean: dptr(bn.mean, gpu, "save_mean")?,
                 invstd: dptr(bn.invstd, gpu, "save_invstd")?,
-                gamma2: dptr(rbn.gamma, gpu, "the residual's gamma")?,
-                beta2: dptr(rbn.beta, gpu, "the residual's beta")?,
-                mean2: dptr(rbn.mean, gpu, "the residual's save_mean")?,
-                invstd2: dptr(rbn.invstd, gpu, "the residual's save_invstd")?,
                 relu: relu as i32,
+                relu_bits: bits,
                 ..base_params(m, c, vec, &g)?
             };
-            // SAFETY: x, residual and y hold m*c elements, the eight [c] buffers c; the
-            // kernel reads and writes rows below m and channels below c.
-            unsafe { gpu.launch(T::BN_APPLY_BNRES, g.per_channel(), &p)? };
+            let kernel = match rbn {
+                Some(rbn) => {
+                    p.gamma2 = dptr(rbn.gamma, gpu, "the residual's gamma")?;
+                    p.beta2 = dptr(rbn.beta, gpu, "the residual's beta")?;
+                    p.mean2 = dptr(rbn.mean, gpu, "the residual's save_mean")?;
+                    p.invstd2 = dptr(rbn.invstd, gpu, "the residual's save_invstd")?;
+                    T::BN_APPLY_BNRES
+                }
+                None => T::BN_APPLY,
+            };
+            // SAFETY: x, residual and y hold m*c elements, the [c] buffers c, the bits
+            // (when not null) 4 * ceil(m*c / 32) bytes; the kernel reads and writes rows
+            // below m and channels below c, and the bits of those elements.
+            unsafe { gpu.launch(kernel, g.per_channel(), &p)? };
             Ok(())
         }
     })
@@ -909,13 +981,16 @@ impl Cost {
         Cost { flops: mc * (2 + r + l), bytes: (2 + r) * mc * u(elem) + 4 * u(c) * F32 }
     }
 
-    /// [`Cost::bn_apply`] with the residual through its own batch norm
-    /// ([`crate::ops::layers::bn_apply_saved_bn_residual`]): reads x and the residual,
-    /// writes y; per channel 4 f32 for each BN. FLOPs per element: 2 for each BN, 1 for the
-    /// add, 1 for the ReLU.
-    pub fn bn_apply_bn_residual(m: usize, c: usize, elem: usize, relu: bool) -> Cost {
+    /// A bottleneck's output ([`crate::ops::layers::bn_apply_residual`]): reads x and the
+    /// residual, writes y (and the ReLU's bits in `bit_passes`: 1, or 2 where they are
+    /// zeroed first); per channel 4 f32,
+    /// 8 with the residual's own BN. FLOPs per element: 2, +2 for the residual's BN, +1 for
+    /// the add, +1 for the ReLU.
+    pub fn bn_apply_residual(m: usize, c: usize, elem: usize, residual_bn: bool, relu: bool, bit_passes: u64) -> Cost {
         let mc = u(m) * u(c);
-        Cost { flops: mc * (5 + relu as u64), bytes: 3 * mc * u(elem) + 8 * u(c) * F32 }
+        let (rb, l) = (residual_bn as u64, relu as u64);
+        let bits = bit_passes * 4 * mc.div_ceil(32);
+        Cost { flops: mc * (3 + 2 * rb + l), bytes: 3 * mc * u(elem) + bits + (4 + 4 * rb) * u(c) * F32 }
     }
 
     /// Batch norm eval forward over `[m, c]`: one pass reads x and writes y; per channel

@@ -27,9 +27,9 @@ mod pool;
 mod sgd;
 
 pub use bn::{
-    bn_apply_saved, bn_apply_saved_bn_residual, bn_backward, bn_backward_dx, bn_backward_dx_pair,
-    bn_backward_masking_dy, bn_backward_pair, bn_backward_through_relu, bn_backward_through_relu_maxpool,
-    bn_forward_eval, bn_forward_train, bn_row_chunks, BnInput, BnLayer, BnSide,
+    bn_apply_residual, bn_apply_saved, bn_backward, bn_backward_dx, bn_backward_dx_pair, bn_backward_masking_dy,
+    bn_backward_pair, bn_backward_through_relu, bn_backward_through_relu_maxpool, bn_forward_eval, bn_forward_train,
+    bn_row_chunks, relu_bits_len, BnInput, BnLayer, BnSide, Residual,
 };
 pub(crate) use bn::{bn_launch_finalize_tiles, bn_launch_grad_finalize, relu_output_host};
 pub use elementwise::{add_assign, add_relu, cast, relu_backward};
