@@ -633,30 +633,7 @@ pub fn bn_apply_saved<T: LayerElem>(
             cpu::bn_apply(m, xs, &bn.host()?, rs, ys);
             Ok(())
         }
-        Device::Gpu(gpu) => {
-            let (xp, yp) = (dptr(x, gpu, "x")?, dptr(y, gpu, "y")?);
-            let rp = match residual {
-                Some(r) => dptr(r, gpu, "residual")?,
-                None => 0,
-            };
-            let vec = vec_width::<T>(c, &[xp, yp, rp]);
-            let g = grid(m, c, vec, std::mem::size_of::<T>());
-            let p = BnParams {
-                x: xp,
-                out: yp,
-                residual: rp,
-                gamma: dptr(bn.gamma, gpu, "gamma")?,
-                beta: dptr(bn.beta, gpu, "beta")?,
-                mean: dptr(bn.mean, gpu, "save_mean")?,
-                invstd: dptr(bn.invstd, gpu, "save_invstd")?,
-                relu: relu as i32,
-                ..base_params(m, c, vec, &g)?
-            };
-            // SAFETY: x, residual (when not null) and y hold m*c elements, the [c] buffers c;
-            // the apply kernel reads and writes rows below m and channels below c.
-            unsafe { gpu.launch(T::BN_APPLY, g.per_channel(), &p)? };
-            Ok(())
-        }
+        Device::Gpu(gpu) => apply_on_gpu(gpu, m, x, residual, None, bn, y, None),
     })
 }
 
@@ -743,52 +720,67 @@ pub fn bn_apply_residual<T: LayerElem>(
             }
             Ok(())
         }
-        Device::Gpu(gpu) => {
-            let (xp, rp, yp) = (dptr(x, gpu, "x")?, dptr(r, gpu, "residual")?, dptr(y, gpu, "y")?);
-            let vec = vec_width::<T>(c, &[xp, rp, yp]);
-            let bits = match relu_bits {
-                Some(b) => {
-                    if vec < 8 {
-                        // Narrower vectors OR their bits into the words.
-                        match b {
-                            Buf::Gpu(g) => gpu.fill_zero(g)?,
-                            _ => return Err(crate::invalid!("the ReLU's bits are not on the device")),
-                        }
-                    }
-                    dptr(b, gpu, "the ReLU's bits")?
-                }
-                None => 0,
-            };
-            let g = grid(m, c, vec, elem);
-            let mut p = BnParams {
-                x: xp,
-                out: yp,
-                residual: rp,
-                gamma: dptr(bn.gamma, gpu, "gamma")?,
-                beta: dptr(bn.beta, gpu, "beta")?,
-                mean: dptr(bn.mean, gpu, "save_mean")?,
-                invstd: dptr(bn.invstd, gpu, "save_invstd")?,
-                relu: relu as i32,
-                relu_bits: bits,
-                ..base_params(m, c, vec, &g)?
-            };
-            let kernel = match rbn {
-                Some(rbn) => {
-                    p.gamma2 = dptr(rbn.gamma, gpu, "the residual's gamma")?;
-                    p.beta2 = dptr(rbn.beta, gpu, "the residual's beta")?;
-                    p.mean2 = dptr(rbn.mean, gpu, "the residual's save_mean")?;
-                    p.invstd2 = dptr(rbn.invstd, gpu, "the residual's save_invstd")?;
-                    T::BN_APPLY_BNRES
-                }
-                None => T::BN_APPLY,
-            };
-            // SAFETY: x, residual and y hold m*c elements, the [c] buffers c, the bits
-            // (when not null) 4 * ceil(m*c / 32) bytes; the kernel reads and writes rows
-            // below m and channels below c, and the bits of those elements.
-            unsafe { gpu.launch(kernel, g.per_channel(), &p)? };
-            Ok(())
-        }
+        Device::Gpu(gpu) => apply_on_gpu(gpu, m, x, Some(r), rbn, bn, y, relu_bits),
     })
+}
+
+/// The apply kernel on a checked call: `y = relu?(bn(x) + residual)`, the residual through
+/// `rbn` when given (`bn_apply_bnres_<T>`), and the ReLU's bits when given.
+#[allow(clippy::too_many_arguments)]
+fn apply_on_gpu<T: LayerElem>(
+    gpu: &Gpu,
+    m: usize,
+    x: &Buf<T>,
+    residual: Option<&Buf<T>>,
+    rbn: Option<&BnInput<'_>>,
+    bn: &BnInput<'_>,
+    y: &mut Buf<T>,
+    relu_bits: Option<&mut Buf<u8>>,
+) -> Result<()> {
+    let c = bn.c;
+    let (xp, yp) = (dptr(x, gpu, "x")?, dptr(y, gpu, "y")?);
+    let rp = residual.map(|r| dptr(r, gpu, "residual")).transpose()?.unwrap_or(0);
+    let vec = vec_width::<T>(c, &[xp, rp, yp]);
+    let bits = match relu_bits {
+        Some(Buf::Gpu(b)) => {
+            if vec < 8 {
+                // Narrower vectors OR their bits into the words.
+                gpu.fill_zero(b)?;
+            }
+            b.ptr()
+        }
+        Some(_) => return Err(crate::invalid!("the ReLU's bits are not on the device")),
+        None => 0,
+    };
+    let g = grid(m, c, vec, std::mem::size_of::<T>());
+    let mut p = BnParams {
+        x: xp,
+        out: yp,
+        residual: rp,
+        gamma: dptr(bn.gamma, gpu, "gamma")?,
+        beta: dptr(bn.beta, gpu, "beta")?,
+        mean: dptr(bn.mean, gpu, "save_mean")?,
+        invstd: dptr(bn.invstd, gpu, "save_invstd")?,
+        relu: bn.relu as i32,
+        relu_bits: bits,
+        ..base_params(m, c, vec, &g)?
+    };
+    let kernel = match rbn {
+        Some(rbn) => {
+            p.gamma2 = dptr(rbn.gamma, gpu, "the residual's gamma")?;
+            p.beta2 = dptr(rbn.beta, gpu, "the residual's beta")?;
+            p.mean2 = dptr(rbn.mean, gpu, "the residual's save_mean")?;
+            p.invstd2 = dptr(rbn.invstd, gpu, "the residual's save_invstd")?;
+            T::BN_APPLY_BNRES
+        }
+        None => T::BN_APPLY,
+    };
+    // SAFETY: the caller checked that x, the residual (when not null) and y hold m*c
+    // elements, the [c] buffers c, the bits (when not null) 4 * ceil(m*c / 32) bytes; the
+    // kernel reads and writes rows below m and channels below c, and the bits of those
+    // elements.
+    unsafe { gpu.launch(kernel, g.per_channel(), &p)? };
+    Ok(())
 }
 
 /// One of the two batch norms of [`bn_backward_pair`] and [`bn_backward_dx_pair`]: its
