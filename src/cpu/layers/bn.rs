@@ -313,18 +313,29 @@ pub fn bn_apply_bn_residual<T: Real>(m: usize, x: &[T], bn: &BnInput<'_>, r: &[T
     if m == 0 || c == 0 {
         return;
     }
-    let coef = |b: &BnInput<'_>| -> Vec<[f32; 3]> {
-        (0..c).map(|ch| [b.mean[ch], b.gamma[ch] * b.invstd[ch], b.beta[ch]]).collect()
-    };
-    let (k, kr, relu_on) = (coef(bn), coef(rbn), bn.relu);
+    let scale = |b: &BnInput<'_>| -> Vec<f32> { (0..c).map(|ch| b.gamma[ch] * b.invstd[ch]).collect() };
+    let (s, s2) = (scale(bn), scale(rbn));
+    let k = Coef { mean: &bn.mean[..c], scale: &s, beta: &bn.beta[..c] };
+    let k2 = Coef { mean: &rbn.mean[..c], scale: &s2, beta: &rbn.beta[..c] };
     let (x, r, y) = (&x[..m * c], &r[..m * c], &mut y[..m * c]);
-    let chunk = rows_per_task(m, c) * c;
+    if bn.relu {
+        bn_residual_rows::<T, true>(c, x, r, (k, k2), y);
+    } else {
+        bn_residual_rows::<T, false>(c, x, r, (k, k2), y);
+    }
+}
+
+fn bn_residual_rows<T: Real, const RELU: bool>(c: usize, x: &[T], r: &[T], (k, k2): (Coef<'_>, Coef<'_>), y: &mut [T]) {
+    let chunk = rows_per_task(x.len() / c, c) * c;
     y.par_chunks_mut(chunk).zip(x.par_chunks(chunk).zip(r.par_chunks(chunk))).for_each(|(yc, (xc, rc))| {
         for ((yr, xr), rr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).zip(rc.chunks_exact(c)) {
-            for ((((o, xv), rv), [mu, s, b]), [mu2, s2, b2]) in yr.iter_mut().zip(xr).zip(rr).zip(&k).zip(&kr) {
-                let short = T::from_f32((rv.to_f32() - mu2) * s2 + b2);
-                let v = (xv.to_f32() - mu) * s + b + short.to_f32();
-                *o = T::from_f32(if relu_on { relu(v) } else { v });
+            let coef = k.mean.iter().zip(k.scale).zip(k.beta);
+            let coef2 = k2.mean.iter().zip(k2.scale).zip(k2.beta);
+            for (((o, &v), &res), (((mu, s), b), ((mu2, s2), b2))) in yr.iter_mut().zip(xr).zip(rr).zip(coef.zip(coef2))
+            {
+                let short = T::from_f32((res.to_f32() - mu2) * s2 + b2).to_f32();
+                let v = (v.to_f32() - mu) * s + b + short;
+                *o = T::from_f32(if RELU { relu(v) } else { v });
             }
         }
     });
