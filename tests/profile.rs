@@ -265,9 +265,9 @@ fn kernel_counts(cpu: &Profile, precision: PrecisionKind, fusion: BnFusion) -> V
             }
         }
     }
-    // Each block's output ReLU writes its decisions as bits (zeroed first, unless its
-    // vectors are 8 wide: bf16 and channels in multiples of 8), and the dgrad into the next
-    // block's input masks its sum by them instead of that output.
+    // Each block's output ReLU but the last one's writes its decisions as bits (zeroed
+    // first, unless its vectors are 8 wide: bf16 and channels in multiples of 8), and the
+    // dgrad into the next block's input masks its sum by them instead of that output.
     {
         let arch = tiny_arch();
         let convs = arch.convs(SIZE, SIZE);
@@ -276,7 +276,8 @@ fn kernel_counts(cpu: &Profile, precision: PrecisionKind, fusion: BnFusion) -> V
             let p = b.prefix();
             let sh3 = by_name(format!("{p}.conv3"));
             let passes = if elem == 2 && sh3.k % 8 == 0 { 1 } else { 2 };
-            let bits = passes * prunekit::ops::layers::relu_bits_len(sh3.y_len()) as u64;
+            let last = i + 1 == arch.blocks.len();
+            let bits = if last { 0 } else { passes * prunekit::ops::layers::relu_bits_len(sh3.y_len()) as u64 };
             let into_input =
                 (i > 0).then(|| by_name(format!("{p}.{}", if b.downsample { "downsample.0" } else { "conv1" })));
             for f in c.iter_mut() {

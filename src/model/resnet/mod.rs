@@ -304,9 +304,9 @@ struct BlockActs<T: Elem> {
     td: Option<Buf<T>>,
     /// The block's output: ReLU(bn3(t3) + shortcut).
     out: Buf<T>,
-    /// That ReLU's decisions as bits, beside `out` (kernel devices): written by the train
-    /// forward, read instead of `out` by the next block's dgrad into its input, which masks
-    /// its sum by them.
+    /// That ReLU's decisions as bits, beside `out` (kernel devices, every block but the
+    /// last): written by the train forward, read instead of `out` by the next block's dgrad
+    /// into its input, which masks its sum by them.
     out_bits: Option<Buf<u8>>,
     /// The batch statistics bn1, bn2, bn3 and the downsample BN saved for backward.
     s1: Saved,

@@ -36,7 +36,7 @@ impl<T: Precision> ResNet<T> {
         // every block but the first the last dgrad into the block input (the previous bn3
         // and downsample BN).
         let mut grad_sums = 0;
-        for bp in &self.blocks {
+        for (bi, bp) in self.blocks.iter().enumerate() {
             let sh1 = bp.conv1.shape(n, hh, ww);
             let sh2 = bp.conv2.shape(n, hh, ww);
             sh2.validate()?;
@@ -70,7 +70,8 @@ impl<T: Precision> ResNet<T> {
                 t3: act(l_out)?,
                 td: if shd.is_some() { Some(act(l_out)?) } else { None },
                 out: act(l_out)?,
-                out_bits: if matches!(dev, Device::Cpu) {
+                // The next block's dgrad reads them; the network's last block has none.
+                out_bits: if matches!(dev, Device::Cpu) || bi + 1 == self.blocks.len() {
                     None
                 } else {
                     Some(dev.uninit::<u8>(layers::relu_bits_len(l_out))?)

@@ -633,7 +633,10 @@ pub fn bn_apply_saved<T: LayerElem>(
             cpu::bn_apply(m, xs, &bn.host()?, rs, ys);
             Ok(())
         }
-        Device::Gpu(gpu) => apply_on_gpu(gpu, m, x, residual, None, bn, y, None),
+        Device::Gpu(gpu) => {
+            let vec = apply_vec(gpu, c, x, residual, y)?;
+            apply_on_gpu(gpu, m, vec, x, residual, None, bn, y, None)
+        }
     })
 }
 
@@ -693,15 +696,15 @@ pub fn bn_apply_residual<T: LayerElem>(
         return Ok(());
     }
     let (relu, elem) = (bn.relu, std::mem::size_of::<T>());
-    // Bytes of bits written: once, twice where they are zeroed first (vectors below 8).
-    let bit_passes = match (&relu_bits, dev) {
-        (None, _) => 0,
-        (Some(_), Device::Gpu(gpu))
-            if vec_width::<T>(c, &[dptr(x, gpu, "x")?, dptr(r, gpu, "residual")?, dptr(y, gpu, "y")?]) < 8 =>
-        {
-            2
-        }
-        (Some(_), _) => 1,
+    let vec = match dev {
+        Device::Gpu(gpu) => apply_vec(gpu, c, x, Some(r), y)?,
+        Device::Cpu => 8,
+    };
+    // Bytes of bits written: once, twice where they are zeroed first.
+    let bit_passes = match relu_bits {
+        None => 0,
+        Some(_) if bits_zeroed_first(vec) => 2,
+        Some(_) => 1,
     };
     let cost = || Cost::bn_apply_residual(m, c, elem, rbn.is_some(), relu, bit_passes);
     timed(dev, Family::BnForward, cost, || match dev {
@@ -720,16 +723,31 @@ pub fn bn_apply_residual<T: LayerElem>(
             }
             Ok(())
         }
-        Device::Gpu(gpu) => apply_on_gpu(gpu, m, x, Some(r), rbn, bn, y, relu_bits),
+        Device::Gpu(gpu) => apply_on_gpu(gpu, m, vec, x, Some(r), rbn, bn, y, relu_bits),
     })
 }
 
-/// The apply kernel on a checked call: `y = relu?(bn(x) + residual)`, the residual through
-/// `rbn` when given (`bn_apply_bnres_<T>`), and the ReLU's bits when given.
+/// The vector width of the apply kernel on `x`, the residual and `y`.
+fn apply_vec<T: LayerElem>(gpu: &Gpu, c: usize, x: &Buf<T>, residual: Option<&Buf<T>>, y: &Buf<T>) -> Result<usize> {
+    let rp = residual.map(|r| dptr(r, gpu, "residual")).transpose()?.unwrap_or(0);
+    Ok(vec_width::<T>(c, &[dptr(x, gpu, "x")?, rp, dptr(y, gpu, "y")?]))
+}
+
+/// Whether the apply kernel at vector width `vec` ORs the ReLU's bits into words that are
+/// zeroed first: a thread's vector then covers less than a byte of them. 8-element
+/// vectors store whole bytes.
+fn bits_zeroed_first(vec: usize) -> bool {
+    vec < 8
+}
+
+/// The apply kernel on a checked call at vector width `vec` ([`apply_vec`]):
+/// `y = relu?(bn(x) + residual)`, the residual through `rbn` when given
+/// (`bn_apply_bnres_<T>`), and the ReLU's bits when given.
 #[allow(clippy::too_many_arguments)]
 fn apply_on_gpu<T: LayerElem>(
     gpu: &Gpu,
     m: usize,
+    vec: usize,
     x: &Buf<T>,
     residual: Option<&Buf<T>>,
     rbn: Option<&BnInput<'_>>,
@@ -740,11 +758,9 @@ fn apply_on_gpu<T: LayerElem>(
     let c = bn.c;
     let (xp, yp) = (dptr(x, gpu, "x")?, dptr(y, gpu, "y")?);
     let rp = residual.map(|r| dptr(r, gpu, "residual")).transpose()?.unwrap_or(0);
-    let vec = vec_width::<T>(c, &[xp, rp, yp]);
     let bits = match relu_bits {
         Some(Buf::Gpu(b)) => {
-            if vec < 8 {
-                // Narrower vectors OR their bits into the words.
+            if bits_zeroed_first(vec) {
                 gpu.fill_zero(b)?;
             }
             b.ptr()
