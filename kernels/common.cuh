@@ -238,6 +238,79 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #endif
 
+// ---------------------------------------------------------------- mbarrier (sm_90)
+// An mbarrier is a uint64_t in shared memory (PTX ISA, "mbarrier") that counts arrivals
+// and transaction bytes per phase: mbar_init(bar, n) makes each phase wait for n
+// arrivals; a phase completes when all have arrived and every byte announced by
+// mbar_arrive_expect_tx has landed, and the next phase starts with the same count.
+// mbar_wait(bar, parity) returns once the phase of that parity (phase k has parity k % 2)
+// has completed, i.e. while the barrier's current phase has the other parity: a fresh
+// barrier is in phase 0, so waiting for parity 1 returns at once (a producer's first wait
+// for free buffers) and waiting for parity 0 waits for the first phase. Arrivals release
+// and completed waits acquire: the writes before an arrival are visible after the wait.
+//   mbar_arrive(bar)                    one arrival
+//   mbar_arrive_expect_tx(bar, bytes)   the phase also waits for `bytes`, then one arrival
+//   cp_async_mbar_arrive(bar)           one arrival once this thread's cp.async copies so
+//                                       far have landed (.noinc: it counts against n)
+//   bulk_copy_g2s(dst, src, bytes, bar) global to shared (a multiple of 16 bytes, 16-byte
+//                                       aligned), landing `bytes` on bar
+// Initialize before a __syncthreads and before any other thread uses the barrier. On
+// targets below sm_90 these trap: the kernels that use them run on Hopper only.
+#ifdef PK_EMU
+#define mbar_init(bar, count) ::pk_emu::mbarrier_init((bar), (count), __FILE__, __LINE__)
+#define mbar_arrive(bar) ::pk_emu::mbarrier_arrive((bar), 1, 0, __FILE__, __LINE__)
+#define mbar_arrive_expect_tx(bar, bytes) ::pk_emu::mbarrier_arrive((bar), 1, (bytes), __FILE__, __LINE__)
+#define mbar_try_wait(bar, parity) ::pk_emu::mbarrier_try_wait((bar), (parity), __FILE__, __LINE__)
+#define mbar_wait(bar, parity) ::pk_emu::mbarrier_wait((bar), (parity), __FILE__, __LINE__)
+#define cp_async_mbar_arrive(bar) ::pk_emu::cp_async_mbarrier_arrive((bar), __FILE__, __LINE__)
+#define bulk_copy_g2s(dst, src, bytes, bar) ::pk_emu::bulk_copy_to_shared((dst), (src), (bytes), (bar), __FILE__, __LINE__)
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, unsigned parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(smem_u32(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+  while (!mbar_try_wait(bar, parity)) {
+  }
+}
+__device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
+}
+#else
+__device__ __forceinline__ void mbar_init(uint64_t*, unsigned) { __trap(); }
+__device__ __forceinline__ void mbar_arrive(uint64_t*) { __trap(); }
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t*, unsigned) { __trap(); }
+__device__ __forceinline__ bool mbar_try_wait(uint64_t*, unsigned) {
+  __trap();
+  return false;
+}
+__device__ __forceinline__ void mbar_wait(uint64_t*, unsigned) { __trap(); }
+__device__ __forceinline__ void cp_async_mbar_arrive(uint64_t*) { __trap(); }
+__device__ __forceinline__ void bulk_copy_g2s(void*, const void*, unsigned, uint64_t*) { __trap(); }
+#endif
+
 // ---------------------------------------------------------------- warpgroup MMA (sm_90a)
 // wgmma.mma_async: a warpgroup (4 consecutive warps, the first one's index a multiple of
 // 4) computes D[64 x N] (+)= A[64 x 16] * B[N x 16]^T, A and B read from shared memory

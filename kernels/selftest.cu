@@ -333,3 +333,69 @@ PK_KERNEL(selftest_wgmma_bf16, PkSelftestParams) {
     if (j < p.n / 2) d[row * p.n + col] = acc[j];
   }
 }
+
+// A producer/consumer pipeline on mbarriers: c[i] = 2 a[i] + 1 for i < m, the input
+// passing through a ring of 3 shared-memory stages of 128 floats. Warp 0 produces: it
+// waits until consumers have freed a stage (`empty`, 64 arrivals), fills it and arrives on
+// `full`; warps 1 and 2 consume: they wait on `full`, write their outputs and arrive on
+// `empty`. 96 threads, 64 + 3 * 512 bytes of dynamic shared memory.
+// mode 0: each producer lane copies 16 bytes with cp.async (the tail zero-filled) and
+//         arrives when they land (full: 32 arrivals).
+// mode 1: lane 0 announces the stage's bytes and copies them with one bulk copy (full: 1
+//         arrival; m % 4 == 0, the bulk copy's 16-byte granularity).
+// mode 2: as 0, but the consumers neither wait on `full` (a race) nor arrive on `empty`
+//         (m <= 384: one round of the ring).
+// mode 3: as 0, but the producer leaves out the last chunk (a deadlock).
+// mode 4: as 0, but `empty` is never initialized.
+PK_KERNEL(selftest_mbarrier_f32, PkSelftestParams) {
+  constexpr int STAGES = 3, CHUNK = 128;
+  PK_DYNAMIC_SMEM(unsigned char, smem);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+  uint64_t* empty = full + STAGES;
+  float* ring = reinterpret_cast<float*>(smem + 64);
+  const float* a = static_cast<const float*>(p.a);
+  float* c = static_cast<float*>(p.c);
+  const int tid = (int)threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int nch = (p.m + CHUNK - 1) / CHUNK;
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], p.mode == 1 ? 1u : 32u);
+      if (p.mode != 4) mbar_init(&empty[s], 64u);
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int last = p.mode == 3 ? nch - 1 : nch;
+    for (int ch = 0; ch < last; ++ch) {
+      const int s = ch % STAGES;
+      const unsigned ph = (unsigned)(ch / STAGES) & 1u;
+      mbar_wait(&empty[s], ph ^ 1u);  // the stage's previous round consumed (at once in round 0)
+      float* dst = ring + s * CHUNK;
+      const int i0 = ch * CHUNK;
+      if (p.mode == 1) {
+        if (lane == 0) {
+          const unsigned bytes = (unsigned)min(CHUNK, p.m - i0) * 4u;
+          mbar_arrive_expect_tx(&full[s], bytes);
+          bulk_copy_g2s(dst, a + i0, bytes, &full[s]);
+        }
+      } else {
+        const int i = i0 + lane * 4;
+        const unsigned src_bytes = (unsigned)max(0, min(4, p.m - i)) * 4u;
+        cp_async_16(dst + lane * 4, src_bytes ? a + i : a, src_bytes);
+        cp_async_mbar_arrive(&full[s]);
+      }
+    }
+  } else {
+    const int ctid = tid - 32;
+    for (int ch = 0; ch < nch; ++ch) {
+      const int s = ch % STAGES;
+      const unsigned ph = (unsigned)(ch / STAGES) & 1u;
+      if (p.mode != 2) mbar_wait(&full[s], ph);
+      for (int j = ctid; j < CHUNK; j += 64) {
+        const int i = ch * CHUNK + j;
+        if (i < p.m) c[i] = 2.0f * ring[s * CHUNK + j] + 1.0f;
+      }
+      if (p.mode != 2) mbar_arrive(&empty[s]);
+    }
+  }
+}

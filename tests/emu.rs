@@ -411,6 +411,50 @@ fn reading_before_cp_async_wait_sees_poison() {
     assert!(gpu.download(&d).unwrap().iter().all(|x| x.is_nan()), "the copies were visible before the wait");
 }
 
+/// selftest_mbarrier_f32 on `m` inputs in `mode`: the output (c = 2a + 1 where the
+/// pipeline wrote it, zero elsewhere) and the oracle.
+fn run_mbarrier(gpu: &Gpu, m: usize, mode: i32) -> Result<(Vec<f32>, Vec<f32>), prunekit::gpu::GpuError> {
+    let a = rand_vec(m, 31);
+    let (da, dc) = (gpu.upload(&a).unwrap(), gpu.zeros::<f32>(m).unwrap());
+    let cfg = LaunchConfig { grid: (1, 1, 1), block: (96, 1, 1), shared_mem_bytes: 64 + 3 * 512 };
+    let p = params(&da, &da, &dc, m as i32, 0, 0, mode);
+    unsafe { gpu.launch(k("selftest_mbarrier_f32"), cfg, &p)? };
+    Ok((gpu.download(&dc)?, a.iter().map(|x| 2.0 * x + 1.0).collect()))
+}
+
+/// A ring of three stages on mbarriers, filled by cp.async (a partial last chunk
+/// zero-filled) or by bulk copies: every chunk passes, in every round of the ring.
+fn check_mbarrier_pipeline(gpu: &Gpu) {
+    for m in [1, 128, 129, 3 * 128, 1000, 13 * 128 + 37] {
+        let (got, want) = run_mbarrier(gpu, m, 0).unwrap();
+        assert_eq!(got, want, "{} cp.async, m = {m}", gpu.name());
+    }
+    for m in [4, 128, 132, 1000, 13 * 128 + 36] {
+        let (got, want) = run_mbarrier(gpu, m, 1).unwrap();
+        assert_eq!(got, want, "{} bulk copy, m = {m}", gpu.name());
+    }
+}
+
+#[test]
+fn mbarrier_pipelines_pass_every_chunk_in_every_order() {
+    for gpu in schedules() {
+        check_mbarrier_pipeline(&gpu);
+    }
+}
+
+#[test]
+fn mbarrier_misuse_is_caught() {
+    // Consumers that do not wait read the stage before it is filled when they run first.
+    let (got, want) = run_mbarrier(&Gpu::emu_with(Schedule::Reverse), 300, 2).unwrap();
+    assert!(max_err(&got, &want) > 1.0, "reading without the wait saw the data");
+    let gpu = Gpu::emu_with(Schedule::Forward);
+    // A phase that never completes: a deadlock, reported (a GPU would hang).
+    let err = run_mbarrier(&gpu, 1000, 3).unwrap_err().to_string();
+    assert!(err.contains("deadlock") && err.contains("mbarrier") && err.contains("32 of 32 arrivals"), "{err}");
+    let err = run_mbarrier(&gpu, 1000, 4).unwrap_err().to_string();
+    assert!(err.contains("never initialized"), "{err}");
+}
+
 #[test]
 fn bad_launches_are_errors() {
     let gpu = Gpu::emu_with(Schedule::Forward);
@@ -460,6 +504,13 @@ mod cuda {
         let g = gpu();
         check_mma_bf16(&g);
         check_mma_trans_f16(&g);
+    }
+    #[test]
+    #[ignore = "needs a CUDA GPU of compute capability 9.0"]
+    fn cuda_mbarrier_pipeline() {
+        let g = gpu();
+        assert!(g.has_wgmma(), "{} is not sm_90 (mbarrier transaction counts and bulk copies)", g.name());
+        check_mbarrier_pipeline(&g);
     }
     /// On an sm_90 GPU: the hardware's wgmma gives the oracle's product, and the same
     /// product as the emulation for tiles off the swizzle's alignment (the swizzle is a

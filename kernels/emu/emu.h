@@ -134,6 +134,28 @@ void wgmma_issue(const WgmmaOp& op);
 void wgmma_commit();
 void wgmma_wait(int keep_pending_groups);
 
+// mbarrier objects (PTX ISA, "Parallel Synchronization and Communication Instructions:
+// mbarrier"; kernels/common.cuh): 8 bytes of shared memory whose state the block keeps
+// beside it, from mbar_init on: the arrivals each phase expects, those still pending, the
+// transaction bytes still expected (negative while copies have landed before their
+// expect_tx) and the phases completed. A phase completes when its pending arrivals and
+// its transaction bytes both reach zero; then the next phase expects the same arrivals.
+// A wait for the phase of parity P returns once the current phase's parity is not P, as
+// try_wait.parity; the fiber waits in the scheduler meanwhile, and a wait that can never
+// complete (everybody else waiting or exited) is a deadlock, reported. cp.async's arrive
+// and the bulk copy perform their copies at once, before they arrive or complete their
+// bytes: a thread that reads the data without waiting for the barrier sees it only if the
+// schedule ran the copying thread first.
+void mbarrier_init(void* bar, unsigned count, const char* file, int line);
+// `count` arrivals, after adding `tx_bytes` to the expected transaction bytes.
+void mbarrier_arrive(void* bar, unsigned count, unsigned tx_bytes, const char* file, int line);
+bool mbarrier_try_wait(void* bar, unsigned parity, const char* file, int line);
+void mbarrier_wait(void* bar, unsigned parity, const char* file, int line);
+// cp.async.mbarrier.arrive.noinc: this thread's cp.async copies so far, then an arrival.
+void cp_async_mbarrier_arrive(void* bar, const char* file, int line);
+// cp.async.bulk (global to shared, completing `bytes` on `bar`).
+void bulk_copy_to_shared(void* dst, const void* src, unsigned bytes, void* bar, const char* file, int line);
+
 // Module table: one per translation unit (kernels/<module>.cu), filled by registrars.
 struct Kernel {
   const char* name;

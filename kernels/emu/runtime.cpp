@@ -59,7 +59,7 @@ extern "C" {
 extern unsigned char __start_pk_shared[];
 extern unsigned char __stop_pk_shared[];
 }
-static void poison_static_shared() {
+static ptrdiff_t static_shared_anchor_offset() {
   static const ptrdiff_t anchor_offset = [] {
     for (unsigned char* q = __start_pk_shared; q + 8 <= __stop_pk_shared; q += 8) {
       unsigned long long v;
@@ -69,8 +69,17 @@ static void poison_static_shared() {
     std::fprintf(stderr, "pk-emu: the anchor of static shared memory is not in the section pk_shared\n");
     std::abort();
   }();
-  unsigned char* start = reinterpret_cast<unsigned char*>(&pk_shared_anchor) - anchor_offset;
-  const size_t len = (size_t)(__stop_pk_shared - __start_pk_shared);
+  return anchor_offset;
+}
+// This host thread's instance of static shared memory: its start.
+static unsigned char* static_shared_start() {
+  return reinterpret_cast<unsigned char*>(&pk_shared_anchor) - static_shared_anchor_offset();
+}
+static size_t static_shared_len() { return (size_t)(__stop_pk_shared - __start_pk_shared); }
+static void poison_static_shared() {
+  const ptrdiff_t anchor_offset = static_shared_anchor_offset();
+  unsigned char* start = static_shared_start();
+  const size_t len = static_shared_len();
   // Poison everything but the anchor.
   std::memset(start, 0xFF, (size_t)anchor_offset);
   std::memset(start + anchor_offset + 8, 0xFF, len - (size_t)anchor_offset - 8);
@@ -207,7 +216,7 @@ static bool canaries_intact(const Alloc& a) {
 }
 
 // ---------------------------------------------------------------- fibers and blocks
-enum class St : uint8_t { Runnable, BlockBarrier, WarpBarrier, Done };
+enum class St : uint8_t { Runnable, BlockBarrier, WarpBarrier, MbarWait, Done };
 enum class WaitKind : uint8_t { SyncWarp, Exchange };
 
 struct PendingCopy {
@@ -233,6 +242,17 @@ struct Fiber : FiberHead {
   unsigned committed = 0;
   std::vector<WgmmaOp> mmas;
   unsigned mma_committed = 0;
+  // At an mbarrier wait (St::MbarWait): the barrier and the parity of the awaited phase.
+  const void* mbar = nullptr;
+  unsigned mbar_parity = 0;
+};
+
+// An mbarrier's state (emu.h).
+struct Mbar {
+  unsigned expected;  // arrivals per phase
+  unsigned pending;   // arrivals the current phase still waits for
+  int64_t tx;         // transaction bytes it still waits for
+  uint64_t phase;     // phases completed
 };
 
 struct Launch {
@@ -291,6 +311,8 @@ struct Worker {
   // The shared memory that the block's MMAs in flight (issued, not yet waited for) read:
   // [lo, hi) -> how many of them. A cp.async into it is an error.
   std::map<std::pair<const unsigned char*, const unsigned char*>, unsigned> mma_reads;
+  // The block's mbarriers, by address.
+  std::map<const void*, Mbar> mbars;
 };
 static thread_local Worker* tls_worker = nullptr;
 
@@ -514,6 +536,123 @@ void cp_async_wait(int keep) {
   f->copies.resize(kept);
 }
 
+// ---------------------------------------------------------------- mbarrier
+// Whether [p, p + bytes) is in this block's dynamic or static shared memory.
+static bool in_shared(const void* p, size_t bytes) {
+  const auto* b = static_cast<const unsigned char*>(p);
+  if (tls_dyn_smem && b >= tls_dyn_smem && b + bytes <= tls_dyn_smem + tls_dyn_smem_bytes) return true;
+  const unsigned char* s = static_shared_start();
+  return b >= s && b + bytes <= s + static_shared_len();
+}
+
+static void check_mbar_address(const void* bar, const char* op, const char* file, int line) {
+  if (reinterpret_cast<uintptr_t>(bar) % 8 != 0 || !in_shared(bar, 8))
+    fiber_fail(fmt("%s on an mbarrier at %p, which is not 8 aligned bytes of shared memory, at %s:%d (%s)", op, bar,
+                   file, line, where(*tls_worker, cur()).c_str()));
+}
+
+static Mbar& mbar_at(const void* bar, const char* op, const char* file, int line) {
+  check_mbar_address(bar, op, file, line);
+  auto it = tls_worker->mbars.find(bar);
+  if (it == tls_worker->mbars.end())
+    fiber_fail(fmt("%s on an mbarrier that was never initialized (mbarrier.init) at %s:%d (%s)", op, file, line,
+                   where(*tls_worker, cur()).c_str()));
+  return it->second;
+}
+
+static void mbar_complete_if_done(Mbar& m) {
+  if (m.pending == 0 && m.tx == 0) {
+    m.phase++;
+    m.pending = m.expected;
+  }
+}
+
+// The PTX ISA's limits on the counts: arrivals in [1, 2^20 - 1], transaction bytes within
+// +-(2^20 - 1).
+constexpr int64_t kMbarMax = (1 << 20) - 1;
+
+static void mbar_add_tx(Mbar& m, int64_t bytes, const char* file, int line) {
+  m.tx += bytes;
+  if (m.tx > kMbarMax || m.tx < -kMbarMax)
+    fiber_fail(fmt("an mbarrier's transaction count leaves +-(2^20 - 1) (%lld) at %s:%d (%s)", (long long)m.tx, file,
+                   line, where(*tls_worker, cur()).c_str()));
+}
+
+void mbarrier_init(void* bar, unsigned count, const char* file, int line) {
+  check_mbar_address(bar, "mbarrier.init", file, line);
+  if (count < 1 || count > (unsigned)kMbarMax)
+    fiber_fail(fmt("mbarrier.init with %u arrivals (1 to 2^20 - 1) at %s:%d (%s)", count, file, line,
+                   where(*tls_worker, cur()).c_str()));
+  tls_worker->mbars[bar] = Mbar{count, count, 0, 0};
+  std::memset(bar, 0, 8);
+}
+
+void mbarrier_arrive(void* bar, unsigned count, unsigned tx_bytes, const char* file, int line) {
+  Mbar& m = mbar_at(bar, "mbarrier.arrive", file, line);
+  mbar_add_tx(m, tx_bytes, file, line);
+  if (count < 1 || count > m.pending)
+    fiber_fail(fmt("mbarrier.arrive of %u with %u arrivals pending in the phase (a phase that waits for its "
+                   "transaction bytes takes no more arrivals) at %s:%d (%s)",
+                   count, m.pending, file, line, where(*tls_worker, cur()).c_str()));
+#ifdef PK_EMU_TSAN
+  __tsan_release(bar);  // the arrival has release semantics (.release.cta)
+#endif
+  m.pending -= count;
+  mbar_complete_if_done(m);
+}
+
+bool mbarrier_try_wait(void* bar, unsigned parity, const char* file, int line) {
+  const Mbar& m = mbar_at(bar, "mbarrier.try_wait", file, line);
+  const bool done = (m.phase & 1u) != (parity & 1u);
+#ifdef PK_EMU_TSAN
+  if (done) __tsan_acquire(bar);  // a successful wait has acquire semantics (.acquire.cta)
+#endif
+  return done;
+}
+
+void mbarrier_wait(void* bar, unsigned parity, const char* file, int line) {
+  while (!mbarrier_try_wait(bar, parity, file, line)) {
+    Fiber* f = cur();
+    f->mbar = bar;
+    f->mbar_parity = parity & 1u;
+    f->file = file;
+    f->line = line;
+    f->state = St::MbarWait;
+    yield_to_scheduler(f);
+  }
+}
+
+void cp_async_mbarrier_arrive(void* bar, const char* file, int line) {
+  Fiber* f = cur();
+  mbar_at(bar, "cp.async.mbarrier.arrive", file, line);
+  for (const PendingCopy& c : f->copies) perform(c);
+  f->copies.clear();
+  mbarrier_arrive(bar, 1, 0, file, line);
+}
+
+void bulk_copy_to_shared(void* dst, const void* src, unsigned bytes, void* bar, const char* file, int line) {
+  Fiber* f = cur();
+  Mbar& m = mbar_at(bar, "cp.async.bulk", file, line);
+  if (bytes == 0 || bytes % 16 != 0 || (reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 16 != 0)
+    fiber_fail(fmt("cp.async.bulk of %u bytes from %p to %p (a multiple of 16 bytes, both addresses 16-byte "
+                   "aligned) at %s:%d (%s)",
+                   bytes, src, dst, file, line, where(*tls_worker, f).c_str()));
+  if (!in_shared(dst, bytes))
+    fiber_fail(fmt("cp.async.bulk into %u bytes at %p, not all of them shared memory, at %s:%d (%s)", bytes, dst, file,
+                   line, where(*tls_worker, f).c_str()));
+  const auto* d = static_cast<const unsigned char*>(dst);
+  for (const auto& r : tls_worker->mma_reads)
+    if (d < r.first.second && d + bytes > r.first.first)
+      fiber_fail(fmt("cp.async.bulk into shared memory that a wgmma.mma_async in flight reads at %s:%d (%s)", file,
+                     line, where(*tls_worker, f).c_str()));
+  std::memcpy(dst, src, bytes);
+#ifdef PK_EMU_TSAN
+  __tsan_release(bar);
+#endif
+  mbar_add_tx(m, -(int64_t)bytes, file, line);
+  mbar_complete_if_done(m);
+}
+
 static const char* state_name(St s) {
   switch (s) {
     case St::Runnable:
@@ -522,6 +661,8 @@ static const char* state_name(St s) {
       return "at __syncthreads";
     case St::WarpBarrier:
       return "at a warp-synchronous operation";
+    case St::MbarWait:
+      return "at an mbarrier wait";
     case St::Done:
       return "exited";
   }
@@ -564,6 +705,22 @@ static bool resolve_warp(Worker& w, unsigned base) {
 #endif
       for (unsigned j = 0; j < 32; ++j)
         if ((f.wait_mask >> j) & 1u) w.fibers[base + j].state = St::Runnable;
+      released = true;
+    }
+  }
+  return released;
+}
+
+// Makes the fibers first .. first + n - 1 that wait for an mbarrier phase that has
+// completed runnable. Returns true if any was.
+static bool resolve_mbar_waits(Worker& w, unsigned first, unsigned n) {
+  bool released = false;
+  for (unsigned t = first; t < first + n && t < w.nthreads; ++t) {
+    Fiber& f = w.fibers[t];
+    if (f.state != St::MbarWait) continue;
+    const auto it = w.mbars.find(f.mbar);
+    if (it != w.mbars.end() && (it->second.phase & 1u) != f.mbar_parity) {
+      f.state = St::Runnable;
       released = true;
     }
   }
@@ -637,6 +794,7 @@ static void run_block_fibers(Worker& w, Launch& L, uint64_t b) {
   if (w.fibers.size() < n) w.fibers.resize(n);
   w.slots.assign((size_t)((n + 31) / 32) * 32 * 64, 0);
   w.mma_reads.clear();
+  w.mbars.clear();
   for (unsigned t = 0; t < n; ++t) {
     Fiber& f = w.fibers[t];
     f.tid = uint3{t % bd.x, (t / bd.x) % bd.y, t / (bd.x * bd.y)};
@@ -692,15 +850,19 @@ static void run_block_fibers(Worker& w, Launch& L, uint64_t b) {
           tls_fiber = nullptr;
           if (w.failed) return;
         }
-        const bool released = resolve_warp(w, base);
+        bool released = resolve_warp(w, base);
         if (w.failed) return;
+        released |= resolve_mbar_waits(w, base, 32);
         if (!ran && !released) break;
       }
     }
 
+    // Arrivals by warps that ran later complete the phases earlier warps wait for.
+    if (resolve_mbar_waits(w, 0, n)) continue;
     bool all_done = true, any_done = false, any_runnable = false;
     const Fiber* at_barrier = nullptr;
     const Fiber* elsewhere = nullptr;
+    const Fiber* at_mbar = nullptr;
     for (unsigned t = 0; t < n; ++t) {
       const Fiber& f = w.fibers[t];
       if (f.state != St::Done) all_done = false;
@@ -708,9 +870,19 @@ static void run_block_fibers(Worker& w, Launch& L, uint64_t b) {
       if (f.state == St::Runnable) any_runnable = true;
       if (f.state == St::BlockBarrier && !at_barrier) at_barrier = &f;
       if (f.state == St::WarpBarrier && !elsewhere) elsewhere = &f;
+      if (f.state == St::MbarWait && !at_mbar) at_mbar = &f;
     }
     if (all_done) return;
     if (any_runnable) continue;  // cannot happen: every warp ran until it could not
+    if (at_mbar) {
+      // Nobody can arrive any more: everybody else waits too, or has exited.
+      const Mbar& m = w.mbars.at(at_mbar->mbar);
+      fail(w, fmt("deadlock: the mbarrier wait at %s:%d for the phase of parity %u never completes (%u of %u "
+                  "arrivals and %lld transaction bytes missing; the other threads wait or have exited) (%s)",
+                  at_mbar->file, at_mbar->line, at_mbar->mbar_parity, m.pending, m.expected, (long long)m.tx,
+                  where(w, at_mbar).c_str()));
+      return;
+    }
     if (at_barrier && !elsewhere) {
       // Everyone still alive is at a __syncthreads: all must be at the same one, and
       // nobody may have exited.
