@@ -28,6 +28,7 @@ const DEFAULT_ARCHS: &str = "80,86,89,90";
 const EMU_FAULTS: &[(&str, &str, &str)] = &[
     ("conv_fault_skip_last_channel", "conv", "PK_FAULT_CONV_SKIP_LAST_CHANNEL"),
     ("bn_fault_drop_row", "bn", "PK_FAULT_BN_DROP_ROW"),
+    ("conv_fault_ws_early_release", "conv", "PK_FAULT_CONV_WS_EARLY_RELEASE"),
 ];
 
 fn main() {

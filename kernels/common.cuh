@@ -311,6 +311,20 @@ __device__ __forceinline__ void cp_async_mbar_arrive(uint64_t*) { __trap(); }
 __device__ __forceinline__ void bulk_copy_g2s(void*, const void*, unsigned, uint64_t*) { __trap(); }
 #endif
 
+// ---------------------------------------------------------------- named barriers
+// bar_sync(id, count): waits until `count` threads (a multiple of 32, whole warps) of the
+// block wait at barrier `id` (1 to 15; __syncthreads is barrier 0 with every thread), so
+// that a part of the block synchronizes while the rest runs on or has exited (the
+// consumer warpgroups of a warp-specialized kernel). Every thread that uses a barrier id
+// must give it the same count.
+#ifdef PK_EMU
+#define bar_sync(id, count) ::pk_emu::named_barrier_sync((id), (count), __FILE__, __LINE__)
+#else
+__device__ __forceinline__ void bar_sync(unsigned id, unsigned count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+#endif
+
 // ---------------------------------------------------------------- warpgroup MMA (sm_90a)
 // wgmma.mma_async: a warpgroup (4 consecutive warps, the first one's index a multiple of
 // 4) computes D[64 x N] (+)= A[64 x 16] * B[N x 16]^T, A and B read from shared memory
@@ -573,6 +587,42 @@ __device__ __forceinline__ void wgmma_m64n128k16(float* d, uint64_t desc_a, uint
 #else
   __trap();
 #endif
+}
+#endif
+
+// setmaxnreg_dec<N>() / setmaxnreg_inc<N>(): the warpgroup gives back registers or takes
+// more, N per thread (24 to 256, a multiple of 8; every thread of the warpgroup executes
+// it). A warp-specialized kernel launched with few registers per thread moves them from
+// its producer warpgroup to its MMA warpgroups; code after the instruction is compiled
+// for the new limit. The emulation checks N; sm_90a only (it traps elsewhere).
+#ifdef PK_EMU
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: 24 to 256 registers, a multiple of 8");
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: 24 to 256 registers, a multiple of 8");
+}
+#elif defined(PK_HAS_WGMMA)
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: 24 to 256 registers, a multiple of 8");
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  static_assert(N >= 24 && N <= 256 && N % 8 == 0, "setmaxnreg: 24 to 256 registers, a multiple of 8");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+#else
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  __trap();
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  __trap();
 }
 #endif
 

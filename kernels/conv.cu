@@ -52,6 +52,8 @@
 //
 // ---------------------------------------------------------------- warpgroup kernels (sm_90a)
 //   w128x128, w128x64: the three passes on wgmma, see "warpgroup kernel" below.
+//   ws128x128, ws128x64: the same with a producer warpgroup on mbarriers, see
+//             "warp-specialized warpgroup kernel".
 //
 // ---------------------------------------------------------------- SIMT kernels (f32)
 // The exact path: the same operand loaders (4-byte cp.async per element, any width),
@@ -621,8 +623,8 @@ __device__ __forceinline__ void store_pair(const PkConvParams& p, const RowInfo*
 // Fills the block's row table (fprop and dgrad A rows); wgrad has none.
 template <int PASS, int BM, int NT>
 __device__ __forceinline__ void fill_rows(const PkConvParams& p, const Geo& g, RowInfo* rows, int m0, int tid) {
-  if (PASS == PK_WGRAD) return;
-  for (int i = tid; i < BM; i += NT) rows[i] = decode_row<PASS>(p, g, m0 + i);
+  if constexpr (PASS != PK_WGRAD)
+    for (int i = tid; i < BM; i += NT) rows[i] = decode_row<PASS>(p, g, m0 + i);
 }
 
 // ---------------------------------------------------------------- BN statistics
@@ -772,8 +774,17 @@ struct TcSmem {
 // mma.sync, which wgmma's D fragment repeats: acc[mi][ni][e] at row wm*WTM + mi*16 + g
 // (+8 for e >= 2), column wn*WTN + ni*8 + 2t + e%2), then the fprop's BN statistics or the
 // dgrad's BN backward sums. `red_smem` is RED_BYTES of shared memory the mainloop is done with
-// (after a barrier the epilogue takes itself).
-template <int PASS, class T, class Cfg, int RED_BYTES>
+// (after a barrier the epilogue takes itself). The epilogue's Cfg::NT threads meet at
+// __syncthreads (BAR = 0), or at named barrier BAR when they are a part of the block.
+template <int BAR, int NT>
+__device__ __forceinline__ void part_sync() {
+  if constexpr (BAR == 0)
+    __syncthreads();
+  else
+    bar_sync(BAR, NT);
+}
+
+template <int PASS, class T, class Cfg, int RED_BYTES, int BAR = 0>
 __device__ __forceinline__ void tc_epilogue(const PkConvParams& p, float (&acc)[Cfg::BM / Cfg::WARPS_M / 16][Cfg::BN / Cfg::WARPS_N / 8][4],
                                             const RowInfo* rows, void* red_smem, const Geo& geo, int m0, int n0, int tid) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, NT = Cfg::NT;
@@ -811,7 +822,7 @@ __device__ __forceinline__ void tc_epilogue(const PkConvParams& p, float (&acc)[
     float* cmean = red + RG * BN;
     const int vrows = min(BM, geo.gemm_m - m0);
     const int rg = wm * 8 + g;
-    __syncthreads();  // every warp is done with the stages
+    part_sync<BAR, NT>();  // every warp is done with the stages
 #pragma unroll 1
     for (int pass = 0; pass < 2; ++pass) {
 #pragma unroll
@@ -831,9 +842,9 @@ __device__ __forceinline__ void tc_epilogue(const PkConvParams& p, float (&acc)[
             }
           red[rg * BN + cl] = sum;
         }
-      __syncthreads();
+      part_sync<BAR, NT>();
       bn_stats_columns<BN, RG, NT>(p, red, cmean, tid, n0, vrows, pass);
-      __syncthreads();
+      part_sync<BAR, NT>();
     }
   }
   if (PASS == PK_DGRAD && p.bn_grad) {
@@ -865,7 +876,7 @@ __device__ __forceinline__ void tc_epilogue(const PkConvParams& p, float (&acc)[
             }
         }
       }
-    __syncthreads();  // every warp is done with the stages
+    part_sync<BAR, NT>();  // every warp is done with the stages
     const int passes = p.bn2_x ? 3 : 2;
 #pragma unroll 1
     for (int pass = 0; pass < passes; ++pass) {
@@ -876,9 +887,9 @@ __device__ __forceinline__ void tc_epilogue(const PkConvParams& p, float (&acc)[
           const float* v = sums[ni][e];  // constant indices: the sums stay in registers
           red[rg * BN + wn * WTN + ni * 8 + 2 * t + e] = pass == 0 ? v[0] : pass == 1 ? v[1] : v[2];
         }
-      __syncthreads();
+      part_sync<BAR, NT>();
       bn_grad_columns<BN, RG, NT>(p, red, csum, tid, n0, tile, tiles, pass);
-      __syncthreads();
+      part_sync<BAR, NT>();
     }
   }
 }
@@ -1110,6 +1121,142 @@ __device__ __forceinline__ void conv_wg(const PkConvParams& p) {
   tc_epilogue<PASS, T, Cfg, STAGES * Cfg::A_ELEMS * 2>(p, acc, rows, As, geo, m0, n0, tid);
 }
 
+// ---------------------------------------------------------------- warp-specialized warpgroup kernel (sm_90a)
+// conv_wg's tiles, MMAs and epilogue with the loads in a warpgroup of their own: threads
+// 0-255 (warpgroups 0 and 1) multiply, 64 rows each; threads 256-383 (the producer) load.
+// Stage s has two mbarriers: full[s] (128 arrivals: each producer thread's
+// cp.async.mbarrier.arrive.noinc, which arrives once that thread's copies have landed) and
+// empty[s] (256 arrivals: each consumer thread, once the MMAs that read the stage are
+// done). The producer fills k-tile `it` into stage it % STAGES after waiting for the
+// stage's previous round to be released (at once in the first round); a consumer waits
+// for the tile, issues its MMAs, waits until only they are in flight (wgmma_wait<1>), and
+// releases the stage of the tile before. So STAGES - 1 tiles load while one is multiplied,
+// no copy waits on another thread's copies, and nothing waits on the whole block inside
+// the loop. Each consumer fences the async proxy after its wait (the copies were made
+// through the generic proxy; wgmma reads through the async one). The producer leaves
+// after its last tile; the epilogue's barriers are named (bar.sync 1, 256).
+template <int BM_, int BN_, int STAGES_, int MIN_BLOCKS_>
+struct WsCfg {
+  static constexpr int BM = BM_, BN = BN_, BK = 64, STAGES = STAGES_, MIN_BLOCKS = MIN_BLOCKS_;
+  static constexpr int WARPS_M = BM / 16, WARPS_N = 1;  // consumer warp w holds rows 16w .. 16w+15
+  static constexpr int NT = BM / 64 * 128;               // the consumers (the epilogue's threads)
+  static constexpr int NT_LOAD = 128;                    // the producer warpgroup
+  static constexpr int NT_ALL = NT + NT_LOAD;
+  // Registers per thread after setmaxnreg: the launch gives 65536 / 384 (168); the
+  // producer keeps 56, the MMA warpgroups take 224 (the accumulators, and the epilogue's
+  // loads ahead of its stores).
+  static constexpr int REGS_LOAD = 56, REGS_MMA = 224;
+  static_assert(MIN_BLOCKS == 1 && REGS_LOAD * NT_LOAD + REGS_MMA * NT <= 65536, "the register file");
+  static constexpr int VW = 8;
+  static constexpr int ROWS_BYTES = BM * (int)sizeof(RowInfo);
+  static constexpr int BAR_BYTES = 2 * STAGES * 8;
+  static constexpr int A_ELEMS = BM * BK, B_ELEMS = BN * BK;
+  static constexpr int BYTES = ROWS_BYTES + BAR_BYTES + 1024 + STAGES * (A_ELEMS + B_ELEMS) * 2;
+  static_assert(ROWS_BYTES % 8 == 0, "the barriers follow the row table");
+  static_assert(STAGES >= 2, "a stage multiplied, one loading");
+  static_assert(BM % 64 == 0 && (BN == 64 || BN == 128), "wgmma m64n64 or m64n128 per warpgroup");
+};
+
+template <int PASS, class T, class Cfg>
+__device__ __forceinline__ void conv_ws(const PkConvParams& p) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, NT = Cfg::NT, VW = Cfg::VW;
+  constexpr int NI = BN / 8;
+  constexpr bool A_KC = TcLayout<PASS>::A_KC, B_KC = TcLayout<PASS>::B_KC;
+  constexpr int LDA = A_KC ? PK_SW128 : PK_SW128_MN64, LDB = B_KC ? PK_SW128 : PK_SW128_MN64;
+  static_assert(BK == 64, "the MN-major tiles are 64 deep");
+  constexpr uint32_t MN_LBO = BK * 128;  // MN-major: bytes from 64 M/N elements to the next 64
+
+  PK_DYNAMIC_SMEM(unsigned char, smem);
+  RowInfo* rows = reinterpret_cast<RowInfo*>(smem);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + Cfg::ROWS_BYTES);
+  uint64_t* empty = full + STAGES;
+  const uint32_t s0 = smem_u32(smem);
+  const uint32_t t0 = (s0 + (uint32_t)(Cfg::ROWS_BYTES + Cfg::BAR_BYTES) + 1023u) & ~1023u;
+  T* As = reinterpret_cast<T*>(smem + (t0 - s0));
+  T* Bs = As + STAGES * Cfg::A_ELEMS;
+
+  const int tid = (int)threadIdx.x;
+  const int m0 = (int)blockIdx.x * BM, n0 = (int)blockIdx.y * BN;
+  const Geo geo = make_geo<PASS>(p);
+  if (m0 >= geo.gemm_m) return;  // a dgrad phase with fewer rows: the whole block leaves
+  int kt0, kt1;
+  k_range<PASS>(p, geo, BK, kt0, kt1);
+  const int nkt = kt1 - kt0;
+
+  if (tid == 0) {
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(&full[st], (unsigned)Cfg::NT_LOAD);
+      mbar_init(&empty[st], (unsigned)NT);
+    }
+  }
+  fill_rows<PASS, BM, Cfg::NT_ALL>(p, geo, rows, m0, tid);
+  __syncthreads();  // the barriers initialized, the row table filled
+
+  if (tid >= NT) {  // the producer
+    setmaxnreg_dec<Cfg::REGS_LOAD>();
+    const int ptid = tid - NT;
+    const T *ga, *gb;
+    operands<T>(p, ga, gb);
+    typename LoaderFor<PASS, true, T, BM, BK, VW, Cfg::NT_LOAD, A_KC, LDA, false>::type la;
+    typename LoaderFor<PASS, false, T, BN, BK, VW, Cfg::NT_LOAD, B_KC, LDB, false>::type lb;
+    la.init(p, geo, ga, ptid, m0, kt0);
+    lb.init(p, geo, gb, ptid, n0, kt0);
+    for (int it = 0; it < nkt; ++it) {
+      const int st = it % STAGES;
+      mbar_wait(&empty[st], ((unsigned)(it / STAGES) & 1u) ^ 1u);  // the stage's last round released
+      la.load(p, As + st * Cfg::A_ELEMS, rows, st);
+      lb.load(p, Bs + st * Cfg::B_ELEMS, rows, st);
+      cp_async_mbar_arrive(&full[st]);
+    }
+    return;
+  }
+
+  setmaxnreg_inc<Cfg::REGS_MMA>();
+  const int wg = tid >> 7;
+  float acc[1][NI][4];
+#pragma unroll
+  for (int j = 0; j < NI; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[0][j][e] = 0.0f;
+  float* d = &acc[0][0][0];
+  for (int it = 0; it < nkt; ++it) {
+    const int st = it % STAGES;
+    mbar_wait(&full[st], (unsigned)(it / STAGES) & 1u);
+    fence_proxy_async();  // the tile's copies (generic proxy), before the MMAs read them
+    // The warpgroup's 64 rows of A: 8 atoms of K-major rows, or one MN-major block.
+    const uint32_t a_addr = smem_u32(As + st * Cfg::A_ELEMS) + (uint32_t)wg * (A_KC ? 64u * 128u : MN_LBO);
+    const uint32_t b_addr = smem_u32(Bs + st * Cfg::B_ELEMS);
+#pragma unroll
+    for (int j = 0; j < NI * 4; ++j) wgmma_fence_acc(d[j]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+      const uint64_t da = A_KC ? wgmma_desc_sw128(a_addr + 32u * (uint32_t)ks)
+                               : wgmma_desc_sw128_mn(a_addr + 2048u * (uint32_t)ks, MN_LBO);
+      const uint64_t db = B_KC ? wgmma_desc_sw128(b_addr + 32u * (uint32_t)ks)
+                               : wgmma_desc_sw128_mn(b_addr + 2048u * (uint32_t)ks, MN_LBO);
+      if constexpr (BN == 128)
+        wgmma_m64n128k16<T, A_KC ? 0 : 1, B_KC ? 0 : 1>(d, da, db, 1);
+      else
+        wgmma_m64n64k16<T, A_KC ? 0 : 1, B_KC ? 0 : 1>(d, da, db, 1);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int j = 0; j < NI * 4; ++j) wgmma_fence_acc(d[j]);
+#ifdef PK_FAULT_CONV_WS_EARLY_RELEASE
+    mbar_arrive(&empty[st]);  // planted bug (emulation only): released while its MMAs run
+    wgmma_wait<1>();
+#else
+    wgmma_wait<1>();  // the MMAs of tile it-1 are done: its stage goes back to the producer
+    if (it > 0) mbar_arrive(&empty[(it - 1) % STAGES]);
+#endif
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int j = 0; j < NI * 4; ++j) wgmma_fence_acc(d[j]);
+  tc_epilogue<PASS, T, Cfg, STAGES * Cfg::A_ELEMS * 2, 1>(p, acc, rows, As, geo, m0, n0, tid);
+}
+
 // ---------------------------------------------------------------- SIMT kernel (f32)
 template <int BM_, int BN_>
 struct SimtCfg {
@@ -1325,6 +1472,21 @@ typedef WgCfg<128, 64, 4> WgM;
 PK_CONV_WG_ALL(fprop, PK_FPROP)
 PK_CONV_WG_ALL(dgrad, PK_DGRAD)
 PK_CONV_WG_ALL(wgrad, PK_WGRAD)
+// conv2d_<pass>_ws<tile>_<dtype>: the warp-specialized warpgroup kernel (sm_90a; it traps on
+// other targets). Three warpgroups, one block per SM; ws128x128: 5 stages of 32 KB,
+// ws128x64: 6 stages of 24 KB.
+typedef WsCfg<128, 128, 5, 1> WsL;
+typedef WsCfg<128, 64, 6, 1> WsM;
+#define PK_CONV_WS(pass, PASS, tile, Cfg, dt, T) \
+  PK_KERNEL_BOUNDS(conv2d_##pass##_##tile##_##dt, PkConvParams, Cfg::NT_ALL, Cfg::MIN_BLOCKS) { conv_ws<PASS, T, Cfg>(p); }
+#define PK_CONV_WS_ALL(pass, PASS)                   \
+  PK_CONV_WS(pass, PASS, ws128x128, WsL, bf16, bf16) \
+  PK_CONV_WS(pass, PASS, ws128x64, WsM, bf16, bf16)  \
+  PK_CONV_WS(pass, PASS, ws128x128, WsL, f16, f16)   \
+  PK_CONV_WS(pass, PASS, ws128x64, WsM, f16, f16)
+PK_CONV_WS_ALL(fprop, PK_FPROP)
+PK_CONV_WS_ALL(dgrad, PK_DGRAD)
+PK_CONV_WS_ALL(wgrad, PK_WGRAD)
 PK_CONV_TC_ALL(fprop_bnin, PK_FPROP, bf16, bf16, true)
 PK_CONV_TC_ALL(wgrad_bnin, PK_WGRAD, bf16, bf16, true)
 PK_CONV_TC_ALL(fprop_bnin, PK_FPROP, f16, f16, true)

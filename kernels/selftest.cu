@@ -399,3 +399,32 @@ PK_KERNEL(selftest_mbarrier_f32, PkSelftestParams) {
     }
   }
 }
+
+// Named barriers: two groups of two warps each synchronize on their own barrier (group g
+// on barrier 1 + g, 64 threads). In round r every thread stores v + r, the group meets,
+// and each thread takes the value its mirror thread in the group stored (local index
+// 63 - i), then the group meets again before the next round overwrites the slots. Group
+// 0 runs n rounds and exits; group 1 runs n + 2, so its last rounds meet while group 0
+// has exited. c[tid] = the final v. 128 threads, 512 bytes of dynamic shared memory.
+// mode 1: the first barrier of each round left out (a race).
+// mode 2: warp 3 exits before group 1's last round (a deadlock: 32 of 64 threads arrive).
+// mode 3: warp 3 gives barrier 2 the count 96 (two counts for one barrier).
+// mode 4: both groups use barrier 1 (128 threads at a barrier of 64).
+PK_KERNEL(selftest_named_barrier_f32, PkSelftestParams) {
+  PK_DYNAMIC_SMEM(float, slot);
+  const float* a = static_cast<const float*>(p.a);
+  float* c = static_cast<float*>(p.c);
+  const int tid = (int)threadIdx.x, warp = tid >> 5, group = warp >> 1, local = tid & 63;
+  const unsigned id = p.mode == 4 ? 1u : 1u + (unsigned)group;
+  const unsigned count = p.mode == 3 && warp == 3 ? 96u : 64u;
+  const int rounds = group == 0 ? p.n : p.n + 2;
+  float v = a[tid];
+  for (int r = 0; r < rounds; ++r) {
+    if (p.mode == 2 && warp == 3 && r == rounds - 1) return;
+    slot[tid] = v + (float)r;
+    if (p.mode != 1) bar_sync(id, count);
+    v = slot[group * 64 + 63 - local];
+    bar_sync(id, count);
+  }
+  c[tid] = v;
+}

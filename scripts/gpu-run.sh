@@ -15,9 +15,10 @@
 #              scripts/torch_train_step.py), batch 64 and 256, bf16 and f32, with the ratio;
 #              at 256 bf16 both profiles side by side, per op family
 #   compile    the same step against torch.compile's (256 bf16; compiling takes minutes)
-#   wgmma      the warpgroup-MMA conv kernels (PK_WGMMA=1): verify on every reference in
-#              bf16, the step with and without them alternating (three rounds, dense and
-#              filters 0.5, the first profiled), conv-bench at batch 256 against PyTorch
+#   wgmma      the warpgroup-MMA conv kernels, multistage (PK_WGMMA=1) and warp-specialized
+#              (PK_WGMMA=ws): verify on every reference in bf16, the step with each and
+#              without them alternating (three rounds, dense and filters 0.5, the first
+#              profiled), conv-bench at batch 256 against PyTorch
 #   fusion     the step with each --bn-fusion (all, load, dgrad, none), alternating
 #   ncu        hardware counters (Nsight Compute) of three conv kernels of the dense step
 #   conv       prunekit conv-bench --device cuda at batch 256 and 64, bf16,
@@ -138,16 +139,18 @@ print('%-6d %-9s'%(b,'$p'),f(o),f(b/o*1e3),f(t),f(b/t*1e3),'%8.2f'%(t/o))")"
         say "(ratio = PyTorch's step time over prunekit's: above 1, prunekit is faster)"
         ;;
     wgmma)
-        for f in data/model-*.safetensors; do
-            out=$(PK_WGMMA=1 "$PK" verify --reference "$f" --device cuda --precision bf16 2>&1)
-            rc=$?
-            echo "$out" >> "$LOG"
-            say "wgmma verify $(basename "$f") bf16: $(echo "$out" | tail -1) (exit $rc)"
-            [[ $rc -ne 0 ]] && { status=1; echo "$out" | grep -E "FAIL" | sed 's/^/    /' | tee -a "$REPORT"; }
+        for w in 1 ws; do
+            for f in data/model-*.safetensors; do
+                out=$(PK_WGMMA=$w "$PK" verify --reference "$f" --device cuda --precision bf16 2>&1)
+                rc=$?
+                echo "$out" >> "$LOG"
+                say "wgmma=$w verify $(basename "$f") bf16: $(echo "$out" | tail -1) (exit $rc)"
+                [[ $rc -ne 0 ]] && { status=1; echo "$out" | grep -E "FAIL" | sed 's/^/    /' | tee -a "$REPORT"; }
+            done
         done
         say "$(printf '%-6s %-6s %-14s %10s' round wgmma row 'step ms')"
         for r in 1 2 3; do
-            for w in 1 0; do
+            for w in ws 1 0; do
                 extra=()
                 [[ $r == 1 ]] && extra+=(--profile)
                 PK_WGMMA=$w "$PK" bench --device cuda --mode filters --sparsity 0,0.5 --steps 10 --warmup 3 "${extra[@]}" \
@@ -158,12 +161,15 @@ for x in json.load(open('$RESULTS/wgmma-$w-$r.json')):
     print('%-6s %-6s %-14s %10.2f' % ('$r', '$w', x['mode'] + ' ' + str(x['sparsity']), x['step_ms']))" | tee -a "$REPORT"
             done
         done
-        rows="$RESULTS/wgmma-conv-bf16-256.json"
-        PK_WGMMA=1 "$PK" conv-bench --device cuda --dtype bf16 --batch 256 --sparsity 0,0.5 --json "$rows" \
-            > "$RESULTS/wgmma-conv-bf16-256.txt" 2>&1 || status=1
-        python3 scripts/torch_conv.py "$rows" --device cuda --warmup 3 --iters 10 --out "$RESULTS/wgmma-conv-bf16-256-vs-torch.json" \
-            > "$RESULTS/wgmma-conv-bf16-256-vs-torch.txt" 2>>"$LOG" || status=1
-        grep -E "geometric mean" "$RESULTS/wgmma-conv-bf16-256-vs-torch.txt" | sed "s/^/wgmma batch 256: /" | tee -a "$REPORT"
+        for w in 1 ws; do
+            rows="$RESULTS/wgmma-$w-conv-bf16-256.json"
+            PK_WGMMA=$w "$PK" conv-bench --device cuda --dtype bf16 --batch 256 --sparsity 0,0.5 --json "$rows" \
+                > "$RESULTS/wgmma-$w-conv-bf16-256.txt" 2>&1 || status=1
+            python3 scripts/torch_conv.py "$rows" --device cuda --warmup 3 --iters 10 \
+                --out "$RESULTS/wgmma-$w-conv-bf16-256-vs-torch.json" \
+                > "$RESULTS/wgmma-$w-conv-bf16-256-vs-torch.txt" 2>>"$LOG" || status=1
+            grep -E "geometric mean" "$RESULTS/wgmma-$w-conv-bf16-256-vs-torch.txt" | sed "s/^/wgmma=$w batch 256: /" | tee -a "$REPORT"
+        done
         ;;
     fusion)
         # What each BN fusion buys: the step with --bn-fusion all, load, dgrad and none (the

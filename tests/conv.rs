@@ -160,9 +160,9 @@ fn wgmma_shapes() -> Vec<ConvShape> {
     ]
 }
 
-/// The warpgroup-MMA tiles, every pass that runs the shape (wgrad with 1 and 3 splits),
-/// against the oracle.
-fn check_wgmma_tiles<T: ConvElem>(dev: &Device) {
+/// The warpgroup-MMA tiles `tiles`, every pass that runs the shape (wgrad with 1 and 3
+/// splits), against the oracle.
+fn check_wgmma_tiles<T: ConvElem>(dev: &Device, tiles: &[Tile]) {
     for (i, sh) in wgmma_shapes().iter().enumerate() {
         let d = data::<T>(sh, 1100 + i as u64);
         for pass in Pass::ALL {
@@ -170,7 +170,7 @@ fn check_wgmma_tiles<T: ConvElem>(dev: &Device) {
                 continue;
             }
             let want = oracle(pass, sh, &d);
-            for tile in [Tile::W128x128, Tile::W128x64] {
+            for &tile in tiles {
                 let splits: &[usize] = if pass == Pass::Wgrad { &[1, 3] } else { &[1] };
                 for &splits in splits {
                     let got = run_pass::<T>(dev, pass, sh, &d, Some(Plan { tile, splits }));
@@ -343,8 +343,30 @@ fn emu_every_tile_and_split() {
 
 #[test]
 fn emu_warpgroup_mma_tiles() {
-    check_wgmma_tiles::<bf16>(&emu(Schedule::Forward));
-    check_wgmma_tiles::<half::f16>(&emu(Schedule::Reverse));
+    check_wgmma_tiles::<bf16>(&emu(Schedule::Forward), &Tile::WARPGROUP);
+    check_wgmma_tiles::<half::f16>(&emu(Schedule::Reverse), &Tile::WARPGROUP);
+    // The producer and the MMA warpgroups of the warp-specialized tiles in a shuffled order.
+    check_wgmma_tiles::<bf16>(&emu(Schedule::Shuffle(11)), &[Tile::Ws128x128, Tile::Ws128x64]);
+}
+
+/// The warp-specialized kernels hand a stage back to the producer only once the MMAs that
+/// read it are done: a build that hands it back as soon as they are issued (a planted bug)
+/// lets the producer copy into a tile the MMAs still read, which the emulation reports.
+#[test]
+fn a_stage_released_while_its_mmas_run_is_caught() {
+    let sh = shape(1, 12, 12, 200, 72, 3, 1, 1); // 29 k-tiles: the ring goes round 5 times
+    let d = data::<bf16>(&sh, 3);
+    for schedule in [Schedule::Forward, Schedule::Reverse] {
+        let dev = Device::Gpu(Gpu::emu_with_fault(schedule, "conv_fault_ws_early_release").unwrap());
+        let up = |v: &[f32]| dev.upload(to_t::<bf16>(v)).unwrap();
+        let (x, w) = (up(&d.x), up(&d.w));
+        let mut y = dev.uninit::<bf16>(sh.y_len()).unwrap();
+        for tile in [Tile::Ws128x128, Tile::Ws128x64] {
+            let plan = Some(Plan { tile, splits: 1 });
+            let err = conv::conv2d_fprop_with(&dev, &sh, &x, &w, &mut y, plan).unwrap_err().to_string();
+            assert!(err.contains("a wgmma.mma_async in flight reads"), "{schedule:?} {tile:?}: {err}");
+        }
+    }
 }
 
 #[test]
@@ -470,7 +492,7 @@ fn check_dgrad_accumulate<T: ConvElem>(dev: &Device) {
     } else if T::TENSOR_CORES {
         let mut t = vec![Tile::T128x128, Tile::T128x64, Tile::T64x64, Tile::T64x64Scalar];
         if matches!(dev, Device::Gpu(g) if g.has_wgmma()) {
-            t.extend([Tile::W128x128, Tile::W128x64]);
+            t.extend(Tile::WARPGROUP);
         }
         t.into_iter().map(|tile| Some(Plan { tile, splits: 1 })).collect()
     } else {
@@ -754,8 +776,8 @@ mod cuda {
     #[ignore = "needs a CUDA GPU of compute capability 9.0"]
     fn cuda_warpgroup_mma_tiles() {
         let d = dev();
-        check_wgmma_tiles::<bf16>(&d);
-        check_wgmma_tiles::<half::f16>(&d);
+        check_wgmma_tiles::<bf16>(&d, &Tile::WARPGROUP);
+        check_wgmma_tiles::<half::f16>(&d, &Tile::WARPGROUP);
     }
     #[test]
     #[ignore = "needs a CUDA GPU"]

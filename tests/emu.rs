@@ -455,6 +455,55 @@ fn mbarrier_misuse_is_caught() {
     assert!(err.contains("never initialized"), "{err}");
 }
 
+/// selftest_named_barrier_f32 with `rounds` rounds for group 0 in `mode`: the output and
+/// the oracle (each round, thread i of a group takes its mirror's value plus the round).
+fn run_named_barrier(gpu: &Gpu, rounds: usize, mode: i32) -> Result<(Vec<f32>, Vec<f32>), prunekit::gpu::GpuError> {
+    let a = rand_vec(128, 41);
+    let (da, dc) = (gpu.upload(&a).unwrap(), gpu.zeros::<f32>(128).unwrap());
+    let cfg = LaunchConfig { grid: (1, 1, 1), block: (128, 1, 1), shared_mem_bytes: 512 };
+    let p = params(&da, &da, &dc, 0, rounds as i32, 0, mode);
+    unsafe { gpu.launch(k("selftest_named_barrier_f32"), cfg, &p)? };
+    let mut want = a;
+    for g in 0..2 {
+        let v = &mut want[g * 64..(g + 1) * 64];
+        for r in 0..rounds + 2 * g {
+            let stored: Vec<f32> = v.iter().map(|x| x + r as f32).collect();
+            for (i, x) in v.iter_mut().enumerate() {
+                *x = stored[63 - i];
+            }
+        }
+    }
+    Ok((gpu.download(&dc)?, want))
+}
+
+#[test]
+fn named_barriers_synchronize_a_part_of_the_block() {
+    for gpu in schedules() {
+        for rounds in [1, 2, 5] {
+            let (got, want) = run_named_barrier(&gpu, rounds, 0).unwrap();
+            assert_eq!(got, want, "{} rounds = {rounds}", gpu.name());
+        }
+    }
+}
+
+#[test]
+fn named_barrier_misuse_is_caught() {
+    // Without the barrier between the stores and the loads, a warp that runs first reads
+    // the other warp's slots before they are written (a race on purpose, which
+    // ThreadSanitizer would report and end the process with).
+    if !cfg!(pk_emu_sanitize = "thread") {
+        let (got, want) = run_named_barrier(&Gpu::emu_with(Schedule::Reverse), 3, 1).unwrap();
+        assert!(max_err(&got, &want) > 0.5, "reading without the barrier saw the data");
+    }
+    let gpu = Gpu::emu_with(Schedule::Forward);
+    let err = run_named_barrier(&gpu, 3, 2).unwrap_err().to_string();
+    assert!(err.contains("deadlock") && err.contains("bar.sync 2, 64") && err.contains("reached by 32"), "{err}");
+    let err = run_named_barrier(&gpu, 3, 3).unwrap_err().to_string();
+    assert!(err.contains("bar.sync 2 with the count"), "{err}");
+    let err = run_named_barrier(&gpu, 3, 4).unwrap_err().to_string();
+    assert!(err.contains("more than its count"), "{err}");
+}
+
 #[test]
 fn bad_launches_are_errors() {
     let gpu = Gpu::emu_with(Schedule::Forward);
@@ -482,6 +531,15 @@ mod cuda {
     #[ignore = "needs a CUDA GPU"]
     fn cuda_tiled_gemm() {
         check_tiled_gemm(&gpu());
+    }
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_named_barriers() {
+        let gpu = gpu();
+        for rounds in [1, 2, 5] {
+            let (got, want) = run_named_barrier(&gpu, rounds, 0).unwrap();
+            assert_eq!(got, want, "rounds = {rounds}");
+        }
     }
     #[test]
     #[ignore = "needs a CUDA GPU"]

@@ -138,7 +138,7 @@ fn check_stats_every_tile<T: ConvElem>(dev: &Device) {
     } else if T::TENSOR_CORES {
         let mut t = vec![Tile::T128x128, Tile::T128x64, Tile::T64x64, Tile::T64x64Scalar];
         if matches!(dev, Device::Gpu(g) if g.has_wgmma()) {
-            t.extend([Tile::W128x128, Tile::W128x64]);
+            t.extend(Tile::WARPGROUP);
         }
         t.into_iter().map(|tile| Some(Plan { tile, splits: 1 })).collect()
     } else {

@@ -54,7 +54,7 @@ fn tiles<T: ConvElem>(dev: &Device, sh: &ConvShape) -> Vec<Option<Plan>> {
         vec![Tile::T128x128, Tile::T64x64]
     };
     if T::TENSOR_CORES && matches!(dev, Device::Gpu(g) if g.has_wgmma()) {
-        all.extend([Tile::W128x128, Tile::W128x64]);
+        all.extend(Tile::WARPGROUP);
     }
     all.iter()
         .filter(|t| !(T::TENSOR_CORES && t.vector() && !conv::vector_ok(Pass::Dgrad, sh)))

@@ -176,7 +176,8 @@ fn every_bn_fusion_trains_as_the_unfused_step() {
 /// mma.sync kernels' steps: the same products summed in f32, in another order only where
 /// the tiles differ (wgrad's split of its reduction, the BN statistics' per-tile partial
 /// sums of 128 rows instead of 64). The warpgroup kernels ran (the emulation's launch
-/// counts), and the mma.sync ones did not.
+/// counts), and the mma.sync ones did not. The warp-specialized warpgroup kernels run the
+/// same MMAs in the same order as the multistage ones: their step gives the same bits.
 #[test]
 fn warpgroup_mma_convs_train_as_the_mma_sync_step() {
     let b = |stage, cin, w1, w2, cout, stride| Block { stage, index: 0, cin, w1, w2, cout, stride, downsample: true };
@@ -189,23 +190,31 @@ fn warpgroup_mma_convs_train_as_the_mma_sync_step() {
     let (n, size) = (2, 32);
     let sgd = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 };
     let mut results = Vec::new();
-    for wgmma in [false, true] {
+    for (wgmma, ws) in [(false, false), (true, false), (true, true)] {
         let mut gpu = prunekit::gpu::Gpu::emu_with(prunekit::gpu::Schedule::Reverse);
         gpu.set_conv_wgmma(wgmma).unwrap();
+        gpu.set_conv_wgmma_ws(ws).unwrap();
         let dev = Device::Gpu(gpu.clone());
         let mut m = Model::from_state(&dev, &sd, PrecisionKind::Bf16).unwrap();
         let (losses, _) = three_steps(&mut m, &arch, n, size, 90, &sgd);
         let launches = gpu.emu_launches().unwrap();
         let ran = |prefix: &str| launches.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, c)| c).sum::<u64>();
         for pass in ["fprop", "dgrad", "wgrad"] {
-            let (wg, tc) = (ran(&format!("conv2d_{pass}_w128")), ran(&format!("conv2d_{pass}_t")));
-            let ok = if wgmma { wg > 0 && tc == 0 } else { wg == 0 && tc > 0 };
-            assert!(ok, "wgmma {wgmma}: warpgroup {pass} launches {wg}, mma.sync {tc}");
+            let (tc, wg) = (ran(&format!("conv2d_{pass}_t")), ran(&format!("conv2d_{pass}_w128")));
+            let wsp = ran(&format!("conv2d_{pass}_ws128"));
+            let ran_what = [tc > 0, wg > 0, wsp > 0];
+            let want = [!wgmma, wgmma && !ws, ws];
+            assert_eq!(ran_what, want, "wgmma {wgmma} ws {ws}: {pass} launches mma.sync {tc}, wgmma {wg}, ws {wsp}");
         }
         results.push((losses, m.to_state().unwrap()));
     }
     let ((l0, s0), (l1, s1)) = (&results[0], &results[1]);
     assert_trained_alike("mma.sync vs wgmma", (l0, s0), (l1, s1), 1e-4);
+    let (l2, s2) = &results[2];
+    assert_eq!(l1, l2, "wgmma vs warp-specialized wgmma: losses");
+    for (name, t) in &s1.tensors {
+        assert_eq!(t.as_f32().unwrap(), s2.tensors[name].as_f32().unwrap(), "wgmma vs warp-specialized: {name}");
+    }
 }
 
 /// A bf16 model on a kernel device runs its stem with the three input channels padded to 8

@@ -98,6 +98,11 @@ extern thread_local size_t tls_dyn_smem_bytes;
 
 void syncthreads(const char* file, int line);
 void syncwarp(unsigned mask, const char* file, int line);
+// bar.sync id, count (a named barrier, kernels/common.cuh): the calling thread waits until
+// `count` threads of the block (a multiple of 32) wait at barrier `id` (1 to 15; 0 is
+// __syncthreads'). The threads that are not among them run on, so a part of the block
+// (the consumer warpgroups of a warp-specialized kernel) synchronizes without the rest.
+void named_barrier_sync(unsigned id, unsigned count, const char* file, int line);
 // Every lane in `mask` passes `bytes` (<= 64) bytes; afterwards `all` holds 32 slots of
 // `bytes` bytes each, slot i holding lane i's bytes (lanes outside the mask: zeros).
 void warp_exchange(unsigned mask, const void* mine, unsigned bytes, void* all, const char* file, int line);

@@ -216,7 +216,7 @@ static bool canaries_intact(const Alloc& a) {
 }
 
 // ---------------------------------------------------------------- fibers and blocks
-enum class St : uint8_t { Runnable, BlockBarrier, WarpBarrier, MbarWait, Done };
+enum class St : uint8_t { Runnable, BlockBarrier, NamedBarrier, WarpBarrier, MbarWait, Done };
 enum class WaitKind : uint8_t { SyncWarp, Exchange };
 
 struct PendingCopy {
@@ -245,6 +245,8 @@ struct Fiber : FiberHead {
   // At an mbarrier wait (St::MbarWait): the barrier and the parity of the awaited phase.
   const void* mbar = nullptr;
   unsigned mbar_parity = 0;
+  // At a named barrier (St::NamedBarrier): its id and the threads it waits for.
+  unsigned bar_id = 0, bar_count = 0;
 };
 
 // An mbarrier's state (emu.h).
@@ -308,6 +310,7 @@ struct Worker {
   // Addresses that name TSan sync objects: [0] __syncthreads, [1] the blocks of this
   // host thread one after another, [2 + w] warp w's collectives.
   char sync_ids[2 + 32] = {};
+  char bar_ids[16] = {};  // named barrier i's TSan sync object
   // The shared memory that the block's MMAs in flight (issued, not yet waited for) read:
   // [lo, hi) -> how many of them. A cp.async into it is an error.
   std::map<std::pair<const unsigned char*, const unsigned char*>, unsigned> mma_reads;
@@ -448,6 +451,26 @@ void syncthreads(const char* file, int line) {
   f->file = file;
   f->line = line;
   f->state = St::BlockBarrier;
+  yield_to_scheduler(f);
+}
+
+constexpr unsigned kNamedBarriers = 16;
+
+void named_barrier_sync(unsigned id, unsigned count, const char* file, int line) {
+  Fiber* f = cur();
+  const unsigned n = tls_worker->nthreads;
+  if (id == 0 || id >= kNamedBarriers)
+    fiber_fail(fmt("bar.sync %u at %s:%d: named barriers are 1 to 15 (0 is __syncthreads') (%s)", id, file, line,
+                   where(*tls_worker, f).c_str()));
+  if (count == 0 || count % 32 != 0 || count > (n + 31) / 32 * 32)
+    fiber_fail(fmt("bar.sync %u, %u at %s:%d: the count must be a multiple of 32 of at most the block's %u threads "
+                   "(%s)",
+                   id, count, file, line, n, where(*tls_worker, f).c_str()));
+  f->bar_id = id;
+  f->bar_count = count;
+  f->file = file;
+  f->line = line;
+  f->state = St::NamedBarrier;
   yield_to_scheduler(f);
 }
 
@@ -659,6 +682,8 @@ static const char* state_name(St s) {
       return "running";
     case St::BlockBarrier:
       return "at __syncthreads";
+    case St::NamedBarrier:
+      return "at a named barrier (bar.sync)";
     case St::WarpBarrier:
       return "at a warp-synchronous operation";
     case St::MbarWait:
@@ -723,6 +748,49 @@ static bool resolve_mbar_waits(Worker& w, unsigned first, unsigned n) {
       f.state = St::Runnable;
       released = true;
     }
+  }
+  return released;
+}
+
+// Releases the threads of every named barrier that as many threads wait at as its count
+// says. Returns true if any were released. More threads at a barrier than its count, or
+// two counts for one barrier, are errors (on a GPU the extra threads would wait for a
+// next round that never comes, or the barrier's count is undefined).
+static bool resolve_named_barriers(Worker& w) {
+  bool released = false;
+  for (unsigned id = 1; id < kNamedBarriers; ++id) {
+    const Fiber* first = nullptr;
+    unsigned waiting = 0;
+    for (unsigned t = 0; t < w.nthreads; ++t) {
+      const Fiber& f = w.fibers[t];
+      if (f.state != St::NamedBarrier || f.bar_id != id) continue;
+      if (first && f.bar_count != first->bar_count) {
+        fail(w, fmt("bar.sync %u with the count %u at %s:%d and %u at %s:%d (%s)", id, first->bar_count, first->file,
+                    first->line, f.bar_count, f.file, f.line, where(w, &f).c_str()));
+        return false;
+      }
+      if (!first) first = &f;
+      ++waiting;
+    }
+    if (!first || waiting < first->bar_count) continue;
+    if (waiting > first->bar_count) {
+      fail(w, fmt("%u threads wait at bar.sync %u, %u (%s:%d): more than its count (%s)", waiting, id,
+                  first->bar_count, first->file, first->line, where(w, first).c_str()));
+      return false;
+    }
+#ifdef PK_EMU_TSAN
+    for (int op = 0; op < 2; ++op)
+      for (unsigned t = 0; t < w.nthreads; ++t) {
+        Fiber& f = w.fibers[t];
+        if (f.state == St::NamedBarrier && f.bar_id == id)
+          tsan_in(w, f, op == 0 ? &__tsan_release : &__tsan_acquire, &w.bar_ids[id]);
+      }
+#endif
+    for (unsigned t = 0; t < w.nthreads; ++t) {
+      Fiber& f = w.fibers[t];
+      if (f.state == St::NamedBarrier && f.bar_id == id) f.state = St::Runnable;
+    }
+    released = true;
   }
   return released;
 }
@@ -859,10 +927,14 @@ static void run_block_fibers(Worker& w, Launch& L, uint64_t b) {
 
     // Arrivals by warps that ran later complete the phases earlier warps wait for.
     if (resolve_mbar_waits(w, 0, n)) continue;
+    // A part of the block that met at a named barrier runs on.
+    if (resolve_named_barriers(w)) continue;
+    if (w.failed) return;
     bool all_done = true, any_done = false, any_runnable = false;
     const Fiber* at_barrier = nullptr;
     const Fiber* elsewhere = nullptr;
     const Fiber* at_mbar = nullptr;
+    const Fiber* at_named = nullptr;
     for (unsigned t = 0; t < n; ++t) {
       const Fiber& f = w.fibers[t];
       if (f.state != St::Done) all_done = false;
@@ -871,6 +943,7 @@ static void run_block_fibers(Worker& w, Launch& L, uint64_t b) {
       if (f.state == St::BlockBarrier && !at_barrier) at_barrier = &f;
       if (f.state == St::WarpBarrier && !elsewhere) elsewhere = &f;
       if (f.state == St::MbarWait && !at_mbar) at_mbar = &f;
+      if (f.state == St::NamedBarrier && !at_named) at_named = &f;
     }
     if (all_done) return;
     if (any_runnable) continue;  // cannot happen: every warp ran until it could not
@@ -881,6 +954,17 @@ static void run_block_fibers(Worker& w, Launch& L, uint64_t b) {
                   "arrivals and %lld transaction bytes missing; the other threads wait or have exited) (%s)",
                   at_mbar->file, at_mbar->line, at_mbar->mbar_parity, m.pending, m.expected, (long long)m.tx,
                   where(w, at_mbar).c_str()));
+      return;
+    }
+    if (at_named) {
+      // Too few threads reach it: the others wait elsewhere or have exited.
+      unsigned waiting = 0;
+      for (unsigned t = 0; t < n; ++t)
+        waiting += w.fibers[t].state == St::NamedBarrier && w.fibers[t].bar_id == at_named->bar_id;
+      fail(w, fmt("deadlock: bar.sync %u, %u at %s:%d is reached by %u threads; the others wait elsewhere or have "
+                  "exited (%s)",
+                  at_named->bar_id, at_named->bar_count, at_named->file, at_named->line, waiting,
+                  where(w, at_named).c_str()));
       return;
     }
     if (at_barrier && !elsewhere) {

@@ -149,6 +149,7 @@ pub struct Gpu {
     backend: Arc<Backend>,
     allocations: Arc<std::sync::atomic::AtomicU64>,
     conv_wgmma: bool,
+    conv_wgmma_ws: bool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -159,8 +160,15 @@ impl std::fmt::Debug for Gpu {
 
 impl Gpu {
     fn over(backend: Backend) -> Gpu {
-        let mut g = Gpu { backend: Arc::new(backend), allocations: Default::default(), conv_wgmma: false };
-        g.conv_wgmma = g.has_wgmma() && std::env::var("PK_WGMMA").is_ok_and(|v| v == "1");
+        let mut g = Gpu {
+            backend: Arc::new(backend),
+            allocations: Default::default(),
+            conv_wgmma: false,
+            conv_wgmma_ws: false,
+        };
+        let env = std::env::var("PK_WGMMA").unwrap_or_default();
+        g.conv_wgmma = g.has_wgmma() && (env == "1" || env == "ws");
+        g.conv_wgmma_ws = g.conv_wgmma && env == "ws";
         g
     }
 
@@ -229,10 +237,10 @@ impl Gpu {
             Backend::Cuda(c) => c.name(),
             Backend::Emu(e) => e.name(),
         };
-        if self.conv_wgmma {
-            format!("{name}, convolutions on wgmma")
-        } else {
-            name
+        match (self.conv_wgmma, self.conv_wgmma_ws) {
+            (true, true) => format!("{name}, convolutions on warp-specialized wgmma"),
+            (true, false) => format!("{name}, convolutions on wgmma"),
+            _ => name,
         }
     }
 
@@ -247,9 +255,10 @@ impl Gpu {
 
     /// Whether the convolutions pick the warpgroup-MMA kernels where one exists (fprop of
     /// 16-bit types with channel counts that are multiples of 8): on a device that
-    /// [`has_wgmma`](Gpu::has_wgmma), when the environment set `PK_WGMMA=1` as the handle
-    /// was made, or after [`set_conv_wgmma`](Gpu::set_conv_wgmma). Off by default: the
-    /// mma.sync kernels are the ones timed and verified on a GPU so far.
+    /// [`has_wgmma`](Gpu::has_wgmma), when the environment set `PK_WGMMA=1` (or `ws`, see
+    /// [`conv_wgmma_ws`](Gpu::conv_wgmma_ws)) as the handle was made, or after
+    /// [`set_conv_wgmma`](Gpu::set_conv_wgmma). Off by default: the mma.sync kernels are
+    /// the ones timed and verified on a GPU so far.
     pub fn conv_wgmma(&self) -> bool {
         self.conv_wgmma
     }
@@ -261,6 +270,28 @@ impl Gpu {
             return Err(GpuError::Invalid(format!("{} has no warpgroup MMA (wgmma needs sm_90)", self.name())));
         }
         self.conv_wgmma = on;
+        if !on {
+            self.conv_wgmma_ws = false;
+        }
+        Ok(())
+    }
+
+    /// Whether the warpgroup-MMA convolutions are the warp-specialized ones (a producer
+    /// warpgroup hands the stages to two MMA warpgroups on mbarriers): with
+    /// [`conv_wgmma`](Gpu::conv_wgmma), when the environment set `PK_WGMMA=ws` or after
+    /// [`set_conv_wgmma_ws`](Gpu::set_conv_wgmma_ws).
+    pub fn conv_wgmma_ws(&self) -> bool {
+        self.conv_wgmma_ws
+    }
+
+    /// Turns the warpgroup-MMA convolutions on in their warp-specialized form (`true`) or
+    /// back to the multistage form (`false`, leaving [`conv_wgmma`](Gpu::conv_wgmma) as it
+    /// is); an error on a device without wgmma.
+    pub fn set_conv_wgmma_ws(&mut self, on: bool) -> Result<(), GpuError> {
+        if on {
+            self.set_conv_wgmma(true)?;
+        }
+        self.conv_wgmma_ws = on;
         Ok(())
     }
 

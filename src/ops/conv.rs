@@ -38,9 +38,16 @@ pub enum Tile {
     W128x128,
     /// 128x64 on the warpgroup MMA (sm_90a), as [`Tile::W128x128`].
     W128x64,
+    /// [`Tile::W128x128`] warp-specialized: a third warpgroup loads, the stages handed over
+    /// on mbarriers.
+    Ws128x128,
+    /// [`Tile::W128x64`] warp-specialized, as [`Tile::Ws128x128`].
+    Ws128x64,
 }
 
 impl Tile {
+    /// The warpgroup-MMA tiles (sm_90a): multistage, then warp-specialized.
+    pub const WARPGROUP: [Tile; 4] = [Tile::W128x128, Tile::W128x64, Tile::Ws128x128, Tile::Ws128x64];
     /// (BM, BN, BK) of the tile for elements of `T`.
     pub fn dims<T: ConvElem>(self) -> (usize, usize, usize) {
         let bk = if T::TENSOR_CORES { 32 } else { 8 };
@@ -48,13 +55,17 @@ impl Tile {
             Tile::T128x128 => (128, 128, bk),
             Tile::T128x64 => (128, 64, bk),
             Tile::T64x64 | Tile::T64x64Scalar => (64, 64, bk),
-            Tile::W128x128 => (128, 128, 64),
-            Tile::W128x64 => (128, 64, 64),
+            Tile::W128x128 | Tile::Ws128x128 => (128, 128, 64),
+            Tile::W128x64 | Tile::Ws128x64 => (128, 64, 64),
         }
     }
     /// Runs on the warpgroup MMA (needs [`Gpu::has_wgmma`]).
     pub fn wgmma(self) -> bool {
-        matches!(self, Tile::W128x128 | Tile::W128x64)
+        matches!(self, Tile::W128x128 | Tile::W128x64 | Tile::Ws128x128 | Tile::Ws128x64)
+    }
+    /// The warp-specialized warpgroup tiles (a producer warpgroup on mbarriers).
+    pub fn warp_specialized(self) -> bool {
+        matches!(self, Tile::Ws128x128 | Tile::Ws128x64)
     }
     /// Needs channel counts that are multiples of 8 (16-byte loads).
     pub fn vector(self) -> bool {
@@ -69,6 +80,8 @@ impl Tile {
             Tile::T64x64Scalar => "t64x64s",
             Tile::W128x128 => "w128x128",
             Tile::W128x64 => "w128x64",
+            Tile::Ws128x128 => "ws128x128",
+            Tile::Ws128x64 => "ws128x64",
         }
     }
 }
@@ -125,18 +138,24 @@ macro_rules! tc_table {
                 (Fprop, "fprop", T64x64Scalar, "t64x64s"),
                 (Fprop, "fprop", W128x128, "w128x128"),
                 (Fprop, "fprop", W128x64, "w128x64"),
+                (Fprop, "fprop", Ws128x128, "ws128x128"),
+                (Fprop, "fprop", Ws128x64, "ws128x64"),
                 (Dgrad, "dgrad", T128x128, "t128x128"),
                 (Dgrad, "dgrad", T128x64, "t128x64"),
                 (Dgrad, "dgrad", T64x64, "t64x64"),
                 (Dgrad, "dgrad", T64x64Scalar, "t64x64s"),
                 (Dgrad, "dgrad", W128x128, "w128x128"),
                 (Dgrad, "dgrad", W128x64, "w128x64"),
+                (Dgrad, "dgrad", Ws128x128, "ws128x128"),
+                (Dgrad, "dgrad", Ws128x64, "ws128x64"),
                 (Wgrad, "wgrad", T128x128, "t128x128"),
                 (Wgrad, "wgrad", T128x64, "t128x64"),
                 (Wgrad, "wgrad", T64x64, "t64x64"),
                 (Wgrad, "wgrad", T64x64Scalar, "t64x64s"),
                 (Wgrad, "wgrad", W128x128, "w128x128"),
                 (Wgrad, "wgrad", W128x64, "w128x64"),
+                (Wgrad, "wgrad", Ws128x128, "ws128x128"),
+                (Wgrad, "wgrad", Ws128x64, "ws128x64"),
             ]
         )
     };
@@ -284,8 +303,9 @@ fn wgrad_splits<T: ConvElem>(tile: Tile, sh: &ConvShape) -> usize {
 
 /// The plan of `pass` on `sh` on `gpu`: [`plan`], except that a pass of a 16-bit type with
 /// 16-byte loads takes the warpgroup-MMA tiles where [`Gpu::conv_wgmma`] says so: 128x128
-/// when the GEMM's N is over 64 and it fills about one wave of them, else 128x64; wgrad
-/// split as [`plan`] splits it. `bn_in`: the launch applies a BN to x as it loads it (fprop
+/// when the GEMM's N is over 64 and it fills about one wave of them, else 128x64 (their
+/// warp-specialized forms where [`Gpu::conv_wgmma_ws`] says so); wgrad split as [`plan`]
+/// splits it. `bn_in`: the launch applies a BN to x as it loads it (fprop
 /// and wgrad: the mma.sync tiles only; dgrad: the BN whose backward sums its epilogue takes,
 /// which the warpgroup tiles take too).
 pub fn plan_on<T: ConvElem>(gpu: &Gpu, pass: Pass, sh: &ConvShape, bn_in: bool) -> Plan {
@@ -295,7 +315,13 @@ pub fn plan_on<T: ConvElem>(gpu: &Gpu, pass: Pass, sh: &ConvShape, bn_in: bool) 
         return base;
     }
     let (m, n, _) = pass.gemm(sh);
-    let tile = if n > 64 && m.div_ceil(128) * n.div_ceil(128) >= TARGET_SMS { Tile::W128x128 } else { Tile::W128x64 };
+    let large = n > 64 && m.div_ceil(128) * n.div_ceil(128) >= TARGET_SMS;
+    let tile = match (large, gpu.conv_wgmma_ws()) {
+        (true, false) => Tile::W128x128,
+        (false, false) => Tile::W128x64,
+        (true, true) => Tile::Ws128x128,
+        (false, true) => Tile::Ws128x64,
+    };
     Plan { tile, splits: if pass == Pass::Wgrad { wgrad_splits::<T>(tile, sh) } else { 1 } }
 }
 
@@ -316,6 +342,12 @@ pub fn fast_div(d: i32) -> FastDiv {
 fn smem_bytes<T: ConvElem>(pass: Pass, tile: Tile) -> usize {
     let (bm, bn, bk) = tile.dims::<T>();
     let rows = bm * 20; // RowInfo: 5 ints per row
+    if tile.warp_specialized() {
+        // WsCfg: the rows, two mbarriers per stage, the tiles at a 1024-byte boundary after
+        // them; 5 stages of 128x128, 6 of 128x64.
+        let stages = if tile == Tile::Ws128x128 { 5 } else { 6 };
+        return rows + 2 * stages * 8 + 1024 + stages * (bm + bn) * bk * 2;
+    }
     if tile.wgmma() {
         // WgCfg: the tiles start at a 1024-byte boundary after the rows, 4 stages.
         return rows + 1024 + 4 * (bm + bn) * bk * 2;
@@ -332,6 +364,7 @@ fn smem_bytes<T: ConvElem>(pass: Pass, tile: Tile) -> usize {
 
 fn threads<T: ConvElem>(tile: Tile) -> u32 {
     match (T::TENSOR_CORES, tile) {
+        (true, Tile::Ws128x128 | Tile::Ws128x64) => 384,
         (true, Tile::T128x128 | Tile::W128x128 | Tile::W128x64) => 256,
         (true, _) => 128,
         (false, Tile::T128x128) => 256,
