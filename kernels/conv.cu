@@ -1030,14 +1030,43 @@ struct WgCfg {
   static_assert(BM % 64 == 0 && (BN == 64 || BN == 128), "wgmma m64n64 or m64n128 per warpgroup");
 };
 
+// Issues, as one committed group, warpgroup `wg`'s MMAs of one k-tile: its 64 rows of the
+// A tile at `a` (8 atoms of K-major rows, or one MN-major block) times the B tile at `b`,
+// into the accumulators d (Cfg::BN / 2 per thread). The caller waits for the group.
+template <int PASS, class T, class Cfg>
+__device__ __forceinline__ void wg_tile_mma(float* d, const T* a, const T* b, int wg) {
+  constexpr int BN = Cfg::BN, BK = Cfg::BK, NI = BN / 8;
+  constexpr bool A_KC = TcLayout<PASS>::A_KC, B_KC = TcLayout<PASS>::B_KC;
+  constexpr uint32_t MN_LBO = BK * 128;  // MN-major: bytes from 64 M/N elements to the next 64
+  static_assert(BK == 64, "the MN-major tiles are 64 deep");
+  const uint32_t a_addr = smem_u32(a) + (uint32_t)wg * (A_KC ? 64u * 128u : MN_LBO);
+  const uint32_t b_addr = smem_u32(b);
+#pragma unroll
+  for (int j = 0; j < NI * 4; ++j) wgmma_fence_acc(d[j]);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < BK / 16; ++ks) {
+    // k16 slice ks: 32 bytes along a K-major row, two 8-row atoms (2048 bytes) MN-major.
+    const uint64_t da = A_KC ? wgmma_desc_sw128(a_addr + 32u * (uint32_t)ks)
+                             : wgmma_desc_sw128_mn(a_addr + 2048u * (uint32_t)ks, MN_LBO);
+    const uint64_t db = B_KC ? wgmma_desc_sw128(b_addr + 32u * (uint32_t)ks)
+                             : wgmma_desc_sw128_mn(b_addr + 2048u * (uint32_t)ks, MN_LBO);
+    if constexpr (BN == 128)
+      wgmma_m64n128k16<T, A_KC ? 0 : 1, B_KC ? 0 : 1>(d, da, db, 1);
+    else
+      wgmma_m64n64k16<T, A_KC ? 0 : 1, B_KC ? 0 : 1>(d, da, db, 1);
+  }
+  wgmma_commit();
+#pragma unroll
+  for (int j = 0; j < NI * 4; ++j) wgmma_fence_acc(d[j]);
+}
+
 template <int PASS, class T, class Cfg>
 __device__ __forceinline__ void conv_wg(const PkConvParams& p) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES, NT = Cfg::NT, VW = Cfg::VW;
   constexpr int NI = BN / 8;
   constexpr bool A_KC = TcLayout<PASS>::A_KC, B_KC = TcLayout<PASS>::B_KC;
   constexpr int LDA = A_KC ? PK_SW128 : PK_SW128_MN64, LDB = B_KC ? PK_SW128 : PK_SW128_MN64;
-  static_assert(BK == 64, "the MN-major tiles are 64 deep");
-  constexpr uint32_t MN_LBO = BK * 128;  // MN-major: bytes from 64 M/N elements to the next 64
 
   PK_DYNAMIC_SMEM(unsigned char, smem);
   RowInfo* rows = reinterpret_cast<RowInfo*>(smem);
@@ -1091,27 +1120,7 @@ __device__ __forceinline__ void conv_wg(const PkConvParams& p) {
       }
       cp_async_commit();
     }
-    // The warpgroup's 64 rows of A: 8 atoms of K-major rows, or one MN-major block.
-    const uint32_t a_addr = smem_u32(As + (it % STAGES) * Cfg::A_ELEMS) + (uint32_t)wg * (A_KC ? 64u * 128u : MN_LBO);
-    const uint32_t b_addr = smem_u32(Bs + (it % STAGES) * Cfg::B_ELEMS);
-#pragma unroll
-    for (int j = 0; j < NI * 4; ++j) wgmma_fence_acc(d[j]);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < BK / 16; ++ks) {
-      // k16 slice ks: 32 bytes along a K-major row, two 8-row atoms (2048 bytes) MN-major.
-      const uint64_t da = A_KC ? wgmma_desc_sw128(a_addr + 32u * (uint32_t)ks)
-                               : wgmma_desc_sw128_mn(a_addr + 2048u * (uint32_t)ks, MN_LBO);
-      const uint64_t db = B_KC ? wgmma_desc_sw128(b_addr + 32u * (uint32_t)ks)
-                               : wgmma_desc_sw128_mn(b_addr + 2048u * (uint32_t)ks, MN_LBO);
-      if constexpr (BN == 128)
-        wgmma_m64n128k16<T, A_KC ? 0 : 1, B_KC ? 0 : 1>(d, da, db, 1);
-      else
-        wgmma_m64n64k16<T, A_KC ? 0 : 1, B_KC ? 0 : 1>(d, da, db, 1);
-    }
-    wgmma_commit();
-#pragma unroll
-    for (int j = 0; j < NI * 4; ++j) wgmma_fence_acc(d[j]);
+    wg_tile_mma<PASS, T, Cfg>(d, As + (it % STAGES) * Cfg::A_ELEMS, Bs + (it % STAGES) * Cfg::B_ELEMS, wg);
     wgmma_wait<1>();
   }
   wgmma_wait<0>();
@@ -1163,8 +1172,6 @@ __device__ __forceinline__ void conv_ws(const PkConvParams& p) {
   constexpr int NI = BN / 8;
   constexpr bool A_KC = TcLayout<PASS>::A_KC, B_KC = TcLayout<PASS>::B_KC;
   constexpr int LDA = A_KC ? PK_SW128 : PK_SW128_MN64, LDB = B_KC ? PK_SW128 : PK_SW128_MN64;
-  static_assert(BK == 64, "the MN-major tiles are 64 deep");
-  constexpr uint32_t MN_LBO = BK * 128;  // MN-major: bytes from 64 M/N elements to the next 64
 
   PK_DYNAMIC_SMEM(unsigned char, smem);
   RowInfo* rows = reinterpret_cast<RowInfo*>(smem);
@@ -1223,26 +1230,7 @@ __device__ __forceinline__ void conv_ws(const PkConvParams& p) {
     const int st = it % STAGES;
     mbar_wait(&full[st], (unsigned)(it / STAGES) & 1u);
     fence_proxy_async();  // the tile's copies (generic proxy), before the MMAs read them
-    // The warpgroup's 64 rows of A: 8 atoms of K-major rows, or one MN-major block.
-    const uint32_t a_addr = smem_u32(As + st * Cfg::A_ELEMS) + (uint32_t)wg * (A_KC ? 64u * 128u : MN_LBO);
-    const uint32_t b_addr = smem_u32(Bs + st * Cfg::B_ELEMS);
-#pragma unroll
-    for (int j = 0; j < NI * 4; ++j) wgmma_fence_acc(d[j]);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < BK / 16; ++ks) {
-      const uint64_t da = A_KC ? wgmma_desc_sw128(a_addr + 32u * (uint32_t)ks)
-                               : wgmma_desc_sw128_mn(a_addr + 2048u * (uint32_t)ks, MN_LBO);
-      const uint64_t db = B_KC ? wgmma_desc_sw128(b_addr + 32u * (uint32_t)ks)
-                               : wgmma_desc_sw128_mn(b_addr + 2048u * (uint32_t)ks, MN_LBO);
-      if constexpr (BN == 128)
-        wgmma_m64n128k16<T, A_KC ? 0 : 1, B_KC ? 0 : 1>(d, da, db, 1);
-      else
-        wgmma_m64n64k16<T, A_KC ? 0 : 1, B_KC ? 0 : 1>(d, da, db, 1);
-    }
-    wgmma_commit();
-#pragma unroll
-    for (int j = 0; j < NI * 4; ++j) wgmma_fence_acc(d[j]);
+    wg_tile_mma<PASS, T, Cfg>(d, As + st * Cfg::A_ELEMS, Bs + st * Cfg::B_ELEMS, wg);
 #ifdef PK_FAULT_CONV_WS_EARLY_RELEASE
     mbar_arrive(&empty[st]);  // planted bug (emulation only): released while its MMAs run
     wgmma_wait<1>();

@@ -40,7 +40,7 @@ impl Device {
     /// For measuring bytes and FLOPs only.
     pub fn parse_counting(s: &str) -> Result<Device> {
         match s {
-            "emu:count" => Ok(Device::Gpu(Gpu::emu_count())),
+            "emu:count" => Ok(Device::Gpu(Gpu::emu_count()?)),
             _ => Device::parse(s),
         }
     }

@@ -159,6 +159,22 @@ fn bench_in_the_emulation() {
     assert_eq!(rows[1]["sparsity"].as_f64().unwrap(), 0.5);
 }
 
+/// A `PK_WGMMA` value that is not 0, 1 or ws is an error on the kernel devices, not a
+/// silent fallback to the default kernels.
+#[test]
+fn a_bad_pk_wgmma_is_an_error() {
+    for device in ["emu", "emu:count"] {
+        let o = std::process::Command::new(common::cli::bin())
+            .args(["bench", "--device", device, "--size", "32", "--batch", "2", "--steps", "1", "--sparsity", "0"])
+            .env("PK_WGMMA", "yes")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{device}: accepted PK_WGMMA=yes");
+        assert!(stderr.contains("PK_WGMMA") && stderr.contains("0, 1 or ws"), "{device}: {stderr}");
+    }
+}
+
 #[test]
 fn bench_refuses_bad_arguments() {
     for (args, needle) in [

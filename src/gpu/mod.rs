@@ -158,7 +158,22 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
+/// What `PK_WGMMA` asks for: (the warpgroup-MMA convolutions, their warp-specialized
+/// form). Unset, empty or `0`: neither; `1`: the multistage kernels; `ws`: the
+/// warp-specialized ones; anything else is an error.
+pub fn wgmma_from_env() -> Result<(bool, bool), GpuError> {
+    match std::env::var("PK_WGMMA").as_deref() {
+        Err(_) | Ok("") | Ok("0") => Ok((false, false)),
+        Ok("1") => Ok((true, false)),
+        Ok("ws") => Ok((true, true)),
+        Ok(v) => Err(GpuError::Invalid(format!("PK_WGMMA is {v:?}: it takes 0, 1 or ws"))),
+    }
+}
+
 impl Gpu {
+    /// A handle over `backend` with the convolution kernels `PK_WGMMA` asks for (see
+    /// [`wgmma_from_env`]; an invalid value counts as unset here: the constructors that
+    /// can fail report it first).
     fn over(backend: Backend) -> Gpu {
         let mut g = Gpu {
             backend: Arc::new(backend),
@@ -166,21 +181,25 @@ impl Gpu {
             conv_wgmma: false,
             conv_wgmma_ws: false,
         };
-        let env = std::env::var("PK_WGMMA").unwrap_or_default();
-        g.conv_wgmma = g.has_wgmma() && (env == "1" || env == "ws");
-        g.conv_wgmma_ws = g.conv_wgmma && env == "ws";
+        let (wgmma, ws) = wgmma_from_env().unwrap_or((false, false));
+        g.conv_wgmma = g.has_wgmma() && wgmma;
+        g.conv_wgmma_ws = g.conv_wgmma && ws;
         g
     }
 
     /// The CUDA device `ordinal`. Fails with a clear error when there is no driver, no
-    /// device, or when the kernels were built without nvcc.
+    /// device, when the kernels were built without nvcc, or when `PK_WGMMA` is set to
+    /// something other than `0`, `1` or `ws`.
     pub fn cuda(ordinal: usize) -> Result<Gpu, GpuError> {
+        wgmma_from_env()?;
         Ok(Gpu::over(Backend::Cuda(cuda::CudaBackend::new(ordinal)?)))
     }
 
     /// The host emulation, with the fiber schedule from `PK_EMU_SCHEDULE`
-    /// (`forward`, `reverse` or `shuffle:SEED`; forward by default).
+    /// (`forward`, `reverse` or `shuffle:SEED`; forward by default). Fails on an invalid
+    /// `PK_EMU_SCHEDULE` or `PK_WGMMA`.
     pub fn emu() -> Result<Gpu, GpuError> {
+        wgmma_from_env()?;
         Ok(Gpu::emu_with(Schedule::from_env()?))
     }
 
@@ -191,9 +210,10 @@ impl Gpu {
 
     /// The host emulation in counting mode (`emu:count`): every launch is checked and
     /// skipped, so that the ops layer's FLOP and byte counts of any shape come without the
-    /// work (see the emu back end's documentation).
-    pub fn emu_count() -> Gpu {
-        Gpu::over(Backend::Emu(emu::EmuBackend::counting()))
+    /// work (see the emu back end's documentation). Fails on an invalid `PK_WGMMA`.
+    pub fn emu_count() -> Result<Gpu, GpuError> {
+        wgmma_from_env()?;
+        Ok(Gpu::over(Backend::Emu(emu::EmuBackend::counting())))
     }
 
     /// How many times each kernel was launched on this device, in the emulation (`None` on
