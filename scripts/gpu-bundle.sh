@@ -4,12 +4,16 @@
 # prunekit binary, the Python wheel, the test data, the PyTorch comparison scripts, and
 # run.sh.
 #
-#   scripts/gpu-bundle.sh            -> dist/gpu-bundle/ and dist/gpu-bundle.tar.xz
+#   scripts/gpu-bundle.sh   -> dist/gpu-bundle/, dist/gpu-bundle.tar.xz (the prunekit
+#                              binary, the wheel, the scripts, the benches named by
+#                              PK_BUNDLE_BENCHES, default none) and dist/gpu-bundle-tests.tar.xz
+#                              (the test executables with GPU tests)
 #   (on the GPU machine) dist/gpu-bundle/run.sh [phase ...]   -> results/report.txt
 #
-# The tar leaves out data/ (the checkout's tests/data travels with a device call, and
-# scripts/gpu-call.sh links it in) and every bench but those named by PK_BUNDLE_BENCHES
-# (default: fused), so that it and the checkout fit a device call's 64 MiB.
+# Two tars, so that each with the checkout fits a device call's 64 MiB: the `tests` phase
+# carries the tests' tar, every other phase the main one (scripts/gpu-call.sh unpacks
+# whichever a call carries). Neither holds data/: the checkout's tests/data travels with a
+# device call, and scripts/gpu-call.sh links it in.
 #
 # The target needs x86-64 Linux, an NVIDIA driver (580 or newer) and libstdc++; Python
 # with PyTorch only for the comparison runs.
@@ -41,7 +45,11 @@ for line in sys.stdin:
     print(name + "\t" + m["executable"])
 ' "$1"
 }
+# Only the test executables with GPU tests (ignored here, run with --ignored there); the
+# sanitizer tests are ignored for want of a sanitizer build, and CI runs them.
 cargo test --release --no-run --message-format=json 2>/dev/null | executables lib,test | while IFS=$'\t' read -r name path; do
+    [[ $name == emu_sanitize ]] && continue
+    "$path" --list --ignored 2>/dev/null | grep -q ': test$' || continue
     cp "$path" "$OUT/tests/$name"
 done
 cargo bench --no-run --message-format=json 2>/dev/null | executables bench | while IFS=$'\t' read -r name path; do
@@ -62,17 +70,23 @@ mkdir -p "$OUT/wheels" "$OUT/python-tests"
 cp python/tests/test_conv_device.py python/tests/test_conv.py "$OUT/python-tests/"
 chmod +x "$OUT/run.sh"
 git rev-parse HEAD > "$OUT/COMMIT" 2>/dev/null || echo unknown > "$OUT/COMMIT"
-# -9: a 64 MiB window, so the copies of the embedded kernels across binaries compress away.
-skip=(--exclude=gpu-bundle/data)
+# Each tar one xz stream with a 512 MiB window (about 6 GB of memory to pack, 512 MiB to
+# unpack), so that the copies of the embedded kernels and of the emulation across
+# executables compress away.
+skip=(--exclude=gpu-bundle/data --exclude=gpu-bundle/tests)
 for b in "$OUT"/benches/*; do
-    [[ " ${PK_BUNDLE_BENCHES:-fused} " == *" $(basename "$b") "* ]] || skip+=("--exclude=gpu-bundle/benches/$(basename "$b")")
+    [[ " ${PK_BUNDLE_BENCHES:-} " == *" $(basename "$b") "* ]] || skip+=("--exclude=gpu-bundle/benches/$(basename "$b")")
 done
-XZ_OPT="-9 -T2" tar -cJf dist/gpu-bundle.tar.xz "${skip[@]}" -C dist gpu-bundle
-du -sh "$OUT" dist/gpu-bundle.tar.xz
-# A device call carries the checkout's tracked files and the tar: 64 MiB together.
+pack() { xz -T1 --lzma2=preset=9,dict=512MiB; }
+tar -cf - "${skip[@]}" -C dist gpu-bundle | pack > dist/gpu-bundle.tar.xz
+tar -cf - -C dist gpu-bundle/tests gpu-bundle/COMMIT | pack > dist/gpu-bundle-tests.tar.xz
+du -sh "$OUT" dist/gpu-bundle.tar.xz dist/gpu-bundle-tests.tar.xz
+# A device call carries the checkout's tracked files and one tar: 64 MiB together.
 tracked=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-total=$(( tracked + $(stat -c %s dist/gpu-bundle.tar.xz) ))
-echo "tracked files and tar: $(( total / 1048576 )) MiB of the 64 MiB a device call carries"
-(( total < 64 * 1048576 )) || echo "warning: too large for a device call; leave out more (PK_BUNDLE_BENCHES, PK_CUDA_ARCHS)" >&2
+for t in dist/gpu-bundle.tar.xz dist/gpu-bundle-tests.tar.xz; do
+    total=$(( tracked + $(stat -c %s "$t") ))
+    echo "tracked files and $t: $(( total / 1048576 )) MiB of the 64 MiB a device call carries"
+    (( total < 64 * 1048576 )) || echo "warning: $t is too large for a device call; leave out more (PK_BUNDLE_BENCHES, PK_CUDA_ARCHS)" >&2
+done
 echo "tests: $(ls "$OUT/tests" | tr '\n' ' ')"
 echo "benches: $(ls "$OUT/benches" | tr '\n' ' ')"

@@ -44,15 +44,26 @@ started=$(date +%s)
 
 {
     echo "# prunekit GPU run, $(date -u +%Y-%m-%dT%H:%M:%SZ), phases: ${phases[*]}"
-    echo "commit: $(cat COMMIT)"
+    echo "commit: $(cat COMMIT 2>/dev/null || echo unknown)"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/gpu: /'
-    "$PK" info
+    [[ -x $PK ]] && "$PK" info
 } | tee -a "$REPORT"
 
 for phase in "${phases[@]}"; do
     say ""
     say "## $phase"
     phase_start=$(date +%s)
+    # The bundle comes as two tars (scripts/gpu-bundle.sh): the test executables, and the rest.
+    if [[ $phase == tests && ! -d tests ]]; then
+        say "no test executables here: carry dist/gpu-bundle-tests.tar.xz"
+        status=1
+        continue
+    fi
+    if [[ $phase != tests && $phase != ceilings && ! -x $PK ]]; then
+        say "no bin/prunekit here: carry dist/gpu-bundle.tar.xz"
+        status=1
+        continue
+    fi
     case $phase in
     ceilings)
         python3 scripts/gpu_ceilings.py > "$RESULTS/ceilings.json" 2>>"$LOG" || status=1
